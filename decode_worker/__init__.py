@@ -1,0 +1,1 @@
+"""SplitServe decode_worker package."""

@@ -1,0 +1,1 @@
+"""SplitServe engine package."""

@@ -1,0 +1,1 @@
+"""SplitServe prefill_worker package."""
