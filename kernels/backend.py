@@ -1,0 +1,145 @@
+"""The one dispatch point between the engine and the attention/KV kernels.
+
+    ops = get_attention_ops("auto", device)
+    ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
+
+'torch' is the plain-torch reference, 'triton' the Triton kernels (on CPU they run under
+TRITON_INTERPRET=1, for tests), 'auto' picks triton on CUDA and torch otherwise. The Triton
+modules are imported only here, lazily, so that TRITON_INTERPRET can be set first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from kernels import reference
+
+__all__ = ["BACKENDS", "AttentionOps", "get_attention_ops", "triton_available"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class AttentionOps:
+    """Callables with the signatures of `kernels.reference` (see there for layouts)."""
+
+    name: str  # 'torch' or 'triton': the backend actually chosen
+    paged_decode_attention: Callable[..., torch.Tensor]
+    store_kv: Callable[..., None]
+    pack_kv: Callable[..., torch.Tensor]
+    unpack_kv: Callable[..., None]
+
+
+_TORCH_OPS = AttentionOps(
+    name="torch",
+    paged_decode_attention=reference.paged_decode_attention,
+    store_kv=reference.store_kv,
+    pack_kv=reference.pack_kv,
+    unpack_kv=reference.unpack_kv,
+)
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether `import triton` works (after setting the interpreter flag for CPU)."""
+    try:
+        _import_triton_modules(device)
+    except ImportError:
+        return False
+    return True
+
+
+def _import_triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType]:
+    if device.type != "cuda":
+        # Read when @triton.jit decorates a kernel, so it must be set before the kernel
+        # modules below are first imported; an earlier import on another device wins.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    attention = importlib.import_module("kernels.paged_attention")
+    kv_ops = importlib.import_module("kernels.kv_ops")
+    return attention, kv_ops
+
+
+class _ScratchCache:
+    """Split-K scratch owned by one AttentionOps: grown on demand, then reused by every
+    layer and step, so steady-state decode allocates nothing. Calls are assumed to be
+    issued in order on one stream (as a model runner does)."""
+
+    def __init__(self, attention: ModuleType) -> None:
+        self._attention = attention
+        self._scratch: Any = None
+        self._lock = threading.Lock()
+
+    def get(self, q: torch.Tensor) -> Any:
+        num_seqs, num_heads, head_dim = q.shape
+        with self._lock:
+            s = self._scratch
+            if s is None or not s.fits(num_seqs, num_heads, head_dim) or s.partial_out.device != q.device:
+                same_kind = s is not None and s.partial_out.shape[1] == num_heads
+                rows = max(num_seqs, s.partial_out.shape[0] if same_kind else 0)
+                s = self._attention.alloc_scratch(rows, num_heads, head_dim, q.device)
+                self._scratch = s
+            return s
+
+
+def _triton_ops(device: torch.device) -> AttentionOps:
+    attention, kv_ops = _import_triton_modules(device)
+    cache = _ScratchCache(attention)
+
+    def paged_decode_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        out: torch.Tensor | None = None,
+        scratch: Any = None,
+        num_splits: int | None = None,
+        max_context_len: int | None = None,
+    ) -> torch.Tensor:
+        # Extra keywords over the reference: see kernels.paged_attention.paged_decode_attention.
+        splits = attention.plan_num_splits(q, k_cache, block_tables, num_splits, max_context_len)
+        if scratch is None and splits > 1:
+            scratch = cache.get(q)
+        return attention.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale,
+            out=out, scratch=scratch, num_splits=splits,
+        )
+
+    return AttentionOps(
+        name="triton",
+        paged_decode_attention=paged_decode_attention,
+        store_kv=kv_ops.store_kv,
+        pack_kv=kv_ops.pack_kv,
+        unpack_kv=kv_ops.unpack_kv,
+    )
+
+
+def get_attention_ops(backend: str, device: torch.device | str) -> AttentionOps:
+    """Return the kernels for `backend` ('auto' | 'torch' | 'triton') on `device`.
+
+    'auto' is triton on CUDA when triton imports, else torch. 'triton' raises RuntimeError
+    when triton is not importable.
+    """
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return _TORCH_OPS
+    try:
+        return _triton_ops(device)
+    except ImportError as exc:
+        if backend == "auto":
+            return _TORCH_OPS
+        raise RuntimeError(
+            f"attention backend 'triton' requested but triton is not importable: {exc}. "
+            "Install it (pip install 'splitserve[triton]') or use backend 'torch'."
+        ) from exc

@@ -1,0 +1,162 @@
+"""Triton KV-cache writes and block gather/scatter for KV transfer.
+
+Layouts (one layer):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]  (head_dim contiguous)
+    k, v (new tokens): [num_tokens, num_kv_heads, head_dim]
+    slot mapping:      [num_tokens], slot = block_id * block_size + offset; negative = skip
+    transfer buffer:   [2, n, block_size, num_kv_heads, head_dim], contiguous, cache dtype
+
+Every program moves one token's [num_kv_heads, head_dim] tile of K and of V, addressing the
+cache through its strides, so caches that are views of a larger pool work unchanged.
+References: `kernels.reference.store_kv / pack_kv / unpack_kv`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["store_kv", "pack_kv", "unpack_kv"]
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.arange(0, H_PAD)
+    d = tl.arange(0, D_PAD)
+    mask = (h < NUM_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    kc = kc_ptr + block * stride_kcb + offset * stride_kcs + h[:, None] * stride_kch + d[None, :]
+    vc = vc_ptr + block * stride_vcb + offset * stride_vcs + h[:, None] * stride_vch + d[None, :]
+    tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _copy_blocks_kernel(
+    buf_ptr, kc_ptr, vc_ptr, ids_ptr,
+    stride_buf_kv, stride_buf_n, stride_buf_s, stride_buf_h,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    TO_BUFFER: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    # program (i, s): slot s of the i-th listed block.
+    i = tl.program_id(0)
+    s = tl.program_id(1)
+    block = tl.load(ids_ptr + i).to(tl.int64)
+    h = tl.arange(0, H_PAD)
+    d = tl.arange(0, D_PAD)
+    mask = (h < NUM_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    tile = h[:, None] * stride_buf_h + d[None, :]
+    buf_k = buf_ptr + i.to(tl.int64) * stride_buf_n + s * stride_buf_s + tile
+    buf_v = buf_k + stride_buf_kv
+    kc = kc_ptr + block * stride_kcb + s * stride_kcs + h[:, None] * stride_kch + d[None, :]
+    vc = vc_ptr + block * stride_vcb + s * stride_vcs + h[:, None] * stride_vch + d[None, :]
+    if TO_BUFFER:
+        tl.store(buf_k, tl.load(kc, mask=mask), mask=mask)
+        tl.store(buf_v, tl.load(vc, mask=mask), mask=mask)
+    else:
+        tl.store(kc, tl.load(buf_k, mask=mask), mask=mask)
+        tl.store(vc, tl.load(buf_v, mask=mask), mask=mask)
+
+
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    assert k_cache.dtype == v_cache.dtype and k_cache.device == v_cache.device
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+
+
+def _tile_meta(k_cache: torch.Tensor) -> dict[str, int]:
+    _, _, num_heads, head_dim = k_cache.shape
+    return {
+        "NUM_HEADS": num_heads,
+        "H_PAD": triton.next_power_of_2(num_heads),
+        "HEAD_DIM": head_dim,
+        "D_PAD": triton.next_power_of_2(head_dim),
+    }
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write k, v [num_tokens, num_kv_heads, head_dim] into their slots, in place."""
+    _check_caches(k_cache, v_cache)
+    assert k.shape == v.shape and k.dim() == 3 and k.shape[1:] == k_cache.shape[2:], (k.shape,)
+    assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
+    assert slot_mapping.shape == (k.shape[0],), (slot_mapping.shape, k.shape)
+    assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
+    assert k.device == v.device == slot_mapping.device == k_cache.device
+    if k.shape[0] == 0:
+        return
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], **_tile_meta(k_cache),
+    )
+
+
+def _copy_blocks(
+    buffer: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    to_buffer: bool,
+) -> None:
+    _check_caches(k_cache, v_cache)
+    assert block_ids.dim() == 1 and block_ids.dtype in (torch.int32, torch.int64), block_ids
+    n = block_ids.shape[0]
+    expected = (2, n, *k_cache.shape[1:])
+    assert tuple(buffer.shape) == expected, (tuple(buffer.shape), expected)
+    assert buffer.dtype == k_cache.dtype and buffer.is_contiguous()
+    assert buffer.device == k_cache.device == block_ids.device
+    if n == 0:
+        return
+    _copy_blocks_kernel[(n, k_cache.shape[1])](
+        buffer, k_cache, v_cache, block_ids,
+        buffer.stride(0), buffer.stride(1), buffer.stride(2), buffer.stride(3),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        TO_BUFFER=to_buffer, **_tile_meta(k_cache),
+    )
+
+
+def pack_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    buffer: torch.Tensor,
+) -> torch.Tensor:
+    """Gather blocks `block_ids` [n] into `buffer` [2, n, block_size, num_kv_heads, head_dim]."""
+    _copy_blocks(buffer, k_cache, v_cache, block_ids, to_buffer=True)
+    return buffer
+
+
+def unpack_kv(
+    buffer: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+) -> None:
+    """Scatter `buffer` [2, n, block_size, num_kv_heads, head_dim] into blocks `block_ids`."""
+    _copy_blocks(buffer, k_cache, v_cache, block_ids, to_buffer=False)

@@ -1,0 +1,158 @@
+"""Plain-torch references for the kernels package (CPU or GPU, no triton).
+
+These are the ground truth the Triton kernels are tested against, and the attention
+backend the engine uses on CPU. Layouts (one layer of the KV cache):
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    slot mapping:     slot = block_id * block_size + offset  (negative = padding, skipped)
+    transfer buffer:  [2, n, block_size, num_kv_heads, head_dim]  (buffer[0] = K, buffer[1] = V)
+
+GQA: query head h reads kv head h // (num_heads // num_kv_heads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["paged_decode_attention", "store_kv", "pack_kv", "unpack_kv"]
+
+
+def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.dim() == 4, f"cache must be [num_blocks, block_size, kv_heads, d], got {k_cache.shape}"
+    assert k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_blocks_used: int
+) -> torch.Tensor:
+    """Dense copy of the first `num_blocks_used` blocks of every block table.
+
+    cache: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [num_seqs, >= n].
+    Returns [num_seqs, num_blocks_used * block_size, num_kv_heads, head_dim]. Entries of a
+    block table past a sequence's own blocks may hold anything (e.g. -1): they are clamped
+    to a valid block id here and must be masked by the caller.
+    """
+    num_seqs = block_tables.shape[0]
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    table = block_tables[:, :num_blocks_used].to(device=cache.device, dtype=torch.long)
+    table = table.clamp(0, num_blocks - 1).reshape(-1)
+    gathered = cache.index_select(0, table)  # [num_seqs * n, block_size, kv_heads, d]
+    return gathered.view(num_seqs, num_blocks_used * block_size, num_kv_heads, head_dim)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence attending over its paged context.
+
+    q: [num_seqs, num_heads, head_dim]; block_tables: int [num_seqs, max_blocks_per_seq];
+    context_lens: int [num_seqs], each >= 1. Scores and softmax in fp32; returns
+    [num_seqs, num_heads, head_dim] in q.dtype (written into `out` when given).
+    """
+    _check_cache_pair(k_cache, v_cache)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    assert cache_head_dim == head_dim, (cache_head_dim, head_dim)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert block_tables.shape[0] == num_seqs and context_lens.shape == (num_seqs,)
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape, (out.shape, q.shape)
+    if num_seqs == 0:
+        return out
+
+    lens = context_lens.to(device=q.device, dtype=torch.long)
+    max_len = int(lens.max().item())
+    num_blocks_used = (max_len + block_size - 1) // block_size
+    assert num_blocks_used <= block_tables.shape[1], "context longer than the block table"
+    # [num_seqs, T, kv_heads, d] in fp32, T = num_blocks_used * block_size
+    k = gather_kv(k_cache, block_tables, num_blocks_used).to(torch.float32)
+    v = gather_kv(v_cache, block_tables, num_blocks_used).to(torch.float32)
+    # [num_seqs, kv_heads, group, d]: the query heads that share one kv head
+    qg = q.to(torch.float32).reshape(num_seqs, num_kv_heads, group, head_dim)
+    positions = torch.arange(k.shape[1], device=q.device)
+    invalid = (positions[None, :] >= lens[:, None])[:, None, :]  # [num_seqs, 1, T]
+    result = torch.empty(num_kv_heads, num_seqs, group, head_dim, device=q.device)
+    # A loop over kv heads (not sequences): each k[:, :, h] is a strided [num_seqs, T, d]
+    # batch that bmm reads in place, which is faster on CPU than a permuted copy.
+    for h in range(num_kv_heads):
+        scores = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)) * scale  # [num_seqs, group, T]
+        scores.masked_fill_(invalid, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        torch.bmm(probs, v[:, :, h], out=result[h])
+    out.copy_(result.transpose(0, 1).reshape(num_seqs, num_heads, head_dim))
+    return out
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new tokens' K/V into their slots, in place.
+
+    k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: int [num_tokens]
+    (block_id * block_size + offset; negative = skip). The caches may be strided views.
+    """
+    _check_cache_pair(k_cache, v_cache)
+    assert k.shape == v.shape and k.dim() == 3, (k.shape, v.shape)
+    assert k.shape[1:] == k_cache.shape[2:], (k.shape, k_cache.shape)
+    assert slot_mapping.shape == (k.shape[0],), (slot_mapping.shape, k.shape)
+    slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, offsets] = v.to(v_cache.dtype)
+
+
+def _check_buffer(buffer: torch.Tensor, k_cache: torch.Tensor, n: int) -> None:
+    expected = (2, n, *k_cache.shape[1:])
+    assert tuple(buffer.shape) == expected, (tuple(buffer.shape), expected)
+    assert buffer.dtype == k_cache.dtype, (buffer.dtype, k_cache.dtype)
+    assert buffer.is_contiguous(), "transfer buffer must be contiguous"
+
+
+def pack_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    buffer: torch.Tensor,
+) -> torch.Tensor:
+    """Gather blocks `block_ids` ([n]) of one layer into `buffer`
+    [2, n, block_size, num_kv_heads, head_dim] (buffer[0] = K, buffer[1] = V); returns it."""
+    _check_cache_pair(k_cache, v_cache)
+    assert block_ids.dim() == 1, block_ids.shape
+    _check_buffer(buffer, k_cache, block_ids.shape[0])
+    ids = block_ids.to(device=k_cache.device, dtype=torch.long)
+    buffer[0].copy_(k_cache.index_select(0, ids))
+    buffer[1].copy_(v_cache.index_select(0, ids))
+    return buffer
+
+
+def unpack_kv(
+    buffer: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+) -> None:
+    """Scatter `buffer` [2, n, block_size, num_kv_heads, head_dim] into blocks `block_ids`
+    ([n], distinct) of the caches, in place."""
+    _check_cache_pair(k_cache, v_cache)
+    assert block_ids.dim() == 1, block_ids.shape
+    _check_buffer(buffer, k_cache, block_ids.shape[0])
+    ids = block_ids.to(device=k_cache.device, dtype=torch.long)
+    k_cache.index_copy_(0, ids, buffer[0])
+    v_cache.index_copy_(0, ids, buffer[1])

@@ -1,0 +1,143 @@
+"""Backend-specific facts the shared contract cannot see: URLs, wire status codes, Redis keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster import InMemoryClusterStore, open_store
+from cluster.redis_store import RedisClusterStore
+from cluster.remote import RemoteClusterStore, start_cluster_state_server
+from cluster.store import RequestLedgerEntry, RequestPhase, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.v1 import cluster_pb2, cluster_pb2_grpc, common_pb2
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+INFO = WorkerInfo(
+    worker_id="d0",
+    role=WorkerRole.DECODE,
+    address="127.0.0.1:7001",
+    model="m",
+    block_size=16,
+    num_total_blocks=64,
+    started_at=12.5,
+)
+
+
+def test_open_store_picks_backend_from_url() -> None:
+    assert isinstance(open_store(None), InMemoryClusterStore)
+    assert isinstance(open_store("memory"), InMemoryClusterStore)
+    redis_store = open_store("redis://127.0.0.1:1/0")  # redis-py connects lazily
+    assert isinstance(redis_store, RedisClusterStore)
+    redis_store.close()
+    remote = open_store("grpc://127.0.0.1:1")  # gRPC channels connect lazily
+    assert isinstance(remote, RemoteClusterStore)
+    remote.close()
+    for bad in ("grpc://", "http://x:1", "memory://", ""):
+        with pytest.raises(ValueError):
+            open_store(bad)
+
+
+def test_cluster_package_imports_neither_torch_nor_workers() -> None:
+    code = (
+        "import sys, json\n"
+        "import cluster, cluster.redis_store, cluster.remote\n"
+        "heavy = ('torch', 'engine', 'router', 'prefill_worker', 'decode_worker', 'ray')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+@pytest.fixture()
+def served_store() -> Iterator[tuple[InMemoryClusterStore, grpc.Channel]]:
+    store = InMemoryClusterStore()
+    server, port = start_cluster_state_server(store)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield store, channel
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def test_servicer_maps_invalid_arguments_to_status(
+    served_store: tuple[InMemoryClusterStore, grpc.Channel],
+) -> None:
+    _, channel = served_store
+    stub = cluster_pb2_grpc.ClusterStateStub(channel)
+    info = cluster_pb2.WorkerInfo(
+        worker_id="w", role=common_pb2.WORKER_ROLE_DECODE, address="a", block_size=16
+    )
+    with pytest.raises(grpc.RpcError) as zero_ttl:
+        stub.RegisterWorker(cluster_pb2.RegisterWorkerRequest(info=info, ttl_ms=0), timeout=5)
+    assert zero_ttl.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    no_role = cluster_pb2.WorkerInfo(worker_id="w", address="a", block_size=16)
+    with pytest.raises(grpc.RpcError) as unset_role:
+        stub.RegisterWorker(cluster_pb2.RegisterWorkerRequest(info=no_role, ttl_ms=1000), timeout=5)
+    assert unset_role.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as unset_phase:
+        entry = cluster_pb2.RequestLedgerEntry(request_id="r")
+        stub.LedgerPut(cluster_pb2.LedgerPutRequest(entry=entry), timeout=5)
+    assert unset_phase.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_server_reports_health_and_serves_what_the_store_holds(
+    served_store: tuple[InMemoryClusterStore, grpc.Channel],
+) -> None:
+    store, channel = served_store
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "splitserve.v1.ClusterState"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    store.register_worker(INFO, 60.0)  # written in-process, read over the wire
+    stub = cluster_pb2_grpc.ClusterStateStub(channel)
+    reply = stub.LiveWorkers(cluster_pb2.LiveWorkersRequest(), timeout=5)
+    assert [w.info.worker_id for w in reply.workers] == ["d0"]
+    assert not reply.workers[0].HasField("load")
+
+
+def test_redis_keys_are_namespaced_plain_strings_with_ttl(redis_url: str) -> None:
+    import redis
+
+    store = RedisClusterStore(redis_url, namespace="ns-check:")
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        before = set(raw.keys("*"))
+        store.register_worker(INFO, 30.0)
+        store.heartbeat("d0", WorkerLoadReport(1, 2, 3, 4, updated_at=9.25), 30.0)
+        store.publish_prefix_events("d0", [2**64 - 1, 5], [])
+        store.ledger_put(RequestLedgerEntry("r1", RequestPhase.ADMITTED, decode_worker_id="d0"))
+        new_keys = set(raw.keys("*")) - before
+        assert new_keys == {
+            "ns-check:worker:d0",
+            "ns-check:workers",
+            "ns-check:worker_prefix:d0",
+            "ns-check:prefix:18446744073709551615",
+            "ns-check:prefix:5",
+            "ns-check:ledger:r1",
+            "ns-check:ledger_worker:d0",
+        }
+        worker = raw.hgetall("ns-check:worker:d0")
+        assert worker["role"] == "decode" and worker["load.num_free_blocks"] == "3"
+        assert worker["load.updated_at"] == "9.25"
+        assert 0 < raw.pttl("ns-check:worker:d0") <= 30_000
+        assert raw.smembers("ns-check:prefix:5") == {"d0"}
+        store.deregister_worker("d0")
+        store.ledger_delete("r1")
+        assert raw.keys("ns-check:*") == []  # nothing stranded (empty sets vanish)
+    finally:
+        for key in raw.keys("ns-check:*"):
+            raw.delete(key)
+        raw.close()
+        store.close()
