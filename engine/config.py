@@ -81,7 +81,9 @@ class EngineConfig:
 
     @property
     def resolved_num_threads(self) -> int:
-        return self.num_threads or os.cpu_count() or 1
+        from engine import envs
+
+        return self.num_threads or envs.num_threads() or os.cpu_count() or 1
 
     def with_overrides(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)
