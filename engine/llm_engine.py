@@ -21,8 +21,8 @@ from engine.config import EngineConfig
 from engine.model import LayerHook, ModelArch
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
-from engine.outputs import StepOutput
-from engine.sampler import TokenLogprobs
+from engine.outputs import StepOutput, TokenLogprobs
+from engine.sampler import skip_sample_draw
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -103,7 +103,49 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def _new_state(self, seq: Sequence) -> RequestState:
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        block_ids: list[int],
+    ) -> StepOutput | None:
+        """Join the running batch with a prompt whose KV another worker computed into
+        `block_ids` (already allocated from this engine's pool, see reserve_blocks).
+
+        The first token was sampled by the prefill worker; it is checked for a stop here.
+        Returns a finished StepOutput when that token already ends the request (its blocks
+        are freed), else None and the request decodes from the next step on.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids, params)
+        if len(block_ids) != self.block_manager.blocks_needed(len(prompt_token_ids)):
+            raise ValueError("block_ids must cover exactly the prompt")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        state = self._new_state(seq, num_sampled=1)
+        self.requests[request_id] = state
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        output = self._process_token(seq, first_token_id, None)
+        if not output.finished:
+            self.block_manager.cache_full_blocks(seq)
+            return None
+        return output
+
+    def reserve_blocks(self, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` incoming KV slots, outside any sequence (None if short)."""
+        return self.block_manager.allocate_blocks(self.block_manager.blocks_needed(num_tokens))
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        self.block_manager.free_blocks(block_ids)
+
+    def _new_state(self, seq: Sequence, num_sampled: int = 0) -> RequestState:
+        """`num_sampled`: tokens of this request another worker already sampled; a seeded
+        generator skips their draws so the stream continues exactly as in one engine."""
         params = seq.params
         generator = None
         if not params.greedy:
@@ -111,6 +153,8 @@ class LLMEngine:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+            for _ in range(num_sampled):
+                skip_sample_draw(generator, self.arch.vocab_size)
         checker = StopChecker(
             self.tokenizer,
             seq.prompt_token_ids,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampler import TokenLogprobs
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float  # natural log, under the model's raw distribution
+    top: list[tuple[int, float]]  # the n most likely (token id, logprob), most likely first
 
 
 @dataclass(slots=True)

@@ -12,14 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the n most likely tokens, most likely first
 
 
 @dataclass(slots=True)
@@ -57,6 +51,11 @@ def sample(
                 top=list(zip(top_ids.tolist(), top_values.tolist(), strict=True)),
             )
     return SampleResult(token_ids, logprobs)
+
+
+def skip_sample_draw(generator: torch.Generator, vocab_size: int) -> None:
+    """Advance `generator` exactly as one sampled token does (see sample())."""
+    torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

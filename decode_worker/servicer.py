@@ -1,0 +1,149 @@
+"""gRPC face of the decode worker: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from splitserve.protocol import FINISH_REASONS, logprobs_to_proto, sampling_from_proto
+from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from splitserve.worker_runtime import layout_to_proto
+
+if TYPE_CHECKING:
+    from decode_worker.worker import DecodeRequest, DecodeWorker
+
+_REFUSALS = {
+    "no_free_blocks": worker_pb2.ADMIT_REFUSAL_NO_FREE_BLOCKS,
+    "draining": worker_pb2.ADMIT_REFUSAL_DRAINING,
+    "too_long": worker_pb2.ADMIT_REFUSAL_TOO_LONG,
+    "duplicate": worker_pb2.ADMIT_REFUSAL_DUPLICATE_REQUEST_ID,
+}
+_DEFAULT_PREFILL_TIMEOUT_S = 60.0
+_MAX_TOKENS_PER_MESSAGE = 64
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker: DecodeWorker):
+        self.worker = worker
+
+    def Admit(self, request, context) -> Iterator[worker_pb2.AdmitResponse]:  # type: ignore[no-untyped-def]
+        from decode_worker.worker import AdmitRefused
+
+        worker = self.worker
+        try:
+            params = sampling_from_proto(request.sampling_params)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout_s = (request.prefill_timeout_ms / 1000.0) or _DEFAULT_PREFILL_TIMEOUT_S
+        try:
+            admitted = worker.admit(
+                request.request_id, list(request.prompt_token_ids), params,
+                request.prefill_locally, request.prefill_worker_id, timeout_s,
+            )
+        except AdmitRefused as exc:
+            yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
+                accepted=False, refusal=_REFUSALS[exc.reason], refusal_message=str(exc),
+                decode_worker_id=worker.worker_id,
+            ))
+            return
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finished = False
+
+        def on_rpc_done() -> None:
+            if not finished:  # the router went away or cancelled: free everything
+                worker.abort(request.request_id)
+
+        context.add_callback(on_rpc_done)
+        yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
+            accepted=True,
+            decode_worker_id=worker.worker_id,
+            block_ids=admitted.block_ids,
+            kv_layout=layout_to_proto(worker.layout),
+            kv_endpoint=worker.kv_endpoint,
+        ))
+        for message in _relay(admitted, context):
+            if message.output.finish_reason:
+                finished = True
+            yield message
+
+    def PrefillDone(self, request, context):  # type: ignore[no-untyped-def]
+        found = self.worker.prefill_done(request.request_id, request.first_token_id)
+        return worker_pb2.PrefillDoneResponse(found=found)
+
+    def Abort(self, request, context):  # type: ignore[no-untyped-def]
+        return worker_pb2.DecodeAbortResponse(found=self.worker.abort(request.request_id))
+
+    def Stats(self, request, context):  # type: ignore[no-untyped-def]
+        w = self.worker
+        return worker_pb2.DecodeStatsResponse(
+            worker_id=w.worker_id,
+            role=common_pb2.WORKER_ROLE_DECODE,
+            load=w.load_proto(),
+            counters=w.counters_proto(),
+            kv_layout=layout_to_proto(w.layout),
+            draining=w.draining.is_set(),
+            model=w.options.engine.model,
+        )
+
+    def Drain(self, request, context):  # type: ignore[no-untyped-def]
+        left = self.worker.drain(request.wait_timeout_ms / 1000.0)
+        return worker_pb2.DecodeDrainResponse(num_in_flight_requests=left)
+
+
+def _relay(request: DecodeRequest, context) -> Iterator[worker_pb2.AdmitResponse]:  # type: ignore[no-untyped-def]
+    """Stream the request's events, coalescing whatever queued up since the last message."""
+    generated = 0
+    while context.is_active():
+        try:
+            events = [request.events.get(timeout=0.5)]
+        except queue.Empty:
+            continue
+        while len(events) < _MAX_TOKENS_PER_MESSAGE:
+            try:
+                events.append(request.events.get_nowait())
+            except queue.Empty:
+                break
+        output = worker_pb2.DecodeOutput()
+        for event in events:
+            if event.error is not None:
+                output.finish_reason = common_pb2.FINISH_REASON_ERROR
+                output.error_message = event.error
+                break
+            out = event.output
+            assert out is not None
+            output.token_ids.extend(out.new_token_ids)
+            output.logprobs.extend(logprobs_to_proto(out.new_logprobs))
+            if out.finished:
+                output.finish_reason = FINISH_REASONS[out.finish_reason or "stop"]
+                break
+        generated += len(output.token_ids)
+        output.num_generated_tokens = generated
+        if output.finish_reason:
+            output.timings.CopyFrom(_timings(request))
+            yield worker_pb2.AdmitResponse(output=output)
+            return
+        yield worker_pb2.AdmitResponse(output=output)
+
+
+def _timings(request: DecodeRequest) -> worker_pb2.DecodeTimings:
+    now = time.monotonic()
+    kv_done = request.kv_done_at or now
+    joined = request.joined_at or now
+    timings = worker_pb2.DecodeTimings(
+        kv_wait_ms=(kv_done - request.admitted_at) * 1000.0,
+        decode_queue_ms=max(0.0, joined - kv_done) * 1000.0,
+        decode_ms=(now - joined) * 1000.0,
+    )
+    if request.transfer is not None:
+        timings.kv_transfer_bytes = request.transfer.bytes
+    return timings
+
+
+def add_decode_servicer(server: grpc.Server, worker: DecodeWorker) -> list[str]:
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker), server)
+    return [worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name]

@@ -1,0 +1,197 @@
+"""The decode worker: receives prompts' KV and generates with continuous batching.
+
+Life cycle of a request:
+1. Admit (gRPC stream, from the router). Remote prefill: reserve blocks for the whole
+   prompt and post a KV receive from the named prefill worker into them; or refuse
+   (no free blocks, draining, too long, duplicate id). Local prefill (conditional
+   disaggregation): queue the prompt in this engine like a colocated request.
+2. The Admission (block ids, KV layout, endpoint) is the stream's first message.
+3. Remote prefill only: a poller on the engine thread watches the receive; PrefillDone
+   brings the first token sampled by the prefill worker. With both, the request joins the
+   running batch (engine.add_prefilled_request) and decodes from its next step on. A
+   failed or timed-out receive frees the reserved blocks and ends the stream with an error.
+4. Every step's tokens go to the request's output queue; the Admit stream relays them.
+5. Finish, Abort, or the router cancelling the stream frees every block the request holds.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.outputs import StepOutput
+from engine.sampling_params import SamplingParams
+from kvtransfer.state import KVTransfer, TransferState
+from splitserve.worker_runtime import WorkerRuntime
+
+
+class AdmitRefused(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # no_free_blocks | draining | too_long | duplicate
+
+
+@dataclass(slots=True)
+class DecodeEvent:
+    """What an Admit stream relays: a step output, or the end of the request with an error."""
+
+    output: StepOutput | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class DecodeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    events: queue.Queue[DecodeEvent] = field(default_factory=queue.Queue)
+    block_ids: list[int] = field(default_factory=list)  # reserved for incoming KV
+    transfer: KVTransfer | None = None
+    first_token_id: int | None = None
+    admitted_at: float = field(default_factory=time.monotonic)
+    kv_done_at: float | None = None
+    joined_at: float | None = None
+    prefill_deadline: float = 0.0
+
+
+class DecodeWorker(WorkerRuntime):
+    role = "decode"
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
+        self._num_waiting_kv = 0
+
+    def _register(self, server: grpc.Server) -> list[str]:
+        from decode_worker.servicer import add_decode_servicer
+
+        return add_decode_servicer(server, self)
+
+    def num_pending(self) -> int:
+        return self._num_waiting_kv
+
+    # ---- called from RPC threads ----------------------------------------------------------
+    def admit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_locally: bool,
+        prefill_worker_id: str,
+        prefill_timeout_s: float,
+    ) -> DecodeRequest:
+        """Admit or raise AdmitRefused / ValueError. The returned request's events queue
+        carries its outputs."""
+        request = DecodeRequest(request_id, list(prompt_token_ids), params)
+        request.prefill_deadline = time.monotonic() + prefill_timeout_s
+
+        def admit_on_loop(engine) -> None:  # type: ignore[no-untyped-def]
+            self._check_admissible(engine, request)
+            if prefill_locally:
+                engine.add_request(request.prompt_token_ids, params, request_id)
+                request.kv_done_at = request.joined_at = time.monotonic()
+                self.loop.set_sink(request_id, lambda out: request.events.put(DecodeEvent(out)))
+                return
+            blocks = engine.reserve_blocks(len(request.prompt_token_ids))
+            if blocks is None:
+                raise AdmitRefused("no_free_blocks", f"{self.worker_id} has no free KV blocks "
+                                   f"for a {len(prompt_token_ids)}-token prompt")
+            request.block_ids = blocks
+            k_caches = [k for k, _ in engine.runner.kv_caches]
+            v_caches = [v for _, v in engine.runner.kv_caches]
+            request.transfer = self.kv.expect(
+                request_id, prefill_worker_id, blocks, k_caches, v_caches,
+                timeout_s=prefill_timeout_s,
+            )
+            self._waiting_kv[request_id] = request
+            self._num_waiting_kv = len(self._waiting_kv)
+            self.loop.add_poller(request_id, lambda: self._poll_kv(engine, request))
+
+        self.loop.call(admit_on_loop)
+        return request
+
+    def prefill_done(self, request_id: str, first_token_id: int) -> bool:
+        def on_loop(engine) -> bool:  # type: ignore[no-untyped-def]
+            request = self._waiting_kv.get(request_id)
+            if request is None:
+                return False
+            request.first_token_id = first_token_id
+            self._poll_kv(engine, request)
+            return True
+
+        return self.loop.call(on_loop)
+
+    def abort(self, request_id: str) -> bool:
+        def on_loop(engine) -> bool:  # type: ignore[no-untyped-def]
+            request = self._waiting_kv.get(request_id)
+            if request is not None:
+                self._end_waiting(engine, request, "aborted", abort=True)
+                return True
+            if not engine.abort(request_id):
+                return False
+            self.loop.dispatch(StepOutput(request_id, [], "", True, "abort"))
+            return True
+
+        return self.loop.call(on_loop)
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _check_admissible(self, engine, request: DecodeRequest) -> None:  # type: ignore[no-untyped-def]
+        if self.draining.is_set():
+            raise AdmitRefused("draining", f"{self.worker_id} is draining")
+        if request.request_id in engine.requests or request.request_id in self._waiting_kv:
+            raise AdmitRefused("duplicate", f"request id {request.request_id!r} already admitted")
+        if len(request.prompt_token_ids) >= engine.max_model_len:
+            raise AdmitRefused("too_long", f"prompt of {len(request.prompt_token_ids)} tokens "
+                               f"does not fit the context ({engine.max_model_len})")
+        engine.validate_prompt(request.prompt_token_ids, request.params)
+
+    def _poll_kv(self, engine, request: DecodeRequest) -> bool:  # type: ignore[no-untyped-def]
+        """Returns False once the request left the waiting-for-KV state."""
+        if request.request_id not in self._waiting_kv:
+            return False
+        assert request.transfer is not None
+        state = request.transfer.poll()
+        if state is TransferState.FAILED:
+            self._end_waiting(engine, request, f"KV receive failed: {request.transfer.error}")
+            return False
+        if state is TransferState.DONE and request.kv_done_at is None:
+            request.kv_done_at = time.monotonic()
+        if request.first_token_id is None or state is not TransferState.DONE:
+            if time.monotonic() > request.prefill_deadline:
+                self._end_waiting(engine, request, "timed out waiting for the prefill")
+                return False
+            return True
+        del self._waiting_kv[request.request_id]
+        self._num_waiting_kv = len(self._waiting_kv)
+        request.joined_at = time.monotonic()
+        sink = lambda out: request.events.put(DecodeEvent(out))  # noqa: E731
+        self.loop.set_sink(request.request_id, sink)
+        try:
+            finished = engine.add_prefilled_request(
+                request.request_id, request.prompt_token_ids, request.first_token_id,
+                request.params, request.block_ids,
+            )
+        except ValueError as exc:
+            engine.release_blocks(request.block_ids)
+            self.loop.drop_sink(request.request_id)
+            request.events.put(DecodeEvent(error=str(exc)))
+            return False
+        if finished is not None:
+            self.loop.dispatch(finished)
+        return False
+
+    def _end_waiting(self, engine, request: DecodeRequest, error: str, abort: bool = False) -> None:  # type: ignore[no-untyped-def]
+        self._waiting_kv.pop(request.request_id, None)
+        self._num_waiting_kv = len(self._waiting_kv)
+        self.loop.remove_poller(request.request_id)
+        # After abort() returns, the receiver never writes into the blocks again.
+        self.kv.abort(request.request_id, error)
+        engine.release_blocks(request.block_ids)
+        request.block_ids = []
+        if abort:
+            request.events.put(DecodeEvent(StepOutput(request.request_id, [], "", True, "abort")))
+        else:
+            request.events.put(DecodeEvent(error=error))

@@ -1,0 +1,83 @@
+"""gRPC face of the prefill worker: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from splitserve.protocol import logprobs_to_proto, sampling_from_proto
+from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from splitserve.worker_runtime import layout_from_proto, layout_to_proto
+
+if TYPE_CHECKING:
+    from prefill_worker.worker import PrefillWorker
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, worker: PrefillWorker):
+        self.worker = worker
+
+    def Prefill(self, request, context):  # type: ignore[no-untyped-def]
+        from prefill_worker.worker import PrefillError
+
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling_params)
+            layout = layout_from_proto(request.kv_layout)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.decode_num_cached_tokens:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "decode_num_cached_tokens > 0 is not supported: send the whole prompt")
+        request_id = request.request_id
+        context.add_callback(lambda: self.worker.abort(request_id) if not done else None)
+        done = False
+        try:
+            result = self.worker.prefill(
+                request_id, prompt, params, request.decode_worker_id,
+                list(request.decode_block_ids), layout,
+                timeout_s=context.time_remaining(),
+            )
+        except PrefillError as exc:
+            context.abort(exc.code, str(exc))
+        finally:
+            done = True
+        response = worker_pb2.PrefillResponse(
+            request_id=request_id,
+            prefill_worker_id=self.worker.worker_id,
+            first_token_id=result.first_token_id,
+            num_prompt_tokens=len(prompt),
+            num_cached_tokens=result.num_cached_tokens,
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
+            kv_transfer_ms=result.kv_transfer_ms,
+            kv_transfer_bytes=result.kv_transfer_bytes,
+        )
+        if result.first_token_logprob is not None:
+            response.first_token_logprob.CopyFrom(logprobs_to_proto([result.first_token_logprob])[0])
+        return response
+
+    def Abort(self, request, context):  # type: ignore[no-untyped-def]
+        return worker_pb2.PrefillAbortResponse(found=self.worker.abort(request.request_id))
+
+    def Stats(self, request, context):  # type: ignore[no-untyped-def]
+        w = self.worker
+        return worker_pb2.PrefillStatsResponse(
+            worker_id=w.worker_id,
+            role=common_pb2.WORKER_ROLE_PREFILL,
+            load=w.load_proto(),
+            counters=w.counters_proto(),
+            kv_layout=layout_to_proto(w.layout),
+            draining=w.draining.is_set(),
+            model=w.options.engine.model,
+        )
+
+    def Drain(self, request, context):  # type: ignore[no-untyped-def]
+        left = self.worker.drain(request.wait_timeout_ms / 1000.0)
+        return worker_pb2.PrefillDrainResponse(num_in_flight_requests=left)
+
+
+def add_prefill_servicer(server: grpc.Server, worker: PrefillWorker) -> list[str]:
+    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(worker), server)
+    return [worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name]

@@ -1,0 +1,208 @@
+"""The prefill worker: computes prompts and ships their KV to decode workers.
+
+Life cycle of a request:
+1. Prefill (gRPC, from the router) names the decode worker D, the blocks D reserved for the
+   prompt and D's KV layout. The layout must equal ours; the blocks must cover the prompt.
+2. The request joins the engine's queue with max_tokens=1: prompts are batched with chunked
+   prefill and reuse this worker's prefix cache.
+3. On the step that computes the prompt's last chunk, the layer hook starts the KV send
+   and, as each layer finishes, packs that layer's blocks (prefix-cached ones included) into
+   one buffer that a background thread sends to D while the next layers compute.
+4. The step samples the first token and the request finishes here: its blocks go back to
+   the pool at once (full blocks stay in the prefix cache). That is safe because every
+   layer was copied out before the step ended.
+5. The RPC returns the first token once D has received every layer (or fails if the
+   transfer fails or times out; the router then aborts the request on D).
+Abort (or the caller going away) removes the request from the engine and fails its send.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.model import LayerHook
+from engine.outputs import StepOutput, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerOutput
+from kvtransfer.layout import KVLayout, check_compatible
+from kvtransfer.state import KVTransfer, TransferState
+from splitserve.worker_runtime import WorkerRuntime
+
+
+class PrefillError(Exception):
+    """A prefill that could not complete; `code` is the gRPC status to report."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class PrefillJob:
+    request_id: str
+    dst_worker: str
+    dst_block_ids: list[int]
+    arrived_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    computed_at: float | None = None
+    transfer: KVTransfer | None = None
+    output: StepOutput | None = None
+    error: PrefillError | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    first_token_id: int
+    first_token_logprob: TokenLogprobs | None
+    num_cached_tokens: int
+    queue_ms: float
+    compute_ms: float
+    kv_transfer_ms: float  # transfer time left exposed after the prompt's compute ended
+    kv_transfer_bytes: int
+
+
+class PrefillWorker(WorkerRuntime):
+    role = "prefill"
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._jobs: dict[str, PrefillJob] = {}  # touched on the engine thread only
+        self._num_jobs = 0
+        self.engine.layer_hook_builder = self._layer_hook
+
+    def _register(self, server: grpc.Server) -> list[str]:
+        from prefill_worker.servicer import add_prefill_servicer
+
+        return add_prefill_servicer(server, self)
+
+    # ---- called from RPC threads ----------------------------------------------------------
+    def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        dst_worker: str,
+        dst_block_ids: list[int],
+        layout: KVLayout,
+        timeout_s: float | None = None,
+    ) -> PrefillResult:
+        if self.draining.is_set():
+            raise PrefillError(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is draining")
+        try:
+            check_compatible(self.layout, layout)
+        except ValueError as exc:
+            raise PrefillError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        needed = self.engine.block_manager.blocks_needed(len(prompt_token_ids))
+        if len(dst_block_ids) != needed:
+            raise PrefillError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(dst_block_ids)} decode blocks for a {len(prompt_token_ids)}-token prompt; "
+                f"need {needed} (block_size {self.engine.block_size})",
+            )
+        # One token, sampled with the request's own parameters; stop strings are the router's.
+        first_only = SamplingParams(
+            max_tokens=1, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k, min_p=params.min_p, seed=params.seed, ignore_eos=True,
+            logprobs=params.logprobs, skip_special_tokens=params.skip_special_tokens,
+        )
+        job = PrefillJob(request_id, dst_worker, list(dst_block_ids))
+        try:
+            self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only))
+        except ValueError as exc:
+            raise PrefillError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        return self._await(job, timeout_s or self.options.kv_timeout_s * 2)
+
+    def abort(self, request_id: str) -> bool:
+        return self.loop.call(lambda e: self._abort(e, request_id))
+
+    # ---- on the engine thread -------------------------------------------------------------
+    def _add(self, engine, job: PrefillJob, prompt: list[int], params: SamplingParams) -> None:  # type: ignore[no-untyped-def]
+        if job.request_id in self._jobs:
+            raise ValueError(f"request {job.request_id!r} is already being prefilled here")
+        engine.add_request(prompt, params, job.request_id)
+        self._jobs[job.request_id] = job
+        self.loop.set_sink(job.request_id, lambda out: self._on_output(job, out))
+
+    def _on_output(self, job: PrefillJob, out: StepOutput) -> None:
+        job.output = out
+        job.computed_at = time.monotonic()
+        self._jobs.pop(job.request_id, None)
+        job.finished.set()
+
+    def _abort(self, engine, request_id: str) -> bool:  # type: ignore[no-untyped-def]
+        job = self._jobs.pop(request_id, None)
+        found = engine.abort(request_id)
+        self.loop.drop_sink(request_id)
+        self.kv.abort(request_id, "aborted by the router")
+        if job is not None:
+            job.error = PrefillError(grpc.StatusCode.ABORTED, f"request {request_id} aborted")
+            job.finished.set()
+        return found or job is not None
+
+    def _layer_hook(self, plan: SchedulerOutput) -> LayerHook | None:
+        now = time.monotonic()
+        sending: list[PrefillJob] = []
+        for item in plan.scheduled:
+            job = self._jobs.get(item.seq.request_id)
+            if job is None:
+                continue
+            if job.scheduled_at is None:
+                job.scheduled_at = now
+            if item.completes and job.transfer is None:
+                src = item.seq.block_table[: len(job.dst_block_ids)]
+                try:
+                    job.transfer = self.kv.start_send(
+                        job.request_id, job.dst_worker, src, job.dst_block_ids
+                    )
+                except ValueError as exc:
+                    job.error = PrefillError(grpc.StatusCode.INTERNAL, f"KV send: {exc}")
+                    continue
+                sending.append(job)
+        if not sending:
+            return None
+        caches = self.engine.runner.kv_caches
+
+        def send_layer(layer: int) -> None:
+            k_cache, v_cache = caches[layer]
+            for job in sending:
+                if job.transfer is not None:
+                    self.kv.send_layer(job.transfer, layer, k_cache, v_cache)
+
+        return send_layer
+
+    # ---- waiting for the result (RPC thread) ----------------------------------------------
+    def _await(self, job: PrefillJob, timeout_s: float) -> PrefillResult:
+        deadline = time.monotonic() + timeout_s
+        if not job.finished.wait(timeout_s):
+            self.abort(job.request_id)
+            raise PrefillError(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill timed out")
+        if job.error is not None:
+            raise job.error
+        transfer = job.transfer
+        assert job.output is not None and transfer is not None
+        while not transfer.poll().finished:
+            if time.monotonic() > deadline:
+                self.kv.abort(job.request_id, "prefill deadline")
+                break
+            time.sleep(0.0005)
+        if transfer.poll() is not TransferState.DONE:
+            raise PrefillError(
+                grpc.StatusCode.INTERNAL, f"KV transfer to {job.dst_worker} failed: {transfer.error}"
+            )
+        done_at = time.monotonic()
+        assert job.scheduled_at is not None and job.computed_at is not None
+        out = job.output
+        return PrefillResult(
+            first_token_id=out.new_token_ids[0],
+            first_token_logprob=out.new_logprobs[0] if out.new_logprobs else None,
+            num_cached_tokens=out.num_cached_tokens,
+            queue_ms=(job.scheduled_at - job.arrived_at) * 1000.0,
+            compute_ms=(job.computed_at - job.scheduled_at) * 1000.0,
+            kv_transfer_ms=max(0.0, done_at - job.computed_at) * 1000.0,
+            kv_transfer_bytes=transfer.bytes,
+        )

@@ -1,0 +1,234 @@
+"""What prefill and decode workers share: the engine on its loop thread, the KV transfer
+backend, the cluster presence, and the gRPC server's life cycle.
+
+A worker is a plain class that also runs as a plain process (`splitserve prefill|decode`)
+or inside a Ray actor; nothing here imports ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cluster import open_store
+from cluster.presence import WorkerPresence
+from cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport, WorkerRole
+from engine.config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.model_files import model_name
+from kvtransfer.base import KVBackend
+from kvtransfer.layout import KVLayout
+from splitserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+_ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    worker_id: str | None = None  # None: "<role>-<random>"
+    host: str = "127.0.0.1"  # the gRPC server binds here (loopback on one machine)
+    port: int = 0  # 0: an ephemeral port
+    cluster_url: str | None = None  # grpc://router:port (embedded store), redis://..., None: memory
+    kv_backend: str = "torch_dist"  # torch_dist (gloo / NCCL) or inproc (one process)
+    kv_store: str | None = None  # host:port of the KV rendezvous TCPStore (torch_dist)
+    serve_kv_store: bool = False  # host that TCPStore in this process
+    kv_timeout_s: float = 30.0  # deadline of one request's KV transfer
+    heartbeat_ttl_s: float = 3.0
+    max_concurrent_rpcs: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kv_backend not in ("torch_dist", "inproc"):
+            raise ValueError(f"kv_backend must be torch_dist or inproc, got {self.kv_backend!r}")
+        if self.kv_backend == "torch_dist" and not self.kv_store:
+            raise ValueError("kv_backend torch_dist needs kv_store (host:port)")
+        if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0:
+            raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive")
+
+
+def engine_layout(engine: LLMEngine) -> KVLayout:
+    arch = engine.arch
+    dtype = str(engine.runner.dtype).removeprefix("torch.")
+    return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size, dtype)
+
+
+def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        block_size=layout.block_size,
+        dtype=layout.dtype,
+    )
+
+
+def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
+    return KVLayout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.block_size, msg.dtype)
+
+
+def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
+                     device: str) -> tuple[KVBackend, Any]:
+    """The KV backend, and the rendezvous store when this process hosts it (keep it alive)."""
+    if options.kv_backend == "inproc":
+        from kvtransfer.inproc import InProcBackend
+
+        return InProcBackend(worker_id, layout, default_timeout_s=options.kv_timeout_s), None
+    from kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
+
+    assert options.kv_store is not None
+    host, _, port = options.kv_store.rpartition(":")
+    hosted = create_rendezvous_store(host, int(port)) if options.serve_kv_store else None
+    backend = TorchDistBackend(
+        worker_id, layout, host, int(port), device,
+        default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
+    )
+    return backend, hosted
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> Any:
+    """Standard grpc.health.v1 (every service SERVING) and server reflection."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ["", *service_names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+class WorkerRuntime:
+    """Base of PrefillWorker and DecodeWorker. Subclasses add their servicer in _register."""
+
+    role = "prefill"
+
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None):
+        self.options = options
+        self.worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.engine = LLMEngine(options.engine)
+        self.loop = EngineLoop(self.engine)
+        self.layout = engine_layout(self.engine)
+        self.kv, self._kv_store_host = build_kv_backend(
+            options, self.worker_id, self.layout, str(self.engine.runner.device)
+        )
+        self.store = store if store is not None else open_store(options.cluster_url)
+        self._owns_store = store is None
+        self.draining = threading.Event()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs,
+                                       thread_name_prefix=f"{self.role}-rpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        service_names = self._register(self.server)
+        self.health = add_health_and_reflection(self.server, service_names)
+        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {options.host}:{options.port}")
+        self.address = f"{options.host}:{self.port}"
+        self.presence: WorkerPresence | None = None
+        self.started_at = time.time()
+
+    def _register(self, server: grpc.Server) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def kv_endpoint(self) -> str:
+        if self.options.kv_backend == "inproc":
+            return f"inproc://{self.worker_id}"
+        return f"torch_dist://{self.options.kv_store}/{self.worker_id}"
+
+    def start(self) -> WorkerRuntime:
+        self.loop.start()
+        self.server.start()
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            role=_ROLES[self.role],
+            address=self.address,
+            model=model_name(self.options.engine.model),
+            block_size=self.engine.block_size,
+            num_total_blocks=self.engine.num_blocks,
+            kv_endpoint=self.kv_endpoint,
+        )
+        self.presence = WorkerPresence(
+            self.store, info, self.load_report, self.loop.drain_prefix_events,
+            ttl_s=self.options.heartbeat_ttl_s,
+        )
+        self.presence.start()
+        log.info("%s worker %s serving on %s", self.role, self.worker_id, self.address)
+        return self
+
+    def load_report(self) -> WorkerLoadReport:
+        load = self.loop.load
+        return WorkerLoadReport(
+            num_waiting=load.num_waiting + self.num_pending(),
+            num_running=load.num_running,
+            num_free_blocks=load.num_free_blocks,
+            num_queued_tokens=load.num_queued_tokens,
+        )
+
+    def num_pending(self) -> int:
+        """Requests accepted but not yet in the engine's queues (subclasses override)."""
+        return 0
+
+    def load_proto(self) -> common_pb2.WorkerLoad:
+        load = self.loop.load
+        return common_pb2.WorkerLoad(
+            num_waiting=load.num_waiting + self.num_pending(),
+            num_running=load.num_running,
+            num_free_blocks=load.num_free_blocks,
+            num_total_blocks=load.num_total_blocks,
+            num_queued_tokens=load.num_queued_tokens,
+        )
+
+    def counters_proto(self) -> common_pb2.WorkerCounters:
+        stats = self.kv.stats()
+        load = self.loop.load
+        return common_pb2.WorkerCounters(
+            kv_transfer_bytes=stats.bytes_sent + stats.bytes_received,
+            kv_transfer_ms=stats.seconds * 1000.0,
+            kv_transfer_failures=stats.transfers_failed,
+            prefix_cache_queried_tokens=load.prefix_queried_tokens,
+            prefix_cache_hit_tokens=load.prefix_hit_tokens,
+            num_generated_tokens=self.loop.generated_tokens,
+        )
+
+    def in_flight(self) -> int:
+        load = self.loop.load
+        return load.num_waiting + load.num_running + self.num_pending()
+
+    def drain(self, wait_timeout_s: float = 0.0) -> int:
+        """Stop accepting work, leave the cluster, optionally wait for in-flight requests."""
+        self.draining.set()
+        if self.presence is not None:
+            self.presence.stop(deregister=True)
+            self.presence = None
+        deadline = time.monotonic() + wait_timeout_s
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.in_flight()
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.presence is not None:
+            self.presence.stop(deregister=True)
+            self.presence = None
+        self.server.stop(grace_s).wait(grace_s + 1)
+        self.loop.stop()
+        self.kv.close()
+        if self._owns_store:
+            self.store.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
