@@ -79,8 +79,6 @@ class BlockManager:
             if block_id is None:
                 break
             blocks.append(block_id)
-        self.stats.queries += seq.num_tokens
-        self.stats.hits += len(blocks) * self.block_size
         return blocks
 
     # ---- allocation ----------------------------------------------------------------------
@@ -105,6 +103,10 @@ class BlockManager:
         num_revived = sum(1 for b in computed if self._ref_counts[b] == 0)
         if num_new_blocks + num_revived > self.num_free_blocks:
             return False
+        if self.enable_prefix_caching and not seq.block_table and not seq.num_computed_tokens:
+            # A first allocation: count its prefix-cache lookup once (not per blocked retry).
+            self.stats.queries += seq.num_tokens
+            self.stats.hits += len(computed) * self.block_size
         for block_id in computed:
             if self._ref_counts[block_id] == 0:
                 del self._free_queue[block_id]

@@ -75,7 +75,8 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         top_p = torch.tensor(top_ps, device=device).unsqueeze(1)
-        drop_sorted = mass_before >= top_p  # the most likely token always survives
+        # The most likely token always survives; rows with top_p == 1 keep everything.
+        drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
         drop = torch.zeros_like(drop_sorted).scatter(1, sorted_ids, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

@@ -141,8 +141,8 @@ class Scheduler:
             num_cached = len(computed) * self.block_manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate_slots(seq, num_tokens, computed):
-                if not self.running:
-                    # Nothing will ever free blocks for it: the pool is smaller than this prompt.
+                if self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks:
+                    # Nothing will ever free enough blocks: the pool is smaller than this prompt.
                     raise RuntimeError(
                         f"request {seq.request_id} needs more KV blocks than the pool has "
                         f"({self.block_manager.num_blocks})"

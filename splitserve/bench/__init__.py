@@ -1,0 +1,26 @@
+"""`splitserve bench <name>`: benchmarks that print ratios against a baseline run in the
+same invocation (DESIGN: measure, then claim). Each module has a main(argv) -> int."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "offline": ("splitserve.bench.offline", "engine vs transformers generate (tokens/s)"),
+    "kv": ("splitserve.bench.kv", "disaggregated vs colocated TTFT, KV transfer exposure"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        print("usage: splitserve bench {" + ",".join(BENCHMARKS) + "} [options]")
+        for name, (_, doc) in BENCHMARKS.items():
+            print(f"  {name:10s} {doc}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

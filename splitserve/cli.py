@@ -1,0 +1,220 @@
+"""The `splitserve` command line.
+
+    splitserve serve    --model M --prefill-workers N --decode-workers K --port 50051
+    splitserve router   --port 50051 [--redis-url URL]
+    splitserve prefill  --cluster grpc://127.0.0.1:50051 --kv-store 127.0.0.1:29500
+    splitserve decode   --cluster grpc://127.0.0.1:50051 --kv-store 127.0.0.1:29500 [--serve-kv-store]
+    splitserve generate "prompt" [--address] [--chat] [--max-tokens] [--temperature]
+    splitserve bench offline | kv
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+DEMO_PROMPT = "Explain in three sentences why the sky is blue."
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2-135m", help="alias, HF model dir or .gguf file")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
+
+
+def _engine_config(args: argparse.Namespace) -> Any:
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend, num_threads=args.threads,
+    )
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from splitserve.launcher import ServeOptions, serve
+
+    options = ServeOptions(
+        engine=_engine_config(args), prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers, port=args.port, redis_url=args.redis_url,
+        ray_address=args.ray_address, prefill_resource=args.prefill_resource,
+        decode_resource=args.decode_resource,
+        router_options={"local_prefill_threshold": args.local_prefill_threshold},
+    )
+    print(f"starting SplitServe: {options.prefill_workers} prefill + {options.decode_workers} "
+          f"decode worker(s), model {args.model} ...", flush=True)
+    deployment = serve(options)
+    print(f"SplitServe ready at {deployment.address} (cluster state {deployment.cluster_url})",
+          flush=True)
+    try:
+        if args.demo:
+            _demo(deployment.address, args.demo_prompt)
+        if not args.exit_after_demo:
+            print("serving; Ctrl-C to stop", flush=True)
+            _wait_for_signal()
+    finally:
+        print("draining and stopping ...", flush=True)
+        deployment.shutdown()
+    return 0
+
+
+def _demo(address: str, prompt: str) -> None:
+    from splitserve.client import Client, stream_to_terminal
+
+    print(f"\n>>> {prompt}\n", flush=True)
+    with Client(address, timeout=300) as client:
+        stream_to_terminal(client, [{"role": "user", "content": prompt}], chat=True,
+                           max_tokens=128, temperature=0.0)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from router.server import start_router
+
+    from router.config import RouterConfig
+
+    router = start_router(RouterConfig(
+        model=args.model, host=args.host, port=args.port, cluster_url=args.redis_url,
+        block_size=args.block_size, local_prefill_threshold=args.local_prefill_threshold,
+    ))
+    print(f"READY router {router.address} cluster {router.cluster_url}", flush=True)
+    _wait_for_signal()
+    router.stop(5.0)
+    return 0
+
+
+def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from splitserve.worker_runtime import WorkerOptions
+
+        options = WorkerOptions(
+            engine=_engine_config(args), worker_id=args.worker_id, host=args.host,
+            port=args.port, cluster_url=args.cluster, kv_backend="torch_dist",
+            kv_store=args.kv_store, serve_kv_store=args.serve_kv_store,
+            kv_timeout_s=args.kv_timeout, heartbeat_ttl_s=args.heartbeat_ttl,
+        )
+        if role == "prefill":
+            from prefill_worker.worker import PrefillWorker as cls
+        else:
+            from decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
+        worker = cls(options).start()
+        print(f"READY {role} {worker.worker_id} {worker.address}", flush=True)
+        _wait_for_signal()
+        worker.drain(args.drain_timeout)  # SIGTERM: stop taking work, finish what runs
+        worker.stop(1.0)
+        return 0
+
+    return run
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from splitserve.client import Client, stream_to_terminal
+
+    prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    with Client(args.address, timeout=args.timeout) as client:
+        completion = stream_to_terminal(client, prompt, chat=args.chat,
+                                        max_tokens=args.max_tokens, temperature=args.temperature,
+                                        seed=args.seed)
+    return 0 if completion.finish_reason in ("stop", "length") else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from splitserve import bench
+
+    return bench.main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="router + workers as Ray actors (local or on a cluster)")
+    _add_engine_args(p)
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--prefill-resource", default=None, help="custom Ray resource for prefill")
+    p.add_argument("--decode-resource", default=None, help="custom Ray resource for decode")
+    p.add_argument("--local-prefill-threshold", type=int, default=32)
+    p.add_argument("--demo", action="store_true", help="stream one chat answer once ready")
+    p.add_argument("--demo-prompt", default=DEMO_PROMPT)
+    p.add_argument("--exit-after-demo", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("router", help="the router as a plain process")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--local-prefill-threshold", type=int, default=32)
+    p.set_defaults(func=cmd_router)
+
+    for role in ("prefill", "decode"):
+        p = sub.add_parser(role, help=f"a {role} worker as a plain process")
+        _add_engine_args(p)
+        p.add_argument("--worker-id", default=None)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=0)
+        p.add_argument("--cluster", required=True, help="grpc://router:port or redis://...")
+        p.add_argument("--kv-store", required=True, help="host:port of the KV rendezvous store")
+        p.add_argument("--serve-kv-store", action="store_true", help="host the store here")
+        p.add_argument("--kv-timeout", type=float, default=30.0)
+        p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+        p.add_argument("--drain-timeout", type=float, default=10.0)
+        p.set_defaults(func=_cmd_worker(role))
+
+    p = sub.add_parser("generate", help="stream an answer from a running service")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks (splitserve bench --help)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""`splitserve serve`: the router and the workers as Ray actors.
+
+Ray stays at this edge: the actors below are thin wrappers that build the same plain
+classes the `splitserve router|prefill|decode` processes run. This process (the driver)
+hosts the KV rendezvous store, so it must live as long as the deployment.
+
+On one machine (no ray_address) everything binds 127.0.0.1, Ray's head included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    port: int = 50051
+    redis_url: str | None = None
+    ray_address: str | None = None  # None: start a local head on loopback
+    prefill_resource: str | None = None  # custom Ray resource pinning prefill actors
+    decode_resource: str | None = None
+    router_options: dict[str, Any] = field(default_factory=dict)  # extra RouterConfig fields
+    kv_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.prefill_workers < 0 or self.decode_workers < 1:
+            raise ValueError("need >= 0 prefill workers and >= 1 decode worker")
+
+
+def default_threads_per_worker(num_workers: int) -> int:
+    """Split this machine's cores evenly among the workers (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class _RouterActor:
+    def __init__(self, config_kwargs: dict[str, Any]):
+        from router.server import start_router
+
+        from router.config import RouterConfig
+
+        self.router = start_router(RouterConfig(**config_kwargs))
+
+    def info(self) -> tuple[str, str]:
+        return self.router.address, self.router.cluster_url
+
+    def stop(self) -> None:
+        self.router.stop(2.0)
+
+
+class _WorkerActor:
+    def __init__(self, role: str, options: Any):
+        if role == "prefill":
+            from prefill_worker.worker import PrefillWorker as cls
+        else:
+            from decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
+        self.worker = cls(options).start()
+
+    def address(self) -> str:
+        return self.worker.address
+
+    def drain(self, wait_timeout_s: float) -> int:
+        return self.worker.drain(wait_timeout_s)
+
+    def stop(self) -> None:
+        self.worker.stop(1.0)
+
+
+@dataclass
+class Deployment:
+    address: str  # the router's gRPC endpoint
+    cluster_url: str
+    actors: list[Any]
+    kv_store: Any  # the rendezvous TCPStore hosted by this process
+    owns_ray: bool
+
+    def shutdown(self, drain_timeout_s: float = 5.0) -> None:
+        import ray
+
+        router, workers = self.actors[0], self.actors[1:]
+        try:
+            ray.get([w.drain.remote(drain_timeout_s) for w in workers], timeout=drain_timeout_s + 5)
+        except Exception as exc:  # drain is best effort; stopping must go on
+            log.warning("drain failed: %s", exc)
+        for actor in [router, *workers]:
+            try:
+                ray.get(actor.stop.remote(), timeout=10)
+            except Exception as exc:
+                log.warning("stop failed: %s", exc)
+            ray.kill(actor)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
+    """Join `ray_address`, or start a local head bound to loopback. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=True)
+        return False
+    # Ray 2.60: keep a local head (GCS, raylet, object store) on 127.0.0.1.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return True
+
+
+def serve(options: ServeOptions) -> Deployment:
+    import ray
+
+    from kvtransfer.torch_dist import create_rendezvous_store
+    from splitserve.worker_runtime import WorkerOptions
+
+    owns_ray = init_ray(options.ray_address)
+    host = "127.0.0.1" if options.ray_address is None else ray.util.get_node_ip_address()
+    kv_port = _free_port(host)
+    kv_store = create_rendezvous_store(host, kv_port)
+    router_cfg = {"model": options.engine.model, "host": host, "port": options.port,
+                  "block_size": options.engine.block_size, "cluster_url": options.redis_url,
+                  **options.router_options}
+    router = ray.remote(num_cpus=0)(_RouterActor).remote(router_cfg)
+    address, cluster_url = ray.get(router.info.remote(), timeout=120)
+    num_workers = options.prefill_workers + options.decode_workers
+    engine = options.engine
+    if engine.num_threads is None and options.ray_address is None:
+        engine = replace(engine, num_threads=default_threads_per_worker(num_workers))
+    actors: list[Any] = [router]
+    for role, count, resource in (("prefill", options.prefill_workers, options.prefill_resource),
+                                  ("decode", options.decode_workers, options.decode_resource)):
+        for index in range(count):
+            worker_options = WorkerOptions(
+                engine=engine, worker_id=f"{role}-{index}", host=host, cluster_url=cluster_url,
+                kv_backend="torch_dist", kv_store=f"{host}:{kv_port}",
+                kv_timeout_s=options.kv_timeout_s,
+            )
+            actor_opts: dict[str, Any] = {"num_cpus": 0}
+            if engine.resolved_device.startswith("cuda"):
+                actor_opts["num_gpus"] = 1
+            if resource:
+                actor_opts["resources"] = {resource: 1}
+            actors.append(ray.remote(**actor_opts)(_WorkerActor).remote(role, worker_options))
+    ray.get([a.address.remote() for a in actors[1:]], timeout=600)
+    return Deployment(address, cluster_url, actors, kv_store, owns_ray)

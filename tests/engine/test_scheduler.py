@@ -1,0 +1,321 @@
+"""Scheduler with a real BlockManager and no model: a simulated step advances
+num_computed_tokens by the planned counts and appends a token where a sequence completes,
+as engine/llm_engine.py does."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import Sequence, SequenceStatus
+
+
+class Sim:
+    """A scheduler plus the bookkeeping half of LLMEngine.step()."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 4,
+        max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 16,
+        enable_prefix_caching: bool = True,
+    ):
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens)
+        self.sched = Scheduler(self.config, self.bm)
+        self.finished: list[Sequence] = []
+        self.completed: list[str] = []  # request ids that sampled a token in the last step
+        self.steps = 0
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+        seq = Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens))
+        self.sched.add(seq)
+        return seq
+
+    def step(self) -> SchedulerOutput:
+        out = self.sched.schedule()
+        self.steps += 1
+        assert out.num_tokens <= self.config.max_num_batched_tokens
+        assert len(out.scheduled) <= self.config.max_num_seqs
+        assert self.sched.num_running <= self.config.max_num_seqs
+        seqs = [item.seq for item in out.scheduled]
+        assert len({id(s) for s in seqs}) == len(seqs), "a sequence scheduled twice"
+        assert not {id(s) for s in out.preempted} & {id(s) for s in seqs}
+        self.completed = []
+        for item in out.scheduled:
+            seq = item.seq
+            assert item.num_tokens >= 1
+            assert seq.status is SequenceStatus.RUNNING
+            completes = item.completes  # decided before the counters move
+            seq.num_computed_tokens += item.num_tokens
+            assert len(seq.block_table) == self.bm.blocks_needed(seq.num_computed_tokens)
+            self.bm.cache_full_blocks(seq)
+            if completes:
+                self.completed.append(seq.request_id)
+                seq.append_token(10_000 + seq.num_tokens)  # unique per position: no false hits
+                if seq.num_output_tokens >= seq.params.max_tokens:
+                    self.sched.remove(seq)
+                    seq.status = SequenceStatus.FINISHED
+                    self.finished.append(seq)
+        self.check()
+        return out
+
+    def check(self) -> None:
+        live = list(self.sched.running) + list(self.sched.waiting)
+        self.bm.check_invariants([s.block_table for s in live])
+        assert all(s.block_table == [] for s in self.sched.waiting)
+
+    def run(self, max_steps: int = 1000) -> None:
+        while self.sched.has_unfinished():
+            self.step()
+            assert self.steps < max_steps, "no progress"
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(item.seq.request_id, item.num_tokens) for item in out.scheduled]
+
+
+def prompt(base: int, n: int) -> list[int]:
+    return list(range(base, base + n))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_num_seqs=0, max_num_batched_tokens=8)
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=0)
+
+
+def test_chunked_prefill_never_stalls_running_decodes() -> None:
+    sim = Sim(num_blocks=16, block_size=4, max_num_batched_tokens=8)
+    a = sim.add("a", prompt(0, 3), max_tokens=10)
+    assert plan(sim.step()) == [("a", 3)]
+    sim.add("b", prompt(100, 20), max_tokens=2)
+    assert plan(sim.step()) == [("a", 1), ("b", 7)]
+    assert plan(sim.step()) == [("a", 1), ("b", 7)]
+    assert sim.completed == ["a"]  # b's chunks so far sample nothing
+    assert plan(sim.step()) == [("a", 1), ("b", 6)]
+    assert sim.completed == ["a", "b"]
+    assert plan(sim.step()) == [("a", 1), ("b", 1)]  # b's last decode: b finishes
+    assert [s.request_id for s in sim.finished] == ["b"]
+    assert plan(sim.step()) == [("a", 1)]
+    assert a.num_output_tokens == 6
+    sim.run()
+    assert sim.bm.num_free_blocks == sim.bm.num_blocks
+    sim.bm.check_invariants([])
+
+
+def test_prompt_chunks_complete_only_on_the_last_chunk() -> None:
+    sim = Sim(num_blocks=8, block_size=4, max_num_batched_tokens=5)
+    b = sim.add("b", prompt(0, 12), max_tokens=1)
+    outs = [sim.step() for _ in range(3)]
+    assert [plan(o) for o in outs] == [[("b", 5)], [("b", 5)], [("b", 2)]]
+    assert b.is_finished and b.num_output_tokens == 1
+    assert not sim.sched.has_unfinished()
+
+
+def test_max_num_seqs_and_fcfs_admission() -> None:
+    sim = Sim(num_blocks=16, max_num_seqs=2, max_num_batched_tokens=32)
+    for name in "abcd":
+        sim.add(name, prompt(100 * (ord(name) - 96), 3), max_tokens=2 if name == "a" else 4)
+    assert plan(sim.step()) == [("a", 3), ("b", 3)]
+    assert [s.request_id for s in sim.sched.waiting] == ["c", "d"]
+    assert plan(sim.step()) == [("a", 1), ("b", 1)]  # a finishes; c is admitted next step
+    assert plan(sim.step()) == [("b", 1), ("c", 3)]
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["a", "b", "c", "d"]
+
+
+def test_head_of_line_waits_for_blocks_and_is_not_overtaken() -> None:
+    sim = Sim(num_blocks=4, block_size=4, max_num_batched_tokens=32)
+    sim.add("a", prompt(0, 8), max_tokens=2)
+    sim.add("b", prompt(100, 12), max_tokens=1)  # 3 blocks: waits for a
+    sim.add("c", prompt(200, 2), max_tokens=1)  # 1 block would fit, but b is first
+    assert plan(sim.step()) == [("a", 8)]
+    assert [s.request_id for s in sim.sched.waiting] == ["b", "c"]
+    assert plan(sim.step()) == [("a", 1)]  # a finishes and frees its blocks
+    assert plan(sim.step()) == [("b", 12), ("c", 2)]  # b first (3 blocks), then c (1)
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["a", "b", "c"]
+
+
+def test_preemption_picks_the_newest_and_resumes_it() -> None:
+    sim = Sim(num_blocks=6, block_size=2, max_num_batched_tokens=32)
+    a = sim.add("a", prompt(0, 3), max_tokens=4)
+    b = sim.add("b", prompt(100, 3), max_tokens=4)
+    c = sim.add("c", prompt(200, 3), max_tokens=4)
+    assert plan(sim.step()) == [("a", 3), ("b", 3), ("c", 3)]
+    assert (a.block_table, b.block_table, c.block_table) == ([0, 1], [2, 3], [4, 5])
+    assert plan(sim.step()) == [("a", 1), ("b", 1), ("c", 1)]  # token 4 fits in block 1
+    sim.bm.drain_events()
+    c_outputs = c.output_token_ids
+    assert len(c_outputs) == 2
+    out = sim.step()  # everyone needs a 3rd block; none is free
+    assert out.preempted == [c]
+    assert plan(out) == [("a", 1), ("b", 1)]
+    assert (a.block_table, b.block_table) == ([0, 1, 5], [2, 3, 4])  # c's blocks, tail first
+    assert c.block_table == [] and c.num_computed_tokens == 0 and c.num_cached_tokens == 0
+    assert c.status is SequenceStatus.WAITING and c.num_preemptions == 1
+    assert c.output_token_ids == c_outputs
+    assert list(sim.sched.waiting) == [c] and sim.sched.running == [a, b]
+    c_hashes = c.block_hashes(2)
+    assert sim.bm.drain_events() == ([], [c_hashes[1], c_hashes[0]])
+    while c.status is not SequenceStatus.RUNNING:
+        sim.step()
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["a", "b", "c"]
+    assert c.num_output_tokens == 4 and c.output_token_ids[:2] == c_outputs
+    assert sim.bm.num_free_blocks == 6
+    sim.bm.check_invariants([])
+
+
+def test_preempted_prefill_is_pushed_in_front_of_the_queue() -> None:
+    sim = Sim(num_blocks=4, block_size=2, max_num_batched_tokens=4)
+    a = sim.add("a", prompt(0, 3), max_tokens=4)
+    b = sim.add("b", prompt(100, 6), max_tokens=1)
+    assert plan(sim.step()) == [("a", 3), ("b", 1)]  # blocks: a [0, 1], b [2]
+    assert plan(sim.step()) == [("a", 1), ("b", 3)]  # b grows to [2, 3]
+    sim.add("c", prompt(200, 2), max_tokens=1)
+    out = sim.step()  # a needs a 3rd block: b (newest) is preempted mid-prompt
+    assert out.preempted == [b] and plan(out) == [("a", 1)]
+    assert [s.request_id for s in sim.sched.waiting] == ["b", "c"]
+    assert b.num_computed_tokens == 0 and b.num_output_tokens == 0
+    assert a.block_table == [0, 1, 3]  # b's blocks freed tail first
+    out = sim.step()  # a finishes; b (one cached block left) still does not fit
+    assert plan(out) == [("a", 1)] and a.is_finished
+    out = sim.step()
+    assert plan(out) == [("b", 4)]  # resumed from the front, its first block a prefix hit
+    assert b.num_cached_tokens == 2
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["a", "b", "c"]
+
+
+def test_a_sequence_that_cannot_grow_preempts_itself_when_all_others_are_scheduled() -> None:
+    sim = Sim(num_blocks=4, block_size=2, max_num_batched_tokens=32)
+    a = sim.add("a", prompt(0, 3), max_tokens=2)
+    b = sim.add("b", prompt(100, 4), max_tokens=2)
+    assert plan(sim.step()) == [("a", 3), ("b", 4)]
+    out = sim.step()  # a fits in its 2 blocks; b needs a 3rd with none free
+    assert plan(out) == [("a", 1)] and out.preempted == [b]
+    assert a.is_finished
+    sim.run()
+    assert b.is_finished and b.num_output_tokens == 2 and b.num_preemptions == 1
+
+
+def test_prompt_larger_than_the_pool_raises() -> None:
+    sim = Sim(num_blocks=2, block_size=4)
+    sim.add("huge", prompt(0, 12), max_tokens=1)
+    with pytest.raises(RuntimeError, match="needs more KV blocks than the pool has"):
+        sim.sched.schedule()
+
+
+def test_prompt_larger_than_free_blocks_waits_while_others_run() -> None:
+    sim = Sim(num_blocks=3, block_size=4)
+    sim.add("a", prompt(0, 4), max_tokens=1)
+    sim.add("b", prompt(100, 12), max_tokens=1)
+    assert plan(sim.step()) == [("a", 4)]  # b waits, no error
+    assert plan(sim.step()) == [("b", 12)]
+    assert not sim.sched.has_unfinished()
+
+
+def test_prompt_waits_while_reservations_hold_the_pool() -> None:
+    sim = Sim(num_blocks=4, block_size=4)
+    reservation = sim.bm.allocate_blocks(3)  # KV on its way from a prefill worker
+    assert reservation == [0, 1, 2]
+    sim.add("local", prompt(0, 8), max_tokens=1)  # 2 blocks: fits the pool, not the free list
+    assert sim.sched.schedule().is_empty  # waits instead of raising
+    sim.bm.free_blocks(reservation)
+    assert plan(sim.step()) == [("local", 8)]
+
+
+def test_remove_waiting_and_running_sequences_frees_their_blocks() -> None:
+    sim = Sim(num_blocks=8, block_size=4, max_num_seqs=1)
+    a = sim.add("a", prompt(0, 6), max_tokens=10)
+    b = sim.add("b", prompt(100, 6), max_tokens=10)
+    sim.step()
+    assert sim.sched.running == [a] and list(sim.sched.waiting) == [b]
+    assert sim.bm.num_free_blocks == 6
+    sim.sched.remove(b)
+    assert sim.sched.num_waiting == 0
+    sim.sched.remove(a)
+    assert sim.sched.num_running == 0 and a.block_table == []
+    assert sim.bm.num_free_blocks == 8
+    assert not sim.sched.has_unfinished()
+    assert sim.sched.schedule().is_empty
+    sim.bm.check_invariants([])
+
+
+def test_prefix_hit_skips_cached_tokens() -> None:
+    sim = Sim(num_blocks=16, block_size=4, max_num_batched_tokens=64)
+    shared = prompt(0, 8)
+    sim.add("a", shared + [50, 51], max_tokens=1)
+    sim.run()
+    b = sim.add("b", shared + [60], max_tokens=1)
+    assert plan(sim.step()) == [("b", 1)] and sim.completed == ["b"]
+    assert b.num_cached_tokens == 8
+    assert sim.bm.stats.hits == 8
+
+
+def test_num_queued_tokens() -> None:
+    sim = Sim(num_blocks=8, max_num_seqs=1)
+    sim.add("a", prompt(0, 5), max_tokens=3)
+    sim.add("b", prompt(100, 7), max_tokens=3)
+    assert sim.sched.num_queued_tokens() == 12
+    sim.step()
+    assert sim.sched.num_queued_tokens() == 7
+
+
+def test_a_blocked_request_is_counted_once_in_prefix_stats() -> None:
+    sim = Sim(num_blocks=4, block_size=4, max_num_batched_tokens=32)
+    sim.add("a", prompt(0, 8), max_tokens=3)
+    sim.add("b", prompt(100, 12), max_tokens=1)  # waits for a's blocks for 3 steps
+    sim.run()
+    assert sim.bm.stats.queries == 8 + 12
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(0, 3)),
+        min_size=1,
+        max_size=8,
+    ),
+    num_blocks=st.integers(11, 16),
+    max_num_seqs=st.integers(1, 4),
+    budget=st.integers(1, 20),
+    prefix_caching=st.booleans(),
+)
+def test_random_workloads_finish_and_return_every_block(
+    requests: list[tuple[int, int, int]],
+    num_blocks: int,
+    max_num_seqs: int,
+    budget: int,
+    prefix_caching: bool,
+) -> None:
+    # block_size 2, prompt <= 3 + 12 and max_tokens <= 6: one sequence never needs more
+    # than 11 blocks, so (as the engine's max_model_len guarantees) each fits alone.
+    sim = Sim(num_blocks, 2, max_num_seqs, budget, prefix_caching)
+    seqs = [
+        sim.add(f"r{i}", [family] * 3 + prompt(100 * i, n), max_tokens)
+        for i, (n, max_tokens, family) in enumerate(requests)
+    ]
+    while sim.sched.has_unfinished():
+        running_decodes = [s for s in sim.sched.running if not s.is_prefilling]
+        out = sim.step()
+        scheduled = [item.seq for item in out.scheduled]
+        if not out.preempted and running_decodes:
+            # Decodes come first: a decode only misses a step when the budget ran out.
+            first = scheduled[: len(running_decodes)]
+            assert first == running_decodes[: len(first)]
+            assert len(first) == min(len(running_decodes), budget)
+        assert sim.steps < 2000
+    assert sorted(s.request_id for s in sim.finished) == sorted(s.request_id for s in seqs)
+    for seq, (_, max_tokens, _) in zip(seqs, requests, strict=True):
+        assert seq.num_output_tokens == max_tokens
+    assert sim.bm.num_free_blocks == num_blocks
+    sim.bm.check_invariants([])
