@@ -1,0 +1,204 @@
+"""Rendezvous for one ordered (sender, receiver) pair: epochs, layout handshake, the group.
+
+Every pair gets its own 2-rank process group (sender = rank 0, receiver = rank 1), built
+directly on a PrefixStore of the shared TCPStore, so one process holds many pairs and the
+global default process group is never touched.
+
+A connection that broke (peer died, a wait timed out: gloo closes the pair then) is never
+reused: both sides move to a new epoch, a fresh key namespace in the store. Store keys of
+the pair `<ns>/<src>-><dst>`:
+
+    epoch/send, epoch/recv   counters: the epoch each side is at
+    e<N>/layout/<role>       that side's KVLayout JSON
+    e<N>/pg/...              the process group's own rendezvous keys
+
+A side takes a new epoch (add 1) the first time it connects in this process and after every
+connection it established (or refused for a layout mismatch); otherwise it retries the epoch
+it holds. A side behind the other catches up. Both then meet at the same number.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kvtransfer.layout import KVLayout, check_compatible
+
+_POLL_S = 0.01
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ConnectTimeout(TimeoutError):
+    """The peer did not show up before the deadline."""
+
+
+def create_rendezvous_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Any:
+    """Host the TCPStore that all workers' backends rendezvous through; `.port` is the port
+    actually bound (pass port=0 to pick a free one). Keep the returned object alive.
+
+    The listening socket is bound here, to `host` only, and handed to the store: TCPStore
+    binds every interface when it opens the port itself, and on one machine nothing may
+    listen beyond loopback.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    bound_port = listener.getsockname()[1]
+    fd = listener.detach()  # the store's server takes the descriptor over
+    return dist.TCPStore(
+        host, bound_port, is_master=True, wait_for_workers=False,
+        timeout=timedelta(seconds=timeout_s), master_listen_fd=fd,
+    )
+
+
+def _seconds_left(deadline: float) -> timedelta:
+    return timedelta(seconds=max(0.05, deadline - time.monotonic()))
+
+
+class PairLink:
+    """This side's connection to one peer over one ordered pair (not thread-safe: it
+    belongs to the one thread that serves the pair)."""
+
+    def __init__(
+        self,
+        store_addr: tuple[str, int],
+        pair_name: str,
+        role: str,  # "send" (rank 0) or "recv" (rank 1)
+        layout: KVLayout,
+        names: tuple[str, str],  # (local worker id, remote worker id), for messages
+        device: torch.device,
+        bind_host: str | None,
+    ) -> None:
+        assert role in ("send", "recv"), role
+        self.store_addr = store_addr
+        self.name = pair_name
+        self.role = role
+        self.other = "recv" if role == "send" else "send"
+        self.rank = 0 if role == "send" else 1
+        self.layout = layout
+        self.names = names
+        self.device = device
+        self.bind_host = bind_host
+        self.group: Any = None
+        self.epoch = 0
+        self._store: Any = None
+        self._fresh = True  # next connect takes a new epoch
+
+    @property
+    def connected(self) -> bool:
+        return self.group is not None
+
+    def connect(self, deadline: float, wanted: Callable[[], bool]) -> None:
+        """Meet the peer, check layouts, build the group. Raises ConnectTimeout,
+        KVLayoutMismatch (the peer refuses too), or the store's/backend's error."""
+        assert self.group is None
+        try:
+            self._connect(deadline, wanted)
+        except BaseException:
+            self._store = None  # a client whose wait timed out may be out of step: drop it
+            raise
+
+    def _connect(self, deadline: float, wanted: Callable[[], bool]) -> None:
+        store = self._client(deadline)
+        self.epoch = self._agree_epoch(store, deadline, wanted)
+        self._fresh = True  # this epoch's namespace is now used, whatever happens next
+        prefix = f"{self.name}/e{self.epoch}/"
+        store.set(f"{prefix}layout/{self.role}", self.layout.to_json())
+        remote_key = f"{prefix}layout/{self.other}"
+        self._wait_key(store, remote_key, deadline, wanted)
+        remote = KVLayout.from_json(store.get(remote_key))
+        local_name, remote_name = self.names
+        check_compatible(self.layout, remote, f"worker {local_name!r}", f"worker {remote_name!r}")
+        store.set_timeout(_seconds_left(deadline))
+        self.group = _make_group(
+            dist.PrefixStore(f"{prefix}pg/", store),
+            self.rank,
+            deadline,
+            self.device,
+            self.bind_host,
+        )
+
+    def teardown(self) -> None:
+        group, self.group = self.group, None
+        if group is not None and self.device.type == "cuda":
+            try:
+                group.abort()  # NCCL: release a communicator that may be stuck
+            except Exception:  # noqa: BLE001 - best effort on a broken connection
+                pass
+
+    def _client(self, deadline: float) -> Any:
+        if self._store is None:
+            host, port = self.store_addr
+            self._store = dist.TCPStore(
+                host,
+                port,
+                is_master=False,
+                wait_for_workers=False,
+                timeout=_seconds_left(deadline),
+            )
+        self._store.set_timeout(_seconds_left(deadline))
+        return self._store
+
+    def _agree_epoch(self, store: Any, deadline: float, wanted: Callable[[], bool]) -> int:
+        mine_key, other_key = f"{self.name}/epoch/{self.role}", f"{self.name}/epoch/{self.other}"
+        mine = int(store.add(mine_key, 1 if self._fresh else 0))
+        self._fresh = False
+        while True:
+            other = int(store.add(other_key, 0))
+            if other > mine:
+                mine = int(store.add(mine_key, other - mine))
+            elif other == mine:
+                return mine
+            self._check_waiting(deadline, wanted, "to connect")
+            time.sleep(_POLL_S)
+
+    def _wait_key(self, store: Any, key: str, deadline: float, wanted: Callable[[], bool]) -> None:
+        while not store.check([key]):
+            self._check_waiting(deadline, wanted, "for its KV layout")
+            time.sleep(_POLL_S)
+
+    def _check_waiting(self, deadline: float, wanted: Callable[[], bool], what: str) -> None:
+        if time.monotonic() > deadline:
+            raise ConnectTimeout(
+                f"timed out waiting for peer worker {self.names[1]!r} {what} "
+                f"(pair {self.name}, epoch {self.epoch or '?'}): is it alive?"
+            )
+        if not wanted():
+            raise ConnectTimeout(f"no transfer needs pair {self.name} any more")
+
+
+def _make_group(
+    store: Any, rank: int, deadline: float, device: torch.device, bind_host: str | None
+) -> Any:
+    timeout = _seconds_left(deadline)
+    if device.type == "cuda":
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl is None:
+            raise RuntimeError("this torch build has no NCCL: use a CPU device (gloo)")
+        opts = nccl.Options()
+        # NCCL's watchdog tears the process down when an op outlives the group timeout, so
+        # keep it far above our own explicit wait timeouts (a timed-out wait aborts the group).
+        opts._timeout = max(timeout, timedelta(hours=1))
+        return nccl(store, rank, 2, opts)
+    gloo: Any = dist.ProcessGroupGloo  # _Options is private and missing from the stubs
+    opts = gloo._Options()
+    opts._timeout = timeout
+    if bind_host is not None:
+        opts._devices = [gloo.create_device(hostname=bind_host)]
+    else:
+        opts._devices = [gloo.create_default_device()]
+    return gloo(store, rank, 2, opts)
+
+
+def default_bind_host(store_host: str) -> str | None:
+    """Loopback stores imply a single machine: bind gloo to loopback too; otherwise let gloo
+    pick the interface (GLOO_SOCKET_IFNAME is honoured)."""
+    return "127.0.0.1" if store_host in _LOOPBACK else None

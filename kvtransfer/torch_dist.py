@@ -1,0 +1,124 @@
+"""KV transfer over torch.distributed point-to-point: gloo on CPU, NCCL on CUDA.
+
+Threading model (see _pairs.py for the failure rules):
+  * caller threads (model runner, scheduler loop): start_send / send_layer / expect / poll /
+    abort. send_layer packs the layer's blocks into a fresh buffer on the caller's thread
+    (and stream) and queues it; nothing here waits for the network.
+  * one SendPair thread per destination worker, one RecvPair thread per source worker,
+    created on first use. Each owns its pair's 2-rank process group (built lazily through
+    the rendezvous store, after a KVLayout handshake) and is the only thread using it.
+
+Messages on a pair: for each (request, layer) one int64 header and one payload holding all
+the request's blocks of that layer (see _wire.py). One message per block would be about
+40x slower on loopback.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvtransfer._pairs import CONNECT, Outgoing, RecvPair, SendPair
+from kvtransfer._rendezvous import create_rendezvous_store, default_bind_host
+from kvtransfer._tables import ABORT, DATA, RecvEntry, SendEntry
+from kvtransfer._wire import REASON_ABORTED
+from kvtransfer.base import KVBackend
+from kvtransfer.layout import KVLayout
+
+__all__ = ["TorchDistBackend", "create_rendezvous_store"]
+
+
+class TorchDistBackend(KVBackend):
+    """A worker's KV endpoint over torch.distributed.
+
+    store_host/store_port: the rendezvous TCPStore (see create_rendezvous_store), shared by
+    every worker of the deployment. device: where the KV caches live; "cpu" uses gloo,
+    "cuda[:N]" NCCL. bind_host: the address gloo listens on (default: 127.0.0.1 when the
+    store is on loopback, else gloo's choice). op_timeout_s bounds one payload receive.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        layout: KVLayout,
+        store_host: str,
+        store_port: int,
+        device: str | torch.device = "cpu",
+        *,
+        bind_host: str | None = None,
+        default_timeout_s: float = 30.0,
+        op_timeout_s: float = 30.0,
+        stash_limit_bytes: int = 256 << 20,
+        namespace: str = "splitserve/kv",
+    ) -> None:
+        super().__init__(
+            worker_id,
+            layout,
+            default_timeout_s=default_timeout_s,
+            stash_limit_bytes=stash_limit_bytes,
+        )
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.store_addr = (store_host, int(store_port))
+        self.bind_host = default_bind_host(store_host) if bind_host is None else bind_host
+        self.op_timeout_s = op_timeout_s
+        self.namespace = namespace
+        self._senders: dict[str, SendPair] = {}
+        self._receivers: dict[str, RecvPair] = {}
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            pairs = [*self._senders.values(), *self._receivers.values()]
+            self._senders.clear()
+            self._receivers.clear()
+        for pair in pairs:
+            pair.stop()
+        end = time.monotonic() + 1.0
+        for pair in pairs:
+            # a thread inside a network wait leaves at that wait's deadline (daemon thread)
+            pair.thread.join(timeout=max(0.0, end - time.monotonic()))
+
+    def _sender(self, dst: str) -> SendPair:
+        with self._lock:
+            self._check_open()
+            pair = self._senders.get(dst)
+            if pair is None:
+                pair = self._senders[dst] = SendPair(self, dst)
+            return pair
+
+    def _open_send(self, entry: SendEntry) -> None:
+        if entry.handle.peer == self.worker_id:
+            entry.handle._fail("a worker cannot send KV to itself over torch.distributed")
+            return
+        self._sender(entry.handle.peer).put(Outgoing(entry, CONNECT))
+
+    def _submit(
+        self, entry: SendEntry, layer: int, buffer: torch.Tensor, ready: torch.cuda.Event | None
+    ) -> None:
+        self._sender(entry.handle.peer).put(Outgoing(entry, DATA, layer, buffer, ready))
+
+    def _open_recv(self, entry: RecvEntry) -> None:
+        src = entry.handle.peer
+        if src == self.worker_id:
+            entry.fail("a worker cannot receive KV from itself over torch.distributed")
+            return
+        with self._lock:
+            self._check_open()
+            pair = self._receivers.get(src)
+            if pair is None:
+                pair = self._receivers[src] = RecvPair(self, src)
+        pair.wake()
+
+    def _notify_abort(self, entry: SendEntry, reason: str) -> None:
+        with self._lock:
+            pair = self._senders.get(entry.handle.peer)
+        if pair is not None:
+            pair.put(Outgoing(entry, ABORT, reason=REASON_ABORTED))
+
+    def _check_caches(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        super()._check_caches(k, v)
+        if k.device.type != self.device.type:
+            raise ValueError(f"caches on {k.device}, but this backend moves {self.device} tensors")

@@ -1,0 +1,107 @@
+"""KVLayout contract, request keys and the wire header (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtransfer._wire import MAGIC, Header
+from kvtransfer.layout import KVLayout, KVLayoutMismatch, check_compatible
+from kvtransfer.state import block_ids_digest, request_key
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOLLM2 = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3fn"])
+def test_json_round_trip(dtype: str) -> None:
+    layout = replace(SMOLLM2, dtype=dtype)
+    text = layout.to_json()
+    assert json.loads(text) == {
+        "num_layers": 30,
+        "num_kv_heads": 3,
+        "head_dim": 64,
+        "block_size": 16,
+        "dtype": dtype,
+    }
+    assert KVLayout.from_json(text) == layout
+    assert KVLayout.from_json(text.encode()) == layout
+
+
+def test_from_json_rejects_unknown_missing_and_bad_fields() -> None:
+    good = json.loads(SMOLLM2.to_json())
+    with pytest.raises(ValueError, match=r"unknown fields \['extra'\]"):
+        KVLayout.from_json(json.dumps({**good, "extra": 1}))
+    with pytest.raises(ValueError, match=r"missing fields \['head_dim'\]"):
+        KVLayout.from_json(json.dumps({k: v for k, v in good.items() if k != "head_dim"}))
+    with pytest.raises(ValueError, match="dtype"):
+        KVLayout.from_json(json.dumps({**good, "dtype": "int8"}))
+    with pytest.raises(ValueError, match="block_size"):
+        KVLayout(30, 3, 64, 0, "float32")
+    with pytest.raises(ValueError, match="num_layers"):
+        KVLayout.from_json(json.dumps({**good, "num_layers": 2.5}))
+
+
+def test_sizes() -> None:
+    assert SMOLLM2.block_shape == (16, 3, 64)
+    assert SMOLLM2.bytes_per_block_per_layer == 2 * 16 * 3 * 64 * 2 == 12288
+    assert replace(SMOLLM2, dtype="float32").bytes_per_block_per_layer == 24576
+    assert SMOLLM2.bytes_for(63) == 63 * 30 * 12288
+    assert SMOLLM2.torch_dtype is torch.bfloat16
+
+
+def test_check_compatible_names_both_sides_and_every_field() -> None:
+    check_compatible(SMOLLM2, KVLayout.from_json(SMOLLM2.to_json()))
+    remote = replace(SMOLLM2, head_dim=128, dtype="float16")
+    with pytest.raises(KVLayoutMismatch) as info:
+        check_compatible(SMOLLM2, remote, "worker 'prefill-0'", "worker 'decode-1'")
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "worker 'prefill-0' (layers=30 kv_heads=3 head_dim=64" in message
+    assert "worker 'decode-1' (layers=30 kv_heads=3 head_dim=128" in message
+    assert "head_dim: 64 != 128" in message
+    assert "dtype: 'bfloat16' != 'float16'" in message
+    assert "num_layers" not in message.split("differing fields:")[1]
+
+
+def test_keys_are_stable_across_processes_and_torch_free() -> None:
+    """request keys must agree between P and D processes (no PYTHONHASHSEED dependence), and
+    the layout/state modules must not import torch (the router uses them)."""
+    code = (
+        "import sys, json; from kvtransfer.state import request_key, block_ids_digest; "
+        "import kvtransfer.layout; "
+        "print(json.dumps([request_key('req-a'), request_key('ü/9'), block_ids_digest([3, 1, 2]), "
+        "'torch' in sys.modules]))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    key_a, key_u, digest, imported_torch = json.loads(out.stdout)
+    assert (key_a, key_u, digest) == (
+        request_key("req-a"),
+        request_key("ü/9"),
+        block_ids_digest([3, 1, 2]),
+    )
+    assert imported_torch is False
+    assert 0 <= key_a < 2**63 and key_a != key_u
+    assert block_ids_digest([3, 1, 2]) != block_ids_digest([1, 2, 3])  # order matters
+
+
+def test_header_round_trip_and_rejects_garbage() -> None:
+    header = Header(1, request_key("r"), 29, 63, block_ids_digest([5, 6]), 63 * 12288)
+    buf = torch.empty(8, dtype=torch.int64)
+    assert Header.decode(header.encode(buf)) == header
+    assert int(buf[0]) == MAGIC
+    buf[0] = 7
+    with pytest.raises(ValueError, match="not a kvtransfer header"):
+        Header.decode(buf)
+    with pytest.raises(ValueError, match="bad kvtransfer header"):
+        Header.decode(Header(9, 1).encode(buf))
