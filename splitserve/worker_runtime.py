@@ -26,6 +26,7 @@ from engine.llm_engine import LLMEngine
 from engine.model_files import model_name
 from kvtransfer.base import KVBackend
 from kvtransfer.layout import KVLayout
+from splitserve.grpc_util import add_health_and_reflection
 from splitserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -93,21 +94,6 @@ def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
         default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
     )
     return backend, hosted
-
-
-def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> Any:
-    """Standard grpc.health.v1 (every service SERVING) and server reflection."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
-
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    for name in ["", *service_names]:
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    return servicer
 
 
 class WorkerRuntime:

@@ -1,0 +1,114 @@
+"""Admission control: a bounded number of requests in flight, and a bounded FIFO queue.
+
+A request takes an in-flight slot at once when one is free and nobody is queued; else it
+waits in the queue when the queue has room; else it is rejected at once (the router
+answers RESOURCE_EXHAUSTED). A released slot passes straight to the oldest waiter.
+
+Asyncio-safe: every method runs on the router's event loop thread (the servicer's loop).
+The `num_inflight` / `num_queued` reads are plain ints and safe from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+
+class OverCapacityError(Exception):
+    """Too many requests in flight and queued; retry later."""
+
+
+class AdmissionClosedError(Exception):
+    """The router is draining and admits nothing new."""
+
+
+class AdmissionController:
+    def __init__(self, max_inflight: int, max_queued: int) -> None:
+        if max_inflight < 0 or max_queued < 0:
+            raise ValueError("max_inflight and max_queued must be >= 0")
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.num_inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()  # oldest first
+        self._idle: asyncio.Event | None = None  # created lazily on the loop
+        self.closed = False
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._waiters)
+
+    def close(self) -> None:
+        """Refuse new requests from now on; those in flight or queued carry on."""
+        self.closed = True
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in the queue if needed.
+
+        Raises AdmissionClosedError when closed, OverCapacityError when the queue is full.
+        Cancelling the wait gives the place (or a slot handed over meanwhile) back.
+        """
+        if self.closed:
+            raise AdmissionClosedError("router is draining and admits no new requests")
+        if self.num_inflight < self.max_inflight and not self._waiters:
+            self.num_inflight += 1
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise OverCapacityError(
+                f"router over capacity: {self.num_inflight} requests in flight "
+                f"(max_inflight={self.max_inflight}) and {len(self._waiters)} queued "
+                f"(max_queued={self.max_queued}); retry later"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._notify_if_idle()
+            elif waiter.done() and not waiter.cancelled():
+                self.release()  # a slot was handed to us just as we were cancelled
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the oldest waiter, or to the pool."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot changes hands; num_inflight unchanged
+                return
+        if self.num_inflight <= 0:
+            raise RuntimeError("release() without a matching acquire()")
+        self.num_inflight -= 1
+        self._notify_if_idle()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """`async with admission.slot():` holds one slot for the block's duration."""
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def wait_idle(self, timeout_s: float) -> int:
+        """Wait until nothing is in flight or queued, at most `timeout_s`.
+
+        Returns the number of requests still in flight or queued (0: idle).
+        """
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        self._notify_if_idle()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self.num_inflight + len(self._waiters)
+
+    def _notify_if_idle(self) -> None:
+        if self._idle is None:
+            return
+        if self.num_inflight == 0 and not self._waiters:
+            self._idle.set()
+        else:
+            self._idle.clear()

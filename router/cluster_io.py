@@ -1,0 +1,105 @@
+"""The router's asyncio face of the ClusterStore, and its request-ledger writer.
+
+Store methods block (Redis, gRPC); they run on a worker thread unless the store lives in
+this process's memory, where a call takes microseconds. Ledger writes are bookkeeping for
+recovery: a failed write is logged, never fatal to the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from cluster import InMemoryClusterStore
+from cluster.store import ClusterStore, LiveWorker, RequestLedgerEntry, RequestPhase
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AsyncStore:
+    """Awaitable wrappers over the ClusterStore methods the router uses."""
+
+    def __init__(self, store: ClusterStore) -> None:
+        self.store = store
+        self._inline = isinstance(store, InMemoryClusterStore)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._inline:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    async def live_workers(self) -> list[LiveWorker]:
+        return await self._call(self.store.live_workers)
+
+    async def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        if not block_hashes:
+            return {}
+        return await self._call(self.store.prefix_overlap, block_hashes)
+
+    async def ledger_put(self, entry: RequestLedgerEntry) -> None:
+        try:
+            await self._call(self.store.ledger_put, entry)
+        except Exception:  # noqa: BLE001 - the ledger never fails a request
+            log.warning("ledger write for %s failed", entry.request_id, exc_info=True)
+
+    async def ledger_delete(self, request_id: str) -> None:
+        try:
+            await self._call(self.store.ledger_delete, request_id)
+        except Exception:  # noqa: BLE001 - the ledger never fails a request
+            log.warning("ledger delete for %s failed", request_id, exc_info=True)
+
+
+class RequestLedger:
+    """One request's ledger entry, rewritten at each phase change and deleted at the end.
+
+    Phases: QUEUED (admitted by the router) -> ADMITTED (D reserved blocks) ->
+    PREFILLING (P computes, remote prefill only) -> DECODING (D generates) -> deleted.
+    Writes run in the background, in order, off the request's critical path; `delete`
+    waits for them.
+    """
+
+    def __init__(self, store: AsyncStore, request_id: str, num_prompt_tokens: int) -> None:
+        self._store = store
+        self._entry = RequestLedgerEntry(
+            request_id=request_id,
+            phase=RequestPhase.QUEUED,
+            num_prompt_tokens=num_prompt_tokens,
+        )
+        self._written = False
+        self._last_write: asyncio.Task[None] | None = None
+
+    @property
+    def phase(self) -> RequestPhase:
+        return self._entry.phase
+
+    def update(self, phase: RequestPhase, **fields: Any) -> None:
+        """Move to `phase`, replacing the named RequestLedgerEntry fields."""
+        self._entry = dataclasses.replace(
+            self._entry, **fields, phase=phase, updated_at=time.time()
+        )
+        self._written = True
+        self._chain(self._store.ledger_put(self._entry))
+
+    async def delete(self) -> None:
+        """Delete the entry (if one was written) once earlier writes are done."""
+        if self._written:
+            self._written = False
+            self._chain(self._store.ledger_delete(self._entry.request_id))
+        if self._last_write is not None:
+            await self._last_write
+
+    def _chain(self, write: Coroutine[Any, Any, None]) -> None:
+        previous = self._last_write
+
+        async def after_previous() -> None:
+            if previous is not None:
+                await previous
+            await write
+
+        self._last_write = asyncio.get_running_loop().create_task(after_previous())

@@ -1,0 +1,92 @@
+"""Router configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFILL_POLICIES = ("kv_aware", "round_robin", "least_loaded")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything a router is built from.
+
+    Runtime facts (the bound port, the model's context length) are returned by the
+    components that discover them (RunningRouter.port, ServedModel.max_model_len).
+    """
+
+    model: str = "smollm2-135m"  # alias, HF model directory or .gguf path (as workers get it)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: an ephemeral port (read it back from RunningRouter.port)
+    # Admission: requests being served at once, and requests waiting for a slot. Past both,
+    # Generate fails at once with RESOURCE_EXHAUSTED.
+    max_inflight: int = 256
+    max_queued: int = 256
+    prefill_policy: str = "kv_aware"  # one of PREFILL_POLICIES
+    # Conditional disaggregation: prompts of at most this many tokens are prefilled on the
+    # decode worker itself, as are prompts whose leading fraction >= local_prefix_fraction
+    # the decode worker already holds in its prefix cache.
+    local_prefill_threshold: int = 32
+    local_prefix_fraction: float = 0.75
+    block_size: int = 16  # tokens per KV block; must equal the workers' (others are skipped)
+    # How long a decode worker keeps a reservation waiting for the prefill worker's KV and
+    # first token (AdmitRequest.prefill_timeout_ms); also the router's deadline on Prefill.
+    # 0: the decode worker's default, and no router deadline on Prefill but the request's.
+    prefill_timeout_ms: int = 0
+    request_timeout_s: float | None = None  # whole-request deadline; None: only the client's
+    # None: the router hosts an in-memory cluster store and serves it as the ClusterState
+    # service on its own port (workers use RunningRouter.cluster_url). Otherwise any URL
+    # cluster.open_store accepts ("redis://...", "grpc://host:port", "memory").
+    cluster_url: str | None = None
+    worker_refresh_s: float = 0.25  # max age of the router's snapshot of live workers
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # max_tokens for requests that leave it unset (capped by the context left after the
+    # prompt). None: as many as fit in max_model_len.
+    default_max_tokens: int | None = 16
+    max_admit_attempts: int = 3  # decode workers tried before giving up on a request
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_inflight < 0 or self.max_queued < 0:
+            raise ValueError(
+                f"max_inflight and max_queued must be >= 0, got {self.max_inflight}, "
+                f"{self.max_queued}"
+            )
+        if self.prefill_policy not in PREFILL_POLICIES:
+            raise ValueError(
+                f"prefill_policy must be one of {PREFILL_POLICIES}, got {self.prefill_policy!r}"
+            )
+        if self.local_prefill_threshold < 0:
+            raise ValueError(
+                f"local_prefill_threshold must be >= 0, got {self.local_prefill_threshold}"
+            )
+        if not 0.0 < self.local_prefix_fraction <= 1.0:
+            raise ValueError(
+                f"local_prefix_fraction must be in (0, 1], got {self.local_prefix_fraction}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.prefill_timeout_ms < 0:
+            raise ValueError(f"prefill_timeout_ms must be >= 0, got {self.prefill_timeout_ms}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not self.worker_refresh_s >= 0:
+            raise ValueError(f"worker_refresh_s must be >= 0, got {self.worker_refresh_s}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.max_admit_attempts < 1:
+            raise ValueError(f"max_admit_attempts must be >= 1, got {self.max_admit_attempts}")
+
+    @property
+    def embedded_cluster(self) -> bool:
+        """True when the router hosts (and serves) the cluster store itself."""
+        return self.cluster_url is None
+
+    @property
+    def bind_address(self) -> str:
+        return f"{self.host}:{self.port}"

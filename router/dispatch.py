@@ -1,0 +1,132 @@
+"""Finding a decode worker that admits a request (steps 1-2 of RequestRun's life cycle).
+
+Decode workers are tried in `rank_decode_workers` order, each with its own route (local
+or remote prefill depends on what that worker already caches). A refusal or an RPC error
+moves on to the next one, up to `max_admit_attempts`; the accepted Admit stream is the
+request's lifetime on that worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from router.policy import Route, blocks_needed, plan_route, rank_decode_workers
+from router.relay import RequestTrace
+from router.state import RouterState
+from router.validation import ValidatedRequest
+from splitserve.grpc_util import ServiceError
+from splitserve.v1 import worker_pb2
+
+_ADMISSION_TIMEOUT_S = 30.0  # wait for the Admission, the Admit stream's first message
+_REFUSAL = worker_pb2.AdmitRefusal
+
+
+@dataclass
+class Admitted:
+    route: Route
+    admission: worker_pb2.Admission
+    call: grpc.aio.UnaryStreamCall  # the Admit stream; cancelling it frees D's blocks
+    num_blocks: int  # KV blocks the request may grow to (prompt + max_tokens)
+
+
+async def admit_request(
+    state: RouterState,
+    request: ValidatedRequest,
+    trace: RequestTrace,
+    remaining: Callable[[], float | None],
+) -> Admitted:
+    """Admit `request` on a decode worker; ServiceError when none does.
+
+    UNAVAILABLE: no usable decode worker, or all failed; RESOURCE_EXHAUSTED: one at least
+    lacked free blocks; INVALID_ARGUMENT: all found the request too long.
+    """
+    snapshot = await state.directory.snapshot()
+    if not snapshot.decode:
+        snapshot = await state.directory.snapshot(force=True)
+    if not snapshot.decode:
+        ignored = f" ({snapshot.num_ignored} live workers serve another model or block size)"
+        raise ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no live decode worker serves model {state.model.model_id!r}"
+            f"{ignored if snapshot.num_ignored else ''}; start one and retry",
+        )
+    overlap = await state.store.prefix_overlap(request.block_hashes)
+    num_blocks = blocks_needed(
+        request.prompt_len + request.params.max_tokens, state.rules.block_size
+    )
+    failures: list[str] = []
+    refusals: list[int] = []
+    for decode in rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]:
+        route = plan_route(
+            decode, snapshot.prefill, request.prompt_len, overlap, state.rules, state.policy
+        )
+        if trace.dispatched is None:
+            trace.dispatched = time.monotonic()
+        admitted = await _try_admit(state, request, route, remaining(), failures, refusals)
+        if admitted is not None:
+            admission, call = admitted
+            return Admitted(route, admission, call, num_blocks)
+    raise admit_error(failures, refusals)
+
+
+async def _try_admit(
+    state: RouterState,
+    request: ValidatedRequest,
+    route: Route,
+    timeout_s: float | None,
+    failures: list[str],
+    refusals: list[int],
+) -> tuple[worker_pb2.Admission, grpc.aio.UnaryStreamCall] | None:
+    decode, prefill = route.decode, route.prefill
+    message = worker_pb2.AdmitRequest(
+        request_id=request.worker_request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        sampling_params=request.worker_params,
+        prefill_locally=prefill is None,
+        prefill_worker_id=prefill.worker_id if prefill else "",
+        prefill_kv_endpoint=prefill.kv_endpoint if prefill else "",
+        prefill_timeout_ms=state.prefill_timeout_ms,
+    )
+    call = state.directory.decode_stub(decode).Admit(message, timeout=timeout_s)
+    try:
+        first = await asyncio.wait_for(call.read(), _ADMISSION_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        failures.append(f"{decode.worker_id}: {exc.code().name}: {exc.details()}")
+        return None
+    except asyncio.TimeoutError:
+        call.cancel()
+        failures.append(f"{decode.worker_id}: no Admission within {_ADMISSION_TIMEOUT_S:g} s")
+        return None
+    if first is grpc.aio.EOF or first.WhichOneof("event") != "admission":
+        call.cancel()
+        failures.append(f"{decode.worker_id}: the Admit stream did not start with an Admission")
+        return None
+    admission = first.admission
+    if not admission.accepted:
+        call.cancel()
+        refusals.append(admission.refusal)
+        name = _REFUSAL.Name(admission.refusal)
+        failures.append(f"{decode.worker_id} refused: {name}: {admission.refusal_message}")
+        return None
+    return admission, call
+
+
+def admit_error(failures: list[str], refusals: list[int]) -> ServiceError:
+    """The status for a request no decode worker admitted."""
+    detail = "; ".join(failures)
+    if refusals and len(refusals) == len(failures):
+        if all(r == _REFUSAL.ADMIT_REFUSAL_TOO_LONG for r in refusals):
+            return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"request too long: {detail}")
+    if _REFUSAL.ADMIT_REFUSAL_NO_FREE_BLOCKS in refusals:
+        return ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"no decode worker has room for the request, retry later: {detail}",
+        )
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, f"no decode worker admitted the request: {detail}"
+    )

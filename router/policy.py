@@ -1,0 +1,222 @@
+"""Routing policies: which decode worker, which prefill worker, and whether to disaggregate.
+
+Pure functions over `WorkerView`s (a worker's registration plus its latest load, as the
+router sees it), unit-tested with exact picks. Ties always end on worker_id so a pick is
+deterministic for a given input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One live worker as a policy sees it."""
+
+    worker_id: str
+    address: str = ""  # host:port of its gRPC server
+    kv_endpoint: str = ""  # opaque KV transfer endpoint (kvtransfer's format)
+    num_waiting: int = 0  # requests waiting to be scheduled
+    num_running: int = 0  # requests in the running batch
+    num_free_blocks: int = 0  # KV blocks free for new requests
+    num_total_blocks: int = 0
+    num_queued_tokens: int = 0  # prompt tokens waiting to be prefilled
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """KV blocks that hold `num_tokens` token slots."""
+    return -(-num_tokens // block_size)
+
+
+def cached_tokens(num_cached_blocks: int, block_size: int, prompt_len: int) -> int:
+    """Prompt tokens covered by a leading run of cached full blocks."""
+    return min(num_cached_blocks * block_size, prompt_len)
+
+
+# ---- decode worker -----------------------------------------------------------------------
+
+
+def _decode_load_key(w: WorkerView) -> tuple[int, int, int, str]:
+    return (w.num_running, w.num_waiting, w.num_queued_tokens, w.worker_id)
+
+
+def rank_decode_workers(workers: Sequence[WorkerView], num_blocks: int) -> list[WorkerView]:
+    """Decode workers in the order to try them for a request needing `num_blocks` blocks.
+
+    Workers with at least `num_blocks` free blocks come first, least loaded first
+    (num_running, then num_waiting, then num_queued_tokens); then the others, most free
+    blocks first (their free count may be stale, or preemption may make room).
+    """
+    fits = [w for w in workers if w.num_free_blocks >= num_blocks]
+    short = [w for w in workers if w.num_free_blocks < num_blocks]
+    fits.sort(key=_decode_load_key)
+    short.sort(key=lambda w: (-w.num_free_blocks, *_decode_load_key(w)))
+    return fits + short
+
+
+# ---- conditional disaggregation ------------------------------------------------------------
+
+
+def should_prefill_locally(
+    prompt_len: int,
+    decode_cached_tokens: int,
+    has_prefill_worker: bool,
+    threshold: int,
+    prefix_fraction: float,
+) -> bool:
+    """True when the decode worker should prefill the prompt itself.
+
+    That is when the prompt is short (<= threshold tokens: a KV transfer would cost more
+    than it saves), when no prefill worker is live, or when the decode worker's prefix
+    cache already holds at least `prefix_fraction` of the prompt.
+    """
+    if prompt_len <= threshold or not has_prefill_worker:
+        return True
+    return decode_cached_tokens >= prefix_fraction * prompt_len
+
+
+# ---- prefill worker ------------------------------------------------------------------------
+
+
+class PrefillPolicy(Protocol):
+    name: str
+
+    def pick(
+        self,
+        workers: Sequence[WorkerView],
+        prompt_len: int,
+        overlap_blocks: Mapping[str, int],
+        block_size: int,
+    ) -> WorkerView | None:
+        """The prefill worker for a prompt of `prompt_len` tokens, or None if `workers` is empty.
+
+        `overlap_blocks`: worker_id -> leading full blocks of the prompt in its prefix cache.
+        """
+        ...
+
+
+def _prefill_load_key(w: WorkerView) -> tuple[int, int, str]:
+    return (w.num_queued_tokens, w.num_waiting, w.worker_id)
+
+
+class RoundRobinPolicy:
+    """Cycles through the workers in worker_id order, ignoring load and caches."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(
+        self,
+        workers: Sequence[WorkerView],
+        prompt_len: int,
+        overlap_blocks: Mapping[str, int],
+        block_size: int,
+    ) -> WorkerView | None:
+        if not workers:
+            return None
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        choice = ordered[self._turn % len(ordered)]
+        self._turn += 1
+        return choice
+
+
+class LeastLoadedPolicy:
+    """Fewest queued prompt tokens, then fewest waiting requests, then worker_id."""
+
+    name = "least_loaded"
+
+    def pick(
+        self,
+        workers: Sequence[WorkerView],
+        prompt_len: int,
+        overlap_blocks: Mapping[str, int],
+        block_size: int,
+    ) -> WorkerView | None:
+        return min(workers, key=_prefill_load_key, default=None)
+
+
+class KvAwarePolicy:
+    """Least estimated work: prompt tokens the worker must compute (not in its prefix
+    cache) plus the prompt tokens already queued on it. Ties: least loaded, then worker_id.
+    """
+
+    name = "kv_aware"
+
+    def pick(
+        self,
+        workers: Sequence[WorkerView],
+        prompt_len: int,
+        overlap_blocks: Mapping[str, int],
+        block_size: int,
+    ) -> WorkerView | None:
+        def cost(w: WorkerView) -> tuple[int, int, int, str]:
+            cached = cached_tokens(overlap_blocks.get(w.worker_id, 0), block_size, prompt_len)
+            return (prompt_len - cached + w.num_queued_tokens, *_prefill_load_key(w))
+
+        return min(workers, key=cost, default=None)
+
+
+def make_prefill_policy(name: str) -> PrefillPolicy:
+    policies: dict[str, type[PrefillPolicy]] = {
+        "kv_aware": KvAwarePolicy,
+        "round_robin": RoundRobinPolicy,
+        "least_loaded": LeastLoadedPolicy,
+    }
+    if name not in policies:
+        raise ValueError(f"unknown prefill policy {name!r}; expected one of {sorted(policies)}")
+    return policies[name]()
+
+
+# ---- the whole route -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes: its decode worker, and its prefill worker (None: local)."""
+
+    decode: WorkerView
+    prefill: WorkerView | None
+
+    @property
+    def prefill_locally(self) -> bool:
+        return self.prefill is None
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    """The knobs of `plan_route` (from RouterConfig)."""
+
+    block_size: int = 16
+    local_prefill_threshold: int = 32
+    local_prefix_fraction: float = 0.75
+
+
+def plan_route(
+    decode: WorkerView,
+    prefill_workers: Sequence[WorkerView],
+    prompt_len: int,
+    overlap_blocks: Mapping[str, int],
+    rules: RoutingRules,
+    policy: PrefillPolicy,
+) -> Route:
+    """Route a prompt whose decode worker is `decode`: prefill it there or on a worker
+    `policy` picks among `prefill_workers` (the decode worker itself excluded: a colocated
+    worker that decodes a request prefills it locally)."""
+    others = [w for w in prefill_workers if w.worker_id != decode.worker_id]
+    decode_cached = cached_tokens(
+        overlap_blocks.get(decode.worker_id, 0), rules.block_size, prompt_len
+    )
+    if should_prefill_locally(
+        prompt_len,
+        decode_cached,
+        bool(others),
+        rules.local_prefill_threshold,
+        rules.local_prefix_fraction,
+    ):
+        return Route(decode, None)
+    return Route(decode, policy.pick(others, prompt_len, overlap_blocks, rules.block_size))

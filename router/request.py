@@ -1,0 +1,315 @@
+"""One request's trip through the workers (the data path of DESIGN.md, steps 3-9).
+
+Life cycle of a request on the router:
+  1. route: pick the decode worker D (rank_decode_workers) and, per D, the prefill worker
+     P or local prefill (plan_route); ledger QUEUED.
+  2. D.Admit (server stream): the first message is D's Admission. A refusal or an RPC
+     error moves on to the next ranked D (at most max_admit_attempts). Ledger ADMITTED.
+  3. Remote prefill: P.Prefill with the Admission's block ids, cached-token count, KV
+     layout and endpoint (ledger PREFILLING); relay P's first token to the client, then
+     D.PrefillDone(first token). Local prefill skips this: D streams every token.
+  4. Relay D's DecodeOutputs (ledger DECODING) through the TokenRelay until D finishes
+     or the router's own checks (stop strings) end the request.
+  5. Cleanup, always (finish, error, client cancel, deadline): D.Abort and cancel the
+     Admit stream unless D ended it by itself, P.Abort if a Prefill is in flight, delete
+     the ledger entry. So every KV block the request held is freed on both sides.
+
+Errors before the first chunk reach the client as a status; after it, as a last chunk with
+FINISH_REASON_ERROR (or ABORT) and error_message, since the stream is already OK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from cluster.store import RequestPhase
+from router.cluster_io import RequestLedger
+from router.dispatch import Admitted, admit_request
+from router.policy import Route, blocks_needed
+from router.relay import RelayStep, RequestTrace, TokenRelay, usage
+from router.state import RouterState
+from router.validation import ValidatedRequest
+from router.workers import Assignment
+from splitserve.grpc_util import ServiceError
+from splitserve.protocol import FINISH_REASONS
+from splitserve.v1 import common_pb2, router_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
+
+_ABORT_TIMEOUT_S = 2.0
+
+
+class RequestRun:
+    def __init__(
+        self,
+        state: RouterState,
+        request: ValidatedRequest,
+        trace: RequestTrace,
+        emit: Emit,
+        deadline: float | None = None,  # time.monotonic() by which the request must end
+    ) -> None:
+        self._state = state
+        self._req = request
+        self._trace = trace
+        self._emit = emit
+        self._deadline = deadline
+        self._relay = TokenRelay(
+            state.model.tokenizer, request.prompt_token_ids, request.params,
+            state.model.max_model_len,
+        )
+        self._ledger = RequestLedger(state.store, request.worker_request_id, request.prompt_len)
+        self._route: Route | None = None
+        self._admit_call: grpc.aio.UnaryStreamCall | None = None
+        self._decode_done = False  # D ended the Admit stream by itself
+        self._prefill_call: grpc.aio.UnaryUnaryCall | None = None  # in flight on P
+        self._assignments: list[Assignment] = []
+        self._num_chunks = 0
+        self._final_sent = False
+
+    @property
+    def _rid(self) -> str:
+        return self._req.worker_request_id
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
+
+    # ---- the whole request ------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            self._ledger.update(RequestPhase.QUEUED)
+            admitted = await admit_request(self._state, self._req, self._trace, self._remaining)
+            self._admitted(admitted)
+            if admitted.route.prefill is not None:
+                if not await self._prefill_remotely(admitted.admission):
+                    return
+            await self._relay_decode()
+        finally:
+            await self._state.shielded(self._cleanup())
+
+    async def finish_timeout(self, timeout_s: float) -> None:
+        """The router's request_timeout_s ran out (the run was cancelled and cleaned up)."""
+        message = f"request exceeded the router's request_timeout_s of {timeout_s:g} s"
+        if self._num_chunks == 0:
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if not self._final_sent:
+            step = RelayStep([], [], self._relay.finish())
+            await self._send(step, common_pb2.FINISH_REASON_ABORT, error_message=message)
+
+    # ---- admission on D -------------------------------------------------------------
+
+    def _admitted(self, admitted: Admitted) -> None:
+        route, admission = admitted.route, admitted.admission
+        self._route, self._admit_call = route, admitted.call
+        trace = self._trace
+        trace.decode_worker_id = admission.decode_worker_id or route.decode.worker_id
+        trace.prefill_local = route.prefill is None
+        if route.prefill is None:
+            trace.prefill_worker_id = trace.decode_worker_id
+            trace.num_cached_tokens = admission.num_cached_tokens
+        else:
+            trace.prefill_worker_id = route.prefill.worker_id
+        self._assignments.append(self._state.directory.assign(
+            route.decode.worker_id, running=1, blocks=admitted.num_blocks
+        ))
+        self._ledger.update(
+            RequestPhase.ADMITTED,
+            decode_worker_id=trace.decode_worker_id,
+            num_decode_blocks=len(admission.block_ids),
+        )
+
+    # ---- remote prefill ---------------------------------------------------------------
+
+    async def _prefill_remotely(self, admission: worker_pb2.Admission) -> bool:
+        """P.Prefill, the first token to the client, D.PrefillDone. False: request over."""
+        assert self._route is not None and self._route.prefill is not None
+        prefill, req, state = self._route.prefill, self._req, self._state
+        request = worker_pb2.PrefillRequest(
+            request_id=self._rid,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling_params=req.worker_params,
+            decode_worker_id=self._trace.decode_worker_id,
+            decode_kv_endpoint=admission.kv_endpoint,
+            decode_block_ids=admission.block_ids,
+            decode_num_cached_tokens=admission.num_cached_tokens,
+            kv_layout=admission.kv_layout,
+        )
+        queued = state.directory.assign(prefill.worker_id, queued_tokens=req.prompt_len)
+        self._ledger.update(
+            RequestPhase.PREFILLING,
+            prefill_worker_id=prefill.worker_id,
+            num_prefill_blocks=blocks_needed(req.prompt_len, state.rules.block_size),
+        )
+        self._prefill_call = state.directory.prefill_stub(prefill).Prefill(
+            request, timeout=_min_timeout(self._remaining(), state.prefill_timeout_s)
+        )
+        try:
+            response = await self._prefill_call
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                code = grpc.StatusCode.INTERNAL
+            raise ServiceError(
+                code, f"prefill on worker {prefill.worker_id} failed: "
+                f"{exc.code().name}: {exc.details()}",
+            ) from exc
+        finally:
+            state.directory.release(queued)
+        self._prefill_call = None
+        self._trace.add_prefill(response)
+        logprobs = [response.first_token_logprob] if req.params.logprobs is not None else []
+        step = self._relay.add([response.first_token_id], logprobs)
+        if step.finish_reason is not None:
+            await self._send(step, FINISH_REASONS[step.finish_reason], step.stop_string)
+            return False
+        await self._send(step)
+        return await self._prefill_done(prefill.worker_id, response.first_token_id)
+
+    async def _prefill_done(self, prefill_worker_id: str, first_token_id: int) -> bool:
+        assert self._route is not None
+        stub = self._state.directory.decode_stub(self._route.decode)
+        request = worker_pb2.PrefillDoneRequest(
+            request_id=self._rid, prefill_worker_id=prefill_worker_id,
+            first_token_id=first_token_id,
+        )
+        decode_id = self._trace.decode_worker_id
+        try:
+            done = await stub.PrefillDone(request, timeout=self._remaining())
+        except grpc.aio.AioRpcError as exc:
+            await self._fail(f"PrefillDone on decode worker {decode_id} failed: "
+                             f"{exc.code().name}: {exc.details()}")
+            return False
+        if not done.found:
+            await self._fail(f"decode worker {decode_id} no longer holds the request "
+                             "(it gave up waiting for the KV or the first token)")
+            return False
+        # P freed its blocks once the KV was sent: only D holds the request now.
+        self._ledger.update(RequestPhase.DECODING, prefill_worker_id="", num_prefill_blocks=0,
+                            num_generated_tokens=1)
+        return True
+
+    # ---- decode stream ----------------------------------------------------------------
+
+    async def _relay_decode(self) -> None:
+        assert self._admit_call is not None
+        decode_id = self._trace.decode_worker_id
+        while True:
+            try:
+                message = await self._admit_call.read()
+            except grpc.aio.AioRpcError as exc:
+                await self._fail(f"decode worker {decode_id} failed: "
+                                 f"{exc.code().name}: {exc.details()}", exc.code())
+                return
+            if message is grpc.aio.EOF or message.WhichOneof("event") != "output":
+                await self._fail(f"decode worker {decode_id} ended the stream without finishing")
+                return
+            output = message.output
+            if self._ledger.phase is not RequestPhase.DECODING and output.token_ids:
+                self._ledger.update(RequestPhase.DECODING)
+            step = self._relay.add(output.token_ids, output.logprobs)
+            worker_reason = output.finish_reason
+            if worker_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                self._decode_done = True
+                self._trace.add_decode(output.timings)
+            if step.finish_reason is not None:
+                await self._send(step, FINISH_REASONS[step.finish_reason], step.stop_string)
+                return
+            if worker_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+                if step.token_ids or step.text:
+                    await self._send(step)
+                continue
+            step.text += self._relay.finish()
+            if worker_reason == common_pb2.FINISH_REASON_ERROR:
+                message_text = output.error_message or "unknown error"
+                await self._fail(f"decode worker {decode_id} failed: {message_text}", step=step)
+            else:
+                await self._send(step, worker_reason, error_message=output.error_message)
+            return
+
+    # ---- output -----------------------------------------------------------------------
+
+    async def _send(
+        self,
+        step: RelayStep,
+        finish_reason: common_pb2.FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED,
+        stop_string: str = "",
+        error_message: str = "",
+    ) -> None:
+        now = time.monotonic()
+        if step.token_ids and self._trace.first_token is None:
+            self._trace.first_token = now
+        chunk = router_pb2.GenerateResponse(
+            request_id=self._req.request_id, token_ids=step.token_ids, text=step.text,
+        )
+        if self._req.params.logprobs is not None:
+            chunk.logprobs.extend(step.logprobs)
+        if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self._trace.finished = now
+            chunk.finish_reason = finish_reason
+            chunk.stop_string = stop_string
+            chunk.error_message = error_message
+            chunk.usage.CopyFrom(usage(
+                self._req.prompt_len, self._relay.num_tokens, self._trace.num_cached_tokens
+            ))
+            chunk.timings.CopyFrom(self._trace.timings())
+            self._final_sent = True
+            log.debug("request %s finished: %s", self._rid,
+                      common_pb2.FinishReason.Name(finish_reason))
+        await self._emit(chunk)
+        self._num_chunks += 1
+
+    async def _fail(
+        self,
+        message: str,
+        code: grpc.StatusCode = grpc.StatusCode.INTERNAL,
+        step: RelayStep | None = None,
+    ) -> None:
+        """End the request on a worker failure: a status before the first chunk, else a
+        last chunk with FINISH_REASON_ERROR."""
+        if self._num_chunks == 0 and (step is None or not step.token_ids):
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                code = grpc.StatusCode.INTERNAL
+            raise ServiceError(code, message)
+        step = step or RelayStep([], [], self._relay.finish())
+        await self._send(step, common_pb2.FINISH_REASON_ERROR, error_message=message)
+
+    # ---- cleanup ----------------------------------------------------------------------
+
+    async def _cleanup(self) -> None:
+        aborts: list[Awaitable[object]] = []
+        route = self._route
+        if self._prefill_call is not None and route is not None and route.prefill is not None:
+            self._prefill_call.cancel()
+            prefill_stub = self._state.directory.prefill_stub(route.prefill)
+            aborts.append(prefill_stub.Abort(
+                worker_pb2.PrefillAbortRequest(request_id=self._rid), timeout=_ABORT_TIMEOUT_S
+            ))
+        if self._admit_call is not None and not self._decode_done and route is not None:
+            decode_stub = self._state.directory.decode_stub(route.decode)
+            aborts.append(decode_stub.Abort(
+                worker_pb2.DecodeAbortRequest(request_id=self._rid), timeout=_ABORT_TIMEOUT_S
+            ))
+        for result in await asyncio.gather(*aborts, return_exceptions=True):
+            if isinstance(result, grpc.aio.AioRpcError):
+                # The worker is gone (its blocks with it) or wedged: nothing more to do.
+                log.info("abort of request %s failed: %s: %s", self._rid,
+                         result.code().name, result.details())
+            elif isinstance(result, BaseException):
+                log.warning("abort of request %s failed: %r", self._rid, result)
+        if self._admit_call is not None:
+            self._admit_call.cancel()  # frees D's blocks too; a no-op once D ended it
+        for assignment in self._assignments:
+            self._state.directory.release(assignment)
+        await self._ledger.delete()
+
+
+def _min_timeout(a: float | None, b: float | None) -> float | None:
+    values = [t for t in (a, b) if t is not None]
+    return min(values) if values else None

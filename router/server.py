@@ -1,0 +1,233 @@
+"""Starting and stopping a router.
+
+`RouterServer` is the router on an asyncio loop the caller runs. `start_router` runs one
+on a loop in its own thread and returns a `RunningRouter`, the synchronous handle the CLI
+and the Ray actor use (SIGTERM handling belongs to the CLI: it calls drain() then stop()).
+
+With `RouterConfig.cluster_url` None the router hosts the cluster store in memory and
+serves it as splitserve.v1.ClusterState on its own port: workers open
+`RunningRouter.cluster_url` ("grpc://host:port").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+
+from cluster import InMemoryClusterStore, open_store
+from cluster.remote import add_cluster_state
+from cluster.store import ClusterStore
+from router.admission import AdmissionController
+from router.cluster_io import AsyncStore
+from router.config import RouterConfig
+from router.model import ServedModel, load_served_model
+from router.service import SplitServeServicer
+from router.state import RouterState
+from splitserve.grpc_util import (
+    HealthStatus,
+    add_health_and_reflection,
+    bind,
+    create_aio_server,
+    service_name,
+)
+from splitserve.v1 import cluster_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SPLITSERVE_SERVICE = service_name(router_pb2, "SplitServe")
+CLUSTER_STATE_SERVICE = service_name(cluster_pb2, "ClusterState")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_host(host: str) -> str:
+    """The host clients on this machine dial when the server binds `host`."""
+    return "127.0.0.1" if host in _WILDCARD_HOSTS else host
+
+
+class RouterServer:
+    """A router on the running asyncio loop: `await start()`, then `await stop()`."""
+
+    def __init__(self, config: RouterConfig, store: ClusterStore | None = None) -> None:
+        self.config = config
+        self._given_store = store
+        self.store: ClusterStore | None = None
+        self.model: ServedModel | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._state: RouterState | None = None
+        self._health: HealthStatus | None = None
+        self.admission = AdmissionController(config.max_inflight, config.max_queued)
+
+    @property
+    def address(self) -> str:
+        return f"{advertised_host(self.config.host)}:{self.port}"
+
+    @property
+    def cluster_url(self) -> str:
+        """What workers pass to cluster.open_store to reach this router's cluster state."""
+        if self.config.cluster_url is not None:
+            return self.config.cluster_url
+        return f"grpc://{self.address}"
+
+    async def start(self) -> None:
+        config = self.config
+        self.model = await asyncio.to_thread(load_served_model, config.model, config.max_model_len)
+        if self._given_store is not None:
+            self.store = self._given_store
+        elif config.embedded_cluster:
+            self.store = InMemoryClusterStore()
+        else:
+            self.store = open_store(config.cluster_url)
+        self._state = RouterState.build(config, self.model, AsyncStore(self.store))
+        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-sync")
+        server = create_aio_server(sync_handler_pool=self._pool)
+        router_pb2_grpc.add_SplitServeServicer_to_server(
+            SplitServeServicer(self._state, self.admission), server
+        )
+        services = [SPLITSERVE_SERVICE]
+        if config.embedded_cluster:
+            add_cluster_state(server, self.store)  # type: ignore[arg-type]
+            services.append(CLUSTER_STATE_SERVICE)
+        self._health = add_health_and_reflection(server, services)
+        self.port = bind(server, config.bind_address)
+        await server.start()
+        self._server = server
+        log.info("router serving model %s on %s (cluster state: %s)",
+                 self.model.model_id, self.address, self.cluster_url)
+
+    async def drain(self, timeout_s: float = 30.0) -> int:
+        """Stop admitting requests (UNAVAILABLE, health NOT_SERVING) and wait up to
+        `timeout_s` for those in flight or queued. Returns how many are left (0: drained).
+        The embedded cluster state keeps serving: workers still heartbeat into it."""
+        self.admission.close()
+        if self._health is not None:
+            self._health.set_not_serving(["", SPLITSERVE_SERVICE])
+        return await self.admission.wait_idle(timeout_s)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop serving: calls still running after `grace_s` are cancelled (their requests
+        are aborted on the workers), then channels and an owned store are closed."""
+        self.admission.close()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        if self._state is not None:
+            await self._state.wait_background(timeout_s=5.0)
+            await self._state.directory.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None and self._given_store is None:
+            self.store.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+class RunningRouter:
+    """A router whose asyncio loop runs in a background thread (see start_router)."""
+
+    def __init__(self, config: RouterConfig, store: ClusterStore | None = None) -> None:
+        self.config = config
+        self._router = RouterServer(config, store)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="router-loop",
+                                        daemon=True)
+        self._stopped = threading.Event()
+
+    def _start(self, timeout_s: float = 900.0) -> None:
+        self._thread.start()
+        try:
+            self._call(self._router.start(), timeout_s)
+        except BaseException:
+            self._call(self._router.stop(0), 30.0)
+            self._shutdown_loop()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial ("127.0.0.1:PORT" for a wildcard or loopback bind)."""
+        return self._router.address
+
+    @property
+    def port(self) -> int:
+        return self._router.port
+
+    @property
+    def cluster_url(self) -> str:
+        return self._router.cluster_url
+
+    @property
+    def store(self) -> ClusterStore:
+        assert self._router.store is not None
+        return self._router.store
+
+    @property
+    def model(self) -> ServedModel:
+        assert self._router.model is not None
+        return self._router.model
+
+    @property
+    def num_inflight(self) -> int:
+        """Requests holding an admission slot now."""
+        return self._router.admission.num_inflight
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting for an admission slot now."""
+        return self._router.admission.num_queued
+
+    def drain(self, timeout_s: float = 30.0) -> int:
+        """RouterServer.drain from synchronous code; returns requests left."""
+        return int(self._call(self._router.drain(timeout_s), timeout_s + 10.0))
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop the router and its loop thread. Idempotent; any thread but the loop's."""
+        if self._stopped.is_set():
+            return
+        try:
+            self._call(self._router.stop(grace_s), grace_s + 30.0)
+        finally:
+            self._shutdown_loop()
+            self._stopped.set()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def serve_forever(self) -> None:
+        """Block the calling thread until stop() is called (e.g. by a signal handler)."""
+        while not self._stopped.wait(timeout=1.0):
+            pass
+
+    def __enter__(self) -> RunningRouter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_router(
+    config: RouterConfig | None = None, store: ClusterStore | None = None
+) -> RunningRouter:
+    """Start a router on its own loop thread; returns once it is serving.
+
+    `store`: use this cluster store instead of the one `config.cluster_url` names (it is
+    served as ClusterState when `config.cluster_url` is None; the caller closes it).
+    """
+    router = RunningRouter(config or RouterConfig(), store)
+    router._start()
+    return router

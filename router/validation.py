@@ -1,0 +1,136 @@
+"""GenerateRequest -> a validated, tokenized request with fully resolved sampling params.
+
+Every rejection is a ServiceError: INVALID_ARGUMENT with a message that names the bad
+field, or NOT_FOUND for an unknown model. Pure (no I/O); the servicer runs it on a worker
+thread because tokenizing a long prompt takes a while.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import jinja2
+
+from engine.block_hash import compute_block_hashes
+from engine.sampling_params import SamplingParams
+from router.model import ServedModel
+from splitserve.grpc_util import ServiceError
+from splitserve.protocol import sampling_from_proto, sampling_to_proto
+from splitserve.v1 import common_pb2, router_pb2
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    request_id: str  # echoed to the client: its own id, or worker_request_id
+    # Sent to the workers and keyed in the ledger: unique even when two clients reuse an id.
+    worker_request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # resolved; stop strings included (the router applies them)
+    worker_params: common_pb2.SamplingParams  # resolved; no stop strings (workers skip them)
+    block_hashes: list[int]  # chained hashes of the prompt's full blocks
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def _invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def prompt_token_ids(request: router_pb2.GenerateRequest, model: ServedModel) -> list[int]:
+    """The prompt's token ids, whichever of prompt / messages / token_ids it came as."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise _invalid("no prompt: set one of prompt, messages or token_ids")
+    if kind == "prompt":
+        if not request.prompt:
+            raise _invalid("prompt is empty")
+        ids = model.tokenizer.encode(request.prompt, add_special_tokens=True)
+    elif kind == "messages":
+        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        if not messages:
+            raise _invalid("messages is empty")
+        try:
+            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except (jinja2.TemplateError, ValueError) as exc:
+            raise _invalid(f"cannot apply the model's chat template to messages: {exc}") from exc
+    else:
+        ids = list(request.token_ids.token_ids)
+        if not ids:
+            raise _invalid("token_ids is empty")
+        bad = [t for t in ids if t >= model.vocab_size]
+        if bad:
+            raise _invalid(
+                f"token_ids {bad[:5]} outside the vocabulary (size {model.vocab_size})"
+            )
+    if not ids:
+        raise _invalid("prompt tokenizes to no tokens")
+    if len(ids) >= model.max_model_len:
+        raise _invalid(
+            f"prompt has {len(ids)} tokens but the model context holds {model.max_model_len} "
+            "(prompt plus at least one generated token)"
+        )
+    return ids
+
+
+def resolve_sampling(
+    msg: common_pb2.SamplingParams,
+    prompt_len: int,
+    model: ServedModel,
+    default_max_tokens: int | None,
+) -> SamplingParams:
+    """Validated params with every optional field resolved (max_tokens, seed included)."""
+    if msg.top_logprobs and not msg.logprobs:
+        raise _invalid("invalid sampling_params: top_logprobs needs logprobs=true")
+    room = model.max_model_len - prompt_len  # >= 1: prompt_token_ids checked it
+    try:
+        params = sampling_from_proto(msg)
+    except ValueError as exc:
+        raise _invalid(f"invalid sampling_params: {exc}") from exc
+    if msg.HasField("max_tokens"):
+        if msg.max_tokens > room:
+            raise _invalid(
+                f"prompt ({prompt_len} tokens) plus max_tokens ({msg.max_tokens}) exceeds the "
+                f"model context of {model.max_model_len} tokens"
+            )
+        max_tokens = msg.max_tokens
+    else:
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    bad = [t for t in params.stop_token_ids if t >= model.vocab_size]
+    if bad:
+        raise _invalid(
+            f"invalid sampling_params: stop_token_ids {bad[:5]} outside the vocabulary "
+            f"(size {model.vocab_size})"
+        )
+    # An explicit seed makes the prefill and the decode worker draw from one stream.
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return dataclasses.replace(params, max_tokens=max_tokens, seed=seed)
+
+
+def validate_request(
+    request: router_pb2.GenerateRequest,
+    model: ServedModel,
+    block_size: int,
+    default_max_tokens: int | None = 16,
+) -> ValidatedRequest:
+    if request.model and request.model != model.model_id:
+        raise ServiceError(
+            grpc.StatusCode.NOT_FOUND,
+            f"model {request.model!r} is not served here; available: [{model.model_id!r}]",
+        )
+    ids = prompt_token_ids(request, model)
+    params = resolve_sampling(request.sampling_params, len(ids), model, default_max_tokens)
+    worker_request_id = uuid.uuid4().hex
+    return ValidatedRequest(
+        request_id=request.request_id or worker_request_id,
+        worker_request_id=worker_request_id,
+        prompt_token_ids=ids,
+        params=params,
+        worker_params=sampling_to_proto(params, with_stop_strings=False),
+        block_hashes=compute_block_hashes(ids, block_size),
+    )

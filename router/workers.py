@@ -1,0 +1,168 @@
+"""The router's view of the live workers, and its gRPC channels to them.
+
+Worker loads come from the cluster store, reported by each worker every heartbeat; they
+lag. Requests this router sent to a worker after that worker's last report are added on
+top (`assign` / `release`), so a burst of requests arriving between two reports spreads
+over the workers instead of piling onto the one that looked least loaded.
+
+Channels: one grpc.aio channel per worker address, created on first use and closed once
+the address has been absent from the live workers for a while (a worker that missed a
+heartbeat may still be finishing streams on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
+from router.cluster_io import AsyncStore
+from router.policy import WorkerView
+from splitserve.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_LINGER_S = 60.0  # keep a vanished worker's channel this long
+
+
+@dataclass(eq=False)
+class Assignment:
+    """Work this router sent to a worker that its load report may not show yet."""
+
+    worker_id: str
+    running: int = 0  # requests (decode side)
+    blocks: int = 0  # KV blocks the request will hold
+    queued_tokens: int = 0  # prompt tokens to prefill (prefill side)
+    started_at: float = field(default_factory=time.time)  # wall clock, like load reports
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Usable live workers: serving our model with our block size."""
+
+    decode: list[WorkerView]  # DECODE and BOTH workers
+    prefill: list[WorkerView]  # PREFILL and BOTH workers
+    num_ignored: int = 0  # live workers skipped for another model or block size
+
+
+def _view(info: WorkerInfo, load: WorkerLoadReport | None, pending: list[Assignment]) -> WorkerView:
+    """The worker as last reported, plus the work sent to it since."""
+    if load is None:  # never reported: an idle worker with an empty cache
+        load = WorkerLoadReport(num_free_blocks=info.num_total_blocks, updated_at=float("-inf"))
+    unseen = [a for a in pending if a.started_at >= load.updated_at]
+    return WorkerView(
+        worker_id=info.worker_id,
+        address=info.address,
+        kv_endpoint=info.kv_endpoint,
+        num_waiting=load.num_waiting,
+        num_running=load.num_running + sum(a.running for a in unseen),
+        num_free_blocks=max(0, load.num_free_blocks - sum(a.blocks for a in unseen)),
+        num_total_blocks=info.num_total_blocks,
+        num_queued_tokens=load.num_queued_tokens + sum(a.queued_tokens for a in unseen),
+    )
+
+
+class WorkerDirectory:
+    def __init__(self, store: AsyncStore, model_id: str, block_size: int, refresh_s: float) -> None:
+        self._store = store
+        self._model_id = model_id
+        self._block_size = block_size
+        self._refresh_s = refresh_s
+        self._live: list[LiveWorker] = []
+        self._fetched_at = float("-inf")  # monotonic
+        self._lock = asyncio.Lock()
+        self._pending: dict[str, list[Assignment]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._last_seen: dict[str, float] = {}  # address -> monotonic time it was last live
+        self._warned: set[str] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # ---- live workers ----------------------------------------------------------------
+
+    async def snapshot(self, force: bool = False) -> ClusterSnapshot:
+        """Usable workers, from a store read at most `refresh_s` old (or fresh if `force`)."""
+        if force or time.monotonic() - self._fetched_at > self._refresh_s:
+            async with self._lock:
+                if force or time.monotonic() - self._fetched_at > self._refresh_s:
+                    self._live = await self._store.live_workers()
+                    self._fetched_at = time.monotonic()
+                    self._retire_channels()
+        decode: list[WorkerView] = []
+        prefill: list[WorkerView] = []
+        ignored = 0
+        for info, load in self._live:
+            if not self._usable(info):
+                ignored += 1
+                continue
+            view = _view(info, load, self._pending.get(info.worker_id, []))
+            if info.role.can_serve(WorkerRole.DECODE):
+                decode.append(view)
+            if info.role.can_serve(WorkerRole.PREFILL):
+                prefill.append(view)
+        return ClusterSnapshot(decode, prefill, ignored)
+
+    def _usable(self, info: WorkerInfo) -> bool:
+        problem = ""
+        if info.model and info.model != self._model_id:
+            problem = f"serves model {info.model!r}, not {self._model_id!r}"
+        elif info.block_size != self._block_size:
+            problem = f"has block_size {info.block_size}, the router {self._block_size}"
+        if problem and info.worker_id not in self._warned:
+            self._warned.add(info.worker_id)
+            log.warning("ignoring worker %s at %s: it %s", info.worker_id, info.address, problem)
+        return not problem
+
+    # ---- work sent but not yet reported ------------------------------------------------
+
+    def assign(
+        self, worker_id: str, *, running: int = 0, blocks: int = 0, queued_tokens: int = 0
+    ) -> Assignment:
+        assignment = Assignment(worker_id, running, blocks, queued_tokens)
+        self._pending.setdefault(worker_id, []).append(assignment)
+        return assignment
+
+    def release(self, assignment: Assignment | None) -> None:
+        if assignment is None:
+            return
+        pending = self._pending.get(assignment.worker_id, [])
+        if assignment in pending:
+            pending.remove(assignment)
+        if not pending:
+            self._pending.pop(assignment.worker_id, None)
+
+    # ---- channels ---------------------------------------------------------------------
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        self._last_seen[address] = time.monotonic()
+        return channel
+
+    def decode_stub(self, worker: WorkerView) -> worker_pb2_grpc.DecodeWorkerStub:
+        return worker_pb2_grpc.DecodeWorkerStub(self._channel(worker.address))
+
+    def prefill_stub(self, worker: WorkerView) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self._channel(worker.address))
+
+    def _retire_channels(self) -> None:
+        now = time.monotonic()
+        for info, _ in self._live:
+            self._last_seen[info.address] = now
+        for address in list(self._channels):
+            if now - self._last_seen.get(address, now) > _CHANNEL_LINGER_S:
+                channel = self._channels.pop(address)
+                self._last_seen.pop(address, None)
+                task = asyncio.get_running_loop().create_task(channel.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()

@@ -1,0 +1,145 @@
+"""The router's view of cluster state: worker snapshots with not-yet-reported work, and
+the request ledger, over a real in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from cluster import InMemoryClusterStore
+from cluster.store import (
+    RequestLedgerEntry,
+    RequestPhase,
+    WorkerInfo,
+    WorkerLoadReport,
+    WorkerRole,
+)
+from router.cluster_io import AsyncStore, RequestLedger
+from router.workers import WorkerDirectory
+
+TTL_S = 60.0
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def info(worker_id: str, role: WorkerRole, block_size: int = 16, model: str = "m") -> WorkerInfo:
+    return WorkerInfo(worker_id=worker_id, role=role, address=f"127.0.0.1:{len(worker_id)}",
+                      model=model, block_size=block_size, num_total_blocks=100,
+                      kv_endpoint=f"kv://{worker_id}")
+
+
+def test_snapshot_splits_roles_and_skips_mismatched_workers() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        for i in (info("p0", WorkerRole.PREFILL), info("d0", WorkerRole.DECODE),
+                  info("b0", WorkerRole.BOTH), info("x0", WorkerRole.DECODE, block_size=8),
+                  info("y0", WorkerRole.DECODE, model="other"), info("z0", WorkerRole.DECODE, model="")):
+            store.register_worker(i, TTL_S)
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=0.0)
+        snap = await directory.snapshot()
+        assert [w.worker_id for w in snap.decode] == ["b0", "d0", "z0"]  # empty model: accepted
+        assert [w.worker_id for w in snap.prefill] == ["b0", "p0"]
+        assert snap.num_ignored == 2
+        d0 = snap.decode[1]
+        # Never reported a load: all blocks free, nothing running.
+        assert (d0.address, d0.kv_endpoint, d0.num_free_blocks, d0.num_running) == (
+            "127.0.0.1:2", "kv://d0", 100, 0)
+        await directory.close()
+
+    run(body())
+
+
+def test_snapshot_is_cached_for_refresh_s_unless_forced() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=3600.0)
+        assert (await directory.snapshot()).decode == []
+        store.register_worker(info("d0", WorkerRole.DECODE), TTL_S)
+        assert (await directory.snapshot()).decode == []  # still the cached read
+        assert [w.worker_id for w in (await directory.snapshot(force=True)).decode] == ["d0"]
+
+    run(body())
+
+
+def test_work_sent_after_the_last_report_is_added_to_it() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        store.register_worker(info("d0", WorkerRole.DECODE), TTL_S)
+        store.register_worker(info("p0", WorkerRole.PREFILL), TTL_S)
+        old = time.time() - 10.0
+        store.heartbeat("d0", WorkerLoadReport(num_running=2, num_waiting=1, num_free_blocks=50,
+                                               updated_at=old), TTL_S)
+        store.heartbeat("p0", WorkerLoadReport(num_queued_tokens=100, updated_at=old), TTL_S)
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=0.0)
+        a = directory.assign("d0", running=1, blocks=20)
+        b = directory.assign("d0", running=1, blocks=40)
+        q = directory.assign("p0", queued_tokens=300)
+        snap = await directory.snapshot()
+        d0, p0 = snap.decode[0], snap.prefill[0]
+        assert (d0.num_running, d0.num_waiting, d0.num_free_blocks) == (4, 1, 0)  # 50 - 60, floored
+        assert p0.num_queued_tokens == 400
+        directory.release(a)
+        directory.release(q)
+        directory.release(q)  # twice is harmless
+        snap = await directory.snapshot()
+        assert (snap.decode[0].num_running, snap.decode[0].num_free_blocks) == (3, 10)
+        assert snap.prefill[0].num_queued_tokens == 100
+        # A newer report already counts `b`: it is not added again.
+        store.heartbeat("d0", WorkerLoadReport(num_running=3, num_free_blocks=10), TTL_S)
+        snap = await directory.snapshot()
+        assert (snap.decode[0].num_running, snap.decode[0].num_free_blocks) == (3, 10)
+        directory.release(b)
+
+    run(body())
+
+
+def test_stubs_share_one_channel_per_address() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        store.register_worker(info("b0", WorkerRole.BOTH), TTL_S)
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=0.0)
+        b0 = (await directory.snapshot()).decode[0]
+        directory.decode_stub(b0)
+        directory.prefill_stub(b0)
+        assert list(directory._channels) == ["127.0.0.1:2"]
+        await directory.close()
+        assert directory._channels == {}
+
+    run(body())
+
+
+def test_ledger_follows_the_phases_and_is_deleted() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        ledger = RequestLedger(AsyncStore(store), "r1", num_prompt_tokens=40)
+        ledger.update(RequestPhase.QUEUED)
+        ledger.update(RequestPhase.ADMITTED, decode_worker_id="d0", num_decode_blocks=3)
+        ledger.update(RequestPhase.PREFILLING, prefill_worker_id="p0", num_prefill_blocks=3)
+        await asyncio.sleep(0.01)
+        entry = store.ledger_get("r1")
+        assert entry is not None
+        assert (entry.phase, entry.decode_worker_id, entry.prefill_worker_id) == (
+            RequestPhase.PREFILLING, "d0", "p0")
+        assert (entry.num_prompt_tokens, entry.num_decode_blocks, entry.num_prefill_blocks) == (
+            40, 3, 3)
+        assert [e.request_id for e in store.ledger_by_worker("p0")] == ["r1"]
+        ledger.update(RequestPhase.DECODING, num_generated_tokens=1)
+        await ledger.delete()
+        assert store.ledger_get("r1") is None
+        assert ledger.phase is RequestPhase.DECODING
+
+    run(body())
+
+
+def test_a_ledger_never_written_deletes_nothing() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        store.ledger_put(RequestLedgerEntry("r2", RequestPhase.QUEUED))
+        await RequestLedger(AsyncStore(store), "r2", 5).delete()
+        assert store.ledger_get("r2") is not None
+
+    run(body())
