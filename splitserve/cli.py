@@ -94,9 +94,8 @@ def _demo(address: str, prompt: str) -> None:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from router.server import start_router
-
     from router.config import RouterConfig
+    from router.server import start_router
 
     router = start_router(RouterConfig(
         model=args.model, host=args.host, port=args.port, cluster_url=args.redis_url,

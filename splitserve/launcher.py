@@ -51,9 +51,8 @@ def _free_port(host: str) -> int:
 
 class _RouterActor:
     def __init__(self, config_kwargs: dict[str, Any]):
-        from router.server import start_router
-
         from router.config import RouterConfig
+        from router.server import start_router
 
         self.router = start_router(RouterConfig(**config_kwargs))
 
