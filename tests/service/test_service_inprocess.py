@@ -1,0 +1,102 @@
+"""The disaggregated service end to end: router + prefill + decode workers in this process,
+real gRPC over loopback, real gloo KV transfer; greedy tokens equal the colocated LLM."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine.sampling_params import SamplingParams
+from splitserve.client import Client, Overloaded
+from splitserve.llm import LLM
+from tests.service.deployment import Deployment, start_deployment
+
+ENGINE = {"num_kv_blocks": 256, "block_size": 8, "max_num_batched_tokens": 256}
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(rng.choice([3, 20, 45, 90, 130]))]
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama: Path) -> dict[int, list[int]]:
+    prompts = _prompts(32)
+    llm = LLM(model=str(tiny_llama), **ENGINE)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    return {i: o.token_ids for i, o in enumerate(outs)}
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_llama: Path) -> Iterator[Deployment]:
+    d = start_deployment(str(tiny_llama), 2, 2, engine=ENGINE,
+                         router={"local_prefill_threshold": 8})
+    yield d
+    d.stop()
+
+
+def _generate(address: str, prompt: list[int]) -> list[int]:
+    with Client(address, timeout=60) as client:
+        return client.generate(prompt, max_tokens=16, temperature=0.0, ignore_eos=True).token_ids
+
+
+def test_32_concurrent_requests_equal_colocated(deployment: Deployment, expected) -> None:  # type: ignore[no-untyped-def]
+    prompts = _prompts(32)
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda p: _generate(deployment.address, p), prompts))
+    for i, tokens in enumerate(results):
+        assert tokens == expected[i], f"prompt {i} (len {len(prompts[i])})"
+    state = deployment.wait_all_blocks_free()
+    assert all(free == total for free, total in state.values()), state
+    used = [w.kv.stats().bytes_sent for w in deployment.prefill]
+    assert all(b > 0 for b in used), f"both prefill workers should have sent KV: {used}"
+
+
+def test_cancel_mid_stream_frees_blocks(deployment: Deployment) -> None:
+    with Client(deployment.address, timeout=60) as client:
+        stream = client.stream(_prompts(1, seed=5)[0], max_tokens=1500, temperature=0.0,
+                               ignore_eos=True)
+        for n, _chunk in enumerate(stream):
+            if n == 3:
+                break
+        stream.close()
+    state = deployment.wait_all_blocks_free()
+    assert all(free == total for free, total in state.values()), state
+
+
+def test_local_prefill_and_no_prefill_worker_give_same_tokens(tiny_llama: Path, expected) -> None:  # type: ignore[no-untyped-def]
+    prompts = _prompts(32)[:6]
+    for router_opts, num_prefill in (({"local_prefill_threshold": 10_000}, 1), ({}, 0)):
+        d = start_deployment(str(tiny_llama), num_prefill, 1, engine=ENGINE, router=router_opts)
+        try:
+            for i, prompt in enumerate(prompts):
+                assert _generate(d.address, prompt) == expected[i]
+            if num_prefill:
+                assert d.prefill[0].kv.stats().bytes_sent == 0  # everything prefilled on D
+        finally:
+            d.stop()
+
+
+def test_over_capacity_is_resource_exhausted(tiny_llama: Path) -> None:
+    d = start_deployment(str(tiny_llama), 1, 1, engine=ENGINE,
+                         router={"max_inflight": 1, "max_queued": 0})
+    try:
+        release = threading.Event()
+        with Client(d.address, timeout=60) as client:
+            stream = client.stream(_prompts(1)[0], max_tokens=1500, temperature=0.0,
+                                   ignore_eos=True)
+            next(iter(stream))  # the one slot is now taken
+            with pytest.raises(Overloaded) as info:
+                client.generate([1, 2, 3], max_tokens=4, timeout=10)
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            stream.close()
+            release.set()
+    finally:
+        d.stop()
