@@ -5,7 +5,7 @@
     splitserve prefill  --cluster grpc://127.0.0.1:50051 --kv-store 127.0.0.1:29500
     splitserve decode   --cluster grpc://127.0.0.1:50051 --kv-store 127.0.0.1:29500 [--serve-kv-store]
     splitserve generate "prompt" [--address] [--chat] [--max-tokens] [--temperature]
-    splitserve bench offline | kv
+    splitserve bench offline | kv | serve | compare
 """
 
 from __future__ import annotations

@@ -116,12 +116,16 @@ def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
     if ray_address:
         ray.init(address=ray_address, log_to_driver=True)
         return False
-    # Ray 2.60: keep a local head (GCS, raylet, object store) on 127.0.0.1.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # A local head must listen on 127.0.0.1 only. Ray (2.60) binds every interface unless
+    # "clusters" are disabled; the flag is read both from the environment (by the processes
+    # it starts) and at `import ray` into a constant, so set both.
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
         log_to_driver=False,
         configure_logging=False,
     )

@@ -9,6 +9,9 @@ import sys
 BENCHMARKS = {
     "offline": ("splitserve.bench.offline", "engine vs transformers generate (tokens/s)"),
     "kv": ("splitserve.bench.kv", "disaggregated vs colocated TTFT, KV transfer exposure"),
+    "serve": ("splitserve.bench.serve", "load test grpc:// (SplitServe) or http:// (any OpenAI "
+              "API): TTFT/TPOT/ITL/E2E, goodput, sweeps"),
+    "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 
 

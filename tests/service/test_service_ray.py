@@ -1,0 +1,97 @@
+"""The service under Ray, as `splitserve serve` runs it: router and workers are Ray actors
+(separate processes), KV moves over gloo between them, cluster state is the router's
+embedded store or a real redis-server."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from splitserve.client import Client
+from splitserve.launcher import ServeOptions, init_ray, serve
+from splitserve.llm import LLM
+
+ENGINE = {"num_kv_blocks": 256, "block_size": 8, "max_num_batched_tokens": 256, "num_threads": 1}
+GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    started = init_ray(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(rng.choice([5, 40, 70, 120]))]
+            for _ in range(count)]
+
+
+def _run(address: str, prompts: list[list[int]]) -> list[list[int]]:
+    def one(prompt: list[int]) -> list[int]:
+        with Client(address, timeout=120) as client:
+            return client.generate(prompt, **GREEDY).token_ids
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def _expected(model: str, prompts: list[list[int]], **engine: object) -> list[list[int]]:
+    llm = LLM(model=model, **engine)
+    return [o.token_ids for o in llm.generate(prompts, SamplingParams(**GREEDY))]
+
+
+def _listeners_beyond_loopback() -> list[str]:
+    out = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if "python" in line or "raylet" in line or "gcs_server" in line
+            if not any(a in line for a in ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))]
+
+
+@pytest.mark.parametrize("use_redis", [False, True], ids=["embedded-store", "redis"])
+def test_ray_2p2d_tiny_32_concurrent(ray_session, tiny_llama: Path, use_redis: bool,  # type: ignore[no-untyped-def]
+                                     request: pytest.FixtureRequest) -> None:
+    redis_url = request.getfixturevalue("redis_url") if use_redis else None
+    prompts = _prompts(32, seed=1)
+    expected = _expected(str(tiny_llama), prompts, **ENGINE)
+    deployment = serve(ServeOptions(
+        engine=EngineConfig(model=str(tiny_llama), **ENGINE), prefill_workers=2,
+        decode_workers=2, port=0, redis_url=redis_url,
+        router_options={"local_prefill_threshold": 8},
+    ))
+    try:
+        assert _run(deployment.address, prompts) == expected
+        if redis_url:
+            assert deployment.cluster_url == redis_url
+        assert _listeners_beyond_loopback() == []
+    finally:
+        deployment.shutdown()
+
+
+def test_ray_1p1d_smollm2(ray_session, smollm2_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    engine = {"num_kv_blocks": 128, "num_threads": 1}
+    questions = ["What is the capital of France?", "Name three colors.",
+                 "Write one sentence about the moon and the tides it causes on the sea."]
+    llm = LLM(model="smollm2-135m", **engine)
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    expected = [o.token_ids for o in llm.chat(conversations, SamplingParams(**GREEDY))]
+    del llm
+    deployment = serve(ServeOptions(engine=EngineConfig(model="smollm2-135m", **engine),
+                                    prefill_workers=1, decode_workers=1, port=0,
+                                    router_options={"local_prefill_threshold": 0}))
+    try:
+        with Client(deployment.address, timeout=120) as client:
+            got = [client.chat(c, **GREEDY).token_ids for c in conversations]
+        assert got == expected
+    finally:
+        deployment.shutdown()
