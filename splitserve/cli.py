@@ -100,6 +100,8 @@ def cmd_router(args: argparse.Namespace) -> int:
     router = start_router(RouterConfig(
         model=args.model, host=args.host, port=args.port, cluster_url=args.redis_url,
         block_size=args.block_size, local_prefill_threshold=args.local_prefill_threshold,
+        prefill_timeout_ms=args.prefill_timeout_ms, prefill_policy=args.prefill_policy,
+        max_inflight=args.max_inflight, max_queued=args.max_queued,
     ))
     print(f"READY router {router.address} cluster {router.cluster_url}", flush=True)
     _wait_for_signal()
@@ -176,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--local-prefill-threshold", type=int, default=32)
+    p.add_argument("--prefill-timeout-ms", type=int, default=0,
+                   help="deadline for a prompt's KV and first token to reach the decode worker")
+    p.add_argument("--prefill-policy", default="kv_aware",
+                   choices=["kv_aware", "round_robin", "least_loaded"])
+    p.add_argument("--max-inflight", type=int, default=256)
+    p.add_argument("--max-queued", type=int, default=256)
     p.set_defaults(func=cmd_router)
 
     for role in ("prefill", "decode"):

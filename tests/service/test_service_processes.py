@@ -1,0 +1,143 @@
+"""The components as plain processes (`splitserve router|decode|prefill`), as Kubernetes and
+fault tests run them: they find each other through the router's embedded cluster store."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine.sampling_params import SamplingParams
+from splitserve.client import Client, SplitServeError
+from splitserve.llm import LLM
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
+
+ENGINE_ARGS = ["--num-kv-blocks", "128", "--block-size", "8", "--threads", "1"]
+GREEDY = {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[str]
+    fields: list[str]  # the READY line's words
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def _spawn(*args: str, timeout_s: float = 120.0) -> Proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    popen = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout_s
+    assert popen.stdout is not None
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if line.startswith("READY"):
+            return Proc(popen, line.split())
+        if not line and popen.poll() is not None:
+            break
+    popen.kill()
+    raise RuntimeError(f"{args[0]} did not become ready")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
+    router = _spawn("router", "--model", str(tiny_llama), "--port", "0", "--block-size", "8",
+                    "--local-prefill-threshold", "4", "--prefill-timeout-ms", "3000")
+    cluster_url = router.fields[4]
+    kv_store = f"127.0.0.1:{_free_port()}"
+    common = ["--model", str(tiny_llama), "--cluster", cluster_url, "--kv-store", kv_store,
+              "--kv-timeout", "3", "--heartbeat-ttl", "3", *ENGINE_ARGS]
+    procs = {"router": router}
+    try:
+        procs["decode"] = _spawn("decode", *common, "--serve-kv-store")
+        procs["prefill"] = _spawn("prefill", *common)
+        _wait_live(router.fields[2], 2)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def _wait_live(router_address: str, count: int) -> None:
+    from cluster.remote import RemoteClusterStore
+
+    store = RemoteClusterStore(router_address)
+    deadline = time.monotonic() + 30
+    while len(store.live_workers()) < count:
+        assert time.monotonic() < deadline, "workers did not register"
+        time.sleep(0.1)
+    store.close()
+
+
+def _decode_free_blocks(address: str) -> tuple[int, int]:
+    with grpc.insecure_channel(address) as channel:
+        load = worker_pb2_grpc.DecodeWorkerStub(channel).Stats(
+            worker_pb2.DecodeStatsRequest(), timeout=10).load
+    return load.num_free_blocks, load.num_total_blocks
+
+
+def test_plain_processes_equal_colocated(cluster: dict[str, Proc], tiny_llama: Path) -> None:
+    rng = random.Random(3)
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (2, 9, 30, 61, 100)]
+    llm = LLM(model=str(tiny_llama), num_kv_blocks=128, block_size=8)
+    expected = [o.token_ids for o in llm.generate(prompts, SamplingParams(**GREEDY))]
+    with Client(cluster["router"].fields[2], timeout=60) as client:
+        got = [client.generate(p, **GREEDY) for p in prompts]
+    assert [c.token_ids for c in got] == expected
+    assert {c.timings.prefill_local for c in got} == {True, False}
+    assert all(c.timings.kv_transfer_ms >= 0 for c in got)
+
+
+def test_frozen_prefill_worker_fails_cleanly(cluster: dict[str, Proc]) -> None:
+    """A prefill worker that stops answering: the decode worker's KV wait times out, the
+    client gets an error, and every block is freed on both sides once it comes back."""
+    decode_address = cluster["decode"].fields[3]
+    prefill = cluster["prefill"]
+    free_before = _decode_free_blocks(decode_address)
+    prefill.popen.send_signal(signal.SIGSTOP)
+    try:
+        with Client(cluster["router"].fields[2], timeout=30, max_retries=0) as client:
+            with pytest.raises(SplitServeError):
+                client.generate(list(range(200, 260)), **GREEDY)
+        deadline = time.monotonic() + 10
+        while _decode_free_blocks(decode_address) != free_before:
+            assert time.monotonic() < deadline, "decode worker kept the request's blocks"
+            time.sleep(0.1)
+    finally:
+        prefill.popen.send_signal(signal.SIGCONT)
+    with grpc.insecure_channel(prefill.fields[3]) as channel:
+        stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+        deadline = time.monotonic() + 20
+        while True:
+            load = stub.Stats(worker_pb2.PrefillStatsRequest(), timeout=10).load
+            if load.num_free_blocks == load.num_total_blocks and not load.num_running:
+                break
+            assert time.monotonic() < deadline, "prefill worker kept the request's blocks"
+            time.sleep(0.2)
+    # And the deployment serves again.
+    with Client(cluster["router"].fields[2], timeout=60) as client:
+        assert client.generate(list(range(300, 340)), **GREEDY).finish_reason == "length"
