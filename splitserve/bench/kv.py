@@ -1,0 +1,206 @@
+"""Disaggregation costs on one long prompt, everything measured in this invocation.
+
+    splitserve bench kv [--model smollm2-135m] [--prompt-len 1000] [--repeats 5]
+
+Starts the components as plain processes on 127.0.0.1 (one CPU thread per worker) twice:
+  disaggregated: router + prefill worker + decode worker (every prompt prefilled remotely)
+  colocated:     router + one decode worker that prefills locally (the baseline)
+and reports, as medians over --repeats fresh prompts (no prefix-cache hits):
+  - TTFT disaggregated / colocated (target <= 1.15x);
+  - KV transfer time left exposed after the prefill's compute, as a share of it (<= 5%);
+  - KV bytes/s moved over gloo (bytes / exposed-or-total transfer time, see output);
+  - router relay overhead per token: TPOT through the router vs TPOT read straight off the
+    decode worker's Admit stream for the same decode, as a share of TPOT (<= 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from splitserve.client import Client
+from splitserve.protocol import sampling_to_proto
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
+
+
+def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
+    env_cmd = [sys.executable, "-m", "splitserve.cli", *args]
+    proc = subprocess.Popen(env_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                                 **_inherited_env()})
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("READY"):
+            return proc, line.split()
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{args[0]} failed to start")
+
+
+def _inherited_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def deployment(model: str, disaggregated: bool, threads: int) -> Iterator[dict[str, str]]:
+    threshold = "0" if disaggregated else "1000000"
+    procs = []
+    try:
+        router, fields = _spawn(["router", "--model", model, "--port", "0",
+                                 "--local-prefill-threshold", threshold])
+        procs.append(router)
+        kv_store = f"127.0.0.1:{_free_port()}"
+        common = ["--model", model, "--cluster", fields[4], "--kv-store", kv_store,
+                  "--threads", str(threads), "--no-prefix-caching", "--num-kv-blocks", "512"]
+        decode, dfields = _spawn(["decode", *common, "--serve-kv-store"])
+        procs.append(decode)
+        if disaggregated:
+            prefill, _ = _spawn(["prefill", *common])
+            procs.append(prefill)
+        _wait_workers(fields[2], 2 if disaggregated else 1)
+        yield {"router": fields[2], "decode": dfields[3]}
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_workers(router: str, count: int) -> None:
+    from cluster.remote import RemoteClusterStore
+
+    store = RemoteClusterStore(router)
+    try:
+        deadline = time.monotonic() + 120
+        while len(store.live_workers()) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not register")
+            time.sleep(0.2)
+    finally:
+        store.close()
+
+
+def _prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(100, 40000) for _ in range(length)]
+
+
+def measure_requests(router: str, prompts: list[list[int]], max_tokens: int) -> list[dict[str, float]]:
+    rows = []
+    with Client(router, timeout=600) as client:
+        for prompt in prompts:
+            start = time.perf_counter()
+            times = []
+            last = None
+            for chunk in client.stream(prompt, max_tokens=max_tokens, temperature=0.0,
+                                       ignore_eos=True):
+                now = time.perf_counter()
+                times.extend([now] * max(1, len(chunk.token_ids)))
+                last = chunk
+            assert last is not None and last.timings is not None
+            t = last.timings
+            rows.append({
+                "ttft_ms": (times[0] - start) * 1000.0,
+                "tpot_ms": (times[-1] - times[0]) * 1000.0 / max(1, len(times) - 1),
+                "prefill_compute_ms": t.prefill_compute_ms,
+                "kv_transfer_ms": t.kv_transfer_ms,
+            })
+    return rows
+
+
+def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float:
+    """TPOT read straight off the decode worker (local prefill), no router in between."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    with grpc.insecure_channel(decode) as channel:
+        stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+        times: list[float] = []
+        for message in stub.Admit(worker_pb2.AdmitRequest(
+            request_id=f"direct-{time.time_ns()}", prompt_token_ids=prompt,
+            sampling_params=sampling_to_proto(params), prefill_locally=True,
+        ), timeout=600):
+            if message.HasField("output"):
+                times.extend([time.perf_counter()] * len(message.output.token_ids))
+    return (times[-1] - times[0]) * 1000.0 / max(1, len(times) - 1)
+
+
+def _kv_bytes(decode: str) -> int:
+    with grpc.insecure_channel(decode) as channel:
+        stats = worker_pb2_grpc.DecodeWorkerStub(channel).Stats(worker_pb2.DecodeStatsRequest())
+    return int(stats.counters.kv_transfer_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve bench kv")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompt-len", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="for the relay measurement")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    prompts = [_prompt(rng, args.prompt_len) for _ in range(args.repeats)]
+    short = _prompt(rng, 16)
+    med = statistics.median
+    results: dict[str, list[dict[str, float]]] = {}
+    relay: dict[str, float] = {}
+    for mode in ("colocated", "disaggregated"):
+        with deployment(args.model, mode == "disaggregated", args.threads) as addrs:
+            measure_requests(addrs["router"], [prompts[0][:64]], 4)  # warm-up
+            bytes_before = _kv_bytes(addrs["decode"])
+            results[mode] = measure_requests(addrs["router"], prompts, args.max_tokens)
+            if mode == "disaggregated":
+                kv_bytes = _kv_bytes(addrs["decode"]) - bytes_before
+            else:
+                # Relay overhead: the same decode, through the router and straight off D.
+                routed = [measure_requests(addrs["router"], [short], args.decode_tokens)[0]
+                          for _ in range(3)]
+                relay["router_tpot_ms"] = med(r["tpot_ms"] for r in routed)
+                relay["direct_tpot_ms"] = med(direct_decode_tpot(addrs["decode"], short,
+                                                                 args.decode_tokens)
+                                              for _ in range(3))
+    colo, dis = results["colocated"], results["disaggregated"]
+    ttft_c, ttft_d = med(r["ttft_ms"] for r in colo), med(r["ttft_ms"] for r in dis)
+    compute = med(r["prefill_compute_ms"] for r in dis)
+    exposed = med(r["kv_transfer_ms"] for r in dis)
+    print(f"model {args.model}, prompt {args.prompt_len} tokens, {args.repeats} repeats, "
+          f"{args.threads} thread(s) per worker (medians)")
+    print(f"TTFT colocated      {ttft_c:8.1f} ms")
+    print(f"TTFT disaggregated  {ttft_d:8.1f} ms   ratio {ttft_d / ttft_c:.3f}x (target <= 1.15x)")
+    print(f"prefill compute     {compute:8.1f} ms on the prefill worker")
+    print(f"KV transfer exposed {exposed:8.1f} ms = {100 * exposed / compute:.1f}% of prefill "
+          f"(target <= 5%)")
+    per_request = kv_bytes / args.repeats
+    print(f"KV bytes per {args.prompt_len}-token prompt: {per_request / 1e6:.1f} MB; "
+          f"moved while {compute:.0f} ms of compute ran (layer-wise overlap)")
+    r, d = relay["router_tpot_ms"], relay["direct_tpot_ms"]
+    print(f"TPOT through router {r:6.2f} ms, straight off the decode worker {d:6.2f} ms: "
+          f"relay overhead {100 * (r - d) / d:+.1f}% of TPOT (target <= 5%)")
+    print("gloo loopback throughput (python -m kvtransfer.bench):", flush=True)
+    subprocess.run([sys.executable, "-m", "kvtransfer.bench"], check=False)
+    return 0
