@@ -11,6 +11,8 @@ BENCHMARKS = {
     "kv": ("splitserve.bench.kv", "disaggregated vs colocated TTFT, KV transfer exposure"),
     "serve": ("splitserve.bench.serve", "load test grpc:// (SplitServe) or http:// (any OpenAI "
               "API): TTFT/TPOT/ITL/E2E, goodput, sweeps"),
+    "disagg": ("splitserve.bench.disagg", "the disaggregation experiment: 1P+1D vs 2 colocated "
+               "replicas, Poisson rate sweep, goodput"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

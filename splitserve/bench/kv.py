@@ -17,92 +17,18 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 
 from engine.sampling_params import SamplingParams
+from splitserve.bench.procs import local_deployment
 from splitserve.client import Client
 from splitserve.protocol import sampling_to_proto
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
-
-
-def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
-    env_cmd = [sys.executable, "-m", "splitserve.cli", *args]
-    proc = subprocess.Popen(env_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                                 **_inherited_env()})
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("READY"):
-            return proc, line.split()
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{args[0]} failed to start")
-
-
-def _inherited_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def deployment(model: str, disaggregated: bool, threads: int) -> Iterator[dict[str, str]]:
-    threshold = "0" if disaggregated else "1000000"
-    procs = []
-    try:
-        router, fields = _spawn(["router", "--model", model, "--port", "0",
-                                 "--local-prefill-threshold", threshold])
-        procs.append(router)
-        kv_store = f"127.0.0.1:{_free_port()}"
-        common = ["--model", model, "--cluster", fields[4], "--kv-store", kv_store,
-                  "--threads", str(threads), "--no-prefix-caching", "--num-kv-blocks", "512"]
-        decode, dfields = _spawn(["decode", *common, "--serve-kv-store"])
-        procs.append(decode)
-        if disaggregated:
-            prefill, _ = _spawn(["prefill", *common])
-            procs.append(prefill)
-        _wait_workers(fields[2], 2 if disaggregated else 1)
-        yield {"router": fields[2], "decode": dfields[3]}
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _wait_workers(router: str, count: int) -> None:
-    from cluster.remote import RemoteClusterStore
-
-    store = RemoteClusterStore(router)
-    try:
-        deadline = time.monotonic() + 120
-        while len(store.live_workers()) < count:
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not register")
-            time.sleep(0.2)
-    finally:
-        store.close()
 
 
 def _prompt(rng: random.Random, length: int) -> list[int]:
@@ -171,18 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {}
     relay: dict[str, float] = {}
     for mode in ("colocated", "disaggregated"):
-        with deployment(args.model, mode == "disaggregated", args.threads) as addrs:
+        disaggregated = mode == "disaggregated"
+        with local_deployment(args.model, num_prefill=1 if disaggregated else 0,
+                              num_decode=1, local_prefill_threshold=0 if disaggregated
+                              else 10**9, threads=args.threads) as addrs:
             measure_requests(addrs["router"], [prompts[0][:64]], 4)  # warm-up
-            bytes_before = _kv_bytes(addrs["decode"])
+            bytes_before = _kv_bytes(addrs["decode"][0])
             results[mode] = measure_requests(addrs["router"], prompts, args.max_tokens)
             if mode == "disaggregated":
-                kv_bytes = _kv_bytes(addrs["decode"]) - bytes_before
+                kv_bytes = _kv_bytes(addrs["decode"][0]) - bytes_before
             else:
                 # Relay overhead: the same decode, through the router and straight off D.
                 routed = [measure_requests(addrs["router"], [short], args.decode_tokens)[0]
                           for _ in range(3)]
                 relay["router_tpot_ms"] = med(r["tpot_ms"] for r in routed)
-                relay["direct_tpot_ms"] = med(direct_decode_tpot(addrs["decode"], short,
+                relay["direct_tpot_ms"] = med(direct_decode_tpot(addrs["decode"][0], short,
                                                                  args.decode_tokens)
                                               for _ in range(3))
     colo, dis = results["colocated"], results["disaggregated"]

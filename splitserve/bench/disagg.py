@@ -1,0 +1,62 @@
+"""The disaggregation experiment (DistServe's question, on this machine).
+
+    splitserve bench disagg [--model smollm2-135m] [--rates 0.25,0.5,1,1.5] [--num-requests 40]
+                            [--slo tpot_ms=120,ttft_ms=3000] [--out-dir results/disagg]
+
+The same cores, two ways, behind the same router, one CPU thread per worker:
+  disaggregated: 1 prefill worker + 1 decode worker (every prompt prefilled remotely)
+  colocated:     2 decode workers that prefill their own prompts (2 colocated replicas)
+Each gets the same seeded Poisson sweep of a mixed workload (mostly short prompts, some
+long ones) through `splitserve bench serve`; results, plots and the comparison land in
+--out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from splitserve.bench import compare, serve
+from splitserve.bench.procs import local_deployment
+
+CONFIGS = {
+    "colocated": {"num_prefill": 0, "num_decode": 2, "local_prefill_threshold": 10**9},
+    "disaggregated": {"num_prefill": 1, "num_decode": 1, "local_prefill_threshold": 0},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve bench disagg")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rates", default="0.25,0.5,1,1.5")
+    ap.add_argument("--num-requests", type=int, default=40)
+    ap.add_argument("--slo", default="tpot_ms=120,ttft_ms=3000")
+    ap.add_argument("--out-dir", default="results/disagg")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=list(CONFIGS), default=None)
+    ap.add_argument("--workload-args", default="--long-input-len 1000 --long-fraction 0.2 "
+                    "--input-len 64 --output-len 96",
+                    help="extra `bench serve` workload flags (one string)")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, config in CONFIGS.items():
+        if args.only and name != args.only:
+            continue
+        print(f"=== {name}: {config}", flush=True)
+        with local_deployment(args.model, threads=1, **config) as addrs:  # type: ignore[arg-type]
+            result = out_dir / f"{name}.json"
+            code = serve.main([
+                "--target", f"grpc://{addrs['router']}", "--label", name,
+                "--workload", "mixed", *args.workload_args.split(),
+                "--sweep-rates", args.rates, "--num-requests", str(args.num_requests),
+                "--seed", str(args.seed), "--slo", args.slo, "--out", str(result),
+                "--plot-dir", str(out_dir / name), "--no-progress", "--warmup", "2",
+            ])
+            if code != 0:
+                print(f"{name}: bench serve exited {code}")
+            files.append(str(result))
+    if len(files) == 2:
+        compare.main([*files, "--plot-dir", str(out_dir / "compare")])
+    return 0

@@ -1,0 +1,92 @@
+"""Local deployments for benchmarks: the components as plain processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def _spawn(args: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `splitserve ARGS` and wait for its READY line (returned split into words)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("READY"):
+            return proc, line.split()
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"splitserve {args[0]} failed to start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_workers(router: str, count: int, timeout_s: float = 120.0) -> None:
+    from cluster.remote import RemoteClusterStore
+
+    store = RemoteClusterStore(router)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(store.live_workers()) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not register")
+            time.sleep(0.2)
+    finally:
+        store.close()
+
+
+@contextmanager
+def local_deployment(
+    model: str,
+    *,
+    num_prefill: int,
+    num_decode: int,
+    local_prefill_threshold: int,
+    threads: int = 1,
+    worker_args: tuple[str, ...] = ("--no-prefix-caching", "--num-kv-blocks", "512"),
+    router_args: tuple[str, ...] = (),
+) -> Iterator[dict[str, Any]]:
+    """Yields {"router": addr, "decode": [addrs], "prefill": [addrs]}; stops everything after."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        router, fields = _spawn(["router", "--model", model, "--port", "0",
+                                 "--local-prefill-threshold", str(local_prefill_threshold),
+                                 *router_args])
+        procs.append(router)
+        kv_store = f"127.0.0.1:{free_port()}"
+        common = ["--model", model, "--cluster", fields[4], "--kv-store", kv_store,
+                  "--threads", str(threads), *worker_args]
+        addrs: dict[str, Any] = {"router": fields[2], "decode": [], "prefill": []}
+        for role, count in (("decode", num_decode), ("prefill", num_prefill)):
+            for index in range(count):
+                host_store = ["--serve-kv-store"] if role == "decode" and index == 0 else []
+                proc, wfields = _spawn([role, *common, "--worker-id", f"{role}-{index}",
+                                        *host_store])
+                procs.append(proc)
+                addrs[role].append(wfields[3])
+        wait_for_workers(fields[2], num_prefill + num_decode)
+        yield addrs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
