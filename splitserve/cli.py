@@ -105,6 +105,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     ))
     print(f"READY router {router.address} cluster {router.cluster_url}", flush=True)
     _wait_for_signal()
+    router.drain(args.drain_timeout)  # SIGTERM: refuse new requests, let running ones finish
     router.stop(5.0)
     return 0
 
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["kv_aware", "round_robin", "least_loaded"])
     p.add_argument("--max-inflight", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=256)
+    p.add_argument("--drain-timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_router)
 
     for role in ("prefill", "decode"):

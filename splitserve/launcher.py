@@ -49,11 +49,22 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _own_node_host(host: str | None) -> str:
+    """Actors on a cluster bind the address of the node they landed on (None); on one
+    machine everything binds the loopback address it was given."""
+    if host is not None:
+        return host
+    import ray
+
+    return str(ray.util.get_node_ip_address())
+
+
 class _RouterActor:
     def __init__(self, config_kwargs: dict[str, Any]):
         from router.config import RouterConfig
         from router.server import start_router
 
+        config_kwargs = {**config_kwargs, "host": _own_node_host(config_kwargs.get("host"))}
         self.router = start_router(RouterConfig(**config_kwargs))
 
     def info(self) -> tuple[str, str]:
@@ -69,6 +80,7 @@ class _WorkerActor:
             from prefill_worker.worker import PrefillWorker as cls
         else:
             from decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
+        options = replace(options, host=_own_node_host(options.host or None))
         self.worker = cls(options).start()
 
     def address(self) -> str:
@@ -139,10 +151,13 @@ def serve(options: ServeOptions) -> Deployment:
     from splitserve.worker_runtime import WorkerOptions
 
     owns_ray = init_ray(options.ray_address)
-    host = "127.0.0.1" if options.ray_address is None else ray.util.get_node_ip_address()
-    kv_port = _free_port(host)
-    kv_store = create_rendezvous_store(host, kv_port)
-    router_cfg = {"model": options.engine.model, "host": host, "port": options.port,
+    local = options.ray_address is None
+    # The driver hosts the KV rendezvous store; actors bind their own node's address.
+    driver_host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+    actor_host = "127.0.0.1" if local else None
+    kv_port = _free_port(driver_host)
+    kv_store = create_rendezvous_store(driver_host, kv_port)
+    router_cfg = {"model": options.engine.model, "host": actor_host, "port": options.port,
                   "block_size": options.engine.block_size, "cluster_url": options.redis_url,
                   **options.router_options}
     router = ray.remote(num_cpus=0)(_RouterActor).remote(router_cfg)
@@ -156,8 +171,8 @@ def serve(options: ServeOptions) -> Deployment:
                                   ("decode", options.decode_workers, options.decode_resource)):
         for index in range(count):
             worker_options = WorkerOptions(
-                engine=engine, worker_id=f"{role}-{index}", host=host, cluster_url=cluster_url,
-                kv_backend="torch_dist", kv_store=f"{host}:{kv_port}",
+                engine=engine, worker_id=f"{role}-{index}", host=actor_host or "",
+                cluster_url=cluster_url, kv_backend="torch_dist", kv_store=f"{driver_host}:{kv_port}",
                 kv_timeout_s=options.kv_timeout_s,
             )
             actor_opts: dict[str, Any] = {"num_cpus": 0}
