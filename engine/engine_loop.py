@@ -54,6 +54,10 @@ class EngineLoop:
         self._evicted_hashes: list[int] = []
         self.steps = 0
         self.generated_tokens = 0
+        # finish reason -> requests that left the engine (metrics); written on the loop
+        # thread, read by any thread through finished_counts().
+        self._finished: dict[str, int] = {}
+        self._finished_lock = threading.Lock()
 
     # ---- called from any thread -----------------------------------------------------------
     def start(self) -> None:
@@ -79,6 +83,11 @@ class EngineLoop:
     def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 60.0) -> T:
         return self.submit(fn).result(timeout_s)
 
+    def finished_counts(self) -> dict[str, int]:
+        """Requests finished since start, by finish reason (monotonic)."""
+        with self._finished_lock:
+            return dict(self._finished)
+
     def drain_prefix_events(self) -> tuple[list[int], list[int]]:
         with self._wake:
             stored, evicted = self._stored_hashes, self._evicted_hashes
@@ -91,6 +100,11 @@ class EngineLoop:
 
     def drop_sink(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)
+
+    def count_finished(self, reason: str) -> None:
+        """Count a request that ended without a StepOutput passing through dispatch()."""
+        with self._finished_lock:
+            self._finished[reason] = self._finished.get(reason, 0) + 1
 
     def add_poller(self, key: str, poll: Callable[[], bool]) -> None:
         self._pollers[key] = poll
@@ -150,6 +164,7 @@ class EngineLoop:
         sink = self._sinks.get(out.request_id)
         if out.finished:
             self._sinks.pop(out.request_id, None)
+            self.count_finished(out.finish_reason or "unknown")
         if sink is not None:
             sink(out)
 

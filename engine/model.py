@@ -172,7 +172,7 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int, dtype: torch.dtype):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
@@ -181,7 +181,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(arch, max_positions, dtype)
+        self.rope = rope  # set by the loader (built off the meta device) when None here
 
     def forward(
         self,
@@ -193,6 +193,7 @@ class CausalLM(nn.Module):
         layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
+        assert self.rope is not None, "the rope tables were never set"
         x = self.embed_tokens(input_ids)
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[index]

@@ -41,8 +41,10 @@ def build_model(
     arch: ModelArch, model_dir: Path, dtype: torch.dtype, device: str, max_positions: int
 ) -> CausalLM:
     """Build the model without random init (meta device) and fill it from the checkpoint."""
+    # The rope tables are computed for real (not on meta), in the target dtype.
+    rope = RotaryEmbedding(arch, max_positions, dtype).to(device)
     with torch.device("meta"):
-        model = CausalLM(arch, max_positions, dtype)
+        model = CausalLM(arch)
     state = _to_our_names(read_state_dict(model_dir), arch)
     expected = {k for k in model.state_dict() if not k.startswith("rope.")}
     if arch.tie_word_embeddings:
@@ -57,7 +59,7 @@ def build_model(
     model.load_state_dict(state, strict=False, assign=True)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope = RotaryEmbedding(arch, max_positions, dtype).to(device)
+    model.rope = rope
     return model.eval()
 
 

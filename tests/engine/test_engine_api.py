@@ -1,0 +1,117 @@
+"""The engine's public behaviour: bad input gets a clear ValueError and the engine keeps
+serving; abort frees every block; the step-level API the workers use; stops; rope scaling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+from engine.tiny_model import write_tiny_model
+from splitserve.llm import LLM
+from tests.engine.hf_reference import assert_greedy_equal, hf_greedy
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama: Path) -> LLM:
+    return LLM(model=str(tiny_llama), num_kv_blocks=64, block_size=8, max_model_len=256)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], GREEDY, "prompt is empty"),
+        ("", GREEDY, "prompt is empty"),
+        (list(range(1, 300)), GREEDY, "context holds 256"),
+        ([1, 2, 10**9], GREEDY, "unknown token ids"),
+        ([1, 2, -5], GREEDY, "unknown token ids"),
+    ],
+)
+def test_bad_prompts_are_refused_and_engine_keeps_serving(llm: LLM, prompt, params, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[5, 6, 7], prompt], params)
+    assert not llm.engine.has_unfinished(), "a refused batch must queue nothing"
+    out = llm.generate([[5, 6, 7]], GREEDY)
+    assert len(out[0].token_ids) == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"max_tokens": 0}, "max_tokens")],
+)
+def test_bad_sampling_params_are_refused(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_step_api_and_abort_free_every_block(llm: LLM) -> None:
+    engine = llm.engine
+    total = engine.block_manager.num_free_blocks
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(list(range(10 + i, 40 + i)), params, f"abort-{i}")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([1, 2], params, "abort-0")
+    seen: dict[str, list[int]] = {}
+    for _ in range(5):
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert set(seen) == {f"abort-{i}" for i in range(4)}
+    assert engine.block_manager.num_free_blocks < total
+    assert engine.abort("abort-1") and engine.abort("abort-3")
+    assert not engine.abort("abort-1") and not engine.abort("never-added")
+    while engine.has_unfinished():
+        engine.step()
+    engine.block_manager.check_invariants([])
+    assert engine.block_manager.num_free_blocks == total
+
+
+def test_stop_token_ids_and_max_tokens(llm: LLM) -> None:
+    reference = llm.generate([[9, 9, 9]], GREEDY)[0].token_ids
+    stop_at = reference[3]
+    out = llm.generate([[9, 9, 9]], SamplingParams(temperature=0.0, max_tokens=8,
+                                                   stop_token_ids=[stop_at], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == reference[: reference.index(stop_at) + 1]
+    assert llm.generate([[9, 9, 9]], SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason in ("length", "stop")
+
+
+def test_eos_stops_unless_ignored(llm: LLM) -> None:
+    eos = min(llm.tokenizer.eos_token_ids)
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(), ignore_eos=False)
+    out = llm.generate([[eos, eos, eos]], params)[0]  # whatever comes, EOS ids end it
+    assert out.finish_reason in ("stop", "length")
+    if eos in out.token_ids:
+        assert out.token_ids[-1] == eos and out.finish_reason == "stop"
+
+
+def test_stop_string_on_smollm2(smollm2_dir: Path) -> None:
+    llm = LLM(model="smollm2-135m", num_kv_blocks=64)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    free = llm.chat(chat, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    assert "Paris" in free.text
+    cut = llm.chat(chat, SamplingParams(temperature=0.0, max_tokens=24, stop=["Paris"]))[0]
+    assert cut.finish_reason == "stop" and "Paris" not in cut.text
+    assert cut.text == free.text[: free.text.index("Paris")]
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path: Path) -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model_dir = write_tiny_model(tmp_path / "llama3", rope_scaling=scaling, seed=5,
+                                 head_dim=32, num_heads=2, num_kv_heads=1)
+    prompt = list(range(1000, 1100))
+    out = LLM(model=str(model_dir), num_kv_blocks=64, block_size=16).generate([prompt], GREEDY)[0]
+    assert_greedy_equal(model_dir, prompt, out.token_ids, hf_greedy(model_dir, prompt, 8))
+
+
+def test_bfloat16_runs_close_to_float32(tiny_llama: Path) -> None:
+    prompt = list(range(2000, 2030))
+    fp32 = LLM(model=str(tiny_llama), num_kv_blocks=32).generate([prompt], GREEDY)[0].token_ids
+    bf16 = LLM(model=str(tiny_llama), num_kv_blocks=32, dtype="bfloat16").generate([prompt], GREEDY)[0]
+    assert bf16.finish_reason == "length" and len(bf16.token_ids) == 8
+    assert bf16.token_ids[:2] == fp32[:2]  # low precision may drift later, not at once
