@@ -10,7 +10,7 @@ setup:
 
 ## The main job: the local service on the default model (see README).
 run: setup
-	$(PY) -m splitserve.cli demo --model $(MODEL)
+	$(PY) -m splitserve.cli serve --model $(MODEL) --prefill-workers 1 --decode-workers 1 --demo
 
 ## Everything the tests need, then the whole suite (CPU only; gpu-marked tests skip).
 test: setup

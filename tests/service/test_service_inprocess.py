@@ -100,3 +100,15 @@ def test_over_capacity_is_resource_exhausted(tiny_llama: Path) -> None:
             release.set()
     finally:
         d.stop()
+
+
+def test_generate_command_streams_an_answer(deployment: Deployment,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from splitserve.cli import main
+
+    code = main(["generate", "Once upon a time", "--address", deployment.address,
+                 "--max-tokens", "12", "--temperature", "0"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip(), "the answer goes to stdout"
+    assert "TTFT" in captured.err and "TPOT" in captured.err
