@@ -177,6 +177,7 @@ class DecodeWorker(WorkerRuntime):
         except ValueError as exc:
             engine.release_blocks(request.block_ids)
             self.loop.drop_sink(request.request_id)
+            self.loop.count_finished("error")
             request.events.put(DecodeEvent(error=str(exc)))
             return False
         if finished is not None:
@@ -191,6 +192,7 @@ class DecodeWorker(WorkerRuntime):
         self.kv.abort(request.request_id, error)
         engine.release_blocks(request.block_ids)
         request.block_ids = []
+        self.loop.count_finished("abort" if abort else "error")
         if abort:
             request.events.put(DecodeEvent(StepOutput(request.request_id, [], "", True, "abort")))
         else:

@@ -32,6 +32,8 @@ from kvtransfer.layout import KVLayout, check_compatible
 from kvtransfer.state import KVTransfer, TransferState
 from splitserve.worker_runtime import WorkerRuntime
 
+_NO_DEADLINE_S = 86400.0 * 365  # a caller's time left beyond this means "no deadline"
+
 
 class PrefillError(Exception):
     """A prefill that could not complete; `code` is the gRPC status to report."""
@@ -115,7 +117,10 @@ class PrefillWorker(WorkerRuntime):
             self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only))
         except ValueError as exc:
             raise PrefillError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        return self._await(job, timeout_s or self.options.kv_timeout_s * 2)
+        if not timeout_s or timeout_s > _NO_DEADLINE_S:
+            # No deadline: gRPC's time_remaining() is then ~1e18 s, too long for a wait.
+            timeout_s = self.options.kv_timeout_s * 2
+        return self._await(job, timeout_s)
 
     def abort(self, request_id: str) -> bool:
         return self.loop.call(lambda e: self._abort(e, request_id))
@@ -137,6 +142,8 @@ class PrefillWorker(WorkerRuntime):
     def _abort(self, engine, request_id: str) -> bool:  # type: ignore[no-untyped-def]
         job = self._jobs.pop(request_id, None)
         found = engine.abort(request_id)
+        if found:
+            self.loop.count_finished("abort")
         self.loop.drop_sink(request_id)
         self.kv.abort(request_id, "aborted by the router")
         if job is not None:

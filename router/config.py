@@ -18,6 +18,9 @@ class RouterConfig:
     model: str = "smollm2-135m"  # alias, HF model directory or .gguf path (as workers get it)
     host: str = "127.0.0.1"
     port: int = 0  # 0: an ephemeral port (read it back from RunningRouter.port)
+    # OpenAI-compatible HTTP API and /metrics on `host`: 0 an ephemeral port (read it back
+    # from RunningRouter.http_port), None not served. The CLI's default is 8000.
+    http_port: int | None = 0
     # Admission: requests being served at once, and requests waiting for a slot. Past both,
     # Generate fails at once with RESOURCE_EXHAUSTED.
     max_inflight: int = 256
@@ -50,6 +53,8 @@ class RouterConfig:
             raise ValueError("model must not be empty")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535] or None, got {self.http_port}")
         if self.max_inflight < 0 or self.max_queued < 0:
             raise ValueError(
                 f"max_inflight and max_queued must be >= 0, got {self.max_inflight}, "

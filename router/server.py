@@ -7,6 +7,10 @@ and the Ray actor use (SIGTERM handling belongs to the CLI: it calls drain() the
 With `RouterConfig.cluster_url` None the router hosts the cluster store in memory and
 serves it as splitserve.v1.ClusterState on its own port: workers open
 `RunningRouter.cluster_url` ("grpc://host:port").
+
+With `RouterConfig.http_port` not None the router also serves the OpenAI-compatible HTTP
+API and GET /metrics on the same loop (router.http_api), sharing the gRPC path's
+RequestPipeline, admission and metrics.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from cluster.store import ClusterStore
 from router.admission import AdmissionController
 from router.cluster_io import AsyncStore
 from router.config import RouterConfig
+from router.http_api import HttpApi
+from router.metrics import RouterMetrics
 from router.model import ServedModel, load_served_model
-from router.service import SplitServeServicer
+from router.service import RequestPipeline, SplitServeServicer
 from router.state import RouterState
 from splitserve.grpc_util import (
     HealthStatus,
@@ -65,10 +71,20 @@ class RouterServer:
         self._state: RouterState | None = None
         self._health: HealthStatus | None = None
         self.admission = AdmissionController(config.max_inflight, config.max_queued)
+        self.metrics = RouterMetrics(self.admission)
+        self._http: HttpApi | None = None
+        self.http_port: int | None = None  # bound HTTP port; None while not serving HTTP
 
     @property
     def address(self) -> str:
         return f"{advertised_host(self.config.host)}:{self.port}"
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the HTTP API (None when RouterConfig.http_port is None)."""
+        if self.http_port is None:
+            return None
+        return f"{advertised_host(self.config.host)}:{self.http_port}"
 
     @property
     def cluster_url(self) -> str:
@@ -89,9 +105,8 @@ class RouterServer:
         self._state = RouterState.build(config, self.model, AsyncStore(self.store))
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-sync")
         server = create_aio_server(sync_handler_pool=self._pool)
-        router_pb2_grpc.add_SplitServeServicer_to_server(
-            SplitServeServicer(self._state, self.admission), server
-        )
+        pipeline = RequestPipeline(self._state, self.admission, self.metrics)
+        router_pb2_grpc.add_SplitServeServicer_to_server(SplitServeServicer(pipeline), server)
         services = [SPLITSERVE_SERVICE]
         if config.embedded_cluster:
             add_cluster_state(server, self.store)  # type: ignore[arg-type]
@@ -100,8 +115,11 @@ class RouterServer:
         self.port = bind(server, config.bind_address)
         await server.start()
         self._server = server
-        log.info("router serving model %s on %s (cluster state: %s)",
-                 self.model.model_id, self.address, self.cluster_url)
+        if config.http_port is not None:
+            self._http = HttpApi(pipeline, self.metrics)
+            self.http_port = await self._http.start(config.host, config.http_port)
+        log.info("router serving model %s on %s, HTTP on %s (cluster state: %s)",
+                 self.model.model_id, self.address, self.http_address, self.cluster_url)
 
     async def drain(self, timeout_s: float = 30.0) -> int:
         """Stop admitting requests (UNAVAILABLE, health NOT_SERVING) and wait up to
@@ -116,6 +134,9 @@ class RouterServer:
         """Stop serving: calls still running after `grace_s` are cancelled (their requests
         are aborted on the workers), then channels and an owned store are closed."""
         self.admission.close()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -163,6 +184,20 @@ class RunningRouter:
     @property
     def port(self) -> int:
         return self._router.port
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port; None when RouterConfig.http_port is None."""
+        return self._router.http_port
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the OpenAI-compatible API: base_url f"http://{http_address}/v1"."""
+        return self._router.http_address
+
+    @property
+    def metrics(self) -> RouterMetrics:
+        return self._router.metrics
 
     @property
     def cluster_url(self) -> str:

@@ -1,9 +1,11 @@
-"""The SplitServe gRPC servicer (grpc.aio): thin; RequestRun does the work.
+"""The request pipeline every front end shares, and the SplitServe gRPC servicer on it.
 
-Generate: validate (INVALID_ARGUMENT / NOT_FOUND) -> admission (RESOURCE_EXHAUSTED when
-over capacity, UNAVAILABLE while draining) -> RequestRun, under the router's
-request_timeout_s. Client cancellation and the client's deadline cancel the handler;
-RequestRun's cleanup then aborts the request on its workers.
+RequestPipeline.generate: validate (INVALID_ARGUMENT / NOT_FOUND) -> admission
+(RESOURCE_EXHAUSTED when over capacity, UNAVAILABLE while draining) -> RequestRun, under
+the router's request_timeout_s, observed by the router's metrics. Errors are ServiceErrors
+with gRPC status codes; the gRPC servicer passes them on, the HTTP API (router.http_api)
+maps them to HTTP statuses. Cancelling the caller's task (client gone, deadline) makes
+RequestRun's cleanup abort the request on its workers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import time
 import grpc
 
 from router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
+from router.metrics import RouterMetrics
 from router.relay import RequestTrace
-from router.request import RequestRun
+from router.request import Emit, RequestRun
 from router.state import RouterState
 from router.validation import validate_request
 from splitserve.grpc_util import ServiceError, map_errors_async
@@ -25,27 +28,37 @@ from splitserve.v1 import router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
-    def __init__(self, state: RouterState, admission: AdmissionController) -> None:
-        self._state = state
-        self._admission = admission
+class RequestPipeline:
+    """One request's life on the router, whichever front end it came through."""
 
-    @map_errors_async
-    async def Generate(
-        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    def __init__(
+        self, state: RouterState, admission: AdmissionController, metrics: RouterMetrics
     ) -> None:
+        self.state = state
+        self.admission = admission
+        self.metrics = metrics
+
+    async def generate(
+        self,
+        request: router_pb2.GenerateRequest,
+        emit: Emit,
+        client_deadline: float | None = None,  # time.monotonic() by which the client gives up
+    ) -> None:
+        """Serve `request`, passing its chunks to `emit`; ServiceError on failure."""
         trace = RequestTrace()
-        if self._admission.closed:
+        if self.admission.closed:
+            self.metrics.rejections.labels("draining").inc()
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "router is draining; retry elsewhere")
-        config, model = self._state.config, self._state.model
+        config, model = self.state.config, self.state.model
         validated = await asyncio.to_thread(
             validate_request, request, model, config.block_size, config.default_max_tokens
         )
         timeout_s = config.request_timeout_s
-        deadline = _deadline(trace.arrival, timeout_s, context.time_remaining())
+        deadline = _deadline(trace.arrival, timeout_s, client_deadline)
         await self._acquire(deadline)
+        observer = self.metrics.observer(trace)
         try:
-            run = RequestRun(self._state, validated, trace, context.write, deadline)
+            run = RequestRun(self.state, validated, trace, observer.wrap(emit), deadline)
             if timeout_s is None:
                 await run.run()
                 return
@@ -54,24 +67,52 @@ class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
                 await asyncio.wait_for(run.run(), max(remaining, 0.001))
             except asyncio.TimeoutError:
                 await run.finish_timeout(timeout_s)
+        except ServiceError as exc:
+            aborted = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            observer.end("abort" if aborted else "error")
+            raise
+        except (asyncio.CancelledError, ConnectionError):
+            observer.end("abort")  # the client went away
+            raise
+        except BaseException:
+            observer.end("error")
+            raise
         finally:
-            self._admission.release()
+            self.admission.release()
 
     async def _acquire(self, deadline: float | None) -> None:
+        rejections = self.metrics.rejections
         try:
             if deadline is None:
-                await self._admission.acquire()
+                await self.admission.acquire()
             else:
                 timeout = max(deadline - time.monotonic(), 0.001)
-                await asyncio.wait_for(self._admission.acquire(), timeout)
+                await asyncio.wait_for(self.admission.acquire(), timeout)
         except OverCapacityError as exc:
+            rejections.labels("over_capacity").inc()
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         except AdmissionClosedError as exc:
+            rejections.labels("draining").inc()
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except asyncio.TimeoutError as exc:
+            rejections.labels("queue_timeout").inc()
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued in the router"
             ) from exc
+
+
+class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
+    def __init__(self, pipeline: RequestPipeline) -> None:
+        self._pipeline = pipeline
+        self._state = pipeline.state
+
+    @map_errors_async
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        remaining = context.time_remaining()
+        client_deadline = None if remaining is None else time.monotonic() + remaining
+        await self._pipeline.generate(request, context.write, client_deadline)
 
     @map_errors_async
     async def ListModels(
@@ -90,13 +131,13 @@ class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
 
 
 def _deadline(
-    arrival: float, timeout_s: float | None, client_remaining: float | None
+    arrival: float, timeout_s: float | None, client_deadline: float | None
 ) -> float | None:
     """The monotonic time by which the request must end: the earlier of the router's
     request_timeout_s and the client's deadline; None when neither is set."""
     candidates = []
     if timeout_s is not None:
         candidates.append(arrival + timeout_s)
-    if client_remaining is not None:
-        candidates.append(time.monotonic() + client_remaining)
+    if client_deadline is not None:
+        candidates.append(client_deadline)
     return min(candidates) if candidates else None

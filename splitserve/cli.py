@@ -62,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServeOptions(
         engine=_engine_config(args), prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers, port=args.port, redis_url=args.redis_url,
+        decode_workers=args.decode_workers, port=args.port, http_port=args.http_port,
+        redis_url=args.redis_url,
         ray_address=args.ray_address, prefill_resource=args.prefill_resource,
         decode_resource=args.decode_resource,
         router_options={"local_prefill_threshold": args.local_prefill_threshold},
@@ -70,8 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting SplitServe: {options.prefill_workers} prefill + {options.decode_workers} "
           f"decode worker(s), model {args.model} ...", flush=True)
     deployment = serve(options)
-    print(f"SplitServe ready at {deployment.address} (cluster state {deployment.cluster_url})",
-          flush=True)
+    print(f"SplitServe ready at {deployment.address} (cluster state {deployment.cluster_url}, "
+          f"OpenAI API http://{deployment.http_address}/v1)", flush=True)
     try:
         if args.demo:
             _demo(deployment.address, args.demo_prompt)
@@ -98,12 +99,14 @@ def cmd_router(args: argparse.Namespace) -> int:
     from router.server import start_router
 
     router = start_router(RouterConfig(
-        model=args.model, host=args.host, port=args.port, cluster_url=args.redis_url,
+        model=args.model, host=args.host, port=args.port, http_port=args.http_port,
+        cluster_url=args.redis_url,
         block_size=args.block_size, local_prefill_threshold=args.local_prefill_threshold,
         prefill_timeout_ms=args.prefill_timeout_ms, prefill_policy=args.prefill_policy,
         max_inflight=args.max_inflight, max_queued=args.max_queued,
     ))
-    print(f"READY router {router.address} cluster {router.cluster_url}", flush=True)
+    print(f"READY router {router.address} cluster {router.cluster_url} http "
+          f"{router.http_address}", flush=True)
     _wait_for_signal()
     router.drain(args.drain_timeout)  # SIGTERM: refuse new requests, let running ones finish
     router.stop(5.0)
@@ -119,13 +122,15 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             port=args.port, cluster_url=args.cluster, kv_backend="torch_dist",
             kv_store=args.kv_store, serve_kv_store=args.serve_kv_store,
             kv_timeout_s=args.kv_timeout, heartbeat_ttl_s=args.heartbeat_ttl,
+            metrics_port=args.metrics_port,
         )
         if role == "prefill":
             from prefill_worker.worker import PrefillWorker as cls
         else:
             from decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
         worker = cls(options).start()
-        print(f"READY {role} {worker.worker_id} {worker.address}", flush=True)
+        print(f"READY {role} {worker.worker_id} {worker.address} metrics "
+              f"{worker.metrics_port}", flush=True)
         _wait_for_signal()
         worker.drain(args.drain_timeout)  # SIGTERM: stop taking work, finish what runs
         worker.stop(1.0)
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible API and /metrics (0: ephemeral)")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--prefill-resource", default=None, help="custom Ray resource for prefill")
@@ -176,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible API and /metrics (0: ephemeral)")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--local-prefill-threshold", type=int, default=32)
@@ -200,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kv-timeout", type=float, default=30.0)
         p.add_argument("--heartbeat-ttl", type=float, default=3.0)
         p.add_argument("--drain-timeout", type=float, default=10.0)
+        p.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         p.set_defaults(func=_cmd_worker(role))
 
     p = sub.add_parser("generate", help="stream an answer from a running service")

@@ -26,6 +26,7 @@ class ServeOptions:
     prefill_workers: int = 1
     decode_workers: int = 1
     port: int = 50051
+    http_port: int | None = 8000  # OpenAI-compatible API + /metrics; 0 ephemeral, None off
     redis_url: str | None = None
     ray_address: str | None = None  # None: start a local head on loopback
     prefill_resource: str | None = None  # custom Ray resource pinning prefill actors
@@ -67,8 +68,8 @@ class _RouterActor:
         config_kwargs = {**config_kwargs, "host": _own_node_host(config_kwargs.get("host"))}
         self.router = start_router(RouterConfig(**config_kwargs))
 
-    def info(self) -> tuple[str, str]:
-        return self.router.address, self.router.cluster_url
+    def info(self) -> tuple[str, str, str | None]:
+        return self.router.address, self.router.cluster_url, self.router.http_address
 
     def stop(self) -> None:
         self.router.stop(2.0)
@@ -100,6 +101,7 @@ class Deployment:
     actors: list[Any]
     kv_store: Any  # the rendezvous TCPStore hosted by this process
     owns_ray: bool
+    http_address: str | None = None  # the router's OpenAI-compatible API (host:port)
 
     def shutdown(self, drain_timeout_s: float = 5.0) -> None:
         import ray
@@ -158,10 +160,11 @@ def serve(options: ServeOptions) -> Deployment:
     kv_port = _free_port(driver_host)
     kv_store = create_rendezvous_store(driver_host, kv_port)
     router_cfg = {"model": options.engine.model, "host": actor_host, "port": options.port,
+                  "http_port": options.http_port,
                   "block_size": options.engine.block_size, "cluster_url": options.redis_url,
                   **options.router_options}
     router = ray.remote(num_cpus=0)(_RouterActor).remote(router_cfg)
-    address, cluster_url = ray.get(router.info.remote(), timeout=120)
+    address, cluster_url, http_address = ray.get(router.info.remote(), timeout=120)
     num_workers = options.prefill_workers + options.decode_workers
     engine = options.engine
     if engine.num_threads is None and options.ray_address is None:
@@ -182,4 +185,4 @@ def serve(options: ServeOptions) -> Deployment:
                 actor_opts["resources"] = {resource: 1}
             actors.append(ray.remote(**actor_opts)(_WorkerActor).remote(role, worker_options))
     ray.get([a.address.remote() for a in actors[1:]], timeout=600)
-    return Deployment(address, cluster_url, actors, kv_store, owns_ray)
+    return Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address)

@@ -27,6 +27,7 @@ from engine.model_files import model_name
 from kvtransfer.base import KVBackend
 from kvtransfer.layout import KVLayout
 from splitserve.grpc_util import add_health_and_reflection
+from splitserve.metrics import MetricsServer, WorkerStatsSnapshot, worker_registry
 from splitserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class WorkerOptions:
     kv_timeout_s: float = 30.0  # deadline of one request's KV transfer
     heartbeat_ttl_s: float = 3.0
     max_concurrent_rpcs: int = 1024
+    # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_backend not in ("torch_dist", "inproc"):
@@ -55,6 +58,8 @@ class WorkerOptions:
             raise ValueError("kv_backend torch_dist needs kv_store (host:port)")
         if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0:
             raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
 
 
 def engine_layout(engine: LLMEngine) -> KVLayout:
@@ -126,6 +131,8 @@ class WorkerRuntime:
         self.address = f"{options.host}:{self.port}"
         self.presence: WorkerPresence | None = None
         self.started_at = time.time()
+        self.metrics_registry = worker_registry(self)
+        self._metrics_server: MetricsServer | None = None
 
     def _register(self, server: grpc.Server) -> list[str]:
         raise NotImplementedError
@@ -136,7 +143,20 @@ class WorkerRuntime:
             return f"inproc://{self.worker_id}"
         return f"torch_dist://{self.options.kv_store}/{self.worker_id}"
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port; None while metrics are not served."""
+        return None if self._metrics_server is None else self._metrics_server.port
+
+    def serve_metrics(self, port: int = 0) -> int:
+        """Serve metrics_registry over HTTP on options.host (idempotent); the bound port."""
+        if self._metrics_server is None:
+            self._metrics_server = MetricsServer(self.metrics_registry, self.options.host, port)
+        return self._metrics_server.port
+
     def start(self) -> WorkerRuntime:
+        if self.options.metrics_port is not None:  # first: a taken port fails before serving
+            self.serve_metrics(self.options.metrics_port)
         self.loop.start()
         self.server.start()
         info = WorkerInfo(
@@ -182,13 +202,31 @@ class WorkerRuntime:
     def counters_proto(self) -> common_pb2.WorkerCounters:
         stats = self.kv.stats()
         load = self.loop.load
+        finished = self.loop.finished_counts()
+        aborted = finished.get("abort", 0)
         return common_pb2.WorkerCounters(
             kv_transfer_bytes=stats.bytes_sent + stats.bytes_received,
             kv_transfer_ms=stats.seconds * 1000.0,
             kv_transfer_failures=stats.transfers_failed,
             prefix_cache_queried_tokens=load.prefix_queried_tokens,
             prefix_cache_hit_tokens=load.prefix_hit_tokens,
+            num_finished_requests=sum(finished.values()) - aborted,
+            num_aborted_requests=aborted,
             num_generated_tokens=self.loop.generated_tokens,
+        )
+
+    def metrics_snapshot(self) -> WorkerStatsSnapshot:
+        """Cumulative stats for the Prometheus collector (any thread)."""
+        kv = self.kv.stats()
+        load = self.loop.load
+        return WorkerStatsSnapshot(
+            kv_bytes_sent=kv.bytes_sent, kv_bytes_received=kv.bytes_received,
+            kv_seconds=kv.seconds, kv_transfers_ok=kv.transfers_ok,
+            kv_transfers_failed=kv.transfers_failed,
+            prefix_queried_tokens=load.prefix_queried_tokens,
+            prefix_hit_tokens=load.prefix_hit_tokens,
+            generated_tokens=self.loop.generated_tokens, engine_steps=self.loop.steps,
+            finished=self.loop.finished_counts(), draining=self.draining.is_set(),
         )
 
     def in_flight(self) -> int:
@@ -212,6 +250,9 @@ class WorkerRuntime:
             self.presence = None
         self.server.stop(grace_s).wait(grace_s + 1)
         self.loop.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
         self.kv.close()
         if self._owns_store:
             self.store.close()

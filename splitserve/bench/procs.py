@@ -64,7 +64,7 @@ def local_deployment(
     """Yields {"router": addr, "decode": [addrs], "prefill": [addrs]}; stops everything after."""
     procs: list[subprocess.Popen[str]] = []
     try:
-        router, fields = _spawn(["router", "--model", model, "--port", "0",
+        router, fields = _spawn(["router", "--model", model, "--port", "0", "--http-port", "0",
                                  "--local-prefill-threshold", str(local_prefill_threshold),
                                  *router_args])
         procs.append(router)

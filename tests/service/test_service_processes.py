@@ -65,7 +65,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
-    router = _spawn("router", "--model", str(tiny_llama), "--port", "0", "--block-size", "8",
+    router = _spawn("router", "--model", str(tiny_llama), "--port", "0", "--http-port", "0",
+                    "--block-size", "8",
                     "--local-prefill-threshold", "4", "--prefill-timeout-ms", "3000")
     cluster_url = router.fields[4]
     kv_store = f"127.0.0.1:{_free_port()}"

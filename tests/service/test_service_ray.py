@@ -66,7 +66,7 @@ def test_ray_2p2d_tiny_32_concurrent(ray_session, tiny_llama: Path, use_redis: b
     expected = _expected(str(tiny_llama), prompts, **ENGINE)
     deployment = serve(ServeOptions(
         engine=EngineConfig(model=str(tiny_llama), **ENGINE), prefill_workers=2,
-        decode_workers=2, port=0, redis_url=redis_url,
+        decode_workers=2, port=0, http_port=0, redis_url=redis_url,
         router_options={"local_prefill_threshold": 8},
     ))
     try:
@@ -87,7 +87,7 @@ def test_ray_1p1d_smollm2(ray_session, smollm2_dir: Path) -> None:  # type: igno
     expected = [o.token_ids for o in llm.chat(conversations, SamplingParams(**GREEDY))]
     del llm
     deployment = serve(ServeOptions(engine=EngineConfig(model="smollm2-135m", **engine),
-                                    prefill_workers=1, decode_workers=1, port=0,
+                                    prefill_workers=1, decode_workers=1, port=0, http_port=0,
                                     router_options={"local_prefill_threshold": 0}))
     try:
         with Client(deployment.address, timeout=120) as client:

@@ -1,0 +1,212 @@
+"""The router's OpenAI-compatible HTTP API (aiohttp.web, on the router's asyncio loop).
+
+Endpoints:
+  POST /v1/completions, POST /v1/chat/completions  streaming (SSE) and not
+  GET  /v1/models                                  the served model
+  GET  /health                                     200 with a live decode worker, else 503
+  GET  /metrics                                    the router's Prometheus metrics
+
+A request body becomes a GenerateRequest (router.openai_schema) and runs through the same
+RequestPipeline as a gRPC Generate call; its chunks become OpenAI objects
+(router.openai_format). Pipeline errors map to HTTP statuses in `_STATUS` (400 invalid,
+429 over capacity, 503 no decode worker or draining, 504 deadline). A streamed response
+starts (200, text/event-stream) with the request's first chunk, so anything that fails
+before it still gets its own status; a failure after it is an SSE `{"error": ...}` event
+followed by `[DONE]`. The server cancels a handler whose client disconnects
+(handler_cancellation), which aborts the request on its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
+from router.openai_format import ResponseBuilder, failure
+from router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
+from router.service import RequestPipeline
+from splitserve.grpc_util import ServiceError
+from splitserve.v1 import router_pb2
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Parser = Callable[[Any, str], OpenAIRequest]
+
+_SHUTDOWN_TIMEOUT_S = 2.0  # in-flight handlers get this long at stop (drain() waits longer)
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+# gRPC status of a pipeline error -> (HTTP status, OpenAI error type, error code)
+_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "over_capacity"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error", "unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "deadline_exceeded"),
+}
+
+
+def error_response(error: OpenAIError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+def service_error(exc: ServiceError) -> OpenAIError:
+    status, kind, code = _STATUS.get(exc.code, (500, "server_error", "internal_error"))
+    return OpenAIError(exc.message, status=status, type_=kind, code=code)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is an OpenAI error object, with the status it deserves."""
+    try:
+        return await handler(request)
+    except OpenAIError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(OpenAIError(exc.reason, status=exc.status, code=str(exc.status)))
+    except ServiceError as exc:
+        return error_response(service_error(exc))
+
+
+async def _sse(response: web.StreamResponse, data: dict[str, Any] | str) -> None:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    await response.write(f"data: {payload}\n\n".encode())
+
+
+class HttpApi:
+    def __init__(self, pipeline: RequestPipeline, metrics: RouterMetrics) -> None:
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._runner: web.AppRunner | None = None
+        self._created = int(time.time())
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY_BYTES)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics_text)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve on host:port (0: ephemeral); returns the bound port."""
+        runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host or None, port, reuse_port=False)
+        await site.start()
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat)
+
+    async def _generate(self, request: web.Request, parse: Parser) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise OpenAIError(f"the request body is not valid JSON: {exc}") from exc
+        model = self._pipeline.state.model
+        req = parse(body, model.model_id)
+        builder = ResponseBuilder(req, model.model_id, model.tokenizer)
+        req.generate.request_id = builder.id
+        if req.stream:
+            return await self._stream(request, req, builder)
+        final: list[router_pb2.GenerateResponse] = []
+
+        async def collect(chunk: router_pb2.GenerateResponse) -> None:
+            builder.add(chunk)
+            if builder.usage is not None:
+                final.append(chunk)
+
+        await self._pipeline.generate(req.generate, collect)
+        error = failure(final[-1]) if final else None
+        if error is not None:
+            return error_response(error)
+        return web.json_response(builder.response())
+
+    async def _stream(
+        self, request: web.Request, req: OpenAIRequest, builder: ResponseBuilder
+    ) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        failed = False
+
+        async def emit(chunk: router_pb2.GenerateResponse) -> None:
+            nonlocal response, failed
+            if response is None:
+                response = web.StreamResponse(headers=_SSE_HEADERS)
+                await response.prepare(request)
+                for first in builder.first_events():
+                    await _sse(response, first)
+            error = failure(chunk)
+            if error is not None:
+                failed = True
+                await _sse(response, error.body())
+                return
+            event = builder.delta(chunk)
+            if event is not None:
+                await _sse(response, event)
+
+        try:
+            await self._pipeline.generate(req.generate, emit)
+        except ServiceError as exc:
+            if response is None:
+                raise
+            failed = True
+            await _sse(response, service_error(exc).body())
+        except ConnectionError:
+            log.debug("client of %s went away mid-stream", builder.id)
+            return response or web.Response(status=499)
+        if response is None:  # a run that returns has sent its last chunk; never here
+            raise OpenAIError("the request ended without output", status=500,
+                              type_="server_error", code="internal_error")
+        if req.include_usage and not failed and builder.usage is not None:
+            await _sse(response, builder.usage_event())
+        await _sse(response, "[DONE]")
+        await response.write_eof()
+        return response
+
+    # ---- the rest -----------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = self._pipeline.state.model
+        return web.json_response({"object": "list", "data": [{
+            "id": model.model_id, "object": "model", "created": self._created,
+            "owned_by": "splitserve", "max_model_len": model.max_model_len,
+        }]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        snapshot = await self._pipeline.state.directory.snapshot()
+        draining = self._pipeline.admission.closed
+        healthy = bool(snapshot.decode) and not draining
+        body = {"status": "ok" if healthy else "unavailable",
+                "decode_workers": len(snapshot.decode),
+                "prefill_workers": len(snapshot.prefill), "draining": draining}
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def _metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -1,0 +1,165 @@
+"""The router's GenerateResponse chunks -> OpenAI response objects and stream chunks.
+
+One `ResponseBuilder` per request. Streaming: `first_events()` once, `delta(chunk)` per
+chunk, `usage_event()` last when stream_options.include_usage. Non-streaming: `add(chunk)`
+per chunk, then `response()`. Shapes follow OpenAI's: ids "cmpl-..." / "chatcmpl-...",
+objects "text_completion", "chat.completion", "chat.completion.chunk", finish_reason
+"stop" | "length", usage with prompt_tokens_details.cached_tokens. A chunk that ends the
+request with ABORT or ERROR is not a response: `failure(chunk)` turns it into an error.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from engine.tokenizer import Tokenizer
+from router.openai_schema import OpenAIError, OpenAIRequest
+from splitserve.v1 import common_pb2, router_pb2
+
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def failure(chunk: router_pb2.GenerateResponse) -> OpenAIError | None:
+    """The error a last chunk carries (ABORT: deadline; ERROR: a worker failed), if any."""
+    if chunk.finish_reason == common_pb2.FINISH_REASON_ABORT:
+        return OpenAIError(chunk.error_message or "request aborted", status=504,
+                           type_="timeout_error", code="request_aborted")
+    if chunk.finish_reason == common_pb2.FINISH_REASON_ERROR:
+        return OpenAIError(chunk.error_message or "generation failed", status=500,
+                           type_="server_error", code="generation_failed")
+    return None
+
+
+class ResponseBuilder:
+    def __init__(self, req: OpenAIRequest, model_id: str, tokenizer: Tokenizer) -> None:
+        self._req = req
+        self._model = model_id
+        self._tokenizer = tokenizer
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self._texts: list[str] = []
+        self._logprobs: list[common_pb2.TokenLogprob] = []
+        self._text_offset = 0  # characters of text before the next token (completions)
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self._prompt_text = self._echo_text() if req.echo else ""
+
+    # ---- streaming ----------------------------------------------------------------------
+
+    def first_events(self) -> list[dict[str, Any]]:
+        """What precedes the first token: the chat role, or the echoed prompt."""
+        if self._req.chat:
+            return [self._chunk({"delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None})]
+        if self._prompt_text:
+            self._text_offset = len(self._prompt_text)
+            return [self._chunk({"text": self._prompt_text, "logprobs": None,
+                                 "finish_reason": None})]
+        return []
+
+    def delta(self, chunk: router_pb2.GenerateResponse) -> dict[str, Any] | None:
+        """The stream chunk for one GenerateResponse (None when it adds nothing)."""
+        self._note_end(chunk)
+        finish = _FINISH.get(chunk.finish_reason)
+        if not chunk.text and not chunk.logprobs and finish is None:
+            return None
+        logprobs = self._logprobs_json(chunk.logprobs)
+        if self._req.chat:
+            choice: dict[str, Any] = {"delta": {"content": chunk.text} if chunk.text else {}}
+        else:
+            choice = {"text": chunk.text}
+        choice.update(logprobs=logprobs, finish_reason=finish)
+        return self._chunk(choice)
+
+    def usage_event(self) -> dict[str, Any]:
+        event = self._envelope(chunk=True)
+        event.update(choices=[], usage=self.usage)
+        return event
+
+    # ---- whole response -----------------------------------------------------------------
+
+    def add(self, chunk: router_pb2.GenerateResponse) -> None:
+        self._note_end(chunk)
+        self._texts.append(chunk.text)
+        self._logprobs.extend(chunk.logprobs)
+
+    def response(self) -> dict[str, Any]:
+        text = self._prompt_text + "".join(self._texts)
+        self._text_offset = len(self._prompt_text)
+        logprobs = self._logprobs_json(self._logprobs)
+        if self._req.chat:
+            choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"text": text}
+        choice.update(index=0, logprobs=logprobs, finish_reason=self.finish_reason)
+        body = self._envelope(chunk=False)
+        body.update(choices=[choice], usage=self.usage)
+        return body
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _note_end(self, chunk: router_pb2.GenerateResponse) -> None:
+        if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self.finish_reason = _FINISH.get(chunk.finish_reason)
+            self.usage = usage_json(chunk.usage)
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        if self._req.chat:
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self._model,
+                "system_fingerprint": None}
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        event = self._envelope(chunk=True)
+        event["choices"] = [{"index": 0, **choice}]
+        if self._req.include_usage:
+            event["usage"] = None
+        return event
+
+    def _echo_text(self) -> str:
+        gen = self._req.generate
+        if gen.WhichOneof("input") == "prompt":
+            return gen.prompt
+        return self._tokenizer.decode(list(gen.token_ids.token_ids))
+
+    def _token(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprobs_json(self, items: Sequence[common_pb2.TokenLogprob]) -> dict[str, Any] | None:
+        if self._req.logprobs is None:
+            return None
+        if self._req.chat:
+            return {"content": [self._chat_entry(lp) for lp in items], "refusal": None}
+        tokens = [self._token(lp.token_id) for lp in items]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        # Each position's top dict holds the sampled token and its alternatives (as vLLM).
+        top = [{tokens[i]: lp.logprob, **{self._token(t.token_id): t.logprob
+                                          for t in lp.top_logprobs}}
+               for i, lp in enumerate(items)]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
+                "top_logprobs": top, "text_offset": offsets}
+
+    def _chat_entry(self, lp: common_pb2.TokenLogprob) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            token = self._token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return {**entry(lp.token_id, lp.logprob),
+                "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top_logprobs]}

@@ -1,0 +1,229 @@
+"""The OpenAI-compatible HTTP API end to end, with the official `openai` package as the
+client: a real router + prefill + decode workers in this process (real gRPC, gloo KV).
+Greedy HTTP text equals the gRPC path's text for the same request."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from splitserve.v1 import router_pb2, router_pb2_grpc
+from tests.service.deployment import Deployment, start_deployment
+
+ENGINE = {"num_kv_blocks": 128, "block_size": 8, "max_num_batched_tokens": 256}
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away."
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name three colors."}]
+GREEDY = {"temperature": 0.0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_llama: Path) -> Iterator[Deployment]:
+    d = start_deployment(str(tiny_llama), 1, 1, engine=ENGINE,
+                         router={"http_port": 0, "local_prefill_threshold": 8})
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def client(deployment: Deployment) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"http://{deployment.router.http_address}/v1", api_key="none",
+                       max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(deployment: Deployment) -> str:
+    return deployment.router.model.model_id
+
+
+def grpc_generate(deployment: Deployment, request: router_pb2.GenerateRequest
+                  ) -> tuple[str, list[router_pb2.GenerateResponse]]:
+    sp = request.sampling_params
+    sp.temperature, sp.max_tokens, sp.ignore_eos = 0.0, 12, True
+    with grpc.insecure_channel(deployment.address) as channel:
+        chunks = list(router_pb2_grpc.SplitServeStub(channel).Generate(request, timeout=60))
+    return "".join(c.text for c in chunks), chunks
+
+
+def raw(deployment: Deployment, method: str, path: str, body: bytes | None = None
+        ) -> tuple[int, Any]:
+    host, port = deployment.router.http_address.split(":")  # type: ignore[union-attr]
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        kind = response.getheader("Content-Type", "")
+        return response.status, json.loads(data) if "json" in kind else data.decode()
+    finally:
+        conn.close()
+
+
+def test_completion_greedy_equals_grpc(deployment: Deployment, client: openai.OpenAI,
+                                       model: str) -> None:
+    expected, chunks = grpc_generate(deployment, router_pb2.GenerateRequest(prompt=PROMPT))
+    out = client.completions.create(model=model, prompt=PROMPT, **GREEDY)
+    assert out.id.startswith("cmpl-") and out.object == "text_completion"
+    assert out.model == model
+    choice = out.choices[0]
+    assert (choice.index, choice.text, choice.finish_reason) == (0, expected, "length")
+    usage = chunks[-1].usage
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        usage.prompt_tokens, 12, usage.prompt_tokens + 12)
+
+
+def test_completion_stream_with_usage(client: openai.OpenAI, model: str) -> None:
+    whole = client.completions.create(model=model, prompt=PROMPT, **GREEDY)
+    events = list(client.completions.create(model=model, prompt=PROMPT, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert len({e.id for e in events}) == 1
+    text_events, usage_event = events[:-1], events[-1]
+    assert "".join(e.choices[0].text for e in text_events) == whole.choices[0].text
+    assert [e.choices[0].finish_reason for e in text_events][-1] == "length"
+    assert all(e.choices[0].finish_reason is None for e in text_events[:-1])
+    assert all(e.usage is None for e in text_events)
+    assert usage_event.choices == [] and usage_event.usage == whole.usage
+    plain = list(client.completions.create(model=model, prompt=PROMPT, stream=True, **GREEDY))
+    assert all(e.usage is None for e in plain) and plain[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_greedy_equals_grpc_streaming_and_not(deployment: Deployment,
+                                                  client: openai.OpenAI, model: str) -> None:
+    request = router_pb2.GenerateRequest()
+    for m in MESSAGES:
+        request.messages.messages.add(role=m["role"], content=m["content"])
+    expected, chunks = grpc_generate(deployment, request)
+    out = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)  # type: ignore[arg-type]
+    assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
+    message = out.choices[0].message
+    assert (message.role, message.content, out.choices[0].finish_reason) == (
+        "assistant", expected, "length")
+    assert out.usage is not None and out.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+    events = list(client.chat.completions.create(
+        model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
+        **GREEDY))
+    assert events[0].object == "chat.completion.chunk"
+    assert events[0].choices[0].delta.role == "assistant"
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == expected
+    assert events[-1].usage == out.usage
+
+
+def test_stop_string_ends_the_text(client: openai.OpenAI, model: str) -> None:
+    full = client.completions.create(model=model, prompt=PROMPT, **GREEDY).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), full
+    expected = full[: full.index(stop)]
+    out = client.completions.create(model=model, prompt=PROMPT, stop=[stop, "\x00never"],
+                                    **GREEDY)
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (expected, "stop")
+    events = list(client.completions.create(model=model, prompt=PROMPT, stop=stop, stream=True,
+                                            **GREEDY))
+    assert "".join(e.choices[0].text for e in events) == expected
+    assert events[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_grpc(deployment: Deployment, client: openai.OpenAI,
+                             model: str) -> None:
+    request = router_pb2.GenerateRequest(prompt=PROMPT)
+    request.sampling_params.logprobs, request.sampling_params.top_logprobs = True, 2
+    _, chunks = grpc_generate(deployment, request)
+    expected = [lp.logprob for c in chunks for lp in c.logprobs]
+    out = client.completions.create(model=model, prompt=PROMPT, logprobs=2, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs == pytest.approx(expected)
+    assert lp.tokens is not None and len(lp.tokens) == 12
+    assert lp.top_logprobs is not None and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, logprobs=True,  # type: ignore[arg-type]
+                                          top_logprobs=2, **GREEDY)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 12
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+               for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+
+def test_models_and_health(deployment: Deployment, client: openai.OpenAI, model: str) -> None:
+    models = client.models.list().data
+    assert [(m.id, m.object, m.owned_by) for m in models] == [(model, "model", "splitserve")]
+    status, body = raw(deployment, "GET", "/health")
+    assert (status, body["status"], body["decode_workers"]) == (200, "ok", 1)
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"n": 2}, "n"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"model": "no-such-model"}, "model"),
+    ({"extra_body": {"best_of": 2}}, "best_of"),
+])
+def test_unsupported_values_are_400(client: openai.OpenAI, model: str, kwargs: dict[str, Any],
+                                    param: str) -> None:
+    args = {"model": model, "prompt": PROMPT, "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**args)
+    assert info.value.status_code == 400
+    error = info.value.body
+    assert isinstance(error, dict) and (error["type"], error["param"]) == (
+        "invalid_request_error", param)
+
+
+def test_malformed_requests_are_400(deployment: Deployment, model: str) -> None:
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        status, body = raw(deployment, "POST", path, b'{"model": "x", "prompt": ')
+        assert status == 400 and body["error"]["type"] == "invalid_request_error"
+        assert "not valid JSON" in body["error"]["message"]
+    too_long = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 10**6}).encode()
+    status, body = raw(deployment, "POST", "/v1/completions", too_long)
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body = raw(deployment, "GET", "/v1/nothing-here")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_disconnect_mid_stream_frees_every_block(deployment: Deployment, model: str) -> None:
+    before = _aborted(deployment)
+    host, port = deployment.router.http_address.split(":")  # type: ignore[union-attr]
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 1500, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    events = 0
+    while events < 4:
+        events += response.readline().startswith(b"data: ")
+    conn.sock.close()  # type: ignore[union-attr]  # the client goes away mid-stream
+    conn.close()
+    state = deployment.wait_all_blocks_free()
+    assert all(free == total for free, total in state.values()), state
+    deadline = time.monotonic() + 10
+    while _aborted(deployment) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _aborted(deployment) == before + 1
+    assert deployment.router.num_inflight == 0
+    assert deployment.decode[0].loop.load.num_running == 0
+
+
+def _aborted(deployment: Deployment) -> float:
+    value = deployment.router.metrics.registry.get_sample_value(
+        "splitserve_requests_total", {"finish_reason": "abort"})
+    return value or 0.0
+
+
+def test_echo_prefixes_the_prompt(client: openai.OpenAI, model: str) -> None:
+    plain = client.completions.create(model=model, prompt=PROMPT, **GREEDY).choices[0].text
+    echoed = client.completions.create(model=model, prompt=PROMPT, echo=True, **GREEDY)
+    assert echoed.choices[0].text == PROMPT + plain
+    events = list(client.completions.create(model=model, prompt=PROMPT, echo=True, stream=True,
+                                            **GREEDY))
+    assert "".join(e.choices[0].text for e in events) == PROMPT + plain

@@ -1,0 +1,117 @@
+"""OpenAI request bodies -> GenerateRequest: exact field mapping, and a 400 naming the
+field for everything SplitServe does not honour (pure; no server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from router.openai_schema import OpenAIError, parse_chat, parse_completion
+from splitserve.v1 import router_pb2
+
+MODEL = "tiny"
+
+
+def test_completion_fields_map_onto_generate_request() -> None:
+    req = parse_completion({
+        "model": MODEL, "prompt": "Hello", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+        "stop": "\n", "seed": -1, "stream": True, "stream_options": {"include_usage": True},
+        "logprobs": 3, "top_k": 5, "min_p": 0.1, "ignore_eos": True, "user": "ignored",
+    }, MODEL)
+    expected = router_pb2.GenerateRequest(prompt="Hello")
+    sp = expected.sampling_params
+    sp.max_tokens, sp.temperature, sp.top_p, sp.seed = 7, 0.5, 0.9, 2**64 - 1
+    sp.top_k, sp.min_p, sp.ignore_eos = 5, 0.1, True
+    sp.stop.append("\n")
+    sp.logprobs, sp.top_logprobs = True, 3
+    assert req.generate == expected
+    assert (req.chat, req.stream, req.include_usage, req.echo, req.logprobs) == (
+        False, True, True, False, 3)
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_completion({"prompt": [1, 2, 3]}, MODEL).generate.token_ids.token_ids == [1, 2, 3]
+    assert parse_completion({"prompt": ["one"]}, MODEL).generate.prompt == "one"
+    assert parse_completion({"prompt": [[4, 5]]}, MODEL).generate.token_ids.token_ids == [4, 5]
+    unset = parse_completion({"prompt": "x"}, MODEL).generate.sampling_params
+    assert not unset.HasField("max_tokens") and not unset.HasField("temperature")
+
+
+def test_chat_fields_map_onto_generate_request() -> None:
+    req = parse_chat({
+        "model": MODEL, "max_completion_tokens": 4, "max_tokens": 99, "logprobs": True,
+        "top_logprobs": 2, "stop": ["a", "b"], "response_format": {"type": "text"},
+        "messages": [{"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                  {"type": "text", "text": "there"}]}],
+    }, MODEL)
+    messages = [(m.role, m.content) for m in req.generate.messages.messages]
+    assert messages == [("system", "Be brief."), ("user", "Hi there")]
+    sp = req.generate.sampling_params
+    assert (sp.max_tokens, sp.logprobs, sp.top_logprobs, list(sp.stop)) == (4, True, 2, ["a", "b"])
+    assert (req.chat, req.logprobs) == (True, 2)
+    assert parse_chat({"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+                      MODEL).logprobs == 0
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "temperature": -0.1}, "temperature"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"prompt": "x", "suffix": "end"}, "suffix"),
+    ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x", "model": "gpt-4"}, "model"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": ""}, None),  # empty prompt: left to the router's validation
+    ({}, "prompt"),
+])
+def test_completion_rejections(body: dict[str, Any], param: str | None) -> None:
+    if param is None:
+        assert parse_completion(body, MODEL).generate.prompt == ""
+        return
+    with pytest.raises(OpenAIError) as info:
+        parse_completion(body, MODEL)
+    error = info.value.body()["error"]
+    assert (info.value.status, error["type"], error["param"]) == (400, "invalid_request_error",
+                                                                 param)
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": USER, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": USER, "n": 3}, "n"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"content": "no role"}]}, "messages[0]"),
+])
+def test_chat_rejections(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_chat(body, MODEL)
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_body_must_be_an_object() -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_chat([1, 2], MODEL)
+    assert info.value.status == 400
+    with pytest.raises(OpenAIError) as info:
+        parse_completion({"prompt": "x", "model": "other"}, MODEL)
+    assert info.value.code == "model_not_found"
