@@ -13,6 +13,7 @@ GQA: query head h reads kv head h // (num_heads // num_kv_heads).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["paged_decode_attention", "store_kv", "pack_kv", "unpack_kv"]
 
@@ -73,22 +74,17 @@ def paged_decode_attention(
     max_len = int(lens.max().item())
     num_blocks_used = (max_len + block_size - 1) // block_size
     assert num_blocks_used <= block_tables.shape[1], "context longer than the block table"
-    # [num_seqs, T, kv_heads, d] in fp32, T = num_blocks_used * block_size
-    k = gather_kv(k_cache, block_tables, num_blocks_used).to(torch.float32)
-    v = gather_kv(v_cache, block_tables, num_blocks_used).to(torch.float32)
-    # [num_seqs, kv_heads, group, d]: the query heads that share one kv head
-    qg = q.to(torch.float32).reshape(num_seqs, num_kv_heads, group, head_dim)
-    positions = torch.arange(k.shape[1], device=q.device)
-    invalid = (positions[None, :] >= lens[:, None])[:, None, :]  # [num_seqs, 1, T]
-    result = torch.empty(num_kv_heads, num_seqs, group, head_dim, device=q.device)
-    # A loop over kv heads (not sequences): each k[:, :, h] is a strided [num_seqs, T, d]
-    # batch that bmm reads in place, which is faster on CPU than a permuted copy.
-    for h in range(num_kv_heads):
-        scores = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)) * scale  # [num_seqs, group, T]
-        scores.masked_fill_(invalid, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        torch.bmm(probs, v[:, :, h], out=result[h])
-    out.copy_(result.transpose(0, 1).reshape(num_seqs, num_heads, head_dim))
+    # [num_seqs, kv_heads, T, d], T = num_blocks_used * block_size (a strided view)
+    k = gather_kv(k_cache, block_tables, num_blocks_used).transpose(1, 2)
+    v = gather_kv(v_cache, block_tables, num_blocks_used).transpose(1, 2)
+    positions = torch.arange(k.shape[2], device=q.device)
+    valid = (positions[None, :] < lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, T]
+    # SDPA accumulates in fp32 for half types and shares each kv head among its group of
+    # query heads (enable_gqa); on CPU it is ~2x faster than explicit bmm + softmax.
+    result = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=valid, scale=scale, enable_gqa=group > 1
+    )  # [num_seqs, num_heads, 1, d]
+    out.copy_(result.squeeze(2))
     return out
 
 

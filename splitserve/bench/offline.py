@@ -26,7 +26,7 @@ from engine.sampling_params import SamplingParams
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_prompts(num: int, seed: int, vocab: int, min_len: int = 16, max_len: int = 512
+def make_prompts(num: int, seed: int, vocab: int, min_len: int = 16, max_len: int = 256
                  ) -> list[list[int]]:
     """Seeded prompts with log-uniform lengths (many short, some long)."""
     rng = random.Random(seed)
@@ -119,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-prompt-len", type=int, default=16)
+    ap.add_argument("--max-prompt-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf-single", action="store_true", help="skip baseline (b) (slow)")
     args = ap.parse_args(argv)
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
                                     max_num_seqs=64, max_num_batched_tokens=2048))
-    prompts = make_prompts(args.num_prompts, args.seed, engine.arch.vocab_size)
+    prompts = make_prompts(args.num_prompts, args.seed, engine.arch.vocab_size,
+                           args.min_prompt_len, args.max_prompt_len)
     print(f"model {args.model} dtype {args.dtype} threads {torch.get_num_threads()} | "
           f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens "
           f"(lengths {min(map(len, prompts))}..{max(map(len, prompts))}), "
