@@ -30,6 +30,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # int32 [num_decode_tokens, max_blocks_per_seq]
     decode_context_lens: torch.Tensor  # int32 [num_decode_tokens]
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Backend-specific per-step precomputation shared by all layers (kernels.reference's
+    # DecodePlan for the torch backend), or None.
+    decode_plan: Any = None
 
 
 def paged_attention(
@@ -52,6 +55,7 @@ def paged_attention(
     out = torch.empty_like(q)
     num_decode = meta.num_decode_tokens
     if num_decode:
+        extra = {"plan": meta.decode_plan} if meta.decode_plan is not None else {}
         ops.paged_decode_attention(
             q[:num_decode],
             k_cache,
@@ -60,6 +64,7 @@ def paged_attention(
             meta.decode_context_lens,
             scale,
             out=out[:num_decode],
+            **extra,
         )
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)

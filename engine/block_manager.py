@@ -18,6 +18,39 @@ from dataclasses import dataclass
 from engine.sequence import Sequence
 
 
+class PrefixEventLog:
+    """Net prefix-cache changes (block hashes stored / evicted) since the last drain().
+
+    A hash evicted and stored again in between cancels out (and vice versa), so the two
+    drained lists are disjoint and a consumer may apply them in either order. Not
+    thread-safe. Dicts keep insertion order.
+    """
+
+    def __init__(self) -> None:
+        self._stored: dict[int, None] = {}
+        self._evicted: dict[int, None] = {}
+
+    def stored(self, block_hash: int) -> None:
+        if self._evicted.pop(block_hash, 0) is not None:
+            self._stored[block_hash] = None
+
+    def evicted(self, block_hash: int) -> None:
+        if self._stored.pop(block_hash, 0) is not None:
+            self._evicted[block_hash] = None
+
+    def merge(self, stored: list[int], evicted: list[int]) -> None:
+        """Fold in another log's drained changes (which happened after ours)."""
+        for block_hash in evicted:
+            self.evicted(block_hash)
+        for block_hash in stored:
+            self.stored(block_hash)
+
+    def drain(self) -> tuple[list[int], list[int]]:
+        stored, evicted = list(self._stored), list(self._evicted)
+        self._stored, self._evicted = {}, {}
+        return stored, evicted
+
+
 @dataclass(slots=True)
 class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
@@ -40,9 +73,7 @@ class BlockManager:
         self._free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.stats = PrefixCacheStats()
-        # Prefix-cache events for the cluster's prefix index, drained by drain_events().
-        self._stored_events: list[int] = []
-        self._evicted_events: list[int] = []
+        self._events = PrefixEventLog()  # for the cluster's prefix index
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -131,7 +162,7 @@ class BlockManager:
             self._block_hash[block_id] = None
             if self._cached.get(block_hash) == block_id:
                 del self._cached[block_hash]
-                self._evicted_events.append(block_hash)
+                self._events.evicted(block_hash)
         self._ref_counts[block_id] = 1
         return block_id
 
@@ -152,7 +183,7 @@ class BlockManager:
                 continue  # the same content already lives in another block
             self._block_hash[block_id] = block_hash
             self._cached[block_hash] = block_id
-            self._stored_events.append(block_hash)
+            self._events.stored(block_hash)
 
     def free(self, seq: Sequence) -> None:
         """Release seq's references, tail first; clears its block table."""
@@ -174,13 +205,11 @@ class BlockManager:
             if self._ref_counts[block_id] == 0:
                 del self._cached[block_hash]
                 self._block_hash[block_id] = None
-                self._evicted_events.append(block_hash)
+                self._events.evicted(block_hash)
 
     def drain_events(self) -> tuple[list[int], list[int]]:
-        """(stored, evicted) block hashes since the last call."""
-        stored, evicted = self._stored_events, self._evicted_events
-        self._stored_events, self._evicted_events = [], []
-        return stored, evicted
+        """Net (stored, evicted) block hashes since the last call (see PrefixEventLog)."""
+        return self._events.drain()
 
     # ---- checking ------------------------------------------------------------------------
     def check_invariants(self, block_tables: Iterable[list[int]] = ()) -> None:

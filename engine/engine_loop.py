@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from engine.block_manager import PrefixEventLog
 from engine.llm_engine import LLMEngine
 from engine.outputs import StepOutput
 
@@ -50,8 +51,7 @@ class EngineLoop:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._stored_hashes: list[int] = []
-        self._evicted_hashes: list[int] = []
+        self._prefix_events = PrefixEventLog()  # guarded by _wake
         self.steps = 0
         self.generated_tokens = 0
         # finish reason -> requests that left the engine (metrics); written on the loop
@@ -90,9 +90,7 @@ class EngineLoop:
 
     def drain_prefix_events(self) -> tuple[list[int], list[int]]:
         with self._wake:
-            stored, evicted = self._stored_hashes, self._evicted_hashes
-            self._stored_hashes, self._evicted_hashes = [], []
-        return stored, evicted
+            return self._prefix_events.drain()
 
     # ---- called on the loop thread (from submitted functions) ------------------------------
     def set_sink(self, request_id: str, sink: Sink) -> None:
@@ -174,8 +172,7 @@ class EngineLoop:
         stored, evicted = bm.drain_events()
         if stored or evicted:
             with self._wake:
-                self._stored_hashes.extend(stored)
-                self._evicted_hashes.extend(evicted)
+                self._prefix_events.merge(stored, evicted)
         self.load = LoadSnapshot(
             num_waiting=engine.scheduler.num_waiting,
             num_running=engine.scheduler.num_running,

@@ -75,7 +75,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers' LlamaRMSNorm (fp32 statistics), for token exactness.
+        if x.dtype == torch.float32:  # one fused op; the same math as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Same arithmetic as transformers' LlamaRMSNorm (fp32 statistics, then cast back).
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -94,12 +96,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the step's tokens, [num_tokens, 1, head_dim] (shared by all layers)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,11 +154,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-        rope: RotaryEmbedding,
         ops: Any,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -162,7 +166,7 @@ class DecoderLayer(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, k, *rope)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops)
         h = x + self.o_proj(attn.reshape(num_tokens, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).split(
@@ -195,9 +199,10 @@ class CausalLM(nn.Module):
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
         assert self.rope is not None, "the rope tables were never set"
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions)
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[index]
-            x = layer(x, positions, k_cache, v_cache, meta, self.rope, ops)
+            x = layer(x, rope, k_cache, v_cache, meta, ops)
             if layer_hook is not None:
                 layer_hook(index)  # this layer's KV for the step is now in the cache
         return self.norm(x)

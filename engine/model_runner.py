@@ -122,6 +122,11 @@ class ModelRunner:
             decode_context_lens=torch.tensor(lens or [1], dtype=torch.int32, device=dev),
             prefills=prefills,
         )
+        if singles and self.ops.name == "torch":
+            from kernels.reference import plan_decode
+
+            meta.decode_plan = plan_decode(meta.decode_block_tables, meta.decode_context_lens,
+                                           bs, self.num_blocks)
         return StepBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),

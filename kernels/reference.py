@@ -12,10 +12,38 @@ GQA: query head h reads kv head h // (num_heads // num_kv_heads).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["paged_decode_attention", "store_kv", "pack_kv", "unpack_kv"]
+__all__ = ["DecodePlan", "plan_decode", "paged_decode_attention", "store_kv", "pack_kv",
+           "unpack_kv"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """What every layer of one decode step shares: which blocks to gather and which slots
+    are real. Built once per step (plan_decode) so the layers skip the bookkeeping."""
+
+    gather_index: torch.Tensor  # int64 [num_seqs * num_blocks_used], valid block ids
+    valid: torch.Tensor  # bool [num_seqs, 1, 1, num_blocks_used * block_size]
+    num_seqs: int
+    num_blocks_used: int
+
+
+def plan_decode(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, num_blocks: int
+) -> DecodePlan:
+    """block_tables: int [num_seqs, max_blocks_per_seq]; context_lens: int [num_seqs]."""
+    lens = context_lens.to(dtype=torch.long)
+    max_len = int(lens.max().item())
+    num_blocks_used = (max_len + block_size - 1) // block_size
+    assert num_blocks_used <= block_tables.shape[1], "context longer than the block table"
+    table = block_tables[:, :num_blocks_used].to(dtype=torch.long).clamp(0, num_blocks - 1)
+    positions = torch.arange(num_blocks_used * block_size, device=lens.device)
+    valid = (positions[None, :] < lens[:, None])[:, None, None, :]
+    return DecodePlan(table.reshape(-1), valid, int(block_tables.shape[0]), num_blocks_used)
 
 
 def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -34,11 +62,15 @@ def gather_kv(
     block table past a sequence's own blocks may hold anything (e.g. -1): they are clamped
     to a valid block id here and must be masked by the caller.
     """
-    num_seqs = block_tables.shape[0]
-    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
     table = block_tables[:, :num_blocks_used].to(device=cache.device, dtype=torch.long)
-    table = table.clamp(0, num_blocks - 1).reshape(-1)
-    gathered = cache.index_select(0, table)  # [num_seqs * n, block_size, kv_heads, d]
+    index = table.clamp(0, cache.shape[0] - 1).reshape(-1)
+    return _gather(cache, index, block_tables.shape[0], num_blocks_used)
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor, num_seqs: int, num_blocks_used: int
+            ) -> torch.Tensor:
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    gathered = cache.index_select(0, index)  # [num_seqs * n, block_size, kv_heads, d]
     return gathered.view(num_seqs, num_blocks_used * block_size, num_kv_heads, head_dim)
 
 
@@ -50,6 +82,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending over its paged context.
 
@@ -70,19 +103,16 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
 
-    lens = context_lens.to(device=q.device, dtype=torch.long)
-    max_len = int(lens.max().item())
-    num_blocks_used = (max_len + block_size - 1) // block_size
-    assert num_blocks_used <= block_tables.shape[1], "context longer than the block table"
+    if plan is None:
+        plan = plan_decode(block_tables.to(q.device), context_lens.to(q.device), block_size,
+                           k_cache.shape[0])
     # [num_seqs, kv_heads, T, d], T = num_blocks_used * block_size (a strided view)
-    k = gather_kv(k_cache, block_tables, num_blocks_used).transpose(1, 2)
-    v = gather_kv(v_cache, block_tables, num_blocks_used).transpose(1, 2)
-    positions = torch.arange(k.shape[2], device=q.device)
-    valid = (positions[None, :] < lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, T]
+    k = _gather(k_cache, plan.gather_index, num_seqs, plan.num_blocks_used).transpose(1, 2)
+    v = _gather(v_cache, plan.gather_index, num_seqs, plan.num_blocks_used).transpose(1, 2)
     # SDPA accumulates in fp32 for half types and shares each kv head among its group of
     # query heads (enable_gqa); on CPU it is ~2x faster than explicit bmm + softmax.
     result = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=valid, scale=scale, enable_gqa=group > 1
+        q.unsqueeze(2), k, v, attn_mask=plan.valid, scale=scale, enable_gqa=group > 1
     )  # [num_seqs, num_heads, 1, d]
     out.copy_(result.squeeze(2))
     return out
@@ -108,6 +138,11 @@ def store_kv(
     keep = slots >= 0
     if not bool(keep.all()):
         slots, k, v = slots[keep], k[keep], v[keep]
+    if k_cache.is_contiguous() and v_cache.is_contiguous():
+        # One flat index_copy_ per cache: [num_blocks * block_size, kv_heads, d] rows.
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+        return
     block_size = k_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
     k_cache[blocks, offsets] = k.to(k_cache.dtype)

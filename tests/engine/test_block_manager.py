@@ -532,3 +532,23 @@ BlockManagerMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=30, deadline=None
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+def test_prefix_event_log_reports_net_changes() -> None:
+    from engine.block_manager import PrefixEventLog
+
+    log = PrefixEventLog()
+    log.stored(1)
+    log.stored(2)
+    log.evicted(2)  # stored then evicted: no net change
+    log.evicted(3)
+    assert log.drain() == ([1], [3])
+    log.evicted(1)
+    log.stored(1)  # evicted then stored again: still held, no net change
+    assert log.drain() == ([], [])
+    later = PrefixEventLog()
+    later.stored(5)
+    later.evicted(6)
+    log.stored(6)
+    log.merge(*later.drain())
+    assert log.drain() == ([5], [])
