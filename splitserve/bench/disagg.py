@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="results/disagg")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=list(CONFIGS), default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--workload-args", default="--long-input-len 1000 --long-fraction 0.2 "
                     "--input-len 64 --output-len 96",
                     help="extra `bench serve` workload flags (one string)")
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name != args.only:
             continue
         print(f"=== {name}: {config}", flush=True)
-        with local_deployment(args.model, threads=1, **config) as addrs:  # type: ignore[arg-type]
+        worker_args = ("--no-prefix-caching", "--num-kv-blocks", "512", "--dtype", args.dtype)
+        with local_deployment(args.model, threads=1, worker_args=worker_args,
+                              **config) as addrs:  # type: ignore[arg-type]
             result = out_dir / f"{name}.json"
             code = serve.main([
                 "--target", f"grpc://{addrs['router']}", "--label", name,
@@ -59,4 +62,38 @@ def main(argv: list[str] | None = None) -> int:
             files.append(str(result))
     if len(files) == 2:
         compare.main([*files, "--plot-dir", str(out_dir / "compare")])
+        print(f"sweep plot: {plot_sweeps(files, out_dir / 'sweep.png')}")
     return 0
+
+
+def plot_sweeps(files: list[str], out: Path) -> Path:
+    """Goodput, TPOT and TTFT against request rate, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from splitserve.bench import report
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for path in files:
+        data = report.load(path)
+        runs = [r for r in data["runs"] if isinstance(r["request_rate"], (int, float))]
+        rates = [r["request_rate"] for r in runs]
+        summaries = [r["summary"] for r in runs]
+        label = data["label"]
+        axes[0].plot(rates, [s["goodput"] for s in summaries], "o-", label=label)
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            axes[1].plot(rates, [s["tpot_ms"][q] for s in summaries], style, label=f"{label} {q}")
+            axes[2].plot(rates, [s["ttft_ms"][q] for s in summaries], style, label=f"{label} {q}")
+    slo = report.load(files[0])["config"].get("slo") or {}
+    titles = (f"goodput (req/s) at {slo}", "TPOT (ms)", "TTFT (ms)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xlabel("offered request rate (req/s)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
