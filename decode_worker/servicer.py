@@ -79,16 +79,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.DecodeAbortResponse(found=self.worker.abort(request.request_id))
 
     def Stats(self, request, context):  # type: ignore[no-untyped-def]
-        w = self.worker
-        return worker_pb2.DecodeStatsResponse(
-            worker_id=w.worker_id,
-            role=common_pb2.WORKER_ROLE_DECODE,
-            load=w.load_proto(),
-            counters=w.counters_proto(),
-            kv_layout=layout_to_proto(w.layout),
-            draining=w.draining.is_set(),
-            model=w.options.engine.model,
-        )
+        return worker_pb2.DecodeStatsResponse(**self.worker.stats_fields())
 
     def Drain(self, request, context):  # type: ignore[no-untyped-def]
         left = self.worker.drain(request.wait_timeout_ms / 1000.0)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from splitserve.protocol import logprobs_to_proto, sampling_from_proto
-from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from splitserve.worker_runtime import layout_from_proto, layout_to_proto
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
+from splitserve.worker_runtime import layout_from_proto
 
 if TYPE_CHECKING:
     from prefill_worker.worker import PrefillWorker
@@ -62,16 +62,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.PrefillAbortResponse(found=self.worker.abort(request.request_id))
 
     def Stats(self, request, context):  # type: ignore[no-untyped-def]
-        w = self.worker
-        return worker_pb2.PrefillStatsResponse(
-            worker_id=w.worker_id,
-            role=common_pb2.WORKER_ROLE_PREFILL,
-            load=w.load_proto(),
-            counters=w.counters_proto(),
-            kv_layout=layout_to_proto(w.layout),
-            draining=w.draining.is_set(),
-            model=w.options.engine.model,
-        )
+        return worker_pb2.PrefillStatsResponse(**self.worker.stats_fields())
 
     def Drain(self, request, context):  # type: ignore[no-untyped-def]
         left = self.worker.drain(request.wait_timeout_ms / 1000.0)

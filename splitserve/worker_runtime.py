@@ -33,6 +33,7 @@ from splitserve.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 _ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+_ROLE_PROTO = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
 
 
 @dataclass(frozen=True)
@@ -190,14 +191,26 @@ class WorkerRuntime:
         return 0
 
     def load_proto(self) -> common_pb2.WorkerLoad:
-        load = self.loop.load
+        report = self.load_report()
         return common_pb2.WorkerLoad(
-            num_waiting=load.num_waiting + self.num_pending(),
-            num_running=load.num_running,
-            num_free_blocks=load.num_free_blocks,
-            num_total_blocks=load.num_total_blocks,
-            num_queued_tokens=load.num_queued_tokens,
+            num_waiting=report.num_waiting,
+            num_running=report.num_running,
+            num_free_blocks=report.num_free_blocks,
+            num_total_blocks=self.loop.load.num_total_blocks,
+            num_queued_tokens=report.num_queued_tokens,
         )
+
+    def stats_fields(self) -> dict[str, Any]:
+        """The fields PrefillStatsResponse and DecodeStatsResponse share."""
+        return {
+            "worker_id": self.worker_id,
+            "role": _ROLE_PROTO[self.role],
+            "load": self.load_proto(),
+            "counters": self.counters_proto(),
+            "kv_layout": layout_to_proto(self.layout),
+            "draining": self.draining.is_set(),
+            "model": self.options.engine.model,
+        }
 
     def counters_proto(self) -> common_pb2.WorkerCounters:
         stats = self.kv.stats()
