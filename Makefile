@@ -19,8 +19,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests
 
+TORCH_FREE_CORE := engine/block_manager.py engine/scheduler.py engine/sequence.py \
+	engine/sampling_params.py engine/block_hash.py engine/stop_checker.py engine/tokenizer.py \
+	cluster router splitserve/client.py splitserve/_client_common.py splitserve/protocol.py
+
 lint: setup
-	$(VENV)/bin/ruff check engine kernels kvtransfer cluster router splitserve prefill_worker decode_worker tests benchmarks
+	$(VENV)/bin/ruff check engine kernels kvtransfer cluster router splitserve prefill_worker decode_worker tests benchmarks scripts
+	$(VENV)/bin/mypy $(TORCH_FREE_CORE)
 
 protos:
 	$(PY) scripts/gen_protos.py
