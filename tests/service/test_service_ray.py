@@ -5,6 +5,7 @@ embedded store or a real redis-server."""
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,10 +53,16 @@ def _expected(model: str, prompts: list[list[int]], **engine: object) -> list[li
     return [o.token_ids for o in llm.generate(prompts, SamplingParams(**GREEDY))]
 
 
+_OURS = re.compile(r'users:\(\("(python|ray|gcs_server|raylet|redis|dashboard)')
+_LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+
+
 def _listeners_beyond_loopback() -> list[str]:
+    """Listening sockets of this deployment's processes (python, Ray's, redis) that are not
+    bound to loopback. Ray's workers show up as "ray::<name>"."""
     out = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if "python" in line or "raylet" in line or "gcs_server" in line
-            if not any(a in line for a in ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))]
+    return [line for line in out
+            if _OURS.search(line) and not any(a in line.split()[3] for a in _LOOPBACK)]
 
 
 @pytest.mark.parametrize("use_redis", [False, True], ids=["embedded-store", "redis"])

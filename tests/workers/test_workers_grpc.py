@@ -80,3 +80,21 @@ def test_seeded_sampling_continues_across_workers(workers, tiny_llama: Path) -> 
     expected = LLM(model=str(tiny_llama), num_kv_blocks=64, block_size=8).generate(PROMPTS[1], params)
     tokens, _ = _generate(p, d, PROMPTS[1], "seeded", params)
     assert tokens == expected[0].token_ids
+
+
+def test_health_and_reflection_on_both_workers(workers) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for worker, service in zip(workers, ("splitserve.v1.PrefillWorker",
+                                         "splitserve.v1.DecodeWorker"), strict=True):
+        with grpc.insecure_channel(worker.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service):
+                status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            names = {s.name for r in responses for s in r.list_services_response.service}
+            assert service in names and "grpc.health.v1.Health" in names
