@@ -12,7 +12,7 @@ from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
-_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _ROLES = ("both", "prefill", "decode")
 
 
@@ -30,7 +30,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    attention_backend: str = "auto"  # auto: triton on CUDA, the C++ kernel (else torch) on CPU
     num_threads: int | None = None  # CPU threads for torch; None: all cores
     role: str = "both"  # which phases this engine runs: both (colocated), prefill, decode
     seed: int = 0  # seeds requests that ask for sampling without a seed of their own

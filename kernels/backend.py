@@ -25,14 +25,14 @@ from kernels import reference
 
 __all__ = ["BACKENDS", "AttentionOps", "get_attention_ops", "triton_available"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass(frozen=True)
 class AttentionOps:
     """Callables with the signatures of `kernels.reference` (see there for layouts)."""
 
-    name: str  # 'torch' or 'triton': the backend actually chosen
+    name: str  # 'torch', 'triton' or 'cpu': the backend actually chosen
     paged_decode_attention: Callable[..., torch.Tensor]
     store_kv: Callable[..., None]
     pack_kv: Callable[..., torch.Tensor]
@@ -123,16 +123,44 @@ def _triton_ops(device: torch.device) -> AttentionOps:
     )
 
 
-def get_attention_ops(backend: str, device: torch.device | str) -> AttentionOps:
-    """Return the kernels for `backend` ('auto' | 'torch' | 'triton') on `device`.
+def _cpu_ops() -> AttentionOps | None:
+    """The C++ CPU decode kernel (kernels.cpu_ext) with the reference KV ops, if it builds."""
+    from kernels import cpu_ext
 
-    'auto' is triton on CUDA when triton imports, else torch. 'triton' raises RuntimeError
-    when triton is not importable.
+    if cpu_ext.load() is None:
+        return None
+    return AttentionOps(
+        name="cpu",
+        paged_decode_attention=cpu_ext.paged_decode_attention,
+        store_kv=reference.store_kv,
+        pack_kv=reference.pack_kv,
+        unpack_kv=reference.unpack_kv,
+    )
+
+
+def get_attention_ops(backend: str, device: torch.device | str) -> AttentionOps:
+    """Return the kernels for `backend` ('auto' | 'torch' | 'triton' | 'cpu') on `device`.
+
+    'auto' is triton on CUDA when triton imports, else torch; on CPU it is 'cpu' (the C++
+    decode kernel, built on first use) when that builds, else torch. 'triton' raises
+    RuntimeError when triton is not importable; 'cpu' when the kernel cannot be built.
     """
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch":
+        return _TORCH_OPS
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise ValueError(f"attention backend 'cpu' needs a CPU device, got {device}")
+        ops = _cpu_ops()
+        if ops is not None:
+            return ops
+        if backend == "cpu":
+            raise RuntimeError("attention backend 'cpu' requested but its C++ kernel "
+                               "could not be built (see the log); use backend 'torch'")
+        return _TORCH_OPS
+    if backend == "auto" and device.type != "cuda":
         return _TORCH_OPS
     try:
         return _triton_ops(device)

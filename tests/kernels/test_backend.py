@@ -21,8 +21,11 @@ def test_torch_backend_is_the_reference():
     assert ops.pack_kv is reference.pack_kv and ops.unpack_kv is reference.unpack_kv
 
 
-def test_auto_on_cpu_is_torch():
-    assert backend.get_attention_ops("auto", torch.device("cpu")).name == "torch"
+def test_auto_on_cpu_is_the_cpu_kernel_or_torch():
+    from kernels import cpu_ext
+
+    expected = "cpu" if cpu_ext.load() is not None else "torch"
+    assert backend.get_attention_ops("auto", torch.device("cpu")).name == expected
 
 
 def test_unknown_backend_raises():
