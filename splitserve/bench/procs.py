@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def _spawn(args: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen[str], list[str]]:
+def spawn(args: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen[str], list[str]]:
     """Start `splitserve ARGS` and wait for its READY line (returned split into words)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *args], env=env,
@@ -64,7 +64,7 @@ def local_deployment(
     """Yields {"router": addr, "decode": [addrs], "prefill": [addrs]}; stops everything after."""
     procs: list[subprocess.Popen[str]] = []
     try:
-        router, fields = _spawn(["router", "--model", model, "--port", "0", "--http-port", "0",
+        router, fields = spawn(["router", "--model", model, "--port", "0", "--http-port", "0",
                                  "--local-prefill-threshold", str(local_prefill_threshold),
                                  *router_args])
         procs.append(router)
@@ -75,7 +75,7 @@ def local_deployment(
         for role, count in (("decode", num_decode), ("prefill", num_prefill)):
             for index in range(count):
                 host_store = ["--serve-kv-store"] if role == "decode" and index == 0 else []
-                proc, wfields = _spawn([role, *common, "--worker-id", f"{role}-{index}",
+                proc, wfields = spawn([role, *common, "--worker-id", f"{role}-{index}",
                                         *host_store])
                 procs.append(proc)
                 addrs[role].append(wfields[3])

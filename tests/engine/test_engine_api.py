@@ -77,16 +77,22 @@ def test_stop_token_ids_and_max_tokens(llm: LLM) -> None:
                                                    stop_token_ids=[stop_at], ignore_eos=True))[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == reference[: reference.index(stop_at) + 1]
-    assert llm.generate([[9, 9, 9]], SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason in ("length", "stop")
+    short = llm.generate([[9, 9, 9]], SamplingParams(temperature=0.0, max_tokens=3,
+                                                     ignore_eos=True))[0]
+    assert short.finish_reason == "length" and short.token_ids == reference[:3]
 
 
-def test_eos_stops_unless_ignored(llm: LLM) -> None:
-    eos = min(llm.tokenizer.eos_token_ids)
-    params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(), ignore_eos=False)
-    out = llm.generate([[eos, eos, eos]], params)[0]  # whatever comes, EOS ids end it
-    assert out.finish_reason in ("stop", "length")
-    if eos in out.token_ids:
-        assert out.token_ids[-1] == eos and out.finish_reason == "stop"
+def test_eos_stops_unless_ignored(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = llm.generate([[9, 8, 7]], GREEDY)[0].token_ids
+    eos = reference[2]  # make the third greedy token an end-of-sequence token
+    monkeypatch.setattr(llm.tokenizer, "eos_token_ids", frozenset({eos}))
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    out = llm.generate([[9, 8, 7]], params)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == reference[: reference.index(eos) + 1]
+    ignored = llm.generate([[9, 8, 7]], SamplingParams(temperature=0.0, max_tokens=8,
+                                                       ignore_eos=True))[0]
+    assert ignored.token_ids == reference and ignored.finish_reason == "length"
 
 
 def test_stop_string_on_smollm2(smollm2_dir: Path) -> None:

@@ -3,12 +3,9 @@ fault tests run them: they find each other through the router's embedded cluster
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +15,7 @@ import grpc
 import pytest
 
 from engine.sampling_params import SamplingParams
+from splitserve.bench.procs import free_port, spawn
 from splitserve.client import Client, SplitServeError
 from splitserve.llm import LLM
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
@@ -42,25 +40,7 @@ class Proc:
 
 
 def _spawn(*args: str, timeout_s: float = 120.0) -> Proc:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    popen = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + timeout_s
-    assert popen.stdout is not None
-    while time.monotonic() < deadline:
-        line = popen.stdout.readline()
-        if line.startswith("READY"):
-            return Proc(popen, line.split())
-        if not line and popen.poll() is not None:
-            break
-    popen.kill()
-    raise RuntimeError(f"{args[0]} did not become ready")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return Proc(*spawn(list(args), timeout_s))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +49,7 @@ def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
                     "--block-size", "8",
                     "--local-prefill-threshold", "4", "--prefill-timeout-ms", "3000")
     cluster_url = router.fields[4]
-    kv_store = f"127.0.0.1:{_free_port()}"
+    kv_store = f"127.0.0.1:{free_port()}"
     common = ["--model", str(tiny_llama), "--cluster", cluster_url, "--kv-store", kv_store,
               "--kv-timeout", "3", "--heartbeat-ttl", "3", *ENGINE_ARGS]
     procs = {"router": router}
