@@ -18,7 +18,8 @@ from types import ModuleType
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode_cpu.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "paged_decode_cpu.cpp"]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
@@ -41,7 +42,8 @@ def load() -> ModuleType | None:
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
             _module = load_extension(
                 name="splitserve_paged_decode_cpu",
-                sources=[str(_SOURCE)],
+                sources=[str(path) for path in _SOURCES],
+                extra_include_paths=[str(_CSRC)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,

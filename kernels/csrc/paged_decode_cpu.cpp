@@ -6,7 +6,7 @@
 //   context_lens:      int32 [num_seqs]
 // One task per (sequence, kv head) handles all query heads of that group, so each K/V row
 // is read once per kv head. Scores, softmax and accumulation are fp32 for every input type.
-#include <torch/extension.h>
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -117,9 +117,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
     decode_kernel<scalar_t>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "paged decode attention on CPU (fp32 softmax)");
 }
