@@ -16,6 +16,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import EngineConfig
+from engine.cpu_linear import prepack_linears, prepack_supported
 from engine.model import LayerHook, ModelArch
 from engine.sampler import SampleResult, sample
 from engine.scheduler import ScheduledSequence
@@ -55,6 +56,8 @@ class ModelRunner:
         self.block_size = config.block_size
         max_positions = arch.max_position_embeddings
         self.model = build_model(arch, model_dir, self.dtype, str(self.device), max_positions)
+        if config.cpu_weight_prepack and prepack_supported(self.dtype, self.device):
+            prepack_linears(self.model, self.dtype)
         self.ops = get_attention_ops(config.attention_backend, self.device)
         self.num_blocks = self._num_kv_blocks()
         shape = (arch.num_layers, 2, self.num_blocks, self.block_size)
