@@ -43,6 +43,15 @@ def test_greedy_rows_are_argmax() -> None:
     assert result.logprobs == [None] * 6
 
 
+def test_greedy_ties_take_the_first_index_like_transformers() -> None:
+    logits = torch.zeros(3, 49152)
+    logits[0, [7, 900, 40000]] = 2.0  # a three-way tie at the maximum
+    logits[1, [48000, 12]] = 1.5
+    logits[2] = 0.25  # every token tied
+    result = sample(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    assert result.token_ids == [7, 12, 0]
+
+
 def test_top_k_one_is_greedy_even_at_high_temperature() -> None:
     logits = random_logits(4, seed=1)
     params = [SamplingParams(temperature=5.0, top_k=1)] * 4
