@@ -5,17 +5,95 @@
 //   block_tables:      int32 [num_seqs, max_blocks_per_seq]
 //   context_lens:      int32 [num_seqs]
 // One task per (sequence, kv head) handles all query heads of that group, so each K/V row
-// is read once per kv head. Scores, softmax and accumulation are fp32 for every input type.
+// is read once per kv head, in one pass with an online softmax (runs of up to kChunk slots:
+// scores, rescale the running max and sum, add the V rows). Scores, softmax and
+// accumulation are fp32 for every input type; AVX-512 builds use intrinsics for the dot
+// products and V updates, others the scalar loops.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+// e^x for x <= 0 (softmax numerators), branch-free so loops over it vectorize: x = n ln2 + r,
+// e^r by a degree-6 Taylor polynomial on |r| <= ln2/2 (relative error < 2e-7), 2^n by
+// building the float's exponent bits. Inputs below -87 flush to 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693147180559945309f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Loads 16 elements as fp32 (AVX-512 builds only).
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// sum_d a[d] * b[d] in fp32.
+template <typename scalar_t>
+inline float dot(const float* a, const scalar_t* b, int64_t n) {
+  int64_t d = 0;
+  float total = 0.0f;
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= n; d += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), acc);
+    total = _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; d < n; ++d) total += a[d] * static_cast<float>(b[d]);
+  return total;
+}
+
+// a[d] += p * b[d] in fp32.
+template <typename scalar_t>
+inline void axpy(float* a, float p, const scalar_t* b, int64_t n) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; d + 16 <= n; d += 16)
+      _mm512_storeu_ps(a + d, _mm512_fmadd_ps(pv, load16(b + d), _mm512_loadu_ps(a + d)));
+  }
+#endif
+  for (; d < n; ++d) a[d] += p * static_cast<float>(b[d]);
+}
+
+// Most tokens a block may hold for the on-stack score buffer; larger blocks are walked in
+// sub-blocks of this many slots.
+constexpr int64_t kChunk = 64;
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head handled by one task
+constexpr int64_t kMaxHeadDim = 256;
 
 template <typename scalar_t>
 void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -36,65 +114,70 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t token_stride = num_kv_heads * head_dim;  // one slot of one cache
   const float fscale = static_cast<float>(scale);
 
+  // One pass over the context with an online softmax: for each run of up to kChunk slots,
+  // scores for every query head of the group, rescale the running sums, add the V rows.
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+    alignas(64) float qf[kMaxGroup * kMaxHeadDim];
+    alignas(64) float acc[kMaxGroup * kMaxHeadDim];
+    alignas(64) float scores[kMaxGroup * kChunk];
+    float running_max[kMaxGroup], running_sum[kMaxGroup];
+    int64_t row_offset[kChunk];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
       const int64_t length = lens[seq];
-      scores.assign(group * length, 0.0f);
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* src = q_ptr + seq * q_seq_stride + (kv_head * group + g) * q_head_stride;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(src[d]);
+        for (int64_t d = 0; d < head_dim; ++d)
+          qf[g * head_dim + d] = static_cast<float>(src[d]) * fscale;
+        running_max[g] = -std::numeric_limits<float>::infinity();
+        running_sum[g] = 0.0f;
       }
-      // Scores: q . k for every context slot, fp32, walking the block table.
-      for (int64_t t0 = 0; t0 < length; t0 += block_size) {
-        const int64_t block = tables[seq * max_blocks + t0 / block_size];
-        const int64_t count = std::min(block_size, length - t0);
-        const scalar_t* kblock = k_ptr + block * block_size * token_stride + kv_head * head_dim;
+      std::fill(acc, acc + group * head_dim, 0.0f);
+      const int32_t* table = tables + seq * max_blocks;
+      const int64_t head_offset = kv_head * head_dim;
+      int64_t block_index = 0, slot = 0;
+      for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
+        const int64_t count = std::min(kChunk, length - t0);
+        // Element offsets of this run's slots (shared by K and V), walking the block table.
         for (int64_t i = 0; i < count; ++i) {
-          const scalar_t* krow = kblock + i * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * head_dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(krow[d]);
-            scores[g * length + t0 + i] = dot * fscale;
+          row_offset[i] = (table[block_index] * block_size + slot) * token_stride + head_offset;
+          if (++slot == block_size) slot = 0, ++block_index;
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          const scalar_t* krow = k_ptr + row_offset[i];
+          for (int64_t g = 0; g < group; ++g)
+            scores[g * kChunk + i] = dot(qf + g * head_dim, krow, head_dim);
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          float* s = scores + g * kChunk;
+          float chunk_max = running_max[g];
+          for (int64_t i = 0; i < count; ++i) chunk_max = std::max(chunk_max, s[i]);
+          const float correction = exp_nonpositive(running_max[g] - chunk_max);
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < count; ++i) {
+            s[i] = exp_nonpositive(s[i] - chunk_max);
+            sum += s[i];
           }
-        }
-      }
-      // Softmax per query head.
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * length;
-        float max_s = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < length; ++t) max_s = std::max(max_s, s[t]);
-        float sum = 0.0f;
-        for (int64_t t = 0; t < length; ++t) {
-          s[t] = std::exp(s[t] - max_s);
-          sum += s[t];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < length; ++t) s[t] *= inv;
-      }
-      // Weighted sum of V rows.
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t0 = 0; t0 < length; t0 += block_size) {
-        const int64_t block = tables[seq * max_blocks + t0 / block_size];
-        const int64_t count = std::min(block_size, length - t0);
-        const scalar_t* vblock = v_ptr + block * block_size * token_stride + kv_head * head_dim;
-        for (int64_t i = 0; i < count; ++i) {
-          const scalar_t* vrow = vblock + i * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + t0 + i];
-            float* a = acc.data() + g * head_dim;
+          running_sum[g] = running_sum[g] * correction + sum;
+          running_max[g] = chunk_max;
+          if (correction != 1.0f) {
+            float* a = acc + g * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(vrow[d]);
+            for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
           }
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          const scalar_t* vrow = v_ptr + row_offset[i];
+          for (int64_t g = 0; g < group; ++g)
+            axpy(acc + g * head_dim, scores[g * kChunk + i], vrow, head_dim);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
         scalar_t* dst = out_ptr + seq * o_seq_stride + (kv_head * group + g) * o_head_stride;
+        const float inv = 1.0f / running_sum[g];
         for (int64_t d = 0; d < head_dim; ++d)
-          dst[d] = static_cast<scalar_t>(acc[g * head_dim + d]);
+          dst[d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv);
       }
     }
   });
@@ -112,6 +195,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.is_contiguous());
   TORCH_CHECK(context_lens.scalar_type() == torch::kInt32 && context_lens.is_contiguous());
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads % num_kv_heads != 0");
+  TORCH_CHECK(q.size(1) / k_cache.size(2) <= kMaxGroup, "more than 16 query heads per kv head");
+  TORCH_CHECK(q.size(2) <= kMaxHeadDim, "head_dim above 256");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     decode_kernel<scalar_t>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
