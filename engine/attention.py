@@ -52,6 +52,20 @@ def paged_attention(
     Returns [num_tokens, num_heads, head_dim].
     """
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attend_stored(q, k, v, k_cache, v_cache, meta, scale, ops)
+
+
+def attend_stored(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    ops: Any,
+) -> torch.Tensor:
+    """paged_attention for a step whose K/V are already in the cache (same shapes)."""
     out = torch.empty_like(q)
     num_decode = meta.num_decode_tokens
     if num_decode:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, attend_stored, paged_attention
 
 _SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -175,6 +175,38 @@ class DecoderLayer(nn.Module):
         )
         return h + self.down_proj(F.silu(gate) * up)
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: Any,
+    ) -> torch.Tensor:
+        """forward() through the fused ops of `ops.fused`, the residual stream kept apart.
+
+        In: x = input_layernorm(residual) (the previous layer left it so). Out: the MLP's
+        output; residual has become this layer's attention output plus its input, in place.
+        Same arithmetic and rounding as forward().
+        """
+        fused, num_tokens = ops.fused, x.shape[0]
+        qkv = self.qkv_proj(x)
+        fused.rotary_store_kv_(qkv, *rope, k_cache, v_cache, meta.slot_mapping,
+                               self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        attn = attend_stored(
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+            k_cache, v_cache, meta, self.scale, ops,
+        )
+        h = self.o_proj(attn.view(num_tokens, self.q_size))
+        norm = self.post_attention_layernorm
+        fused.add_rms_norm_(h, residual, norm.weight, norm.eps)  # residual += h; h = norm
+        return self.down_proj(fused.silu_and_mul(self.gate_up_proj(h)))
+
 
 class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding | None = None):
@@ -201,12 +233,38 @@ class CausalLM(nn.Module):
         assert self.rope is not None, "the rope tables were never set"
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions)
+        if ops.fused is not None:
+            return self._forward_fused(x, rope, kv_caches, meta, ops, layer_hook)
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[index]
             x = layer(x, rope, k_cache, v_cache, meta, ops)
             if layer_hook is not None:
                 layer_hook(index)  # this layer's KV for the step is now in the cache
         return self.norm(x)
+
+    def _forward_fused(
+        self,
+        residual: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        ops: Any,
+        layer_hook: LayerHook | None,
+    ) -> torch.Tensor:
+        """forward() on the fused layer ops; `residual` (the embeddings) is updated in place."""
+        fused = ops.fused
+        first_norm = self.layers[0].input_layernorm
+        x = fused.rms_norm(residual, first_norm.weight, first_norm.eps)
+        for index, layer in enumerate(self.layers):
+            k_cache, v_cache = kv_caches[index]
+            x = layer.forward_fused(x, residual, rope, k_cache, v_cache, meta, ops)
+            if layer_hook is not None:
+                layer_hook(index)
+            # Close this layer (residual += x) and normalize for the next one, in one op.
+            next_norm = (self.layers[index + 1].input_layernorm
+                         if index + 1 < len(self.layers) else self.norm)
+            fused.add_rms_norm_(x, residual, next_norm.weight, next_norm.eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 logits [n, vocab]."""

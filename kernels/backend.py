@@ -23,9 +23,19 @@ import torch
 
 from kernels import reference
 
-__all__ = ["BACKENDS", "AttentionOps", "get_attention_ops", "triton_available"]
+__all__ = ["BACKENDS", "AttentionOps", "FusedLayerOps", "get_attention_ops", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
+
+
+@dataclass(frozen=True)
+class FusedLayerOps:
+    """Fused elementwise ops of a decoder layer (signatures: kernels.cpu_ext)."""
+
+    rotary_store_kv_: Callable[..., None]  # rope on q/k in place + K/V into the cache
+    silu_and_mul: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm_: Callable[..., None]  # residual += x; x = rms_norm(residual)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class AttentionOps:
     store_kv: Callable[..., None]
     pack_kv: Callable[..., torch.Tensor]
     unpack_kv: Callable[..., None]
+    fused: FusedLayerOps | None = None  # the model's fused layer path, where a backend has one
 
 
 _TORCH_OPS = AttentionOps(
@@ -124,7 +135,8 @@ def _triton_ops(device: torch.device) -> AttentionOps:
 
 
 def _cpu_ops() -> AttentionOps | None:
-    """The C++ CPU decode kernel (kernels.cpu_ext) with the reference KV ops, if it builds."""
+    """The C++ CPU kernels (kernels.cpu_ext: decode attention and the fused layer ops) with
+    the reference KV ops, if they build."""
     from kernels import cpu_ext
 
     if cpu_ext.load() is None:
@@ -135,6 +147,12 @@ def _cpu_ops() -> AttentionOps | None:
         store_kv=reference.store_kv,
         pack_kv=reference.pack_kv,
         unpack_kv=reference.unpack_kv,
+        fused=FusedLayerOps(
+            rotary_store_kv_=cpu_ext.rotary_store_kv_,
+            silu_and_mul=cpu_ext.silu_and_mul,
+            rms_norm=cpu_ext.rms_norm,
+            add_rms_norm_=cpu_ext.add_rms_norm_,
+        ),
     )
 
 

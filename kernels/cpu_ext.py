@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "paged_decode_cpu.cpp"]
+_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "paged_decode_cpu.cpp", _CSRC / "fused_ops_cpu.cpp"]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
@@ -75,3 +75,65 @@ def paged_decode_attention(
     lens = context_lens.to(torch.int32).contiguous()
     module.paged_decode_attention(q, k_cache, v_cache, tables, lens, float(scale), out)
     return out
+
+
+def _extension() -> ModuleType:
+    module = _module if _module is not None else load()
+    assert module is not None, "call load() first and fall back when it returns None"
+    return module
+
+
+# Fused elementwise ops of a decoder layer (kernels/csrc/fused_ops_cpu.cpp). Each matches the
+# torch ops it replaces in engine/model.py, rounding wherever they round; tensors are CPU,
+# fp32/bf16/fp16, rows with innermost stride 1, all of one dtype.
+
+
+def rotary_store_kv_(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
+    """Rope on the q and k heads of `qkv` in place, then its k and v heads into the caches.
+
+    qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], q heads then k then v;
+    cos, sin: [num_tokens, head_dim] or [num_tokens, 1, head_dim] (RotaryEmbedding.tables);
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous;
+    slot_mapping: int [num_tokens] (negative = not stored). Bit-exact with
+    engine.model.apply_rope on the q and k heads followed by kernels.reference.store_kv.
+    """
+    if slot_mapping.dtype != torch.int64:
+        slot_mapping = slot_mapping.to(torch.int64)
+    _extension().rotary_store_kv_(qkv, cos, sin, k_cache, v_cache, slot_mapping.contiguous(),
+                                  num_heads, num_kv_heads, head_dim)
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_tokens, 2 * n] -> F.silu(gate_up[:, :n]) * gate_up[:, n:], [num_tokens, n]."""
+    if out is None:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _extension().silu_and_mul(gate_up, out)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """engine.model.RMSNorm.forward: x, out [num_tokens, hidden]; weight [hidden]."""
+    if out is None:
+        out = torch.empty_like(x)
+    _extension().rms_norm(x, weight, eps, out)
+    return out
+
+
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> None:
+    """In place: residual <- residual + x, then x <- RMSNorm(residual) (weight [hidden]).
+
+    x, residual: [num_tokens, hidden]; the add rounds to the dtype like `h = x + o_proj(...)`.
+    """
+    _extension().add_rms_norm_(x, residual, weight, eps)

@@ -8,3 +8,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
                                      torch::Tensor context_lens, double scale,
                                      torch::Tensor out);
+
+// fused_ops_cpu.cpp (layouts and rounding rules at the top of that file)
+void rotary_store_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                      torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+void silu_and_mul(torch::Tensor gate_up, torch::Tensor out);
+void rms_norm(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor out);
+void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);

@@ -1,0 +1,374 @@
+// Fused elementwise CPU ops of one decoder layer, each replacing a chain of torch ops.
+// Every intermediate the torch chain stores in a tensor is rounded to that tensor's dtype
+// here too (round to nearest even), so rope + KV store and RMSNorm are bit-exact with the
+// chain (RMSNorm: on x86 torch builds, see sum_of_squares) and silu differs only by its exp.
+// Math is fp32 for every dtype. Layouts:
+//   qkv:               [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], q | k | v heads
+//   cos, sin:          [num_tokens, head_dim] or [num_tokens, 1, head_dim] (rope table rows)
+//   k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] (contiguous)
+//   slot_mapping:      int64 [num_tokens], block_id * block_size + offset, negative = skip
+//   gate_up:           [num_tokens, 2 * intermediate] -> out [num_tokens, intermediate]
+//   x, residual, out:  [num_tokens, hidden]; weight: [hidden]
+// Rows may be strided (row stride free, innermost stride 1) except the caches. Tokens are
+// split over threads (at::parallel_for; one token runs inline); two tokens given one slot
+// race, as they would in index_copy_.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+// torch rounds a*b before adding c (separate kernels); gcc would contract a*b + c into one
+// FMA even under -std=c++20, which changes fp32 results. Off for this file only (the
+// attention kernel keeps it); fused multiply-adds that are wanted are written as madd().
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include "cpu_dtype_io.h"
+
+namespace {
+
+using namespace splitserve_cpu;
+
+// ---- rope + KV store ------------------------------------------------------------------
+
+// One head in place: out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1],
+// rounding each product and the sum like torch's three elementwise ops.
+template <typename IO>
+void rotate_head(typename IO::storage* __restrict lo, typename IO::storage* __restrict hi,
+                 const float* __restrict cos, const float* __restrict sin, int64_t half) {
+  int64_t j = 0;
+#ifdef SPLITSERVE_AVX512
+  for (; j + 16 <= half; j += 16) {
+    const Vec x1 = IO::load16(lo + j), x2 = IO::load16(hi + j);
+    const Vec a1 = IO::round16(_mm512_mul_ps(x1, _mm512_loadu_ps(cos + j)));
+    const Vec b1 = IO::round16(_mm512_mul_ps(x2, _mm512_loadu_ps(sin + j)));
+    const Vec a2 = IO::round16(_mm512_mul_ps(x2, _mm512_loadu_ps(cos + half + j)));
+    const Vec b2 = IO::round16(_mm512_mul_ps(x1, _mm512_loadu_ps(sin + half + j)));
+    IO::store16(lo + j, _mm512_sub_ps(a1, b1));
+    IO::store16(hi + j, _mm512_add_ps(a2, b2));
+  }
+#endif
+  for (; j < half; ++j) {
+    const float x1 = IO::load(lo[j]), x2 = IO::load(hi[j]);
+    const float a1 = IO::round(x1 * cos[j]), b1 = IO::round(x2 * sin[j]);
+    const float a2 = IO::round(x2 * cos[half + j]), b2 = IO::round(x1 * sin[half + j]);
+    lo[j] = IO::store(a1 - b1);
+    hi[j] = IO::store(a2 + b2);
+  }
+}
+
+template <typename IO>
+void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
+                         const torch::Tensor& sin, const torch::Tensor& k_cache,
+                         const torch::Tensor& v_cache, const int64_t* slots,
+                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  using T = typename IO::storage;
+  T* qkv_ptr = ptr<IO>(qkv);
+  const T* cos_ptr = ptr<IO>(cos);
+  const T* sin_ptr = ptr<IO>(sin);
+  T* k_ptr = ptr<IO>(k_cache);
+  T* v_ptr = ptr<IO>(v_cache);
+  const int64_t row_stride = qkv.stride(0), cos_stride = cos.stride(0), sin_stride = sin.stride(0);
+  const int64_t half = head_dim / 2, kv_size = num_kv_heads * head_dim;
+  const int64_t q_size = num_heads * head_dim, num_rotated = num_heads + num_kv_heads;
+  const int64_t num_tokens = qkv.size(0);
+
+  at::parallel_for(0, num_tokens, grain(qkv.size(1), 2), [&](int64_t begin, int64_t end) {
+    std::vector<float> table(2 * head_dim);  // this token's cos | sin in fp32 (half types)
+    float* cf = table.data();
+    float* sf = cf + head_dim;
+    for (int64_t t = begin; t < end; ++t) {
+      T* row = qkv_ptr + t * row_stride;
+      const float* cos_row = as_float<IO>(cos_ptr + t * cos_stride, cf, head_dim);
+      const float* sin_row = as_float<IO>(sin_ptr + t * sin_stride, sf, head_dim);
+      for (int64_t h = 0; h < num_rotated; ++h) {
+        T* x = row + h * head_dim;
+        rotate_head<IO>(x, x + half, cos_row, sin_row, half);
+      }
+      if (slots[t] < 0) continue;
+      std::memcpy(k_ptr + slots[t] * kv_size, row + q_size, kv_size * sizeof(T));
+      std::memcpy(v_ptr + slots[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
+    }
+  });
+}
+
+// ---- silu(gate) * up -----------------------------------------------------------------
+
+// exp(x) for sigmoid's 1 + exp(x): n = round(x / ln2), r = x - n ln2 in two parts (the
+// first exact), exp(r) by Taylor to degree 7 (|r| <= ln2/2: truncation < 1e-8 relative),
+// times 2^n. Branch-free so loops over it vectorize; the AVX-512 version below computes the
+// same bits. Below -86 it returns exp(-86) (1 + anything under 2^-25 is 1); above
+// ln(FLT_MAX), inf.
+constexpr float kExpMin = -86.0f, kExpMax = 88.72283935546875f;
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kTaylor[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f,
+                             1.0f};
+
+inline float exp_for_sigmoid(float x) {
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float xc = std::min(std::max(x, kExpMin), kExpMax);
+  const float shifted = xc * kLog2e + kShift;
+  const float n = shifted - kShift;
+  float r = xc - n * kLn2Hi;  // ln2's leading 9 bits: n * kLn2Hi is exact
+  r = madd(-n, kLn2Lo, r);
+  float p = kTaylor[0];
+  for (int k = 1; k < 8; ++k) p = madd(p, r, kTaylor[k]);
+  // 2^(n - 1) then * 2, so n = 128 (the top of the range) still has a normal scale.
+  const uint32_t biased = std::bit_cast<uint32_t>(shifted) - 0x4B400000u + 126u;
+  const float e = p * std::bit_cast<float>(biased << 23) * 2.0f;
+  return x > kExpMax ? std::numeric_limits<float>::infinity() : e;
+}
+
+#ifdef SPLITSERVE_AVX512
+inline Vec exp_for_sigmoid16(Vec x) {
+  const Vec xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpMin)),
+                               _mm512_set1_ps(kExpMax));
+  const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)), kRoundNearest);
+  Vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  Vec p = _mm512_set1_ps(kTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kTaylor[k]));
+  const __mmask16 over = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMax), _CMP_GT_OQ);
+  return _mm512_mask_blend_ps(over, _mm512_scalef_ps(p, n),
+                              _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+}
+#endif
+
+// dst[i] = round(round(silu(gate[i])) * up[i]), silu(g) = g / (1 + exp(-g)) like F.silu.
+template <typename IO>
+void silu_mul_row(const typename IO::storage* __restrict gate,
+                  const typename IO::storage* __restrict up, typename IO::storage* __restrict dst,
+                  int64_t n) {
+  int64_t i = 0;
+#ifdef SPLITSERVE_AVX512
+  const Vec one = _mm512_set1_ps(1.0f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  for (; i + 16 <= n; i += 16) {
+    const Vec g = IO::load16(gate + i);
+    const Vec neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign));
+    const Vec silu = IO::round16(_mm512_div_ps(g, _mm512_add_ps(one, exp_for_sigmoid16(neg))));
+    IO::store16(dst + i, _mm512_mul_ps(silu, IO::load16(up + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float g = IO::load(gate[i]);
+    const float silu = IO::round(g / (1.0f + exp_for_sigmoid(-g)));
+    dst[i] = IO::store(silu * IO::load(up[i]));
+  }
+}
+
+template <typename IO>
+void silu_mul_kernel(const torch::Tensor& gate_up, const torch::Tensor& out) {
+  using T = typename IO::storage;
+  const T* in_ptr = ptr<IO>(gate_up);
+  T* out_ptr = ptr<IO>(out);
+  const int64_t n = out.size(1), in_stride = gate_up.stride(0), out_stride = out.stride(0);
+  at::parallel_for(0, out.size(0), grain(n, 4), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* gate = in_ptr + t * in_stride;
+      silu_mul_row<IO>(gate, gate + n, out_ptr + t * out_stride, n);
+    }
+  });
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------
+
+// sum(x[i]^2) over a row in the order of torch's fp32 sum of a contiguous row on x86
+// (cascade_sum in aten/src/ATen/native/cpu/SumKernel.cpp, 8-lane vectors): 4 interleaved
+// vector accumulators with cascade levels every 16 steps, the leftover vectors into the
+// first, the accumulators together, then a scalar sum of the tail plus the 8 lanes in order.
+// Matching it makes RMSNorm bit-exact with torch's (for rows under 32768 elements, which
+// torch does not split across threads); any order would be within a few ulp.
+constexpr int64_t kMaxHidden = int64_t{1} << 24;  // torch's cascade step is 16 up to here
+
+float sum_of_squares(const float* x, int64_t n) {
+  constexpr int64_t kLanes = 8, kRows = 4, kLevels = 4, kPower = 4;
+  constexpr int64_t kStep = int64_t{1} << kPower;
+  const int64_t num_vecs = n / kLanes, size = num_vecs / kRows;
+  float acc[kLevels][kRows * kLanes] = {};
+  auto add_vecs = [&](float* into, int64_t first_vec, int64_t count) {
+    const float* src = x + first_vec * kLanes;
+    for (int64_t j = 0; j < count * kLanes; ++j) into[j] += src[j] * src[j];
+  };
+  int64_t i = 0;
+  while (i + kStep <= size) {
+    for (int64_t j = 0; j < kStep; ++j, ++i) add_vecs(acc[0], i * kRows, kRows);
+    for (int64_t level = 1; level < kLevels; ++level) {
+      for (int64_t j = 0; j < kRows * kLanes; ++j) {
+        acc[level][j] += acc[level - 1][j];
+        acc[level - 1][j] = 0.0f;
+      }
+      if ((i & ((kStep - 1) << (level * kPower))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) add_vecs(acc[0], i * kRows, kRows);
+  for (int64_t level = 1; level < kLevels; ++level)
+    for (int64_t j = 0; j < kRows * kLanes; ++j) acc[0][j] += acc[level][j];
+  for (int64_t v = size * kRows; v < num_vecs; ++v) add_vecs(acc[0], v, 1);
+  for (int64_t row = 1; row < kRows; ++row)
+    for (int64_t lane = 0; lane < kLanes; ++lane) acc[0][lane] += acc[0][row * kLanes + lane];
+  float total = 0.0f;
+  for (int64_t j = num_vecs * kLanes; j < n; ++j) total += x[j] * x[j];
+  for (int64_t lane = 0; lane < kLanes; ++lane) total += acc[0][lane];
+  return total;
+}
+
+// out = round(round(x * r) * weight), r = 1 / sqrt(mean(x^2) + eps) (torch's rsqrt): for
+// fp32 F.rms_norm with the weight; for half types the fp32 norm rounded, then times the
+// weight (the model's RMSNorm).
+template <typename IO>
+void rms_norm_row(const float* x, const typename IO::storage* weight, typename IO::storage* out,
+                  int64_t n, float eps) {
+  const float r = 1.0f / std::sqrt(sum_of_squares(x, n) / static_cast<float>(n) + eps);
+  int64_t i = 0;
+#ifdef SPLITSERVE_AVX512
+  const Vec rv = _mm512_set1_ps(r);
+  for (; i + 16 <= n; i += 16) {
+    const Vec normed = IO::round16(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv));
+    IO::store16(out + i, _mm512_mul_ps(normed, IO::load16(weight + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = IO::store(IO::round(x[i] * r) * IO::load(weight[i]));
+}
+
+template <typename IO>
+void rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& weight, float eps,
+                     const torch::Tensor& out) {
+  using T = typename IO::storage;
+  const T* x_ptr = ptr<IO>(x);
+  const T* w_ptr = ptr<IO>(weight);
+  T* out_ptr = ptr<IO>(out);
+  const int64_t n = x.size(1), x_stride = x.stride(0), out_stride = out.stride(0);
+  at::parallel_for(0, x.size(0), grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : n);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = as_float<IO>(x_ptr + t * x_stride, buf.data(), n);
+      rms_norm_row<IO>(row, w_ptr, out_ptr + t * out_stride, n, eps);
+    }
+  });
+}
+
+template <typename IO>
+void add_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& residual,
+                         const torch::Tensor& weight, float eps) {
+  using T = typename IO::storage;
+  T* x_ptr = ptr<IO>(x);
+  T* res_ptr = ptr<IO>(residual);
+  const T* w_ptr = ptr<IO>(weight);
+  const int64_t n = x.size(1), x_stride = x.stride(0), res_stride = residual.stride(0);
+  at::parallel_for(0, x.size(0), grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(n);  // residual + x, rounded to the dtype, in fp32
+    for (int64_t t = begin; t < end; ++t) {
+      T* __restrict xr = x_ptr + t * x_stride;
+      T* __restrict res = res_ptr + t * res_stride;
+      int64_t i = 0;
+#ifdef SPLITSERVE_AVX512
+      for (; i + 16 <= n; i += 16) {
+        const Vec h = IO::round16(_mm512_add_ps(IO::load16(res + i), IO::load16(xr + i)));
+        _mm512_storeu_ps(sum.data() + i, h);
+        IO::store16(res + i, h);
+      }
+#endif
+      for (; i < n; ++i) {
+        sum[i] = IO::round(IO::load(res[i]) + IO::load(xr[i]));
+        res[i] = IO::store(sum[i]);
+      }
+      rms_norm_row<IO>(sum.data(), w_ptr, xr, n, eps);
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [num_tokens, n] with stride 1");
+}
+
+}  // namespace
+
+void rotary_store_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                      torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  const int64_t num_tokens = qkv.size(0);
+  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even, got ", head_dim);
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim, "qkv width ",
+              qkv.size(1), " != (num_heads + 2 * num_kv_heads) * head_dim");
+  for (const torch::Tensor* table : {&cos, &sin}) {
+    const bool rows = table->dim() == 2 || (table->dim() == 3 && table->size(1) == 1);
+    TORCH_CHECK(rows && table->size(0) == num_tokens && table->size(-1) == head_dim &&
+                    table->stride(-1) == 1,
+                "cos/sin must be [num_tokens, head_dim] or [num_tokens, 1, head_dim]");
+    TORCH_CHECK(table->scalar_type() == qkv.scalar_type(), "cos/sin dtype must match qkv");
+  }
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "caches must both be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.size(2) == num_kv_heads && k_cache.size(3) == head_dim,
+              "cache heads/head_dim do not match");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() &&
+                  v_cache.scalar_type() == qkv.scalar_type(), "cache dtype must match qkv");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == num_tokens && slot_mapping.is_contiguous(),
+              "slot_mapping must be contiguous int64 [num_tokens]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t t = 0; t < num_tokens; ++t)  // before any write: fail with the caches intact
+    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " out of range [0, ", num_slots, ")");
+  if (num_tokens == 0) return;
+  dispatch(qkv.scalar_type(), "rotary_store_kv_", [&](auto io) {
+    rotary_store_kernel<decltype(io)>(qkv, cos, sin, k_cache, v_cache, slots, num_heads,
+                                      num_kv_heads, head_dim);
+  });
+}
+
+void silu_and_mul(torch::Tensor gate_up, torch::Tensor out) {
+  check_rows(gate_up, "gate_up");
+  check_rows(out, "out");
+  TORCH_CHECK(gate_up.size(0) == out.size(0) && gate_up.size(1) == 2 * out.size(1),
+              "gate_up [num_tokens, 2 * n] needs out [num_tokens, n]");
+  TORCH_CHECK(gate_up.scalar_type() == out.scalar_type(), "out dtype must match gate_up");
+  dispatch(gate_up.scalar_type(), "silu_and_mul",
+           [&](auto io) { silu_mul_kernel<decltype(io)>(gate_up, out); });
+}
+
+namespace {
+void check_norm(const torch::Tensor& x, const torch::Tensor& weight) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(),
+              "weight must be contiguous [hidden]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype must match x");
+  TORCH_CHECK(x.size(1) <= kMaxHidden, "hidden size ", x.size(1), " too large");
+}
+}  // namespace
+
+void rms_norm(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor out) {
+  check_norm(x, weight);
+  check_rows(out, "out");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "out must match x");
+  dispatch(x.scalar_type(), "rms_norm", [&](auto io) {
+    rms_norm_kernel<decltype(io)>(x, weight, static_cast<float>(eps), out);
+  });
+}
+
+// x and residual must not overlap.
+void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check_norm(x, weight);
+  check_rows(residual, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+              "residual must match x");
+  dispatch(x.scalar_type(), "add_rms_norm_", [&](auto io) {
+    add_rms_norm_kernel<decltype(io)>(x, residual, weight, static_cast<float>(eps));
+  });
+}
