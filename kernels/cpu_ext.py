@@ -19,7 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "paged_decode_cpu.cpp", _CSRC / "fused_ops_cpu.cpp"]
+_SOURCES = [_CSRC / name for name in
+            ("bindings.cpp", "paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp")]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
@@ -137,3 +138,27 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     x, residual: [num_tokens, hidden]; the add rounds to the dtype like `h = x + o_proj(...)`.
     """
     _extension().add_rms_norm_(x, residual, weight, eps)
+
+
+# fp32 linear layers for small row counts (kernels/csrc/gemm_cpu.cpp).
+
+
+def gemm_supported() -> bool:
+    """Whether this build has linear_packed (it needs AVX-512)."""
+    module = load()
+    return module is not None and bool(module.gemm_supported())
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 [out_features, in_features] -> panels [ceil(out_features / 16), in_features, 16]."""
+    return _extension().pack_linear_weight(weight.detach().contiguous())
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) from pack_linear_weight(weight); x [rows, in_features]."""
+    if out is None:
+        out = x.new_empty(x.shape[0], out_features)
+    if x.shape[0]:
+        _extension().linear_packed(x, packed, bias, out)
+    return out

@@ -8,36 +8,58 @@ import pytest
 import torch
 from torch import nn
 
-from engine.cpu_linear import _PACKED_ROWS, PackedLinear, prepack_linears, prepack_supported
+from engine.cpu_linear import (
+    _PACKED_ROWS,
+    PackedLinear,
+    packing_for,
+    prepack_linears,
+    prepack_supported,
+)
 from engine.sampling_params import SamplingParams
+from kernels import cpu_ext
 from splitserve.llm import LLM
 
 pytestmark = pytest.mark.skipif(
     not prepack_supported(torch.float32, torch.device("cpu")), reason="no oneDNN in this torch"
 )
+_PACKINGS = [
+    pytest.param("panel", torch.float32, 1e-5, marks=pytest.mark.skipif(
+        not cpu_ext.gemm_supported(), reason="the panel GEMM needs AVX-512")),
+    pytest.param("onednn_fp32", torch.float32, 1e-5),
+    pytest.param("onednn_bf16", torch.bfloat16, 1e-2),
+]
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("packing", "dtype", "tolerance"), _PACKINGS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_linear_inside_and_outside_the_packed_rows(dtype: torch.dtype, tolerance: float,
-                                                           bias: bool) -> None:
+@pytest.mark.parametrize(("in_features", "out_features"), [(96, 200), (576, 960), (7, 3)])
+def test_matches_linear_inside_and_outside_the_packed_rows(
+    packing: str, dtype: torch.dtype, tolerance: float, bias: bool, in_features: int,
+    out_features: int,
+) -> None:
     torch.manual_seed(0)
-    plain = nn.Linear(96, 200, bias=bias).to(dtype)
-    packed_rows = _PACKED_ROWS[dtype]
-    packed = PackedLinear(plain, packed_rows)
-    for rows in sorted({1, 2, packed_rows.min_rows, 7, 32, packed_rows.max_rows,
-                        packed_rows.max_rows + 1, 600}):
-        x = torch.randn(rows, 96).to(dtype)
+    plain = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    packed = PackedLinear(plain, packing)
+    rows = _PACKED_ROWS[packing]
+    for num_rows in sorted({1, 2, rows.min_rows, 7, 9, 32, rows.max_rows, rows.max_rows + 1}):
+        x = torch.randn(num_rows, in_features).to(dtype)
         with torch.inference_mode():
             torch.testing.assert_close(packed(x).float(), plain(x).float(),
                                        rtol=tolerance, atol=tolerance)
 
 
-def test_packed_path_is_taken_only_inside_the_range() -> None:
+@pytest.mark.parametrize("packing", ["panel", "onednn_fp32"])
+def test_packed_path_is_taken_only_inside_the_range(packing: str) -> None:
+    if packing == "panel" and not cpu_ext.gemm_supported():
+        pytest.skip("the panel GEMM needs AVX-512")
     plain = nn.Linear(16, 8)
-    rows = _PACKED_ROWS[torch.float32]
-    packed = PackedLinear(plain, rows)
-    packed.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 16), 32)  # poison
+    poisoned = nn.Linear(16, 8)
+    with torch.no_grad():
+        poisoned.weight.zero_()
+        poisoned.bias.copy_(plain.bias)
+    packed = PackedLinear(plain, packing)
+    packed.packed = PackedLinear(poisoned, packing).packed  # packed copy now computes bias only
+    rows = _PACKED_ROWS[packing]
     with torch.inference_mode():
         inside = packed(torch.ones(rows.min_rows, 16))
         outside = packed(torch.ones(rows.max_rows + 1, 16))
@@ -45,15 +67,32 @@ def test_packed_path_is_taken_only_inside_the_range() -> None:
     torch.testing.assert_close(outside, plain(torch.ones(rows.max_rows + 1, 16)).detach())
 
 
+def test_panel_linear_writes_strided_rows_and_skips_empty_input() -> None:
+    if not cpu_ext.gemm_supported():
+        pytest.skip("the panel GEMM needs AVX-512")
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    packed = cpu_ext.pack_linear_weight(weight)
+    assert packed.shape == (3, 24, 16)
+    assert torch.equal(packed[2, :, 8:], torch.zeros(24, 8))  # padding columns are zero
+    wide = torch.full((5, 50), 7.0)
+    x = torch.randn(5, 24)
+    cpu_ext.linear_packed(x, packed, bias, 40, out=wide[:, 3:43])
+    torch.testing.assert_close(wide[:, 3:43], torch.nn.functional.linear(x, weight, bias))
+    assert torch.equal(wide[:, :3], torch.full((5, 3), 7.0))
+    assert torch.equal(wide[:, 43:], torch.full((5, 7), 7.0))
+    assert cpu_ext.linear_packed(torch.empty(0, 24), packed, None, 40).shape == (0, 40)
+
+
 def test_engine_packs_every_linear_and_keeps_tied_embeddings(tiny_llama_mha_tied: Path) -> None:
     llm = LLM(model=str(tiny_llama_mha_tied), num_kv_blocks=64)
     model = llm.engine.runner.model
     assert not [m for m in model.modules() if type(m) is nn.Linear]
     assert isinstance(model.lm_head, PackedLinear)
+    assert model.lm_head.packing == packing_for(torch.float32)
     assert model.lm_head.weight is model.embed_tokens.weight
     plain = LLM(model=str(tiny_llama_mha_tied), num_kv_blocks=64, cpu_weight_prepack=False)
     assert not [m for m in plain.engine.runner.model.modules() if isinstance(m, PackedLinear)]
-    # Both paths produce the same greedy tokens (batch of 8 rows: the packed range in fp32).
+    # Both paths produce the same greedy tokens (8 rows per decode step: packed in fp32).
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = [[5 + i, 17, 40 + 3 * i] for i in range(8)]
     ours = [o.token_ids for o in llm.generate(prompts, params)]
