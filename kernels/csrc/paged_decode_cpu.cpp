@@ -89,6 +89,17 @@ inline void axpy(float* a, float p, const scalar_t* b, int64_t n) {
   for (; d < n; ++d) a[d] += p * static_cast<float>(b[d]);
 }
 
+// Asks for the cache lines of one K/V row ahead of use: the rows of a sequence are scattered
+// over its blocks, so the hardware prefetcher cannot follow them across block boundaries.
+template <int Locality, typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t byte = 0; byte < n * static_cast<int64_t>(sizeof(scalar_t)); byte += 64)
+    __builtin_prefetch(p + byte, 0, Locality);
+}
+
+constexpr int64_t kPrefetchAhead = 8;  // K rows requested ahead of the dot products
+
 // Most tokens a block may hold for the on-stack score buffer; larger blocks are walked in
 // sub-blocks of this many slots.
 constexpr int64_t kChunk = 64;
@@ -142,9 +153,13 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
         for (int64_t i = 0; i < count; ++i) {
           row_offset[i] = (table[block_index] * block_size + slot) * token_stride + head_offset;
           if (++slot == block_size) slot = 0, ++block_index;
+          if (i < kPrefetchAhead) prefetch_row<3>(k_ptr + row_offset[i], head_dim);
         }
         for (int64_t i = 0; i < count; ++i) {
           const scalar_t* krow = k_ptr + row_offset[i];
+          if (i + kPrefetchAhead < count)
+            prefetch_row<3>(k_ptr + row_offset[i + kPrefetchAhead], head_dim);
+          prefetch_row<2>(v_ptr + row_offset[i], head_dim);  // used after this run's scores
           for (int64_t g = 0; g < group; ++g)
             scores[g * kChunk + i] = dot(qf + g * head_dim, krow, head_dim);
         }
