@@ -34,6 +34,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"])
     g.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
+    g.add_argument("--no-cpu-weight-prepack", action="store_true",
+                   help="CPU: skip the packed weight copies for small batches (halves weight "
+                        "memory, slower decode)")
 
 
 def _engine_config(args: argparse.Namespace) -> Any:
@@ -45,6 +48,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, num_threads=args.threads,
+        cpu_weight_prepack=not args.no_cpu_weight_prepack,
     )
 
 

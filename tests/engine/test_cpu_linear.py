@@ -103,3 +103,12 @@ def test_prepack_linears_counts_replacements() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
     assert prepack_linears(model, torch.float32) == 2
     assert isinstance(model[0], PackedLinear) and isinstance(model[2][0], PackedLinear)
+
+
+def test_cli_flag_turns_prepacking_off() -> None:
+    from splitserve.cli import _engine_config, build_parser
+
+    parser = build_parser()
+    assert _engine_config(parser.parse_args(["serve"])).cpu_weight_prepack is True
+    off = parser.parse_args(["serve", "--no-cpu-weight-prepack"])
+    assert _engine_config(off).cpu_weight_prepack is False
