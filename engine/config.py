@@ -32,8 +32,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA, the C++ kernel (else torch) on CPU
     num_threads: int | None = None  # CPU threads for torch; None: all cores
-    # CPU: keep each linear weight also in oneDNN's blocked layout for small batches
-    # (faster decode, twice the weight memory); see engine/cpu_linear.py.
+    # CPU: keep each linear weight also in a packed layout for decode-sized batches (our
+    # fp32 panel GEMM, oneDNN's for bf16): faster decode, twice the weight memory; see
+    # engine/cpu_linear.py.
     cpu_weight_prepack: bool = True
     role: str = "both"  # which phases this engine runs: both (colocated), prefill, decode
     seed: int = 0  # seeds requests that ask for sampling without a seed of their own
