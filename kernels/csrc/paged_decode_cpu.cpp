@@ -100,13 +100,13 @@ inline void prefetch_row(const scalar_t* row, int64_t n) {
 
 constexpr int64_t kPrefetchAhead = 8;  // K rows requested ahead of the dot products
 
-// Most tokens a block may hold for the on-stack score buffer; larger blocks are walked in
-// sub-blocks of this many slots.
+// Slots per run of the online softmax (scores of one run are kept, then folded in).
 constexpr int64_t kChunk = 64;
-constexpr int64_t kMaxGroup = 16;  // query heads per kv head handled by one task
-constexpr int64_t kMaxHeadDim = 256;
+// Largest query-head group and head_dim served from stack scratch.
+constexpr int64_t kStackGroup = 16;
+constexpr int64_t kStackHeadDim = 256;
 
-template <typename scalar_t>
+template <typename scalar_t, bool kOnStack>
 void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                    const torch::Tensor& context_lens, double scale, torch::Tensor& out) {
@@ -128,10 +128,21 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   // One pass over the context with an online softmax: for each run of up to kChunk slots,
   // scores for every query head of the group, rescale the running sums, add the V rows.
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float qf[kMaxGroup * kMaxHeadDim];
-    alignas(64) float acc[kMaxGroup * kMaxHeadDim];
-    alignas(64) float scores[kMaxGroup * kChunk];
-    float running_max[kMaxGroup], running_sum[kMaxGroup];
+    // Per-thread scratch for the group's query heads: on the stack for the usual shapes
+    // (the compiler then knows it aliases nothing), else on the heap.
+    alignas(64) float q_stack[kOnStack ? kStackGroup * kStackHeadDim : 1];
+    alignas(64) float acc_stack[kOnStack ? kStackGroup * kStackHeadDim : 1];
+    alignas(64) float score_stack[kOnStack ? kStackGroup * kChunk : 1];
+    std::vector<float> q_heap, acc_heap, score_heap;
+    if constexpr (!kOnStack) {
+      q_heap.resize(group * head_dim);
+      acc_heap.resize(group * head_dim);
+      score_heap.resize(group * kChunk);
+    }
+    float* qf = kOnStack ? q_stack : q_heap.data();
+    float* acc = kOnStack ? acc_stack : acc_heap.data();
+    float* scores = kOnStack ? score_stack : score_heap.data();
+    std::vector<float> running_max(group), running_sum(group);
     int64_t row_offset[kChunk];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
@@ -210,11 +221,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.is_contiguous());
   TORCH_CHECK(context_lens.scalar_type() == torch::kInt32 && context_lens.is_contiguous());
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads % num_kv_heads != 0");
-  TORCH_CHECK(q.size(1) / k_cache.size(2) <= kMaxGroup, "more than 16 query heads per kv head");
-  TORCH_CHECK(q.size(2) <= kMaxHeadDim, "head_dim above 256");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode_kernel<scalar_t>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+    if (q.size(1) / k_cache.size(2) <= kStackGroup && q.size(2) <= kStackHeadDim)
+      decode_kernel<scalar_t, true>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+    else
+      decode_kernel<scalar_t, false>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
   });
   return out;
 }

@@ -58,3 +58,17 @@ def test_shuffled_block_ids_give_the_same_output() -> None:
     moved_tables = inverse[tables.long()].to(torch.int32)  # block b now lives at inverse[b]
     second = cpu_ext.paged_decode_attention(q, k[perm], v[perm], moved_tables, ctx, 0.125)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 1, 64), (4, 2, 288)])
+def test_wide_groups_and_heads_over_several_softmax_runs(num_heads: int, num_kv_heads: int,
+                                                         head_dim: int) -> None:
+    # 32 query heads on one kv head (MQA) and head_dim above 256; 200 slots = 4 online-
+    # softmax runs of 64, so the running max/sum rescaling is exercised across runs.
+    lens = [1, 64, 65, 200]
+    q, k, v, tables, ctx = _case(4, num_heads, num_kv_heads, head_dim, 16, lens, torch.float32,
+                                 seed=5)
+    k[:, :, :, 0] += torch.linspace(-30, 30, k.shape[0]).view(-1, 1, 1)  # uneven maxima
+    expected = reference.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
+    got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
