@@ -78,8 +78,11 @@ class PackedLinear(nn.Module):
 
 
 def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:  # oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 def prepack_linears(model: nn.Module, dtype: torch.dtype) -> int:

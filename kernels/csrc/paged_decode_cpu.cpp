@@ -201,7 +201,8 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
       }
       for (int64_t g = 0; g < group; ++g) {
         scalar_t* dst = out_ptr + seq * o_seq_stride + (kv_head * group + g) * o_head_stride;
-        const float inv = 1.0f / running_sum[g];
+        // An empty context (length 0) gives zeros, as the reference does.
+        const float inv = running_sum[g] > 0.0f ? 1.0f / running_sum[g] : 0.0f;
         for (int64_t d = 0; d < head_dim; ++d)
           dst[d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv);
       }

@@ -72,3 +72,12 @@ def test_wide_groups_and_heads_over_several_softmax_runs(num_heads: int, num_kv_
     expected = reference.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
     got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_context_gives_zeros_like_the_reference() -> None:
+    q, k, v, tables, _ = _case(2, 4, 2, 64, 16, [3, 5], torch.float32, seed=6)
+    ctx = torch.tensor([0, 5], dtype=torch.int32)
+    expected = reference.paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
