@@ -32,8 +32,11 @@ template <int R, int P>
 inline void tile(const float* x, int64_t ldx, const float* w, int64_t panel_stride, int64_t k_dim,
                  const float* bias, float* y, int64_t ldy, int64_t columns_left) {
   __m512 acc[R][P];
+  __mmask16 mask[P];  // the panel's real columns (the last panel may be partly padding)
   for (int p = 0; p < P; ++p) {
-    const __m512 b = bias ? _mm512_loadu_ps(bias + p * kLanes) : _mm512_setzero_ps();
+    const int64_t valid = std::min(kLanes, columns_left - p * kLanes);
+    mask[p] = static_cast<__mmask16>(valid >= kLanes ? 0xFFFF : (1u << valid) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[p], bias + p * kLanes) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) acc[r][p] = b;
   }
   for (int64_t k = 0; k < k_dim; ++k) {
@@ -51,11 +54,8 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t panel_stri
       for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wk[p], acc[r][p]);
     }
   }
-  for (int p = 0; p < P; ++p) {
-    const int64_t valid = std::min(kLanes, columns_left - p * kLanes);
-    const __mmask16 mask = static_cast<__mmask16>(valid >= kLanes ? 0xFFFF : (1u << valid) - 1);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy + p * kLanes, mask, acc[r][p]);
-  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy + p * kLanes, mask[p], acc[r][p]);
 }
 
 template <int P>
@@ -116,14 +116,10 @@ void linear_packed(torch::Tensor x, torch::Tensor packed, std::optional<torch::T
   TORCH_CHECK(packed.size(0) == (n_dim + kLanes - 1) / kLanes && out.size(0) == rows,
               "out [M, N] does not fit the packed weight");
   const float* bias_ptr = nullptr;
-  torch::Tensor padded_bias;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_dim &&
-                bias->scalar_type() == torch::kFloat32, "bias [N] fp32");
-    // Padded to whole panels so the tile's bias loads stay in bounds.
-    padded_bias = torch::zeros({packed.size(0) * kLanes}, bias->options());
-    padded_bias.narrow(0, 0, n_dim).copy_(*bias);
-    bias_ptr = padded_bias.data_ptr<float>();
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n_dim && bias->is_contiguous() &&
+                bias->scalar_type() == torch::kFloat32, "bias [N] fp32, contiguous");
+    bias_ptr = bias->data_ptr<float>();  // the tile's masked loads stay inside [0, N)
   }
 #if defined(__AVX512F__)
   const float* x_ptr = x.data_ptr<float>();
