@@ -2,15 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= smollm2-135m
+# Extra flags for `make run`, e.g. RUN_ARGS=--exit-after-demo (demo, then stop).
+RUN_ARGS ?=
 
-.PHONY: setup run demo test test-fast lint protos bench-offline clean
+.PHONY: setup run test test-fast lint lock protos bench-offline fresh-check clean
 
 setup:
 	bash scripts/setup.sh
 
 ## The main job: the local service on the default model (see README).
 run: setup
-	$(PY) -m splitserve.cli serve --model $(MODEL) --prefill-workers 1 --decode-workers 1 --demo
+	$(PY) -m splitserve.cli serve --model $(MODEL) --prefill-workers 1 --decode-workers 1 --demo $(RUN_ARGS)
 
 ## Everything the tests need, then the whole suite (CPU only; gpu-marked tests skip).
 test: setup
@@ -19,13 +21,24 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests
 
-TORCH_FREE_CORE := engine/block_manager.py engine/scheduler.py engine/sequence.py \
-	engine/sampling_params.py engine/block_hash.py engine/stop_checker.py engine/tokenizer.py \
-	cluster router splitserve/client.py splitserve/_client_common.py splitserve/protocol.py
+# mypy: every package but the engine, kernels and entry points (torch-heavy; typed, not
+# yet mypy-clean as a whole); the worker roles pull in the engine modules they use.
+MYPY_PACKAGES := -p splitserve.common -p splitserve.cluster -p splitserve.router \
+	-p splitserve.worker -p splitserve.prefill_worker -p splitserve.decode_worker \
+	-p splitserve.kvtransfer -p splitserve.client -p splitserve._client_common
 
 lint: setup
-	$(VENV)/bin/ruff check engine kernels kvtransfer cluster router splitserve prefill_worker decode_worker tests benchmarks scripts
-	$(VENV)/bin/mypy $(TORCH_FREE_CORE)
+	$(VENV)/bin/ruff check splitserve kernels kvtransfer router prefill_worker decode_worker \
+		tests benchmarks scripts setup.py
+	$(VENV)/bin/mypy $(MYPY_PACKAGES)
+
+## Refresh requirements/dev.lock to the newest releases within pyproject.toml's ranges.
+lock: setup
+	$(VENV)/bin/pip-compile -q --upgrade --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links --extra dev --extra triton -o requirements/dev.lock \
+		pyproject.toml requirements/pins.in
+	# The CPU wheel's local label (+cpu) names no public index: keep the plain version.
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements/dev.lock
 
 protos:
 	$(PY) scripts/gen_protos.py
@@ -33,5 +46,9 @@ protos:
 bench-offline: setup
 	$(PY) -m splitserve.cli bench offline --model $(MODEL)
 
+## Proof on a fresh machine: clone, new venv, empty pip cache, the README's two commands.
+fresh-check:
+	bash scripts/fresh_machine_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache kernels/*.so

@@ -104,7 +104,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, block_size: int, device: torch
 
 
 def sdpa_runner(q, k_cache, v_cache, table, shape: Shape, scale: float) -> Callable[[], torch.Tensor]:
-    from kernels.reference import gather_kv
+    from splitserve.kernels.reference import gather_kv
 
     n = table.shape[1]
     # [num_seqs, kv_heads, context_len, d], gathered once outside the timed region
@@ -138,8 +138,8 @@ def check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def bench_shape(shape: Shape, args: argparse.Namespace, device: torch.device, copy_gbs: float) -> None:
-    from kernels import paged_attention as pa
-    from kernels import reference as ref
+    from splitserve.kernels import paged_attention as pa
+    from splitserve.kernels import reference as ref
 
     dtype = DTYPES[args.dtype]
     q, k_cache, v_cache, table, lens = make_inputs(shape, dtype, args.block_size, device)

@@ -9,12 +9,16 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from splitserve.protocol import FINISH_REASONS, logprobs_to_proto, sampling_from_proto
+from splitserve.common.convert.common import (
+    FINISH_REASONS,
+    layout_to_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+)
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from splitserve.worker_runtime import layout_to_proto
 
 if TYPE_CHECKING:
-    from decode_worker.worker import DecodeRequest, DecodeWorker
+    from splitserve.decode_worker.worker import DecodeRequest, DecodeWorker
 
 _REFUSALS = {
     "no_free_blocks": worker_pb2.ADMIT_REFUSAL_NO_FREE_BLOCKS,
@@ -30,8 +34,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, worker: DecodeWorker):
         self.worker = worker
 
-    def Admit(self, request, context) -> Iterator[worker_pb2.AdmitResponse]:  # type: ignore[no-untyped-def]
-        from decode_worker.worker import AdmitRefused
+    def Admit(self, request: worker_pb2.AdmitRequest,
+              context: grpc.ServicerContext) -> Iterator[worker_pb2.AdmitResponse]:
+        from splitserve.decode_worker.worker import AdmitRefused
 
         worker = self.worker
         try:
@@ -71,22 +76,26 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 finished = True
             yield message
 
-    def PrefillDone(self, request, context):  # type: ignore[no-untyped-def]
+    def PrefillDone(self, request: worker_pb2.PrefillDoneRequest,
+                    context: grpc.ServicerContext) -> worker_pb2.PrefillDoneResponse:
         found = self.worker.prefill_done(request.request_id, request.first_token_id)
         return worker_pb2.PrefillDoneResponse(found=found)
 
-    def Abort(self, request, context):  # type: ignore[no-untyped-def]
+    def Abort(self, request: worker_pb2.DecodeAbortRequest,
+              context: grpc.ServicerContext) -> worker_pb2.DecodeAbortResponse:
         return worker_pb2.DecodeAbortResponse(found=self.worker.abort(request.request_id))
 
-    def Stats(self, request, context):  # type: ignore[no-untyped-def]
+    def Stats(self, request: worker_pb2.DecodeStatsRequest,
+              context: grpc.ServicerContext) -> worker_pb2.DecodeStatsResponse:
         return worker_pb2.DecodeStatsResponse(**self.worker.stats_fields())
 
-    def Drain(self, request, context):  # type: ignore[no-untyped-def]
+    def Drain(self, request: worker_pb2.DecodeDrainRequest,
+              context: grpc.ServicerContext) -> worker_pb2.DecodeDrainResponse:
         left = self.worker.drain(request.wait_timeout_ms / 1000.0)
         return worker_pb2.DecodeDrainResponse(num_in_flight_requests=left)
 
 
-def _relay(request: DecodeRequest, context) -> Iterator[worker_pb2.AdmitResponse]:  # type: ignore[no-untyped-def]
+def _relay(request: DecodeRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.AdmitResponse]:
     """Stream the request's events, coalescing whatever queued up since the last message."""
     generated = 0
     while context.is_active():

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.outputs import StepOutput
-from engine.sampling_params import SamplingParams
-from kvtransfer.state import KVTransfer, TransferState
-from splitserve.worker_runtime import WorkerRuntime
+from splitserve.cluster.store import ClusterStore
+from splitserve.common.outputs import StepOutput
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
 
 
 class AdmitRefused(Exception):
@@ -60,13 +62,13 @@ class DecodeRequest:
 class DecodeWorker(WorkerRuntime):
     role = "decode"
 
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None) -> None:
+        super().__init__(options, store)
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
 
     def _register(self, server: grpc.Server) -> list[str]:
-        from decode_worker.servicer import add_decode_servicer
+        from splitserve.decode_worker.servicer import add_decode_servicer
 
         return add_decode_servicer(server, self)
 
@@ -88,7 +90,7 @@ class DecodeWorker(WorkerRuntime):
         request = DecodeRequest(request_id, list(prompt_token_ids), params)
         request.prefill_deadline = time.monotonic() + prefill_timeout_s
 
-        def admit_on_loop(engine) -> None:  # type: ignore[no-untyped-def]
+        def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
             if prefill_locally:
                 engine.add_request(request.prompt_token_ids, params, request_id)
@@ -114,7 +116,7 @@ class DecodeWorker(WorkerRuntime):
         return request
 
     def prefill_done(self, request_id: str, first_token_id: int) -> bool:
-        def on_loop(engine) -> bool:  # type: ignore[no-untyped-def]
+        def on_loop(engine: LLMEngine) -> bool:
             request = self._waiting_kv.get(request_id)
             if request is None:
                 return False
@@ -125,7 +127,7 @@ class DecodeWorker(WorkerRuntime):
         return self.loop.call(on_loop)
 
     def abort(self, request_id: str) -> bool:
-        def on_loop(engine) -> bool:  # type: ignore[no-untyped-def]
+        def on_loop(engine: LLMEngine) -> bool:
             request = self._waiting_kv.get(request_id)
             if request is not None:
                 self._end_waiting(engine, request, "aborted", abort=True)
@@ -138,7 +140,7 @@ class DecodeWorker(WorkerRuntime):
         return self.loop.call(on_loop)
 
     # ---- engine thread --------------------------------------------------------------------
-    def _check_admissible(self, engine, request: DecodeRequest) -> None:  # type: ignore[no-untyped-def]
+    def _check_admissible(self, engine: LLMEngine, request: DecodeRequest) -> None:
         if self.draining.is_set():
             raise AdmitRefused("draining", f"{self.worker_id} is draining")
         if request.request_id in engine.requests or request.request_id in self._waiting_kv:
@@ -148,7 +150,7 @@ class DecodeWorker(WorkerRuntime):
                                f"does not fit the context ({engine.max_model_len})")
         engine.validate_prompt(request.prompt_token_ids, request.params)
 
-    def _poll_kv(self, engine, request: DecodeRequest) -> bool:  # type: ignore[no-untyped-def]
+    def _poll_kv(self, engine: LLMEngine, request: DecodeRequest) -> bool:
         """Returns False once the request left the waiting-for-KV state."""
         if request.request_id not in self._waiting_kv:
             return False
@@ -184,7 +186,7 @@ class DecodeWorker(WorkerRuntime):
             self.loop.dispatch(finished)
         return False
 
-    def _end_waiting(self, engine, request: DecodeRequest, error: str, abort: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def _end_waiting(self, engine: LLMEngine, request: DecodeRequest, error: str, abort: bool = False) -> None:
         self._waiting_kv.pop(request.request_id, None)
         self._num_waiting_kv = len(self._waiting_kv)
         self.loop.remove_poller(request.request_id)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kernels import reference
+from splitserve.kernels import reference
 
 __all__ = ["BACKENDS", "AttentionOps", "FusedLayerOps", "get_attention_ops", "triton_available"]
 
@@ -73,8 +73,8 @@ def _import_triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType
         # Read when @triton.jit decorates a kernel, so it must be set before the kernel
         # modules below are first imported; an earlier import on another device wins.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    attention = importlib.import_module("kernels.paged_attention")
-    kv_ops = importlib.import_module("kernels.kv_ops")
+    attention = importlib.import_module("splitserve.kernels.paged_attention")
+    kv_ops = importlib.import_module("splitserve.kernels.kv_ops")
     return attention, kv_ops
 
 
@@ -137,7 +137,7 @@ def _triton_ops(device: torch.device) -> AttentionOps:
 def _cpu_ops() -> AttentionOps | None:
     """The C++ CPU kernels (kernels.cpu_ext: decode attention and the fused layer ops) with
     the reference KV ops, if they build."""
-    from kernels import cpu_ext
+    from splitserve.kernels import cpu_ext
 
     if cpu_ext.load() is None:
         return None

@@ -1,57 +1,76 @@
-"""A small C++ CPU kernel for paged decode attention, built on first use.
+"""The C++ CPU kernels (kernels/csrc/): paged decode attention, fused layer ops, a GEMM for
+decode-sized batches.
 
-It reads K/V rows straight from the paged cache (no gathered copy) with one task per
-(sequence, kv head), fp32 scores and softmax. Built with torch.utils.cpp_extension into the
-torch extensions cache (TORCH_EXTENSIONS_DIR); where no compiler is available, `load()`
-returns None and callers fall back to kernels.reference.
+Built ahead of time by the package's own build (`pip install -e .` / `make setup` compile
+`splitserve.kernels._cpu_ops` with torch's cpp_extension; see setup.py). When that module
+is absent or does not load (no torch in the build environment, a torch upgraded since), the
+extension is built on first use by `kernels.jit_build` (bounded waits, a cache keyed by
+source hash and path). Where no compiler is available either, `load()` returns None and
+callers fall back to kernels.reference. SPLITSERVE_DISABLE_CPU_KERNELS=1 skips all of it.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
-import sys
 import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from splitserve.common import envs
+from splitserve.kernels.build_spec import CSRC, SOURCE_NAMES, compile_flags, source_digest
+
 log = logging.getLogger(__name__)
-_CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in
-            ("bindings.cpp", "paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp")]
+AOT_MODULE = "splitserve.kernels._cpu_ops"
+JIT_NAME = "splitserve_cpu_ops"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
 
 
+def load_ahead_of_time() -> ModuleType | None:
+    """The extension built at install time, if present and built from these sources."""
+    try:
+        module = importlib.import_module(AOT_MODULE)
+    except ImportError as exc:  # not built, or built against another torch
+        log.info("no ahead-of-time CPU kernels (%s); building them on first use", exc)
+        return None
+    built_from, current = getattr(module, "source_digest", ""), source_digest()
+    if built_from != current:
+        log.warning("the installed CPU kernels were built from other sources (%s, now %s); "
+                    "building these on first use (`make setup` rebuilds them at install)",
+                    built_from or "unknown", current)
+        return None
+    return module
+
+
+def _load_just_in_time() -> ModuleType:
+    from splitserve.kernels.jit_build import load_or_build
+
+    cflags, ldflags = compile_flags(envs.get("SPLITSERVE_CPU_MARCH"), source_digest())
+    return load_or_build(
+        JIT_NAME, [CSRC / name for name in SOURCE_NAMES], [CSRC], cflags, ldflags,
+        timeout_s=envs.get("SPLITSERVE_KERNEL_BUILD_TIMEOUT_S"),
+    )
+
+
 def load() -> ModuleType | None:
-    """The compiled extension, or None when it cannot be built here (logged once)."""
+    """The compiled extension, or None when it cannot be had here (logged once)."""
     global _module, _failed
     with _lock:
         if _module is not None or _failed:
             return _module
-        if os.environ.get("SPLITSERVE_DISABLE_CPU_KERNELS"):
+        if envs.get("SPLITSERVE_DISABLE_CPU_KERNELS"):
             _failed = True
             return None
-        try:
-            from torch.utils.cpp_extension import load as load_extension
-
-            # pip's ninja lives beside the interpreter, which may not be on PATH.
-            bin_dir = os.path.dirname(sys.executable)
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-            _module = load_extension(
-                name="splitserve_paged_decode_cpu",
-                sources=[str(path) for path in _SOURCES],
-                extra_include_paths=[str(_CSRC)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, ...: the reference path works
-            log.warning("CPU decode kernel unavailable (%s); using the torch reference", exc)
-            _failed = True
+        _module = load_ahead_of_time()
+        if _module is None:
+            try:
+                _module = _load_just_in_time()
+            except Exception as exc:  # no compiler, no ninja, lock timeout: the reference works
+                log.warning("CPU kernels unavailable (%s); using the torch reference", exc)
+                _failed = True
         return _module
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_plan import (
+from splitserve.kernels.attention_plan import (
     MAX_SPLITS,
     AttentionScratch,
     alloc_scratch,

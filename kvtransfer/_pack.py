@@ -37,7 +37,7 @@ def _ops() -> tuple[Callable[..., Any], Callable[..., Any]]:
     global _OPS
     if _OPS is None:
         try:
-            from kernels.reference import pack_kv, unpack_kv
+            from splitserve.kernels.reference import pack_kv, unpack_kv
 
             _OPS = (pack_kv, unpack_kv)
         except ImportError:

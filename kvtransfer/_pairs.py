@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvtransfer._rendezvous import PairLink
-from kvtransfer._tables import ABORT, DATA, Incoming, SendEntry
-from kvtransfer._wire import HEADER_LEN, REASON_FAILED, Header
-from kvtransfer.layout import KVLayoutMismatch
+from splitserve.common.kv_layout import KVLayoutMismatch
+from splitserve.kvtransfer._rendezvous import PairLink
+from splitserve.kvtransfer._tables import ABORT, DATA, Incoming, SendEntry
+from splitserve.kvtransfer._wire import HEADER_LEN, REASON_FAILED, Header
 
 if TYPE_CHECKING:
-    from kvtransfer.torch_dist import TorchDistBackend
+    from splitserve.kvtransfer.torch_dist import TorchDistBackend
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kvtransfer.layout import KVLayout, check_compatible
+from splitserve.common.kv_layout import KVLayout, check_compatible
 
 _POLL_S = 0.01
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtransfer._pack import unpack_layer
-from kvtransfer.state import KVTransfer
+from splitserve.kvtransfer._pack import unpack_layer
+from splitserve.kvtransfer.state import KVTransfer
 
 DATA = 1  # message kinds, shared with the wire header
 ABORT = 2

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtransfer._tables import ABORT, DATA
+from splitserve.kvtransfer._tables import ABORT, DATA
 
 HEADER_LEN = 8
 MAGIC = 0x53534B5601  # "SSKV" + version 1

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtransfer._pack import pack_layer
-from kvtransfer._tables import Incoming, ReceiveTable, RecvEntry, SendEntry, deliver
-from kvtransfer.layout import KVLayout
-from kvtransfer.state import (
+from splitserve.common.kv_layout import KVLayout
+from splitserve.kvtransfer._pack import pack_layer
+from splitserve.kvtransfer._tables import Incoming, ReceiveTable, RecvEntry, SendEntry, deliver
+from splitserve.kvtransfer.state import (
     Direction,
     KVTransfer,
     TransferState,

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from kvtransfer.layout import KVLayout
-from kvtransfer.state import KVTransfer, TransferState
-from kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
+from splitserve.common.kv_layout import KVLayout
+from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
 
 Plan = list[tuple[str, list[int]]]  # (request id, block ids); the same ids on both sides
 
@@ -80,7 +80,7 @@ def _send(args: argparse.Namespace) -> None:
 
 
 def _spawn_sender(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "kvtransfer.bench", "--role", "send", "--port", str(port)]
+    argv = [sys.executable, "-m", "splitserve.kvtransfer.bench", "--role", "send", "--port", str(port)]
     for flag in ("tokens", "requests", "repeats", "dtype", "device"):
         argv += [f"--{flag}", str(getattr(args, flag))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -11,9 +11,9 @@ import threading
 
 import torch
 
-from kvtransfer._tables import ABORT, DATA, Incoming, RecvEntry, SendEntry
-from kvtransfer.base import KVBackend
-from kvtransfer.layout import KVLayout, KVLayoutMismatch, check_compatible
+from splitserve.common.kv_layout import KVLayout, KVLayoutMismatch, check_compatible
+from splitserve.kvtransfer._tables import ABORT, DATA, Incoming, RecvEntry, SendEntry
+from splitserve.kvtransfer.base import KVBackend
 
 
 class InProcRegistry:

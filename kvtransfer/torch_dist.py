@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from kvtransfer._pairs import CONNECT, Outgoing, RecvPair, SendPair
-from kvtransfer._rendezvous import create_rendezvous_store, default_bind_host
-from kvtransfer._tables import ABORT, DATA, RecvEntry, SendEntry
-from kvtransfer._wire import REASON_ABORTED
-from kvtransfer.base import KVBackend
-from kvtransfer.layout import KVLayout
+from splitserve.common.kv_layout import KVLayout
+from splitserve.kvtransfer._pairs import CONNECT, Outgoing, RecvPair, SendPair
+from splitserve.kvtransfer._rendezvous import create_rendezvous_store, default_bind_host
+from splitserve.kvtransfer._tables import ABORT, DATA, RecvEntry, SendEntry
+from splitserve.kvtransfer._wire import REASON_ABORTED
+from splitserve.kvtransfer.base import KVBackend
 
 __all__ = ["TorchDistBackend", "create_rendezvous_store"]
 

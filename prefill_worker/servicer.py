@@ -6,20 +6,24 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from splitserve.protocol import logprobs_to_proto, sampling_from_proto
+from splitserve.common.convert.common import (
+    layout_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+)
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
-from splitserve.worker_runtime import layout_from_proto
 
 if TYPE_CHECKING:
-    from prefill_worker.worker import PrefillWorker
+    from splitserve.prefill_worker.worker import PrefillWorker
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, worker: PrefillWorker):
         self.worker = worker
 
-    def Prefill(self, request, context):  # type: ignore[no-untyped-def]
-        from prefill_worker.worker import PrefillError
+    def Prefill(self, request: worker_pb2.PrefillRequest,
+                context: grpc.ServicerContext) -> worker_pb2.PrefillResponse:
+        from splitserve.prefill_worker.worker import PrefillError
 
         prompt = list(request.prompt_token_ids)
         try:
@@ -31,8 +35,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "decode_num_cached_tokens > 0 is not supported: send the whole prompt")
         request_id = request.request_id
-        context.add_callback(lambda: self.worker.abort(request_id) if not done else None)
         done = False
+        context.add_callback(lambda: self.worker.abort(request_id) if not done else None)
         try:
             result = self.worker.prefill(
                 request_id, prompt, params, request.decode_worker_id,
@@ -58,13 +62,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             response.first_token_logprob.CopyFrom(logprobs_to_proto([result.first_token_logprob])[0])
         return response
 
-    def Abort(self, request, context):  # type: ignore[no-untyped-def]
+    def Abort(self, request: worker_pb2.PrefillAbortRequest,
+              context: grpc.ServicerContext) -> worker_pb2.PrefillAbortResponse:
         return worker_pb2.PrefillAbortResponse(found=self.worker.abort(request.request_id))
 
-    def Stats(self, request, context):  # type: ignore[no-untyped-def]
+    def Stats(self, request: worker_pb2.PrefillStatsRequest,
+              context: grpc.ServicerContext) -> worker_pb2.PrefillStatsResponse:
         return worker_pb2.PrefillStatsResponse(**self.worker.stats_fields())
 
-    def Drain(self, request, context):  # type: ignore[no-untyped-def]
+    def Drain(self, request: worker_pb2.PrefillDrainRequest,
+              context: grpc.ServicerContext) -> worker_pb2.PrefillDrainResponse:
         left = self.worker.drain(request.wait_timeout_ms / 1000.0)
         return worker_pb2.PrefillDrainResponse(num_in_flight_requests=left)
 

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.model import LayerHook
-from engine.outputs import StepOutput, TokenLogprobs
-from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerOutput
-from kvtransfer.layout import KVLayout, check_compatible
-from kvtransfer.state import KVTransfer, TransferState
-from splitserve.worker_runtime import WorkerRuntime
+from splitserve.cluster.store import ClusterStore
+from splitserve.common.kv_layout import KVLayout, check_compatible
+from splitserve.common.outputs import StepOutput, TokenLogprobs
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.model import LayerHook
+from splitserve.engine.scheduler import SchedulerOutput
+from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
 
 _NO_DEADLINE_S = 86400.0 * 365  # a caller's time left beyond this means "no deadline"
 
@@ -71,14 +73,14 @@ class PrefillResult:
 class PrefillWorker(WorkerRuntime):
     role = "prefill"
 
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None) -> None:
+        super().__init__(options, store)
         self._jobs: dict[str, PrefillJob] = {}  # touched on the engine thread only
         self._num_jobs = 0
         self.engine.layer_hook_builder = self._layer_hook
 
     def _register(self, server: grpc.Server) -> list[str]:
-        from prefill_worker.servicer import add_prefill_servicer
+        from splitserve.prefill_worker.servicer import add_prefill_servicer
 
         return add_prefill_servicer(server, self)
 
@@ -126,7 +128,7 @@ class PrefillWorker(WorkerRuntime):
         return self.loop.call(lambda e: self._abort(e, request_id))
 
     # ---- on the engine thread -------------------------------------------------------------
-    def _add(self, engine, job: PrefillJob, prompt: list[int], params: SamplingParams) -> None:  # type: ignore[no-untyped-def]
+    def _add(self, engine: LLMEngine, job: PrefillJob, prompt: list[int], params: SamplingParams) -> None:
         if job.request_id in self._jobs:
             raise ValueError(f"request {job.request_id!r} is already being prefilled here")
         engine.add_request(prompt, params, job.request_id)
@@ -139,7 +141,7 @@ class PrefillWorker(WorkerRuntime):
         self._jobs.pop(job.request_id, None)
         job.finished.set()
 
-    def _abort(self, engine, request_id: str) -> bool:  # type: ignore[no-untyped-def]
+    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
         job = self._jobs.pop(request_id, None)
         found = engine.abort(request_id)
         if found:

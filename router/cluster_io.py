@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from cluster import InMemoryClusterStore
-from cluster.store import ClusterStore, LiveWorker, RequestLedgerEntry, RequestPhase
+from splitserve.cluster import InMemoryClusterStore
+from splitserve.cluster.store import ClusterStore, LiveWorker, RequestLedgerEntry, RequestPhase
 
 log = logging.getLogger(__name__)
 

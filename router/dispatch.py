@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from router.policy import Route, blocks_needed, plan_route, rank_decode_workers
-from router.relay import RequestTrace
-from router.state import RouterState
-from router.validation import ValidatedRequest
-from splitserve.grpc_util import ServiceError
+from splitserve.common.grpc_util import ServiceError
+from splitserve.router.policy import Route, blocks_needed, plan_route, rank_decode_workers
+from splitserve.router.relay import RequestTrace
+from splitserve.router.state import RouterState
+from splitserve.router.validation import ValidatedRequest
 from splitserve.v1 import worker_pb2
 
 _ADMISSION_TIMEOUT_S = 30.0  # wait for the Admission, the Admit stream's first message

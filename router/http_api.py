@@ -27,11 +27,11 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
-from router.openai_format import ResponseBuilder, failure
-from router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
-from router.service import RequestPipeline
-from splitserve.grpc_util import ServiceError
+from splitserve.common.grpc_util import ServiceError
+from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
+from splitserve.router.openai_format import ResponseBuilder, failure
+from splitserve.router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
+from splitserve.router.service import RequestPipeline
 from splitserve.v1 import router_pb2
 
 log = logging.getLogger(__name__)

@@ -24,16 +24,16 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from router.admission import AdmissionController
-from router.relay import RequestTrace
-from splitserve.metrics import (
+from splitserve.common.convert.common import FINISH_REASON_NAMES
+from splitserve.common.metrics import (
     E2E_BUCKETS_S,
     PHASE_BUCKETS_S,
     PREFIX,
     TOKEN_LATENCY_BUCKETS_S,
     TTFT_BUCKETS_S,
 )
-from splitserve.protocol import FINISH_REASON_NAMES
+from splitserve.router.admission import AdmissionController
+from splitserve.router.relay import RequestTrace
 from splitserve.v1 import common_pb2, router_pb2
 
 Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]

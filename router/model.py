@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.model_files import (
+from splitserve.engine.model_files import (
     DEFAULT_MODEL,
     gguf_cache_dir,
     load_config,
@@ -21,7 +21,7 @@ from engine.model_files import (
     smollm2_gguf_path,
     validate_model_dir,
 )
-from engine.tokenizer import Tokenizer
+from splitserve.engine.tokenizer import Tokenizer
 
 _CONVERT_TIMEOUT_S = 900.0
 
@@ -68,7 +68,7 @@ def resolve_model_dir(model: str) -> Path:
     cached = _converted_dir(gguf)
     if cached is not None:
         return cached
-    code = "import sys; from engine.model_files import resolve_model; print(resolve_model(sys.argv[1]))"
+    code = "import sys; from splitserve.engine.model_files import resolve_model; print(resolve_model(sys.argv[1]))"
     result = subprocess.run(
         [sys.executable, "-c", code, model],
         capture_output=True,

@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from engine.tokenizer import Tokenizer
-from router.openai_schema import OpenAIError, OpenAIRequest
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.router.openai_schema import OpenAIError, OpenAIRequest
 from splitserve.v1 import common_pb2, router_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}

@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
-from engine.stop_checker import StopChecker
-from engine.tokenizer import Tokenizer
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.stop_checker import StopChecker
+from splitserve.engine.tokenizer import Tokenizer
 from splitserve.v1 import common_pb2, worker_pb2
 
 

@@ -27,16 +27,16 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from cluster.store import RequestPhase
-from router.cluster_io import RequestLedger
-from router.dispatch import Admitted, admit_request
-from router.policy import Route, blocks_needed
-from router.relay import RelayStep, RequestTrace, TokenRelay, usage
-from router.state import RouterState
-from router.validation import ValidatedRequest
-from router.workers import Assignment
-from splitserve.grpc_util import ServiceError
-from splitserve.protocol import FINISH_REASONS
+from splitserve.cluster.store import RequestPhase
+from splitserve.common.convert.common import FINISH_REASONS
+from splitserve.common.grpc_util import ServiceError
+from splitserve.router.cluster_io import RequestLedger
+from splitserve.router.dispatch import Admitted, admit_request
+from splitserve.router.policy import Route, blocks_needed
+from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
+from splitserve.router.state import RouterState
+from splitserve.router.validation import ValidatedRequest
+from splitserve.router.workers import Assignment
 from splitserve.v1 import common_pb2, router_pb2, worker_pb2
 
 log = logging.getLogger(__name__)

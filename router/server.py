@@ -24,24 +24,24 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cluster import InMemoryClusterStore, open_store
-from cluster.remote import add_cluster_state
-from cluster.store import ClusterStore
-from router.admission import AdmissionController
-from router.cluster_io import AsyncStore
-from router.config import RouterConfig
-from router.http_api import HttpApi
-from router.metrics import RouterMetrics
-from router.model import ServedModel, load_served_model
-from router.service import RequestPipeline, SplitServeServicer
-from router.state import RouterState
-from splitserve.grpc_util import (
+from splitserve.cluster import InMemoryClusterStore, open_store
+from splitserve.cluster.remote import add_cluster_state
+from splitserve.cluster.store import ClusterStore
+from splitserve.common.grpc_util import (
     HealthStatus,
     add_health_and_reflection,
     bind,
     create_aio_server,
     service_name,
 )
+from splitserve.router.admission import AdmissionController
+from splitserve.router.cluster_io import AsyncStore
+from splitserve.router.config import RouterConfig
+from splitserve.router.http_api import HttpApi
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.model import ServedModel, load_served_model
+from splitserve.router.service import RequestPipeline, SplitServeServicer
+from splitserve.router.state import RouterState
 from splitserve.v1 import cluster_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ import time
 
 import grpc
 
-from router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
-from router.metrics import RouterMetrics
-from router.relay import RequestTrace
-from router.request import Emit, RequestRun
-from router.state import RouterState
-from router.validation import validate_request
-from splitserve.grpc_util import ServiceError, map_errors_async
+from splitserve.common.grpc_util import ServiceError, map_errors_async
+from splitserve.router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.relay import RequestTrace
+from splitserve.router.request import Emit, RequestRun
+from splitserve.router.state import RouterState
+from splitserve.router.validation import validate_request
 from splitserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)

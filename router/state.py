@@ -8,11 +8,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.cluster_io import AsyncStore
-from router.config import RouterConfig
-from router.model import ServedModel
-from router.policy import PrefillPolicy, RoutingRules, make_prefill_policy
-from router.workers import WorkerDirectory
+from splitserve.router.cluster_io import AsyncStore
+from splitserve.router.config import RouterConfig
+from splitserve.router.model import ServedModel
+from splitserve.router.policy import PrefillPolicy, RoutingRules, make_prefill_policy
+from splitserve.router.workers import WorkerDirectory
 
 
 @dataclass

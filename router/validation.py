@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import grpc
 import jinja2
 
-from engine.block_hash import compute_block_hashes
-from engine.sampling_params import SamplingParams
-from router.model import ServedModel
-from splitserve.grpc_util import ServiceError
-from splitserve.protocol import sampling_from_proto, sampling_to_proto
+from splitserve.common.convert.common import sampling_from_proto, sampling_to_proto
+from splitserve.common.grpc_util import ServiceError
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.block_hash import compute_block_hashes
+from splitserve.router.model import ServedModel
 from splitserve.v1 import common_pb2, router_pb2
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
-from router.cluster_io import AsyncStore
-from router.policy import WorkerView
+from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.router.cluster_io import AsyncStore
+from splitserve.router.policy import WorkerView
 from splitserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY_EXPORTS: dict[str, str] = {
     "LLM": "splitserve.llm",
-    "SamplingParams": "engine.sampling_params",
-    "RequestOutput": "engine.outputs",
-    "EngineConfig": "engine.config",
+    "SamplingParams": "splitserve.common.sampling_params",
+    "RequestOutput": "splitserve.common.outputs",
+    "EngineConfig": "splitserve.engine.config",
     "Client": "splitserve.client",
     "AsyncClient": "splitserve.client",
 }

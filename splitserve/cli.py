@@ -40,7 +40,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace) -> Any:
-    from engine.config import EngineConfig
+    from splitserve.engine.config import EngineConfig
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
@@ -99,8 +99,8 @@ def _demo(address: str, prompt: str) -> None:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from router.config import RouterConfig
-    from router.server import start_router
+    from splitserve.router.config import RouterConfig
+    from splitserve.router.server import start_router
 
     router = start_router(RouterConfig(
         model=args.model, host=args.host, port=args.port, http_port=args.http_port,
@@ -119,7 +119,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from splitserve.worker_runtime import WorkerOptions
+        from splitserve.worker.runtime import WorkerOptions
 
         options = WorkerOptions(
             engine=_engine_config(args), worker_id=args.worker_id, host=args.host,
@@ -129,9 +129,9 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             metrics_port=args.metrics_port,
         )
         if role == "prefill":
-            from prefill_worker.worker import PrefillWorker as cls
+            from splitserve.prefill_worker.worker import PrefillWorker as cls
         else:
-            from decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
+            from splitserve.decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
         worker = cls(options).start()
         print(f"READY {role} {worker.worker_id} {worker.address} metrics "
               f"{worker.metrics_port}", flush=True)

@@ -29,26 +29,24 @@ import grpc
 import grpc.aio
 
 from splitserve._client_common import (
-    Chunk,
-    Completion,
     CompletionBuilder,
     DeadlineExceeded,
     InvalidRequest,
-    ModelInfo,
     Overloaded,
     RetryPolicy,
     SplitServeError,
-    Timings,
     Unavailable,
-    Usage,
     auth_metadata,
-    build_request,
-    chunk_from_proto,
     error_from_rpc,
     make_deadline,
-    model_from_proto,
     remaining_s,
 )
+from splitserve.common.convert.router import (
+    chunk_from_proto,
+    generate_request_to_proto,
+    model_from_proto,
+)
+from splitserve.common.results import Chunk, Completion, ModelInfo, Timings, Usage
 from splitserve.v1 import router_pb2, router_pb2_grpc
 
 __all__ = [
@@ -75,7 +73,7 @@ class _ClientBase:
 
     def _request(self, prompt_or_messages: Prompt | Messages, chat: bool, request_id: str,
                  model: str | None, sampling: dict[str, Any]) -> router_pb2.GenerateRequest:
-        return build_request(prompt_or_messages, chat=chat, sampling=sampling,
+        return generate_request_to_proto(prompt_or_messages, chat=chat, sampling=sampling,
                              request_id=request_id,
                              model=self.model if model is None else model)
 

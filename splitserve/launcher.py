@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.config import EngineConfig
+from splitserve.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def _own_node_host(host: str | None) -> str:
 
 class _RouterActor:
     def __init__(self, config_kwargs: dict[str, Any]):
-        from router.config import RouterConfig
-        from router.server import start_router
+        from splitserve.router.config import RouterConfig
+        from splitserve.router.server import start_router
 
         config_kwargs = {**config_kwargs, "host": _own_node_host(config_kwargs.get("host"))}
         self.router = start_router(RouterConfig(**config_kwargs))
@@ -78,9 +78,9 @@ class _RouterActor:
 class _WorkerActor:
     def __init__(self, role: str, options: Any):
         if role == "prefill":
-            from prefill_worker.worker import PrefillWorker as cls
+            from splitserve.prefill_worker.worker import PrefillWorker as cls
         else:
-            from decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
+            from splitserve.decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
         options = replace(options, host=_own_node_host(options.host or None))
         self.worker = cls(options).start()
 
@@ -149,8 +149,8 @@ def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
 def serve(options: ServeOptions) -> Deployment:
     import ray
 
-    from kvtransfer.torch_dist import create_rendezvous_store
-    from splitserve.worker_runtime import WorkerOptions
+    from splitserve.kvtransfer.torch_dist import create_rendezvous_store
+    from splitserve.worker.runtime import WorkerOptions
 
     owns_ray = init_ray(options.ray_address)
     local = options.ray_address is None

@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _tiny(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs: object) -> Path:
-    from engine.tiny_model import write_tiny_model
+    from splitserve.engine.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp(name) / "model", **kwargs)  # type: ignore[arg-type]
 
@@ -60,7 +60,7 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from engine.model_files import resolve_model
+    from splitserve.engine.model_files import resolve_model
 
     return resolve_model("smollm2-135m")
 

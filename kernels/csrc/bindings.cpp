@@ -1,7 +1,20 @@
 // The Python bindings of every CPU kernel in this folder (kernels/cpu_ext.py builds them).
 #include "ops.h"
 
+// The build passes -DSPLITSERVE_SOURCE_DIGEST_RAW=<hex> (no quotes: build tools differ in how
+// they pass quoted defines through a shell).
+#define SPLITSERVE_STR_(x) #x
+#define SPLITSERVE_STR(x) SPLITSERVE_STR_(x)
+#ifdef SPLITSERVE_SOURCE_DIGEST_RAW
+#define SPLITSERVE_SOURCE_DIGEST SPLITSERVE_STR(SPLITSERVE_SOURCE_DIGEST_RAW)
+#else
+#define SPLITSERVE_SOURCE_DIGEST ""
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // kernels/build_spec.py's digest of the sources this build was made from (set by the
+  // build; kernels/cpu_ext.py refuses an ahead-of-time build whose sources have changed).
+  m.attr("source_digest") = SPLITSERVE_SOURCE_DIGEST;
   m.def("paged_decode_attention", &paged_decode_attention,
         "paged decode attention on CPU (fp32 softmax)");
   m.def("rotary_store_kv_", &rotary_store_kv_,

@@ -24,10 +24,10 @@ import time
 
 import grpc
 
-from engine.sampling_params import SamplingParams
 from splitserve.bench.procs import local_deployment
 from splitserve.client import Client
-from splitserve.protocol import sampling_to_proto
+from splitserve.common.convert.common import sampling_to_proto
+from splitserve.common.sampling_params import SamplingParams
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -133,5 +133,5 @@ def main(argv: list[str] | None = None) -> int:
           f"relay overhead {100 * (r - d) / d:+.1f}% of TPOT (target <= 5%)")
     if not args.no_gloo_bench:
         print("gloo loopback throughput (python -m kvtransfer.bench):", flush=True)
-        subprocess.run([sys.executable, "-m", "kvtransfer.bench"], check=False)
+        subprocess.run([sys.executable, "-m", "splitserve.kvtransfer.bench"], check=False)
     return 0

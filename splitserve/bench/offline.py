@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def wait_for_workers(router: str, count: int, timeout_s: float = 120.0) -> None:
-    from cluster.remote import RemoteClusterStore
+    from splitserve.cluster.remote import RemoteClusterStore
 
     store = RemoteClusterStore(router)
     try:

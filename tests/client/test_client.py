@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.outputs import TokenLogprobs
 from splitserve.client import (
     Chunk,
     Client,
@@ -26,6 +25,7 @@ from splitserve.client import (
     Unavailable,
     stream_to_terminal,
 )
+from splitserve.common.outputs import TokenLogprobs
 from splitserve.v1 import common_pb2, router_pb2
 from tests.client.conftest import (
     EXPECTED_TIMINGS,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cluster.store import ClusterStore
+from splitserve.cluster.store import ClusterStore
 
 
 def _free_port() -> int:
@@ -112,13 +112,13 @@ class Backend:
 
 @pytest.fixture(params=["memory", "redis", "remote"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    from cluster.memory import InMemoryClusterStore
+    from splitserve.cluster.memory import InMemoryClusterStore
 
     if request.param == "memory":
         clock = FakeClock()
         yield Backend("memory", InMemoryClusterStore(clock=clock), clock.advance)
     elif request.param == "redis":
-        from cluster.redis_store import RedisClusterStore
+        from splitserve.cluster.redis_store import RedisClusterStore
 
         url = request.getfixturevalue("redis_url")
         namespace = f"test-{uuid.uuid4().hex[:8]}:"
@@ -129,7 +129,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             _delete_namespace(url, namespace)
             redis_store.close()
     else:
-        from cluster.remote import RemoteClusterStore, start_cluster_state_server
+        from splitserve.cluster.remote import RemoteClusterStore, start_cluster_state_server
 
         clock = FakeClock()
         server, port = start_cluster_state_server(InMemoryClusterStore(clock=clock))

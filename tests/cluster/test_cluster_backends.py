@@ -12,10 +12,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster import InMemoryClusterStore, open_store
-from cluster.redis_store import RedisClusterStore
-from cluster.remote import RemoteClusterStore, start_cluster_state_server
-from cluster.store import RequestLedgerEntry, RequestPhase, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.cluster import InMemoryClusterStore, open_store
+from splitserve.cluster.redis_store import RedisClusterStore
+from splitserve.cluster.remote import RemoteClusterStore, start_cluster_state_server
+from splitserve.cluster.store import (
+    RequestLedgerEntry,
+    RequestPhase,
+    WorkerInfo,
+    WorkerLoadReport,
+    WorkerRole,
+)
 from splitserve.v1 import cluster_pb2, cluster_pb2_grpc, common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,9 +54,11 @@ def test_open_store_picks_backend_from_url() -> None:
 def test_cluster_package_imports_neither_torch_nor_workers() -> None:
     code = (
         "import sys, json\n"
-        "import cluster, cluster.redis_store, cluster.remote\n"
-        "heavy = ('torch', 'engine', 'router', 'prefill_worker', 'decode_worker', 'ray')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+        "import splitserve.cluster, splitserve.cluster.redis_store, splitserve.cluster.remote\n"
+        "heavy = ('torch', 'ray', 'splitserve.engine', 'splitserve.router',\n"
+        "         'splitserve.prefill_worker', 'splitserve.decode_worker')\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "                        if any(m == h or m.startswith(h + '.') for h in heavy))))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60

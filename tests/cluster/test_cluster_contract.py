@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cluster.store import (
+from splitserve.cluster.store import (
     MAX_BLOCK_HASH,
     ClusterStore,
     RequestLedgerEntry,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import os
 import re
 import shlex
 import socket
@@ -111,6 +112,10 @@ def test_copies_every_package_pyproject_lists() -> None:
     top_level = {name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
     sources = set(copied_sources())
     assert top_level <= sources, f"not copied into the image: {top_level - sources}"
+    # The card's folders that splitserve/ links to, and the build script of the C++ kernels.
+    linked = {os.readlink(p).removeprefix("../") for p in (REPO / "splitserve").iterdir()
+              if p.is_symlink()}
+    assert linked and linked | {"setup.py"} <= sources, linked | {"setup.py"} - sources
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= sources
     for src in sources:
         assert (REPO / src).exists(), src

@@ -8,10 +8,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.block_hash import compute_block_hashes
-from engine.block_manager import BlockManager, PrefixCacheStats
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.block_hash import compute_block_hashes
+from splitserve.engine.block_manager import BlockManager, PrefixCacheStats
+from splitserve.engine.sequence import Sequence
 
 PARAMS = SamplingParams()
 
@@ -535,7 +535,7 @@ TestBlockManagerMachine = BlockManagerMachine.TestCase
 
 
 def test_prefix_event_log_reports_net_changes() -> None:
-    from engine.block_manager import PrefixEventLog
+    from splitserve.engine.block_manager import PrefixEventLog
 
     log = PrefixEventLog()
     log.stored(1)

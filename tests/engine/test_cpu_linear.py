@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from engine.cpu_linear import (
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.cpu_linear import (
     _PACKED_ROWS,
     PackedLinear,
     packing_for,
     prepack_linears,
     prepack_supported,
 )
-from engine.sampling_params import SamplingParams
-from kernels import cpu_ext
+from splitserve.kernels import cpu_ext
 from splitserve.llm import LLM
 
 pytestmark = pytest.mark.skipif(

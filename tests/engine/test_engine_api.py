@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.sampling_params import SamplingParams
-from engine.tiny_model import write_tiny_model
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.tiny_model import write_tiny_model
 from splitserve.llm import LLM
 from tests.engine.hf_reference import assert_greedy_equal, hf_greedy
 

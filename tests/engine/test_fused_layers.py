@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.sampling_params import SamplingParams
-from kernels import cpu_ext
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.kernels import cpu_ext
 from splitserve.llm import LLM
 
 pytestmark = pytest.mark.skipif(cpu_ext.load() is None, reason="CPU kernels could not be built")

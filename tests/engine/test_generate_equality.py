@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.sampling_params import SamplingParams
+from splitserve.common.sampling_params import SamplingParams
 from splitserve.llm import LLM
 from tests.engine.hf_reference import assert_greedy_equal, hf_greedy
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from engine import envs, model_files
-from engine.model_files import (
+from splitserve.common import envs
+from splitserve.engine import model_files
+from splitserve.engine.model_files import (
     DEFAULT_MODEL,
     ModelNotInstalledError,
     convert_gguf,
@@ -144,7 +145,7 @@ def test_smollm2_second_resolve_uses_cache(
     assert resolve_model(DEFAULT_MODEL) == smollm2_dir
     assert resolve_model("SmolLM2-135M") == smollm2_dir
     code = (
-        "import sys; from engine.model_files import resolve_model; "
+        "import sys; from splitserve.engine.model_files import resolve_model; "
         "print(resolve_model('smollm2-135m')); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import _filtered_probs, sample
-from engine.sampling_params import SamplingParams
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.sampler import _filtered_probs, sample
 
 VOCAB = 32
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from engine.sampling_params import SamplingParams
+from splitserve.common.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(

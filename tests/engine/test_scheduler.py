@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from splitserve.engine.sequence import Sequence, SequenceStatus
 
 
 class Sim:

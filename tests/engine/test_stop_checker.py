@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampling_params import SamplingParams
-from engine.stop_checker import StopChecker
-from engine.tokenizer import Tokenizer
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.stop_checker import StopChecker
+from splitserve.engine.tokenizer import Tokenizer
 
 EOS = 2  # <|im_end|>
 MAX_MODEL_LEN = 1000

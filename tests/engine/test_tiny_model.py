@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from engine.model_files import load_config
-from engine.tiny_model import write_tiny_model
-from engine.tokenizer import Tokenizer
+from splitserve.engine.model_files import load_config
+from splitserve.engine.tiny_model import write_tiny_model
+from splitserve.engine.tokenizer import Tokenizer
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world! The year 2024 had 366 days.",
@@ -103,7 +103,7 @@ def test_generation_config_eos_and_missing_template(smollm2_dir: Path, tmp_path:
 
 def test_tokenizer_module_is_torch_free(smollm2_dir: Path) -> None:
     code = (
-        "import sys; from engine.tokenizer import Tokenizer; "
+        "import sys; from splitserve.engine.tokenizer import Tokenizer; "
         f"t = Tokenizer.from_dir({str(smollm2_dir)!r}); "
         "assert t.apply_chat_template([{'role': 'user', 'content': 'hi'}]); "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "

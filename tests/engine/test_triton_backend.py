@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
-from kernels.backend import triton_available
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.kernels.backend import triton_available
 from splitserve.llm import LLM
 from tests.engine.hf_reference import assert_greedy_equal, hf_greedy
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from decode_worker.worker import DecodeWorker
-from engine.config import EngineConfig
-from router.config import RouterConfig
-from router.server import RunningRouter, start_router
-from splitserve.worker_runtime import WorkerOptions
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine.config import EngineConfig
+from splitserve.router.config import RouterConfig
+from splitserve.router.server import RunningRouter, start_router
+from splitserve.worker.runtime import WorkerOptions
 
 ENGINE = {"num_kv_blocks": 64, "block_size": 8, "max_num_batched_tokens": 128}
 

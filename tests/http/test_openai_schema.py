@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router.openai_schema import OpenAIError, parse_chat, parse_completion
+from splitserve.router.openai_schema import OpenAIError, parse_chat, parse_completion
 from splitserve.v1 import router_pb2
 
 MODEL = "tiny"

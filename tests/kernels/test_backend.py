@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from kernels import backend, reference
+from splitserve.kernels import backend, reference
 
 
 def test_torch_backend_is_the_reference():
@@ -22,7 +22,7 @@ def test_torch_backend_is_the_reference():
 
 
 def test_auto_on_cpu_is_the_cpu_kernel_or_torch():
-    from kernels import cpu_ext
+    from splitserve.kernels import cpu_ext
 
     expected = "cpu" if cpu_ext.load() is not None else "torch"
     assert backend.get_attention_ops("auto", torch.device("cpu")).name == expected
@@ -63,8 +63,7 @@ def test_importing_kernels_and_torch_backend_never_imports_triton():
     out = _run_isolated(
         """
         import sys
-        import kernels
-        from kernels import attention_plan, backend, reference
+        from splitserve.kernels import attention_plan, backend, reference
         attention_plan.alloc_scratch(2, 4, 64, "cpu")
         backend.get_attention_ops("torch", "cpu")
         backend.get_attention_ops("auto", "cpu")
@@ -78,7 +77,7 @@ def test_triton_on_cpu_sets_interpreter_before_import():
     out = _run_isolated(
         """
         import os, sys
-        from kernels import backend
+        from splitserve.kernels import backend
         ops = backend.get_attention_ops("triton", "cpu")
         print(ops.name, os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules)
         """
@@ -93,7 +92,7 @@ def test_triton_unavailable_auto_falls_back_and_explicit_raises():
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
-        from kernels import backend
+        from splitserve.kernels import backend
         fake_cuda = torch.device("cuda")
         print(backend.get_attention_ops("auto", fake_cuda).name)
         try:

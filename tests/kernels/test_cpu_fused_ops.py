@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
-from engine.model import ModelArch, RotaryEmbedding
-from kernels import cpu_ext, reference
+from splitserve.engine.model import ModelArch, RotaryEmbedding
+from splitserve.kernels import cpu_ext, reference
 
 pytestmark = pytest.mark.skipif(cpu_ext.load() is None, reason="CPU kernels could not be built")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_ext, reference
+from splitserve.kernels import cpu_ext, reference
 
 pytestmark = pytest.mark.skipif(cpu_ext.load() is None, reason="CPU kernel could not be built")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kv_ops
-from kernels import reference as ref
+from splitserve.kernels import kv_ops
+from splitserve.kernels import reference as ref
 
 IMPLS = {"reference": ref, "triton": kv_ops}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import paged_attention as pa
-from kernels import reference as ref
+from splitserve.kernels import paged_attention as pa
+from splitserve.kernels import reference as ref
 
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},

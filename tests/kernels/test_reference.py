@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
+from splitserve.kernels import reference as ref
 
 
 def naive_decode_attention(q, kv, scale):

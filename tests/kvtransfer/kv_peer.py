@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from kvtransfer import KVLayout, TorchDistBackend  # noqa: E402
-from kvtransfer.base import KVBackend  # noqa: E402
-from kvtransfer.state import KVTransfer  # noqa: E402
+from splitserve.common.kv_layout import KVLayout  # noqa: E402
+from splitserve.kvtransfer.base import KVBackend  # noqa: E402
+from splitserve.kvtransfer.state import KVTransfer  # noqa: E402
+from splitserve.kvtransfer.torch_dist import TorchDistBackend  # noqa: E402
 
 POOL_BLOCKS = 24
 

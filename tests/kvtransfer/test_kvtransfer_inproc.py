@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtransfer import InProcBackend, InProcRegistry, KVLayout, TransferState
-from kvtransfer._pack import _fallback_pack, _fallback_unpack, pack_layer, unpack_layer
+from splitserve.common.kv_layout import KVLayout
+from splitserve.kvtransfer._pack import _fallback_pack, _fallback_unpack, pack_layer, unpack_layer
+from splitserve.kvtransfer.inproc import InProcBackend, InProcRegistry
+from splitserve.kvtransfer.state import TransferState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kv_peer import POOL_BLOCKS, check_received, make_pool, send_interleaved  # noqa: E402

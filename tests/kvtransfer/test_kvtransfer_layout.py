@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtransfer._wire import MAGIC, Header
-from kvtransfer.layout import KVLayout, KVLayoutMismatch, check_compatible
-from kvtransfer.state import block_ids_digest, request_key
+from splitserve.common.kv_layout import KVLayout, KVLayoutMismatch, check_compatible
+from splitserve.kvtransfer._wire import MAGIC, Header
+from splitserve.kvtransfer.state import block_ids_digest, request_key
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16")
@@ -75,8 +75,8 @@ def test_keys_are_stable_across_processes_and_torch_free() -> None:
     """request keys must agree between P and D processes (no PYTHONHASHSEED dependence), and
     the layout/state modules must not import torch (the router uses them)."""
     code = (
-        "import sys, json; from kvtransfer.state import request_key, block_ids_digest; "
-        "import kvtransfer.layout; "
+        "import sys, json; from splitserve.kvtransfer.state import request_key, block_ids_digest; "
+        "import splitserve.common.kv_layout; "
         "print(json.dumps([request_key('req-a'), request_key('ü/9'), block_ids_digest([3, 1, 2]), "
         "'torch' in sys.modules]))"
     )

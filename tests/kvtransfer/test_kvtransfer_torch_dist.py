@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from kvtransfer import KVLayout, TorchDistBackend, TransferState, create_rendezvous_store
-from kvtransfer.state import KVTransfer
+from splitserve.common.kv_layout import KVLayout
+from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kv_peer import check_received, make_pool, send_interleaved, wait_all  # noqa: E402

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
+from splitserve.router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

@@ -8,16 +8,16 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from cluster import InMemoryClusterStore
-from cluster.store import (
+from splitserve.cluster import InMemoryClusterStore
+from splitserve.cluster.store import (
     RequestLedgerEntry,
     RequestPhase,
     WorkerInfo,
     WorkerLoadReport,
     WorkerRole,
 )
-from router.cluster_io import AsyncStore, RequestLedger
-from router.workers import WorkerDirectory
+from splitserve.router.cluster_io import AsyncStore, RequestLedger
+from splitserve.router.workers import WorkerDirectory
 
 TTL_S = 60.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import RouterConfig
+from splitserve.router.config import RouterConfig
 
 
 def test_defaults() -> None:

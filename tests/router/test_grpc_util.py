@@ -1,4 +1,4 @@
-"""splitserve.grpc_util: error mapping, health and reflection on a sync server."""
+"""splitserve.common.grpc_util: error mapping, health and reflection on a sync server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.grpc_util import (
+from splitserve.common.grpc_util import (
     HealthStatus,
     ServiceError,
     add_health_and_reflection,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import router.model as router_model
-from engine.model_files import smollm2_gguf_path
-from router.model import resolve_model_dir
+import splitserve.router.model as router_model
+from splitserve.engine.model_files import smollm2_gguf_path
+from splitserve.router.model import resolve_model_dir
 
 
 def test_a_converted_alias_resolves_from_the_cache(smollm2_dir: Path) -> None:

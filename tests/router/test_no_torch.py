@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import json, sys
 import grpc
-from router import RouterConfig, start_router
+from splitserve.router.config import RouterConfig
+from splitserve.router.server import start_router
 from splitserve.v1 import router_pb2, router_pb2_grpc
 
 with start_router(RouterConfig()) as r, grpc.insecure_channel(r.address) as channel:

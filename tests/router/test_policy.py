@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.policy import (
+from splitserve.router.policy import (
     KvAwarePolicy,
     LeastLoadedPolicy,
     RoundRobinPolicy,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
-from router.relay import RequestTrace, TokenRelay, usage
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.router.relay import RequestTrace, TokenRelay, usage
 from splitserve.v1 import common_pb2, worker_pb2
 
 TEXT = " The quick brown fox jumps over the lazy dog. Café 你好!"

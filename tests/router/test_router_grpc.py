@@ -13,9 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster import open_store
-from cluster.store import ClusterStore, WorkerInfo, WorkerRole
-from router import RouterConfig, RunningRouter, start_router
+from splitserve.cluster import open_store
+from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerRole
+from splitserve.router.config import RouterConfig
+from splitserve.router.server import RunningRouter, start_router
 from splitserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 MODEL = "smollm2-135m"

@@ -7,11 +7,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.block_hash import compute_block_hashes
-from engine.tokenizer import Tokenizer
-from router.model import ServedModel, load_served_model
-from router.validation import validate_request
-from splitserve.grpc_util import ServiceError
+from splitserve.common.grpc_util import ServiceError
+from splitserve.engine.block_hash import compute_block_hashes
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.router.model import ServedModel, load_served_model
+from splitserve.router.validation import validate_request
 from splitserve.v1 import common_pb2, router_pb2
 
 MAX_MODEL_LEN = 64

@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from decode_worker.worker import DecodeWorker
-from engine.config import EngineConfig
-from kvtransfer.torch_dist import create_rendezvous_store
-from prefill_worker.worker import PrefillWorker
-from router.config import RouterConfig
-from router.server import RunningRouter, start_router
-from splitserve.worker_runtime import WorkerOptions
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine.config import EngineConfig
+from splitserve.kvtransfer.torch_dist import create_rendezvous_store
+from splitserve.prefill_worker.worker import PrefillWorker
+from splitserve.router.config import RouterConfig
+from splitserve.router.server import RunningRouter, start_router
+from splitserve.worker.runtime import WorkerOptions
 
 
 @dataclass

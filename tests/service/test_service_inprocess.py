@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.sampling_params import SamplingParams
 from splitserve.client import Client, Overloaded
+from splitserve.common.sampling_params import SamplingParams
 from splitserve.llm import LLM
 from tests.service.deployment import Deployment, start_deployment
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.sampling_params import SamplingParams
 from splitserve.bench.procs import free_port, spawn
 from splitserve.client import Client, SplitServeError
+from splitserve.common.sampling_params import SamplingParams
 from splitserve.llm import LLM
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -64,7 +64,7 @@ def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
 
 
 def _wait_live(router_address: str, count: int) -> None:
-    from cluster.remote import RemoteClusterStore
+    from splitserve.cluster.remote import RemoteClusterStore
 
     store = RemoteClusterStore(router_address)
     deadline = time.monotonic() + 30

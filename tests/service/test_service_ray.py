@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
 from splitserve.client import Client
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.config import EngineConfig
 from splitserve.launcher import ServeOptions, init_ray, serve
 from splitserve.llm import LLM
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.memory import InMemoryClusterStore
-from decode_worker.worker import DecodeWorker
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
-from prefill_worker.worker import PrefillWorker
+from splitserve.cluster.memory import InMemoryClusterStore
+from splitserve.common.convert.common import sampling_to_proto
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine.config import EngineConfig
 from splitserve.llm import LLM
-from splitserve.protocol import sampling_to_proto
+from splitserve.prefill_worker.worker import PrefillWorker
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from splitserve.worker_runtime import WorkerOptions
+from splitserve.worker.runtime import WorkerOptions
 
 PROMPTS = [[5, 6, 7], list(range(300, 341)), [11] * 17, list(range(1000, 1064))]
 

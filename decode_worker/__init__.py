@@ -1,1 +1,0 @@
-"""SplitServe decode_worker package."""

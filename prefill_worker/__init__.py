@@ -1,1 +1,0 @@
-"""SplitServe prefill_worker package."""

@@ -1,0 +1,61 @@
+"""Builds the C++ CPU kernels (kernels/csrc/) ahead of time, as `splitserve.kernels._cpu_ops`.
+
+Everything else about the package is in pyproject.toml. The extension is compiled against
+the torch of the build environment, so it is built only when that torch is the one the
+package will run with: `make setup` installs torch first and then the package with
+`--no-build-isolation`. In an isolated build (a plain `pip install .`) torch is absent, the
+build is skipped with a message, and the kernels are built on first use instead
+(kernels/jit_build.py). SPLITSERVE_BUILD_CPU_KERNELS=0 skips the build;
+SPLITSERVE_CPU_MARCH sets its -march (default native: the machine that builds is the
+machine that runs, as with any source build).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load_by_path(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_kernel_build() -> dict[str, Any]:
+    if os.environ.get("SPLITSERVE_BUILD_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        print("splitserve: SPLITSERVE_BUILD_CPU_KERNELS=0, not building the C++ CPU kernels",
+              file=sys.stderr)
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("splitserve: no torch in the build environment; the C++ CPU kernels will be "
+              "built on first use (install with --no-build-isolation to build them now)",
+              file=sys.stderr)
+        return {}
+    march = os.environ.get("SPLITSERVE_CPU_MARCH") or "native"
+    spec = _load_by_path("_splitserve_build_spec", HERE / "kernels" / "build_spec.py")
+    cflags, ldflags = spec.compile_flags(march, spec.source_digest(HERE / "kernels" / "csrc"))
+    extension = CppExtension(
+        "splitserve.kernels._cpu_ops",
+        sources=[f"kernels/csrc/{name}" for name in spec.SOURCE_NAMES],
+        include_dirs=[str(HERE / "kernels" / "csrc")],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+    print(f"splitserve: building the C++ CPU kernels (-march={march}) ...", file=sys.stderr)
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**cpu_kernel_build())

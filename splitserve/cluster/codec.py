@@ -1,0 +1,89 @@
+"""Plain-string encoding of the store's dataclasses, for Redis hashes (never pickle).
+
+Ints are decimal, floats use `repr` (shortest round-trip form), enums their value. A load
+report shares its worker's hash under "load."-prefixed fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from splitserve.cluster.store import (
+    RequestLedgerEntry,
+    RequestPhase,
+    WorkerInfo,
+    WorkerLoadReport,
+    WorkerRole,
+)
+
+_LOAD_PREFIX = "load."
+_LOAD_INTS = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens")
+_ENTRY_INTS = (
+    "num_prompt_tokens",
+    "num_prefill_blocks",
+    "num_decode_blocks",
+    "num_generated_tokens",
+)
+
+
+def encode_info(info: WorkerInfo) -> dict[str, str]:
+    return {
+        "worker_id": info.worker_id,
+        "role": info.role.value,
+        "address": info.address,
+        "model": info.model,
+        "block_size": str(info.block_size),
+        "num_total_blocks": str(info.num_total_blocks),
+        "kv_endpoint": info.kv_endpoint,
+        "started_at": repr(info.started_at),
+    }
+
+
+def decode_info(fields: Mapping[str, str]) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=fields["worker_id"],
+        role=WorkerRole(fields["role"]),
+        address=fields["address"],
+        model=fields["model"],
+        block_size=int(fields["block_size"]),
+        num_total_blocks=int(fields["num_total_blocks"]),
+        kv_endpoint=fields["kv_endpoint"],
+        started_at=float(fields["started_at"]),
+    )
+
+
+def encode_load(load: WorkerLoadReport) -> dict[str, str]:
+    fields = {_LOAD_PREFIX + name: str(getattr(load, name)) for name in _LOAD_INTS}
+    fields[_LOAD_PREFIX + "updated_at"] = repr(load.updated_at)
+    return fields
+
+
+def decode_load(fields: Mapping[str, str]) -> WorkerLoadReport | None:
+    """The load report stored beside a worker's info, or None if it never reported one."""
+    if _LOAD_PREFIX + "updated_at" not in fields:
+        return None
+    counts = {name: int(fields[_LOAD_PREFIX + name]) for name in _LOAD_INTS}
+    return WorkerLoadReport(**counts, updated_at=float(fields[_LOAD_PREFIX + "updated_at"]))
+
+
+def encode_entry(entry: RequestLedgerEntry) -> dict[str, str]:
+    fields = {
+        "request_id": entry.request_id,
+        "phase": entry.phase.value,
+        "prefill_worker_id": entry.prefill_worker_id,
+        "decode_worker_id": entry.decode_worker_id,
+        "updated_at": repr(entry.updated_at),
+    }
+    fields.update({name: str(getattr(entry, name)) for name in _ENTRY_INTS})
+    return fields
+
+
+def decode_entry(fields: Mapping[str, str]) -> RequestLedgerEntry:
+    return RequestLedgerEntry(
+        request_id=fields["request_id"],
+        phase=RequestPhase(fields["phase"]),
+        prefill_worker_id=fields["prefill_worker_id"],
+        decode_worker_id=fields["decode_worker_id"],
+        updated_at=float(fields["updated_at"]),
+        **{name: int(fields[name]) for name in _ENTRY_INTS},
+    )

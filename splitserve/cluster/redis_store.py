@@ -1,0 +1,265 @@
+"""ClusterStore on Redis, shared by every router replica and worker of a deployment.
+
+Key layout (`ns` = namespace, default "splitserve:"); every value is a plain string, no
+pickle anywhere:
+
+    {ns}worker:{worker_id}        hash   WorkerInfo fields + "load.*" fields; PEXPIRE = TTL
+    {ns}workers                   set    ids ever registered and not yet purged
+    {ns}prefix:{block_hash}       set    worker ids holding that block (hash in decimal)
+    {ns}worker_prefix:{worker_id} set    block hashes a worker holds (to clean up after it)
+    {ns}ledger:{request_id}       hash   RequestLedgerEntry fields
+    {ns}ledger_worker:{worker_id} set    request ids whose entry names that worker
+
+Liveness is the worker hash's existence: Redis expires it when the TTL lapses. A dead
+worker's prefix sets are purged lazily (by the next live_workers or prefix_overlap) in a
+Lua script that re-checks death atomically. Scripts touch keys they derive from their
+arguments, so this targets a single Redis (or a replicated primary), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import redis
+
+from splitserve.cluster.codec import (
+    decode_entry,
+    decode_info,
+    decode_load,
+    encode_entry,
+    encode_info,
+    encode_load,
+)
+from splitserve.cluster.store import (
+    ClusterStore,
+    LiveWorker,
+    RequestLedgerEntry,
+    WorkerInfo,
+    WorkerLoadReport,
+    WorkerRole,
+    check_block_hashes,
+    ttl_to_ms,
+)
+
+# KEYS: worker hash, worker_prefix set, workers set. ARGV: worker id, prefix-key stem,
+# "1" to drop only if the worker hash is gone (expired), "0" to drop unconditionally.
+_DROP_WORKER = """
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('SREM', ARGV[2] .. h, ARGV[1])
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: worker hash. ARGV: ttl in ms, then field, value pairs of the new load (maybe none).
+_HEARTBEAT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: worker hash, worker_prefix set. ARGV: worker id, prefix-key stem, number of stored
+# hashes, the stored hashes, then the evicted hashes.
+_PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n_stored = tonumber(ARGV[3])
+for i = 4, 3 + n_stored do
+  redis.call('SADD', ARGV[2] .. ARGV[i], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+for i = 4 + n_stored, #ARGV do
+  redis.call('SREM', ARGV[2] .. ARGV[i], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[i])
+end
+return 1
+"""
+
+
+class RedisClusterStore(ClusterStore):
+    """A ClusterStore backed by the Redis server at `url` ("redis://host:port/db")."""
+
+    def __init__(
+        self, url: str, namespace: str = "splitserve:", socket_timeout_s: float = 5.0
+    ) -> None:
+        self._ns = namespace
+        self._redis: redis.Redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+        )
+        self._drop_script = self._redis.register_script(_DROP_WORKER)
+        self._heartbeat_script = self._redis.register_script(_HEARTBEAT)
+        self._publish_script = self._redis.register_script(_PUBLISH)
+
+    # ---- keys -------------------------------------------------------------------------
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self._ns}worker:{worker_id}"
+
+    def _worker_prefix_key(self, worker_id: str) -> str:
+        return f"{self._ns}worker_prefix:{worker_id}"
+
+    def _ledger_key(self, request_id: str) -> str:
+        return f"{self._ns}ledger:{request_id}"
+
+    def _ledger_worker_key(self, worker_id: str) -> str:
+        return f"{self._ns}ledger_worker:{worker_id}"
+
+    @property
+    def _workers_key(self) -> str:
+        return f"{self._ns}workers"
+
+    @property
+    def _prefix_stem(self) -> str:
+        return f"{self._ns}prefix:"
+
+    # redis-py types replies as bytes | str; decode_responses=True makes them str.
+    def _members(self, key: str) -> set[str]:
+        return cast(set[str], self._redis.smembers(key))
+
+    def _fields(self, key: str) -> dict[str, str]:
+        return cast(dict[str, str], self._redis.hgetall(key))
+
+    # ---- registry ---------------------------------------------------------------------
+
+    def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
+        ttl_ms = ttl_to_ms(ttl_s)
+        self._drop(info.worker_id, only_if_expired=False)
+        key = self._worker_key(info.worker_id)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=cast(dict[Any, Any], encode_info(info)))
+            pipe.pexpire(key, ttl_ms)
+            pipe.sadd(self._workers_key, info.worker_id)
+            pipe.execute()
+
+    def heartbeat(self, worker_id: str, load: WorkerLoadReport | None, ttl_s: float) -> bool:
+        args: list[Any] = [ttl_to_ms(ttl_s)]
+        if load is not None:
+            for name, value in encode_load(load).items():
+                args += [name, value]
+        return bool(self._heartbeat_script(keys=[self._worker_key(worker_id)], args=args))
+
+    def deregister_worker(self, worker_id: str) -> None:
+        self._drop(worker_id, only_if_expired=False)
+
+    def live_workers(self, role: WorkerRole | None = None) -> list[LiveWorker]:
+        ids = sorted(self._members(self._workers_key))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(self._worker_key(wid))
+            fields_per_worker: list[dict[str, str]] = pipe.execute()
+        live: list[LiveWorker] = []
+        for wid, fields in zip(ids, fields_per_worker, strict=True):
+            if "worker_id" not in fields:
+                self._drop(wid, only_if_expired=True)
+                continue
+            info = decode_info(fields)
+            if role is None or info.role.can_serve(role):
+                live.append((info, decode_load(fields)))
+        return live
+
+    def _live_ids(self) -> set[str]:
+        ids = sorted(self._members(self._workers_key))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.exists(self._worker_key(wid))
+            exists = pipe.execute()
+        live = set()
+        for wid, alive in zip(ids, exists, strict=True):
+            if alive:
+                live.add(wid)
+            else:
+                self._drop(wid, only_if_expired=True)
+        return live
+
+    def _drop(self, worker_id: str, only_if_expired: bool) -> None:
+        keys = [self._worker_key(worker_id), self._worker_prefix_key(worker_id), self._workers_key]
+        flag = "1" if only_if_expired else "0"
+        self._drop_script(keys=keys, args=[worker_id, self._prefix_stem, flag])
+
+    # ---- prefix index -----------------------------------------------------------------
+
+    def publish_prefix_events(
+        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int]
+    ) -> None:
+        check_block_hashes(stored_hashes)
+        check_block_hashes(evicted_hashes)
+        if not stored_hashes and not evicted_hashes:
+            return
+        keys = [self._worker_key(worker_id), self._worker_prefix_key(worker_id)]
+        args: list[str | int] = [worker_id, self._prefix_stem, len(stored_hashes)]
+        args += [*stored_hashes, *evicted_hashes]
+        self._publish_script(keys=keys, args=args)
+
+    def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        check_block_hashes(block_hashes)
+        if not block_hashes:
+            return {}
+        live = self._live_ids()
+        with self._redis.pipeline(transaction=False) as pipe:
+            for h in block_hashes:
+                pipe.smembers(f"{self._prefix_stem}{h}")
+            holders_per_block: list[set[str]] = pipe.execute()
+        overlap: dict[str, int] = {}
+        running = holders_per_block[0] & live  # workers whose run has not broken yet
+        for i, holders in enumerate(holders_per_block):
+            for wid in running - holders:
+                overlap[wid] = i
+            running &= holders
+            if not running:
+                break
+        for wid in running:
+            overlap[wid] = len(block_hashes)
+        return {wid: n for wid, n in sorted(overlap.items()) if n > 0}
+
+    # ---- request ledger ---------------------------------------------------------------
+
+    def ledger_put(self, entry: RequestLedgerEntry) -> None:
+        key = self._ledger_key(entry.request_id)
+        new_workers = {w for w in (entry.prefill_worker_id, entry.decode_worker_id) if w}
+
+        def write(pipe: Any) -> None:
+            old_workers = {w for w in pipe.hmget(key, "prefill_worker_id", "decode_worker_id") if w}
+            pipe.multi()
+            pipe.delete(key)
+            pipe.hset(key, mapping=cast(dict[Any, Any], encode_entry(entry)))
+            for wid in old_workers - new_workers:
+                pipe.srem(self._ledger_worker_key(wid), entry.request_id)
+            for wid in new_workers:
+                pipe.sadd(self._ledger_worker_key(wid), entry.request_id)
+
+        self._redis.transaction(write, key)
+
+    def ledger_get(self, request_id: str) -> RequestLedgerEntry | None:
+        fields = self._fields(self._ledger_key(request_id))
+        return decode_entry(fields) if fields else None
+
+    def ledger_delete(self, request_id: str) -> bool:
+        key = self._ledger_key(request_id)
+
+        def delete(pipe: Any) -> None:
+            workers = [w for w in pipe.hmget(key, "prefill_worker_id", "decode_worker_id") if w]
+            pipe.multi()
+            pipe.delete(key)
+            for wid in workers:
+                pipe.srem(self._ledger_worker_key(wid), request_id)
+
+        results = cast(list[Any], self._redis.transaction(delete, key))  # MULTI's replies
+        return bool(results[0])
+
+    def ledger_by_worker(self, worker_id: str) -> list[RequestLedgerEntry]:
+        request_ids = sorted(self._members(self._ledger_worker_key(worker_id)))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for rid in request_ids:
+                pipe.hgetall(self._ledger_key(rid))
+            all_fields: list[dict[str, str]] = pipe.execute()
+        entries = [decode_entry(f) for f in all_fields if f]
+        return [e for e in entries if e.names_worker(worker_id)]
+
+    def close(self) -> None:
+        self._redis.close()

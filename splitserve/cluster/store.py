@@ -1,0 +1,143 @@
+"""The cluster state interface shared by the router and the workers.
+
+A `ClusterStore` holds four things (DESIGN.md, "Cluster state"):
+- the worker registry: who is alive (registration + heartbeats within a TTL), where to reach
+  it, and its latest load;
+- the prefix index: block hash -> workers whose prefix cache holds that block, fed by the
+  workers' stored/evicted events;
+- the request ledger: which workers hold a request's KV blocks, and how far it got.
+
+Liveness: a worker is live from `register_worker` until its TTL elapses without a
+`heartbeat`, or until `deregister_worker`. A dead worker is absent from `live_workers` and
+`prefix_overlap`; its prefix entries are dropped (at once on deregistration, lazily after
+expiry). Registering starts a worker with an empty prefix set, so a restarted worker never
+inherits what its previous incarnation cached.
+
+Block hashes are chained (a block's hash covers every token before it) and are ints in
+[0, 2**64). Times in the dataclasses are seconds since the Unix epoch, stamped by whoever
+built the object; TTLs are measured on the store's own clock.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from splitserve.common.cluster_types import (
+    RequestLedgerEntry,
+    RequestPhase,
+    WorkerInfo,
+    WorkerLoadReport,
+    WorkerRole,
+)
+
+__all__ = [
+    "MAX_BLOCK_HASH",
+    "ClusterStore",
+    "LiveWorker",
+    "RequestLedgerEntry",
+    "RequestPhase",
+    "WorkerInfo",
+    "WorkerLoadReport",
+    "WorkerRole",
+]
+
+MAX_BLOCK_HASH = 2**64 - 1
+
+LiveWorker = tuple[WorkerInfo, WorkerLoadReport | None]
+
+
+def check_ttl(ttl_s: float) -> None:
+    if not ttl_s > 0:
+        raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
+
+
+def ttl_to_ms(ttl_s: float) -> int:
+    """A validated TTL in whole milliseconds (at least 1), the unit Redis and the wire use."""
+    check_ttl(ttl_s)
+    return max(1, round(ttl_s * 1000))
+
+
+def check_block_hashes(hashes: list[int]) -> None:
+    for h in hashes:
+        if not isinstance(h, int) or not 0 <= h <= MAX_BLOCK_HASH:
+            raise ValueError(f"block hash must be an int in [0, 2**64), got {h!r}")
+
+
+def leading_run(block_hashes: list[int], holds: set[int]) -> int:
+    """Length of the longest prefix of `block_hashes` whose every hash is in `holds`."""
+    for i, h in enumerate(block_hashes):
+        if h not in holds:
+            return i
+    return len(block_hashes)
+
+
+class ClusterStore(abc.ABC):
+    """Cluster state: worker registry, load, prefix index and request ledger.
+
+    Implementations are safe to call from several threads; methods raise ValueError on
+    invalid arguments. The contract is tested once for every backend in tests/cluster/.
+    """
+
+    @abc.abstractmethod
+    def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
+        """Make `info.worker_id` live for `ttl_s`, replacing any earlier registration.
+
+        Clears the worker's load report and prefix entries: it publishes them afresh.
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, worker_id: str, load: WorkerLoadReport | None, ttl_s: float) -> bool:
+        """Extend a live worker's TTL to `ttl_s` from now; replace its load unless None.
+
+        Returns False (and changes nothing) when the worker is not live: it must register.
+        """
+
+    @abc.abstractmethod
+    def deregister_worker(self, worker_id: str) -> None:
+        """Remove a worker and its prefix entries now. Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def live_workers(self, role: WorkerRole | None = None) -> list[LiveWorker]:
+        """Live workers (with their latest load, or None) sorted by worker_id.
+
+        `role` keeps workers that can play it (`WorkerRole.can_serve`); None keeps all.
+        """
+
+    @abc.abstractmethod
+    def publish_prefix_events(
+        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int]
+    ) -> None:
+        """Record blocks a worker's prefix cache now holds, then those it evicted."""
+
+    @abc.abstractmethod
+    def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        """worker_id -> length of the leading run of `block_hashes` the worker holds.
+
+        Only live workers with a run of at least one block appear. `block_hashes` are a
+        prompt's chained full-block hashes, in order.
+        """
+
+    @abc.abstractmethod
+    def ledger_put(self, entry: RequestLedgerEntry) -> None:
+        """Insert or replace the entry for `entry.request_id`."""
+
+    @abc.abstractmethod
+    def ledger_get(self, request_id: str) -> RequestLedgerEntry | None:
+        """The entry for `request_id`, or None."""
+
+    @abc.abstractmethod
+    def ledger_delete(self, request_id: str) -> bool:
+        """Delete the entry; False when there was none."""
+
+    @abc.abstractmethod
+    def ledger_by_worker(self, worker_id: str) -> list[RequestLedgerEntry]:
+        """Entries naming `worker_id` as prefill or decode worker, sorted by request_id."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for in-process stores
+        """Release connections; the store is unusable afterwards."""
+
+    def __enter__(self) -> ClusterStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,93 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Runtime facts (how many KV blocks fit in memory, the model's context length) are returned
+by the components that discover them, never written back into the config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICES = ("auto", "cpu", "cuda")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
+_ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine (colocated, prefill or decode role) is built from."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    block_size: int = 16  # token slots per KV block
+    num_kv_blocks: int | None = None  # explicit pool size; None sizes it from kv_cache_memory_bytes
+    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, 90% of free memory on CUDA
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto: triton on CUDA, the C++ kernel (else torch) on CPU
+    num_threads: int | None = None  # CPU threads for torch; None: all cores
+    # CPU: keep each linear weight also in a packed layout for decode-sized batches (our
+    # fp32 panel GEMM, oneDNN's for bf16): faster decode, twice the weight memory; see
+    # engine/cpu_linear.py.
+    cpu_weight_prepack: bool = True
+    role: str = "both"  # which phases this engine runs: both (colocated), prefill, decode
+    seed: int = 0  # seeds requests that ask for sampling without a seed of their own
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in _DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {_DEVICES} or 'cuda:N', got {self.device!r}")
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {_ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.role not in _ROLES:
+            raise ValueError(f"role must be one of {_ROLES}, got {self.role!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.resolved_device == "cpu" else "bfloat16"
+
+    @property
+    def resolved_num_threads(self) -> int:
+        from splitserve.common import envs
+
+        return self.num_threads or envs.num_threads() or os.cpu_count() or 1
+
+    def with_overrides(self, **changes: Any) -> EngineConfig:
+        return replace(self, **changes)

@@ -1,0 +1,192 @@
+"""Runs an LLMEngine on a thread of its own, for the workers' gRPC servers.
+
+The engine is single-threaded: only the loop thread touches it. Other threads hand it
+work with submit(fn) (fn runs on the loop thread between steps and its result comes back
+as a Future), and receive StepOutputs through per-request sinks called on the loop thread
+(a sink must be quick: typically queue.put). Pollers (e.g. KV transfers to watch) run every
+iteration; while any exist the loop wakes at least every `poll_interval_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from splitserve.common.outputs import StepOutput
+from splitserve.engine.block_manager import PrefixEventLog
+from splitserve.engine.llm_engine import LLMEngine
+
+T = TypeVar("T")
+Sink = Callable[[StepOutput], None]
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """The engine's load as of the end of the last loop iteration (read by any thread)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_queued_tokens: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, poll_interval_s: float = 0.002):
+        self.engine = engine
+        self.poll_interval_s = poll_interval_s
+        self.load = LoadSnapshot(num_total_blocks=engine.num_blocks,
+                                 num_free_blocks=engine.block_manager.num_free_blocks)
+        self._commands: deque[tuple[Callable[[LLMEngine], Any], Future[Any]]] = deque()
+        self._sinks: dict[str, Sink] = {}
+        self._pollers: dict[str, Callable[[], bool]] = {}  # key -> poll(); False removes it
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._prefix_events = PrefixEventLog()  # guarded by _wake
+        self.steps = 0
+        self.generated_tokens = 0
+        # finish reason -> requests that left the engine (metrics); written on the loop
+        # thread, read by any thread through finished_counts().
+        self._finished: dict[str, int] = {}
+        self._finished_lock = threading.Lock()
+
+    # ---- called from any thread -----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def submit(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._wake:
+            if self._stopping:
+                future.set_exception(RuntimeError("engine loop is stopped"))
+                return future
+            self._commands.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 60.0) -> T:
+        return self.submit(fn).result(timeout_s)
+
+    def finished_counts(self) -> dict[str, int]:
+        """Requests finished since start, by finish reason (monotonic)."""
+        with self._finished_lock:
+            return dict(self._finished)
+
+    def drain_prefix_events(self) -> tuple[list[int], list[int]]:
+        with self._wake:
+            return self._prefix_events.drain()
+
+    # ---- called on the loop thread (from submitted functions) ------------------------------
+    def set_sink(self, request_id: str, sink: Sink) -> None:
+        self._sinks[request_id] = sink
+
+    def drop_sink(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+
+    def count_finished(self, reason: str) -> None:
+        """Count a request that ended without a StepOutput passing through dispatch()."""
+        with self._finished_lock:
+            self._finished[reason] = self._finished.get(reason, 0) + 1
+
+    def add_poller(self, key: str, poll: Callable[[], bool]) -> None:
+        self._pollers[key] = poll
+
+    def remove_poller(self, key: str) -> None:
+        self._pollers.pop(key, None)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._commands or self._has_work()):
+                    self._wake.wait(self.poll_interval_s if self._pollers else 0.5)
+                    if self._pollers:
+                        break
+                if self._stopping:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                self._run_command(fn, future)
+            self._run_pollers()
+            if self.engine.has_unfinished():
+                self._step()
+            self._publish_load()
+        self._fail_pending_commands()
+
+    def _has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def _run_command(self, fn: Callable[[LLMEngine], Any], future: Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except BaseException as exc:  # the caller sees it; the loop goes on
+            future.set_exception(exc)
+
+    def _run_pollers(self) -> None:
+        for key, poll in list(self._pollers.items()):
+            try:
+                keep = poll()
+            except Exception:
+                log.exception("poller %s failed", key)
+                keep = False
+            if not keep:
+                self._pollers.pop(key, None)
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        self.steps += 1
+        for out in outputs:
+            self.generated_tokens += len(out.new_token_ids)
+            self.dispatch(out)
+
+    def dispatch(self, out: StepOutput) -> None:
+        sink = self._sinks.get(out.request_id)
+        if out.finished:
+            self._sinks.pop(out.request_id, None)
+            self.count_finished(out.finish_reason or "unknown")
+        if sink is not None:
+            sink(out)
+
+    def _publish_load(self) -> None:
+        engine = self.engine
+        bm = engine.block_manager
+        stored, evicted = bm.drain_events()
+        if stored or evicted:
+            with self._wake:
+                self._prefix_events.merge(stored, evicted)
+        self.load = LoadSnapshot(
+            num_waiting=engine.scheduler.num_waiting,
+            num_running=engine.scheduler.num_running,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_queued_tokens=engine.scheduler.num_queued_tokens(),
+            prefix_queried_tokens=bm.stats.queries,
+            prefix_hit_tokens=bm.stats.hits,
+        )
+
+    def _fail_pending_commands(self) -> None:
+        with self._wake:
+            commands = list(self._commands)
+            self._commands.clear()
+        for _, future in commands:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("engine loop stopped"))

@@ -1,0 +1,222 @@
+"""The engine: a scheduler, a block manager and a model runner behind a step-level API.
+
+Life cycle of a request: add_request validates and queues a Sequence; each step() the
+scheduler picks prompt chunks and decodes within the token budget, the runner computes them
+and samples for every sequence whose tokens are all computed; the StopChecker turns tokens
+into text and decides when it finishes; a finished or aborted request's blocks go back to
+the pool at once (its full blocks stay in the prefix cache until evicted).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.common.outputs import StepOutput, TokenLogprobs
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.model import LayerHook, ModelArch
+from splitserve.engine.model_files import resolve_model
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.sampler import skip_sample_draw
+from splitserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.stop_checker import StopChecker
+from splitserve.engine.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class RequestState:
+    seq: Sequence
+    stop_checker: StopChecker
+    generator: torch.Generator | None
+    logprobs: list[TokenLogprobs]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoConfig
+
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        hf_config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+        self.arch = ModelArch.from_hf_config(hf_config)
+        self.runner = ModelRunner(config, self.arch, self.model_dir)
+        self.block_size = config.block_size
+        self.num_blocks = self.runner.num_blocks
+        model_len = config.max_model_len or self.arch.max_position_embeddings
+        # A sequence must always fit in the pool on its own, or preemption could not help it.
+        self.max_model_len = min(model_len, self.arch.max_position_embeddings,
+                                 self.num_blocks * self.block_size)
+        self.block_manager = BlockManager(
+            self.num_blocks, self.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            self.block_manager,
+        )
+        self.requests: dict[str, RequestState] = {}
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        # Set by a prefill worker: builds the per-layer hook for a step (streams KV out).
+        self.layer_hook_builder: Callable[[SchedulerOutput], LayerHook | None] | None = None
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens but the context holds "
+                f"{self.max_model_len} (prompt plus at least one generated token)"
+            )
+        vocab = self.arch.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"unknown token ids {bad[:5]} (vocabulary size {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids outside the vocabulary (size {vocab})")
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; a string prompt is tokenized without a chat template."""
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+        self.validate_prompt(token_ids, params)
+        seq = Sequence(request_id, token_ids, params)
+        self.requests[request_id] = self._new_state(seq)
+        self.scheduler.add(seq)
+        return request_id
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        block_ids: list[int],
+    ) -> StepOutput | None:
+        """Join the running batch with a prompt whose KV another worker computed into
+        `block_ids` (already allocated from this engine's pool, see reserve_blocks).
+
+        The first token was sampled by the prefill worker; it is checked for a stop here.
+        Returns a finished StepOutput when that token already ends the request (its blocks
+        are freed), else None and the request decodes from the next step on.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids, params)
+        if len(block_ids) != self.block_manager.blocks_needed(len(prompt_token_ids)):
+            raise ValueError("block_ids must cover exactly the prompt")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        state = self._new_state(seq, num_sampled=1)
+        self.requests[request_id] = state
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        output = self._process_token(seq, first_token_id, None)
+        if not output.finished:
+            self.block_manager.cache_full_blocks(seq)
+            return None
+        return output
+
+    def reserve_blocks(self, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` incoming KV slots, outside any sequence (None if short)."""
+        return self.block_manager.allocate_blocks(self.block_manager.blocks_needed(num_tokens))
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        self.block_manager.free_blocks(block_ids)
+
+    def _new_state(self, seq: Sequence, num_sampled: int = 0) -> RequestState:
+        """`num_sampled`: tokens of this request another worker already sampled; a seeded
+        generator skips their draws so the stream continues exactly as in one engine."""
+        params = seq.params
+        generator = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+            for _ in range(num_sampled):
+                skip_sample_draw(generator, self.arch.vocab_size)
+        checker = StopChecker(
+            self.tokenizer,
+            seq.prompt_token_ids,
+            params,
+            self.tokenizer.eos_token_ids,
+            self.max_model_len,
+        )
+        return RequestState(seq, checker, generator, [])
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks. Returns False if it is unknown or finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        self._finish(state.seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        hook = self.layer_hook_builder(plan) if self.layer_hook_builder else None
+        sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook)
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = time.monotonic()
+            self.block_manager.cache_full_blocks(item.seq)
+        outputs = []
+        for item, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            outputs.append(self._process_token(item.seq, token_id, logprob))
+        return outputs
+
+    def _generator_of(self, seq: Sequence) -> torch.Generator | None:
+        return self.requests[seq.request_id].generator
+
+    def _process_token(
+        self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None
+    ) -> StepOutput:
+        state = self.requests[seq.request_id]
+        seq.append_token(token_id)
+        if logprob is not None:
+            state.logprobs.append(logprob)
+        delta, reason = state.stop_checker.add(token_id)
+        if reason is not None:
+            self._finish(seq, reason)
+            del self.requests[seq.request_id]
+        return StepOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token_id],
+            new_text=delta,
+            finished=reason is not None,
+            finish_reason=reason,
+            new_logprobs=[logprob] if logprob is not None else [],
+            num_cached_tokens=seq.num_cached_tokens,
+        )

@@ -1,0 +1,158 @@
+"""The bridge from a scheduler plan to tensors: builds inputs, runs the model, samples.
+
+The only engine module that turns bookkeeping (block tables, token counts) into tensors.
+It owns the model weights and the KV pool:
+  kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+  (index 0 of the second dim is K, 1 is V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata, PrefillSpan
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.cpu_linear import prepack_linears, prepack_supported
+from splitserve.engine.model import LayerHook, ModelArch
+from splitserve.engine.sampler import SampleResult, sample
+from splitserve.engine.scheduler import ScheduledSequence
+from splitserve.engine.sequence import Sequence
+from splitserve.engine.weights import build_model
+from splitserve.kernels.backend import get_attention_ops
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """The tensors of one step and which scheduled sequences sample at its end."""
+
+    input_ids: torch.Tensor  # int64 [num_tokens]
+    positions: torch.Tensor  # int64 [num_tokens]
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # int64 [num_sampling]: rows whose hidden state is sampled
+    sampling: list[ScheduledSequence]  # in the order of sample_rows
+
+
+def configure_cpu_threads(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+    # Denormals make random-weight models ~3x slower on CPU; they change no greedy token.
+    torch.set_flush_denormal(True)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, arch: ModelArch, model_dir: Path):
+        self.config = config
+        self.arch = arch
+        self.device = torch.device(config.resolved_device)
+        self.dtype = _DTYPES[config.resolved_dtype]
+        if self.device.type == "cpu":
+            configure_cpu_threads(config.resolved_num_threads)
+        self.block_size = config.block_size
+        max_positions = arch.max_position_embeddings
+        self.model = build_model(arch, model_dir, self.dtype, str(self.device), max_positions)
+        if config.cpu_weight_prepack and prepack_supported(self.dtype, self.device):
+            prepack_linears(self.model, self.dtype)
+        self.ops = get_attention_ops(config.attention_backend, self.device)
+        self.num_blocks = self._num_kv_blocks()
+        shape = (arch.num_layers, 2, self.num_blocks, self.block_size)
+        self.kv_pool = torch.zeros(
+            *shape, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device
+        )
+        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(arch.num_layers)]
+
+    # ---- sizing --------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        a = self.arch
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return a.num_layers * 2 * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.9)
+            else:
+                budget = _DEFAULT_CPU_KV_BYTES
+        num_blocks = budget // self.kv_bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV memory budget {budget} bytes holds no block")
+        return int(num_blocks)
+
+    # ---- one step ------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledSequence]) -> StepBatch:
+        """Order tokens decode-first and build ids, positions, slot mapping, block tables."""
+        bs = self.block_size
+        singles = [s for s in scheduled if s.num_tokens == 1]
+        chunks = [s for s in scheduled if s.num_tokens > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[ScheduledSequence] = []
+        prefills: list[PrefillSpan] = []
+        for item in singles + chunks:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            row = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if item.num_tokens > 1:
+                block_ids = torch.tensor(table[: -(-end // bs)], dtype=torch.int64)
+                prefills.append(PrefillSpan(row, item.num_tokens, end, block_ids.to(self.device)))
+            if item.completes:
+                sample_rows.append(row + item.num_tokens - 1)
+                sampling.append(item)
+        width = max((len(s.seq.block_table) for s in singles), default=1)
+        tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in singles]
+        lens = [s.seq.num_computed_tokens + 1 for s in singles]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=len(singles),
+            decode_block_tables=torch.tensor(tables or [[0]], dtype=torch.int32, device=dev),
+            decode_context_lens=torch.tensor(lens or [1], dtype=torch.int32, device=dev),
+            prefills=prefills,
+        )
+        if singles and self.ops.name == "torch":
+            from splitserve.kernels.reference import plan_decode
+
+            meta.decode_plan = plan_decode(meta.decode_block_tables, meta.decode_context_lens,
+                                           bs, self.num_blocks)
+        return StepBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta=meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            sampling=sampling,
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        scheduled: list[ScheduledSequence],
+        generator_of: Callable[[Sequence], torch.Generator | None],
+        layer_hook: LayerHook | None = None,
+    ) -> tuple[list[ScheduledSequence], SampleResult]:
+        """Run one step; returns the sequences that sampled and their samples, in order."""
+        batch = self.prepare(scheduled)
+        hidden = self.model(
+            batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.ops, layer_hook
+        )
+        if not batch.sampling:
+            return [], SampleResult([], [])
+        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+        params = [s.seq.params for s in batch.sampling]
+        generators = [generator_of(s.seq) for s in batch.sampling]
+        return batch.sampling, sample(logits, params, generators)

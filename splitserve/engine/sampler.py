@@ -1,0 +1,89 @@
+"""Per-request sampling within one batch.
+
+Greedy rows take argmax of the raw logits. Other rows apply temperature, top-k, top-p and
+min-p, then draw with the exponential-race trick (argmax of probs / Exp(1) noise), the noise
+coming from the request's own generator: a seeded request samples the same tokens whatever
+else shares its batch. Logprobs are of the raw model distribution (before temperature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.common.outputs import TokenLogprobs
+from splitserve.common.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> SampleResult:
+    """logits: fp32 [num_rows, vocab]; one params and one generator per row."""
+    num_rows = logits.shape[0]
+    # max(dim).indices is argmax (first maximal index) but ~2.5x faster on CPU.
+    chosen = logits.max(dim=-1).indices
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        index = torch.tensor(random_rows, device=logits.device)
+        probs = _filtered_probs(logits.index_select(0, index), [params[i] for i in random_rows])
+        for row, source in enumerate(random_rows):
+            noise = torch.empty_like(probs[row]).exponential_(generator=generators[source])
+            chosen[source] = torch.argmax(probs[row] / noise)
+    token_ids = chosen.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * num_rows
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if wanted:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for i in wanted:
+            n = params[i].logprobs or 0
+            top_values, top_ids = torch.topk(log_probs[i], n) if n else (log_probs[i][:0],) * 2
+            logprobs[i] = TokenLogprobs(
+                token_id=token_ids[i],
+                logprob=float(log_probs[i, token_ids[i]]),
+                top=list(zip(top_ids.tolist(), top_values.tolist(), strict=True)),
+            )
+    return SampleResult(token_ids, logprobs)
+
+
+def skip_sample_draw(generator: torch.Generator, vocab_size: int) -> None:
+    """Advance `generator` exactly as one sampled token does (see sample())."""
+    torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks; returns probabilities [rows, vocab]."""
+    device = logits.device
+    temperatures = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    logits = logits / temperatures
+    top_ks = [p.top_k for p in params]
+    if any(k > 0 for k in top_ks):
+        vocab = logits.shape[1]
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=device)
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_ps):
+        sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        top_p = torch.tensor(top_ps, device=device).unsqueeze(1)
+        # The most likely token always survives; rows with top_p == 1 keep everything.
+        drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
+        drop = torch.zeros_like(drop_sorted).scatter(1, sorted_ids, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    min_ps = [p.min_p for p in params]
+    if any(m > 0.0 for m in min_ps):
+        min_p = torch.tensor(min_ps, device=device).unsqueeze(1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs

@@ -1,0 +1,155 @@
+"""Iteration-level scheduler: continuous batching with chunked prefill and preemption.
+
+Each step spends a token budget (max_num_batched_tokens) over at most max_num_seqs running
+sequences. Running sequences that decode (one token each) are served first, so a long
+prompt never stalls them; prompt chunks (running, then waiting in FCFS order) get the rest.
+When the KV pool runs dry, the newest running sequence is preempted by recompute: its blocks
+are freed and it goes back to the front of the queue, to resume later with identical output.
+Pure Python: the model runner turns the returned plan into tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token of the sequence has KV, so it samples a new token."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # kept in arrival order; the last is the newest
+
+    # ---- queue management ----------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose KV is already in its (allocated) blocks, e.g. received from a
+        prefill worker: it joins the running batch directly."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.running.sort(key=lambda s: s.arrival_index)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_queued_tokens(self) -> int:
+        return sum(s.num_uncomputed_tokens for s in self.waiting)
+
+    # ---- the step plan -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+        # Decodes first, then prompt chunks of running sequences, both in arrival order.
+        order = [s for s in self.running if not s.is_prefilling]
+        order += [s for s in self.running if s.is_prefilling]
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self._allocate_or_preempt(seq, num_tokens, scheduled_ids, out):
+                continue
+            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            scheduled_ids.add(id(seq))
+            budget -= num_tokens
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _allocate_or_preempt(
+        self, seq: Sequence, num_tokens: int, scheduled_ids: set[int], out: SchedulerOutput
+    ) -> bool:
+        while not self.block_manager.allocate_slots(seq, num_tokens):
+            victims = [s for s in self.running if id(s) not in scheduled_ids and s is not seq]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            computed = self.block_manager.get_computed_blocks(seq)
+            num_cached = len(computed) * self.block_manager.block_size
+            num_tokens = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate_slots(seq, num_tokens, computed):
+                if self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks:
+                    # Nothing will ever free enough blocks: the pool is smaller than this prompt.
+                    raise RuntimeError(
+                        f"request {seq.request_id} needs more KV blocks than the pool has "
+                        f"({self.block_manager.num_blocks})"
+                    )
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            budget -= num_tokens

@@ -1,0 +1,261 @@
+"""What prefill and decode workers share: the engine on its loop thread, the KV transfer
+backend, the cluster presence, and the gRPC server's life cycle.
+
+A worker is a plain class that also runs as a plain process (`splitserve prefill|decode`)
+or inside a Ray actor; nothing here imports ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from splitserve.cluster import open_store
+from splitserve.cluster.presence import WorkerPresence
+from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.common.convert.common import layout_to_proto
+from splitserve.common.grpc_util import add_health_and_reflection
+from splitserve.common.kv_layout import KVLayout
+from splitserve.common.metrics import MetricsServer, WorkerStatsSnapshot, worker_registry
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.engine_loop import EngineLoop
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.model_files import model_name
+from splitserve.kvtransfer.base import KVBackend
+from splitserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+_ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+_ROLE_PROTO = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    worker_id: str | None = None  # None: "<role>-<random>"
+    host: str = "127.0.0.1"  # the gRPC server binds here (loopback on one machine)
+    port: int = 0  # 0: an ephemeral port
+    cluster_url: str | None = None  # grpc://router:port (embedded store), redis://..., None: memory
+    kv_backend: str = "torch_dist"  # torch_dist (gloo / NCCL) or inproc (one process)
+    kv_store: str | None = None  # host:port of the KV rendezvous TCPStore (torch_dist)
+    serve_kv_store: bool = False  # host that TCPStore in this process
+    kv_timeout_s: float = 30.0  # deadline of one request's KV transfer
+    heartbeat_ttl_s: float = 3.0
+    max_concurrent_rpcs: int = 1024
+    # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_backend not in ("torch_dist", "inproc"):
+            raise ValueError(f"kv_backend must be torch_dist or inproc, got {self.kv_backend!r}")
+        if self.kv_backend == "torch_dist" and not self.kv_store:
+            raise ValueError("kv_backend torch_dist needs kv_store (host:port)")
+        if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0:
+            raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
+
+
+def engine_layout(engine: LLMEngine) -> KVLayout:
+    arch = engine.arch
+    dtype = str(engine.runner.dtype).removeprefix("torch.")
+    return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size, dtype)
+
+
+def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
+                     device: str) -> tuple[KVBackend, Any]:
+    """The KV backend, and the rendezvous store when this process hosts it (keep it alive)."""
+    if options.kv_backend == "inproc":
+        from splitserve.kvtransfer.inproc import InProcBackend
+
+        return InProcBackend(worker_id, layout, default_timeout_s=options.kv_timeout_s), None
+    from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
+
+    assert options.kv_store is not None
+    host, _, port = options.kv_store.rpartition(":")
+    hosted = create_rendezvous_store(host, int(port)) if options.serve_kv_store else None
+    backend = TorchDistBackend(
+        worker_id, layout, host, int(port), device,
+        default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
+    )
+    return backend, hosted
+
+
+class WorkerRuntime:
+    """Base of PrefillWorker and DecodeWorker. Subclasses add their servicer in _register."""
+
+    role = "prefill"
+
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None):
+        self.options = options
+        self.worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.engine = LLMEngine(options.engine)
+        self.loop = EngineLoop(self.engine)
+        self.layout = engine_layout(self.engine)
+        self.kv, self._kv_store_host = build_kv_backend(
+            options, self.worker_id, self.layout, str(self.engine.runner.device)
+        )
+        self.store = store if store is not None else open_store(options.cluster_url)
+        self._owns_store = store is None
+        self.draining = threading.Event()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs,
+                                       thread_name_prefix=f"{self.role}-rpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        service_names = self._register(self.server)
+        self.health = add_health_and_reflection(self.server, service_names)
+        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {options.host}:{options.port}")
+        self.address = f"{options.host}:{self.port}"
+        self.presence: WorkerPresence | None = None
+        self.started_at = time.time()
+        self.metrics_registry = worker_registry(self)
+        self._metrics_server: MetricsServer | None = None
+
+    def _register(self, server: grpc.Server) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def kv_endpoint(self) -> str:
+        if self.options.kv_backend == "inproc":
+            return f"inproc://{self.worker_id}"
+        return f"torch_dist://{self.options.kv_store}/{self.worker_id}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port; None while metrics are not served."""
+        return None if self._metrics_server is None else self._metrics_server.port
+
+    def serve_metrics(self, port: int = 0) -> int:
+        """Serve metrics_registry over HTTP on options.host (idempotent); the bound port."""
+        if self._metrics_server is None:
+            self._metrics_server = MetricsServer(self.metrics_registry, self.options.host, port)
+        return self._metrics_server.port
+
+    def start(self) -> WorkerRuntime:
+        if self.options.metrics_port is not None:  # first: a taken port fails before serving
+            self.serve_metrics(self.options.metrics_port)
+        self.loop.start()
+        self.server.start()
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            role=_ROLES[self.role],
+            address=self.address,
+            model=model_name(self.options.engine.model),
+            block_size=self.engine.block_size,
+            num_total_blocks=self.engine.num_blocks,
+            kv_endpoint=self.kv_endpoint,
+        )
+        self.presence = WorkerPresence(
+            self.store, info, self.load_report, self.loop.drain_prefix_events,
+            ttl_s=self.options.heartbeat_ttl_s,
+        )
+        self.presence.start()
+        log.info("%s worker %s serving on %s", self.role, self.worker_id, self.address)
+        return self
+
+    def load_report(self) -> WorkerLoadReport:
+        load = self.loop.load
+        return WorkerLoadReport(
+            num_waiting=load.num_waiting + self.num_pending(),
+            num_running=load.num_running,
+            num_free_blocks=load.num_free_blocks,
+            num_queued_tokens=load.num_queued_tokens,
+        )
+
+    def num_pending(self) -> int:
+        """Requests accepted but not yet in the engine's queues (subclasses override)."""
+        return 0
+
+    def load_proto(self) -> common_pb2.WorkerLoad:
+        report = self.load_report()
+        return common_pb2.WorkerLoad(
+            num_waiting=report.num_waiting,
+            num_running=report.num_running,
+            num_free_blocks=report.num_free_blocks,
+            num_total_blocks=self.loop.load.num_total_blocks,
+            num_queued_tokens=report.num_queued_tokens,
+        )
+
+    def stats_fields(self) -> dict[str, Any]:
+        """The fields PrefillStatsResponse and DecodeStatsResponse share."""
+        return {
+            "worker_id": self.worker_id,
+            "role": _ROLE_PROTO[self.role],
+            "load": self.load_proto(),
+            "counters": self.counters_proto(),
+            "kv_layout": layout_to_proto(self.layout),
+            "draining": self.draining.is_set(),
+            "model": self.options.engine.model,
+        }
+
+    def counters_proto(self) -> common_pb2.WorkerCounters:
+        stats = self.kv.stats()
+        load = self.loop.load
+        finished = self.loop.finished_counts()
+        aborted = finished.get("abort", 0)
+        return common_pb2.WorkerCounters(
+            kv_transfer_bytes=stats.bytes_sent + stats.bytes_received,
+            kv_transfer_ms=stats.seconds * 1000.0,
+            kv_transfer_failures=stats.transfers_failed,
+            prefix_cache_queried_tokens=load.prefix_queried_tokens,
+            prefix_cache_hit_tokens=load.prefix_hit_tokens,
+            num_finished_requests=sum(finished.values()) - aborted,
+            num_aborted_requests=aborted,
+            num_generated_tokens=self.loop.generated_tokens,
+        )
+
+    def metrics_snapshot(self) -> WorkerStatsSnapshot:
+        """Cumulative stats for the Prometheus collector (any thread)."""
+        kv = self.kv.stats()
+        load = self.loop.load
+        return WorkerStatsSnapshot(
+            kv_bytes_sent=kv.bytes_sent, kv_bytes_received=kv.bytes_received,
+            kv_seconds=kv.seconds, kv_transfers_ok=kv.transfers_ok,
+            kv_transfers_failed=kv.transfers_failed,
+            prefix_queried_tokens=load.prefix_queried_tokens,
+            prefix_hit_tokens=load.prefix_hit_tokens,
+            generated_tokens=self.loop.generated_tokens, engine_steps=self.loop.steps,
+            finished=self.loop.finished_counts(), draining=self.draining.is_set(),
+        )
+
+    def in_flight(self) -> int:
+        load = self.loop.load
+        return load.num_waiting + load.num_running + self.num_pending()
+
+    def drain(self, wait_timeout_s: float = 0.0) -> int:
+        """Stop accepting work, leave the cluster, optionally wait for in-flight requests."""
+        self.draining.set()
+        if self.presence is not None:
+            self.presence.stop(deregister=True)
+            self.presence = None
+        deadline = time.monotonic() + wait_timeout_s
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.in_flight()
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.presence is not None:
+            self.presence.stop(deregister=True)
+            self.presence = None
+        self.server.stop(grace_s).wait(grace_s + 1)
+        self.loop.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+        self.kv.close()
+        if self._owns_store:
+            self.store.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
