@@ -47,6 +47,14 @@ class RouterConfig:
     # prompt). None: as many as fit in max_model_len.
     default_max_tokens: int | None = 16
     max_admit_attempts: int = 3  # decode workers tried before giving up on a request
+    # Largest HTTP body and gRPC message the router reads; bigger ones are refused (413 /
+    # RESOURCE_EXHAUSTED) before they are parsed.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Client API keys (splitserve.common.auth format), on top of SPLITSERVE_API_KEYS. With
+    # any key configured, the gRPC SplitServe service and every HTTP path but /health (and
+    # /metrics when public_metrics) need `Authorization: Bearer <key>`.
+    api_keys_file: str | None = None
+    public_metrics: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -84,6 +92,8 @@ class RouterConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_admit_attempts < 1:
             raise ValueError(f"max_admit_attempts must be >= 1, got {self.max_admit_attempts}")
 

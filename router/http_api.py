@@ -27,6 +27,8 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from splitserve.common import request_rules
+from splitserve.common.auth import ApiKeys, bearer_token
 from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
 from splitserve.router.openai_format import ResponseBuilder, failure
@@ -40,7 +42,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Parser = Callable[[Any, str], OpenAIRequest]
 
 _SHUTDOWN_TIMEOUT_S = 2.0  # in-flight handlers get this long at stop (drain() waits longer)
-_MAX_BODY_BYTES = 64 * 1024 * 1024
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 # gRPC status of a pipeline error -> (HTTP status, OpenAI error type, error code)
@@ -54,7 +55,8 @@ _STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 
 
 def error_response(error: OpenAIError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return web.json_response(error.body(), status=error.status, headers=headers)
 
 
 def service_error(exc: ServiceError) -> OpenAIError:
@@ -83,15 +85,21 @@ async def _sse(response: web.StreamResponse, data: dict[str, Any] | str) -> None
 
 
 class HttpApi:
-    def __init__(self, pipeline: RequestPipeline, metrics: RouterMetrics) -> None:
+    def __init__(self, pipeline: RequestPipeline, metrics: RouterMetrics,
+                 max_request_bytes: int = 4 * 1024 * 1024, api_keys: ApiKeys | None = None,
+                 public_metrics: bool = False) -> None:
         self._pipeline = pipeline
+        self._api_keys = api_keys
+        self._public_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+        self._max_request_bytes = max_request_bytes
         self._metrics = metrics
         self._runner: web.AppRunner | None = None
         self._created = int(time.time())
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY_BYTES)
+        app = web.Application(middlewares=[_errors, self._authenticate],
+                              client_max_size=self._max_request_bytes)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
@@ -115,6 +123,19 @@ class HttpApi:
             await self._runner.cleanup()
             self._runner = None
 
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With API keys configured, every path but the public ones needs a valid key (401
+        before the body is read)."""
+        if self._api_keys is not None and request.path not in self._public_paths:
+            token = bearer_token(request.headers.get("Authorization"))
+            if token is None or self._api_keys.identify(token) is None:
+                log.info("refused an unauthenticated %s %s", request.method, request.path)
+                message = ("the API key is not valid" if token is not None else
+                           "an API key is required: send 'Authorization: Bearer <key>'")
+                raise OpenAIError(message, status=401, code="invalid_api_key")
+        return await handler(request)
+
     # ---- generation ---------------------------------------------------------------------
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -123,12 +144,29 @@ class HttpApi:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, parse_chat)
 
-    async def _generate(self, request: web.Request, parse: Parser) -> web.StreamResponse:
-        raw = await request.read()
+    async def _read_json(self, request: web.Request) -> Any:
+        """The body as JSON; 413 past max_request_bytes (before reading it, when the client
+        declares its length), 400 for anything but a JSON value of bounded nesting."""
+        limit = self._max_request_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise OpenAIError(f"the request body has {request.content_length} bytes; at most "
+                              f"{limit} are accepted", status=413, code="request_too_large")
+        raw = await request.read()  # aiohttp stops at client_max_size (413) without a length
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise OpenAIError(f"the request body is not valid JSON: {exc}") from exc
+        except RecursionError:
+            too_deep = True  # deeper than Python's parser goes
+        else:
+            too_deep = request_rules.json_depth_exceeds(body)
+        if too_deep:
+            raise OpenAIError("the request body nests JSON deeper than "
+                              f"{request_rules.MAX_JSON_DEPTH} levels")
+        return body
+
+    async def _generate(self, request: web.Request, parse: Parser) -> web.StreamResponse:
+        body = await self._read_json(request)
         model = self._pipeline.state.model
         req = parse(body, model.model_id)
         builder = ResponseBuilder(req, model.model_id, model.tokenizer)

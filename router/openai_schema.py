@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.common import request_rules
+from splitserve.common.request_rules import UINT32_MAX
 from splitserve.v1 import router_pb2
 
 MAX_TOP_LOGPROBS = 20
@@ -84,6 +86,14 @@ class _Body:
                               f"got {value}", param=name)
         return value
 
+    def text(self, name: str, value: str) -> str:
+        """`value` (from field `name`) if it is valid Unicode text (no lone surrogates)."""
+        try:
+            request_rules.check_text(name, value)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), param=name) from None
+        return value
+
     def flag(self, name: str) -> bool | None:
         return self.get(name, (bool,), "a boolean")
 
@@ -111,8 +121,8 @@ def _sampling(b: _Body, request: router_pb2.GenerateRequest, max_tokens: int | N
     if top_p is not None:
         if top_p == 0.0:
             raise OpenAIError("top_p must be > 0", param="top_p")
-        sp.top_p = top_p
-    top_k = b.integer("top_k", -1)
+        sp.top_p = max(top_p, request_rules.MIN_TOP_P)  # never a float32 denormal
+    top_k = b.integer("top_k", -1, UINT32_MAX)
     sp.top_k = 0 if top_k in (None, -1) else top_k
     min_p = b.number("min_p", 0.0, 1.0)
     sp.min_p = min_p or 0.0
@@ -123,7 +133,7 @@ def _sampling(b: _Body, request: router_pb2.GenerateRequest, max_tokens: int | N
     stops = [stop] if isinstance(stop, str) else stop or []
     if not all(isinstance(s, str) and s for s in stops):
         raise OpenAIError("stop must be non-empty strings", param="stop")
-    sp.stop.extend(stops)
+    sp.stop.extend(b.text("stop", s) for s in stops)
     stop_ids = b.get("stop_token_ids", (list,), "a list of token ids") or []
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
                for t in stop_ids):
@@ -150,6 +160,8 @@ def _stream_options(b: _Body) -> tuple[bool, bool]:
 
 def _model(b: _Body, model_id: str) -> None:
     model = b.get("model", (str,), "a string")
+    if model and len(model) > request_rules.MAX_MODEL_NAME_CHARS:
+        raise OpenAIError("model name too long", param="model", code="model_not_found")
     if model and model != model_id:
         raise OpenAIError(f"The model {model!r} does not exist; this server serves "
                           f"{model_id!r}", param="model", code="model_not_found")
@@ -167,7 +179,7 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        request.prompt = prompt
+        request.prompt = b.text("prompt", prompt)
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < 2**32 for t in prompt):
@@ -183,7 +195,7 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     echo = bool(b.flag("echo"))
     if echo and logprobs is not None:
         raise OpenAIError("echo together with logprobs is not supported", param="echo")
-    _sampling(b, request, b.integer("max_tokens", 1))
+    _sampling(b, request, b.integer("max_tokens", 1, UINT32_MAX))
     _set_logprobs(request, logprobs)
     stream, include_usage = _stream_options(b)
     return OpenAIRequest(False, request, stream, include_usage, echo, logprobs)
@@ -205,10 +217,10 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     modalities = b.get("modalities", (list,), "a list")
     if modalities is not None and modalities != ["text"]:
         raise OpenAIError("only the text modality is supported", param="modalities")
-    request.messages.messages.extend(_messages(b.data.get("messages")))
-    max_tokens = b.integer("max_completion_tokens", 1)
+    request.messages.messages.extend(_messages(b, b.data.get("messages")))
+    max_tokens = b.integer("max_completion_tokens", 1, UINT32_MAX)
     if max_tokens is None:
-        max_tokens = b.integer("max_tokens", 1)
+        max_tokens = b.integer("max_tokens", 1, UINT32_MAX)
     _sampling(b, request, max_tokens)
     top = b.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
     want = b.flag("logprobs")
@@ -226,7 +238,7 @@ def _set_logprobs(request: router_pb2.GenerateRequest, logprobs: int | None) -> 
         request.sampling_params.top_logprobs = logprobs
 
 
-def _messages(messages: Any) -> list[router_pb2.ChatMessage]:
+def _messages(b: _Body, messages: Any) -> list[router_pb2.ChatMessage]:
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("messages must be a non-empty list", param="messages")
     out = []
@@ -239,7 +251,12 @@ def _messages(messages: Any) -> list[router_pb2.ChatMessage]:
             raise OpenAIError("tool messages are not supported", param=f"messages[{i}]")
         if role == "developer":
             role = "system"  # OpenAI's newer name for the system role
-        out.append(router_pb2.ChatMessage(role=role, content=_content(message, i)))
+        if role not in request_rules.CHAT_ROLES:
+            raise OpenAIError(f"messages[{i}].role {role!r} is not a chat role; expected one "
+                              f"of {[*request_rules.CHAT_ROLES, 'developer']}",
+                              param=f"messages[{i}].role")
+        content = b.text(f"messages[{i}].content", _content(message, i))
+        out.append(router_pb2.ChatMessage(role=role, content=content))
     return out
 
 

@@ -27,7 +27,11 @@ import grpc
 from splitserve.cluster import InMemoryClusterStore, open_store
 from splitserve.cluster.remote import add_cluster_state
 from splitserve.cluster.store import ClusterStore
+from splitserve.common import envs
+from splitserve.common.auth import ApiKeys
+from splitserve.common.grpc_guard import GuardInterceptor
 from splitserve.common.grpc_util import (
+    DEFAULT_SERVER_OPTIONS,
     HealthStatus,
     add_health_and_reflection,
     bind,
@@ -104,7 +108,12 @@ class RouterServer:
             self.store = open_store(config.cluster_url)
         self._state = RouterState.build(config, self.model, AsyncStore(self.store))
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-sync")
-        server = create_aio_server(sync_handler_pool=self._pool)
+        api_keys = ApiKeys.load(config.api_keys_file, envs.get("SPLITSERVE_API_KEYS"))
+        guard = GuardInterceptor(api_keys, guarded_services=[SPLITSERVE_SERVICE])
+        server = create_aio_server(
+            options=(*DEFAULT_SERVER_OPTIONS,
+                     ("grpc.max_receive_message_length", config.max_request_bytes)),
+            sync_handler_pool=self._pool, interceptors=[guard])
         pipeline = RequestPipeline(self._state, self.admission, self.metrics)
         router_pb2_grpc.add_SplitServeServicer_to_server(SplitServeServicer(pipeline), server)
         services = [SPLITSERVE_SERVICE]
@@ -116,7 +125,8 @@ class RouterServer:
         await server.start()
         self._server = server
         if config.http_port is not None:
-            self._http = HttpApi(pipeline, self.metrics)
+            self._http = HttpApi(pipeline, self.metrics, config.max_request_bytes, api_keys,
+                                 public_metrics=config.public_metrics)
             self.http_port = await self._http.start(config.host, config.http_port)
         log.info("router serving model %s on %s, HTTP on %s (cluster state: %s)",
                  self.model.model_id, self.address, self.http_address, self.cluster_url)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import jinja2
 
+from splitserve.common import request_rules
 from splitserve.common.convert.common import sampling_from_proto, sampling_to_proto
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.sampling_params import SamplingParams
@@ -42,6 +44,14 @@ def _invalid(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _check(rule: Callable[..., None], *args: object) -> None:
+    """Run a request_rules check; its ValueError becomes INVALID_ARGUMENT."""
+    try:
+        rule(*args)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
 def prompt_token_ids(request: router_pb2.GenerateRequest, model: ServedModel) -> list[int]:
     """The prompt's token ids, whichever of prompt / messages / token_ids it came as."""
     kind = request.WhichOneof("input")
@@ -50,11 +60,16 @@ def prompt_token_ids(request: router_pb2.GenerateRequest, model: ServedModel) ->
     if kind == "prompt":
         if not request.prompt:
             raise _invalid("prompt is empty")
+        _check(request_rules.check_prompt_chars, len(request.prompt), model.max_model_len)
         ids = model.tokenizer.encode(request.prompt, add_special_tokens=True)
     elif kind == "messages":
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
         if not messages:
             raise _invalid("messages is empty")
+        for i, m in enumerate(messages):
+            _check(request_rules.check_role, f"messages[{i}].role", m["role"])
+        _check(request_rules.check_prompt_chars, sum(len(m["content"]) for m in messages),
+               model.max_model_len)
         try:
             ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except (jinja2.TemplateError, ValueError) as exc:
@@ -118,6 +133,10 @@ def validate_request(
     block_size: int,
     default_max_tokens: int | None = 16,
 ) -> ValidatedRequest:
+    _check(request_rules.check_request_id, request.request_id)
+    if len(request.model) > request_rules.MAX_MODEL_NAME_CHARS:
+        raise _invalid(f"model names have at most {request_rules.MAX_MODEL_NAME_CHARS} "
+                       "characters")
     if request.model and request.model != model.model_id:
         raise ServiceError(
             grpc.StatusCode.NOT_FOUND,

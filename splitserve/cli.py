@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from splitserve.common import envs
+
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 
 
@@ -70,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         ray_address=args.ray_address, prefill_resource=args.prefill_resource,
         decode_resource=args.decode_resource,
-        router_options={"local_prefill_threshold": args.local_prefill_threshold},
+        router_options={"local_prefill_threshold": args.local_prefill_threshold,
+                        **_router_security(args)},
     )
     print(f"starting SplitServe: {options.prefill_workers} prefill + {options.decode_workers} "
           f"decode worker(s), model {args.model} ...", flush=True)
@@ -93,9 +96,24 @@ def _demo(address: str, prompt: str) -> None:
     from splitserve.client import Client, stream_to_terminal
 
     print(f"\n>>> {prompt}\n", flush=True)
-    with Client(address, timeout=300) as client:
+    with Client(address, timeout=300, token=envs.get("SPLITSERVE_API_KEY") or None) as client:
         stream_to_terminal(client, [{"role": "user", "content": prompt}], chat=True,
                            max_tokens=128, temperature=0.0)
+
+
+def _add_router_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-keys-file", default=None,
+                   help="client API keys, one name:key per line (also SPLITSERVE_API_KEYS); "
+                        "with keys, every API but /health needs 'Authorization: Bearer <key>'")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without an API key")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest HTTP body / gRPC message accepted (413 / RESOURCE_EXHAUSTED)")
+
+
+def _router_security(args: argparse.Namespace) -> dict[str, Any]:
+    return {"api_keys_file": args.api_keys_file, "public_metrics": args.public_metrics,
+            "max_request_bytes": args.max_request_bytes}
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -107,7 +125,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         cluster_url=args.redis_url,
         block_size=args.block_size, local_prefill_threshold=args.local_prefill_threshold,
         prefill_timeout_ms=args.prefill_timeout_ms, prefill_policy=args.prefill_policy,
-        max_inflight=args.max_inflight, max_queued=args.max_queued,
+        max_inflight=args.max_inflight, max_queued=args.max_queued, **_router_security(args),
     ))
     print(f"READY router {router.address} cluster {router.cluster_url} http "
           f"{router.http_address}", flush=True)
@@ -147,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from splitserve.client import Client, stream_to_terminal
 
     prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, token=args.api_key) as client:
         completion = stream_to_terminal(client, prompt, chat=args.chat,
                                         max_tokens=args.max_tokens, temperature=args.temperature,
                                         seed=args.seed)
@@ -181,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="stream one chat answer once ready")
     p.add_argument("--demo-prompt", default=DEMO_PROMPT)
     p.add_argument("--exit-after-demo", action="store_true")
+    _add_router_security_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("router", help="the router as a plain process")
@@ -199,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=256)
     p.add_argument("--drain-timeout", type=float, default=10.0)
+    _add_router_security_args(p)
     p.set_defaults(func=cmd_router)
 
     for role in ("prefill", "decode"):
@@ -225,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--api-key", default=envs.get("SPLITSERVE_API_KEY") or None,
+                   help="sent as 'authorization: Bearer <key>' (default: SPLITSERVE_API_KEY)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks (splitserve bench --help)", add_help=False)

@@ -29,6 +29,7 @@ from splitserve.cluster.store import (
 )
 from splitserve.common.convert import cluster as convert
 from splitserve.common.convert import common as common_convert
+from splitserve.common.grpc_guard import SyncGuardInterceptor
 from splitserve.v1 import cluster_pb2 as pb
 from splitserve.v1 import cluster_pb2_grpc
 
@@ -126,7 +127,8 @@ def start_cluster_state_server(
     `address` port 0 picks a free port; returns (server, bound port). Stop it with
     `server.stop(grace)`; the store stays open.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         interceptors=[SyncGuardInterceptor()])
     add_cluster_state(server, store)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):

@@ -100,6 +100,18 @@ _VARS: tuple[EnvVar[Any], ...] = (
         "Log level of SplitServe's loggers (CRITICAL, ERROR, WARNING, INFO, DEBUG).",
     ),
     EnvVar(
+        "SPLITSERVE_API_KEYS",
+        str,
+        lambda: "",
+        "Client API keys of the router, comma-separated name:key entries (secret).",
+    ),
+    EnvVar(
+        "SPLITSERVE_API_KEY",
+        str,
+        lambda: "",
+        "The API key `splitserve generate` and `serve --demo` send (secret).",
+    ),
+    EnvVar(
         "SPLITSERVE_DISABLE_CPU_KERNELS",
         parse_bool,
         lambda: False,

@@ -124,13 +124,15 @@ def create_server(
 def create_aio_server(
     options: Sequence[tuple[str, Any]] = DEFAULT_SERVER_OPTIONS,
     sync_handler_pool: futures.Executor | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     """A grpc.aio server (not started). Call it with the server's event loop running.
 
     Non-coroutine handlers registered on it (e.g. cluster.remote's ClusterStateServicer)
     run on `sync_handler_pool`; the caller owns the pool and shuts it down after the server.
     """
-    return grpc.aio.server(migration_thread_pool=sync_handler_pool, options=list(options))
+    return grpc.aio.server(migration_thread_pool=sync_handler_pool, options=list(options),
+                           interceptors=list(interceptors))
 
 
 def bind(server: grpc.Server | grpc.aio.Server, address: str) -> int:

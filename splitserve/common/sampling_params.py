@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.common.request_rules import (
+    GREEDY_TEMPERATURE_EPS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MIN_TOP_P,
+    UINT32_MAX,
+    UINT64_MAX,
+    check_finite,
+    check_text,
+)
+
 _MAX_TOP_LOGPROBS = 20
 
 
@@ -11,7 +23,7 @@ _MAX_TOP_LOGPROBS = 20
 class SamplingParams:
     """How one request samples and when it stops.
 
-    temperature 0 is greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable
+    temperature 0 (or below GREEDY_TEMPERATURE_EPS) is greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable
     those filters. `stop` strings are matched on the detokenized text and never emitted.
     """
 
@@ -37,26 +49,42 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if 0.0 < self.top_p < MIN_TOP_P:
+            object.__setattr__(self, "top_p", MIN_TOP_P)
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        """ValueError naming the first bad field (request_rules: the rules router and
+        workers share)."""
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= UINT32_MAX:
+            raise ValueError(f"max_tokens must be an integer in [1, {UINT32_MAX}], "
+                             f"got {self.max_tokens!r}")
+        for name in ("temperature", "top_p", "min_p"):
+            check_finite(name, getattr(self, name))
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], "
+                             f"got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
+        if not 0 <= self.top_k <= UINT32_MAX:
+            raise ValueError(f"top_k must be in [0, {UINT32_MAX}] (0 or -1 disables it), "
+                             f"got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed <= UINT64_MAX:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= _MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} "
+                                 "characters")
+            check_text("a stop string", s)
+        if any(not 0 <= t <= UINT32_MAX for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be in [0, 2**32)")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1

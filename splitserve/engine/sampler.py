@@ -78,6 +78,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         top_p = torch.tensor(top_ps, device=device).unsqueeze(1)
         # The most likely token always survives; rows with top_p == 1 keep everything.
         drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
+        drop_sorted[:, 0] = False  # even when a tiny top_p rounds to 0 in float32
         drop = torch.zeros_like(drop_sorted).scatter(1, sorted_ids, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

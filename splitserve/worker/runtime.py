@@ -21,6 +21,7 @@ from splitserve.cluster import open_store
 from splitserve.cluster.presence import WorkerPresence
 from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport, WorkerRole
 from splitserve.common.convert.common import layout_to_proto
+from splitserve.common.grpc_guard import SyncGuardInterceptor
 from splitserve.common.grpc_util import add_health_and_reflection
 from splitserve.common.kv_layout import KVLayout
 from splitserve.common.metrics import MetricsServer, WorkerStatsSnapshot, worker_registry
@@ -110,6 +111,7 @@ class WorkerRuntime:
             futures.ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs,
                                        thread_name_prefix=f"{self.role}-rpc"),
             options=[("grpc.so_reuseport", 0)],
+            interceptors=[SyncGuardInterceptor()],  # undecodable requests: INVALID_ARGUMENT
         )
         service_names = self._register(self.server)
         self.health = add_health_and_reflection(self.server, service_names)

@@ -90,7 +90,7 @@ def test_list_models_without_workers(stub: router_pb2_grpc.SplitServeStub) -> No
      "token_ids [49152] outside the vocabulary (size 49152)"),
     ({"prompt": "hi", "sampling_params": common_pb2.SamplingParams(temperature=-0.5)},
      grpc.StatusCode.INVALID_ARGUMENT,
-     "invalid sampling_params: temperature must be >= 0, got -0.5"),
+     "invalid sampling_params: temperature must be in [0, 100], got -0.5"),
     ({"prompt": "hi", "sampling_params": common_pb2.SamplingParams(max_tokens=8192)},
      grpc.StatusCode.INVALID_ARGUMENT,
      "prompt (1 tokens) plus max_tokens (8192) exceeds the model context of 8192 tokens"),

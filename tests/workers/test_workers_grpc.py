@@ -98,3 +98,26 @@ def test_health_and_reflection_on_both_workers(workers) -> None:  # type: ignore
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
             names = {s.name for r in responses for s in r.list_services_response.service}
             assert service in names and "grpc.health.v1.Health" in names
+
+
+@pytest.mark.parametrize(("role", "method", "streaming"), [
+    (0, "/splitserve.v1.PrefillWorker/Prefill", False),
+    (0, "/splitserve.v1.PrefillWorker/Stats", False),
+    (1, "/splitserve.v1.DecodeWorker/Admit", True),
+    (1, "/splitserve.v1.DecodeWorker/Abort", False),
+])
+def test_undecodable_requests_are_invalid_argument(  # type: ignore[no-untyped-def]
+        workers, role: int, method: str, streaming: bool) -> None:
+    with grpc.insecure_channel(workers[role].address) as channel:
+        kind = channel.unary_stream if streaming else channel.unary_unary
+        call = kind(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            result = call(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)
+            if streaming:
+                list(result)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "does not decode" in info.value.details()
+        stub = (worker_pb2_grpc.PrefillWorkerStub if role == 0 else
+                worker_pb2_grpc.DecodeWorkerStub)(channel)
+        request = worker_pb2.PrefillStatsRequest() if role == 0 else worker_pb2.DecodeStatsRequest()
+        stub.Stats(request, timeout=10)  # and it still serves well-formed calls

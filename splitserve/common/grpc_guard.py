@@ -1,0 +1,172 @@
+"""What a gRPC server checks before a handler runs: that the request message decodes, and,
+for the services that ask for it, that the caller presents a valid API key.
+
+grpc's own servers log a traceback at ERROR and answer UNKNOWN/INTERNAL when a request
+message does not decode. With `GuardInterceptor` (grpc.aio) or `SyncGuardInterceptor`
+(thread-pool servers) such a request gets INVALID_ARGUMENT and one INFO log line, and a
+request without a valid key for a guarded service gets UNAUTHENTICATED before any handler
+work. Streaming-request methods are passed through untouched (SplitServe has none).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from splitserve.common.auth import ApiKeys, bearer_token
+
+log = logging.getLogger(__name__)
+
+
+class _Undecodable:
+    """Stands in for a request message that failed to decode."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserializer(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the client's
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return deserializer
+
+
+def _refusal(request: Any, method: str) -> str | None:
+    if isinstance(request, _Undecodable):
+        log.info("refused an undecodable request to %s (%s)", method, request.reason)
+        return f"the request message does not decode as the method's type ({request.reason})"
+    return None
+
+
+def _guard_behavior(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    if inspect.isasyncgenfunction(behavior):
+        async def agen(request: Any, context: Any) -> Any:
+            if (message := _refusal(request, method)) is not None:
+                await context.abort(code, message)
+            async for item in behavior(request, context):
+                yield item
+
+        return agen
+    if inspect.iscoroutinefunction(behavior):
+        async def coro(request: Any, context: Any) -> Any:
+            if (message := _refusal(request, method)) is not None:
+                await context.abort(code, message)
+            return await behavior(request, context)
+
+        return coro
+    if inspect.isgeneratorfunction(behavior):
+        def gen(request: Any, context: Any) -> Any:
+            if (message := _refusal(request, method)) is not None:
+                context.abort(code, message)
+            yield from behavior(request, context)
+
+        return gen
+
+    def plain(request: Any, context: Any) -> Any:
+        if (message := _refusal(request, method)) is not None:
+            context.abort(code, message)
+        return behavior(request, context)
+
+    return plain
+
+
+def _with_decode_guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    if handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    field = "unary_stream" if handler.response_streaming else "unary_unary"
+    return handler._replace(  # type: ignore[attr-defined, no-any-return]
+        request_deserializer=_tolerant(handler.request_deserializer),
+        **{field: _guard_behavior(getattr(handler, field), method)},
+    )
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str, aio: bool) -> grpc.RpcMethodHandler:
+    code = grpc.StatusCode.UNAUTHENTICATED
+    if aio:
+        async def deny(request: Any, context: Any) -> Any:
+            await context.abort(code, message)
+    else:
+        def deny(request: Any, context: Any) -> Any:  # type: ignore[misc]
+            context.abort(code, message)
+
+    if handler.request_streaming:
+        field = "stream_stream" if handler.response_streaming else "stream_unary"
+    else:
+        field = "unary_stream" if handler.response_streaming else "unary_unary"
+    if not aio and handler.response_streaming:
+        def deny_stream(request: Any, context: Any) -> Any:
+            context.abort(code, message)
+            yield  # pragma: no cover - abort raises
+
+        return handler._replace(**{field: deny_stream})  # type: ignore[attr-defined, no-any-return]
+    return handler._replace(**{field: deny})  # type: ignore[attr-defined, no-any-return]
+
+
+class _Guard:
+    """The checks both interceptor flavours run on each call's method and metadata."""
+
+    def __init__(self, api_keys: ApiKeys | None, guarded_services: Sequence[str]) -> None:
+        self._keys = api_keys
+        self._prefixes = tuple(f"/{name}/" for name in guarded_services)
+
+    def auth_error(self, details: grpc.HandlerCallDetails) -> str | None:
+        """None when the call may proceed; else why it is refused."""
+        method = details.method or ""
+        if self._keys is None or not method.startswith(self._prefixes):
+            return None
+        metadata = dict(details.invocation_metadata or ())
+        token = bearer_token(metadata.get("authorization"))
+        if token is None:
+            return "an API key is required: send the metadata 'authorization: Bearer <key>'"
+        if self._keys.identify(token) is None:
+            return "the API key is not valid"
+        return None
+
+    def wrap(self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails,
+             aio: bool) -> grpc.RpcMethodHandler | None:
+        if handler is None:
+            return None
+        error = self.auth_error(details)
+        if error is not None:
+            log.info("refused an unauthenticated call to %s", details.method)
+            return _denied(handler, error, aio)
+        return _with_decode_guard(handler, details.method or "")
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """For grpc.aio servers (the router)."""
+
+    def __init__(self, api_keys: ApiKeys | None = None,
+                 guarded_services: Sequence[str] = ()) -> None:
+        self._guard = _Guard(api_keys, guarded_services)
+
+    async def intercept_service(
+        self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        return self._guard.wrap(handler, handler_call_details, aio=True)
+
+
+class SyncGuardInterceptor(grpc.ServerInterceptor):
+    """For thread-pool servers (the workers, the standalone cluster-state server)."""
+
+    def __init__(self, api_keys: ApiKeys | None = None,
+                 guarded_services: Sequence[str] = ()) -> None:
+        self._guard = _Guard(api_keys, guarded_services)
+
+    def intercept_service(
+        self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        return self._guard.wrap(continuation(handler_call_details), handler_call_details,
+                                aio=False)

@@ -1,0 +1,114 @@
+"""Client API keys on the router: HTTP and gRPC refuse a missing, wrong or non-Bearer key;
+/health stays open; the SDK sends the key. A real router with
+one decode worker (tiny random model) in this process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from splitserve.client import Client, SplitServeError
+from splitserve.common.auth import ApiKeys, bearer_token
+from splitserve.v1 import router_pb2, router_pb2_grpc
+from tests.service.deployment import Deployment, start_deployment
+
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef01"
+ENGINE = {"num_kv_blocks": 64, "block_size": 8, "max_num_batched_tokens": 128}
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Deployment]:
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(f"# test clients\nalice:{ALICE}\n\nbob: {BOB}\n")
+    d = start_deployment(str(tiny_llama), 0, 1, engine=ENGINE,
+                         router={"http_port": 0, "api_keys_file": str(keys)})
+    yield d
+    d.stop()
+
+
+def request(d: Deployment, method: str, path: str, auth: str | None = None,
+            body: dict[str, Any] | None = None) -> tuple[int, Any, dict[str, str]]:
+    host, port = d.router.http_address.split(":")  # type: ignore[union-attr]
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = auth
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if body else None,
+                     headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = data
+    return response.status, parsed, dict(response.getheaders())
+
+
+COMPLETION = {"prompt": "Hello", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-key-0123456789", f"Basic {ALICE}",
+                                  ALICE, "Bearer", f"bearer  {ALICE}x"])
+def test_http_without_a_valid_key_is_401(deployment: Deployment, auth: str | None) -> None:
+    for method, path, body in (("POST", "/v1/completions", COMPLETION),
+                               ("GET", "/v1/models", None), ("GET", "/metrics", None)):
+        status, data, headers = request(deployment, method, path, auth, body)
+        assert status == 401, (path, data)
+        assert data["error"]["code"] == "invalid_api_key"
+        assert headers.get("WWW-Authenticate") == "Bearer"
+
+
+def test_http_with_a_key_is_served_and_health_is_open(deployment: Deployment) -> None:
+    for key in (ALICE, BOB):
+        status, data, _ = request(deployment, "POST", "/v1/completions", f"Bearer {key}",
+                                  COMPLETION)
+        assert status == 200, data
+    assert request(deployment, "GET", "/v1/models", f"bearer {ALICE}")[0] == 200
+    assert request(deployment, "GET", "/metrics", f"Bearer {ALICE}")[0] == 200
+    assert request(deployment, "GET", "/health")[0] == 200
+
+
+def test_grpc_without_a_valid_key_is_unauthenticated(deployment: Deployment) -> None:
+    with grpc.insecure_channel(deployment.address) as channel:
+        stub = router_pb2_grpc.SplitServeStub(channel)
+        for metadata in ((), (("authorization", "Bearer nope-0123456789abcdef"),),
+                         (("authorization", f"Basic {ALICE}"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(router_pb2.GenerateRequest(prompt="hi"), timeout=10,
+                                   metadata=metadata))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListModels(router_pb2.ListModelsRequest(), timeout=10, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_sdk_sends_its_token(deployment: Deployment) -> None:
+    with Client(deployment.address, token=BOB, timeout=60) as client:
+        assert client.generate("Hello", max_tokens=2).finish_reason in ("stop", "length")
+    with Client(deployment.address, timeout=60) as client, pytest.raises(SplitServeError) as info:
+        client.generate("Hello", max_tokens=2)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_key_files_are_checked() -> None:
+    keys = ApiKeys.parse(f"a:{ALICE}\nb:{BOB}")
+    assert keys.identify(ALICE) == "a" and keys.identify(BOB) == "b"
+    assert keys.identify(ALICE[:-1]) is None and len(keys) == 2
+    for bad in ("nokey", "a:short", f"a b:{ALICE}", f"a:{ALICE}\nb:{ALICE}", "# only\n"):
+        with pytest.raises(ValueError):
+            ApiKeys.parse(bad)
+    assert ApiKeys.load(None, None) is None
+    assert ApiKeys.load(None, f"x:{ALICE}, y:{BOB}").identify(BOB) == "y"  # type: ignore[union-attr]
+    assert bearer_token(f"Bearer {ALICE}") == ALICE
+    assert bearer_token(f"Basic {ALICE}") is None and bearer_token("Bearer ") is None
