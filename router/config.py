@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.common import envs
+
 PREFILL_POLICIES = ("kv_aware", "round_robin", "least_loaded")
 
 
@@ -55,6 +57,14 @@ class RouterConfig:
     # /metrics when public_metrics) need `Authorization: Bearer <key>`.
     api_keys_file: str | None = None
     public_metrics: bool = False
+    # The deployment's shared secret (None: SPLITSERVE_CLUSTER_TOKEN; unset or empty: none).
+    # With one, the ClusterState service and every call to a worker need it, so only
+    # members register, heartbeat, read cluster state or receive requests.
+    cluster_token: str | None = None
+
+    @property
+    def resolved_cluster_token(self) -> str | None:
+        return self.cluster_token or envs.get("SPLITSERVE_CLUSTER_TOKEN") or None
 
     def __post_init__(self) -> None:
         if not self.model:

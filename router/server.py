@@ -105,11 +105,13 @@ class RouterServer:
         elif config.embedded_cluster:
             self.store = InMemoryClusterStore()
         else:
-            self.store = open_store(config.cluster_url)
+            self.store = open_store(config.cluster_url, token=config.resolved_cluster_token)
         self._state = RouterState.build(config, self.model, AsyncStore(self.store))
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-sync")
         api_keys = ApiKeys.load(config.api_keys_file, envs.get("SPLITSERVE_API_KEYS"))
-        guard = GuardInterceptor(api_keys, guarded_services=[SPLITSERVE_SERVICE])
+        cluster_keys = ApiKeys.single("cluster", config.resolved_cluster_token)
+        guard = GuardInterceptor([(api_keys, [SPLITSERVE_SERVICE]),
+                                  (cluster_keys, [CLUSTER_STATE_SERVICE])])
         server = create_aio_server(
             options=(*DEFAULT_SERVER_OPTIONS,
                      ("grpc.max_receive_message_length", config.max_request_bytes)),

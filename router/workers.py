@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.common.grpc_guard import aio_channel
 from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.policy import WorkerView
 from splitserve.v1 import worker_pb2_grpc
@@ -67,8 +68,10 @@ def _view(info: WorkerInfo, load: WorkerLoadReport | None, pending: list[Assignm
 
 
 class WorkerDirectory:
-    def __init__(self, store: AsyncStore, model_id: str, block_size: int, refresh_s: float) -> None:
+    def __init__(self, store: AsyncStore, model_id: str, block_size: int, refresh_s: float,
+                 cluster_token: str | None = None) -> None:
         self._store = store
+        self._cluster_token = cluster_token  # sent on every call to a worker
         self._model_id = model_id
         self._block_size = block_size
         self._refresh_s = refresh_s
@@ -139,7 +142,7 @@ class WorkerDirectory:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = aio_channel(address, self._cluster_token)
             self._channels[address] = channel
         self._last_seen[address] = time.monotonic()
         return channel

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from splitserve.common import envs
 from splitserve.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,12 @@ def serve(options: ServeOptions) -> Deployment:
     actor_host = "127.0.0.1" if local else None
     kv_port = _free_port(driver_host)
     kv_store = create_rendezvous_store(driver_host, kv_port)
+    # Every deployment has a cluster token: the given one, SPLITSERVE_CLUSTER_TOKEN, or a new
+    # random one that only this driver and its actors know.
+    token = (options.router_options.get("cluster_token") or envs.get("SPLITSERVE_CLUSTER_TOKEN")
+             or secrets.token_urlsafe(32))
     router_cfg = {"model": options.engine.model, "host": actor_host, "port": options.port,
+                  "cluster_token": token,
                   "http_port": options.http_port,
                   "block_size": options.engine.block_size, "cluster_url": options.redis_url,
                   **options.router_options}
@@ -176,7 +183,7 @@ def serve(options: ServeOptions) -> Deployment:
             worker_options = WorkerOptions(
                 engine=engine, worker_id=f"{role}-{index}", host=actor_host or "",
                 cluster_url=cluster_url, kv_backend="torch_dist", kv_store=f"{driver_host}:{kv_port}",
-                kv_timeout_s=options.kv_timeout_s,
+                kv_timeout_s=options.kv_timeout_s, cluster_token=token,
             )
             actor_opts: dict[str, Any] = {"num_cpus": 0}
             if engine.resolved_device.startswith("cuda"):

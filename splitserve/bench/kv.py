@@ -22,11 +22,11 @@ import subprocess
 import sys
 import time
 
-import grpc
-
 from splitserve.bench.procs import local_deployment
 from splitserve.client import Client
+from splitserve.common import envs
 from splitserve.common.convert.common import sampling_to_proto
+from splitserve.common.grpc_guard import sync_channel
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -61,7 +61,7 @@ def measure_requests(router: str, prompts: list[list[int]], max_tokens: int) -> 
 def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float:
     """TPOT read straight off the decode worker (local prefill), no router in between."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    with grpc.insecure_channel(decode) as channel:
+    with sync_channel(decode, envs.get("SPLITSERVE_CLUSTER_TOKEN") or None) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         times: list[float] = []
         for message in stub.Admit(worker_pb2.AdmitRequest(
@@ -74,7 +74,7 @@ def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float
 
 
 def _kv_bytes(decode: str) -> int:
-    with grpc.insecure_channel(decode) as channel:
+    with sync_channel(decode, envs.get("SPLITSERVE_CLUSTER_TOKEN") or None) as channel:
         stats = worker_pb2_grpc.DecodeWorkerStub(channel).Stats(worker_pb2.DecodeStatsRequest())
     return int(stats.counters.kv_transfer_bytes)
 

@@ -38,10 +38,13 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _GRPC_SCHEME = "grpc://"
 
 
-def open_store(url: str | None = None, *, namespace: str = "splitserve:") -> ClusterStore:
+def open_store(url: str | None = None, *, namespace: str = "splitserve:",
+               token: str | None = None) -> ClusterStore:
     """Open the cluster store named by `url` (see the module docstring).
 
-    `namespace` prefixes every Redis key; other backends ignore it.
+    `namespace` prefixes every Redis key; `token` is the deployment's cluster token, sent to
+    a gRPC ClusterState server (Redis takes its password in the URL); other backends ignore
+    both.
     """
     if url is None or url == "memory":
         return InMemoryClusterStore()
@@ -55,7 +58,7 @@ def open_store(url: str | None = None, *, namespace: str = "splitserve:") -> Clu
             raise ValueError(f"cluster store URL {url!r} lacks host:port")
         from splitserve.cluster.remote import RemoteClusterStore
 
-        return RemoteClusterStore(address)
+        return RemoteClusterStore(address, token=token)
     raise ValueError(
         f"unknown cluster store URL {url!r}: expected None, 'memory', 'redis://...' "
         "or 'grpc://host:port'"

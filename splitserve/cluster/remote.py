@@ -27,9 +27,10 @@ from splitserve.cluster.store import (
     check_block_hashes,
     ttl_to_ms,
 )
+from splitserve.common.auth import ApiKeys
 from splitserve.common.convert import cluster as convert
 from splitserve.common.convert import common as common_convert
-from splitserve.common.grpc_guard import SyncGuardInterceptor
+from splitserve.common.grpc_guard import SyncGuardInterceptor, sync_channel
 from splitserve.v1 import cluster_pb2 as pb
 from splitserve.v1 import cluster_pb2_grpc
 
@@ -120,15 +121,18 @@ def add_cluster_state(server: grpc.Server, store: ClusterStore) -> None:
 
 
 def start_cluster_state_server(
-    store: ClusterStore, address: str = "127.0.0.1:0", max_workers: int = 8
+    store: ClusterStore, address: str = "127.0.0.1:0", max_workers: int = 8,
+    token: str | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server hosting `store`, plus health and reflection.
 
     `address` port 0 picks a free port; returns (server, bound port). Stop it with
-    `server.stop(grace)`; the store stays open.
+    `server.stop(grace)`; the store stays open. With `token`, every ClusterState call must
+    carry it (`authorization: Bearer <token>`).
     """
+    guard = SyncGuardInterceptor([(ApiKeys.single("cluster", token), [SERVICE_NAME])])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[SyncGuardInterceptor()])
+                         interceptors=[guard])
     add_cluster_state(server, store)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -151,8 +155,8 @@ class RemoteClusterStore(ClusterStore):
     other failures raise grpc.RpcError.
     """
 
-    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, timeout_s: float = 5.0, token: str | None = None) -> None:
+        self._channel = sync_channel(address, token)
         self._stub = cluster_pb2_grpc.ClusterStateStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -44,6 +44,11 @@ class ApiKeys:
             raise ValueError("no API keys given")
 
     @classmethod
+    def single(cls, name: str, key: str | None) -> ApiKeys | None:
+        """One named key, or None when `key` is empty (no authentication)."""
+        return cls([(name, key)]) if key else None
+
+    @classmethod
     def parse(cls, text: str, *, separator: str = "\n") -> ApiKeys:
         return cls(_entries(text, separator))
 

@@ -106,6 +106,12 @@ _VARS: tuple[EnvVar[Any], ...] = (
         "Client API keys of the router, comma-separated name:key entries (secret).",
     ),
     EnvVar(
+        "SPLITSERVE_CLUSTER_TOKEN",
+        str,
+        lambda: "",
+        "Shared secret of a deployment's router, workers and cluster-state server (secret).",
+    ),
+    EnvVar(
         "SPLITSERVE_API_KEY",
         str,
         lambda: "",

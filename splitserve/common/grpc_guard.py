@@ -113,24 +113,30 @@ def _denied(handler: grpc.RpcMethodHandler, message: str, aio: bool) -> grpc.Rpc
     return handler._replace(**{field: deny})  # type: ignore[attr-defined, no-any-return]
 
 
+# (keys, service full names): calls to those services need `authorization: Bearer <key>`
+# with one of the keys. None keys: the services are open.
+GuardRule = tuple[ApiKeys | None, Sequence[str]]
+
+
 class _Guard:
     """The checks both interceptor flavours run on each call's method and metadata."""
 
-    def __init__(self, api_keys: ApiKeys | None, guarded_services: Sequence[str]) -> None:
-        self._keys = api_keys
-        self._prefixes = tuple(f"/{name}/" for name in guarded_services)
+    def __init__(self, rules: Sequence[GuardRule]) -> None:
+        self._rules = [(keys, tuple(f"/{name}/" for name in services))
+                       for keys, services in rules if keys is not None]
 
     def auth_error(self, details: grpc.HandlerCallDetails) -> str | None:
         """None when the call may proceed; else why it is refused."""
         method = details.method or ""
-        if self._keys is None or not method.startswith(self._prefixes):
-            return None
-        metadata = dict(details.invocation_metadata or ())
-        token = bearer_token(metadata.get("authorization"))
-        if token is None:
-            return "an API key is required: send the metadata 'authorization: Bearer <key>'"
-        if self._keys.identify(token) is None:
-            return "the API key is not valid"
+        for keys, prefixes in self._rules:
+            if not method.startswith(prefixes):
+                continue
+            metadata = dict(details.invocation_metadata or ())
+            token = bearer_token(metadata.get("authorization"))
+            if token is None:
+                return "credentials are required: send 'authorization: Bearer <key>'"
+            if keys.identify(token) is None:
+                return "the credentials are not valid"
         return None
 
     def wrap(self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails,
@@ -147,9 +153,8 @@ class _Guard:
 class GuardInterceptor(grpc.aio.ServerInterceptor):
     """For grpc.aio servers (the router)."""
 
-    def __init__(self, api_keys: ApiKeys | None = None,
-                 guarded_services: Sequence[str] = ()) -> None:
-        self._guard = _Guard(api_keys, guarded_services)
+    def __init__(self, rules: Sequence[GuardRule] = ()) -> None:
+        self._guard = _Guard(rules)
 
     async def intercept_service(
         self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
@@ -161,12 +166,75 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 class SyncGuardInterceptor(grpc.ServerInterceptor):
     """For thread-pool servers (the workers, the standalone cluster-state server)."""
 
-    def __init__(self, api_keys: ApiKeys | None = None,
-                 guarded_services: Sequence[str] = ()) -> None:
-        self._guard = _Guard(api_keys, guarded_services)
+    def __init__(self, rules: Sequence[GuardRule] = ()) -> None:
+        self._guard = _Guard(rules)
 
     def intercept_service(
         self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         return self._guard.wrap(continuation(handler_call_details), handler_call_details,
                                 aio=False)
+
+
+# ---- the calling side: a bearer token on every call of a channel -------------------------
+
+
+def _with_token(metadata: Any, token: str) -> list[tuple[str, str]]:
+    return [*(metadata or ()), ("authorization", f"Bearer {token}")]
+
+
+class _SyncCallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, base: grpc.ClientCallDetails, token: str) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = _with_token(base.metadata, token)
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+class _SyncBearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_SyncCallDetails(details, self._token), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_SyncCallDetails(details, self._token), request)
+
+
+def _aio_details(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    return details._replace(metadata=_with_token(details.metadata, token))
+
+
+# grpc.aio sorts a channel's interceptors by kind and files an object that is of several
+# kinds under the first only: one class per kind.
+class _AioUnaryBearer(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_aio_details(details, self._token), request)
+
+
+class _AioStreamBearer(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any,
+                                     request: Any) -> Any:
+        return await continuation(_aio_details(details, self._token), request)
+
+
+def sync_channel(address: str, token: str | None) -> grpc.Channel:
+    """An insecure channel to `address` that sends `token` (if any) on every call."""
+    channel = grpc.insecure_channel(address)
+    return grpc.intercept_channel(channel, _SyncBearer(token)) if token else channel
+
+
+def aio_channel(address: str, token: str | None) -> grpc.aio.Channel:
+    """The grpc.aio flavour of `sync_channel`."""
+    interceptors: list[grpc.aio.ClientInterceptor] = (
+        [_AioUnaryBearer(token), _AioStreamBearer(token)] if token else [])
+    return grpc.aio.insecure_channel(address, interceptors=interceptors or None)

@@ -20,9 +20,11 @@ import grpc
 from splitserve.cluster import open_store
 from splitserve.cluster.presence import WorkerPresence
 from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.common import envs
+from splitserve.common.auth import ApiKeys
 from splitserve.common.convert.common import layout_to_proto
 from splitserve.common.grpc_guard import SyncGuardInterceptor
-from splitserve.common.grpc_util import add_health_and_reflection
+from splitserve.common.grpc_util import add_health_and_reflection, service_name
 from splitserve.common.kv_layout import KVLayout
 from splitserve.common.metrics import MetricsServer, WorkerStatsSnapshot, worker_registry
 from splitserve.engine.config import EngineConfig
@@ -30,11 +32,13 @@ from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.base import KVBackend
-from splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
 _ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+WORKER_SERVICES = (service_name(worker_pb2, "PrefillWorker"),
+                   service_name(worker_pb2, "DecodeWorker"))
 _ROLE_PROTO = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
 
 
@@ -53,6 +57,13 @@ class WorkerOptions:
     max_concurrent_rpcs: int = 1024
     # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
     metrics_port: int | None = None
+    # The deployment's shared secret (None: SPLITSERVE_CLUSTER_TOKEN; unset or empty: none):
+    # required on every call to this worker's RPCs, sent to the cluster-state server.
+    cluster_token: str | None = None
+
+    @property
+    def resolved_cluster_token(self) -> str | None:
+        return self.cluster_token or envs.get("SPLITSERVE_CLUSTER_TOKEN") or None
 
     def __post_init__(self) -> None:
         if self.kv_backend not in ("torch_dist", "inproc"):
@@ -104,14 +115,18 @@ class WorkerRuntime:
         self.kv, self._kv_store_host = build_kv_backend(
             options, self.worker_id, self.layout, str(self.engine.runner.device)
         )
-        self.store = store if store is not None else open_store(options.cluster_url)
+        token = options.resolved_cluster_token
+        self.store = (store if store is not None
+                      else open_store(options.cluster_url, token=token))
         self._owns_store = store is None
         self.draining = threading.Event()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs,
                                        thread_name_prefix=f"{self.role}-rpc"),
             options=[("grpc.so_reuseport", 0)],
-            interceptors=[SyncGuardInterceptor()],  # undecodable requests: INVALID_ARGUMENT
+            # Calls need the cluster token (if set); undecodable ones get INVALID_ARGUMENT.
+            interceptors=[SyncGuardInterceptor([(ApiKeys.single("cluster", token),
+                                                 WORKER_SERVICES)])],
         )
         service_names = self._register(self.server)
         self.health = add_health_and_reflection(self.server, service_names)

@@ -61,9 +61,11 @@ def start_deployment(
     engine: dict[str, Any] | None = None,
     router: dict[str, Any] | None = None,
     kv_timeout_s: float = 10.0,
+    cluster_token: str | None = None,
 ) -> Deployment:
     engine_cfg = EngineConfig(model=model, **(engine or {}))
-    router_kwargs = {"model": model, "block_size": engine_cfg.block_size, **(router or {})}
+    router_kwargs = {"model": model, "block_size": engine_cfg.block_size,
+                     "cluster_token": cluster_token, **(router or {})}
     running = start_router(RouterConfig(**router_kwargs))
     store = create_rendezvous_store("127.0.0.1", 0)
     kv_store = f"127.0.0.1:{store.port}"
@@ -71,7 +73,8 @@ def start_deployment(
     def options(role: str, index: int) -> WorkerOptions:
         return WorkerOptions(engine=engine_cfg, worker_id=f"{role}-{index}",
                              cluster_url=running.cluster_url, kv_store=kv_store,
-                             kv_timeout_s=kv_timeout_s, heartbeat_ttl_s=2.0)
+                             kv_timeout_s=kv_timeout_s, heartbeat_ttl_s=2.0,
+                             cluster_token=cluster_token)
 
     prefill = [PrefillWorker(options("prefill", i)).start() for i in range(num_prefill)]
     decode = [DecodeWorker(options("decode", i)).start() for i in range(num_decode)]
