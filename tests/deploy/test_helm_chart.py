@@ -187,6 +187,8 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
                        "router": {"replicas": 2}},
     "engine-knobs": {"engine": {"numKvBlocks": 4096, "maxModelLen": 8192, "threads": 4,
                                 "prefixCaching": False, "maxNumBatchedTokens": 1000000}},
+    "auth": {"auth": {"apiKeysSecret": "keys", "clusterTokenSecret": "token"},
+             "router": {"env": [{"name": "X", "value": "1"}]}},
 }
 
 
@@ -209,3 +211,29 @@ def test_rendered_chart_commands_parse(case: str) -> None:
     if case == "engine-knobs":
         assert all(a.max_num_batched_tokens == 1000000 and a.no_prefix_caching
                    for a in commands.values() if a.command != "router")
+
+
+@pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
+def test_secrets_reach_the_router_and_every_worker() -> None:
+    with helm_python.Chart.load(str(CHART)) as chart:
+        out = chart.render(RENDER_CASES["auth"], name="t", namespace="ns")
+    env_by_role: dict[str, dict[str, Any]] = {}
+    for path, text in out.items():
+        if Path(path).suffix != ".yaml":
+            continue
+        for doc in yaml.safe_load_all(text):
+            for container in (doc or {}).get("spec", {}).get("template", {}).get(
+                    "spec", {}).get("containers", []):
+                argv = [*container.get("command", []), *container.get("args", [])]
+                role = next((a for a in argv if a in ("router", "prefill", "decode")), None)
+                if role:
+                    env_by_role[role] = {e["name"]: e for e in container.get("env", [])}
+    assert set(env_by_role) == {"router", "prefill", "decode"}
+    for env in env_by_role.values():
+        ref = env["SPLITSERVE_CLUSTER_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "token", "key": "cluster-token"}
+    router = env_by_role["router"]
+    assert router["SPLITSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "keys",
+                                                                          "key": "api-keys"}
+    assert router["X"]["value"] == "1"
+    assert "SPLITSERVE_API_KEYS" not in env_by_role["decode"]

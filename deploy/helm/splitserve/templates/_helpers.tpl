@@ -181,6 +181,13 @@ containers:
         valueFrom:
           fieldRef:
             fieldPath: status.podIP
+      {{- with $root.Values.auth.clusterTokenSecret }}
+      - name: SPLITSERVE_CLUSTER_TOKEN
+        valueFrom:
+          secretKeyRef:
+            name: {{ . | quote }}
+            key: cluster-token
+      {{- end }}
       {{- with $root.Values.network.socketIfname }}
       - name: GLOO_SOCKET_IFNAME
         value: {{ . | quote }}
