@@ -118,6 +118,8 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext) -> Iterator[wo
             assert out is not None
             output.token_ids.extend(out.new_token_ids)
             output.logprobs.extend(logprobs_to_proto(out.new_logprobs))
+            if request.prefilled_locally:
+                output.num_cached_tokens = out.num_cached_tokens
             if out.finished:
                 output.finish_reason = FINISH_REASONS[out.finish_reason or "stop"]
                 break

@@ -57,6 +57,7 @@ class DecodeRequest:
     kv_done_at: float | None = None
     joined_at: float | None = None
     prefill_deadline: float = 0.0
+    prefilled_locally: bool = False  # D computes the prompt (no KV transfer)
 
 
 class DecodeWorker(WorkerRuntime):
@@ -93,6 +94,7 @@ class DecodeWorker(WorkerRuntime):
         def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
             if prefill_locally:
+                request.prefilled_locally = True
                 engine.add_request(request.prompt_token_ids, params, request_id)
                 request.kv_done_at = request.joined_at = time.monotonic()
                 self.loop.set_sink(request_id, lambda out: request.events.put(DecodeEvent(out)))

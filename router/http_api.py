@@ -103,6 +103,7 @@ class HttpApi:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model_id:.+}", self._model)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics_text)
         return app
@@ -229,12 +230,23 @@ class HttpApi:
 
     # ---- the rest -----------------------------------------------------------------------
 
-    async def _models(self, request: web.Request) -> web.Response:
+    def _model_card(self) -> dict[str, Any]:
         model = self._pipeline.state.model
-        return web.json_response({"object": "list", "data": [{
-            "id": model.model_id, "object": "model", "created": self._created,
-            "owned_by": "splitserve", "max_model_len": model.max_model_len,
-        }]})
+        return {"id": model.model_id, "object": "model", "created": self._created,
+                "owned_by": "splitserve", "max_model_len": model.max_model_len}
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: the model, or 404 model_not_found."""
+        card = self._model_card()
+        wanted = request.match_info["model_id"]
+        if wanted != card["id"]:
+            raise OpenAIError(f"The model {wanted!r} does not exist; this server serves "
+                              f"{card['id']!r}", status=404, param="model",
+                              code="model_not_found")
+        return web.json_response(card)
 
     async def _health(self, request: web.Request) -> web.Response:
         snapshot = await self._pipeline.state.directory.snapshot()

@@ -161,10 +161,11 @@ def _stream_options(b: _Body) -> tuple[bool, bool]:
 def _model(b: _Body, model_id: str) -> None:
     model = b.get("model", (str,), "a string")
     if model and len(model) > request_rules.MAX_MODEL_NAME_CHARS:
-        raise OpenAIError("model name too long", param="model", code="model_not_found")
+        raise OpenAIError("model name too long", param="model", code="model_not_found",
+                          status=404)
     if model and model != model_id:
         raise OpenAIError(f"The model {model!r} does not exist; this server serves "
-                          f"{model_id!r}", param="model", code="model_not_found")
+                          f"{model_id!r}", param="model", code="model_not_found", status=404)
 
 
 def parse_completion(body: Any, model_id: str) -> OpenAIRequest:

@@ -211,6 +211,8 @@ class RequestRun:
                 await self._fail(f"decode worker {decode_id} ended the stream without finishing")
                 return
             output = message.output
+            if self._trace.prefill_local and output.num_cached_tokens:
+                self._trace.num_cached_tokens = output.num_cached_tokens  # D's prefix cache
             if self._ledger.phase is not RequestPhase.DECODING and output.token_ids:
                 self._ledger.update(RequestPhase.DECODING)
             step = self._relay.add(output.token_ids, output.logprobs)

@@ -74,7 +74,9 @@ def compare(files: list[str], plot_dir: str | None = None) -> str:
         raise ValueError("cannot compare a single run with a sweep")
     if kinds == {report.RUN_KIND}:
         text = compare_summaries(labels, [d["summary"] for d in data])
-        if plot_dir:
+        if plot_dir and not all(d["requests"] for d in data):
+            text += "\nno plots: a file without per-request records (vLLM format)"
+        elif plot_dir:
             plots.plot_cdfs({lb: d["requests"] for lb, d in zip(labels, data, strict=True)}, plot_dir)
         return text
     by_rate = [{run["request_rate"]: run for run in d["runs"]} for d in data]

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from splitserve.bench import vllm_format
 from splitserve.bench.metrics import RequestRecord
 
 RUN_KIND = "splitserve.bench.serve/run"
@@ -160,11 +161,16 @@ def _encode(value: Any) -> Any:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """A results file, with "requests" revived as RequestRecord objects."""
+    """A results file, with "requests" revived as RequestRecord objects. A `vllm bench serve`
+    results file (or ours in its format) loads as a run without per-request records."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("kind") not in (RUN_KIND, SWEEP_KIND) or data.get("version") != VERSION:
-        raise ValueError(f"{path}: not a `splitserve bench serve` results file (version "
-                         f"{VERSION})")
+    if vllm_format.is_vllm_result(data):
+        label = data.get("label") or f"{data.get('backend', 'vllm')} {data.get('model_id', '')}"
+        return {"kind": RUN_KIND, "version": VERSION, "label": label.strip(), "config": {},
+                "summary": vllm_format.summary_from_vllm(data), "by_tag": {}, "requests": []}
+    if not isinstance(data, dict) or data.get("kind") not in (RUN_KIND, SWEEP_KIND) or data.get("version") != VERSION:
+        raise ValueError(f"{path}: neither a `vllm bench serve` nor a `splitserve bench serve` "
+                         f"results file (version {VERSION})")
     for run in [data] if data["kind"] == RUN_KIND else data["runs"]:
         run["requests"] = [RequestRecord(**r) for r in run["requests"]]
         if "request_rate" in run:

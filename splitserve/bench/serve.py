@@ -22,10 +22,11 @@ import dataclasses
 import json
 import math
 import platform
+import secrets
 import sys
 from typing import Any
 
-from splitserve.bench import plots, report
+from splitserve.bench import plots, report, vllm_format
 from splitserve.bench.metrics import parse_slo, summarize, summarize_by_tag
 from splitserve.bench.runner import RunConfig, RunResult, run
 from splitserve.bench.targets import API_MODES, Target, TargetConfig, make_target
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = ap.add_argument_group("workload")
     w.add_argument("--workload", choices=KINDS, default=None, help="default: synthetic")
     w.add_argument("--dataset", help="JSONL file ({'prompt'} or {'messages'}, 'max_tokens')")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=None,
+                   help="prompts and arrivals (default: a fresh random seed, printed, so "
+                        "that runs against a live deployment do not hit its prefix cache)")
     w.add_argument("--input-len", type=int, help="tokens (synthetic: median, default 200)")
     w.add_argument("--output-len", type=int, help="tokens (synthetic: median, default 150)")
     w.add_argument("--max-input-len", type=int, default=1024)
@@ -86,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--slo", help="objectives for goodput, e.g. ttft_ms=500,tpot_ms=50")
     o.add_argument("--percentiles", default="50,90,99")
     o.add_argument("--out", help="results JSON")
+    o.add_argument("--result-format", choices=("splitserve", "vllm"), default="splitserve",
+                   help="--out in our format (every request's timings) or in the flat keys "
+                        "of `vllm bench serve` (single runs)")
     o.add_argument("--plot-dir", help="directory for PNG plots")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -108,6 +114,12 @@ class ServeArgs:
 def parse_args(argv: list[str]) -> tuple[ServeArgs, argparse.Namespace]:
     """argparse plus validation; ValueError with a message for bad combinations."""
     ns = build_parser().parse_args(argv)
+    if ns.seed is None:
+        ns.seed = secrets.randbits(31)
+        print(f"seed: {ns.seed} (pass --seed {ns.seed} to repeat this workload)",
+              file=sys.stderr)
+    if ns.result_format == "vllm" and ns.sweep_rates:
+        raise ValueError("--result-format vllm writes single runs; drop --sweep-rates")
     extra = json.loads(ns.extra_body)
     if not isinstance(extra, dict):
         raise ValueError("--extra-body must be a JSON object")
@@ -211,7 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = runs[0]
         print(report.format_summary(data["summary"], args.label, data["by_tag"]))
-    if ns.out:
+    if ns.out and ns.result_format == "vllm":
+        cfg, result = args.runs[0], results[0][1]
+        report.save(ns.out, vllm_format.to_vllm(
+            runs[0]["summary"], result.records, request_rate=cfg.request_rate,
+            max_concurrency=cfg.concurrency, model_id=config["target"]["resolved_model"],
+            percentiles=args.percentiles))
+        print(f"results (vLLM format): {ns.out}", file=sys.stderr)
+    elif ns.out:
         report.save(ns.out, data)
         print(f"results: {ns.out}", file=sys.stderr)
     if ns.plot_dir:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from splitserve.bench import serve
+from splitserve.bench import compare, serve
 from tests.bench.fake_openai import FakeOpenAI
 
 Server = Callable[..., tuple[FakeOpenAI, str]]
@@ -185,3 +185,47 @@ def test_warmup_requests_are_sent_but_not_measured(server: Server, tmp_path: Pat
     assert data["summary"]["num_requests"] == 3
     measured = {r["prompt"] for r in fake.bodies[2:]}
     assert not measured & {r["prompt"] for r in fake.bodies[:2]}  # warm-up prompts differ
+
+
+def test_vllm_result_format_and_compare_reads_it(server: Server, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    fake, url = server()
+    ours, theirs = tmp_path / "ours.json", tmp_path / "vllm.json"
+    common = ["--target", url, "--workload", "fixed", "--input-len", "30", "--output-len", "6",
+              "--num-requests", "8", "--concurrency", "2", "--seed", "3",
+              "--slo", "ttft_ms=5000"]
+    assert bench(*common, "--out", str(ours)) == 0
+    assert bench(*common, "--out", str(theirs), "--result-format", "vllm") == 0
+    flat = json.loads(theirs.read_text())
+    nested = json.loads(ours.read_text())["summary"]
+    assert (flat["completed"], flat["failed"], flat["num_prompts"]) == (8, 0, 8)
+    assert flat["total_input_tokens"] == 240 and flat["total_output_tokens"] == 48
+    assert flat["max_concurrency"] == 2 and flat["request_rate"] == "inf"
+    for theirs_name in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std", "p50", "p90", "p99"):
+            assert isinstance(flat[f"{stat}_{theirs_name}_ms"], float)
+    assert flat["median_ttft_ms"] == flat["p50_ttft_ms"] > 0
+    assert flat["mean_itl_ms"] > 0 and flat["request_goodput"] > 0
+    assert 0 < flat["duration"] and nested["completed"] == 8
+    capsys.readouterr()
+    assert compare.main([str(ours), str(theirs)]) == 0
+    table = capsys.readouterr().out
+    assert "TTFT p99 (ms)" in table and "completed requests" in table
+
+
+def test_a_fresh_seed_per_run_unless_given(server: Server, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    fake, url = server()
+    seeds = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.json"
+        assert bench("--target", url, "--workload", "synthetic", "--num-requests", "2",
+                     "--max-input-len", "32", "--max-output-len", "4", "--out", str(out)) == 0
+        seeds.append(json.loads(out.read_text())["config"]["workload"]["seed"])
+        assert f"seed: {seeds[-1]}" in capsys.readouterr().err
+    assert seeds[0] != seeds[1]
+    out = tmp_path / "fixed.json"
+    assert bench("--target", url, "--workload", "synthetic", "--num-requests", "2",
+                 "--max-input-len", "32", "--max-output-len", "4", "--seed", "7",
+                 "--out", str(out)) == 0
+    assert json.loads(out.read_text())["config"]["workload"]["seed"] == 7

@@ -158,12 +158,28 @@ def test_models_and_health(deployment: Deployment, client: openai.OpenAI, model:
     assert [(m.id, m.object, m.owned_by) for m in models] == [(model, "model", "splitserve")]
     status, body = raw(deployment, "GET", "/health")
     assert (status, body["status"], body["decode_workers"]) == (200, "ok", 1)
+    retrieved = client.models.retrieve(model)
+    assert (retrieved.id, retrieved.object, retrieved.owned_by) == (model, "model", "splitserve")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_an_unknown_model_is_404(client: openai.OpenAI) -> None:
+    for create in (lambda: client.completions.create(model="no-such-model", prompt=PROMPT,
+                                                     max_tokens=2),
+                   lambda: client.chat.completions.create(model="no-such-model",
+                                                          messages=MESSAGES, max_tokens=2)):
+        with pytest.raises(openai.NotFoundError) as info:
+            create()
+        error = info.value.body
+        assert isinstance(error, dict) and (error["code"], error["param"]) == (
+            "model_not_found", "model")
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"n": 2}, "n"),
     ({"temperature": -1.0}, "temperature"),
-    ({"model": "no-such-model"}, "model"),
     ({"extra_body": {"best_of": 2}}, "best_of"),
 ])
 def test_unsupported_values_are_400(client: openai.OpenAI, model: str, kwargs: dict[str, Any],

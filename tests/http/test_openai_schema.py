@@ -71,7 +71,6 @@ def test_chat_fields_map_onto_generate_request() -> None:
     ({"prompt": "x", "suffix": "end"}, "suffix"),
     ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "x", "model": "gpt-4"}, "model"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
     ({"prompt": ""}, None),  # empty prompt: left to the router's validation
@@ -114,4 +113,4 @@ def test_body_must_be_an_object() -> None:
     assert info.value.status == 400
     with pytest.raises(OpenAIError) as info:
         parse_completion({"prompt": "x", "model": "other"}, MODEL)
-    assert info.value.code == "model_not_found"
+    assert (info.value.code, info.value.status) == ("model_not_found", 404)
