@@ -201,3 +201,67 @@ def test_fuzzed_http_bodies_never_get_5xx(deployment: Deployment, body: dict[str
     assert status < 500, (body, data)
     if status != 200:
         assert isinstance(data, dict) and data["error"]["message"], data
+
+
+_PROTO_TEXT = st.text(max_size=40)
+_U32 = st.integers(0, 2**32 - 1)
+_FLOAT32 = st.floats(width=32, allow_nan=True, allow_subnormal=False)
+_SAMPLING = st.builds(
+    common_pb2.SamplingParams,
+    max_tokens=st.integers(0, 2**32 - 1) | st.just(2), temperature=_FLOAT32, top_p=_FLOAT32,
+    top_k=_U32, min_p=_FLOAT32, seed=st.integers(0, 2**64 - 1), stop=st.lists(_PROTO_TEXT,
+                                                                               max_size=3),
+    stop_token_ids=st.lists(_U32, max_size=3), ignore_eos=st.booleans(),
+    logprobs=st.booleans(), top_logprobs=st.integers(0, 40))
+_MESSAGES = st.lists(st.builds(router_pb2.ChatMessage, role=_PROTO_TEXT | st.sampled_from(
+    ["user", "system", "assistant"]), content=_PROTO_TEXT), max_size=3)
+
+
+@st.composite
+def _generate_requests(draw: st.DrawFn) -> router_pb2.GenerateRequest:
+    request = router_pb2.GenerateRequest(
+        request_id=draw(_PROTO_TEXT), model=draw(st.sampled_from(["", "other"])),
+        sampling_params=draw(_SAMPLING))
+    kind = draw(st.sampled_from(["prompt", "messages", "token_ids", "none"]))
+    if kind == "prompt":
+        request.prompt = draw(_PROTO_TEXT)
+    elif kind == "messages":
+        request.messages.messages.extend(draw(_MESSAGES))
+    elif kind == "token_ids":
+        request.token_ids.token_ids.extend(draw(st.lists(_U32, max_size=8)))
+    return request
+
+
+_EXPECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=_generate_requests())
+def test_fuzzed_grpc_requests_get_a_status_never_a_crash(deployment: Deployment,
+                                                        request: router_pb2.GenerateRequest
+                                                        ) -> None:
+    if request.sampling_params.max_tokens > 4:
+        request.sampling_params.max_tokens = 4  # keep accepted requests short
+    channel, stub = _stub(deployment)
+    with channel:
+        try:
+            chunks = list(stub.Generate(request, timeout=30))
+        except grpc.RpcError as err:
+            assert err.code() in _EXPECTED, (request, err.code(), err.details())
+            assert err.details()
+        else:
+            assert chunks and chunks[-1].finish_reason
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=64))
+def test_fuzzed_grpc_bytes_get_a_status_never_a_crash(deployment: Deployment,
+                                                     data: bytes) -> None:
+    with grpc.insecure_channel(deployment.address) as channel:
+        call = channel.unary_stream("/splitserve.v1.SplitServe/Generate",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=router_pb2.GenerateResponse.FromString)
+        try:
+            list(call(data, timeout=30))
+        except grpc.RpcError as err:
+            assert err.code() in _EXPECTED, (data, err.code(), err.details())
