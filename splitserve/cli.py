@@ -75,6 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         router_options={"local_prefill_threshold": args.local_prefill_threshold,
                         **_router_security(args)},
     )
+    if args.ray_address is None:
+        # The local actors log nowhere visible: prepare the model here, where a one-time
+        # GGUF conversion can say what it is doing (the actors then find it in the cache).
+        from splitserve.engine.model_files import resolve_model
+
+        print(f"preparing model {args.model} ...", flush=True)
+        resolve_model(args.model)
     print(f"starting SplitServe: {options.prefill_workers} prefill + {options.decode_workers} "
           f"decode worker(s), model {args.model} ...", flush=True)
     deployment = serve(options)

@@ -168,8 +168,10 @@ def convert_gguf(gguf_path: str | os.PathLike[str], cache_root: Path | None = No
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
-            logger.info("converting %s to safetensors in %s (once; about 20 s for SmolLM2-135M)",
-                        gguf_path, final)
+            # WARNING so that it shows at the CLI's default log level: a silent 20 s start
+            # looks like a hang.
+            logger.warning("converting %s to safetensors in %s (once; about 20 s for "
+                           "SmolLM2-135M) ...", gguf_path, final)
             _convert_into(gguf_path, tmp)
             validate_model_dir(tmp)
             os.replace(tmp, final)
