@@ -45,12 +45,14 @@ def cpu_kernel_build() -> dict[str, Any]:
               file=sys.stderr)
         return {}
     march = os.environ.get("SPLITSERVE_CPU_MARCH") or "native"
-    spec = _load_by_path("_splitserve_build_spec", HERE / "kernels" / "build_spec.py")
-    cflags, ldflags = spec.compile_flags(march, spec.source_digest(HERE / "kernels" / "csrc"))
+    # splitserve/kernels: a link to ../kernels in the repository, the folder itself in an sdist.
+    kernels = HERE / "splitserve" / "kernels"
+    spec = _load_by_path("_splitserve_build_spec", kernels / "build_spec.py")
+    cflags, ldflags = spec.compile_flags(march, spec.source_digest(kernels / "csrc"))
     extension = CppExtension(
         "splitserve.kernels._cpu_ops",
-        sources=[f"kernels/csrc/{name}" for name in spec.SOURCE_NAMES],
-        include_dirs=[str(HERE / "kernels" / "csrc")],
+        sources=[f"splitserve/kernels/csrc/{name}" for name in spec.SOURCE_NAMES],
+        include_dirs=[str(kernels / "csrc")],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -29,8 +30,46 @@ _module: ModuleType | None = None
 _failed = False
 
 
+# CPU flags (/proc/cpuinfo) each portable -march level needs; "native" needs none.
+_MARCH_FLAGS = {
+    "x86-64-v2": ("sse4_2", "popcnt", "ssse3"),
+    "x86-64-v3": ("avx2", "fma", "bmi2", "movbe"),
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def missing_cpu_flags(march: str, cpuinfo: str | None = None) -> list[str]:
+    """The flags `march` needs that this CPU lacks (empty: a build for it runs here)."""
+    needed = _MARCH_FLAGS.get(march, ())
+    if not needed:
+        return []
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []  # cannot tell: trust the build
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return [flag for flag in needed if flag not in flags]
+
+
+def _march() -> str:
+    """SPLITSERVE_CPU_MARCH (what an install-time build was made for, as the Docker image
+    sets it), or native when this CPU lacks what that target needs."""
+    march = envs.get("SPLITSERVE_CPU_MARCH")
+    missing = missing_cpu_flags(march)
+    if missing:
+        log.warning("SPLITSERVE_CPU_MARCH=%s needs CPU flags this CPU lacks (%s): the "
+                    "kernels are built for -march=native on first use", march, ", ".join(missing))
+        return "native"
+    return march
+
+
 def load_ahead_of_time() -> ModuleType | None:
-    """The extension built at install time, if present and built from these sources."""
+    """The extension built at install time, if present, built from these sources, and built
+    for a CPU target this CPU runs (an AVX-512 build would crash on a CPU without it)."""
+    if _march() != envs.get("SPLITSERVE_CPU_MARCH"):
+        return None
     try:
         module = importlib.import_module(AOT_MODULE)
     except ImportError as exc:  # not built, or built against another torch
@@ -48,7 +87,7 @@ def load_ahead_of_time() -> ModuleType | None:
 def _load_just_in_time() -> ModuleType:
     from splitserve.kernels.jit_build import load_or_build
 
-    cflags, ldflags = compile_flags(envs.get("SPLITSERVE_CPU_MARCH"), source_digest())
+    cflags, ldflags = compile_flags(_march(), source_digest())
     return load_or_build(
         JIT_NAME, [CSRC / name for name in SOURCE_NAMES], [CSRC], cflags, ldflags,
         timeout_s=envs.get("SPLITSERVE_KERNEL_BUILD_TIMEOUT_S"),
@@ -61,7 +100,12 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is not None or _failed:
             return _module
-        if envs.get("SPLITSERVE_DISABLE_CPU_KERNELS"):
+        try:
+            disabled = envs.get("SPLITSERVE_DISABLE_CPU_KERNELS")
+        except ValueError as exc:  # set, but not a boolean: read it as "disable"
+            log.warning("%s; the CPU kernels stay off", exc)
+            disabled = True
+        if disabled:
             _failed = True
             return None
         _module = load_ahead_of_time()

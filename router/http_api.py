@@ -74,7 +74,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(OpenAIError(exc.reason, status=exc.status, code=str(exc.status)))
+        code = "request_too_large" if exc.status == 413 else str(exc.status)
+        return error_response(OpenAIError(exc.reason, status=exc.status, code=code))
     except ServiceError as exc:
         return error_response(service_error(exc))
 

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SPLITSERVE_SERVICE = service_name(router_pb2, "SplitServe")
+_GRPC_DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 CLUSTER_STATE_SERVICE = service_name(cluster_pb2, "ClusterState")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
@@ -109,13 +110,21 @@ class RouterServer:
         self._state = RouterState.build(config, self.model, AsyncStore(self.store))
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-sync")
         api_keys = ApiKeys.load(config.api_keys_file, envs.get("SPLITSERVE_API_KEYS"))
-        cluster_keys = ApiKeys.single("cluster", config.resolved_cluster_token)
+        cluster_keys = ApiKeys.single("cluster", config.resolved_cluster_token,
+                                      "the cluster token")
+        # max_request_bytes bounds client requests; the cluster-state service (prefix
+        # events from workers) keeps gRPC's own limit or more.
         guard = GuardInterceptor([(api_keys, [SPLITSERVE_SERVICE]),
-                                  (cluster_keys, [CLUSTER_STATE_SERVICE])])
+                                  (cluster_keys, [CLUSTER_STATE_SERVICE])],
+                                 size_limits={SPLITSERVE_SERVICE: config.max_request_bytes})
+        receive_limit = max(config.max_request_bytes, _GRPC_DEFAULT_MAX_RECEIVE_BYTES)
         server = create_aio_server(
             options=(*DEFAULT_SERVER_OPTIONS,
-                     ("grpc.max_receive_message_length", config.max_request_bytes)),
+                     ("grpc.max_receive_message_length", receive_limit)),
             sync_handler_pool=self._pool, interceptors=[guard])
+        log.info("router API keys: %s; cluster token: %s",
+                 f"{len(api_keys)} configured" if api_keys else "none (open API)",
+                 "set" if cluster_keys else "none")
         pipeline = RequestPipeline(self._state, self.admission, self.metrics)
         router_pb2_grpc.add_SplitServeServicer_to_server(SplitServeServicer(pipeline), server)
         services = [SPLITSERVE_SERVICE]

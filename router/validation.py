@@ -135,8 +135,8 @@ def validate_request(
 ) -> ValidatedRequest:
     _check(request_rules.check_request_id, request.request_id)
     if len(request.model) > request_rules.MAX_MODEL_NAME_CHARS:
-        raise _invalid(f"model names have at most {request_rules.MAX_MODEL_NAME_CHARS} "
-                       "characters")
+        raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                           f"no model has a name of {len(request.model)} characters")
     if request.model and request.model != model.model_id:
         raise ServiceError(
             grpc.StatusCode.NOT_FOUND,

@@ -42,7 +42,9 @@ if [ "$stale" = 1 ]; then
     pip_q install --upgrade --upgrade-strategy eager -r requirements/pins.in
     # --no-build-isolation: the build compiles the C++ CPU kernels against this torch.
     note "installing splitserve and compiling its C++ CPU kernels (about 2 minutes on 2 cores)"
-    pip_q install --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,triton]"
+    # pins.in as constraints too: an eager upgrade would otherwise lift torch past the pin.
+    pip_q install --upgrade --upgrade-strategy eager -c requirements/pins.in \
+      --no-build-isolation -e ".[dev,triton]"
   else
     note "installing the locked dependencies (requirements/dev.lock)"
     pip_q install -r requirements/dev.lock

@@ -166,10 +166,9 @@ def serve(options: ServeOptions) -> Deployment:
     token = (options.router_options.get("cluster_token") or envs.get("SPLITSERVE_CLUSTER_TOKEN")
              or secrets.token_urlsafe(32))
     router_cfg = {"model": options.engine.model, "host": actor_host, "port": options.port,
-                  "cluster_token": token,
                   "http_port": options.http_port,
                   "block_size": options.engine.block_size, "cluster_url": options.redis_url,
-                  **options.router_options}
+                  **options.router_options, "cluster_token": token}
     router = ray.remote(num_cpus=0)(_RouterActor).remote(router_cfg)
     address, cluster_url, http_address = ray.get(router.info.remote(), timeout=120)
     num_workers = options.prefill_workers + options.decode_workers

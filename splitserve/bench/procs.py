@@ -38,8 +38,10 @@ def free_port() -> int:
 
 def wait_for_workers(router: str, count: int, timeout_s: float = 120.0) -> None:
     from splitserve.cluster.remote import RemoteClusterStore
+    from splitserve.common import envs
 
-    store = RemoteClusterStore(router)
+    # The processes inherit this environment, SPLITSERVE_CLUSTER_TOKEN included.
+    store = RemoteClusterStore(router, token=envs.get("SPLITSERVE_CLUSTER_TOKEN") or None)
     try:
         deadline = time.monotonic() + timeout_s
         while len(store.live_workers()) < count:

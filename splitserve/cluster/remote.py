@@ -27,6 +27,7 @@ from splitserve.cluster.store import (
     check_block_hashes,
     ttl_to_ms,
 )
+from splitserve.common import envs
 from splitserve.common.auth import ApiKeys
 from splitserve.common.convert import cluster as convert
 from splitserve.common.convert import common as common_convert
@@ -127,10 +128,12 @@ def start_cluster_state_server(
     """A started gRPC server hosting `store`, plus health and reflection.
 
     `address` port 0 picks a free port; returns (server, bound port). Stop it with
-    `server.stop(grace)`; the store stays open. With `token`, every ClusterState call must
-    carry it (`authorization: Bearer <token>`).
+    `server.stop(grace)`; the store stays open. With `token` (None: SPLITSERVE_CLUSTER_TOKEN),
+    every ClusterState call must carry it (`authorization: Bearer <token>`).
     """
-    guard = SyncGuardInterceptor([(ApiKeys.single("cluster", token), [SERVICE_NAME])])
+    token = token if token is not None else envs.get("SPLITSERVE_CLUSTER_TOKEN")
+    guard = SyncGuardInterceptor(
+        [(ApiKeys.single("cluster", token, "the cluster token"), [SERVICE_NAME])])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[guard])
     add_cluster_state(server, store)

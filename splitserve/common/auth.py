@@ -28,14 +28,15 @@ def _digest(token: str) -> bytes:
 class ApiKeys:
     """A set of named API keys."""
 
-    def __init__(self, entries: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, entries: Iterable[tuple[str, str]], *, what: str = "") -> None:
+        """`what` names the keys in errors (default: "the API key of <name>")."""
         self._names: dict[bytes, str] = {}
         for name, key in entries:
             if not _NAME.match(name):
                 raise ValueError(f"API key name {name!r}: use 1-64 letters, digits or _.@-")
             if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
-                raise ValueError(f"API key of {name!r}: at least {MIN_KEY_CHARS} characters, "
-                                 "no whitespace")
+                raise ValueError(f"{what or f'the API key of {name!r}'} must have at least "
+                                 f"{MIN_KEY_CHARS} characters and no whitespace")
             digest = _digest(key)
             if digest in self._names:
                 raise ValueError(f"API key of {name!r} is also {self._names[digest]!r}'s")
@@ -44,9 +45,9 @@ class ApiKeys:
             raise ValueError("no API keys given")
 
     @classmethod
-    def single(cls, name: str, key: str | None) -> ApiKeys | None:
+    def single(cls, name: str, key: str | None, what: str = "") -> ApiKeys | None:
         """One named key, or None when `key` is empty (no authentication)."""
-        return cls([(name, key)]) if key else None
+        return cls([(name, key)], what=what) if key else None
 
     @classmethod
     def parse(cls, text: str, *, separator: str = "\n") -> ApiKeys:
@@ -57,9 +58,15 @@ class ApiKeys:
         """The keys of the file at `path` and of `env_value` together; None if neither."""
         entries: list[tuple[str, str]] = []
         if path:
-            entries += _entries(Path(path).read_text(), "\n")
-        if env_value:
-            entries += _entries(env_value, ",")
+            found = _entries(Path(path).read_text(), "\n")
+            if not found:  # an empty file must not silently leave the API open
+                raise ValueError(f"API keys file {path}: no name:key entries")
+            entries += found
+        if env_value and env_value.strip():
+            found = _entries(env_value, ",")
+            if not found:
+                raise ValueError("SPLITSERVE_API_KEYS: no name:key entries")
+            entries += found
         return cls(entries) if entries else None
 
     def identify(self, token: str) -> str | None:

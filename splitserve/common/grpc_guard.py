@@ -1,5 +1,6 @@
-"""What a gRPC server checks before a handler runs: that the request message decodes, and,
-for the services that ask for it, that the caller presents a valid API key.
+"""What a gRPC server checks before a handler runs: that the request message decodes (and is
+not over a per-service size), and, for the services that ask for it, that the caller
+presents a valid key.
 
 grpc's own servers log a traceback at ERROR and answer UNKNOWN/INTERNAL when a request
 message does not decode. With `GuardInterceptor` (grpc.aio) or `SyncGuardInterceptor`
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -22,71 +23,82 @@ from splitserve.common.auth import ApiKeys, bearer_token
 log = logging.getLogger(__name__)
 
 
-class _Undecodable:
-    """Stands in for a request message that failed to decode."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+_NOT_DECODED = object()  # what a refused call's handler gets instead of its message
 
 
-def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+class _Refused:
+    """Stands in for a request message that is refused before it reaches the handler."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+def _tolerant(deserialize: Callable[[bytes], Any], max_bytes: int | None
+              ) -> Callable[[bytes], Any]:
     def deserializer(data: bytes) -> Any:
+        if max_bytes is not None and len(data) > max_bytes:
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the request message has {len(data)} bytes; at most {max_bytes} "
+                            "are accepted")
         try:
             return deserialize(data)
         except Exception as exc:  # noqa: BLE001 - any decode failure is the client's
-            return _Undecodable(f"{type(exc).__name__}: {exc}")
+            return _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                            "the request message does not decode as the method's type "
+                            f"({type(exc).__name__}: {exc})")
 
     return deserializer
 
 
-def _refusal(request: Any, method: str) -> str | None:
-    if isinstance(request, _Undecodable):
-        log.info("refused an undecodable request to %s (%s)", method, request.reason)
-        return f"the request message does not decode as the method's type ({request.reason})"
+def _refusal(request: Any, method: str) -> _Refused | None:
+    if isinstance(request, _Refused):
+        log.info("refused a request to %s: %s", method, request.message)
+        return request
     return None
 
 
 def _guard_behavior(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-    code = grpc.StatusCode.INVALID_ARGUMENT
     if inspect.isasyncgenfunction(behavior):
         async def agen(request: Any, context: Any) -> Any:
-            if (message := _refusal(request, method)) is not None:
-                await context.abort(code, message)
+            if (refused := _refusal(request, method)) is not None:
+                await context.abort(refused.code, refused.message)
             async for item in behavior(request, context):
                 yield item
 
         return agen
     if inspect.iscoroutinefunction(behavior):
         async def coro(request: Any, context: Any) -> Any:
-            if (message := _refusal(request, method)) is not None:
-                await context.abort(code, message)
+            if (refused := _refusal(request, method)) is not None:
+                await context.abort(refused.code, refused.message)
             return await behavior(request, context)
 
         return coro
     if inspect.isgeneratorfunction(behavior):
         def gen(request: Any, context: Any) -> Any:
-            if (message := _refusal(request, method)) is not None:
-                context.abort(code, message)
+            if (refused := _refusal(request, method)) is not None:
+                context.abort(refused.code, refused.message)
             yield from behavior(request, context)
 
         return gen
 
     def plain(request: Any, context: Any) -> Any:
-        if (message := _refusal(request, method)) is not None:
-            context.abort(code, message)
+        if (refused := _refusal(request, method)) is not None:
+            context.abort(refused.code, refused.message)
         return behavior(request, context)
 
     return plain
 
 
-def _with_decode_guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _with_decode_guard(handler: grpc.RpcMethodHandler, method: str,
+                       max_bytes: int | None) -> grpc.RpcMethodHandler:
     if handler.request_streaming or handler.request_deserializer is None:
         return handler
     field = "unary_stream" if handler.response_streaming else "unary_unary"
     return handler._replace(  # type: ignore[attr-defined, no-any-return]
-        request_deserializer=_tolerant(handler.request_deserializer),
+        request_deserializer=_tolerant(handler.request_deserializer, max_bytes),
         **{field: _guard_behavior(getattr(handler, field), method)},
     )
 
@@ -104,13 +116,18 @@ def _denied(handler: grpc.RpcMethodHandler, message: str, aio: bool) -> grpc.Rpc
         field = "stream_stream" if handler.response_streaming else "stream_unary"
     else:
         field = "unary_stream" if handler.response_streaming else "unary_unary"
+    # The refusal never decodes the message: garbage from a caller without credentials must
+    # not reach the deserializer (grpc logs its failures as tracebacks at ERROR).
+    # (Not None: grpc's thread-pool server takes a None message for a failed decode.)
+    ignore_body = {"request_deserializer": (lambda _data: _NOT_DECODED)}
     if not aio and handler.response_streaming:
         def deny_stream(request: Any, context: Any) -> Any:
             context.abort(code, message)
             yield  # pragma: no cover - abort raises
 
-        return handler._replace(**{field: deny_stream})  # type: ignore[attr-defined, no-any-return]
-    return handler._replace(**{field: deny})  # type: ignore[attr-defined, no-any-return]
+        return handler._replace(  # type: ignore[attr-defined, no-any-return]
+            **{field: deny_stream}, **ignore_body)
+    return handler._replace(**{field: deny}, **ignore_body)  # type: ignore[attr-defined, no-any-return]
 
 
 # (keys, service full names): calls to those services need `authorization: Bearer <key>`
@@ -121,9 +138,10 @@ GuardRule = tuple[ApiKeys | None, Sequence[str]]
 class _Guard:
     """The checks both interceptor flavours run on each call's method and metadata."""
 
-    def __init__(self, rules: Sequence[GuardRule]) -> None:
+    def __init__(self, rules: Sequence[GuardRule], size_limits: Mapping[str, int]) -> None:
         self._rules = [(keys, tuple(f"/{name}/" for name in services))
                        for keys, services in rules if keys is not None]
+        self._limits = [(f"/{name}/", limit) for name, limit in size_limits.items()]
 
     def auth_error(self, details: grpc.HandlerCallDetails) -> str | None:
         """None when the call may proceed; else why it is refused."""
@@ -147,14 +165,18 @@ class _Guard:
         if error is not None:
             log.info("refused an unauthenticated call to %s", details.method)
             return _denied(handler, error, aio)
-        return _with_decode_guard(handler, details.method or "")
+        method = details.method or ""
+        limit = next((n for prefix, n in self._limits if method.startswith(prefix)), None)
+        return _with_decode_guard(handler, method, limit)
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """For grpc.aio servers (the router)."""
+    """For grpc.aio servers (the router). `size_limits`: service full name -> the largest
+    request message its methods take (RESOURCE_EXHAUSTED beyond it, before decoding)."""
 
-    def __init__(self, rules: Sequence[GuardRule] = ()) -> None:
-        self._guard = _Guard(rules)
+    def __init__(self, rules: Sequence[GuardRule] = (),
+                 size_limits: Mapping[str, int] | None = None) -> None:
+        self._guard = _Guard(rules, size_limits or {})
 
     async def intercept_service(
         self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
@@ -166,8 +188,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 class SyncGuardInterceptor(grpc.ServerInterceptor):
     """For thread-pool servers (the workers, the standalone cluster-state server)."""
 
-    def __init__(self, rules: Sequence[GuardRule] = ()) -> None:
-        self._guard = _Guard(rules)
+    def __init__(self, rules: Sequence[GuardRule] = (),
+                 size_limits: Mapping[str, int] | None = None) -> None:
+        self._guard = _Guard(rules, size_limits or {})
 
     def intercept_service(
         self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails

@@ -125,8 +125,8 @@ class WorkerRuntime:
                                        thread_name_prefix=f"{self.role}-rpc"),
             options=[("grpc.so_reuseport", 0)],
             # Calls need the cluster token (if set); undecodable ones get INVALID_ARGUMENT.
-            interceptors=[SyncGuardInterceptor([(ApiKeys.single("cluster", token),
-                                                 WORKER_SERVICES)])],
+            interceptors=[SyncGuardInterceptor(
+                [(ApiKeys.single("cluster", token, "the cluster token"), WORKER_SERVICES)])],
         )
         service_names = self._register(self.server)
         self.health = add_health_and_reflection(self.server, service_names)

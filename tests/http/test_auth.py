@@ -93,6 +93,18 @@ def test_grpc_without_a_valid_key_is_unauthenticated(deployment: Deployment) -> 
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_garbage_without_a_key_is_unauthenticated_and_not_decoded(
+        deployment: Deployment, caplog: pytest.LogCaptureFixture) -> None:
+    with grpc.insecure_channel(deployment.address) as channel, caplog.at_level("INFO"):
+        raw = channel.unary_stream("/splitserve.v1.SplitServe/Generate",
+                                   request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            list(raw(b"\xff\xff\xff\xff", timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_the_sdk_sends_its_token(deployment: Deployment) -> None:
     with Client(deployment.address, token=BOB, timeout=60) as client:
         assert client.generate("Hello", max_tokens=2).finish_reason in ("stop", "length")
@@ -109,6 +121,15 @@ def test_key_files_are_checked() -> None:
         with pytest.raises(ValueError):
             ApiKeys.parse(bad)
     assert ApiKeys.load(None, None) is None
+    with pytest.raises(ValueError, match="no name:key entries"):
+        ApiKeys.load(None, " , ")  # set but empty must not leave the API open
     assert ApiKeys.load(None, f"x:{ALICE}, y:{BOB}").identify(BOB) == "y"  # type: ignore[union-attr]
     assert bearer_token(f"Bearer {ALICE}") == ALICE
     assert bearer_token(f"Basic {ALICE}") is None and bearer_token("Bearer ") is None
+
+
+def test_an_empty_keys_file_refuses_to_start(tmp_path: Path) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# nobody yet\n\n")
+    with pytest.raises(ValueError, match="no name:key entries"):
+        ApiKeys.load(str(empty), None)

@@ -150,3 +150,15 @@ def test_disabled_kernels_load_nothing() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120, check=True)
     assert out.stdout.strip() == "None"
+
+
+def test_a_portable_build_target_is_checked_against_this_cpu() -> None:
+    """An install-time build for x86-64-v4 (the Docker image's) must not be loaded on a CPU
+    without AVX-512: it would die on an illegal instruction."""
+    avx2_only = "processor : 0\nflags : fpu sse sse4_2 popcnt ssse3 avx avx2 fma bmi2 movbe\n"
+    assert cpu_ext.missing_cpu_flags("x86-64-v4", avx2_only) == [
+        "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]
+    assert cpu_ext.missing_cpu_flags("x86-64-v3", avx2_only) == []
+    assert cpu_ext.missing_cpu_flags("native", "flags : fpu\n") == []
+    assert cpu_ext.missing_cpu_flags("x86-64-v3", "flags : fpu sse\n") == [
+        "avx2", "fma", "bmi2", "movbe"]

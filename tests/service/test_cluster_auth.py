@@ -98,3 +98,13 @@ def test_the_standalone_cluster_state_server_checks_the_token() -> None:
         outsider.close()
     finally:
         server.stop(0)
+
+
+def test_garbage_without_the_token_is_refused_before_decoding(deployment: Deployment) -> None:
+    with grpc.insecure_channel(deployment.decode[0].address) as channel:
+        raw = channel.unary_unary("/splitserve.v1.DecodeWorker/Stats",
+                                  request_serializer=lambda b: b,
+                                  response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -65,8 +65,10 @@ def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
 
 def _wait_live(router_address: str, count: int) -> None:
     from splitserve.cluster.remote import RemoteClusterStore
+    from splitserve.common import envs
 
-    store = RemoteClusterStore(router_address)
+    store = RemoteClusterStore(router_address,
+                               token=envs.get("SPLITSERVE_CLUSTER_TOKEN") or None)
     deadline = time.monotonic() + 30
     while len(store.live_workers()) < count:
         assert time.monotonic() < deadline, "workers did not register"
