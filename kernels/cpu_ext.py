@@ -11,6 +11,7 @@ callers fall back to kernels.reference. SPLITSERVE_DISABLE_CPU_KERNELS=1 skips a
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
@@ -53,8 +54,9 @@ def missing_cpu_flags(march: str, cpuinfo: str | None = None) -> list[str]:
     return [flag for flag in needed if flag not in flags]
 
 
+@functools.cache
 def _march() -> str:
-    """SPLITSERVE_CPU_MARCH (what an install-time build was made for, as the Docker image
+    """(Read once per process.) SPLITSERVE_CPU_MARCH (what an install-time build was made for, as the Docker image
     sets it), or native when this CPU lacks what that target needs."""
     march = envs.get("SPLITSERVE_CPU_MARCH")
     missing = missing_cpu_flags(march)

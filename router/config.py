@@ -64,7 +64,7 @@ class RouterConfig:
 
     @property
     def resolved_cluster_token(self) -> str | None:
-        return self.cluster_token or envs.get("SPLITSERVE_CLUSTER_TOKEN") or None
+        return envs.cluster_token(self.cluster_token)
 
     def __post_init__(self) -> None:
         if not self.model:

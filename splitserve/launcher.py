@@ -163,8 +163,8 @@ def serve(options: ServeOptions) -> Deployment:
     kv_store = create_rendezvous_store(driver_host, kv_port)
     # Every deployment has a cluster token: the given one, SPLITSERVE_CLUSTER_TOKEN, or a new
     # random one that only this driver and its actors know.
-    token = (options.router_options.get("cluster_token") or envs.get("SPLITSERVE_CLUSTER_TOKEN")
-             or secrets.token_urlsafe(32))
+    token = envs.cluster_token(options.router_options.get("cluster_token")) or \
+        secrets.token_urlsafe(32)
     router_cfg = {"model": options.engine.model, "host": actor_host, "port": options.port,
                   "http_port": options.http_port,
                   "block_size": options.engine.block_size, "cluster_url": options.redis_url,

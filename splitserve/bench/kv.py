@@ -61,7 +61,7 @@ def measure_requests(router: str, prompts: list[list[int]], max_tokens: int) -> 
 def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float:
     """TPOT read straight off the decode worker (local prefill), no router in between."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    with sync_channel(decode, envs.get("SPLITSERVE_CLUSTER_TOKEN") or None) as channel:
+    with sync_channel(decode, envs.cluster_token()) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         times: list[float] = []
         for message in stub.Admit(worker_pb2.AdmitRequest(
@@ -74,7 +74,7 @@ def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float
 
 
 def _kv_bytes(decode: str) -> int:
-    with sync_channel(decode, envs.get("SPLITSERVE_CLUSTER_TOKEN") or None) as channel:
+    with sync_channel(decode, envs.cluster_token()) as channel:
         stats = worker_pb2_grpc.DecodeWorkerStub(channel).Stats(worker_pb2.DecodeStatsRequest())
     return int(stats.counters.kv_transfer_bytes)
 

@@ -41,7 +41,7 @@ def wait_for_workers(router: str, count: int, timeout_s: float = 120.0) -> None:
     from splitserve.common import envs
 
     # The processes inherit this environment, SPLITSERVE_CLUSTER_TOKEN included.
-    store = RemoteClusterStore(router, token=envs.get("SPLITSERVE_CLUSTER_TOKEN") or None)
+    store = RemoteClusterStore(router, token=envs.cluster_token())
     try:
         deadline = time.monotonic() + timeout_s
         while len(store.live_workers()) < count:

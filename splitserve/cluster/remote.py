@@ -131,7 +131,7 @@ def start_cluster_state_server(
     `server.stop(grace)`; the store stays open. With `token` (None: SPLITSERVE_CLUSTER_TOKEN),
     every ClusterState call must carry it (`authorization: Bearer <token>`).
     """
-    token = token if token is not None else envs.get("SPLITSERVE_CLUSTER_TOKEN")
+    token = envs.cluster_token(token)
     guard = SyncGuardInterceptor(
         [(ApiKeys.single("cluster", token, "the cluster token"), [SERVICE_NAME])])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),

@@ -170,6 +170,12 @@ def num_threads() -> int | None:
     return get("SPLITSERVE_NUM_THREADS")  # type: ignore[no-any-return]
 
 
+def cluster_token(given: str | None = None) -> str | None:
+    """The deployment's cluster token: `given` if set, else SPLITSERVE_CLUSTER_TOKEN; None
+    when neither is (no cluster authentication)."""
+    return given or get("SPLITSERVE_CLUSTER_TOKEN") or None
+
+
 def log_level() -> str:
     return get("SPLITSERVE_LOG_LEVEL")  # type: ignore[no-any-return]
 

@@ -63,7 +63,7 @@ class WorkerOptions:
 
     @property
     def resolved_cluster_token(self) -> str | None:
-        return self.cluster_token or envs.get("SPLITSERVE_CLUSTER_TOKEN") or None
+        return envs.cluster_token(self.cluster_token)
 
     def __post_init__(self) -> None:
         if self.kv_backend not in ("torch_dist", "inproc"):

@@ -4,7 +4,6 @@ one decode worker (tiny random model) in this process."""
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from splitserve.client import Client, SplitServeError
 from splitserve.common.auth import ApiKeys, bearer_token
 from splitserve.v1 import router_pb2, router_pb2_grpc
+from tests.http._raw import call
 from tests.service.deployment import Deployment, start_deployment
 
 ALICE = "alice-key-0123456789abcdef"
@@ -36,23 +36,10 @@ def deployment(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
 
 def request(d: Deployment, method: str, path: str, auth: str | None = None,
             body: dict[str, Any] | None = None) -> tuple[int, Any, dict[str, str]]:
-    host, port = d.router.http_address.split(":")  # type: ignore[union-attr]
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    headers = {"Content-Type": "application/json"}
-    if auth is not None:
-        headers["Authorization"] = auth
-    try:
-        conn.request(method, path, body=json.dumps(body).encode() if body else None,
-                     headers=headers)
-        response = conn.getresponse()
-        data = response.read()
-    finally:
-        conn.close()
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        parsed = data
-    return response.status, parsed, dict(response.getheaders())
+    headers = {"Authorization": auth} if auth is not None else None
+    status, data, response_headers, _ = call(d, method, path,
+                                             json.dumps(body).encode() if body else None, headers)
+    return status, data, response_headers
 
 
 COMPLETION = {"prompt": "Hello", "max_tokens": 2}

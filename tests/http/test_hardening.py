@@ -5,7 +5,6 @@ router with one decode worker (tiny random model) in this process."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.http._raw import call
 from tests.service.deployment import Deployment, start_deployment
 
 ENGINE = {"num_kv_blocks": 64, "block_size": 8, "max_num_batched_tokens": 128}
@@ -32,23 +32,9 @@ def deployment(tiny_llama: Path) -> Iterator[Deployment]:
     d.stop()
 
 
-def post(d: Deployment, path: str, body: bytes, headers: dict[str, str] | None = None,
-         ) -> tuple[int, Any, float]:
-    host, port = d.router.http_address.split(":")  # type: ignore[union-attr]
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    started = time.monotonic()
-    try:
-        conn.request("POST", path, body=body,
-                     headers={"Content-Type": "application/json", **(headers or {})})
-        response = conn.getresponse()
-        data = response.read()
-    finally:
-        conn.close()
-    elapsed = time.monotonic() - started
-    try:
-        return response.status, json.loads(data), elapsed
-    except ValueError:
-        return response.status, data, elapsed
+def post(d: Deployment, path: str, body: bytes) -> tuple[int, Any, float]:
+    status, data, _, elapsed = call(d, "POST", path, body)
+    return status, data, elapsed
 
 
 def completion(d: Deployment, **fields: Any) -> tuple[int, Any, float]:

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from splitserve.v1 import router_pb2, router_pb2_grpc
+from tests.http._raw import call
 from tests.service.deployment import Deployment, start_deployment
 
 ENGINE = {"num_kv_blocks": 128, "block_size": 8, "max_num_batched_tokens": 256}
@@ -56,16 +57,8 @@ def grpc_generate(deployment: Deployment, request: router_pb2.GenerateRequest
 
 def raw(deployment: Deployment, method: str, path: str, body: bytes | None = None
         ) -> tuple[int, Any]:
-    host, port = deployment.router.http_address.split(":")  # type: ignore[union-attr]
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        kind = response.getheader("Content-Type", "")
-        return response.status, json.loads(data) if "json" in kind else data.decode()
-    finally:
-        conn.close()
+    status, data, _, _ = call(deployment, method, path, body)
+    return status, data
 
 
 def test_completion_greedy_equals_grpc(deployment: Deployment, client: openai.OpenAI,

@@ -68,7 +68,7 @@ def _wait_live(router_address: str, count: int) -> None:
     from splitserve.common import envs
 
     store = RemoteClusterStore(router_address,
-                               token=envs.get("SPLITSERVE_CLUSTER_TOKEN") or None)
+                               token=envs.cluster_token())
     deadline = time.monotonic() + 30
     while len(store.live_workers()) < count:
         assert time.monotonic() < deadline, "workers did not register"
