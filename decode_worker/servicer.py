@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -44,10 +45,27 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         timeout_s = (request.prefill_timeout_ms / 1000.0) or _DEFAULT_PREFILL_TIMEOUT_S
+        request_id = request.request_id
+        # The router may cancel the stream while admit() waits for the engine thread (a
+        # cancel storm does): the callback goes in first, and whichever of it and admit()
+        # ends second frees what the other left, so the blocks never outlive the stream.
+        lock = threading.Lock()
+        stream = {"admitted": False, "finished": False, "rpc_done": False}
+
+        def on_rpc_done() -> None:
+            with lock:
+                stream["rpc_done"] = True
+                abort = stream["admitted"] and not stream["finished"]
+            if abort:  # the router went away or cancelled: free everything
+                worker.abort(request_id)
+
+        if not context.add_callback(on_rpc_done):
+            return  # the RPC already ended: admit nothing
         try:
             admitted = worker.admit(
-                request.request_id, list(request.prompt_token_ids), params,
+                request_id, list(request.prompt_token_ids), params,
                 request.prefill_locally, request.prefill_worker_id, timeout_s,
+                num_sampled=request.num_sampled,
             )
         except AdmitRefused as exc:
             yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
@@ -57,13 +75,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             return
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        finished = False
-
-        def on_rpc_done() -> None:
-            if not finished:  # the router went away or cancelled: free everything
-                worker.abort(request.request_id)
-
-        context.add_callback(on_rpc_done)
+        with lock:
+            stream["admitted"] = True
+            gone = stream["rpc_done"]
+        if gone:  # cancelled while admitting: on_rpc_done already ran and found nothing
+            worker.abort(request_id)
+            return
         yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
             accepted=True,
             decode_worker_id=worker.worker_id,
@@ -73,7 +90,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         ))
         for message in _relay(admitted, context):
             if message.output.finish_reason:
-                finished = True
+                with lock:
+                    stream["finished"] = True
             yield message
 
     def PrefillDone(self, request: worker_pb2.PrefillDoneRequest,

@@ -85,9 +85,13 @@ class DecodeWorker(WorkerRuntime):
         prefill_locally: bool,
         prefill_worker_id: str,
         prefill_timeout_s: float,
+        num_sampled: int = 0,
     ) -> DecodeRequest:
         """Admit or raise AdmitRefused / ValueError. The returned request's events queue
-        carries its outputs."""
+        carries its outputs. `num_sampled` (local prefill only): the prompt ends with that
+        many tokens of the request's own output (a resumed request)."""
+        if num_sampled and not prefill_locally:
+            raise ValueError("num_sampled needs prefill_locally (a resumed request)")
         request = DecodeRequest(request_id, list(prompt_token_ids), params)
         request.prefill_deadline = time.monotonic() + prefill_timeout_s
 
@@ -95,7 +99,7 @@ class DecodeWorker(WorkerRuntime):
             self._check_admissible(engine, request)
             if prefill_locally:
                 request.prefilled_locally = True
-                engine.add_request(request.prompt_token_ids, params, request_id)
+                engine.add_request(request.prompt_token_ids, params, request_id, num_sampled)
                 request.kv_done_at = request.joined_at = time.monotonic()
                 self.loop.set_sink(request_id, lambda out: request.events.put(DecodeEvent(out)))
                 return

@@ -102,6 +102,9 @@ async def _try_admit(
         call.cancel()
         failures.append(f"{decode.worker_id}: no Admission within {_ADMISSION_TIMEOUT_S:g} s")
         return None
+    except BaseException:  # the request was cancelled while D admitted it: D frees it
+        call.cancel()
+        raise
     if first is grpc.aio.EOF or first.WhichOneof("event") != "admission":
         call.cancel()
         failures.append(f"{decode.worker_id}: the Admit stream did not start with an Admission")

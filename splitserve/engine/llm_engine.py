@@ -87,8 +87,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        num_sampled: int = 0,
     ) -> str:
-        """Queue a request; a string prompt is tokenized without a chat template."""
+        """Queue a request; a string prompt is tokenized without a chat template.
+
+        `num_sampled`: the prompt's last tokens are this request's own output, sampled
+        before (a request resumed after its first worker died); a seeded generator skips
+        their draws so the continuation is the one an uninterrupted run samples."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
@@ -98,8 +103,10 @@ class LLMEngine:
         else:
             token_ids = [int(t) for t in prompt]
         self.validate_prompt(token_ids, params)
+        if not 0 <= num_sampled < len(token_ids):
+            raise ValueError(f"num_sampled={num_sampled} must be in [0, prompt length)")
         seq = Sequence(request_id, token_ids, params)
-        self.requests[request_id] = self._new_state(seq)
+        self.requests[request_id] = self._new_state(seq, num_sampled)
         self.scheduler.add(seq)
         return request_id
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x94\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x1a\n\x12\x64\x65\x63ode_kv_endpoint\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x06 \x03(\r\x12 \n\x18\x64\x65\x63ode_num_cached_tokens\x18\x07 \x01(\r\x12*\n\tkv_layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\"\xa1\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12\x38\n\x13\x66irst_token_logprob\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x12\n\ncompute_ms\x18\x08 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\t \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\n \x01(\x04\")\n\x13PrefillAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x14PrefillAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13PrefillStatsRequest\"\xf9\x01\n\x14PrefillStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\'\n\x04load\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.WorkerLoad\x12/\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.WorkerCounters\x12*\n\tkv_layout\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\r\n\x05model\x18\x07 \x01(\t\".\n\x13PrefillDrainRequest\x12\x17\n\x0fwait_timeout_ms\x18\x01 \x01(\r\"6\n\x14PrefillDrainResponse\x12\x1e\n\x16num_in_flight_requests\x18\x01 \x01(\r\"\xe1\x01\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\x0fprefill_locally\x18\x04 \x01(\x08\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\x12\x1b\n\x13prefill_kv_endpoint\x18\x06 \x01(\t\x12\x1a\n\x12prefill_timeout_ms\x18\x07 \x01(\r\"\xed\x01\n\tAdmission\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12,\n\x07refusal\x18\x02 \x01(\x0e\x32\x1b.splitserve.v1.AdmitRefusal\x12\x17\n\x0frefusal_message\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12*\n\tkv_layout\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x13\n\x0bkv_endpoint\x18\x08 \x01(\t\"\xa0\x01\n\rDecodeTimings\x12\x18\n\x10prefill_queue_ms\x18\x01 \x01(\x01\x12\x1a\n\x12prefill_compute_ms\x18\x02 \x01(\x01\x12\x12\n\nkv_wait_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x06 \x01(\x04\"\x83\x02\n\x0c\x44\x65\x63odeOutput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x1c\n\x14num_generated_tokens\x18\x04 \x01(\r\x12-\n\x07timings\x18\x05 \x01(\x0b\x32\x1c.splitserve.v1.DecodeTimings\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\"v\n\rAdmitResponse\x12-\n\tadmission\x18\x01 \x01(\x0b\x32\x18.splitserve.v1.AdmissionH\x00\x12-\n\x06output\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.DecodeOutputH\x00\x42\x07\n\x05\x65vent\"[\n\x12PrefillDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\"$\n\x13PrefillDoneResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"(\n\x12\x44\x65\x63odeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13\x44\x65\x63odeAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"\xf8\x01\n\x13\x44\x65\x63odeStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\'\n\x04load\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.WorkerLoad\x12/\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.WorkerCounters\x12*\n\tkv_layout\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\r\n\x05model\x18\x07 \x01(\t\"-\n\x12\x44\x65\x63odeDrainRequest\x12\x17\n\x0fwait_timeout_ms\x18\x01 \x01(\r\"5\n\x13\x44\x65\x63odeDrainResponse\x12\x1e\n\x16num_in_flight_requests\x18\x01 \x01(\r*\xd3\x01\n\x0c\x41\x64mitRefusal\x12\x1d\n\x19\x41\x44MIT_REFUSAL_UNSPECIFIED\x10\x00\x12 \n\x1c\x41\x44MIT_REFUSAL_NO_FREE_BLOCKS\x10\x01\x12\x1a\n\x16\x41\x44MIT_REFUSAL_DRAINING\x10\x02\x12\x1a\n\x16\x41\x44MIT_REFUSAL_TOO_LONG\x10\x03\x12&\n\"ADMIT_REFUSAL_DUPLICATE_REQUEST_ID\x10\x04\x12\"\n\x1e\x41\x44MIT_REFUSAL_PEER_UNREACHABLE\x10\x05\x32\xcf\x02\n\rPrefillWorker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12P\n\x05\x41\x62ort\x12\".splitserve.v1.PrefillAbortRequest\x1a#.splitserve.v1.PrefillAbortResponse\x12P\n\x05Stats\x12\".splitserve.v1.PrefillStatsRequest\x1a#.splitserve.v1.PrefillStatsResponse\x12P\n\x05\x44rain\x12\".splitserve.v1.PrefillDrainRequest\x1a#.splitserve.v1.PrefillDrainResponse2\x9a\x03\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x05\x41\x64mit\x12\x1b.splitserve.v1.AdmitRequest\x1a\x1c.splitserve.v1.AdmitResponse0\x01\x12T\n\x0bPrefillDone\x12!.splitserve.v1.PrefillDoneRequest\x1a\".splitserve.v1.PrefillDoneResponse\x12N\n\x05\x41\x62ort\x12!.splitserve.v1.DecodeAbortRequest\x1a\".splitserve.v1.DecodeAbortResponse\x12N\n\x05Stats\x12!.splitserve.v1.DecodeStatsRequest\x1a\".splitserve.v1.DecodeStatsResponse\x12N\n\x05\x44rain\x12!.splitserve.v1.DecodeDrainRequest\x1a\".splitserve.v1.DecodeDrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x94\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x1a\n\x12\x64\x65\x63ode_kv_endpoint\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x06 \x03(\r\x12 \n\x18\x64\x65\x63ode_num_cached_tokens\x18\x07 \x01(\r\x12*\n\tkv_layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\"\xa1\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12\x38\n\x13\x66irst_token_logprob\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x12\n\ncompute_ms\x18\x08 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\t \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\n \x01(\x04\")\n\x13PrefillAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x14PrefillAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13PrefillStatsRequest\"\xf9\x01\n\x14PrefillStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\'\n\x04load\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.WorkerLoad\x12/\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.WorkerCounters\x12*\n\tkv_layout\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\r\n\x05model\x18\x07 \x01(\t\".\n\x13PrefillDrainRequest\x12\x17\n\x0fwait_timeout_ms\x18\x01 \x01(\r\"6\n\x14PrefillDrainResponse\x12\x1e\n\x16num_in_flight_requests\x18\x01 \x01(\r\"\xf6\x01\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\x0fprefill_locally\x18\x04 \x01(\x08\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\x12\x1b\n\x13prefill_kv_endpoint\x18\x06 \x01(\t\x12\x1a\n\x12prefill_timeout_ms\x18\x07 \x01(\r\x12\x13\n\x0bnum_sampled\x18\x08 \x01(\r\"\xed\x01\n\tAdmission\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12,\n\x07refusal\x18\x02 \x01(\x0e\x32\x1b.splitserve.v1.AdmitRefusal\x12\x17\n\x0frefusal_message\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12*\n\tkv_layout\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x13\n\x0bkv_endpoint\x18\x08 \x01(\t\"\xa0\x01\n\rDecodeTimings\x12\x18\n\x10prefill_queue_ms\x18\x01 \x01(\x01\x12\x1a\n\x12prefill_compute_ms\x18\x02 \x01(\x01\x12\x12\n\nkv_wait_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x06 \x01(\x04\"\x83\x02\n\x0c\x44\x65\x63odeOutput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x1c\n\x14num_generated_tokens\x18\x04 \x01(\r\x12-\n\x07timings\x18\x05 \x01(\x0b\x32\x1c.splitserve.v1.DecodeTimings\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\"v\n\rAdmitResponse\x12-\n\tadmission\x18\x01 \x01(\x0b\x32\x18.splitserve.v1.AdmissionH\x00\x12-\n\x06output\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.DecodeOutputH\x00\x42\x07\n\x05\x65vent\"[\n\x12PrefillDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\"$\n\x13PrefillDoneResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"(\n\x12\x44\x65\x63odeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13\x44\x65\x63odeAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"\xf8\x01\n\x13\x44\x65\x63odeStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\'\n\x04load\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.WorkerLoad\x12/\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.WorkerCounters\x12*\n\tkv_layout\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\r\n\x05model\x18\x07 \x01(\t\"-\n\x12\x44\x65\x63odeDrainRequest\x12\x17\n\x0fwait_timeout_ms\x18\x01 \x01(\r\"5\n\x13\x44\x65\x63odeDrainResponse\x12\x1e\n\x16num_in_flight_requests\x18\x01 \x01(\r*\xd3\x01\n\x0c\x41\x64mitRefusal\x12\x1d\n\x19\x41\x44MIT_REFUSAL_UNSPECIFIED\x10\x00\x12 \n\x1c\x41\x44MIT_REFUSAL_NO_FREE_BLOCKS\x10\x01\x12\x1a\n\x16\x41\x44MIT_REFUSAL_DRAINING\x10\x02\x12\x1a\n\x16\x41\x44MIT_REFUSAL_TOO_LONG\x10\x03\x12&\n\"ADMIT_REFUSAL_DUPLICATE_REQUEST_ID\x10\x04\x12\"\n\x1e\x41\x44MIT_REFUSAL_PEER_UNREACHABLE\x10\x05\x32\xcf\x02\n\rPrefillWorker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12P\n\x05\x41\x62ort\x12\".splitserve.v1.PrefillAbortRequest\x1a#.splitserve.v1.PrefillAbortResponse\x12P\n\x05Stats\x12\".splitserve.v1.PrefillStatsRequest\x1a#.splitserve.v1.PrefillStatsResponse\x12P\n\x05\x44rain\x12\".splitserve.v1.PrefillDrainRequest\x1a#.splitserve.v1.PrefillDrainResponse2\x9a\x03\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x05\x41\x64mit\x12\x1b.splitserve.v1.AdmitRequest\x1a\x1c.splitserve.v1.AdmitResponse0\x01\x12T\n\x0bPrefillDone\x12!.splitserve.v1.PrefillDoneRequest\x1a\".splitserve.v1.PrefillDoneResponse\x12N\n\x05\x41\x62ort\x12!.splitserve.v1.DecodeAbortRequest\x1a\".splitserve.v1.DecodeAbortResponse\x12N\n\x05Stats\x12!.splitserve.v1.DecodeStatsRequest\x1a\".splitserve.v1.DecodeStatsResponse\x12N\n\x05\x44rain\x12!.splitserve.v1.DecodeDrainRequest\x1a\".splitserve.v1.DecodeDrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADMITREFUSAL']._serialized_start=2705
-  _globals['_ADMITREFUSAL']._serialized_end=2916
+  _globals['_ADMITREFUSAL']._serialized_start=2726
+  _globals['_ADMITREFUSAL']._serialized_end=2937
   _globals['_PREFILLREQUEST']._serialized_start=74
   _globals['_PREFILLREQUEST']._serialized_end=350
   _globals['_PREFILLRESPONSE']._serialized_start=353
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLDRAINRESPONSE']._serialized_start=1049
   _globals['_PREFILLDRAINRESPONSE']._serialized_end=1103
   _globals['_ADMITREQUEST']._serialized_start=1106
-  _globals['_ADMITREQUEST']._serialized_end=1331
-  _globals['_ADMISSION']._serialized_start=1334
-  _globals['_ADMISSION']._serialized_end=1571
-  _globals['_DECODETIMINGS']._serialized_start=1574
-  _globals['_DECODETIMINGS']._serialized_end=1734
-  _globals['_DECODEOUTPUT']._serialized_start=1737
-  _globals['_DECODEOUTPUT']._serialized_end=1996
-  _globals['_ADMITRESPONSE']._serialized_start=1998
-  _globals['_ADMITRESPONSE']._serialized_end=2116
-  _globals['_PREFILLDONEREQUEST']._serialized_start=2118
-  _globals['_PREFILLDONEREQUEST']._serialized_end=2209
-  _globals['_PREFILLDONERESPONSE']._serialized_start=2211
-  _globals['_PREFILLDONERESPONSE']._serialized_end=2247
-  _globals['_DECODEABORTREQUEST']._serialized_start=2249
-  _globals['_DECODEABORTREQUEST']._serialized_end=2289
-  _globals['_DECODEABORTRESPONSE']._serialized_start=2291
-  _globals['_DECODEABORTRESPONSE']._serialized_end=2327
-  _globals['_DECODESTATSREQUEST']._serialized_start=2329
-  _globals['_DECODESTATSREQUEST']._serialized_end=2349
-  _globals['_DECODESTATSRESPONSE']._serialized_start=2352
-  _globals['_DECODESTATSRESPONSE']._serialized_end=2600
-  _globals['_DECODEDRAINREQUEST']._serialized_start=2602
-  _globals['_DECODEDRAINREQUEST']._serialized_end=2647
-  _globals['_DECODEDRAINRESPONSE']._serialized_start=2649
-  _globals['_DECODEDRAINRESPONSE']._serialized_end=2702
-  _globals['_PREFILLWORKER']._serialized_start=2919
-  _globals['_PREFILLWORKER']._serialized_end=3254
-  _globals['_DECODEWORKER']._serialized_start=3257
-  _globals['_DECODEWORKER']._serialized_end=3667
+  _globals['_ADMITREQUEST']._serialized_end=1352
+  _globals['_ADMISSION']._serialized_start=1355
+  _globals['_ADMISSION']._serialized_end=1592
+  _globals['_DECODETIMINGS']._serialized_start=1595
+  _globals['_DECODETIMINGS']._serialized_end=1755
+  _globals['_DECODEOUTPUT']._serialized_start=1758
+  _globals['_DECODEOUTPUT']._serialized_end=2017
+  _globals['_ADMITRESPONSE']._serialized_start=2019
+  _globals['_ADMITRESPONSE']._serialized_end=2137
+  _globals['_PREFILLDONEREQUEST']._serialized_start=2139
+  _globals['_PREFILLDONEREQUEST']._serialized_end=2230
+  _globals['_PREFILLDONERESPONSE']._serialized_start=2232
+  _globals['_PREFILLDONERESPONSE']._serialized_end=2268
+  _globals['_DECODEABORTREQUEST']._serialized_start=2270
+  _globals['_DECODEABORTREQUEST']._serialized_end=2310
+  _globals['_DECODEABORTRESPONSE']._serialized_start=2312
+  _globals['_DECODEABORTRESPONSE']._serialized_end=2348
+  _globals['_DECODESTATSREQUEST']._serialized_start=2350
+  _globals['_DECODESTATSREQUEST']._serialized_end=2370
+  _globals['_DECODESTATSRESPONSE']._serialized_start=2373
+  _globals['_DECODESTATSRESPONSE']._serialized_end=2621
+  _globals['_DECODEDRAINREQUEST']._serialized_start=2623
+  _globals['_DECODEDRAINREQUEST']._serialized_end=2668
+  _globals['_DECODEDRAINRESPONSE']._serialized_start=2670
+  _globals['_DECODEDRAINRESPONSE']._serialized_end=2723
+  _globals['_PREFILLWORKER']._serialized_start=2940
+  _globals['_PREFILLWORKER']._serialized_end=3275
+  _globals['_DECODEWORKER']._serialized_start=3278
+  _globals['_DECODEWORKER']._serialized_end=3688
 # @@protoc_insertion_point(module_scope)
