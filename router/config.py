@@ -49,6 +49,9 @@ class RouterConfig:
     # prompt). None: as many as fit in max_model_len.
     default_max_tokens: int | None = 16
     max_admit_attempts: int = 3  # decode workers tried before giving up on a request
+    # Times a request moves on after losing a worker (D's stream broke, P failed or timed
+    # out): admitted again elsewhere, continuing the client's stream. 0: fail it instead.
+    max_resumes: int = 2
     # Largest HTTP body and gRPC message the router reads; bigger ones are refused (413 /
     # RESOURCE_EXHAUSTED) before they are parsed.
     max_request_bytes: int = 4 * 1024 * 1024
@@ -104,6 +107,8 @@ class RouterConfig:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_resumes < 0:
+            raise ValueError(f"max_resumes must be >= 0, got {self.max_resumes}")
         if self.max_admit_attempts < 1:
             raise ValueError(f"max_admit_attempts must be >= 1, got {self.max_admit_attempts}")
 

@@ -9,8 +9,9 @@ request's lifetime on that worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import grpc
@@ -20,6 +21,7 @@ from splitserve.router.policy import Route, blocks_needed, plan_route, rank_deco
 from splitserve.router.relay import RequestTrace
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
+from splitserve.router.workers import ClusterSnapshot
 from splitserve.v1 import worker_pb2
 
 _ADMISSION_TIMEOUT_S = 30.0  # wait for the Admission, the Admit stream's first message
@@ -39,21 +41,27 @@ async def admit_request(
     request: ValidatedRequest,
     trace: RequestTrace,
     remaining: Callable[[], float | None],
+    exclude: Collection[str] = (),
 ) -> Admitted:
     """Admit `request` on a decode worker; ServiceError when none does.
+
+    `exclude`: worker ids this request lost already (neither prefills nor decodes it). A
+    resumed request that already produced output (num_sampled) is prefilled on D itself.
 
     UNAVAILABLE: no usable decode worker, or all failed; RESOURCE_EXHAUSTED: one at least
     lacked free blocks; INVALID_ARGUMENT: all found the request too long.
     """
-    snapshot = await state.directory.snapshot()
+    snapshot = _without(await state.directory.snapshot(), exclude)
     if not snapshot.decode:
-        snapshot = await state.directory.snapshot(force=True)
+        snapshot = _without(await state.directory.snapshot(force=True), exclude)
     if not snapshot.decode:
         ignored = f" ({snapshot.num_ignored} live workers serve another model or block size)"
+        if exclude:
+            ignored = f" (besides {', '.join(sorted(exclude))}, lost by this request)"
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             f"no live decode worker serves model {state.model.model_id!r}"
-            f"{ignored if snapshot.num_ignored else ''}; start one and retry",
+            f"{ignored if snapshot.num_ignored or exclude else ''}; start one and retry",
         )
     overlap = await state.store.prefix_overlap(request.block_hashes)
     num_blocks = blocks_needed(
@@ -61,9 +69,10 @@ async def admit_request(
     )
     failures: list[str] = []
     refusals: list[int] = []
+    prefill_workers = [] if request.num_sampled else snapshot.prefill
     for decode in rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]:
         route = plan_route(
-            decode, snapshot.prefill, request.prompt_len, overlap, state.rules, state.policy
+            decode, prefill_workers, request.prompt_len, overlap, state.rules, state.policy
         )
         if trace.dispatched is None:
             trace.dispatched = time.monotonic()
@@ -91,6 +100,7 @@ async def _try_admit(
         prefill_worker_id=prefill.worker_id if prefill else "",
         prefill_kv_endpoint=prefill.kv_endpoint if prefill else "",
         prefill_timeout_ms=state.prefill_timeout_ms,
+        num_sampled=request.num_sampled,
     )
     call = state.directory.decode_stub(decode).Admit(message, timeout=timeout_s)
     try:
@@ -117,6 +127,16 @@ async def _try_admit(
         failures.append(f"{decode.worker_id} refused: {name}: {admission.refusal_message}")
         return None
     return admission, call
+
+
+def _without(snapshot: ClusterSnapshot, exclude: Collection[str]) -> ClusterSnapshot:
+    if not exclude:
+        return snapshot
+    return dataclasses.replace(
+        snapshot,
+        decode=[w for w in snapshot.decode if w.worker_id not in exclude],
+        prefill=[w for w in snapshot.prefill if w.worker_id not in exclude],
+    )
 
 
 def admit_error(failures: list[str], refusals: list[int]) -> ServiceError:

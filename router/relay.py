@@ -45,9 +45,14 @@ class TokenRelay:
             tokenizer, list(prompt_token_ids), params, tokenizer.eos_token_ids, max_model_len
         )
         self._num_chars = 0  # characters of the checker's text handed out so far
-        self.num_tokens = 0  # output tokens consumed, the first one included
+        self.output_token_ids: list[int] = []  # consumed, the first one included
         self.finish_reason: str | None = None
         self.stop_string = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Output tokens consumed, the first one included."""
+        return len(self.output_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -69,7 +74,7 @@ class TokenRelay:
             step.token_ids.append(token_id)
             if i < len(logprobs):
                 step.logprobs.append(logprobs[i])
-            self.num_tokens += 1
+            self.output_token_ids.append(token_id)
             if reason is not None:
                 self.finish_reason = step.finish_reason = reason
                 if reason == "stop" and token_id not in self._eos:
@@ -121,6 +126,7 @@ class RequestTrace:
     kv_transfer_ms: float = 0.0
     decode_queue_ms: float = 0.0
     kv_transfer_bytes: int = 0
+    resumed: list[str] = field(default_factory=list)  # role of each worker lost on the way
 
     def add_prefill(self, response: worker_pb2.PrefillResponse) -> None:
         """A remote prefill worker's report."""

@@ -14,6 +14,14 @@ Life cycle of a request on the router:
      Admit stream unless D ended it by itself, P.Abort if a Prefill is in flight, delete
      the ledger entry. So every KV block the request held is freed on both sides.
 
+Resume: when a worker is lost mid-request (D's stream breaks, P fails or times out,
+PrefillDone fails), the attempt's hold on its workers is released and the request starts
+again from step 1 without the lost worker, at most `max_resumes` times. Once tokens have
+reached the client, the new attempt's prompt is the prompt plus those tokens, prefilled on
+the new D itself (AdmitRequest.num_sampled: a seeded generator skips their draws), with
+max_tokens reduced by as many: the client's stream goes on with no token repeated or
+missing, and greedy and seeded output equal an uninterrupted run's.
+
 Errors before the first chunk reach the client as a status; after it, as a last chunk with
 FINISH_REASON_ERROR (or ABORT) and error_message, since the stream is already OK.
 """
@@ -21,6 +29,7 @@ FINISH_REASON_ERROR (or ABORT) and error_message, since the stream is already OK
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,8 +37,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from splitserve.cluster.store import RequestPhase
-from splitserve.common.convert.common import FINISH_REASONS
+from splitserve.common.convert.common import FINISH_REASONS, sampling_to_proto
 from splitserve.common.grpc_util import ServiceError
+from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router.cluster_io import RequestLedger
 from splitserve.router.dispatch import Admitted, admit_request
 from splitserve.router.policy import Route, blocks_needed
@@ -44,6 +54,45 @@ log = logging.getLogger(__name__)
 Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
 
 _ABORT_TIMEOUT_S = 2.0
+# Worker errors that say the request itself is wrong: another worker would refuse it too.
+_REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                   grpc.StatusCode.OUT_OF_RANGE)
+
+
+class WorkerLost(Exception):
+    """A worker failed the request in a way another worker may not: resume elsewhere."""
+
+    def __init__(self, role: str, worker_id: str, message: str,
+                 code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.role = role  # "prefill" | "decode"
+        self.worker_id = worker_id
+        self.message = message
+        self.code = code
+
+
+def resumed_request(
+    request: ValidatedRequest, output_token_ids: list[int], attempt: int, block_size: int
+) -> ValidatedRequest:
+    """The request to admit after a lost worker, `output_token_ids` already delivered.
+
+    Its own worker request id (the lost workers may still hold the old one), the output so
+    far appended to the prompt and counted out of max_tokens."""
+    worker_request_id = f"{request.worker_request_id}.{attempt}"
+    n = len(output_token_ids)
+    if n == 0:
+        return dataclasses.replace(request, worker_request_id=worker_request_id)
+    params = dataclasses.replace(request.params, max_tokens=request.params.max_tokens - n)
+    prompt = [*request.prompt_token_ids, *output_token_ids]
+    return dataclasses.replace(
+        request,
+        worker_request_id=worker_request_id,
+        prompt_token_ids=prompt,
+        params=params,
+        worker_params=sampling_to_proto(params, with_stop_strings=False),
+        block_hashes=compute_block_hashes(prompt, block_size),
+        num_sampled=request.num_sampled + n,
+    )
 
 
 class RequestRun:
@@ -56,7 +105,9 @@ class RequestRun:
         deadline: float | None = None,  # time.monotonic() by which the request must end
     ) -> None:
         self._state = state
-        self._req = request
+        self._req = request  # as the client sent it
+        self._attempt = request  # what the current attempt sends to workers
+        self._lost_workers: set[str] = set()
         self._trace = trace
         self._emit = emit
         self._deadline = deadline
@@ -75,7 +126,7 @@ class RequestRun:
 
     @property
     def _rid(self) -> str:
-        return self._req.worker_request_id
+        return self._attempt.worker_request_id
 
     def _remaining(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
@@ -85,14 +136,49 @@ class RequestRun:
     async def run(self) -> None:
         try:
             self._ledger.update(RequestPhase.QUEUED)
-            admitted = await admit_request(self._state, self._req, self._trace, self._remaining)
-            self._admitted(admitted)
-            if admitted.route.prefill is not None:
-                if not await self._prefill_remotely(admitted.admission):
+            while True:
+                try:
+                    await self._serve()
                     return
-            await self._relay_decode()
+                except WorkerLost as lost:
+                    if not await self._resume(lost):
+                        return
+                except ServiceError as exc:
+                    if not self._trace.resumed or self._num_chunks == 0:
+                        raise
+                    await self._fail(f"resuming after a lost worker failed: {exc.message}")
+                    return
         finally:
             await self._state.shielded(self._cleanup())
+
+    async def _serve(self) -> None:
+        """One attempt: admit, prefill, decode. WorkerLost when a worker fails it."""
+        admitted = await admit_request(self._state, self._attempt, self._trace, self._remaining,
+                                       exclude=self._lost_workers)
+        self._admitted(admitted)
+        if admitted.route.prefill is not None:
+            if not await self._prefill_remotely(admitted.admission):
+                return
+        await self._relay_decode()
+
+    async def _resume(self, lost: WorkerLost) -> bool:
+        """Set up the next attempt after `lost`; False when the request ended instead."""
+        limit = self._state.config.max_resumes
+        if len(self._trace.resumed) >= limit or self._final_sent:
+            suffix = f" (no resume: {limit} done)" if limit else ""
+            await self._fail(lost.message + suffix, lost.code)
+            return False
+        log.warning("request %s: %s; resuming on another worker after %d tokens",
+                    self._req.worker_request_id, lost.message, self._relay.num_tokens)
+        await self._release_attempt(lost)
+        self._lost_workers.add(lost.worker_id)
+        self._trace.resumed.append(lost.role)
+        self._attempt = resumed_request(self._req, self._relay.output_token_ids,
+                                        len(self._trace.resumed), self._state.rules.block_size)
+        self._ledger.update(RequestPhase.QUEUED, decode_worker_id="", prefill_worker_id="",
+                            num_decode_blocks=0, num_prefill_blocks=0,
+                            num_generated_tokens=self._relay.num_tokens)
+        return True
 
     async def finish_timeout(self, timeout_s: float) -> None:
         """The router's request_timeout_s ran out (the run was cancelled and cleaned up)."""
@@ -130,7 +216,7 @@ class RequestRun:
     async def _prefill_remotely(self, admission: worker_pb2.Admission) -> bool:
         """P.Prefill, the first token to the client, D.PrefillDone. False: request over."""
         assert self._route is not None and self._route.prefill is not None
-        prefill, req, state = self._route.prefill, self._req, self._state
+        prefill, req, state = self._route.prefill, self._attempt, self._state
         request = worker_pb2.PrefillRequest(
             request_id=self._rid,
             prompt_token_ids=req.prompt_token_ids,
@@ -154,12 +240,13 @@ class RequestRun:
             response = await self._prefill_call
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            message = (f"prefill on worker {prefill.worker_id} failed: "
+                       f"{code.name}: {exc.details()}")
+            if code in _REQUEST_ERRORS:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message) from exc
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 code = grpc.StatusCode.INTERNAL
-            raise ServiceError(
-                code, f"prefill on worker {prefill.worker_id} failed: "
-                f"{exc.code().name}: {exc.details()}",
-            ) from exc
+            raise WorkerLost("prefill", prefill.worker_id, message, code) from exc
         finally:
             state.directory.release(queued)
         self._prefill_call = None
@@ -183,13 +270,11 @@ class RequestRun:
         try:
             done = await stub.PrefillDone(request, timeout=self._remaining())
         except grpc.aio.AioRpcError as exc:
-            await self._fail(f"PrefillDone on decode worker {decode_id} failed: "
-                             f"{exc.code().name}: {exc.details()}")
-            return False
+            raise WorkerLost("decode", decode_id, f"PrefillDone on decode worker {decode_id} "
+                             f"failed: {exc.code().name}: {exc.details()}") from exc
         if not done.found:
-            await self._fail(f"decode worker {decode_id} no longer holds the request "
-                             "(it gave up waiting for the KV or the first token)")
-            return False
+            raise WorkerLost("decode", decode_id, f"decode worker {decode_id} no longer holds "
+                             "the request (it gave up waiting for the KV or the first token)")
         # P freed its blocks once the KV was sent: only D holds the request now.
         self._ledger.update(RequestPhase.DECODING, prefill_worker_id="", num_prefill_blocks=0,
                             num_generated_tokens=1)
@@ -204,12 +289,11 @@ class RequestRun:
             try:
                 message = await self._admit_call.read()
             except grpc.aio.AioRpcError as exc:
-                await self._fail(f"decode worker {decode_id} failed: "
-                                 f"{exc.code().name}: {exc.details()}", exc.code())
-                return
+                raise WorkerLost("decode", decode_id, f"decode worker {decode_id} failed: "
+                                 f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             if message is grpc.aio.EOF or message.WhichOneof("event") != "output":
-                await self._fail(f"decode worker {decode_id} ended the stream without finishing")
-                return
+                raise WorkerLost("decode", decode_id,
+                                 f"decode worker {decode_id} ended the stream without finishing")
             output = message.output
             if self._trace.prefill_local and output.num_cached_tokens:
                 self._trace.num_cached_tokens = output.num_cached_tokens  # D's prefix cache
@@ -285,15 +369,25 @@ class RequestRun:
     # ---- cleanup ----------------------------------------------------------------------
 
     async def _cleanup(self) -> None:
+        await self._release_attempt()
+        await self._ledger.delete()
+
+    async def _release_attempt(self, lost: WorkerLost | None = None) -> None:
+        """Free what the current attempt holds on its workers (not on `lost`'s: it is gone
+        or wedged, and a stream cancel frees its side if it ever answers again)."""
         aborts: list[Awaitable[object]] = []
         route = self._route
+        lost_id = lost.worker_id if lost is not None else None
         if self._prefill_call is not None and route is not None and route.prefill is not None:
             self._prefill_call.cancel()
-            prefill_stub = self._state.directory.prefill_stub(route.prefill)
-            aborts.append(prefill_stub.Abort(
-                worker_pb2.PrefillAbortRequest(request_id=self._rid), timeout=_ABORT_TIMEOUT_S
-            ))
-        if self._admit_call is not None and not self._decode_done and route is not None:
+            if route.prefill.worker_id != lost_id:
+                prefill_stub = self._state.directory.prefill_stub(route.prefill)
+                aborts.append(prefill_stub.Abort(
+                    worker_pb2.PrefillAbortRequest(request_id=self._rid),
+                    timeout=_ABORT_TIMEOUT_S,
+                ))
+        if (self._admit_call is not None and not self._decode_done and route is not None
+                and route.decode.worker_id != lost_id):
             decode_stub = self._state.directory.decode_stub(route.decode)
             aborts.append(decode_stub.Abort(
                 worker_pb2.DecodeAbortRequest(request_id=self._rid), timeout=_ABORT_TIMEOUT_S
@@ -309,7 +403,9 @@ class RequestRun:
             self._admit_call.cancel()  # frees D's blocks too; a no-op once D ended it
         for assignment in self._assignments:
             self._state.directory.release(assignment)
-        await self._ledger.delete()
+        self._assignments.clear()
+        self._route, self._admit_call, self._prefill_call = None, None, None
+        self._decode_done = False
 
 
 def _min_timeout(a: float | None, b: float | None) -> float | None:

@@ -34,6 +34,9 @@ class ValidatedRequest:
     params: SamplingParams  # resolved; stop strings included (the router applies them)
     worker_params: common_pb2.SamplingParams  # resolved; no stop strings (workers skip them)
     block_hashes: list[int]  # chained hashes of the prompt's full blocks
+    # A resumed request: the prompt ends with this many tokens of its own output (already
+    # sent to the client); the decode worker prefills it and skips their sampling draws.
+    num_sampled: int = 0
 
     @property
     def prompt_len(self) -> int:

@@ -132,7 +132,8 @@ def cmd_router(args: argparse.Namespace) -> int:
         cluster_url=args.redis_url,
         block_size=args.block_size, local_prefill_threshold=args.local_prefill_threshold,
         prefill_timeout_ms=args.prefill_timeout_ms, prefill_policy=args.prefill_policy,
-        max_inflight=args.max_inflight, max_queued=args.max_queued, **_router_security(args),
+        max_inflight=args.max_inflight, max_queued=args.max_queued,
+        max_resumes=args.max_resumes, **_router_security(args),
     ))
     print(f"READY router {router.address} cluster {router.cluster_url} http "
           f"{router.http_address}", flush=True)
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["kv_aware", "round_robin", "least_loaded"])
     p.add_argument("--max-inflight", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=256)
+    p.add_argument("--max-resumes", type=int, default=2,
+                   help="times a request moves on after losing a worker (0: fail it)")
     p.add_argument("--drain-timeout", type=float, default=10.0)
     _add_router_security_args(p)
     p.set_defaults(func=cmd_router)

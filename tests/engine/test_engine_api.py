@@ -121,3 +121,22 @@ def test_bfloat16_runs_close_to_float32(tiny_llama: Path) -> None:
     bf16 = LLM(model=str(tiny_llama), num_kv_blocks=32, dtype="bfloat16").generate([prompt], GREEDY)[0]
     assert bf16.finish_reason == "length" and len(bf16.token_ids) == 8
     assert bf16.token_ids[:2] == fp32[:2]  # low precision may drift later, not at once
+
+
+def test_a_resumed_seeded_request_continues_the_same_stream(llm: LLM) -> None:
+    """A request re-admitted with its first k output tokens in the prompt (num_sampled=k)
+    samples the tokens an uninterrupted run samples after them."""
+    prompt = list(range(300, 340))
+    params = SamplingParams(temperature=1.1, top_k=40, seed=99, max_tokens=24, ignore_eos=True)
+    whole = llm.generate([prompt], params)[0].token_ids
+    k = 9
+    rest = SamplingParams(temperature=1.1, top_k=40, seed=99, max_tokens=24 - k, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request([*prompt, *whole[:k]], rest, "resumed", num_sampled=k)
+    got: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.extend(out.new_token_ids)
+    assert got == whole[k:]
+    with pytest.raises(ValueError, match="num_sampled"):
+        engine.add_request([1, 2, 3], rest, "bad", num_sampled=3)

@@ -159,3 +159,19 @@ def test_unknown_model_is_not_found(model: ServedModel) -> None:
     message = rejected(model, grpc.StatusCode.NOT_FOUND, prompt="hi", model="gpt-9")
     assert message == "model 'gpt-9' is not served here; available: ['smollm2-135m']"
     assert ok(model, prompt="hi", model="smollm2-135m").prompt_len > 0
+
+
+def test_a_resumed_request_carries_its_output_in_the_prompt(model: ServedModel) -> None:
+    from splitserve.router.request import resumed_request
+
+    req = ok(model, token_ids=router_pb2.TokenIds(token_ids=list(range(5, 40))),
+             sampling_params=sp(max_tokens=20, temperature=0.7, seed=3))
+    same = resumed_request(req, [], 1, 16)  # lost before any output: only a new id
+    assert same.prompt_token_ids == req.prompt_token_ids and same.num_sampled == 0
+    assert same.worker_request_id == req.worker_request_id + ".1"
+    again = resumed_request(req, [7, 8, 9], 2, 16)
+    assert again.prompt_token_ids == [*range(5, 40), 7, 8, 9]
+    assert again.num_sampled == 3 and again.params.max_tokens == 17
+    assert again.worker_params.max_tokens == 17 and again.worker_params.seed == 3
+    assert again.block_hashes == compute_block_hashes(again.prompt_token_ids, 16)
+    assert again.request_id == req.request_id and again.worker_request_id.endswith(".2")

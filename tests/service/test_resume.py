@@ -1,0 +1,118 @@
+"""Token-level resume: a decode worker killed with SIGKILL mid-stream loses no request.
+
+Plain processes (router, one prefill worker hosting the KV store, two decode workers).
+Streams running on the killed worker continue on the other one from the last token the
+client received: greedy and seeded outputs equal the colocated engine's, usage counts
+every token once, and the surviving worker ends with every block free.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from splitserve.bench.procs import free_port
+from splitserve.client import Client
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.llm import LLM
+from tests.service.test_service_processes import (
+    ENGINE_ARGS,
+    Proc,
+    _decode_free_blocks,
+    _spawn,
+    _wait_live,
+)
+
+MAX_TOKENS = 120
+
+
+@pytest.fixture
+def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
+    router = _spawn("router", "--model", str(tiny_llama), "--port", "0", "--http-port", "0",
+                    "--block-size", "8", "--local-prefill-threshold", "16",
+                    "--prefill-timeout-ms", "5000", "--max-resumes", "2")
+    kv_store = f"127.0.0.1:{free_port()}"
+    common = ["--model", str(tiny_llama), "--cluster", router.fields[4], "--kv-store", kv_store,
+              "--kv-timeout", "5", "--heartbeat-ttl", "3", *ENGINE_ARGS]
+    procs = {"router": router}
+    try:
+        procs["prefill"] = _spawn("prefill", *common, "--serve-kv-store")
+        procs["decode-a"] = _spawn("decode", *common, "--worker-id", "decode-a")
+        procs["decode-b"] = _spawn("decode", *common, "--worker-id", "decode-b")
+        _wait_live(router.fields[2], 3)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def _requests() -> list[tuple[list[int], dict[str, object]]]:
+    rng = random.Random(21)
+    out = []
+    for i in range(12):
+        prompt = [rng.randrange(100, 40000) for _ in range(rng.choice([5, 30, 70]))]
+        sampling: dict[str, object] = {"max_tokens": MAX_TOKENS, "ignore_eos": True}
+        if i % 3 == 2:  # seeded sampling continues from the same draw
+            sampling.update(temperature=0.9, top_k=50, seed=1000 + i)
+        else:
+            sampling.update(temperature=0.0)
+        out.append((prompt, sampling))
+    return out
+
+
+def test_decode_worker_killed_mid_stream_loses_nothing(cluster: dict[str, Proc],
+                                                      tiny_llama: Path) -> None:
+    requests = _requests()
+    llm = LLM(model=str(tiny_llama), num_kv_blocks=256, block_size=8)
+    expected = [llm.generate([p], SamplingParams(**s))[0].token_ids for p, s in requests]
+    victim = cluster["decode-a"]
+    streamed = [0] * len(requests)
+    ready = threading.Event()
+
+    def run(i: int) -> tuple[list[int], int, str, str]:
+        prompt, sampling = requests[i]
+        tokens: list[int] = []
+        with Client(cluster["router"].fields[2], timeout=120, max_retries=0) as client:
+            for chunk in client.stream(prompt, **sampling):
+                tokens.extend(chunk.token_ids)
+                streamed[i] = len(tokens)
+                if all(n >= 8 for n in streamed):
+                    ready.set()
+                if chunk.finish_reason:
+                    return (tokens, chunk.usage.completion_tokens, chunk.finish_reason,
+                            chunk.timings.decode_worker_id if chunk.timings else "")
+        raise AssertionError("stream ended without a finish reason")
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(run, i) for i in range(len(requests))]
+        assert ready.wait(60), f"streams did not start: {streamed}"
+        victim.popen.send_signal(signal.SIGKILL)
+        at_kill = list(streamed)
+        results = [f.result(120) for f in futures]
+    assert max(at_kill) < MAX_TOKENS, at_kill  # every stream was cut mid-way
+    for i, (tokens, completion_tokens, reason, decode_id) in enumerate(results):
+        assert reason == "length", (i, reason)
+        assert tokens == expected[i], f"request {i}: {requests[i][1]}"
+        assert completion_tokens == MAX_TOKENS
+        assert decode_id == "decode-b", (i, decode_id)
+    survivor = cluster["decode-b"].fields[3]
+    deadline = time.monotonic() + 5
+    while (state := _decode_free_blocks(survivor))[0] != state[1]:
+        assert time.monotonic() < deadline, f"decode-b holds blocks: {state}"
+        time.sleep(0.1)
+    metrics = urllib.request.urlopen(f"http://{cluster['router'].fields[6]}/metrics").read()
+    resumed = re.search(rb'splitserve_request_resumes_total\{role="decode"\} (\d+)', metrics)
+    assert resumed and int(resumed.group(1)) >= 1, resumed
+    # New requests keep working with one decode worker.
+    with Client(cluster["router"].fields[2], timeout=60) as client:
+        out = client.generate([7, 8, 9, 10], max_tokens=5, temperature=0.0, ignore_eos=True)
+    assert out.finish_reason == "length"
