@@ -3,6 +3,9 @@
 A request takes an in-flight slot at once when one is free and nobody is queued; else it
 waits in the queue when the queue has room; else it is rejected at once (the router
 answers RESOURCE_EXHAUSTED). A released slot passes straight to the oldest waiter.
+Before that, `entry()` holds a place while the request is validated and tokenized, and
+counts it against the same bound: at overload a request is refused before any work is
+spent on it, however many arrive at once.
 
 Asyncio-safe: every method runs on the router's event loop thread (the servicer's loop).
 The `num_inflight` / `num_queued` reads are plain ints and safe from any thread.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 
 class OverCapacityError(Exception):
@@ -34,6 +37,25 @@ class AdmissionController:
         self._waiters: deque[asyncio.Future[None]] = deque()  # oldest first
         self._idle: asyncio.Event | None = None  # created lazily on the loop
         self.closed = False
+        self.num_entering = 0  # requests inside entry(), not yet acquiring
+
+    @contextlib.contextmanager
+    def entry(self) -> Iterator[None]:
+        """Hold a place while the request is prepared for acquire().
+
+        Raises AdmissionClosedError / OverCapacityError at once when acquire() would
+        refuse the request too, counting requests still being prepared as queued.
+        """
+        if self.closed:
+            raise AdmissionClosedError("router is draining and admits no new requests")
+        held = self.num_inflight + len(self._waiters) + self.num_entering
+        if held >= self.max_inflight + self.max_queued:
+            raise self._over_capacity()
+        self.num_entering += 1
+        try:
+            yield
+        finally:
+            self.num_entering -= 1
 
     @property
     def num_queued(self) -> int:
@@ -55,11 +77,7 @@ class AdmissionController:
             self.num_inflight += 1
             return
         if len(self._waiters) >= self.max_queued:
-            raise OverCapacityError(
-                f"router over capacity: {self.num_inflight} requests in flight "
-                f"(max_inflight={self.max_inflight}) and {len(self._waiters)} queued "
-                f"(max_queued={self.max_queued}); retry later"
-            )
+            raise self._over_capacity()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -71,6 +89,14 @@ class AdmissionController:
             elif waiter.done() and not waiter.cancelled():
                 self.release()  # a slot was handed to us just as we were cancelled
             raise
+
+    def _over_capacity(self) -> OverCapacityError:
+        queued = len(self._waiters) + self.num_entering
+        return OverCapacityError(
+            f"router over capacity: {self.num_inflight} requests in flight "
+            f"(max_inflight={self.max_inflight}) and {queued} queued "
+            f"(max_queued={self.max_queued}); retry later"
+        )
 
     def release(self) -> None:
         """Give a slot back: to the oldest waiter, or to the pool."""

@@ -54,9 +54,16 @@ _STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 }
 
 
+_RETRY_AFTER_S = "1"  # 429 / 503: when a client may try again
+
+
 def error_response(error: OpenAIError) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return web.json_response(error.body(), status=error.status, headers=headers)
+    headers: dict[str, str] = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif error.status in (429, 503):
+        headers["Retry-After"] = _RETRY_AFTER_S
+    return web.json_response(error.body(), status=error.status, headers=headers or None)
 
 
 def service_error(exc: ServiceError) -> OpenAIError:

@@ -1,7 +1,8 @@
 """The request pipeline every front end shares, and the SplitServe gRPC servicer on it.
 
-RequestPipeline.generate: validate (INVALID_ARGUMENT / NOT_FOUND) -> admission
-(RESOURCE_EXHAUSTED when over capacity, UNAVAILABLE while draining) -> RequestRun, under
+RequestPipeline.generate: a place in admission (RESOURCE_EXHAUSTED at once when over
+capacity, UNAVAILABLE while draining: before any tokenizing) -> validate (INVALID_ARGUMENT /
+NOT_FOUND) -> an admission slot (queued FIFO) -> RequestRun, under
 the router's request_timeout_s, observed by the router's metrics. Errors are ServiceErrors
 with gRPC status codes; the gRPC servicer passes them on, the HTTP API (router.http_api)
 maps them to HTTP statuses. Cancelling the caller's task (client gone, deadline) makes
@@ -11,8 +12,10 @@ RequestRun's cleanup abort the request on its workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -46,13 +49,14 @@ class RequestPipeline:
     ) -> None:
         """Serve `request`, passing its chunks to `emit`; ServiceError on failure."""
         trace = RequestTrace()
-        if self.admission.closed:
-            self.metrics.rejections.labels("draining").inc()
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "router is draining; retry elsewhere")
         config, model = self.state.config, self.state.model
-        validated = await asyncio.to_thread(
-            validate_request, request, model, config.block_size, config.default_max_tokens
-        )
+        with self._admission_error():
+            # At overload the request is refused here, before it is tokenized.
+            with self.admission.entry():
+                validated = await asyncio.to_thread(
+                    validate_request, request, model, config.block_size,
+                    config.default_max_tokens,
+                )
         timeout_s = config.request_timeout_s
         deadline = _deadline(trace.arrival, timeout_s, client_deadline)
         await self._acquire(deadline)
@@ -80,22 +84,30 @@ class RequestPipeline:
         finally:
             self.admission.release()
 
-    async def _acquire(self, deadline: float | None) -> None:
+    @contextlib.contextmanager
+    def _admission_error(self) -> Iterator[None]:
+        """Admission refusals as ServiceErrors, counted by reason."""
         rejections = self.metrics.rejections
         try:
-            if deadline is None:
-                await self.admission.acquire()
-            else:
-                timeout = max(deadline - time.monotonic(), 0.001)
-                await asyncio.wait_for(self.admission.acquire(), timeout)
+            yield
         except OverCapacityError as exc:
             rejections.labels("over_capacity").inc()
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         except AdmissionClosedError as exc:
             rejections.labels("draining").inc()
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               "router is draining; retry elsewhere") from exc
+
+    async def _acquire(self, deadline: float | None) -> None:
+        try:
+            with self._admission_error():
+                if deadline is None:
+                    await self.admission.acquire()
+                else:
+                    timeout = max(deadline - time.monotonic(), 0.001)
+                    await asyncio.wait_for(self.admission.acquire(), timeout)
         except asyncio.TimeoutError as exc:
-            rejections.labels("queue_timeout").inc()
+            self.metrics.rejections.labels("queue_timeout").inc()
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued in the router"
             ) from exc

@@ -100,6 +100,7 @@ def test_over_capacity_is_429(router: RunningRouter, decode_worker: DecodeWorker
             c.completions.create(model=router.model.model_id, prompt="Hi", max_tokens=2)
         assert info.value.status_code == 429
         assert isinstance(info.value.body, dict) and info.value.body["code"] == "over_capacity"
+        assert info.value.response.headers["Retry-After"] == "1"
         stream.close()
     assert registry.get_sample_value("splitserve_admission_rejections_total",
                                      {"reason": "over_capacity"}) == (rejected or 0) + 1

@@ -168,3 +168,20 @@ def test_slot_context_manager() -> None:
         assert adm.num_inflight == 0
 
     run(body())
+
+
+def test_requests_being_prepared_count_against_the_bound() -> None:
+    async def main() -> None:
+        adm = AdmissionController(max_inflight=1, max_queued=1)
+        with adm.entry(), adm.entry():
+            with pytest.raises(OverCapacityError, match="2 queued"), adm.entry():
+                pass
+        await adm.acquire()  # the places were given back
+        with adm.entry():
+            pass
+        adm.close()
+        with pytest.raises(AdmissionClosedError), adm.entry():
+            pass
+        adm.release()
+
+    asyncio.run(main())

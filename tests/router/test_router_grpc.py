@@ -176,8 +176,9 @@ def test_zero_capacity_is_resource_exhausted() -> None:
             "router over capacity: 0 requests in flight (max_inflight=0) and 0 queued "
             "(max_queued=0); retry later",
         )
-        # Validation comes first: a bad request is still INVALID_ARGUMENT.
-        assert error_of(stub, prompt="")[0] == grpc.StatusCode.INVALID_ARGUMENT
+        # Admission comes first: at overload nothing is spent on a request, not even
+        # finding out that it is invalid.
+        assert error_of(stub, prompt="")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_full_queue_rejects_and_a_queued_request_times_out() -> None:
