@@ -7,7 +7,9 @@ over the workers instead of piling onto the one that looked least loaded.
 
 Channels: one grpc.aio channel per worker address, created on first use and closed once
 the address has been absent from the live workers for a while (a worker that missed a
-heartbeat may still be finishing streams on it).
+heartbeat may still be finishing streams on it). A worker that registers again at the
+same address (a restart: a new started_at) gets a fresh channel at once: the old one may
+sit in reconnect backoff for seconds, failing every call with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class WorkerDirectory:
         self._pending: dict[str, list[Assignment]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._last_seen: dict[str, float] = {}  # address -> monotonic time it was last live
+        self._started_at: dict[str, float] = {}  # address -> its live worker's started_at
+        self._channel_for: dict[str, float] = {}  # address -> started_at its channel serves
         self._warned: set[str] = set()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -144,6 +148,7 @@ class WorkerDirectory:
         if channel is None:
             channel = aio_channel(address, self._cluster_token)
             self._channels[address] = channel
+            self._channel_for[address] = self._started_at.get(address, 0.0)
         self._last_seen[address] = time.monotonic()
         return channel
 
@@ -157,13 +162,25 @@ class WorkerDirectory:
         now = time.monotonic()
         for info, _ in self._live:
             self._last_seen[info.address] = now
+            self._started_at[info.address] = info.started_at
+            serves = self._channel_for.get(info.address)
+            if serves == 0.0:  # created before the first refresh saw the worker
+                self._channel_for[info.address] = info.started_at
+            elif serves is not None and serves != info.started_at:
+                log.info("worker %s at %s restarted: new channel", info.worker_id, info.address)
+                self._close_channel(info.address)
         for address in list(self._channels):
             if now - self._last_seen.get(address, now) > _CHANNEL_LINGER_S:
-                channel = self._channels.pop(address)
+                self._close_channel(address)
                 self._last_seen.pop(address, None)
-                task = asyncio.get_running_loop().create_task(channel.close())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._started_at.pop(address, None)
+
+    def _close_channel(self, address: str) -> None:
+        channel = self._channels.pop(address)
+        self._channel_for.pop(address, None)
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

@@ -4,6 +4,7 @@ the request ledger, over a real in-memory store."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -141,5 +142,30 @@ def test_a_ledger_never_written_deletes_nothing() -> None:
         store.ledger_put(RequestLedgerEntry("r2", RequestPhase.QUEUED))
         await RequestLedger(AsyncStore(store), "r2", 5).delete()
         assert store.ledger_get("r2") is not None
+
+    run(body())
+
+
+def test_a_worker_restarted_at_its_address_gets_a_fresh_channel() -> None:
+    """The old channel may be in reconnect backoff (every call UNAVAILABLE for seconds):
+    a new registration (a new started_at) at the same address replaces it at once."""
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        store.register_worker(info("d0", WorkerRole.DECODE), TTL_S)
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=0.0)
+        channels = directory._channels  # address -> channel
+        view = (await directory.snapshot()).decode[0]
+        directory.decode_stub(view)
+        first = channels[view.address]
+        view = (await directory.snapshot()).decode[0]  # same registration: same channel
+        directory.decode_stub(view)
+        assert channels[view.address] is first
+        restarted = dataclasses.replace(info("d0", WorkerRole.DECODE), started_at=time.time() + 1)
+        store.register_worker(restarted, TTL_S)
+        view = (await directory.snapshot()).decode[0]
+        assert view.address not in channels  # the old one was closed
+        directory.decode_stub(view)
+        assert channels[view.address] is not first
+        await directory.close()
 
     run(body())
