@@ -38,9 +38,15 @@ class AsyncStore:
         return await self._call(self.store.live_workers)
 
     async def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        """Cached leading blocks per worker; none known while the store is unreachable
+        (routing then ignores caches rather than failing the request)."""
         if not block_hashes:
             return {}
-        return await self._call(self.store.prefix_overlap, block_hashes)
+        try:
+            return await self._call(self.store.prefix_overlap, block_hashes)
+        except Exception:  # noqa: BLE001 - a routing hint never fails a request
+            log.warning("prefix index read failed; routing without it", exc_info=True)
+            return {}
 
     async def ledger_put(self, entry: RequestLedgerEntry) -> None:
         try:

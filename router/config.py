@@ -44,6 +44,9 @@ class RouterConfig:
     # cluster.open_store accepts ("redis://...", "grpc://host:port", "memory").
     cluster_url: str | None = None
     worker_refresh_s: float = 0.25  # max age of the router's snapshot of live workers
+    # While the cluster store is unreachable, the router routes on its last view of the
+    # workers for this long (health: "degraded"); then it answers UNAVAILABLE.
+    cluster_stale_s: float = 30.0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     # max_tokens for requests that leave it unset (capped by the context left after the
     # prompt). None: as many as fit in max_model_len.
@@ -99,6 +102,8 @@ class RouterConfig:
             raise ValueError(f"prefill_timeout_ms must be >= 0, got {self.prefill_timeout_ms}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not self.cluster_stale_s >= 0:
+            raise ValueError(f"cluster_stale_s must be >= 0, got {self.cluster_stale_s}")
         if not self.worker_refresh_s >= 0:
             raise ValueError(f"worker_refresh_s must be >= 0, got {self.worker_refresh_s}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -3,7 +3,8 @@
 Endpoints:
   POST /v1/completions, POST /v1/chat/completions  streaming (SSE) and not
   GET  /v1/models                                  the served model
-  GET  /health                                     200 with a live decode worker, else 503
+  GET  /health                                     200 with a live decode worker ("degraded":
+                                                   on a stale view of the workers), else 503
   GET  /metrics                                    the router's Prometheus metrics
 
 A request body becomes a GenerateRequest (router.openai_schema) and runs through the same
@@ -257,13 +258,28 @@ class HttpApi:
         return web.json_response(card)
 
     async def _health(self, request: web.Request) -> web.Response:
-        snapshot = await self._pipeline.state.directory.snapshot()
+        """200 "ok" or "degraded" (serving on a stale view of the workers), else 503."""
+        directory = self._pipeline.state.directory
         draining = self._pipeline.admission.closed
-        healthy = bool(snapshot.decode) and not draining
-        body = {"status": "ok" if healthy else "unavailable",
-                "decode_workers": len(snapshot.decode),
-                "prefill_workers": len(snapshot.prefill), "draining": draining}
-        return web.json_response(body, status=200 if healthy else 503)
+        body: dict[str, Any] = {"draining": draining}
+        try:
+            snapshot = await directory.snapshot()
+        except ServiceError as exc:
+            body.update(status="unavailable", error=exc.message, decode_workers=0,
+                        prefill_workers=0)
+        else:
+            body.update(decode_workers=len(snapshot.decode),
+                        prefill_workers=len(snapshot.prefill))
+            if not snapshot.decode or draining:
+                body["status"] = "unavailable"
+            else:
+                body["status"] = "degraded" if directory.store_error else "ok"
+        if directory.store_error is not None:
+            body["cluster_state"] = {"reachable": False, "error": directory.store_error,
+                                     "view_age_s": round(directory.view_age_s, 3)}
+        else:
+            body["cluster_state"] = {"reachable": True}
+        return web.json_response(body, status=503 if body["status"] == "unavailable" else 200)
 
     async def _metrics_text(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(),

@@ -29,7 +29,8 @@ class RouterState:
     @classmethod
     def build(cls, config: RouterConfig, model: ServedModel, store: AsyncStore) -> RouterState:
         directory = WorkerDirectory(store, model.model_id, config.block_size,
-                                    config.worker_refresh_s, config.resolved_cluster_token)
+                                    config.worker_refresh_s, config.resolved_cluster_token,
+                                    stale_s=config.cluster_stale_s)
         rules = RoutingRules(
             block_size=config.block_size,
             local_prefill_threshold=config.local_prefill_threshold,

@@ -5,6 +5,10 @@ lag. Requests this router sent to a worker after that worker's last report are a
 top (`assign` / `release`), so a burst of requests arriving between two reports spreads
 over the workers instead of piling onto the one that looked least loaded.
 
+Cluster state unreachable (Redis down): the router keeps routing on its last view of the
+workers for up to `stale_s` (`degraded` says why), then answers UNAVAILABLE. A refresh
+never holds a request longer than _REFRESH_WAIT_S: requests use the last view meanwhile.
+
 Channels: one grpc.aio channel per worker address, created on first use and closed once
 the address has been absent from the live workers for a while (a worker that missed a
 heartbeat may still be finishing streams on it). A worker that registers again at the
@@ -15,6 +19,7 @@ sit in reconnect backoff for seconds, failing every call with UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ import grpc
 
 from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
 from splitserve.common.grpc_guard import aio_channel
+from splitserve.common.grpc_util import ServiceError
 from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.policy import WorkerView
 from splitserve.v1 import worker_pb2_grpc
@@ -30,6 +36,7 @@ from splitserve.v1 import worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _CHANNEL_LINGER_S = 60.0  # keep a vanished worker's channel this long
+_REFRESH_WAIT_S = 0.5  # longest a request waits for a store read it started
 
 
 @dataclass(eq=False)
@@ -71,15 +78,18 @@ def _view(info: WorkerInfo, load: WorkerLoadReport | None, pending: list[Assignm
 
 class WorkerDirectory:
     def __init__(self, store: AsyncStore, model_id: str, block_size: int, refresh_s: float,
-                 cluster_token: str | None = None) -> None:
+                 cluster_token: str | None = None, stale_s: float = 30.0) -> None:
         self._store = store
         self._cluster_token = cluster_token  # sent on every call to a worker
         self._model_id = model_id
         self._block_size = block_size
         self._refresh_s = refresh_s
+        self._stale_s = stale_s
         self._live: list[LiveWorker] = []
-        self._fetched_at = float("-inf")  # monotonic
-        self._lock = asyncio.Lock()
+        self._fetched_at = float("-inf")  # monotonic time of the last successful read
+        self._attempted_at = float("-inf")  # ... of the last read started
+        self._refreshing: asyncio.Task[None] | None = None
+        self.store_error: str | None = None  # why the last read failed; None: it worked
         self._pending: dict[str, list[Assignment]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._last_seen: dict[str, float] = {}  # address -> monotonic time it was last live
@@ -90,14 +100,32 @@ class WorkerDirectory:
 
     # ---- live workers ----------------------------------------------------------------
 
+    @property
+    def view_age_s(self) -> float:
+        """Seconds since the live workers were last read from the store."""
+        return time.monotonic() - self._fetched_at
+
     async def snapshot(self, force: bool = False) -> ClusterSnapshot:
-        """Usable workers, from a store read at most `refresh_s` old (or fresh if `force`)."""
-        if force or time.monotonic() - self._fetched_at > self._refresh_s:
-            async with self._lock:
-                if force or time.monotonic() - self._fetched_at > self._refresh_s:
-                    self._live = await self._store.live_workers()
-                    self._fetched_at = time.monotonic()
-                    self._retire_channels()
+        """Usable workers, from a store read at most `refresh_s` old (or fresh if `force`).
+
+        While the store is unreachable: the last view, up to `stale_s` old; after that
+        ServiceError(UNAVAILABLE)."""
+        now = time.monotonic()
+        if force or now - max(self._fetched_at, self._attempted_at) > self._refresh_s:
+            started = self._refreshing is None or self._refreshing.done()
+            if started:
+                self._attempted_at = now
+                self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            if started or force:
+                assert self._refreshing is not None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._refreshing), _REFRESH_WAIT_S)
+        if self.store_error is not None and self.view_age_s > self._stale_s:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cluster state unreachable for {self.view_age_s:.0f} s (longer than the "
+                f"{self._stale_s:g} s the router routes on its last view): {self.store_error}",
+            )
         decode: list[WorkerView] = []
         prefill: list[WorkerView] = []
         ignored = 0
@@ -111,6 +139,19 @@ class WorkerDirectory:
             if info.role.can_serve(WorkerRole.PREFILL):
                 prefill.append(view)
         return ClusterSnapshot(decode, prefill, ignored)
+
+    async def _refresh(self) -> None:
+        try:
+            live = await self._store.live_workers()
+        except Exception as exc:  # noqa: BLE001 - any store failure: keep the last view
+            if self.store_error is None:
+                log.warning("cluster state unreachable, routing on the last view: %s", exc)
+            self.store_error = f"{type(exc).__name__}: {exc}"
+            return
+        if self.store_error is not None:
+            log.info("cluster state reachable again")
+        self._live, self._fetched_at, self.store_error = live, time.monotonic(), None
+        self._retire_channels()
 
     def _usable(self, info: WorkerInfo) -> bool:
         problem = ""
@@ -183,6 +224,8 @@ class WorkerDirectory:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()

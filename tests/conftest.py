@@ -71,34 +71,41 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, for the whole session."""
+def start_redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """A real redis-server on 127.0.0.1:`port` (no persistence), answering PING."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (make setup installs it)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
          "no", "--dir", str(workdir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        import redis
+    import redis
 
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    try:
         while True:
             try:
                 client.ping()
-                break
+                return proc
             except redis.ConnectionError:
                 if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
+    finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for the whole session."""
+    port = _free_port()
+    proc = start_redis_server(port, tmp_path_factory.mktemp("redis"))
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

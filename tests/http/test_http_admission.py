@@ -66,7 +66,8 @@ def client(router: RunningRouter) -> openai.OpenAI:
 def test_health_and_503_follow_the_decode_workers(router: RunningRouter,
                                                   tiny_llama: Path) -> None:
     assert health(router) == (503, {"status": "unavailable", "decode_workers": 0,
-                                    "prefill_workers": 0, "draining": False})
+                                    "prefill_workers": 0, "draining": False,
+                                    "cluster_state": {"reachable": True}})
     with client(router) as c:
         with pytest.raises(openai.APIStatusError) as info:
             c.completions.create(model=router.model.model_id, prompt="Hi", max_tokens=2)
