@@ -128,6 +128,10 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext) -> Iterator[wo
                 break
         output = worker_pb2.DecodeOutput()
         for event in events:
+            if event.migrate:  # draining: the router resumes the request elsewhere
+                output.finish_reason = common_pb2.FINISH_REASON_ABORT
+                output.migrate = True
+                break
             if event.error is not None:
                 output.finish_reason = common_pb2.FINISH_REASON_ERROR
                 output.error_message = event.error

@@ -12,6 +12,11 @@ Life cycle of a request:
    failed or timed-out receive frees the reserved blocks and ends the stream with an error.
 4. Every step's tokens go to the request's output queue; the Admit stream relays them.
 5. Finish, Abort, or the router cancelling the stream frees every block the request holds.
+
+Drain (SIGTERM, or the Drain RPC) with another decode worker live: the running requests
+are handed back to the router (DecodeOutput.migrate), which resumes them there; requests
+still waiting for their KV are handed back once they join. Alone, the worker lets its
+requests finish as before.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from splitserve.cluster.store import ClusterStore
+from splitserve.cluster.store import ClusterStore, WorkerRole
 from splitserve.common.outputs import StepOutput
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
 from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
 
@@ -38,10 +44,12 @@ class AdmitRefused(Exception):
 
 @dataclass(slots=True)
 class DecodeEvent:
-    """What an Admit stream relays: a step output, or the end of the request with an error."""
+    """What an Admit stream relays: a step output, the end of the request with an error,
+    or its hand-back to the router (the worker is draining)."""
 
     output: StepOutput | None = None
     error: str | None = None
+    migrate: bool = False
 
 
 @dataclass(slots=True)
@@ -67,6 +75,7 @@ class DecodeWorker(WorkerRuntime):
         super().__init__(options, store)
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
+        self._in_engine: dict[str, DecodeRequest] = {}  # engine thread only
 
     def _register(self, server: grpc.Server) -> list[str]:
         from splitserve.decode_worker.servicer import add_decode_servicer
@@ -101,7 +110,7 @@ class DecodeWorker(WorkerRuntime):
                 request.prefilled_locally = True
                 engine.add_request(request.prompt_token_ids, params, request_id, num_sampled)
                 request.kv_done_at = request.joined_at = time.monotonic()
-                self.loop.set_sink(request_id, lambda out: request.events.put(DecodeEvent(out)))
+                self._stream_outputs(request)
                 return
             blocks = engine.reserve_blocks(len(request.prompt_token_ids))
             if blocks is None:
@@ -175,8 +184,7 @@ class DecodeWorker(WorkerRuntime):
         del self._waiting_kv[request.request_id]
         self._num_waiting_kv = len(self._waiting_kv)
         request.joined_at = time.monotonic()
-        sink = lambda out: request.events.put(DecodeEvent(out))  # noqa: E731
-        self.loop.set_sink(request.request_id, sink)
+        self._stream_outputs(request)
         try:
             finished = engine.add_prefilled_request(
                 request.request_id, request.prompt_token_ids, request.first_token_id,
@@ -185,12 +193,50 @@ class DecodeWorker(WorkerRuntime):
         except ValueError as exc:
             engine.release_blocks(request.block_ids)
             self.loop.drop_sink(request.request_id)
+            self._in_engine.pop(request.request_id, None)
             self.loop.count_finished("error")
             request.events.put(DecodeEvent(error=str(exc)))
             return False
         if finished is not None:
             self.loop.dispatch(finished)
         return False
+
+    def _stream_outputs(self, request: DecodeRequest) -> None:
+        """The engine's outputs for `request` go to its Admit stream from now on."""
+        request_id = request.request_id
+        self._in_engine[request_id] = request
+
+        def sink(out: StepOutput) -> None:
+            request.events.put(DecodeEvent(out))
+            if out.finished:
+                self._in_engine.pop(request_id, None)
+
+        self.loop.set_sink(request_id, sink)
+
+    # ---- drain --------------------------------------------------------------------------
+    def _drain_step(self) -> None:
+        """Hand the running requests back to the router when another decode worker can
+        take them (checked in the cluster store); else let them finish here."""
+        if self._in_engine and self._another_decode_worker():
+            self.loop.call(self._migrate_running)
+
+    def _another_decode_worker(self) -> bool:
+        try:
+            live = self.store.live_workers()
+        except Exception:  # noqa: BLE001 - unknown: finish here rather than strand them
+            return False
+        model = model_name(self.options.engine.model)
+        return any(info.worker_id != self.worker_id and info.model == model
+                   and info.block_size == self.engine.block_size
+                   and info.role.can_serve(WorkerRole.DECODE) for info, _ in live)
+
+    def _migrate_running(self, engine: LLMEngine) -> None:
+        for request_id, request in list(self._in_engine.items()):
+            self._in_engine.pop(request_id)
+            self.loop.drop_sink(request_id)
+            if engine.abort(request_id):
+                self.loop.count_finished("migrated")
+                request.events.put(DecodeEvent(migrate=True))
 
     def _end_waiting(self, engine: LLMEngine, request: DecodeRequest, error: str, abort: bool = False) -> None:
         self._waiting_kv.pop(request.request_id, None)

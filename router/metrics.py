@@ -83,11 +83,11 @@ class RouterMetrics:
                                 "prefill to decode workers for finished requests.", registry=r)
         self.prefills = Counter(PREFIX + "prefills", "Finished requests by where their prompt "
                                 "was prefilled.", ["location"], registry=r)
-        self.resumes = Counter(PREFIX + "request_resumes", "Times a request moved to other "
-                               "workers after losing one, by the lost worker's role.",
-                               ["role"], registry=r)
-        for role in ("prefill", "decode"):
-            self.resumes.labels(role)
+        self.resumes = Counter(PREFIX + "request_resumes", "Times a request moved on to other "
+                               "workers: a worker was lost, or a draining one handed it back.",
+                               ["reason"], registry=r)
+        for reason in ("prefill_lost", "decode_lost", "decode_drained"):
+            self.resumes.labels(reason)
         for reason in FINISH_REASON_NAMES.values():
             self.requests.labels(reason)
         for reason in ("over_capacity", "draining", "queue_timeout"):
@@ -168,5 +168,5 @@ class RequestObserver:
         if not self._ended:
             self._ended = True
             self._m.requests.labels(finish_reason).inc()
-            for role in self._trace.resumed:
-                self._m.resumes.labels(role).inc()
+            for reason in self._trace.resumed:
+                self._m.resumes.labels(reason).inc()

@@ -16,7 +16,9 @@ Life cycle of a request on the router:
 
 Resume: when a worker is lost mid-request (D's stream breaks, P fails or times out,
 PrefillDone fails), the attempt's hold on its workers is released and the request starts
-again from step 1 without the lost worker, at most `max_resumes` times. Once tokens have
+again from step 1 without the lost worker, at most `max_resumes` times. A draining D that
+hands the request back (DecodeOutput.migrate) is resumed from the same way, without
+counting against max_resumes. Once tokens have
 reached the client, the new attempt's prompt is the prompt plus those tokens, prefilled on
 the new D itself (AdmitRequest.num_sampled: a seeded generator skips their draws), with
 max_tokens reduced by as many: the client's stream goes on with no token repeated or
@@ -59,16 +61,26 @@ _REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PREC
                    grpc.StatusCode.OUT_OF_RANGE)
 
 
+_MAX_MIGRATIONS = 8  # hand-backs by draining decode workers one request may see
+
+
 class WorkerLost(Exception):
-    """A worker failed the request in a way another worker may not: resume elsewhere."""
+    """A worker failed the request in a way another worker may not, or handed it back
+    while draining (`planned`): resume elsewhere."""
 
     def __init__(self, role: str, worker_id: str, message: str,
-                 code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+                 code: grpc.StatusCode = grpc.StatusCode.INTERNAL, planned: bool = False) -> None:
         super().__init__(message)
         self.role = role  # "prefill" | "decode"
         self.worker_id = worker_id
         self.message = message
         self.code = code
+        self.planned = planned
+
+    @property
+    def reason(self) -> str:
+        """The metric label: prefill_lost | decode_lost | decode_drained."""
+        return f"{self.role}_{'drained' if self.planned else 'lost'}"
 
 
 def resumed_request(
@@ -163,8 +175,10 @@ class RequestRun:
 
     async def _resume(self, lost: WorkerLost) -> bool:
         """Set up the next attempt after `lost`; False when the request ended instead."""
-        limit = self._state.config.max_resumes
-        if len(self._trace.resumed) >= limit or self._final_sent:
+        resumed = self._trace.resumed
+        limit = _MAX_MIGRATIONS if lost.planned else self._state.config.max_resumes
+        done = sum(r.endswith("drained") == lost.planned for r in resumed)
+        if done >= limit or self._final_sent:
             suffix = f" (no resume: {limit} done)" if limit else ""
             await self._fail(lost.message + suffix, lost.code)
             return False
@@ -172,7 +186,7 @@ class RequestRun:
                     self._req.worker_request_id, lost.message, self._relay.num_tokens)
         await self._release_attempt(lost)
         self._lost_workers.add(lost.worker_id)
-        self._trace.resumed.append(lost.role)
+        resumed.append(lost.reason)
         self._attempt = resumed_request(self._req, self._relay.output_token_ids,
                                         len(self._trace.resumed), self._state.rules.block_size)
         self._ledger.update(RequestPhase.QUEUED, decode_worker_id="", prefill_worker_id="",
@@ -307,9 +321,12 @@ class RequestRun:
             if step.finish_reason is not None:
                 await self._send(step, FINISH_REASONS[step.finish_reason], step.stop_string)
                 return
-            if worker_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            if worker_reason == common_pb2.FINISH_REASON_UNSPECIFIED or output.migrate:
                 if step.token_ids or step.text:
                     await self._send(step)
+                if output.migrate:
+                    raise WorkerLost("decode", decode_id, f"decode worker {decode_id} is "
+                                     "draining", grpc.StatusCode.UNAVAILABLE, planned=True)
                 continue
             step.text += self._relay.finish()
             if worker_reason == common_pb2.FINISH_REASON_ERROR:

@@ -170,7 +170,7 @@ class DecodeTimings(_message.Message):
     def __init__(self, prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_wait_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeOutput(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "finish_reason", "num_generated_tokens", "timings", "error_message", "num_cached_tokens")
+    __slots__ = ("token_ids", "logprobs", "finish_reason", "num_generated_tokens", "timings", "error_message", "num_cached_tokens", "migrate")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class DecodeOutput(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish_reason: _common_pb2.FinishReason
@@ -185,7 +186,8 @@ class DecodeOutput(_message.Message):
     timings: DecodeTimings
     error_message: str
     num_cached_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., num_generated_tokens: _Optional[int] = ..., timings: _Optional[_Union[DecodeTimings, _Mapping]] = ..., error_message: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    migrate: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., num_generated_tokens: _Optional[int] = ..., timings: _Optional[_Union[DecodeTimings, _Mapping]] = ..., error_message: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., migrate: _Optional[bool] = ...) -> None: ...
 
 class AdmitResponse(_message.Message):
     __slots__ = ("admission", "output")

@@ -258,8 +258,12 @@ class WorkerRuntime:
             self.presence = None
         deadline = time.monotonic() + wait_timeout_s
         while self.in_flight() and time.monotonic() < deadline:
+            self._drain_step()
             time.sleep(0.05)
         return self.in_flight()
+
+    def _drain_step(self) -> None:
+        """Called while draining, every 50 ms until nothing is in flight."""
 
     def stop(self, grace_s: float = 1.0) -> None:
         if self.presence is not None:

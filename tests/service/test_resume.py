@@ -69,50 +69,97 @@ def _requests() -> list[tuple[list[int], dict[str, object]]]:
     return out
 
 
-def test_decode_worker_killed_mid_stream_loses_nothing(cluster: dict[str, Proc],
-                                                      tiny_llama: Path) -> None:
+def _run_streams(cluster: dict[str, Proc], tiny_llama: Path, signum: int
+                 ) -> tuple[list[list[int]], list[tuple[list[int], int, str, str, float]]]:
+    """The requests as concurrent streams; `signum` goes to decode-a once every stream has
+    8 tokens. Returns the colocated engine's outputs and, per stream: tokens, completion
+    tokens in usage, finish reason, the decode worker that finished it, the longest gap
+    between two chunks (s)."""
     requests = _requests()
     llm = LLM(model=str(tiny_llama), num_kv_blocks=256, block_size=8)
     expected = [llm.generate([p], SamplingParams(**s))[0].token_ids for p, s in requests]
-    victim = cluster["decode-a"]
     streamed = [0] * len(requests)
     ready = threading.Event()
 
-    def run(i: int) -> tuple[list[int], int, str, str]:
+    def run(i: int) -> tuple[list[int], int, str, str, float]:
         prompt, sampling = requests[i]
         tokens: list[int] = []
+        last, gap = None, 0.0
         with Client(cluster["router"].fields[2], timeout=120, max_retries=0) as client:
             for chunk in client.stream(prompt, **sampling):
+                now = time.monotonic()
+                if last is not None and ready.is_set():
+                    gap = max(gap, now - last)
+                last = now
                 tokens.extend(chunk.token_ids)
                 streamed[i] = len(tokens)
                 if all(n >= 8 for n in streamed):
                     ready.set()
                 if chunk.finish_reason:
+                    assert chunk.usage is not None and chunk.timings is not None
                     return (tokens, chunk.usage.completion_tokens, chunk.finish_reason,
-                            chunk.timings.decode_worker_id if chunk.timings else "")
+                            chunk.timings.decode_worker_id, gap)
         raise AssertionError("stream ended without a finish reason")
 
     with ThreadPoolExecutor(len(requests)) as pool:
         futures = [pool.submit(run, i) for i in range(len(requests))]
         assert ready.wait(60), f"streams did not start: {streamed}"
-        victim.popen.send_signal(signal.SIGKILL)
-        at_kill = list(streamed)
+        cluster["decode-a"].popen.send_signal(signum)
+        at_signal = list(streamed)
         results = [f.result(120) for f in futures]
-    assert max(at_kill) < MAX_TOKENS, at_kill  # every stream was cut mid-way
-    for i, (tokens, completion_tokens, reason, decode_id) in enumerate(results):
+    assert max(at_signal) < MAX_TOKENS, at_signal  # every stream was cut mid-way
+    return expected, results
+
+
+def _check_exact(expected: list[list[int]],
+                 results: list[tuple[list[int], int, str, str, float]]) -> None:
+    requests = _requests()
+    for i, (tokens, completion_tokens, reason, decode_id, _gap) in enumerate(results):
         assert reason == "length", (i, reason)
         assert tokens == expected[i], f"request {i}: {requests[i][1]}"
         assert completion_tokens == MAX_TOKENS
         assert decode_id == "decode-b", (i, decode_id)
+
+
+def _resumes(cluster: dict[str, Proc], reason: str) -> int:
+    metrics = urllib.request.urlopen(f"http://{cluster['router'].fields[6]}/metrics").read()
+    pattern = rb'splitserve_request_resumes_total\{reason="%s"\} (\d+)' % reason.encode()
+    found = re.search(pattern, metrics)
+    assert found, metrics
+    return int(found.group(1))
+
+
+def _survivor_idle(cluster: dict[str, Proc]) -> None:
     survivor = cluster["decode-b"].fields[3]
     deadline = time.monotonic() + 5
     while (state := _decode_free_blocks(survivor))[0] != state[1]:
         assert time.monotonic() < deadline, f"decode-b holds blocks: {state}"
         time.sleep(0.1)
-    metrics = urllib.request.urlopen(f"http://{cluster['router'].fields[6]}/metrics").read()
-    resumed = re.search(rb'splitserve_request_resumes_total\{role="decode"\} (\d+)', metrics)
-    assert resumed and int(resumed.group(1)) >= 1, resumed
+
+
+def test_decode_worker_killed_mid_stream_loses_nothing(cluster: dict[str, Proc],
+                                                      tiny_llama: Path) -> None:
+    expected, results = _run_streams(cluster, tiny_llama, signal.SIGKILL)
+    _check_exact(expected, results)
+    assert _resumes(cluster, "decode_lost") >= 1
+    _survivor_idle(cluster)
     # New requests keep working with one decode worker.
     with Client(cluster["router"].fields[2], timeout=60) as client:
         out = client.generate([7, 8, 9, 10], max_tokens=5, temperature=0.0, ignore_eos=True)
     assert out.finish_reason == "length"
+
+
+def test_sigterm_migrates_a_decode_workers_streams(cluster: dict[str, Proc],
+                                                  tiny_llama: Path) -> None:
+    """Graceful drain: the draining worker hands its streams back, the router resumes them
+    on the other worker, and the draining worker exits long before they would have ended."""
+    started = time.monotonic()
+    expected, results = _run_streams(cluster, tiny_llama, signal.SIGTERM)
+    _check_exact(expected, results)
+    assert _resumes(cluster, "decode_drained") >= 1
+    assert _resumes(cluster, "decode_lost") == 0
+    assert cluster["decode-a"].popen.wait(30) == 0
+    _survivor_idle(cluster)
+    pause = max(r[4] for r in results)
+    print(f"longest pause of a migrated stream: {pause * 1000:.0f} ms "
+          f"(run took {time.monotonic() - started:.1f} s)")
