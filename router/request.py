@@ -185,6 +185,8 @@ class RequestRun:
         log.warning("request %s: %s; resuming on another worker after %d tokens",
                     self._req.worker_request_id, lost.message, self._relay.num_tokens)
         await self._release_attempt(lost)
+        if not lost.planned:
+            self._state.directory.eject(lost.worker_id, lost.message)
         self._lost_workers.add(lost.worker_id)
         resumed.append(lost.reason)
         self._attempt = resumed_request(self._req, self._relay.output_token_ids,
@@ -264,6 +266,7 @@ class RequestRun:
         finally:
             state.directory.release(queued)
         self._prefill_call = None
+        state.directory.succeeded(prefill.worker_id)
         self._trace.add_prefill(response)
         logprobs = [response.first_token_logprob] if req.params.logprobs is not None else []
         step = self._relay.add([response.first_token_id], logprobs)
@@ -318,6 +321,8 @@ class RequestRun:
             if worker_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                 self._decode_done = True
                 self._trace.add_decode(output.timings)
+                if worker_reason != common_pb2.FINISH_REASON_ERROR and not output.migrate:
+                    self._state.directory.succeeded(decode_id)
             if step.finish_reason is not None:
                 await self._send(step, FINISH_REASONS[step.finish_reason], step.stop_string)
                 return

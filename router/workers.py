@@ -9,6 +9,12 @@ Cluster state unreachable (Redis down): the router keeps routing on its last vie
 workers for up to `stale_s` (`degraded` says why), then answers UNAVAILABLE. A refresh
 never holds a request longer than _REFRESH_WAIT_S: requests use the last view meanwhile.
 
+Outlier ejection: a worker that just lost a request (its stream broke, its prefill failed
+or timed out) is left out of the snapshot for a cooldown that doubles while it keeps
+failing (up to _EJECT_MAX_S) and resets on a success, so one dead or wedged worker costs
+one request its timeout, not every request until its registration expires. Decode
+workers are never all ejected: with every one out, all are offered again.
+
 Channels: one grpc.aio channel per worker address, created on first use and closed once
 the address has been absent from the live workers for a while (a worker that missed a
 heartbeat may still be finishing streams on it). A worker that registers again at the
@@ -37,6 +43,14 @@ log = logging.getLogger(__name__)
 
 _CHANNEL_LINGER_S = 60.0  # keep a vanished worker's channel this long
 _REFRESH_WAIT_S = 0.5  # longest a request waits for a store read it started
+_EJECT_BASE_S = 5.0  # first cooldown of an ejected worker; doubles per repeated failure
+_EJECT_MAX_S = 60.0
+
+
+@dataclass
+class _Ejection:
+    failures: int
+    until: float  # monotonic
 
 
 @dataclass(eq=False)
@@ -97,6 +111,7 @@ class WorkerDirectory:
         self._channel_for: dict[str, float] = {}  # address -> started_at its channel serves
         self._warned: set[str] = set()
         self._closing: set[asyncio.Task[None]] = set()
+        self._ejected: dict[str, _Ejection] = {}
 
     # ---- live workers ----------------------------------------------------------------
 
@@ -138,7 +153,34 @@ class WorkerDirectory:
                 decode.append(view)
             if info.role.can_serve(WorkerRole.PREFILL):
                 prefill.append(view)
+        if self._ejected:
+            out = self.ejected()
+            prefill = [w for w in prefill if w.worker_id not in out]
+            decode = [w for w in decode if w.worker_id not in out] or decode
         return ClusterSnapshot(decode, prefill, ignored)
+
+    # ---- outlier ejection ---------------------------------------------------------------
+
+    def eject(self, worker_id: str, why: str) -> None:
+        """`worker_id` just lost a request: leave it out for a (growing) cooldown."""
+        previous = self._ejected.get(worker_id)
+        failures = previous.failures + 1 if previous else 1
+        cooldown = min(_EJECT_BASE_S * 2 ** (failures - 1), _EJECT_MAX_S)
+        self._ejected[worker_id] = _Ejection(failures, time.monotonic() + cooldown)
+        log.warning("worker %s left out for %.0f s: %s", worker_id, cooldown, why)
+
+    def succeeded(self, worker_id: str) -> None:
+        """`worker_id` served a request: forget its failures."""
+        if self._ejected.pop(worker_id, None) is not None:
+            log.info("worker %s serves again", worker_id)
+
+    def ejected(self) -> set[str]:
+        """Workers inside their cooldown now (after it they are offered again, and one
+        more failure ejects them for twice as long)."""
+        now = time.monotonic()
+        for worker_id in [w for w, e in self._ejected.items() if now - e.until > _EJECT_MAX_S]:
+            del self._ejected[worker_id]  # long gone, or quiet: start from scratch
+        return {w for w, e in self._ejected.items() if e.until > now}
 
     async def _refresh(self) -> None:
         try:

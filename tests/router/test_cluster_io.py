@@ -9,6 +9,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import pytest
+
 from splitserve.cluster import InMemoryClusterStore
 from splitserve.cluster.store import (
     RequestLedgerEntry,
@@ -17,6 +19,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
 )
+from splitserve.router import workers as workers_module
 from splitserve.router.cluster_io import AsyncStore, RequestLedger
 from splitserve.router.workers import WorkerDirectory
 
@@ -166,6 +169,43 @@ def test_a_worker_restarted_at_its_address_gets_a_fresh_channel() -> None:
         assert view.address not in channels  # the old one was closed
         directory.decode_stub(view)
         assert channels[view.address] is not first
+        await directory.close()
+
+    run(body())
+
+
+def test_a_worker_that_lost_a_request_sits_out_a_growing_cooldown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        for i in (info("p0", WorkerRole.PREFILL), info("p1", WorkerRole.PREFILL),
+                  info("d0", WorkerRole.DECODE), info("d1", WorkerRole.DECODE)):
+            store.register_worker(i, TTL_S)
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=0.0)
+        now = [1000.0]
+        monkeypatch.setattr(workers_module.time, "monotonic", lambda: now[0])
+
+        async def ids() -> tuple[list[str], list[str]]:
+            snap = await directory.snapshot()
+            return [w.worker_id for w in snap.prefill], [w.worker_id for w in snap.decode]
+
+        directory.eject("p0", "prefill timed out")
+        directory.eject("d0", "stream broke")
+        assert await ids() == (["p1"], ["d1"])
+        now[0] += 5.1  # first cooldown over: offered again
+        assert await ids() == (["p0", "p1"], ["d0", "d1"])
+        directory.eject("p0", "failed again")  # twice as long now
+        now[0] += 5.1
+        assert (await ids())[0] == ["p1"]
+        now[0] += 5.0
+        assert (await ids())[0] == ["p0", "p1"]
+        directory.succeeded("p0")
+        directory.eject("p0", "fresh failure")  # counts from one again
+        now[0] += 5.1
+        assert (await ids())[0] == ["p0", "p1"]
+        directory.eject("d0", "x")
+        directory.eject("d1", "y")  # every decode worker out: all offered anyway
+        assert (await ids())[1] == ["d0", "d1"]
         await directory.close()
 
     run(body())
