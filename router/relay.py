@@ -161,6 +161,7 @@ class RequestTrace:
             decode_worker_id=self.decode_worker_id,
             prefill_local=self.prefill_local,
             kv_transfer_bytes=0 if self.prefill_local else self.kv_transfer_bytes,
+            num_resumes=len(self.resumed),
         )
 
 

@@ -169,6 +169,16 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def cmd_kv_store(args: argparse.Namespace) -> int:
+    """The KV rendezvous store as its own process: no worker's death takes it along."""
+    from splitserve.kvtransfer.torch_dist import create_rendezvous_store
+
+    store = create_rendezvous_store(args.host, args.port)
+    print(f"READY kv-store {args.host}:{store.port}", flush=True)
+    _wait_for_signal()
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from splitserve.client import Client, stream_to_terminal
 
@@ -246,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         p.set_defaults(func=_cmd_worker(role))
+
+    p = sub.add_parser("kv-store", help="the KV rendezvous store (a TCPStore) as a process")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=29500, help="0: an ephemeral port")
+    p.set_defaults(func=cmd_kv_store)
 
     p = sub.add_parser("generate", help="stream an answer from a running service")
     p.add_argument("prompt")

@@ -13,6 +13,8 @@ BENCHMARKS = {
               "API): TTFT/TPOT/ITL/E2E, goodput, sweeps"),
     "disagg": ("splitserve.bench.disagg", "the disaggregation experiment: 1P+1D vs 2 colocated "
                "replicas, Poisson rate sweep, goodput"),
+    "chaos": ("splitserve.bench.chaos", "faults under load (kill -9, drain, frozen prefill, "
+              "cancels): lost requests, exactness, resume pauses, leaked blocks"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

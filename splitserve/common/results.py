@@ -35,6 +35,7 @@ class Timings:
     decode_worker_id: str = ""
     prefill_local: bool = False  # the decode worker prefilled the prompt itself
     kv_transfer_bytes: int = 0
+    num_resumes: int = 0  # times it moved on to other workers (lost or draining worker)
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class RequestTimings(_message.Message):
-    __slots__ = ("router_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "decode_queue_ms", "ttft_ms", "e2e_ms", "prefill_worker_id", "decode_worker_id", "prefill_local", "kv_transfer_bytes")
+    __slots__ = ("router_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "decode_queue_ms", "ttft_ms", "e2e_ms", "prefill_worker_id", "decode_worker_id", "prefill_local", "kv_transfer_bytes", "num_resumes")
     ROUTER_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class RequestTimings(_message.Message):
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LOCAL_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESUMES_FIELD_NUMBER: _ClassVar[int]
     router_queue_ms: float
     prefill_queue_ms: float
     prefill_compute_ms: float
@@ -93,7 +94,8 @@ class RequestTimings(_message.Message):
     decode_worker_id: str
     prefill_local: bool
     kv_transfer_bytes: int
-    def __init__(self, router_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., prefill_local: _Optional[bool] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
+    num_resumes: int
+    def __init__(self, router_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_worker_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., prefill_local: _Optional[bool] = ..., kv_transfer_bytes: _Optional[int] = ..., num_resumes: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -20,6 +20,8 @@ from tests.service.deployment import Deployment, start_deployment
 
 ENGINE = {"num_kv_blocks": 512, "block_size": 8, "max_num_batched_tokens": 256}
 
+pytestmark = pytest.mark.chaos
+
 
 @pytest.fixture(scope="module")
 def deployment(tiny_llama: Path) -> Iterator[Deployment]:

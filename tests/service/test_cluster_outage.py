@@ -25,6 +25,8 @@ from tests.conftest import _free_port, start_redis_server
 STALE_S = 4.0
 GREEDY = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
 
+pytestmark = pytest.mark.chaos
+
 
 def _health(router: RunningRouter) -> tuple[int, dict[str, Any]]:
     try:

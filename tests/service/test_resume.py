@@ -34,6 +34,8 @@ from tests.service.test_service_processes import (
 
 MAX_TOKENS = 120
 
+pytestmark = pytest.mark.chaos
+
 
 @pytest.fixture
 def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:

@@ -1,0 +1,309 @@
+"""Faults under load: does any request get lost, repeated, or leave a KV block behind?
+
+    splitserve bench chaos [--model smollm2-135m] [--num-requests 96] [--concurrency 24]
+                           [--max-tokens 64] [--faults kill,term,stop,cancel] [--seed 0]
+                           [--out results/chaos.json]
+
+One deployment of plain processes on 127.0.0.1: a router, the KV rendezvous store as its
+own process, one prefill worker and two decode workers (one CPU thread each). The same
+seeded requests (greedy and seeded sampling, short and long prompts) run twice:
+  1. reference: no fault;
+  2. chaos: while they run, a fault injector hits one worker at a time, at random moments:
+       kill   SIGKILL a decode worker (restarted a second later, at a new port)
+       term   SIGTERM a decode worker (graceful drain: its streams migrate), restarted
+       stop   SIGSTOP the prefill worker for 3 s (its prefills time out), then SIGCONT
+     and `cancel` makes a quarter of the clients hang up at a random point.
+Then every live worker must be back to all blocks free. Printed: requests, faults by kind,
+resumes by reason, completed token-exact vs the reference, mismatched, failed, cancelled,
+the pause a resumed stream saw (its longest gap between two chunks) p50/p99, leaked
+blocks. Exit status 1 when a request was lost or wrong, or a block leaked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from splitserve.bench.procs import spawn, wait_for_workers
+from splitserve.client import Client, SplitServeError
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
+
+FAULTS = ("kill", "term", "stop", "cancel")
+_PREFILL_TIMEOUT_MS = 3000
+
+
+@dataclass
+class Outcome:
+    """One request of one pass."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    error: str = ""
+    cancelled: bool = False
+    num_resumes: int = 0
+    longest_gap_s: float = 0.0
+
+
+@dataclass
+class Cluster:
+    """The processes of the deployment; workers can be signalled and restarted."""
+
+    model: str
+    procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    worker_args: list[str] = field(default_factory=list)
+
+    @property
+    def router(self) -> str:
+        return self.fields["router"][2]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.fields['router'][6]}/metrics"
+
+    def start(self) -> None:
+        self._spawn("router", ["router", "--model", self.model, "--port", "0", "--http-port",
+                               "0", "--local-prefill-threshold", "32",
+                               "--prefill-timeout-ms", str(_PREFILL_TIMEOUT_MS)])
+        self._spawn("kv-store", ["kv-store", "--port", "0"])
+        self.worker_args = ["--model", self.model, "--cluster", self.fields["router"][4],
+                            "--kv-store", self.fields["kv-store"][2], "--kv-timeout", "3",
+                            "--heartbeat-ttl", "2", "--threads", "1", "--num-kv-blocks", "512",
+                            "--drain-timeout", "20"]
+        for name in ("prefill-0", "decode-0", "decode-1"):
+            self.start_worker(name)
+        wait_for_workers(self.router, 3)
+
+    def start_worker(self, name: str) -> None:
+        role = name.split("-")[0]
+        self._spawn(name, [role, *self.worker_args, "--worker-id", name])
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        proc, words = spawn(args, timeout_s=300)
+        self.procs[name], self.fields[name] = proc, words
+
+    def worker_addresses(self) -> dict[str, str]:
+        return {name: words[3] for name, words in self.fields.items()
+                if name.startswith(("prefill", "decode")) and self.procs[name].poll() is None}
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _requests(n: int, max_tokens: int, seed: int) -> list[tuple[list[int], dict[str, Any]]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.choice([6, 20, 60, 150, 300])
+        prompt = [rng.randrange(100, 40000) for _ in range(length)]
+        sampling: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": True}
+        if i % 4 == 3:
+            sampling.update(temperature=0.8, top_k=40, seed=seed * 1000 + i)
+        else:
+            sampling.update(temperature=0.0)
+        out.append((prompt, sampling))
+    return out
+
+
+def _run_one(router: str, prompt: list[int], sampling: dict[str, Any],
+             cancel_after: int | None) -> Outcome:
+    out = Outcome()
+    last: float | None = None
+    try:
+        with Client(router, timeout=300, max_retries=0) as client:
+            stream = client.stream(prompt, **sampling)
+            for chunk in stream:
+                now = time.monotonic()
+                if last is not None:
+                    out.longest_gap_s = max(out.longest_gap_s, now - last)
+                last = now
+                out.tokens.extend(chunk.token_ids)
+                if cancel_after is not None and len(out.tokens) >= cancel_after:
+                    stream.close()
+                    out.cancelled = True
+                    return out
+                if chunk.finish_reason:
+                    out.finish_reason = chunk.finish_reason
+                    out.error = chunk.error_message
+                    out.num_resumes = chunk.timings.num_resumes if chunk.timings else 0
+    except SplitServeError as exc:
+        out.error = f"{exc.code.name}: {exc}"
+    return out
+
+
+def _pass(cluster: Cluster, requests: list[tuple[list[int], dict[str, Any]]], concurrency: int,
+          cancels: dict[int, int]) -> list[Outcome]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(_run_one, cluster.router, p, s, cancels.get(i))
+                   for i, (p, s) in enumerate(requests)]
+        return [f.result() for f in futures]
+
+
+def _inject(cluster: Cluster, faults: list[str], stop: threading.Event, rng: random.Random,
+            log: list[dict[str, Any]]) -> None:
+    """One fault at a time, a random 1-3 s apart, until `stop`."""
+    kinds = [f for f in faults if f != "cancel"]
+    while kinds and not stop.wait(rng.uniform(1.0, 3.0)):
+        kind = rng.choice(kinds)
+        at = time.monotonic()
+        if kind == "stop":
+            proc = cluster.procs["prefill-0"]
+            proc.send_signal(signal.SIGSTOP)
+            stop.wait(3.0)
+            proc.send_signal(signal.SIGCONT)
+            log.append({"fault": "stop", "worker": "prefill-0", "at": at})
+            continue
+        name = rng.choice(["decode-0", "decode-1"])
+        proc = cluster.procs[name]
+        proc.send_signal(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+        proc.wait(60)
+        log.append({"fault": kind, "worker": name, "at": at})
+        time.sleep(1.0)
+        cluster.start_worker(name)
+        wait_for_workers(cluster.router, 3)
+
+
+def _leaked_blocks(cluster: Cluster, timeout_s: float = 5.0) -> tuple[dict[str, int], float]:
+    """Blocks still held per live worker once they settled (at most `timeout_s`), and the
+    seconds that took."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while True:
+        held = {}
+        for name, address in cluster.worker_addresses().items():
+            with grpc.insecure_channel(address) as channel:
+                if name.startswith("decode"):
+                    load = worker_pb2_grpc.DecodeWorkerStub(channel).Stats(
+                        worker_pb2.DecodeStatsRequest(), timeout=10).load
+                else:
+                    load = worker_pb2_grpc.PrefillWorkerStub(channel).Stats(
+                        worker_pb2.PrefillStatsRequest(), timeout=10).load
+            held[name] = load.num_total_blocks - load.num_free_blocks
+        if not any(held.values()) or time.monotonic() > deadline:
+            return held, time.monotonic() - start
+        time.sleep(0.2)
+
+
+def _resumes(cluster: Cluster) -> dict[str, int]:
+    text = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
+    found = re.findall(r'splitserve_request_resumes_total\{reason="(\w+)"\} ([\d.]+)', text)
+    return {reason: int(float(n)) for reason, n in found}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve bench chaos")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--num-requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--cancel-fraction", type=float, default=0.25,
+                    help="with the cancel fault: the share of clients that hang up")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="no reference pass (with --cancel-fraction 1: a pure cancel storm)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    faults = [f for f in args.faults.split(",") if f]
+    unknown = set(faults) - set(FAULTS)
+    if unknown:
+        ap.error(f"unknown faults {sorted(unknown)}; choose from {FAULTS}")
+    rng = random.Random(args.seed)
+    requests = _requests(args.num_requests, args.max_tokens, args.seed)
+    cancels = ({i: rng.randrange(0, args.max_tokens) for i in range(len(requests))
+                if rng.random() < args.cancel_fraction} if "cancel" in faults else {})
+    cluster = Cluster(args.model)
+    try:
+        cluster.start()
+        if not args.skip_reference:
+            print(f"reference pass: {len(requests)} requests, concurrency {args.concurrency}",
+                  flush=True)
+        reference = ([Outcome(finish_reason="length")] * len(requests) if args.skip_reference
+                     else _pass(cluster, requests, args.concurrency, {}))
+        print(f"chaos pass: faults {faults}", flush=True)
+        before = _resumes(cluster)
+        stop, log = threading.Event(), []  # type: ignore[var-annotated]
+        injector = threading.Thread(target=_inject, args=(cluster, faults, stop, rng, log))
+        started = time.monotonic()
+        injector.start()
+        try:
+            chaos = _pass(cluster, requests, args.concurrency, cancels)
+        finally:
+            stop.set()
+            injector.join()
+        took = time.monotonic() - started
+        leaked, settle_s = _leaked_blocks(cluster)
+        after = _resumes(cluster)
+    finally:
+        cluster.stop()
+    resumes = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    bad_reference = [i for i, o in enumerate(reference) if o.finish_reason != "length"]
+    exact = mismatched = failed = cancelled = 0
+    failures: list[str] = []
+    for i, (ref, got) in enumerate(zip(reference, chaos, strict=True)):
+        if got.cancelled:
+            cancelled += 1
+        elif got.finish_reason == "length" and (args.skip_reference or got.tokens == ref.tokens):
+            exact += 1
+        elif got.finish_reason == "length":
+            mismatched += 1
+            failures.append(f"request {i}: tokens differ from the reference")
+        else:
+            failed += 1
+            failures.append(f"request {i}: {got.finish_reason or 'status'} {got.error}")
+    pauses = [o.longest_gap_s for o in chaos if o.num_resumes and not o.cancelled]
+    figures = {
+        "model": args.model, "requests": len(requests), "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens, "seconds": round(took, 1),
+        "faults": {k: sum(1 for e in log if e["fault"] == k) for k in FAULTS if k != "cancel"},
+        "cancelled_by_client": cancelled, "resumes": resumes,
+        "resumed_requests": sum(1 for o in chaos if o.num_resumes),
+        "exact": exact, "mismatched": mismatched, "failed": failed,
+        "exactness_checked": not args.skip_reference,
+        "resume_pause_ms": {"p50": round(1000 * _percentile(pauses, 0.5)),
+                            "p99": round(1000 * _percentile(pauses, 0.99)),
+                            "max": round(1000 * max(pauses, default=0.0))},
+        "leaked_blocks": leaked, "blocks_settled_s": round(settle_s, 2),
+        "reference_failures": len(bad_reference),
+        "failures": failures[:20], "fault_log": log,
+    }
+    for key in ("requests", "faults", "cancelled_by_client", "resumes", "resumed_requests",
+                "exact", "mismatched", "failed", "resume_pause_ms", "leaked_blocks", "blocks_settled_s", "seconds"):
+        print(f"{key:20s} {json.dumps(figures[key])}")
+    for line in failures[:20]:
+        print("  " + line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=2))
+    ok = not (mismatched or failed or bad_reference or any(leaked.values()))
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+

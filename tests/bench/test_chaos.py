@@ -1,0 +1,29 @@
+"""`splitserve bench chaos` on a tiny model: faults really happen, requests resume, the
+outputs equal the fault-free pass, and no block is left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitserve.bench import chaos
+
+pytestmark = pytest.mark.chaos
+
+
+def test_chaos_bench_loses_nothing(tiny_llama: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "chaos.json"
+    rc = chaos.main(["--model", str(tiny_llama), "--num-requests", "32", "--concurrency", "12",
+                     "--max-tokens", "300", "--faults", "kill,term,cancel", "--seed", "1",
+                     "--out", str(out)])
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert rc == 0, printed
+    assert sum(figures["faults"].values()) >= 1, figures  # the pass outlasted a fault
+    assert figures["resumed_requests"] >= 1 and figures["cancelled_by_client"] >= 1
+    assert figures["exact"] + figures["cancelled_by_client"] == 32
+    assert not any(figures["leaked_blocks"].values())
+    assert "PASS" in printed
