@@ -66,6 +66,7 @@ class DecodeRequest:
     joined_at: float | None = None
     prefill_deadline: float = 0.0
     prefilled_locally: bool = False  # D computes the prompt (no KV transfer)
+    num_sampled: int = 0  # the prompt ends with this much of its own output (resumed)
 
 
 class DecodeWorker(WorkerRuntime):
@@ -97,11 +98,10 @@ class DecodeWorker(WorkerRuntime):
         num_sampled: int = 0,
     ) -> DecodeRequest:
         """Admit or raise AdmitRefused / ValueError. The returned request's events queue
-        carries its outputs. `num_sampled` (local prefill only): the prompt ends with that
-        many tokens of the request's own output (a resumed request)."""
-        if num_sampled and not prefill_locally:
-            raise ValueError("num_sampled needs prefill_locally (a resumed request)")
+        carries its outputs. `num_sampled`: the prompt ends with that many tokens of the
+        request's own output (a resumed request)."""
         request = DecodeRequest(request_id, list(prompt_token_ids), params)
+        request.num_sampled = num_sampled
         request.prefill_deadline = time.monotonic() + prefill_timeout_s
 
         def admit_on_loop(engine: LLMEngine) -> None:
@@ -188,7 +188,7 @@ class DecodeWorker(WorkerRuntime):
         try:
             finished = engine.add_prefilled_request(
                 request.request_id, request.prompt_token_ids, request.first_token_id,
-                request.params, request.block_ids,
+                request.params, request.block_ids, num_sampled=1 + request.num_sampled,
             )
         except ValueError as exc:
             engine.release_blocks(request.block_ids)

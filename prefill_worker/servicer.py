@@ -42,7 +42,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             result = self.worker.prefill(
                 request_id, prompt, params, request.decode_worker_id,
                 list(request.decode_block_ids), layout,
-                timeout_s=context.time_remaining(),
+                timeout_s=context.time_remaining(), num_sampled=request.num_sampled,
             )
         except PrefillError as exc:
             context.abort(exc.code, str(exc))

@@ -94,6 +94,7 @@ class PrefillWorker(WorkerRuntime):
         dst_block_ids: list[int],
         layout: KVLayout,
         timeout_s: float | None = None,
+        num_sampled: int = 0,  # the prompt ends with this much of the request's own output
     ) -> PrefillResult:
         if self.draining.is_set():
             raise PrefillError(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is draining")
@@ -116,7 +117,7 @@ class PrefillWorker(WorkerRuntime):
         )
         job = PrefillJob(request_id, dst_worker, list(dst_block_ids))
         try:
-            self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only))
+            self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only, num_sampled))
         except ValueError as exc:
             raise PrefillError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if not timeout_s or timeout_s > _NO_DEADLINE_S:
@@ -128,10 +129,11 @@ class PrefillWorker(WorkerRuntime):
         return self.loop.call(lambda e: self._abort(e, request_id))
 
     # ---- on the engine thread -------------------------------------------------------------
-    def _add(self, engine: LLMEngine, job: PrefillJob, prompt: list[int], params: SamplingParams) -> None:
+    def _add(self, engine: LLMEngine, job: PrefillJob, prompt: list[int], params: SamplingParams,
+             num_sampled: int) -> None:
         if job.request_id in self._jobs:
             raise ValueError(f"request {job.request_id!r} is already being prefilled here")
-        engine.add_request(prompt, params, job.request_id)
+        engine.add_request(prompt, params, job.request_id, num_sampled)
         self._jobs[job.request_id] = job
         self.loop.set_sink(job.request_id, lambda out: self._on_output(job, out))
 

@@ -45,8 +45,9 @@ async def admit_request(
 ) -> Admitted:
     """Admit `request` on a decode worker; ServiceError when none does.
 
-    `exclude`: worker ids this request lost already (neither prefills nor decodes it). A
-    resumed request that already produced output (num_sampled) is prefilled on D itself.
+    `exclude`: addresses of workers this request lost already (neither prefills nor
+    decodes it; a worker restarted elsewhere is a new address). When that leaves no decode
+    worker, all are offered again: a dead one fails fast, and a live one may serve.
 
     UNAVAILABLE: no usable decode worker, or all failed; RESOURCE_EXHAUSTED: one at least
     lacked free blocks; INVALID_ARGUMENT: all found the request too long.
@@ -54,14 +55,14 @@ async def admit_request(
     snapshot = _without(await state.directory.snapshot(), exclude)
     if not snapshot.decode:
         snapshot = _without(await state.directory.snapshot(force=True), exclude)
+    if not snapshot.decode and exclude:
+        snapshot = await state.directory.snapshot()
     if not snapshot.decode:
         ignored = f" ({snapshot.num_ignored} live workers serve another model or block size)"
-        if exclude:
-            ignored = f" (besides {', '.join(sorted(exclude))}, lost by this request)"
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             f"no live decode worker serves model {state.model.model_id!r}"
-            f"{ignored if snapshot.num_ignored or exclude else ''}; start one and retry",
+            f"{ignored if snapshot.num_ignored else ''}; start one and retry",
         )
     overlap = await state.store.prefix_overlap(request.block_hashes)
     num_blocks = blocks_needed(
@@ -69,10 +70,9 @@ async def admit_request(
     )
     failures: list[str] = []
     refusals: list[int] = []
-    prefill_workers = [] if request.num_sampled else snapshot.prefill
     for decode in rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]:
         route = plan_route(
-            decode, prefill_workers, request.prompt_len, overlap, state.rules, state.policy
+            decode, snapshot.prefill, request.prompt_len, overlap, state.rules, state.policy
         )
         if trace.dispatched is None:
             trace.dispatched = time.monotonic()
@@ -134,8 +134,8 @@ def _without(snapshot: ClusterSnapshot, exclude: Collection[str]) -> ClusterSnap
         return snapshot
     return dataclasses.replace(
         snapshot,
-        decode=[w for w in snapshot.decode if w.worker_id not in exclude],
-        prefill=[w for w in snapshot.prefill if w.worker_id not in exclude],
+        decode=[w for w in snapshot.decode if w.address not in exclude],
+        prefill=[w for w in snapshot.prefill if w.address not in exclude],
     )
 
 

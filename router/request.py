@@ -44,7 +44,7 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router.cluster_io import RequestLedger
 from splitserve.router.dispatch import Admitted, admit_request
-from splitserve.router.policy import Route, blocks_needed
+from splitserve.router.policy import Route, WorkerView, blocks_needed
 from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
@@ -68,11 +68,11 @@ class WorkerLost(Exception):
     """A worker failed the request in a way another worker may not, or handed it back
     while draining (`planned`): resume elsewhere."""
 
-    def __init__(self, role: str, worker_id: str, message: str,
+    def __init__(self, role: str, worker: WorkerView, message: str,
                  code: grpc.StatusCode = grpc.StatusCode.INTERNAL, planned: bool = False) -> None:
         super().__init__(message)
         self.role = role  # "prefill" | "decode"
-        self.worker_id = worker_id
+        self.worker = worker
         self.message = message
         self.code = code
         self.planned = planned
@@ -186,8 +186,8 @@ class RequestRun:
                     self._req.worker_request_id, lost.message, self._relay.num_tokens)
         await self._release_attempt(lost)
         if not lost.planned:
-            self._state.directory.eject(lost.worker_id, lost.message)
-        self._lost_workers.add(lost.worker_id)
+            self._state.directory.eject(lost.worker, lost.message)
+        self._lost_workers.add(lost.worker.address)
         resumed.append(lost.reason)
         self._attempt = resumed_request(self._req, self._relay.output_token_ids,
                                         len(self._trace.resumed), self._state.rules.block_size)
@@ -242,6 +242,7 @@ class RequestRun:
             decode_block_ids=admission.block_ids,
             decode_num_cached_tokens=admission.num_cached_tokens,
             kv_layout=admission.kv_layout,
+            num_sampled=req.num_sampled,
         )
         queued = state.directory.assign(prefill.worker_id, queued_tokens=req.prompt_len)
         self._ledger.update(
@@ -262,11 +263,11 @@ class RequestRun:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message) from exc
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 code = grpc.StatusCode.INTERNAL
-            raise WorkerLost("prefill", prefill.worker_id, message, code) from exc
+            raise WorkerLost("prefill", prefill, message, code) from exc
         finally:
             state.directory.release(queued)
         self._prefill_call = None
-        state.directory.succeeded(prefill.worker_id)
+        state.directory.succeeded(prefill)
         self._trace.add_prefill(response)
         logprobs = [response.first_token_logprob] if req.params.logprobs is not None else []
         step = self._relay.add([response.first_token_id], logprobs)
@@ -283,14 +284,14 @@ class RequestRun:
             request_id=self._rid, prefill_worker_id=prefill_worker_id,
             first_token_id=first_token_id,
         )
-        decode_id = self._trace.decode_worker_id
+        decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         try:
             done = await stub.PrefillDone(request, timeout=self._remaining())
         except grpc.aio.AioRpcError as exc:
-            raise WorkerLost("decode", decode_id, f"PrefillDone on decode worker {decode_id} "
+            raise WorkerLost("decode", decoder, f"PrefillDone on decode worker {decode_id} "
                              f"failed: {exc.code().name}: {exc.details()}") from exc
         if not done.found:
-            raise WorkerLost("decode", decode_id, f"decode worker {decode_id} no longer holds "
+            raise WorkerLost("decode", decoder, f"decode worker {decode_id} no longer holds "
                              "the request (it gave up waiting for the KV or the first token)")
         # P freed its blocks once the KV was sent: only D holds the request now.
         self._ledger.update(RequestPhase.DECODING, prefill_worker_id="", num_prefill_blocks=0,
@@ -300,16 +301,16 @@ class RequestRun:
     # ---- decode stream ----------------------------------------------------------------
 
     async def _relay_decode(self) -> None:
-        assert self._admit_call is not None
-        decode_id = self._trace.decode_worker_id
+        assert self._admit_call is not None and self._route is not None
+        decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         while True:
             try:
                 message = await self._admit_call.read()
             except grpc.aio.AioRpcError as exc:
-                raise WorkerLost("decode", decode_id, f"decode worker {decode_id} failed: "
+                raise WorkerLost("decode", decoder, f"decode worker {decode_id} failed: "
                                  f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             if message is grpc.aio.EOF or message.WhichOneof("event") != "output":
-                raise WorkerLost("decode", decode_id,
+                raise WorkerLost("decode", decoder,
                                  f"decode worker {decode_id} ended the stream without finishing")
             output = message.output
             if self._trace.prefill_local and output.num_cached_tokens:
@@ -322,7 +323,7 @@ class RequestRun:
                 self._decode_done = True
                 self._trace.add_decode(output.timings)
                 if worker_reason != common_pb2.FINISH_REASON_ERROR and not output.migrate:
-                    self._state.directory.succeeded(decode_id)
+                    self._state.directory.succeeded(decoder)
             if step.finish_reason is not None:
                 await self._send(step, FINISH_REASONS[step.finish_reason], step.stop_string)
                 return
@@ -330,7 +331,7 @@ class RequestRun:
                 if step.token_ids or step.text:
                     await self._send(step)
                 if output.migrate:
-                    raise WorkerLost("decode", decode_id, f"decode worker {decode_id} is "
+                    raise WorkerLost("decode", decoder, f"decode worker {decode_id} is "
                                      "draining", grpc.StatusCode.UNAVAILABLE, planned=True)
                 continue
             step.text += self._relay.finish()
@@ -399,17 +400,17 @@ class RequestRun:
         or wedged, and a stream cancel frees its side if it ever answers again)."""
         aborts: list[Awaitable[object]] = []
         route = self._route
-        lost_id = lost.worker_id if lost is not None else None
+        lost_address = lost.worker.address if lost is not None else None
         if self._prefill_call is not None and route is not None and route.prefill is not None:
             self._prefill_call.cancel()
-            if route.prefill.worker_id != lost_id:
+            if route.prefill.address != lost_address:
                 prefill_stub = self._state.directory.prefill_stub(route.prefill)
                 aborts.append(prefill_stub.Abort(
                     worker_pb2.PrefillAbortRequest(request_id=self._rid),
                     timeout=_ABORT_TIMEOUT_S,
                 ))
         if (self._admit_call is not None and not self._decode_done and route is not None
-                and route.decode.worker_id != lost_id):
+                and route.decode.address != lost_address):
             decode_stub = self._state.directory.decode_stub(route.decode)
             aborts.append(decode_stub.Abort(
                 worker_pb2.DecodeAbortRequest(request_id=self._rid), timeout=_ABORT_TIMEOUT_S

@@ -155,32 +155,34 @@ class WorkerDirectory:
                 prefill.append(view)
         if self._ejected:
             out = self.ejected()
-            prefill = [w for w in prefill if w.worker_id not in out]
-            decode = [w for w in decode if w.worker_id not in out] or decode
+            prefill = [w for w in prefill if w.address not in out]
+            decode = [w for w in decode if w.address not in out] or decode
         return ClusterSnapshot(decode, prefill, ignored)
 
     # ---- outlier ejection ---------------------------------------------------------------
 
-    def eject(self, worker_id: str, why: str) -> None:
-        """`worker_id` just lost a request: leave it out for a (growing) cooldown."""
-        previous = self._ejected.get(worker_id)
+    def eject(self, worker: WorkerView, why: str) -> None:
+        """`worker` just lost a request: leave it out for a (growing) cooldown. Keyed by
+        address: the same worker id restarted elsewhere is a fresh worker."""
+        previous = self._ejected.get(worker.address)
         failures = previous.failures + 1 if previous else 1
         cooldown = min(_EJECT_BASE_S * 2 ** (failures - 1), _EJECT_MAX_S)
-        self._ejected[worker_id] = _Ejection(failures, time.monotonic() + cooldown)
-        log.warning("worker %s left out for %.0f s: %s", worker_id, cooldown, why)
+        self._ejected[worker.address] = _Ejection(failures, time.monotonic() + cooldown)
+        log.warning("worker %s at %s left out for %.0f s: %s", worker.worker_id,
+                    worker.address, cooldown, why)
 
-    def succeeded(self, worker_id: str) -> None:
-        """`worker_id` served a request: forget its failures."""
-        if self._ejected.pop(worker_id, None) is not None:
-            log.info("worker %s serves again", worker_id)
+    def succeeded(self, worker: WorkerView) -> None:
+        """`worker` served a request: forget its failures."""
+        if self._ejected.pop(worker.address, None) is not None:
+            log.info("worker %s at %s serves again", worker.worker_id, worker.address)
 
     def ejected(self) -> set[str]:
-        """Workers inside their cooldown now (after it they are offered again, and one
+        """Addresses inside their cooldown now (after it they are offered again, and one
         more failure ejects them for twice as long)."""
         now = time.monotonic()
-        for worker_id in [w for w, e in self._ejected.items() if now - e.until > _EJECT_MAX_S]:
-            del self._ejected[worker_id]  # long gone, or quiet: start from scratch
-        return {w for w, e in self._ejected.items() if e.until > now}
+        for address in [a for a, e in self._ejected.items() if now - e.until > _EJECT_MAX_S]:
+            del self._ejected[address]  # long gone, or quiet: start from scratch
+        return {a for a, e in self._ejected.items() if e.until > now}
 
     async def _refresh(self) -> None:
         try:

@@ -117,11 +117,14 @@ class LLMEngine:
         first_token_id: int,
         params: SamplingParams,
         block_ids: list[int],
+        num_sampled: int = 1,
     ) -> StepOutput | None:
         """Join the running batch with a prompt whose KV another worker computed into
         `block_ids` (already allocated from this engine's pool, see reserve_blocks).
 
         The first token was sampled by the prefill worker; it is checked for a stop here.
+        `num_sampled`: draws the request's generator skips, that first token's included
+        (more for a resumed request whose prompt ends with its earlier output).
         Returns a finished StepOutput when that token already ends the request (its blocks
         are freed), else None and the request decodes from the next step on.
         """
@@ -133,7 +136,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
-        state = self._new_state(seq, num_sampled=1)
+        state = self._new_state(seq, num_sampled=num_sampled)
         self.requests[request_id] = state
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)

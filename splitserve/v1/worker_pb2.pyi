@@ -24,7 +24,7 @@ ADMIT_REFUSAL_DUPLICATE_REQUEST_ID: AdmitRefusal
 ADMIT_REFUSAL_PEER_UNREACHABLE: AdmitRefusal
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "decode_worker_id", "decode_kv_endpoint", "decode_block_ids", "decode_num_cached_tokens", "kv_layout")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "decode_worker_id", "decode_kv_endpoint", "decode_block_ids", "decode_num_cached_tokens", "kv_layout", "num_sampled")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class PrefillRequest(_message.Message):
     DECODE_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -41,7 +42,8 @@ class PrefillRequest(_message.Message):
     decode_block_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_num_cached_tokens: int
     kv_layout: _common_pb2.KVLayout
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_worker_id: _Optional[str] = ..., decode_kv_endpoint: _Optional[str] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., decode_num_cached_tokens: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+    num_sampled: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_worker_id: _Optional[str] = ..., decode_kv_endpoint: _Optional[str] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., decode_num_cached_tokens: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_sampled: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "prefill_worker_id", "first_token_id", "first_token_logprob", "num_prompt_tokens", "num_cached_tokens", "queue_ms", "compute_ms", "kv_transfer_ms", "kv_transfer_bytes")

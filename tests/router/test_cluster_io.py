@@ -178,34 +178,43 @@ def test_a_worker_that_lost_a_request_sits_out_a_growing_cooldown(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def body() -> None:
         store = InMemoryClusterStore()
-        for i in (info("p0", WorkerRole.PREFILL), info("p1", WorkerRole.PREFILL),
-                  info("d0", WorkerRole.DECODE), info("d1", WorkerRole.DECODE)):
-            store.register_worker(i, TTL_S)
+        for port, i in enumerate((info("p0", WorkerRole.PREFILL), info("p1", WorkerRole.PREFILL),
+                                  info("d0", WorkerRole.DECODE), info("d1", WorkerRole.DECODE))):
+            store.register_worker(dataclasses.replace(i, address=f"127.0.0.1:{9000 + port}"),
+                                  TTL_S)
         directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=0.0)
         now = [1000.0]
         monkeypatch.setattr(workers_module.time, "monotonic", lambda: now[0])
+        snap = await directory.snapshot()
+        view = {w.worker_id: w for w in [*snap.prefill, *snap.decode]}
 
         async def ids() -> tuple[list[str], list[str]]:
             snap = await directory.snapshot()
             return [w.worker_id for w in snap.prefill], [w.worker_id for w in snap.decode]
 
-        directory.eject("p0", "prefill timed out")
-        directory.eject("d0", "stream broke")
+        directory.eject(view["p0"], "prefill timed out")
+        directory.eject(view["d0"], "stream broke")
         assert await ids() == (["p1"], ["d1"])
         now[0] += 5.1  # first cooldown over: offered again
         assert await ids() == (["p0", "p1"], ["d0", "d1"])
-        directory.eject("p0", "failed again")  # twice as long now
+        directory.eject(view["p0"], "failed again")  # twice as long now
         now[0] += 5.1
         assert (await ids())[0] == ["p1"]
         now[0] += 5.0
         assert (await ids())[0] == ["p0", "p1"]
-        directory.succeeded("p0")
-        directory.eject("p0", "fresh failure")  # counts from one again
+        directory.succeeded(view["p0"])
+        directory.eject(view["p0"], "fresh failure")  # counts from one again
         now[0] += 5.1
         assert (await ids())[0] == ["p0", "p1"]
-        directory.eject("d0", "x")
-        directory.eject("d1", "y")  # every decode worker out: all offered anyway
+        directory.eject(view["d0"], "x")
+        directory.eject(view["d1"], "y")  # every decode worker out: all offered anyway
         assert (await ids())[1] == ["d0", "d1"]
+        # The same worker id restarted at another address is a fresh worker.
+        directory.eject(view["p1"], "z")
+        store.register_worker(dataclasses.replace(info("p1", WorkerRole.PREFILL),
+                                                  address="127.0.0.1:9100"), TTL_S)
+        now[0] += 0.01  # (a fresh store read)
+        assert (await ids())[0] == ["p0", "p1"]
         await directory.close()
 
     run(body())
