@@ -21,7 +21,7 @@ from splitserve.router.policy import Route, blocks_needed, plan_route, rank_deco
 from splitserve.router.relay import RequestTrace
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
-from splitserve.router.workers import ClusterSnapshot
+from splitserve.router.workers import Assignment, ClusterSnapshot
 from splitserve.v1 import worker_pb2
 
 _ADMISSION_TIMEOUT_S = 30.0  # wait for the Admission, the Admit stream's first message
@@ -34,6 +34,7 @@ class Admitted:
     admission: worker_pb2.Admission
     call: grpc.aio.UnaryStreamCall  # the Admit stream; cancelling it frees D's blocks
     num_blocks: int  # KV blocks the request may grow to (prompt + max_tokens)
+    assignment: Assignment  # the request's load on D, counted until it is released
 
 
 async def admit_request(
@@ -76,10 +77,18 @@ async def admit_request(
         )
         if trace.dispatched is None:
             trace.dispatched = time.monotonic()
-        admitted = await _try_admit(state, request, route, remaining(), failures, refusals)
+        # Counted before the Admit is awaited: a burst of requests ranking the workers
+        # meanwhile sees this one and spreads out instead of piling onto one worker.
+        assignment = state.directory.assign(decode.worker_id, running=1, blocks=num_blocks)
+        try:
+            admitted = await _try_admit(state, request, route, remaining(), failures, refusals)
+        except BaseException:
+            state.directory.release(assignment)
+            raise
         if admitted is not None:
             admission, call = admitted
-            return Admitted(route, admission, call, num_blocks)
+            return Admitted(route, admission, call, num_blocks, assignment)
+        state.directory.release(assignment)
     raise admit_error(failures, refusals)
 
 

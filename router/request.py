@@ -218,9 +218,7 @@ class RequestRun:
             trace.num_cached_tokens = admission.num_cached_tokens
         else:
             trace.prefill_worker_id = route.prefill.worker_id
-        self._assignments.append(self._state.directory.assign(
-            route.decode.worker_id, running=1, blocks=admitted.num_blocks
-        ))
+        self._assignments.append(admitted.assignment)
         self._ledger.update(
             RequestPhase.ADMITTED,
             decode_worker_id=trace.decode_worker_id,

@@ -2,13 +2,14 @@
 
     splitserve bench chaos [--model smollm2-135m] [--num-requests 96] [--concurrency 24]
                            [--max-tokens 64] [--faults kill,term,stop,cancel] [--seed 0]
-                           [--out results/chaos.json]
+                           [--max-faults N] [--max-resumes 4] [--out results/chaos.json]
 
 One deployment of plain processes on 127.0.0.1: a router, the KV rendezvous store as its
 own process, one prefill worker and two decode workers (one CPU thread each). The same
 seeded requests (greedy and seeded sampling, short and long prompts) run twice:
   1. reference: no fault;
-  2. chaos: while they run, a fault injector hits one worker at a time, at random moments:
+  2. chaos: once half the concurrent streams have their first token, a fault injector
+     hits one worker at a time, a random 1-3 s apart:
        kill   SIGKILL a decode worker (restarted a second later, at a new port)
        term   SIGTERM a decode worker (graceful drain: its streams migrate), restarted
        stop   SIGSTOP the prefill worker for 3 s (its prefills time out), then SIGCONT
@@ -74,10 +75,11 @@ class Cluster:
     def metrics_url(self) -> str:
         return f"http://{self.fields['router'][6]}/metrics"
 
-    def start(self) -> None:
+    def start(self, max_resumes: int) -> None:
         self._spawn("router", ["router", "--model", self.model, "--port", "0", "--http-port",
                                "0", "--local-prefill-threshold", "32",
-                               "--prefill-timeout-ms", str(_PREFILL_TIMEOUT_MS)])
+                               "--prefill-timeout-ms", str(_PREFILL_TIMEOUT_MS),
+                               "--max-resumes", str(max_resumes)])
         self._spawn("kv-store", ["kv-store", "--port", "0"])
         self.worker_args = ["--model", self.model, "--cluster", self.fields["router"][4],
                             "--kv-store", self.fields["kv-store"][2], "--kv-timeout", "3",
@@ -126,8 +128,25 @@ def _requests(n: int, max_tokens: int, seed: int) -> list[tuple[list[int], dict[
     return out
 
 
+@dataclass
+class Progress:
+    """Sets `streaming` once `needed` streams have their first token (faults wait for it:
+    a fault before any stream runs tests nothing)."""
+
+    needed: int
+    started: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    streaming: threading.Event = field(default_factory=threading.Event)
+
+    def first_token(self) -> None:
+        with self.lock:
+            self.started += 1
+            if self.started >= self.needed:
+                self.streaming.set()
+
+
 def _run_one(router: str, prompt: list[int], sampling: dict[str, Any],
-             cancel_after: int | None) -> Outcome:
+             cancel_after: int | None, progress: Progress | None) -> Outcome:
     out = Outcome()
     last: float | None = None
     try:
@@ -138,6 +157,8 @@ def _run_one(router: str, prompt: list[int], sampling: dict[str, Any],
                 if last is not None:
                     out.longest_gap_s = max(out.longest_gap_s, now - last)
                 last = now
+                if progress is not None and not out.tokens and chunk.token_ids:
+                    progress.first_token()
                 out.tokens.extend(chunk.token_ids)
                 if cancel_after is not None and len(out.tokens) >= cancel_after:
                     stream.close()
@@ -153,18 +174,22 @@ def _run_one(router: str, prompt: list[int], sampling: dict[str, Any],
 
 
 def _pass(cluster: Cluster, requests: list[tuple[list[int], dict[str, Any]]], concurrency: int,
-          cancels: dict[int, int]) -> list[Outcome]:
+          cancels: dict[int, int], progress: Progress | None = None) -> list[Outcome]:
     with ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(_run_one, cluster.router, p, s, cancels.get(i))
+        futures = [pool.submit(_run_one, cluster.router, p, s, cancels.get(i), progress)
                    for i, (p, s) in enumerate(requests)]
         return [f.result() for f in futures]
 
 
 def _inject(cluster: Cluster, faults: list[str], stop: threading.Event, rng: random.Random,
-            log: list[dict[str, Any]]) -> None:
-    """One fault at a time, a random 1-3 s apart, until `stop`."""
+            log: list[dict[str, Any]], max_faults: int, progress: Progress) -> None:
+    """One fault at a time, a random 1-3 s apart once streams run, until `stop` or
+    `max_faults`."""
     kinds = [f for f in faults if f != "cancel"]
-    while kinds and not stop.wait(rng.uniform(1.0, 3.0)):
+    while not progress.streaming.wait(0.1):
+        if stop.is_set():
+            return
+    while kinds and len(log) < max_faults and not stop.wait(rng.uniform(1.0, 3.0)):
         kind = rng.choice(kinds)
         at = time.monotonic()
         if kind == "stop":
@@ -229,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with the cancel fault: the share of clients that hang up")
     ap.add_argument("--skip-reference", action="store_true",
                     help="no reference pass (with --cancel-fraction 1: a pure cancel storm)")
+    ap.add_argument("--max-faults", type=int, default=1000, help="stop injecting after these")
+    ap.add_argument("--max-resumes", type=int, default=4, help="the router's --max-resumes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -242,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rng.random() < args.cancel_fraction} if "cancel" in faults else {})
     cluster = Cluster(args.model)
     try:
-        cluster.start()
+        cluster.start(args.max_resumes)
         if not args.skip_reference:
             print(f"reference pass: {len(requests)} requests, concurrency {args.concurrency}",
                   flush=True)
@@ -251,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chaos pass: faults {faults}", flush=True)
         before = _resumes(cluster)
         stop, log = threading.Event(), []  # type: ignore[var-annotated]
-        injector = threading.Thread(target=_inject, args=(cluster, faults, stop, rng, log))
+        progress = Progress(needed=max(1, min(args.concurrency, len(requests)) // 2))
+        injector = threading.Thread(
+            target=_inject, args=(cluster, faults, stop, rng, log, args.max_faults, progress))
         started = time.monotonic()
         injector.start()
         try:
-            chaos = _pass(cluster, requests, args.concurrency, cancels)
+            chaos = _pass(cluster, requests, args.concurrency, cancels, progress)
         finally:
             stop.set()
             injector.join()
@@ -282,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     pauses = [o.longest_gap_s for o in chaos if o.num_resumes and not o.cancelled]
     figures = {
         "model": args.model, "requests": len(requests), "concurrency": args.concurrency,
+        "max_resumes": args.max_resumes,
         "max_tokens": args.max_tokens, "seconds": round(took, 1),
         "faults": {k: sum(1 for e in log if e["fault"] == k) for k in FAULTS if k != "cancel"},
         "cancelled_by_client": cancelled, "resumes": resumes,
@@ -295,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_failures": len(bad_reference),
         "failures": failures[:20], "fault_log": log,
     }
-    for key in ("requests", "faults", "cancelled_by_client", "resumes", "resumed_requests",
+    for key in ("requests", "max_resumes", "faults", "cancelled_by_client", "resumes", "resumed_requests",
                 "exact", "mismatched", "failed", "resume_pause_ms", "leaked_blocks", "blocks_settled_s", "seconds"):
         print(f"{key:20s} {json.dumps(figures[key])}")
     for line in failures[:20]:
