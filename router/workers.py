@@ -165,9 +165,12 @@ class WorkerDirectory:
         """`worker` just lost a request: leave it out for a (growing) cooldown. Keyed by
         address: the same worker id restarted elsewhere is a fresh worker."""
         previous = self._ejected.get(worker.address)
+        now = time.monotonic()
+        if previous is not None and previous.until > now:
+            return  # already out: requests that lost it together are one failure
         failures = previous.failures + 1 if previous else 1
         cooldown = min(_EJECT_BASE_S * 2 ** (failures - 1), _EJECT_MAX_S)
-        self._ejected[worker.address] = _Ejection(failures, time.monotonic() + cooldown)
+        self._ejected[worker.address] = _Ejection(failures, now + cooldown)
         log.warning("worker %s at %s left out for %.0f s: %s", worker.worker_id,
                     worker.address, cooldown, why)
 

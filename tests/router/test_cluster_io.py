@@ -194,6 +194,7 @@ def test_a_worker_that_lost_a_request_sits_out_a_growing_cooldown(
 
         directory.eject(view["p0"], "prefill timed out")
         directory.eject(view["d0"], "stream broke")
+        directory.eject(view["d0"], "the same death, seen by another request")
         assert await ids() == (["p1"], ["d1"])
         now[0] += 5.1  # first cooldown over: offered again
         assert await ids() == (["p0", "p1"], ["d0", "d1"])
