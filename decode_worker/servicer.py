@@ -81,10 +81,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         if gone:  # cancelled while admitting: on_rpc_done already ran and found nothing
             worker.abort(request_id)
             return
+        block_ids = list(admitted.block_ids)  # (the engine thread empties it if it expires)
+        if not request.prefill_locally and not block_ids:
+            # The reservation already ended (its prefill deadline passed while this thread
+            # waited): say so, rather than hand the router an admission with no blocks.
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"{worker.worker_id}: the reservation expired before it was sent")
         yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
             accepted=True,
             decode_worker_id=worker.worker_id,
-            block_ids=admitted.block_ids,
+            block_ids=block_ids,
             kv_layout=layout_to_proto(worker.layout),
             kv_endpoint=worker.kv_endpoint,
         ))

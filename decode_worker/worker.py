@@ -102,7 +102,6 @@ class DecodeWorker(WorkerRuntime):
         request's own output (a resumed request)."""
         request = DecodeRequest(request_id, list(prompt_token_ids), params)
         request.num_sampled = num_sampled
-        request.prefill_deadline = time.monotonic() + prefill_timeout_s
 
         def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
@@ -117,6 +116,9 @@ class DecodeWorker(WorkerRuntime):
                 raise AdmitRefused("no_free_blocks", f"{self.worker_id} has no free KV blocks "
                                    f"for a {len(prompt_token_ids)}-token prompt")
             request.block_ids = blocks
+            # From the reservation on: an admission that waited for a busy engine thread
+            # does not arrive with its deadline already spent.
+            request.prefill_deadline = time.monotonic() + prefill_timeout_s
             k_caches = [k for k, _ in engine.runner.kv_caches]
             v_caches = [v for _, v in engine.runner.kv_caches]
             request.transfer = self.kv.expect(
