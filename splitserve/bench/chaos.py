@@ -16,6 +16,7 @@ seeded requests (greedy and seeded sampling, short and long prompts) run twice:
      and `cancel` makes a quarter of the clients hang up at a random point.
 Then every live worker must be back to all blocks free. Printed: requests, faults by kind,
 resumes by reason, completed token-exact vs the reference, mismatched, failed, cancelled,
+rejected for lack of room (RESOURCE_EXHAUSTED: a clear answer, not a loss),
 the pause a resumed stream saw (its longest gap between two chunks) p50/p99, leaked
 blocks. Exit status 1 when a request was lost or wrong, or a block leaked.
 """
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
     resumes = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     bad_reference = [i for i, o in enumerate(reference) if o.finish_reason != "length"]
-    exact = mismatched = failed = cancelled = 0
+    exact = mismatched = failed = cancelled = rejected = 0
     failures: list[str] = []
     for i, (ref, got) in enumerate(zip(reference, chaos, strict=True)):
         if got.cancelled:
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         elif got.finish_reason == "length":
             mismatched += 1
             failures.append(f"request {i}: tokens differ from the reference")
+        elif got.error.startswith("RESOURCE_EXHAUSTED"):
+            rejected += 1  # refused at once for lack of room: a clear answer, not a loss
         else:
             failed += 1
             failures.append(f"request {i}: {got.finish_reason or 'status'} {got.error}")
@@ -317,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "cancelled_by_client": cancelled, "resumes": resumes,
         "resumed_requests": sum(1 for o in chaos if o.num_resumes),
         "exact": exact, "mismatched": mismatched, "failed": failed,
+        "rejected_no_room": rejected,
         "exactness_checked": not args.skip_reference,
         "resume_pause_ms": {"p50": round(1000 * _percentile(pauses, 0.5)),
                             "p99": round(1000 * _percentile(pauses, 0.99)),
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures[:20], "fault_log": log,
     }
     for key in ("requests", "max_resumes", "faults", "cancelled_by_client", "resumes", "resumed_requests",
-                "exact", "mismatched", "failed", "resume_pause_ms", "leaked_blocks", "blocks_settled_s", "seconds"):
+                "exact", "mismatched", "failed", "rejected_no_room", "resume_pause_ms", "leaked_blocks", "blocks_settled_s", "seconds"):
         print(f"{key:20s} {json.dumps(figures[key])}")
     for line in failures[:20]:
         print("  " + line)

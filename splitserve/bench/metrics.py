@@ -49,6 +49,9 @@ class RequestRecord:
     error: str = ""
     finish_reason: str | None = None
     server_timings: dict[str, Any] | None = None  # SplitServe's per-phase timings (gRPC)
+    # Sent again because a pooled keep-alive connection was closed under it before any
+    # response came: the harness's connection reuse, not the server's failure.
+    connection_retries: int = 0
 
     def mark_sent(self, now: float) -> None:
         self.send_s = now
@@ -208,6 +211,7 @@ def summarize(records: list[RequestRecord], slo: dict[str, float] | None = None,
         "good_requests": good,
         "goodput": rate(good),
         "errors": dict(Counter(r.error for r in records if r.error).most_common(5)),
+        "connection_retries": sum(r.connection_retries for r in records),
     }
 
 

@@ -56,6 +56,9 @@ def format_summary(summary: dict[str, Any], title: str = "",
     lines = [f"{' ' + title + ' ' if title else ''}".center(66, "=")]
     lines.append(f"requests: {summary['completed']} completed, {summary['failed']} failed, "
                  f"{summary['cancelled']} cancelled (of {summary['num_requests']} sent)")
+    if summary.get("connection_retries"):
+        lines.append(f"resent on a fresh connection (pooled one closed before any response): "
+                     f"{summary['connection_retries']}")
     for key, name in _SCALARS[3:]:
         lines.append(f"{name:<40s}{_num(summary[key], 12)}")
     lines.append(f"  goodput: {summary['good_requests']} requests met "

@@ -138,6 +138,7 @@ class HttpTarget:
         self.base, self._forced_api = split_endpoint(cfg.url)
         self.model = cfg.model
         self._session: Any = None
+        self._fresh: Any = None  # a connection per request, for retries
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
@@ -146,9 +147,11 @@ class HttpTarget:
         import aiohttp
 
         # No connection cap (limit=0): the client must never be the bottleneck.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                              timeout=timeout, read_bufsize=1 << 20)
+        self._fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), timeout=timeout,
             read_bufsize=1 << 20)
         if self.model is None:
             self.model = await self._first_model()
@@ -166,8 +169,9 @@ class HttpTarget:
         return None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
 
     def _body(self, request: BenchRequest, chat: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -188,8 +192,8 @@ class HttpTarget:
                 else self.cfg.use_chat(request))
         path = "/v1/chat/completions" if chat else "/v1/completions"
         record.mark_sent(clock())
-        async with self._session.post(self.base + path, json=self._body(request, chat),
-                                      headers=self._headers()) as resp:
+        resp = await self._post(self.base + path, self._body(request, chat), record)
+        async with resp:
             if resp.status != 200:
                 text = (await resp.text())[:300]
                 record.fail(clock(), f"HTTP {resp.status}: {text}")
@@ -207,6 +211,19 @@ class HttpTarget:
         else:
             record.finish(now, state.finish_reason, state.completion_tokens,
                           state.prompt_tokens)
+
+
+    async def _post(self, url: str, body: dict[str, Any], record: RequestRecord) -> Any:
+        """POST, sent once more on a fresh connection when the pooled one was closed before
+        any response came (a server may close an idle keep-alive connection just as the
+        harness reuses it: that is the harness's race, not a failed request)."""
+        import aiohttp
+
+        try:
+            return await self._session.post(url, json=body, headers=self._headers())
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            record.connection_retries += 1
+            return await self._fresh.post(url, json=body, headers=self._headers())
 
 
 class _SseState:

@@ -2,8 +2,9 @@
 
 It streams `max_tokens` tokens ("tok0 ", "tok1 ", ...) as SSE events with `token_delay_s`
 between them, after `first_token_delay_s`, on /v1/completions and /v1/chat/completions, and
-records the request bodies it received. Chunks of `tokens_per_event` tokens and a missing
-usage block can be switched on to exercise the client's fallbacks.
+records the request bodies it received. Chunks of `tokens_per_event` tokens, a missing
+usage block, HTTP 503s and connections closed without a response can be switched on to
+exercise the client's fallbacks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class FakeOpenAI:
     tokens_per_event: int = 1
     send_usage: bool = True
     fail_every: int = 0  # every n-th request gets HTTP 503 (0: never)
+    drop_first: int = 0  # the first n requests: the connection closes with no response
+    dropped: int = 0
     model: str = "fake-model"
     bodies: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -46,6 +49,11 @@ class FakeOpenAI:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if self.dropped < self.drop_first:  # a keep-alive connection closing under it
+            self.dropped += 1
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
         self.bodies.append(body)
         self.paths.append(request.path)
         if self.fail_every and len(self.bodies) % self.fail_every == 0:

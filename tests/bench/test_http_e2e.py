@@ -231,3 +231,16 @@ def test_a_fresh_seed_per_run_unless_given(server: Server, tmp_path: Path,
                  "--max-input-len", "32", "--max-output-len", "4", "--seed", "7",
                  "--out", str(out)) == 0
     assert json.loads(out.read_text())["config"]["workload"]["seed"] == 7
+
+
+def test_a_connection_closed_before_any_response_is_resent_once(server: Server,
+                                                                tmp_path: Path) -> None:
+    """Not the server's failure: the harness resends on a fresh connection and counts it."""
+    fake, url = server(drop_first=1)
+    out = tmp_path / "c.json"
+    rc = bench("--target", url, "--workload", "fixed", "--input-len", "4", "--output-len",
+               "3", "--num-requests", "6", "--concurrency", "1", "--out", str(out))
+    assert rc == 0
+    s = json.loads(out.read_text())["summary"]
+    assert (s["completed"], s["failed"], s["connection_retries"]) == (6, 0, 1)
+    assert len(fake.bodies) == 6
