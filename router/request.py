@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -54,8 +55,11 @@ from splitserve.v1 import common_pb2, router_pb2, worker_pb2
 log = logging.getLogger(__name__)
 
 Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
+T = TypeVar("T")
 
 _ABORT_TIMEOUT_S = 2.0
+_STALL_PROBE_S = 3.0  # a decode stream quiet this long: is the worker still there?
+_PROBE_TIMEOUT_S = 2.0
 # Worker errors that say the request itself is wrong: another worker would refuse it too.
 _REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                    grpc.StatusCode.OUT_OF_RANGE)
@@ -248,11 +252,14 @@ class RequestRun:
             prefill_worker_id=prefill.worker_id,
             num_prefill_blocks=blocks_needed(req.prompt_len, state.rules.block_size),
         )
-        self._prefill_call = state.directory.prefill_stub(prefill).Prefill(
+        stub = state.directory.prefill_stub(prefill)
+        self._prefill_call = stub.Prefill(
             request, timeout=_min_timeout(self._remaining(), state.prefill_timeout_s)
         )
         try:
-            response = await self._prefill_call
+            response = await _watched(
+                self._prefill_call, "prefill", prefill,
+                lambda: stub.Stats(worker_pb2.PrefillStatsRequest(), timeout=_PROBE_TIMEOUT_S))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             message = (f"prefill on worker {prefill.worker_id} failed: "
@@ -303,7 +310,7 @@ class RequestRun:
         decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         while True:
             try:
-                message = await self._admit_call.read()
+                message = await self._read_decode(decoder)
             except grpc.aio.AioRpcError as exc:
                 raise WorkerLost("decode", decoder, f"decode worker {decode_id} failed: "
                                  f"{exc.code().name}: {exc.details()}", exc.code()) from exc
@@ -339,6 +346,14 @@ class RequestRun:
             else:
                 await self._send(step, worker_reason, error_message=output.error_message)
             return
+
+    async def _read_decode(self, decoder: WorkerView) -> worker_pb2.AdmitResponse:
+        """The Admit stream's next message, with D watched while it is quiet."""
+        assert self._admit_call is not None
+        stub = self._state.directory.decode_stub(decoder)
+        return await _watched(  # type: ignore[no-any-return]
+            self._admit_call.read(), "decode", decoder,
+            lambda: stub.Stats(worker_pb2.DecodeStatsRequest(), timeout=_PROBE_TIMEOUT_S))
 
     # ---- output -----------------------------------------------------------------------
 
@@ -427,6 +442,30 @@ class RequestRun:
         self._assignments.clear()
         self._route, self._admit_call, self._prefill_call = None, None, None
         self._decode_done = False
+
+
+async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
+                   probe: Callable[[], Awaitable[object]]) -> T:
+    """Await a worker's answer; while none comes for _STALL_PROBE_S, `probe` it (a Stats
+    RPC, answered by a gRPC thread, not the engine: a busy worker answers, a frozen one
+    does not). No answer to the probe within _PROBE_TIMEOUT_S: WorkerLost. A frozen
+    process (SIGSTOP, a hung host) closes no socket, so nothing else would notice."""
+    task = asyncio.ensure_future(pending)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_STALL_PROBE_S)
+            if done:
+                return task.result()
+            try:
+                await probe()
+            except grpc.aio.AioRpcError as exc:
+                raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
+                                 f"answering ({exc.code().name} to a probe after "
+                                 f"{_STALL_PROBE_S:g} s without an answer)",
+                                 grpc.StatusCode.UNAVAILABLE) from exc
+    finally:
+        if not task.done():
+            task.cancel()  # (cancels the RPC too: the request is leaving this worker)
 
 
 def _min_timeout(a: float | None, b: float | None) -> float | None:

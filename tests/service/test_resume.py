@@ -165,3 +165,23 @@ def test_sigterm_migrates_a_decode_workers_streams(cluster: dict[str, Proc],
     pause = max(r[4] for r in results)
     print(f"longest pause of a migrated stream: {pause * 1000:.0f} ms "
           f"(run took {time.monotonic() - started:.1f} s)")
+
+
+def test_a_frozen_decode_worker_is_detected_and_its_streams_resume(
+        cluster: dict[str, Proc], tiny_llama: Path) -> None:
+    """SIGSTOP: no socket closes, so only the router's keepalive pings find out; the
+    streams resume on the other worker, and the frozen one frees everything once it
+    continues (its streams were cancelled)."""
+    frozen = cluster["decode-a"]
+    try:
+        expected, results = _run_streams(cluster, tiny_llama, signal.SIGSTOP)
+        print(f"longest pause of a resumed stream: {max(r[4] for r in results):.2f} s")
+        _check_exact(expected, results)
+        assert _resumes(cluster, "decode_lost") >= 1
+    finally:
+        frozen.popen.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while (state := _decode_free_blocks(frozen.fields[3]))[0] != state[1]:
+        assert time.monotonic() < deadline, f"the thawed worker holds blocks: {state}"
+        time.sleep(0.1)
+    _survivor_idle(cluster)
