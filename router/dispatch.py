@@ -43,12 +43,14 @@ async def admit_request(
     trace: RequestTrace,
     remaining: Callable[[], float | None],
     exclude: Collection[str] = (),
+    local: bool = False,
 ) -> Admitted:
     """Admit `request` on a decode worker; ServiceError when none does.
 
     `exclude`: addresses of workers this request lost already (neither prefills nor
     decodes it; a worker restarted elsewhere is a new address). When that leaves no decode
     worker, all are offered again: a dead one fails fast, and a live one may serve.
+    `local`: the decode worker prefills the prompt itself, whatever the policy says.
 
     UNAVAILABLE: no usable decode worker, or all failed; RESOURCE_EXHAUSTED: one at least
     lacked free blocks; INVALID_ARGUMENT: all found the request too long.
@@ -72,9 +74,8 @@ async def admit_request(
     failures: list[str] = []
     refusals: list[int] = []
     for decode in rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]:
-        route = plan_route(
-            decode, snapshot.prefill, request.prompt_len, overlap, state.rules, state.policy
-        )
+        route = plan_route(decode, [] if local else snapshot.prefill, request.prompt_len,
+                           overlap, state.rules, state.policy)
         if trace.dispatched is None:
             trace.dispatched = time.monotonic()
         # Counted before the Admit is awaited: a burst of requests ranking the workers

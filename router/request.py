@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from splitserve.cluster.store import RequestPhase
 from splitserve.common.convert.common import FINISH_REASONS, sampling_to_proto
@@ -58,8 +59,9 @@ Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
 T = TypeVar("T")
 
 _ABORT_TIMEOUT_S = 2.0
-_STALL_PROBE_S = 3.0  # a decode stream quiet this long: is the worker still there?
-_PROBE_TIMEOUT_S = 2.0
+_STALL_PROBE_S = 4.0  # a decode stream or a prefill quiet this long: is the worker there?
+_PROBE_TIMEOUT_S = 3.0
+_PROBES_TO_LOSE = 2
 # Worker errors that say the request itself is wrong: another worker would refuse it too.
 _REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                    grpc.StatusCode.OUT_OF_RANGE)
@@ -123,7 +125,8 @@ class RequestRun:
         self._state = state
         self._req = request  # as the client sent it
         self._attempt = request  # what the current attempt sends to workers
-        self._lost_workers: set[str] = set()
+        self._lost_workers: set[str] = set()  # addresses
+        self._prefill_here = False  # prefill on the decode worker, whatever the policy says
         self._trace = trace
         self._emit = emit
         self._deadline = deadline
@@ -160,6 +163,14 @@ class RequestRun:
                     if not await self._resume(lost):
                         return
                 except ServiceError as exc:
+                    if (self._trace.resumed and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            and not self._prefill_here):
+                        # No room to reserve the resumed prompt's KV for a transfer: the
+                        # decode worker's own queue takes it instead (waiting for blocks,
+                        # preempting if it must), so a stream already running never ends
+                        # for want of room elsewhere.
+                        self._prefill_here = True
+                        continue
                     if not self._trace.resumed or self._num_chunks == 0:
                         raise
                     await self._fail(f"resuming after a lost worker failed: {exc.message}")
@@ -170,7 +181,7 @@ class RequestRun:
     async def _serve(self) -> None:
         """One attempt: admit, prefill, decode. WorkerLost when a worker fails it."""
         admitted = await admit_request(self._state, self._attempt, self._trace, self._remaining,
-                                       exclude=self._lost_workers)
+                                       exclude=self._lost_workers, local=self._prefill_here)
         self._admitted(admitted)
         if admitted.route.prefill is not None:
             if not await self._prefill_remotely(admitted.admission):
@@ -257,9 +268,8 @@ class RequestRun:
             request, timeout=_min_timeout(self._remaining(), state.prefill_timeout_s)
         )
         try:
-            response = await _watched(
-                self._prefill_call, "prefill", prefill,
-                lambda: stub.Stats(worker_pb2.PrefillStatsRequest(), timeout=_PROBE_TIMEOUT_S))
+            response = await _watched(self._prefill_call, "prefill", prefill,
+                                      self._prober(prefill))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             message = (f"prefill on worker {prefill.worker_id} failed: "
@@ -350,10 +360,12 @@ class RequestRun:
     async def _read_decode(self, decoder: WorkerView) -> worker_pb2.AdmitResponse:
         """The Admit stream's next message, with D watched while it is quiet."""
         assert self._admit_call is not None
-        stub = self._state.directory.decode_stub(decoder)
         return await _watched(  # type: ignore[no-any-return]
-            self._admit_call.read(), "decode", decoder,
-            lambda: stub.Stats(worker_pb2.DecodeStatsRequest(), timeout=_PROBE_TIMEOUT_S))
+            self._admit_call.read(), "decode", decoder, self._prober(decoder))
+
+    def _prober(self, worker: WorkerView) -> Callable[[], Awaitable[object]]:
+        stub = self._state.directory.health_stub(worker)
+        return lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT_S)
 
     # ---- output -----------------------------------------------------------------------
 
@@ -446,11 +458,13 @@ class RequestRun:
 
 async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
                    probe: Callable[[], Awaitable[object]]) -> T:
-    """Await a worker's answer; while none comes for _STALL_PROBE_S, `probe` it (a Stats
-    RPC, answered by a gRPC thread, not the engine: a busy worker answers, a frozen one
-    does not). No answer to the probe within _PROBE_TIMEOUT_S: WorkerLost. A frozen
-    process (SIGSTOP, a hung host) closes no socket, so nothing else would notice."""
+    """Await a worker's answer. While none comes for _STALL_PROBE_S, `probe` it (a gRPC
+    health check, answered off the engine thread: a busy worker answers); after
+    _PROBES_TO_LOSE probes in a row without an answer within _PROBE_TIMEOUT_S: WorkerLost.
+    A frozen process (SIGSTOP, a hung host) closes no socket, so nothing else would
+    notice; several probes, so that an overloaded process is not taken for a dead one."""
     task = asyncio.ensure_future(pending)
+    failed = 0
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_STALL_PROBE_S)
@@ -458,11 +472,14 @@ async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
                 return task.result()
             try:
                 await probe()
+                failed = 0
             except grpc.aio.AioRpcError as exc:
-                raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
-                                 f"answering ({exc.code().name} to a probe after "
-                                 f"{_STALL_PROBE_S:g} s without an answer)",
-                                 grpc.StatusCode.UNAVAILABLE) from exc
+                failed += 1
+                if failed >= _PROBES_TO_LOSE:
+                    raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
+                                     f"answering ({failed} health probes failed, the last "
+                                     f"with {exc.code().name})",
+                                     grpc.StatusCode.UNAVAILABLE) from exc
     finally:
         if not task.done():
             task.cancel()  # (cancels the RPC too: the request is leaving this worker)

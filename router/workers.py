@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
 from splitserve.common.grpc_guard import aio_channel
@@ -245,6 +246,9 @@ class WorkerDirectory:
 
     def prefill_stub(self, worker: WorkerView) -> worker_pb2_grpc.PrefillWorkerStub:
         return worker_pb2_grpc.PrefillWorkerStub(self._channel(worker.address))
+
+    def health_stub(self, worker: WorkerView) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self._channel(worker.address))
 
     def _retire_channels(self) -> None:
         now = time.monotonic()

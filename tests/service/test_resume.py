@@ -99,7 +99,10 @@ def _run_streams(cluster: dict[str, Proc], tiny_llama: Path, signum: int
                     ready.set()
                 if chunk.finish_reason:
                     assert chunk.usage is not None and chunk.timings is not None
-                    return (tokens, chunk.usage.completion_tokens, chunk.finish_reason,
+                    reason = chunk.finish_reason
+                    if reason == "error":  # (the message, for the assertion)
+                        reason += ": " + chunk.error_message
+                    return (tokens, chunk.usage.completion_tokens, reason,
                             chunk.timings.decode_worker_id, gap)
         raise AssertionError("stream ended without a finish reason")
 
