@@ -50,7 +50,7 @@ from splitserve.router.policy import Route, WorkerView, blocks_needed
 from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
-from splitserve.router.workers import Assignment
+from splitserve.router.workers import Assignment, WorkerDirectory
 from splitserve.v1 import common_pb2, router_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class RequestRun:
         )
         try:
             response = await _watched(self._prefill_call, "prefill", prefill,
-                                      self._prober(prefill))
+                                      self._prober(prefill), state.directory)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             message = (f"prefill on worker {prefill.worker_id} failed: "
@@ -361,7 +361,8 @@ class RequestRun:
         """The Admit stream's next message, with D watched while it is quiet."""
         assert self._admit_call is not None
         return await _watched(  # type: ignore[no-any-return]
-            self._admit_call.read(), "decode", decoder, self._prober(decoder))
+            self._admit_call.read(), "decode", decoder, self._prober(decoder),
+            self._state.directory)
 
     def _prober(self, worker: WorkerView) -> Callable[[], Awaitable[object]]:
         stub = self._state.directory.health_stub(worker)
@@ -457,24 +458,28 @@ class RequestRun:
 
 
 async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
-                   probe: Callable[[], Awaitable[object]]) -> T:
+                   probe: Callable[[], Awaitable[object]], directory: WorkerDirectory) -> T:
     """Await a worker's answer. While none comes for _STALL_PROBE_S, `probe` it (a gRPC
     health check, answered off the engine thread: a busy worker answers); after
-    _PROBES_TO_LOSE probes in a row without an answer within _PROBE_TIMEOUT_S: WorkerLost.
-    A frozen process (SIGSTOP, a hung host) closes no socket, so nothing else would
-    notice; several probes, so that an overloaded process is not taken for a dead one."""
+    _PROBES_TO_LOSE probes in a row without an answer within _PROBE_TIMEOUT_S, and nothing
+    heard from the worker on any other call meanwhile: WorkerLost. A frozen process
+    (SIGSTOP, a hung host) closes no socket, so nothing else would notice; an overloaded
+    one answers slowly but still answers something, and is not taken for a dead one."""
     task = asyncio.ensure_future(pending)
     failed = 0
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_STALL_PROBE_S)
             if done:
+                directory.heard_from(worker)
                 return task.result()
             try:
                 await probe()
                 failed = 0
             except grpc.aio.AioRpcError as exc:
                 failed += 1
+                if directory.silent_for(worker) < _STALL_PROBE_S + _PROBE_TIMEOUT_S:
+                    failed = 0  # other calls still get answers: slow, not gone
                 if failed >= _PROBES_TO_LOSE:
                     raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
                                      f"answering ({failed} health probes failed, the last "

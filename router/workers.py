@@ -113,6 +113,7 @@ class WorkerDirectory:
         self._warned: set[str] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._ejected: dict[str, _Ejection] = {}
+        self._heard_at: dict[str, float] = {}  # address -> monotonic time of its last answer
 
     # ---- live workers ----------------------------------------------------------------
 
@@ -179,6 +180,14 @@ class WorkerDirectory:
         """`worker` served a request: forget its failures."""
         if self._ejected.pop(worker.address, None) is not None:
             log.info("worker %s at %s serves again", worker.worker_id, worker.address)
+
+    def heard_from(self, worker: WorkerView) -> None:
+        """A call to `worker` just got an answer (a stream message, a response)."""
+        self._heard_at[worker.address] = time.monotonic()
+
+    def silent_for(self, worker: WorkerView) -> float:
+        """Seconds since any call to `worker` got an answer (inf: never)."""
+        return time.monotonic() - self._heard_at.get(worker.address, float("-inf"))
 
     def ejected(self) -> set[str]:
         """Addresses inside their cooldown now (after it they are offered again, and one
@@ -266,6 +275,7 @@ class WorkerDirectory:
                 self._close_channel(address)
                 self._last_seen.pop(address, None)
                 self._started_at.pop(address, None)
+                self._heard_at.pop(address, None)
 
     def _close_channel(self, address: str) -> None:
         channel = self._channels.pop(address)
