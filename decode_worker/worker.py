@@ -13,10 +13,10 @@ Life cycle of a request:
 4. Every step's tokens go to the request's output queue; the Admit stream relays them.
 5. Finish, Abort, or the router cancelling the stream frees every block the request holds.
 
-Drain (SIGTERM, or the Drain RPC) with another decode worker live: the running requests
-are handed back to the router (DecodeOutput.migrate), which resumes them there; requests
-still waiting for their KV are handed back once they join. Alone, the worker lets its
-requests finish as before.
+Drain with migration (SIGTERM on `splitserve decode`) and another decode worker live: the
+running requests are handed back to the router (DecodeOutput.migrate), which resumes them
+there; requests still waiting for their KV are handed back once they join. Alone, or in a
+plain drain (the Drain RPC, a whole deployment stopping), they finish here.
 """
 
 from __future__ import annotations

@@ -162,7 +162,9 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
         print(f"READY {role} {worker.worker_id} {worker.address} metrics "
               f"{worker.metrics_port}", flush=True)
         _wait_for_signal()
-        worker.drain(args.drain_timeout)  # SIGTERM: stop taking work, finish what runs
+        # SIGTERM: stop taking work; a decode worker hands its requests to the others (a
+        # pod replaced, a process restarted), or finishes them when it is the last one.
+        worker.drain(args.drain_timeout, migrate=True)
         worker.stop(1.0)
         return 0
 

@@ -250,20 +250,25 @@ class WorkerRuntime:
         load = self.loop.load
         return load.num_waiting + load.num_running + self.num_pending()
 
-    def drain(self, wait_timeout_s: float = 0.0) -> int:
-        """Stop accepting work, leave the cluster, optionally wait for in-flight requests."""
+    def drain(self, wait_timeout_s: float = 0.0, migrate: bool = False) -> int:
+        """Stop accepting work, leave the cluster, optionally wait for in-flight requests.
+
+        `migrate`: hand them to other workers where the role can (a decode worker alone
+        being replaced: SIGTERM on its process). Not when the whole deployment drains:
+        the others are leaving too."""
         self.draining.set()
         if self.presence is not None:
             self.presence.stop(deregister=True)
             self.presence = None
         deadline = time.monotonic() + wait_timeout_s
         while self.in_flight() and time.monotonic() < deadline:
-            self._drain_step()
+            if migrate:
+                self._drain_step()
             time.sleep(0.05)
         return self.in_flight()
 
     def _drain_step(self) -> None:
-        """Called while draining, every 50 ms until nothing is in flight."""
+        """Called while draining with `migrate`, every 50 ms until nothing is in flight."""
 
     def stop(self, grace_s: float = 1.0) -> None:
         if self.presence is not None:
