@@ -20,6 +20,7 @@ from splitserve.cluster.store import ClusterStore, LiveWorker, RequestLedgerEntr
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_HINT_WAIT_S = 0.5  # longest a request waits for the prefix index (a hint) to answer
 
 
 class AsyncStore:
@@ -43,7 +44,8 @@ class AsyncStore:
         if not block_hashes:
             return {}
         try:
-            return await self._call(self.store.prefix_overlap, block_hashes)
+            return await asyncio.wait_for(self._call(self.store.prefix_overlap, block_hashes),
+                                          _HINT_WAIT_S)
         except Exception:  # noqa: BLE001 - a routing hint never fails a request
             log.warning("prefix index read failed; routing without it", exc_info=True)
             return {}

@@ -63,8 +63,7 @@ _STALL_PROBE_S = 4.0  # a decode stream or a prefill quiet this long: is the wor
 _PROBE_TIMEOUT_S = 3.0
 _PROBES_TO_LOSE = 2
 # Worker errors that say the request itself is wrong: another worker would refuse it too.
-_REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                   grpc.StatusCode.OUT_OF_RANGE)
+_REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
 
 
 _MAX_MIGRATIONS = 8  # hand-backs by draining decode workers one request may see
@@ -190,6 +189,11 @@ class RequestRun:
 
     async def _resume(self, lost: WorkerLost) -> bool:
         """Set up the next attempt after `lost`; False when the request ended instead."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            # The request's own deadline ran out (the worker's error may say so first):
+            # no worker to blame, no time to resume.
+            await self._fail(lost.message, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return False
         resumed = self._trace.resumed
         limit = _MAX_MIGRATIONS if lost.planned else self._state.config.max_resumes
         done = sum(r.endswith("drained") == lost.planned for r in resumed)
@@ -278,6 +282,10 @@ class RequestRun:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message) from exc
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 code = grpc.StatusCode.INTERNAL
+            if self._admit_call is not None and self._admit_call.done():
+                # D's stream already ended (D died, or gave up): the KV had nowhere to go.
+                # P is not to blame.
+                raise WorkerLost("decode", self._route.decode, message, code) from exc
             raise WorkerLost("prefill", prefill, message, code) from exc
         finally:
             state.directory.release(queued)
@@ -301,7 +309,9 @@ class RequestRun:
         )
         decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         try:
-            done = await stub.PrefillDone(request, timeout=self._remaining())
+            done = await _watched(stub.PrefillDone(request, timeout=self._remaining()),
+                                  "decode", decoder, self._prober(decoder),
+                                  self._state.directory)
         except grpc.aio.AioRpcError as exc:
             raise WorkerLost("decode", decoder, f"PrefillDone on decode worker {decode_id} "
                              f"failed: {exc.code().name}: {exc.details()}") from exc
@@ -310,7 +320,7 @@ class RequestRun:
                              "the request (it gave up waiting for the KV or the first token)")
         # P freed its blocks once the KV was sent: only D holds the request now.
         self._ledger.update(RequestPhase.DECODING, prefill_worker_id="", num_prefill_blocks=0,
-                            num_generated_tokens=1)
+                            num_generated_tokens=self._relay.num_tokens)
         return True
 
     # ---- decode stream ----------------------------------------------------------------
@@ -471,8 +481,9 @@ async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
         while True:
             done, _ = await asyncio.wait({task}, timeout=_STALL_PROBE_S)
             if done:
+                result = task.result()  # (an error is not an answer from the worker)
                 directory.heard_from(worker)
-                return task.result()
+                return result
             try:
                 await probe()
                 failed = 0
@@ -480,7 +491,7 @@ async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
                 failed += 1
                 if directory.silent_for(worker) < _STALL_PROBE_S + _PROBE_TIMEOUT_S:
                     failed = 0  # other calls still get answers: slow, not gone
-                if failed >= _PROBES_TO_LOSE:
+                if failed >= _PROBES_TO_LOSE and not task.done():
                     raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
                                      f"answering ({failed} health probes failed, the last "
                                      f"with {exc.code().name})",

@@ -12,7 +12,9 @@ seeded requests (greedy and seeded sampling, short and long prompts) run twice:
      hits one worker at a time, a random 1-3 s apart:
        kill   SIGKILL a decode worker (restarted a second later, at a new port)
        term   SIGTERM a decode worker (graceful drain: its streams migrate), restarted
-       stop   SIGSTOP the prefill worker for 3 s (the router's probe finds it), then SIGCONT
+       stop   SIGSTOP the prefill worker for 3 s, then SIGCONT (its calls wait it out or,
+              past the router's prefill deadline where one is set, resume elsewhere;
+              the health probes need ~14 s of silence to call it lost)
      and `cancel` makes a quarter of the clients hang up at a random point.
 Then every live worker must be back to all blocks free. Printed: requests, faults by kind,
 resumes by reason, completed token-exact vs the reference, mismatched, failed, cancelled,

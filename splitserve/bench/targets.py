@@ -221,6 +221,8 @@ class HttpTarget:
 
         try:
             return await self._session.post(url, json=body, headers=self._headers())
+        except aiohttp.ClientConnectorError:
+            raise  # no connection at all (refused, unreachable): the server's failure
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             record.connection_retries += 1
             return await self._fresh.post(url, json=body, headers=self._headers())
