@@ -55,12 +55,14 @@ class Outgoing:
 
 
 class _PairThread:
-    def __init__(self, backend: TorchDistBackend, peer: str, role: str) -> None:
+    def __init__(
+        self, backend: TorchDistBackend, peer: str, role: str, store_addr: tuple[str, int]
+    ) -> None:
         self.backend = backend
         self.peer = peer
         src, dst = (backend.worker_id, peer) if role == "send" else (peer, backend.worker_id)
         self.link = PairLink(
-            backend.store_addr,
+            store_addr,
             f"{backend.namespace}/{src}->{dst}",
             role,
             backend.layout,
@@ -76,7 +78,7 @@ class _PairThread:
         )
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, reason: str | None = None) -> None:
         with self.cv:
             self.stopped = True
             self.cv.notify_all()
@@ -96,10 +98,20 @@ class _PairThread:
 
 
 class SendPair(_PairThread):
-    def __init__(self, backend: TorchDistBackend, dst: str) -> None:
+    def __init__(self, backend: TorchDistBackend, dst: str, store_addr: tuple[str, int]) -> None:
         self.queue: collections.deque[Outgoing] = collections.deque()
         self.header = torch.empty(HEADER_LEN, dtype=torch.int64, device=backend.device)
-        super().__init__(backend, dst, "send")
+        super().__init__(backend, dst, "send", store_addr)
+
+    def stop(self, reason: str | None = None) -> None:
+        """Stop the thread; with a reason, fail every transfer still queued here."""
+        super().stop()
+        if reason is None:
+            return
+        with self.cv:
+            queued, self.queue = list(self.queue), collections.deque()
+        for msg in queued:
+            msg.entry.handle._fail(reason)
 
     def put(self, msg: Outgoing, front: bool = False) -> None:
         with self.cv:
@@ -201,10 +213,10 @@ class SendPair(_PairThread):
 
 
 class RecvPair(_PairThread):
-    def __init__(self, backend: TorchDistBackend, src: str) -> None:
+    def __init__(self, backend: TorchDistBackend, src: str, store_addr: tuple[str, int]) -> None:
         self.header = torch.empty(HEADER_LEN, dtype=torch.int64, device=backend.device)
         self.scratch = torch.empty(0, dtype=torch.uint8, device=backend.device)
-        super().__init__(backend, src, "recv")
+        super().__init__(backend, src, "recv", store_addr)
 
     def wake(self) -> None:
         with self.cv:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from splitserve.common.kv_layout import KVLayout, check_compatible
 
 _POLL_S = 0.01
+_CONNECT_ATTEMPT_S = 1.0  # one try at reaching a rendezvous store
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -107,7 +108,7 @@ class PairLink:
             raise
 
     def _connect(self, deadline: float, wanted: Callable[[], bool]) -> None:
-        store = self._client(deadline)
+        store = self._client(deadline, wanted)
         self.epoch = self._agree_epoch(store, deadline, wanted)
         self._fresh = True  # this epoch's namespace is now used, whatever happens next
         prefix = f"{self.name}/e{self.epoch}/"
@@ -134,16 +135,23 @@ class PairLink:
             except Exception:  # noqa: BLE001 - best effort on a broken connection
                 pass
 
-    def _client(self, deadline: float) -> Any:
-        if self._store is None:
+    def _client(self, deadline: float, wanted: Callable[[], bool]) -> Any:
+        """A client of the pair's store. A TCPStore client keeps retrying a refused
+        connection until its timeout, so connect in short attempts and stop as soon as the
+        deadline passes or no transfer needs the pair (a dead peer's store)."""
+        while self._store is None:
             host, port = self.store_addr
-            self._store = dist.TCPStore(
-                host,
-                port,
-                is_master=False,
-                wait_for_workers=False,
-                timeout=_seconds_left(deadline),
-            )
+            attempt = min(_CONNECT_ATTEMPT_S, max(0.05, deadline - time.monotonic()))
+            try:
+                self._store = dist.TCPStore(
+                    host,
+                    port,
+                    is_master=False,
+                    wait_for_workers=False,
+                    timeout=timedelta(seconds=attempt),
+                )
+            except Exception as exc:  # noqa: BLE001 - torch raises several types here
+                self._check_waiting(deadline, wanted, f"(its store {host}:{port}: {exc})")
         self._store.set_timeout(_seconds_left(deadline))
         return self._store
 

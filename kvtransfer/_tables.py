@@ -29,6 +29,7 @@ class SendEntry:
     handle: KVTransfer
     src_block_ids: list[int]
     dst_digest: int
+    peer_endpoint: str | None = None  # the receiver's KV endpoint, when the caller knows it
     submitted: set[int] = field(default_factory=set)  # layers handed to the backend
     sent_any: bool = False
     abort_notified: bool = False

@@ -78,8 +78,11 @@ class KVBackend(abc.ABC):
         num_layers: int | None = None,
         *,
         timeout_s: float | None = None,
+        peer_endpoint: str | None = None,
     ) -> KVTransfer:
-        """Register the transfer of `request_id`'s blocks to `dst_worker`. Never blocks."""
+        """Register the transfer of `request_id`'s blocks to `dst_worker`. Never blocks.
+        `peer_endpoint`: the receiver's published KV endpoint (where its side of the
+        connection rendezvous); backends that need none ignore it."""
         self._check_open()
         src = _check_block_ids("src_block_ids", src_block_ids)
         dst = _check_block_ids("dst_block_ids", dst_block_ids)
@@ -89,7 +92,7 @@ class KVBackend(abc.ABC):
         if layers != self.layout.num_layers:
             raise ValueError(f"num_layers {layers} != layout.num_layers {self.layout.num_layers}")
         handle = self._new_handle(request_id, dst_worker, Direction.SEND, len(src), timeout_s)
-        entry = SendEntry(handle, src, block_ids_digest(dst))
+        entry = SendEntry(handle, src, block_ids_digest(dst), peer_endpoint)
         with self._lock:
             old = self._sends.get((dst_worker, handle.key))
             if old is not None and not old.handle.poll().finished:

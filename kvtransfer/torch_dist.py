@@ -11,6 +11,12 @@ Threading model (see _pairs.py for the failure rules):
 Messages on a pair: for each (request, layer) one int64 header and one payload holding all
 the request's blocks of that layer (see _wire.py). One message per block would be about
 40x slower on loopback.
+
+Where a pair meets: at the rendezvous store named in the *receiver's* endpoint
+(`torch_dist://<store host>:<store port>/<worker id>`). A worker that hosts its own store
+(the default for plain processes) so depends on no other process to receive KV, and a
+dead worker's store takes only that worker's own (already lost) pairs with it. A
+deployment may still share one store: every worker then publishes the same address.
 """
 
 from __future__ import annotations
@@ -26,14 +32,33 @@ from splitserve.kvtransfer._tables import ABORT, DATA, RecvEntry, SendEntry
 from splitserve.kvtransfer._wire import REASON_ABORTED
 from splitserve.kvtransfer.base import KVBackend
 
-__all__ = ["TorchDistBackend", "create_rendezvous_store"]
+__all__ = ["TorchDistBackend", "create_rendezvous_store", "endpoint", "parse_endpoint"]
+
+_SCHEME = "torch_dist://"
+
+
+def endpoint(store_host: str, store_port: int, worker_id: str) -> str:
+    """The KV endpoint a worker publishes: where pairs *into* it rendezvous, and its id."""
+    return f"{_SCHEME}{store_host}:{int(store_port)}/{worker_id}"
+
+
+def parse_endpoint(value: str) -> tuple[tuple[str, int], str]:
+    """((store host, store port), worker id) of an endpoint; ValueError if malformed."""
+    rest = value.removeprefix(_SCHEME)
+    address, slash, worker_id = rest.partition("/")
+    host, colon, port = address.rpartition(":")
+    if rest == value or not slash or not worker_id or not colon or not host or not port.isdigit():
+        raise ValueError(f"not a torch_dist KV endpoint: {value!r}")
+    return (host, int(port)), worker_id
 
 
 class TorchDistBackend(KVBackend):
     """A worker's KV endpoint over torch.distributed.
 
-    store_host/store_port: the rendezvous TCPStore (see create_rendezvous_store), shared by
-    every worker of the deployment. device: where the KV caches live; "cpu" uses gloo,
+    store_host/store_port: the rendezvous TCPStore (see create_rendezvous_store) where pairs
+    into this worker meet: hosted by this process, or one the deployment shares. Pairs out
+    of it meet at the store of the receiver's endpoint (start_send's peer_endpoint; without
+    one, this worker's own store). device: where the KV caches live; "cpu" uses gloo,
     "cuda[:N]" NCCL. bind_host: the address gloo listens on (default: 127.0.0.1 when the
     store is on loopback, else gloo's choice). op_timeout_s bounds one payload receive.
     """
@@ -81,24 +106,52 @@ class TorchDistBackend(KVBackend):
             # a thread inside a network wait leaves at that wait's deadline (daemon thread)
             pair.thread.join(timeout=max(0.0, end - time.monotonic()))
 
-    def _sender(self, dst: str) -> SendPair:
+    @property
+    def endpoint(self) -> str:
+        """What this worker publishes so that senders find its store."""
+        return endpoint(*self.store_addr, self.worker_id)
+
+    def _sender(self, dst: str, store_addr: tuple[str, int] | None = None) -> SendPair:
+        """The pair thread to `dst`; a new one when `dst` now rendezvous elsewhere (it
+        restarted with the same id and a new store): the old pair's queue fails."""
+        stale: SendPair | None = None
         with self._lock:
             self._check_open()
             pair = self._senders.get(dst)
+            if pair is not None and store_addr is not None and pair.link.store_addr != store_addr:
+                stale, pair = pair, None
             if pair is None:
-                pair = self._senders[dst] = SendPair(self, dst)
-            return pair
+                pair = self._senders[dst] = SendPair(self, dst, store_addr or self.store_addr)
+        if stale is not None:
+            stale.stop(f"worker {dst!r} moved its KV endpoint")
+        return pair
 
     def _open_send(self, entry: SendEntry) -> None:
-        if entry.handle.peer == self.worker_id:
-            entry.handle._fail("a worker cannot send KV to itself over torch.distributed")
+        handle = entry.handle
+        if handle.peer == self.worker_id:
+            handle._fail("a worker cannot send KV to itself over torch.distributed")
             return
-        self._sender(entry.handle.peer).put(Outgoing(entry, CONNECT))
+        store_addr = None
+        if entry.peer_endpoint:
+            try:
+                store_addr, worker_id = parse_endpoint(entry.peer_endpoint)
+            except ValueError as exc:
+                handle._fail(str(exc))
+                return
+            if worker_id != handle.peer:
+                handle._fail(f"endpoint {entry.peer_endpoint!r} is not worker {handle.peer!r}'s")
+                return
+        self._sender(handle.peer, store_addr).put(Outgoing(entry, CONNECT))
 
     def _submit(
         self, entry: SendEntry, layer: int, buffer: torch.Tensor, ready: torch.cuda.Event | None
     ) -> None:
-        self._sender(entry.handle.peer).put(Outgoing(entry, DATA, layer, buffer, ready))
+        with self._lock:
+            pair = self._senders.get(entry.handle.peer)
+        if pair is None:  # closed, or replaced after this transfer began
+            entry.handle._fail(f"no connection to worker {entry.handle.peer!r} any more")
+            return
+        pair.put(Outgoing(entry, DATA, layer, buffer, ready))
 
     def _open_recv(self, entry: RecvEntry) -> None:
         src = entry.handle.peer
@@ -109,7 +162,7 @@ class TorchDistBackend(KVBackend):
             self._check_open()
             pair = self._receivers.get(src)
             if pair is None:
-                pair = self._receivers[src] = RecvPair(self, src)
+                pair = self._receivers[src] = RecvPair(self, src, self.store_addr)
         pair.wake()
 
     def _notify_abort(self, entry: SendEntry, reason: str) -> None:

@@ -50,6 +50,7 @@ class PrefillJob:
     request_id: str
     dst_worker: str
     dst_block_ids: list[int]
+    dst_endpoint: str | None = None  # D's published KV endpoint (where the pair meets)
     arrived_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     computed_at: float | None = None
@@ -95,6 +96,7 @@ class PrefillWorker(WorkerRuntime):
         layout: KVLayout,
         timeout_s: float | None = None,
         num_sampled: int = 0,  # the prompt ends with this much of the request's own output
+        dst_endpoint: str | None = None,
     ) -> PrefillResult:
         if self.draining.is_set():
             raise PrefillError(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is draining")
@@ -115,7 +117,7 @@ class PrefillWorker(WorkerRuntime):
             top_k=params.top_k, min_p=params.min_p, seed=params.seed, ignore_eos=True,
             logprobs=params.logprobs, skip_special_tokens=params.skip_special_tokens,
         )
-        job = PrefillJob(request_id, dst_worker, list(dst_block_ids))
+        job = PrefillJob(request_id, dst_worker, list(dst_block_ids), dst_endpoint or None)
         try:
             self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only, num_sampled))
         except ValueError as exc:
@@ -168,7 +170,8 @@ class PrefillWorker(WorkerRuntime):
                 src = item.seq.block_table[: len(job.dst_block_ids)]
                 try:
                     job.transfer = self.kv.start_send(
-                        job.request_id, job.dst_worker, src, job.dst_block_ids
+                        job.request_id, job.dst_worker, src, job.dst_block_ids,
+                        peer_endpoint=job.dst_endpoint,
                     )
                 except ValueError as exc:
                     job.error = PrefillError(grpc.StatusCode.INTERNAL, f"KV send: {exc}")

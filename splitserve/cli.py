@@ -2,10 +2,11 @@
 
     splitserve serve    --model M --prefill-workers N --decode-workers K --port 50051
     splitserve router   --port 50051 [--redis-url URL]
-    splitserve prefill  --cluster grpc://127.0.0.1:50051 --kv-store 127.0.0.1:29500
-    splitserve decode   --cluster grpc://127.0.0.1:50051 --kv-store 127.0.0.1:29500 [--serve-kv-store]
+    splitserve prefill  --cluster grpc://127.0.0.1:50051 [--kv-store HOST:PORT]
+    splitserve decode   --cluster grpc://127.0.0.1:50051 [--kv-store HOST:PORT [--serve-kv-store]]
+    splitserve kv-store --port 29500   (a shared rendezvous store; by default each worker hosts its own)
     splitserve generate "prompt" [--address] [--chat] [--max-tokens] [--temperature]
-    splitserve bench offline | kv | serve | compare
+    splitserve bench offline | kv | serve | compare | chaos
 """
 
 from __future__ import annotations
@@ -250,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=0)
         p.add_argument("--cluster", required=True, help="grpc://router:port or redis://...")
-        p.add_argument("--kv-store", required=True, help="host:port of the KV rendezvous store")
-        p.add_argument("--serve-kv-store", action="store_true", help="host the store here")
+        p.add_argument("--kv-store", default=None,
+                       help="host:port of a KV rendezvous store the deployment shares "
+                            "(default: this worker hosts its own on --host)")
+        p.add_argument("--serve-kv-store", action="store_true",
+                       help="host the shared --kv-store in this process")
         p.add_argument("--kv-timeout", type=float, default=30.0)
         p.add_argument("--heartbeat-ttl", type=float, default=3.0)
         p.add_argument("--drain-timeout", type=float, default=10.0)

@@ -4,8 +4,9 @@
                            [--max-tokens 64] [--faults kill,term,stop,cancel] [--seed 0]
                            [--max-faults N] [--max-resumes 4] [--out results/chaos.json]
 
-One deployment of plain processes on 127.0.0.1: a router, the KV rendezvous store as its
-own process, one prefill worker and two decode workers (one CPU thread each). The same
+One deployment of plain processes on 127.0.0.1: a router, one prefill worker and two decode
+workers (one CPU thread each, each hosting its own KV rendezvous store, so a killed worker
+drops its store too). The same
 seeded requests (greedy and seeded sampling, short and long prompts) run twice:
   1. reference: no fault;
   2. chaos: once half the concurrent streams have their first token, a fault injector
@@ -81,9 +82,9 @@ class Cluster:
         self._spawn("router", ["router", "--model", self.model, "--port", "0", "--http-port",
                                "0", "--local-prefill-threshold", "32",
                                "--max-resumes", str(max_resumes)])
-        self._spawn("kv-store", ["kv-store", "--port", "0"])
+        # Each worker hosts its own KV rendezvous store: a killed worker takes only its own.
         self.worker_args = ["--model", self.model, "--cluster", self.fields["router"][4],
-                            "--kv-store", self.fields["kv-store"][2], "--kv-timeout", "3",
+                            "--kv-timeout", "3",
                             "--heartbeat-ttl", "2", "--threads", "1", "--num-kv-blocks", "512",
                             "--drain-timeout", "20"]
         for name in ("prefill-0", "decode-0", "decode-1"):

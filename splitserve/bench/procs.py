@@ -70,15 +70,12 @@ def local_deployment(
                                  "--local-prefill-threshold", str(local_prefill_threshold),
                                  *router_args])
         procs.append(router)
-        kv_store = f"127.0.0.1:{free_port()}"
-        common = ["--model", model, "--cluster", fields[4], "--kv-store", kv_store,
-                  "--threads", str(threads), *worker_args]
+        common = ["--model", model, "--cluster", fields[4], "--threads", str(threads),
+                  *worker_args]  # each worker hosts its own KV rendezvous store
         addrs: dict[str, Any] = {"router": fields[2], "decode": [], "prefill": []}
         for role, count in (("decode", num_decode), ("prefill", num_prefill)):
             for index in range(count):
-                host_store = ["--serve-kv-store"] if role == "decode" and index == 0 else []
-                proc, wfields = spawn([role, *common, "--worker-id", f"{role}-{index}",
-                                        *host_store])
+                proc, wfields = spawn([role, *common, "--worker-id", f"{role}-{index}"])
                 procs.append(proc)
                 addrs[role].append(wfields[3])
         wait_for_workers(fields[2], num_prefill + num_decode)

@@ -50,8 +50,10 @@ class WorkerOptions:
     port: int = 0  # 0: an ephemeral port
     cluster_url: str | None = None  # grpc://router:port (embedded store), redis://..., None: memory
     kv_backend: str = "torch_dist"  # torch_dist (gloo / NCCL) or inproc (one process)
-    kv_store: str | None = None  # host:port of the KV rendezvous TCPStore (torch_dist)
-    serve_kv_store: bool = False  # host that TCPStore in this process
+    # host:port of a KV rendezvous TCPStore the deployment shares (torch_dist); None: this
+    # worker hosts its own on `host` (no other process needed to receive KV).
+    kv_store: str | None = None
+    serve_kv_store: bool = False  # host that shared TCPStore in this process
     kv_timeout_s: float = 30.0  # deadline of one request's KV transfer
     heartbeat_ttl_s: float = 3.0
     max_concurrent_rpcs: int = 1024
@@ -68,8 +70,8 @@ class WorkerOptions:
     def __post_init__(self) -> None:
         if self.kv_backend not in ("torch_dist", "inproc"):
             raise ValueError(f"kv_backend must be torch_dist or inproc, got {self.kv_backend!r}")
-        if self.kv_backend == "torch_dist" and not self.kv_store:
-            raise ValueError("kv_backend torch_dist needs kv_store (host:port)")
+        if self.serve_kv_store and not self.kv_store:
+            raise ValueError("serve_kv_store needs kv_store (the host:port to serve it on)")
         if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0:
             raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -91,11 +93,16 @@ def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
         return InProcBackend(worker_id, layout, default_timeout_s=options.kv_timeout_s), None
     from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
 
-    assert options.kv_store is not None
-    host, _, port = options.kv_store.rpartition(":")
-    hosted = create_rendezvous_store(host, int(port)) if options.serve_kv_store else None
+    if options.kv_store:
+        host, _, port_text = options.kv_store.rpartition(":")
+        port = int(port_text)
+        hosted = create_rendezvous_store(host, port) if options.serve_kv_store else None
+    else:  # this worker's own store, on the address its gRPC server binds
+        host = options.host or "127.0.0.1"
+        hosted = create_rendezvous_store(host, 0)
+        port = hosted.port
     backend = TorchDistBackend(
-        worker_id, layout, host, int(port), device,
+        worker_id, layout, host, port, device,
         default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
     )
     return backend, hosted
@@ -144,9 +151,11 @@ class WorkerRuntime:
 
     @property
     def kv_endpoint(self) -> str:
-        if self.options.kv_backend == "inproc":
-            return f"inproc://{self.worker_id}"
-        return f"torch_dist://{self.options.kv_store}/{self.worker_id}"
+        from splitserve.kvtransfer.torch_dist import TorchDistBackend
+
+        if isinstance(self.kv, TorchDistBackend):
+            return self.kv.endpoint
+        return f"inproc://{self.worker_id}"
 
     @property
     def metrics_port(self) -> int | None:

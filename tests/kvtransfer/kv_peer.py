@@ -7,6 +7,7 @@ Run as `python kv_peer.py '<json spec>'`; it prints one JSON object per line on 
     role: "send" | "recv", store: [host, port], worker, peer, layout: {KVLayout fields},
     requests: [{"id", "src", "dst"}], seed, timeout_s,
     hold_after_layers (optional): stop after this many layers of the first request and sleep,
+    peer_endpoint (optional, sender): the receiver's KV endpoint (the store the pair meets at),
     device (optional, default "cpu"): where the pool lives ("cuda:N" uses NCCL).
 
 Both sides derive the pools from the seed: the sender's pool is make_pool(seed), the
@@ -67,11 +68,14 @@ def send_interleaved(
     timeout_s: float,
     layers: int | None = None,
     device: str = "cpu",
+    peer_endpoint: str | None = None,
 ) -> list[KVTransfer]:
     """Start every request, then send layer by layer, interleaving the requests."""
     ks, vs = make_pool(layout, seed, device)
     handles = [
-        backend.start_send(r["id"], peer, r["src"], r["dst"], timeout_s=timeout_s) for r in requests
+        backend.start_send(r["id"], peer, r["src"], r["dst"], timeout_s=timeout_s,
+                           peer_endpoint=peer_endpoint)
+        for r in requests
     ]
     for layer in range(layout.num_layers if layers is None else layers):
         for h in handles:
@@ -136,7 +140,8 @@ def main(spec: dict[str, Any]) -> None:
     requests, seed, hold = spec["requests"], spec["seed"], spec.get("hold_after_layers")
     if spec["role"] == "send":
         handles = send_interleaved(
-            backend, spec["peer"], layout, requests, seed, timeout_s, hold, device
+            backend, spec["peer"], layout, requests, seed, timeout_s, hold, device,
+            spec.get("peer_endpoint"),
         )
         if hold is not None:
             _hold(handles[0], hold, timeout_s)

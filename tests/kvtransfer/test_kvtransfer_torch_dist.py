@@ -22,7 +22,12 @@ import torch
 
 from splitserve.common.kv_layout import KVLayout
 from splitserve.kvtransfer.state import KVTransfer, TransferState
-from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
+from splitserve.kvtransfer.torch_dist import (
+    TorchDistBackend,
+    create_rendezvous_store,
+    endpoint,
+    parse_endpoint,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kv_peer import check_received, make_pool, send_interleaved, wait_all  # noqa: E402
@@ -170,6 +175,60 @@ def test_two_senders_into_one_pool(store: Any) -> None:
         receiver.close()
         for sender in senders:
             sender.finish()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_pairs_meet_at_the_receivers_own_store() -> None:
+    """No shared store: the receiver hosts its own and publishes it in its endpoint; the
+    sender's own store is dead (nothing listens there) and is never needed."""
+    own = create_rendezvous_store("127.0.0.1", 0)
+    receiver = TorchDistBackend("D-own", LAYOUT, "127.0.0.1", own.port)
+    assert parse_endpoint(receiver.endpoint) == (("127.0.0.1", own.port), "D-own")
+    spec = _spec(own, "send", "P-own", "D-own", LAYOUT, peer_endpoint=receiver.endpoint)
+    spec["store"] = ["127.0.0.1", _closed_port()]  # the sender's own store: dead
+    sender = Peer(spec)
+    try:
+        ks, vs = make_pool(LAYOUT, 7 + 1)
+        handles = [receiver.expect(r["id"], "P-own", r["dst"], ks, vs, 20) for r in REQUESTS]
+        wait_all(handles, 25)
+        assert [h.state for h in handles] == [TransferState.DONE] * 3, [h.error for h in handles]
+        assert check_received(LAYOUT, REQUESTS, 7, ks, vs) == (True, True)
+        assert sender.event("result")["states"] == ["done"] * 3
+    finally:
+        receiver.close()
+        sender.finish()
+
+
+def test_a_receiver_whose_store_is_gone_fails_the_send_at_its_deadline(store: Any) -> None:
+    sender = _backend(store, "P-nostore")
+    ks, vs = make_pool(LAYOUT, 7)
+    gone = endpoint("127.0.0.1", _closed_port(), "D-nostore")
+    try:
+        start = time.monotonic()
+        handle = sender.start_send("r", "D-nostore", [1], [2], timeout_s=1.5, peer_endpoint=gone)
+        for layer in range(LAYOUT.num_layers):
+            sender.send_layer(handle, layer, ks[layer], vs[layer])
+        _wait_failed(handle, 5.0)
+        assert time.monotonic() - start < 4.0
+        assert "D-nostore" in (handle.error or ""), handle.error
+        aborted = sender.start_send("r2", "D-nostore", [1], [2], timeout_s=60, peer_endpoint=gone)
+        sender.abort("r2")
+        assert aborted.poll() is TransferState.FAILED
+        with pytest.raises(ValueError, match="not a torch_dist KV endpoint"):
+            parse_endpoint("torch_dist://nohost/D")
+        bad = sender.start_send("r3", "D-x", [1], [2], peer_endpoint="inproc://D-x")
+        assert bad.poll() is TransferState.FAILED and "not a torch_dist" in (bad.error or "")
+        other = sender.start_send("r4", "D-x", [1], [2], peer_endpoint=gone)
+        assert other.poll() is TransferState.FAILED and "D-nostore" in (other.error or "")
+    finally:
+        sender.close()
 
 
 def test_layout_mismatch_fails_on_both_sides(store: Any) -> None:

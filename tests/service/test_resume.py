@@ -1,6 +1,7 @@
 """Token-level resume: a decode worker killed with SIGKILL mid-stream loses no request.
 
-Plain processes (router, one prefill worker hosting the KV store, two decode workers).
+Plain processes (router, one prefill worker, two decode workers; each worker hosts its own
+KV rendezvous store, so the killed worker takes no other pair's store with it).
 Streams running on the killed worker continue on the other one from the last token the
 client received: greedy and seeded outputs equal the colocated engine's, usage counts
 every token once, and the surviving worker ends with every block free.
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from splitserve.bench.procs import free_port
 from splitserve.client import Client
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.llm import LLM
@@ -42,12 +42,11 @@ def cluster(tiny_llama: Path) -> Iterator[dict[str, Proc]]:
     router = _spawn("router", "--model", str(tiny_llama), "--port", "0", "--http-port", "0",
                     "--block-size", "8", "--local-prefill-threshold", "16",
                     "--prefill-timeout-ms", "5000", "--max-resumes", "2")
-    kv_store = f"127.0.0.1:{free_port()}"
-    common = ["--model", str(tiny_llama), "--cluster", router.fields[4], "--kv-store", kv_store,
+    common = ["--model", str(tiny_llama), "--cluster", router.fields[4],
               "--kv-timeout", "5", "--heartbeat-ttl", "3", *ENGINE_ARGS]
     procs = {"router": router}
     try:
-        procs["prefill"] = _spawn("prefill", *common, "--serve-kv-store")
+        procs["prefill"] = _spawn("prefill", *common)
         procs["decode-a"] = _spawn("decode", *common, "--worker-id", "decode-a")
         procs["decode-b"] = _spawn("decode", *common, "--worker-id", "decode-b")
         _wait_live(router.fields[2], 3)
@@ -151,10 +150,17 @@ def test_decode_worker_killed_mid_stream_loses_nothing(cluster: dict[str, Proc],
     _check_exact(expected, results)
     assert _resumes(cluster, "decode_lost") >= 1
     _survivor_idle(cluster)
-    # New requests keep working with one decode worker.
-    with Client(cluster["router"].fields[2], timeout=60) as client:
+    # New requests keep working with one decode worker, remote prefill included: the dead
+    # worker's KV store was only its own.
+    with Client(cluster["router"].fields[2], timeout=60, max_retries=0) as client:
         out = client.generate([7, 8, 9, 10], max_tokens=5, temperature=0.0, ignore_eos=True)
-    assert out.finish_reason == "length"
+        assert out.finish_reason == "length"
+        for n in range(4):
+            long = client.generate([100 + n + i for i in range(40)], max_tokens=5,
+                                   temperature=0.0, ignore_eos=True)
+            assert long.finish_reason == "length"
+            assert long.timings is not None
+            assert long.timings.prefill_worker_id == cluster["prefill"].fields[2], long.timings
 
 
 def test_sigterm_migrates_a_decode_workers_streams(cluster: dict[str, Proc],
