@@ -56,6 +56,10 @@ class WorkerOptions:
     serve_kv_store: bool = False  # host that shared TCPStore in this process
     kv_timeout_s: float = 30.0  # deadline of one request's KV transfer
     heartbeat_ttl_s: float = 3.0
+    # The lease of a caller's calls: a router that stops answering HTTP/2 pings for this long
+    # (frozen, partitioned; a dead one closes its sockets at once) has its calls here
+    # cancelled, which frees what they reserved (an Admit's KV blocks, a prefill).
+    lease_s: float = 20.0
     max_concurrent_rpcs: int = 1024
     # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
     metrics_port: int | None = None
@@ -72,10 +76,23 @@ class WorkerOptions:
             raise ValueError(f"kv_backend must be torch_dist or inproc, got {self.kv_backend!r}")
         if self.serve_kv_store and not self.kv_store:
             raise ValueError("serve_kv_store needs kv_store (the host:port to serve it on)")
-        if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0:
-            raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive")
+        if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0 or self.lease_s < 0.2:
+            raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive, lease_s >= 0.2")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
+
+
+def lease_options(lease_s: float) -> list[tuple[str, int]]:
+    """Server options that end a silent caller's calls within ~lease_s: ping each connection
+    that has calls every lease/2 and close it when a ping goes unanswered for lease/2."""
+    half_ms = max(100, int(lease_s * 500))
+    return [
+        ("grpc.keepalive_time_ms", half_ms),
+        ("grpc.keepalive_timeout_ms", half_ms),
+        ("grpc.http2.ping_timeout_ms", half_ms),  # grpc >= 1.5x times pings out by this one
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),  # a quiet stream still gets pinged
+    ]
 
 
 def engine_layout(engine: LLMEngine) -> KVLayout:
@@ -130,7 +147,7 @@ class WorkerRuntime:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs,
                                        thread_name_prefix=f"{self.role}-rpc"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0), *lease_options(options.lease_s)],
             # Calls need the cluster token (if set); undecodable ones get INVALID_ARGUMENT.
             interceptors=[SyncGuardInterceptor(
                 [(ApiKeys.single("cluster", token, "the cluster token"), WORKER_SERVICES)])],
