@@ -46,16 +46,20 @@ class AdmissionController:
         Raises AdmissionClosedError / OverCapacityError at once when acquire() would
         refuse the request too, counting requests still being prepared as queued.
         """
-        if self.closed:
-            raise AdmissionClosedError("router is draining and admits no new requests")
-        held = self.num_inflight + len(self._waiters) + self.num_entering
-        if held >= self.max_inflight + self.max_queued:
-            raise self._over_capacity()
+        self.check()
         self.num_entering += 1
         try:
             yield
         finally:
             self.num_entering -= 1
+
+    def check(self) -> None:
+        """Raise what entry() would raise now (a refusal before any work on the request)."""
+        if self.closed:
+            raise AdmissionClosedError("router is draining and admits no new requests")
+        held = self.num_inflight + len(self._waiters) + self.num_entering
+        if held >= self.max_inflight + self.max_queued:
+            raise self._over_capacity()
 
     @property
     def num_queued(self) -> int:

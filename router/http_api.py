@@ -176,6 +176,7 @@ class HttpApi:
         return body
 
     async def _generate(self, request: web.Request, parse: Parser) -> web.StreamResponse:
+        self._pipeline.refuse_if_full()  # at overload: 429 before the body is even read
         body = await self._read_json(request)
         model = self._pipeline.state.model
         req = parse(body, model.model_id)

@@ -84,6 +84,12 @@ class RequestPipeline:
         finally:
             self.admission.release()
 
+    def refuse_if_full(self) -> None:
+        """ServiceError now if the request would be refused anyway: lets a front end answer
+        an overload before it reads or parses the request."""
+        with self._admission_error():
+            self.admission.check()
+
     @contextlib.contextmanager
     def _admission_error(self) -> Iterator[None]:
         """Admission refusals as ServiceErrors, counted by reason."""

@@ -203,6 +203,9 @@ def summarize(records: list[RequestRecord], slo: dict[str, float] | None = None,
         "tpot_ms": stats(collect("tpot_ms"), percentiles),
         "itl_ms": stats([g for r in done for g in r.itl_ms()], percentiles),
         "e2e_ms": stats(collect("e2e_ms"), percentiles),
+        # How long a failure took to arrive (a rejection at overload should be immediate).
+        "failed_e2e_ms": stats([v for r in records if r.status == "error"
+                                and (v := r.e2e_ms) is not None], percentiles),
         # Sent later than due: waiting for a --concurrency slot or a previous turn, or a
         # client too busy to keep the schedule (then the offered rate was not achieved).
         "send_lag_ms": stats([(r.send_s - r.scheduled_s) * 1e3 for r in records

@@ -77,6 +77,10 @@ def format_summary(summary: dict[str, Any], title: str = "",
     if lag.get("max") is not None:
         lines.append(f"{'send lag':<14s}"
                      + "".join(_num(lag[k]) for k in ["mean", *pcts]) + f"{lag['count']:>8d}")
+    failed = summary.get("failed_e2e_ms") or {}
+    if failed.get("max") is not None:
+        lines.append(f"{'failed after':<14s}"
+                     + "".join(_num(failed[k]) for k in ["mean", *pcts]) + f"{failed['count']:>8d}")
     if by_tag:
         lines.append("-" * 66)
         lines.append(f"{'by tag':<14s}{'n':>6s}{'TTFT p50':>11s}{'TTFT p99':>11s}"

@@ -118,6 +118,8 @@ def test_summary_goodput_and_throughput() -> None:
     assert s["tpot_ms"]["p50"] == pytest.approx(100.0)
     assert s["itl_ms"]["count"] == 9 + 9 + 1
     assert s["e2e_ms"]["max"] == pytest.approx(1000.0)
+    assert s["failed_e2e_ms"]["count"] == 1  # failures are timed apart from completions
+    assert s["failed_e2e_ms"]["max"] == pytest.approx(500.0)
     assert s["errors"] == {"HTTP 503: overloaded": 1}
     # No objectives: every completed request is good.
     assert summarize(records)["good_requests"] == 4

@@ -102,9 +102,16 @@ def test_over_capacity_is_429(router: RunningRouter, decode_worker: DecodeWorker
         assert info.value.status_code == 429
         assert isinstance(info.value.body, dict) and info.value.body["code"] == "over_capacity"
         assert info.value.response.headers["Retry-After"] == "1"
+        # Refused before the body is read: even one that is not JSON gets the 429.
+        host, port = router.http_address.split(":")  # type: ignore[union-attr]
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", "/v1/completions", body=b"{not json",
+                     headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 429
+        conn.close()
         stream.close()
     assert registry.get_sample_value("splitserve_admission_rejections_total",
-                                     {"reason": "over_capacity"}) == (rejected or 0) + 1
+                                     {"reason": "over_capacity"}) == (rejected or 0) + 2
     deadline = time.monotonic() + 10
     while decode_worker.loop.call(lambda e: e.block_manager.num_free_blocks) < 64:
         assert time.monotonic() < deadline, "the closed stream's blocks were not freed"
