@@ -12,10 +12,12 @@ import grpc
 
 from splitserve.common.convert.common import (
     FINISH_REASONS,
+    layout_from_proto,
     layout_to_proto,
     logprobs_to_proto,
     sampling_from_proto,
 )
+from splitserve.common.grpc_util import ServiceError
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -113,6 +115,25 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
               context: grpc.ServicerContext) -> worker_pb2.DecodeStatsResponse:
         return worker_pb2.DecodeStatsResponse(**self.worker.stats_fields())
 
+    def ShipKV(self, request: worker_pb2.ShipKVRequest,
+               context: grpc.ServicerContext) -> worker_pb2.ShipKVResponse:
+        try:
+            layout = layout_from_proto(request.kv_layout)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout_s = self.worker.options.kv_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout_s = max(0.001, min(timeout_s, remaining))
+        try:
+            nbytes, ms = self.worker.ship_kv(
+                request.request_id, request.transfer_request_id, request.dst_worker_id,
+                request.dst_kv_endpoint, list(request.dst_block_ids), layout, timeout_s,
+            )
+        except ServiceError as exc:
+            context.abort(exc.code, exc.message)
+        return worker_pb2.ShipKVResponse(kv_transfer_bytes=nbytes, kv_transfer_ms=ms)
+
     def Drain(self, request: worker_pb2.DecodeDrainRequest,
               context: grpc.ServicerContext) -> worker_pb2.DecodeDrainResponse:
         left = self.worker.drain(request.wait_timeout_ms / 1000.0)
@@ -137,6 +158,7 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext) -> Iterator[wo
             if event.migrate:  # draining: the router resumes the request elsewhere
                 output.finish_reason = common_pb2.FINISH_REASON_ABORT
                 output.migrate = True
+                output.migrate_kv_tokens = event.kv_tokens
                 break
             if event.error is not None:
                 output.finish_reason = common_pb2.FINISH_REASON_ERROR

@@ -15,12 +15,17 @@ Life cycle of a request:
 
 Drain with migration (SIGTERM on `splitserve decode`) and another decode worker live: the
 running requests are handed back to the router (DecodeOutput.migrate), which resumes them
-there; requests still waiting for their KV are handed back once they join. Alone, or in a
-plain drain (the Drain RPC, a whole deployment stopping), they finish here.
+there; requests still waiting for their KV are handed back once they join. A request
+between steps keeps its KV here for _PARK_S (migrate_kv_tokens says how much): the router
+admits its continuation on the next worker naming this one as the KV source, and ShipKV
+sends the blocks over kvtransfer, so nothing is recomputed (live migration). Unclaimed,
+the blocks are freed when the hold expires. Alone, or in a plain drain (the Drain RPC, a
+whole deployment stopping), requests finish here.
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import time
 from dataclasses import dataclass, field
@@ -28,9 +33,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitserve.cluster.store import ClusterStore, WorkerRole
+from splitserve.common.grpc_util import ServiceError
+from splitserve.common.kv_layout import KVLayout, check_compatible
 from splitserve.common.outputs import StepOutput
 from splitserve.common.sampling_params import SamplingParams
-from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
 from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
@@ -50,6 +57,18 @@ class DecodeEvent:
     output: StepOutput | None = None
     error: str | None = None
     migrate: bool = False
+    kv_tokens: int = 0  # with migrate: tokens whose KV is held here for ShipKV
+
+
+_PARK_S = 10.0  # how long a migrated request's KV waits here for ShipKV
+
+
+@dataclass(slots=True)
+class ParkedKV:
+    """A migrated request's KV, held for ShipKV until `expires_at` (engine thread only)."""
+
+    request: DetachedRequest
+    expires_at: float
 
 
 @dataclass(slots=True)
@@ -77,6 +96,8 @@ class DecodeWorker(WorkerRuntime):
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
         self._in_engine: dict[str, DecodeRequest] = {}  # engine thread only
+        self._parked: dict[str, ParkedKV] = {}  # engine thread only
+        self._num_parked = 0
 
     def _register(self, server: grpc.Server) -> list[str]:
         from splitserve.decode_worker.servicer import add_decode_servicer
@@ -84,7 +105,7 @@ class DecodeWorker(WorkerRuntime):
         return add_decode_servicer(server, self)
 
     def num_pending(self) -> int:
-        return self._num_waiting_kv
+        return self._num_waiting_kv + self._num_parked
 
     # ---- called from RPC threads ----------------------------------------------------------
     def admit(
@@ -236,9 +257,79 @@ class DecodeWorker(WorkerRuntime):
         for request_id, request in list(self._in_engine.items()):
             self._in_engine.pop(request_id)
             self.loop.drop_sink(request_id)
-            if engine.abort(request_id):
+            detached = engine.detach(request_id)
+            if detached is not None:  # its KV waits here for ShipKV
+                self._parked[request_id] = ParkedKV(detached, time.monotonic() + _PARK_S)
+                self._num_parked = len(self._parked)
+                self.loop.add_poller(_park_key(request_id),
+                                     functools.partial(self._expire_parked, engine, request_id))
+                self.loop.count_finished("migrated")
+                request.events.put(DecodeEvent(migrate=True,
+                                               kv_tokens=detached.num_computed_tokens))
+            elif engine.abort(request_id):
                 self.loop.count_finished("migrated")
                 request.events.put(DecodeEvent(migrate=True))
+
+    def _expire_parked(self, engine: LLMEngine, request_id: str) -> bool:
+        parked = self._parked.get(request_id)
+        if parked is None:
+            return False
+        if time.monotonic() < parked.expires_at:
+            return True
+        self._unpark(engine, request_id)
+        return False
+
+    def _unpark(self, engine: LLMEngine, request_id: str) -> None:
+        """Take a parked request's KV off the books and free its blocks."""
+        parked = self._parked.pop(request_id, None)
+        self._num_parked = len(self._parked)
+        self.loop.remove_poller(_park_key(request_id))
+        if parked is not None:
+            engine.release_blocks(parked.request.block_ids)
+
+    # ---- live migration: the source side (RPC thread) -------------------------------------
+    def ship_kv(self, request_id: str, transfer_request_id: str, dst_worker: str,
+                dst_endpoint: str, dst_block_ids: list[int], layout: KVLayout,
+                timeout_s: float) -> tuple[int, float]:
+        """Send a parked request's KV into `dst_worker`'s blocks; (bytes, ms) once every
+        layer arrived. ServiceError otherwise. The blocks here are freed either way (the
+        layers are copied out before that)."""
+        try:
+            check_compatible(self.layout, layout)
+        except ValueError as exc:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        started = time.monotonic()
+
+        def on_loop(engine: LLMEngine) -> KVTransfer:
+            parked = self._parked.get(request_id)
+            if parked is None:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"{self.worker_id} holds no KV of request {request_id!r} "
+                                   "(never migrated here, shipped already, or expired)")
+            try:
+                transfer = self.kv.start_send(
+                    transfer_request_id, dst_worker, parked.request.block_ids, dst_block_ids,
+                    timeout_s=timeout_s, peer_endpoint=dst_endpoint,
+                )
+                for layer, (k_cache, v_cache) in enumerate(engine.runner.kv_caches):
+                    self.kv.send_layer(transfer, layer, k_cache, v_cache)
+            except ValueError as exc:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"ShipKV: {exc}") from exc
+            finally:
+                self._unpark(engine, request_id)
+            return transfer
+
+        transfer = self.loop.call(on_loop)
+        deadline = started + timeout_s
+        while not transfer.poll().finished:
+            if time.monotonic() > deadline:
+                self.kv.abort(transfer_request_id, "ShipKV deadline")
+                break
+            time.sleep(0.0005)
+        if transfer.poll() is not TransferState.DONE:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"KV transfer to {dst_worker} failed: {transfer.error}")
+        return transfer.bytes, (time.monotonic() - started) * 1000.0
 
     def _end_waiting(self, engine: LLMEngine, request: DecodeRequest, error: str, abort: bool = False) -> None:
         self._waiting_kv.pop(request.request_id, None)
@@ -253,3 +344,7 @@ class DecodeWorker(WorkerRuntime):
             request.events.put(DecodeEvent(StepOutput(request.request_id, [], "", True, "abort")))
         else:
             request.events.put(DecodeEvent(error=error))
+
+
+def _park_key(request_id: str) -> str:
+    return f"parked:{request_id}"

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.common.grpc_util import ServiceError
-from splitserve.router.policy import Route, blocks_needed, plan_route, rank_decode_workers
+from splitserve.router.policy import (
+    Route,
+    WorkerView,
+    blocks_needed,
+    plan_route,
+    rank_decode_workers,
+)
 from splitserve.router.relay import RequestTrace
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
@@ -44,6 +50,7 @@ async def admit_request(
     remaining: Callable[[], float | None],
     exclude: Collection[str] = (),
     local: bool = False,
+    kv_source: WorkerView | None = None,
 ) -> Admitted:
     """Admit `request` on a decode worker; ServiceError when none does.
 
@@ -51,6 +58,8 @@ async def admit_request(
     decodes it; a worker restarted elsewhere is a new address). When that leaves no decode
     worker, all are offered again: a dead one fails fast, and a live one may serve.
     `local`: the decode worker prefills the prompt itself, whatever the policy says.
+    `kv_source`: the prompt's KV comes from this worker instead of a prefill (a draining
+    decode worker migrating the request: it ships the KV it holds).
 
     UNAVAILABLE: no usable decode worker, or all failed; RESOURCE_EXHAUSTED: one at least
     lacked free blocks; INVALID_ARGUMENT: all found the request too long.
@@ -74,8 +83,11 @@ async def admit_request(
     failures: list[str] = []
     refusals: list[int] = []
     for decode in rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]:
-        route = plan_route(decode, [] if local else snapshot.prefill, request.prompt_len,
-                           overlap, state.rules, state.policy)
+        if kv_source is not None:
+            route = Route(decode, kv_source)
+        else:
+            route = plan_route(decode, [] if local else snapshot.prefill, request.prompt_len,
+                               overlap, state.rules, state.policy)
         if trace.dispatched is None:
             trace.dispatched = time.monotonic()
         # Counted before the Admit is awaited: a burst of requests ranking the workers

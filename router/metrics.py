@@ -86,7 +86,7 @@ class RouterMetrics:
         self.resumes = Counter(PREFIX + "request_resumes", "Times a request moved on to other "
                                "workers: a worker was lost, or a draining one handed it back.",
                                ["reason"], registry=r)
-        for reason in ("prefill_lost", "decode_lost", "decode_drained"):
+        for reason in ("prefill_lost", "decode_lost", "decode_drained", "decode_migrated"):
             self.resumes.labels(reason)
         for reason in FINISH_REASON_NAMES.values():
             self.requests.labels(reason)

@@ -126,7 +126,8 @@ class RequestTrace:
     kv_transfer_ms: float = 0.0
     decode_queue_ms: float = 0.0
     kv_transfer_bytes: int = 0
-    # Why the request moved on each time: prefill_lost | decode_lost | decode_drained.
+    # Why the request moved on each time: prefill_lost | decode_lost | decode_drained
+    # (recomputed) | decode_migrated (its KV shipped from the draining worker).
     resumed: list[str] = field(default_factory=list)
 
     def add_prefill(self, response: worker_pb2.PrefillResponse) -> None:

@@ -18,7 +18,9 @@ Resume: when a worker is lost mid-request (D's stream breaks, P fails or times o
 PrefillDone fails), the attempt's hold on its workers is released and the request starts
 again from step 1 without the lost worker, at most `max_resumes` times. A draining D that
 hands the request back (DecodeOutput.migrate) is resumed the same way, without counting
-against max_resumes. Once tokens have reached the client, the new attempt's prompt is the
+against max_resumes; when it kept the request's KV (migrate_kv_tokens), the continuation is
+admitted naming the draining worker as its KV source and D.ShipKV sends the blocks over
+(live migration: nothing recomputed; on failure, recompute). Once tokens have reached the client, the new attempt's prompt is the
 prompt plus those tokens, prefilled remotely or on the new D as any prompt is (num_sampled
 in AdmitRequest and PrefillRequest: a seeded generator skips their draws), with max_tokens
 reduced by as many: the client's stream goes on with no token repeated or missing, and
@@ -36,6 +38,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -75,18 +78,36 @@ class WorkerLost(Exception):
     while draining (`planned`): resume elsewhere."""
 
     def __init__(self, role: str, worker: WorkerView, message: str,
-                 code: grpc.StatusCode = grpc.StatusCode.INTERNAL, planned: bool = False) -> None:
+                 code: grpc.StatusCode = grpc.StatusCode.INTERNAL, planned: bool = False,
+                 kv_tokens: int = 0) -> None:
         super().__init__(message)
         self.role = role  # "prefill" | "decode"
         self.worker = worker
         self.message = message
         self.code = code
         self.planned = planned
+        self.kv_tokens = kv_tokens  # planned: tokens whose KV the worker holds for ShipKV
 
     @property
     def reason(self) -> str:
         """The metric label: prefill_lost | decode_lost | decode_drained."""
         return f"{self.role}_{'drained' if self.planned else 'lost'}"
+
+
+_PLANNED = ("decode_drained", "decode_migrated")  # reasons that are hand-backs
+
+
+@dataclass(frozen=True)
+class _Ship:
+    """A continuation whose KV a draining decode worker ships (instead of a prefill)."""
+
+    source: WorkerView  # the draining worker
+    request_id: str  # the request's id there
+    first_token_id: int  # the last token relayed: the continuation's first input
+
+
+class _ShipFailed(Exception):
+    """Shipping the KV failed: recompute the continuation instead."""
 
 
 def resumed_request(
@@ -127,6 +148,8 @@ class RequestRun:
         self._attempt = request  # what the current attempt sends to workers
         self._lost_workers: set[str] = set()  # addresses
         self._prefill_here = False  # prefill on the decode worker, whatever the policy says
+        self._ship: _Ship | None = None  # the next attempt's KV comes from a draining worker
+        self._num_attempts = 0  # attempts after the first (each gets its own worker id)
         self._trace = trace
         self._emit = emit
         self._deadline = deadline
@@ -162,6 +185,12 @@ class RequestRun:
                 except WorkerLost as lost:
                     if not await self._resume(lost):
                         return
+                except _ShipFailed as failed:
+                    log.warning("request %s: %s; recomputing its KV instead",
+                                self._req.worker_request_id, failed)
+                    await self._release_attempt()
+                    self._trace.resumed[-1] = "decode_drained"
+                    self._attempt = self._next_attempt(self._relay.output_token_ids)
                 except ServiceError as exc:
                     if (self._trace.resumed and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
                             and not self._prefill_here):
@@ -179,14 +208,27 @@ class RequestRun:
             await self._state.shielded(self._cleanup())
 
     async def _serve(self) -> None:
-        """One attempt: admit, prefill, decode. WorkerLost when a worker fails it."""
+        """One attempt: admit, prefill (or receive shipped KV), decode. WorkerLost when a
+        worker fails it, _ShipFailed when shipped KV did not arrive."""
+        ship, self._ship = self._ship, None
         admitted = await admit_request(self._state, self._attempt, self._trace, self._remaining,
-                                       exclude=self._lost_workers, local=self._prefill_here)
+                                       exclude=self._lost_workers,
+                                       local=self._prefill_here and ship is None,
+                                       kv_source=ship.source if ship is not None else None)
         self._admitted(admitted)
-        if admitted.route.prefill is not None:
+        if ship is not None:
+            await self._ship_kv(ship, admitted.admission)
+            if not await self._prefill_done(ship.source.worker_id, ship.first_token_id):
+                return
+        elif admitted.route.prefill is not None:
             if not await self._prefill_remotely(admitted.admission):
                 return
         await self._relay_decode()
+
+    def _next_attempt(self, output_token_ids: list[int]) -> ValidatedRequest:
+        self._num_attempts += 1
+        return resumed_request(self._req, output_token_ids, self._num_attempts,
+                               self._state.rules.block_size)
 
     async def _resume(self, lost: WorkerLost) -> bool:
         """Set up the next attempt after `lost`; False when the request ended instead."""
@@ -197,7 +239,7 @@ class RequestRun:
             return False
         resumed = self._trace.resumed
         limit = _MAX_MIGRATIONS if lost.planned else self._state.config.max_resumes
-        done = sum(r.endswith("drained") == lost.planned for r in resumed)
+        done = sum((r in _PLANNED) == lost.planned for r in resumed)
         if done >= limit or self._final_sent:
             suffix = f" (no resume: {limit} done)" if limit else ""
             await self._fail(lost.message + suffix, lost.code)
@@ -208,9 +250,15 @@ class RequestRun:
         if not lost.planned:
             self._state.directory.eject(lost.worker, lost.message)
         self._lost_workers.add(lost.worker.address)
-        resumed.append(lost.reason)
-        self._attempt = resumed_request(self._req, self._relay.output_token_ids,
-                                        len(self._trace.resumed), self._state.rules.block_size)
+        tokens = self._relay.output_token_ids
+        if lost.planned and tokens and lost.kv_tokens == self._req.prompt_len + len(tokens) - 1:
+            # The draining worker holds the KV of everything but the last token: ship it.
+            self._ship = _Ship(lost.worker, self._rid, tokens[-1])
+            resumed.append("decode_migrated")
+            self._attempt = self._next_attempt(tokens[:-1])
+        else:
+            resumed.append(lost.reason)
+            self._attempt = self._next_attempt(tokens)
         self._ledger.update(RequestPhase.QUEUED, decode_worker_id="", prefill_worker_id="",
                             num_decode_blocks=0, num_prefill_blocks=0,
                             num_generated_tokens=self._relay.num_tokens)
@@ -301,6 +349,23 @@ class RequestRun:
         await self._send(step)
         return await self._prefill_done(prefill.worker_id, response.first_token_id)
 
+    async def _ship_kv(self, ship: _Ship, admission: worker_pb2.Admission) -> None:
+        """The draining worker sends the held KV into the blocks the new one reserved."""
+        request = worker_pb2.ShipKVRequest(
+            request_id=ship.request_id, transfer_request_id=self._rid,
+            dst_worker_id=self._trace.decode_worker_id, dst_kv_endpoint=admission.kv_endpoint,
+            dst_block_ids=admission.block_ids, kv_layout=admission.kv_layout,
+        )
+        stub = self._state.directory.decode_stub(ship.source)
+        timeout = _min_timeout(self._remaining(), self._state.prefill_timeout_s)
+        try:
+            response = await stub.ShipKV(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _ShipFailed(f"ShipKV from {ship.source.worker_id} failed: "
+                              f"{exc.code().name}: {exc.details()}") from exc
+        self._trace.kv_transfer_bytes += response.kv_transfer_bytes
+        self._ledger.update(RequestPhase.PREFILLING, prefill_worker_id=ship.source.worker_id)
+
     async def _prefill_done(self, prefill_worker_id: str, first_token_id: int) -> bool:
         assert self._route is not None
         stub = self._state.directory.decode_stub(self._route.decode)
@@ -358,7 +423,8 @@ class RequestRun:
                     await self._send(step)
                 if output.migrate:
                     raise WorkerLost("decode", decoder, f"decode worker {decode_id} is "
-                                     "draining", grpc.StatusCode.UNAVAILABLE, planned=True)
+                                     "draining", grpc.StatusCode.UNAVAILABLE, planned=True,
+                                     kv_tokens=output.migrate_kv_tokens)
                 continue
             step.text += self._relay.finish()
             if worker_reason == common_pb2.FINISH_REASON_ERROR:

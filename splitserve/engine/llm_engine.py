@@ -38,6 +38,15 @@ class RequestState:
     logprobs: list[TokenLogprobs]
 
 
+@dataclass(frozen=True, slots=True)
+class DetachedRequest:
+    """A request taken out of the engine with its KV (see LLMEngine.detach)."""
+
+    token_ids: list[int]  # prompt + output so far
+    num_computed_tokens: int  # the leading tokens whose KV the blocks hold
+    block_ids: list[int]  # exactly the blocks that hold them, in order
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoConfig
@@ -181,6 +190,30 @@ class LLMEngine:
             return False
         self._finish(state.seq, "abort")
         return True
+
+    def detach(self, request_id: str) -> DetachedRequest | None:
+        """Take a running request out of the engine with its KV kept: for live migration.
+
+        Only a request between steps whose every token but the last (sampled, not yet fed)
+        has its KV computed can move; None (nothing changed) for any other or an unknown
+        id. The caller owns the returned blocks and frees them with release_blocks()."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        seq = state.seq
+        if (seq.status is not SequenceStatus.RUNNING or seq.num_output_tokens == 0
+                or seq.num_computed_tokens != seq.num_tokens - 1):
+            return None
+        del self.requests[request_id]
+        self.scheduler.detach(seq)
+        seq.finish_reason = "abort"
+        seq.status = SequenceStatus.FINISHED
+        n = self.block_manager.blocks_needed(seq.num_computed_tokens)
+        blocks, seq.block_table = seq.block_table, []
+        if len(blocks) > n:  # a slot reserved for the next token: not part of the KV
+            self.block_manager.free_blocks(blocks[n:])
+            blocks = blocks[:n]
+        return DetachedRequest(list(seq.token_ids), seq.num_computed_tokens, blocks)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

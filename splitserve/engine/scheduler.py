@@ -73,11 +73,15 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues (finished or aborted) and free its blocks."""
+        self.detach(seq)
+        self.block_manager.free(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues; its blocks stay allocated to the caller."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
 
     @property
     def num_waiting(self) -> int:

@@ -172,7 +172,7 @@ class DecodeTimings(_message.Message):
     def __init__(self, prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_wait_ms: _Optional[float] = ..., decode_queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeOutput(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "finish_reason", "num_generated_tokens", "timings", "error_message", "num_cached_tokens", "migrate")
+    __slots__ = ("token_ids", "logprobs", "finish_reason", "num_generated_tokens", "timings", "error_message", "num_cached_tokens", "migrate", "migrate_kv_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class DecodeOutput(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIGRATE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     finish_reason: _common_pb2.FinishReason
@@ -189,7 +190,32 @@ class DecodeOutput(_message.Message):
     error_message: str
     num_cached_tokens: int
     migrate: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., num_generated_tokens: _Optional[int] = ..., timings: _Optional[_Union[DecodeTimings, _Mapping]] = ..., error_message: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., migrate: _Optional[bool] = ...) -> None: ...
+    migrate_kv_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., num_generated_tokens: _Optional[int] = ..., timings: _Optional[_Union[DecodeTimings, _Mapping]] = ..., error_message: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., migrate: _Optional[bool] = ..., migrate_kv_tokens: _Optional[int] = ...) -> None: ...
+
+class ShipKVRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_request_id", "dst_worker_id", "dst_kv_endpoint", "dst_block_ids", "kv_layout")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DST_KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_request_id: str
+    dst_worker_id: str
+    dst_kv_endpoint: str
+    dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    kv_layout: _common_pb2.KVLayout
+    def __init__(self, request_id: _Optional[str] = ..., transfer_request_id: _Optional[str] = ..., dst_worker_id: _Optional[str] = ..., dst_kv_endpoint: _Optional[str] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+
+class ShipKVResponse(_message.Message):
+    __slots__ = ("kv_transfer_bytes", "kv_transfer_ms")
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    kv_transfer_bytes: int
+    kv_transfer_ms: float
+    def __init__(self, kv_transfer_bytes: _Optional[int] = ..., kv_transfer_ms: _Optional[float] = ...) -> None: ...
 
 class AdmitResponse(_message.Message):
     __slots__ = ("admission", "output")

@@ -273,6 +273,11 @@ class DecodeWorkerStub:
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.DecodeDrainRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_worker__pb2.DecodeDrainResponse.FromString,
                 _registered_method=True)
+        self.ShipKV = channel.unary_unary(
+                '/splitserve.v1.DecodeWorker/ShipKV',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.ShipKVRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.ShipKVResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -318,6 +323,17 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShipKV(self, request, context):
+        """Live migration: ships the KV of a request this (draining) worker handed back with
+        DecodeOutput.migrate_kv_tokens > 0 to the decode worker that admitted its continuation
+        (AdmitRequest naming this worker as prefill_worker_id). Returns once every layer has
+        arrived there; frees the request's blocks here either way. FAILED_PRECONDITION: the
+        request is no longer held (its hold expired); the router then recomputes instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +361,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=splitserve_dot_v1_dot_worker__pb2.DecodeDrainRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_worker__pb2.DecodeDrainResponse.SerializeToString,
+            ),
+            'ShipKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShipKV,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.ShipKVRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.ShipKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +504,33 @@ class DecodeWorker:
             '/splitserve.v1.DecodeWorker/Drain',
             splitserve_dot_v1_dot_worker__pb2.DecodeDrainRequest.SerializeToString,
             splitserve_dot_v1_dot_worker__pb2.DecodeDrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShipKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.DecodeWorker/ShipKV',
+            splitserve_dot_v1_dot_worker__pb2.ShipKVRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.ShipKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

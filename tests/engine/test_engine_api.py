@@ -140,3 +140,39 @@ def test_a_resumed_seeded_request_continues_the_same_stream(llm: LLM) -> None:
     assert got == whole[k:]
     with pytest.raises(ValueError, match="num_sampled"):
         engine.add_request([1, 2, 3], rest, "bad", num_sampled=3)
+
+
+def test_a_detached_request_continues_elsewhere_from_its_kv(tiny_llama: Path) -> None:
+    """Live migration at engine level: detach a running seeded request after k tokens,
+    copy its KV blocks into another engine's pool, and it continues there exactly as an
+    uninterrupted run (nothing recomputed); the source's blocks all come back."""
+    prompt = list(range(400, 437))
+    params = SamplingParams(temperature=0.9, top_k=30, seed=5, max_tokens=20, ignore_eos=True)
+    make = lambda: LLM(model=str(tiny_llama), num_kv_blocks=64, block_size=8)  # noqa: E731
+    whole = make().generate([prompt], params)[0].token_ids
+    source, target = make().engine, make().engine
+    free = source.block_manager.num_free_blocks
+    assert source.detach("unknown") is None
+    source.add_request(prompt, params, "r")
+    got: list[int] = []
+    while len(got) < 7:
+        for out in source.step():
+            got.extend(out.new_token_ids)
+    moved = source.detach("r")
+    assert moved is not None and source.detach("r") is None
+    assert moved.token_ids == [*prompt, *got] and moved.num_computed_tokens == len(prompt) + 6
+    assert not source.has_unfinished()
+    dst = target.reserve_blocks(moved.num_computed_tokens)
+    assert dst is not None and len(dst) == len(moved.block_ids)
+    for (sk, sv), (tk, tv) in zip(source.runner.kv_caches, target.runner.kv_caches, strict=True):
+        tk[dst] = sk[moved.block_ids]
+        tv[dst] = sv[moved.block_ids]
+    source.release_blocks(moved.block_ids)
+    assert source.block_manager.num_free_blocks == free
+    rest = SamplingParams(temperature=0.9, top_k=30, seed=5, max_tokens=20 - 6, ignore_eos=True)
+    assert target.add_prefilled_request("r2", moved.token_ids[:-1], got[-1], rest, dst,
+                                        num_sampled=len(got)) is None
+    while target.has_unfinished():
+        for out in target.step():
+            got.extend(out.new_token_ids)
+    assert got == whole

@@ -165,18 +165,21 @@ def test_decode_worker_killed_mid_stream_loses_nothing(cluster: dict[str, Proc],
 
 def test_sigterm_migrates_a_decode_workers_streams(cluster: dict[str, Proc],
                                                   tiny_llama: Path) -> None:
-    """Graceful drain: the draining worker hands its streams back, the router resumes them
-    on the other worker, and the draining worker exits long before they would have ended."""
+    """Graceful drain with live migration: the draining worker hands its streams back
+    keeping their KV, the router admits each continuation on the other worker and the
+    draining one ships the KV there (nothing recomputed); it exits long before the streams
+    would have ended."""
     started = time.monotonic()
     expected, results = _run_streams(cluster, tiny_llama, signal.SIGTERM)
     _check_exact(expected, results)
-    drained, lost = _resumes(cluster, "decode_drained"), _resumes(cluster, "decode_lost")
-    assert drained >= 1 and lost == 0, (drained, lost)
+    migrated, drained = _resumes(cluster, "decode_migrated"), _resumes(cluster, "decode_drained")
+    lost = _resumes(cluster, "decode_lost")
+    assert migrated >= 1 and lost == 0, (migrated, drained, lost)
     assert cluster["decode-a"].popen.wait(30) == 0
     _survivor_idle(cluster)
     pause = max(r[4] for r in results)
-    print(f"longest pause of a migrated stream: {pause * 1000:.0f} ms "
-          f"(run took {time.monotonic() - started:.1f} s)")
+    print(f"longest pause of a migrated stream: {pause * 1000:.0f} ms ({migrated} KV shipped, "
+          f"{drained} recomputed; run took {time.monotonic() - started:.1f} s)")
 
 
 def test_a_frozen_decode_worker_is_detected_and_its_streams_resume(
