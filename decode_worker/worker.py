@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -98,6 +99,8 @@ class DecodeWorker(WorkerRuntime):
         self._in_engine: dict[str, DecodeRequest] = {}  # engine thread only
         self._parked: dict[str, ParkedKV] = {}  # engine thread only
         self._num_parked = 0
+        self._num_shipping = 0  # ShipKV calls in progress (their transfers keep us up)
+        self._shipping_lock = threading.Lock()
 
     def _register(self, server: grpc.Server) -> list[str]:
         from splitserve.decode_worker.servicer import add_decode_servicer
@@ -105,7 +108,7 @@ class DecodeWorker(WorkerRuntime):
         return add_decode_servicer(server, self)
 
     def num_pending(self) -> int:
-        return self._num_waiting_kv + self._num_parked
+        return self._num_waiting_kv + self._num_parked + self._num_shipping
 
     # ---- called from RPC threads ----------------------------------------------------------
     def admit(
@@ -257,7 +260,7 @@ class DecodeWorker(WorkerRuntime):
         for request_id, request in list(self._in_engine.items()):
             self._in_engine.pop(request_id)
             self.loop.drop_sink(request_id)
-            detached = engine.detach(request_id)
+            detached = engine.detach(request_id) if self.options.kv_migration else None
             if detached is not None:  # its KV waits here for ShipKV
                 self._parked[request_id] = ParkedKV(detached, time.monotonic() + _PARK_S)
                 self._num_parked = len(self._parked)
@@ -298,6 +301,18 @@ class DecodeWorker(WorkerRuntime):
             check_compatible(self.layout, layout)
         except ValueError as exc:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        with self._shipping_lock:
+            self._num_shipping += 1
+        try:
+            return self._ship_kv(request_id, transfer_request_id, dst_worker, dst_endpoint,
+                                 dst_block_ids, timeout_s)
+        finally:
+            with self._shipping_lock:
+                self._num_shipping -= 1
+
+    def _ship_kv(self, request_id: str, transfer_request_id: str, dst_worker: str,
+                 dst_endpoint: str, dst_block_ids: list[int], timeout_s: float
+                 ) -> tuple[int, float]:
         started = time.monotonic()
 
         def on_loop(engine: LLMEngine) -> KVTransfer:
@@ -311,8 +326,8 @@ class DecodeWorker(WorkerRuntime):
                     transfer_request_id, dst_worker, parked.request.block_ids, dst_block_ids,
                     timeout_s=timeout_s, peer_endpoint=dst_endpoint,
                 )
-                for layer, (k_cache, v_cache) in enumerate(engine.runner.kv_caches):
-                    self.kv.send_layer(transfer, layer, k_cache, v_cache)
+                caches = engine.runner.kv_caches
+                self.kv.send_all_layers(transfer, [k for k, _ in caches], [v for _, v in caches])
             except ValueError as exc:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"ShipKV: {exc}") from exc
             finally:
@@ -320,12 +335,8 @@ class DecodeWorker(WorkerRuntime):
             return transfer
 
         transfer = self.loop.call(on_loop)
-        deadline = started + timeout_s
-        while not transfer.poll().finished:
-            if time.monotonic() > deadline:
-                self.kv.abort(transfer_request_id, "ShipKV deadline")
-                break
-            time.sleep(0.0005)
+        if not transfer.wait(started + timeout_s - time.monotonic()).finished:
+            self.kv.abort(transfer_request_id, "ShipKV deadline")
         if transfer.poll() is not TransferState.DONE:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                f"KV transfer to {dst_worker} failed: {transfer.error}")

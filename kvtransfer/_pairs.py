@@ -27,7 +27,7 @@ import torch
 
 from splitserve.common.kv_layout import KVLayoutMismatch
 from splitserve.kvtransfer._rendezvous import PairLink
-from splitserve.kvtransfer._tables import ABORT, DATA, Incoming, SendEntry
+from splitserve.kvtransfer._tables import ABORT, ALL_LAYERS, DATA, Incoming, SendEntry, record_sent
 from splitserve.kvtransfer._wire import HEADER_LEN, REASON_FAILED, Header
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class SendPair(_PairThread):
         entry.sent_any = True
         group.send([payload], 1, 0).wait(_timeout(handle.deadline, cap))
         msg.buffer = None
-        handle._record_layer(msg.layer, payload.numel())
+        record_sent(handle, msg.layer, payload.numel())
 
     def _abort_notice(self, entry: SendEntry, reason: int) -> None:
         """Best effort, only over an open connection: tell the receiver to give up now."""
@@ -268,7 +268,8 @@ class RecvPair(_PairThread):
         if header.kind == ABORT:
             return header, Incoming(ABORT, reason=header.reason_text)
         layout = self.backend.layout
-        expected = header.num_blocks * layout.bytes_per_block_per_layer
+        layers = layout.num_layers if header.layer == ALL_LAYERS else 1
+        expected = header.num_blocks * layout.bytes_per_block_per_layer * layers
         if header.payload_nbytes != expected:
             raise ValueError(f"payload of {header.payload_nbytes} bytes, expected {expected}")
         if self.scratch.numel() < expected:
@@ -276,5 +277,8 @@ class RecvPair(_PairThread):
         payload = self.scratch[:expected]
         op_deadline = time.monotonic() + self.backend.op_timeout_s
         group.recv([payload], 0, 0).wait(_timeout(op_deadline, self.backend.op_timeout_s))
-        buffer = payload.view(layout.torch_dtype).view(2, header.num_blocks, *layout.block_shape)
+        shape: tuple[int, ...] = (2, header.num_blocks, *layout.block_shape)
+        if header.layer == ALL_LAYERS:
+            shape = (layers, *shape)
+        buffer = payload.view(layout.torch_dtype).view(shape)
         return header, Incoming(DATA, header.layer, header.num_blocks, header.dst_digest, buffer)

@@ -19,6 +19,7 @@ from splitserve.kvtransfer.state import KVTransfer
 
 DATA = 1  # message kinds, shared with the wire header
 ABORT = 2
+ALL_LAYERS = -1  # a DATA message's layer when its buffer holds every layer, [L, 2, n, ...]
 
 
 @dataclass(slots=True, eq=False)
@@ -78,12 +79,22 @@ class Incoming:
     layer: int = -1
     num_blocks: int = 0
     dst_digest: int = 0
-    buffer: torch.Tensor | None = None  # [2, n, block_size, num_kv_heads, head_dim]
+    buffer: torch.Tensor | None = None  # [2, n, block_size, num_kv_heads, head_dim] or
+    # [num_layers, 2, n, ...] when layer is ALL_LAYERS
     reason: str = ""
 
     @property
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
+
+def record_sent(handle: KVTransfer, layer: int, nbytes: int) -> None:
+    """A sender's message went out: one layer, or every layer (ALL_LAYERS)."""
+    if layer != ALL_LAYERS:
+        handle._record_layer(layer, nbytes)
+        return
+    for each in range(handle.num_layers):
+        handle._record_layer(each, nbytes // handle.num_layers)
 
 
 def deliver(entry: RecvEntry, msg: Incoming) -> None:
@@ -103,14 +114,23 @@ def deliver(entry: RecvEntry, msg: Incoming) -> None:
             )
             handle._fail(f"block mismatch for {handle.request_id!r} from {handle.peer!r}: {what}")
             return
-        if not 0 <= msg.layer < handle.num_layers or handle._has_layer(msg.layer):
-            return  # duplicate or out of range: never written twice
         assert msg.buffer is not None
-        buffer = msg.buffer.to(entry.k_caches[msg.layer].device, non_blocking=False)
-        unpack_layer(buffer, entry.k_caches[msg.layer], entry.v_caches[msg.layer], entry.dst_ids)
-        if buffer.is_cuda:
-            torch.cuda.current_stream(buffer.device).synchronize()
-        handle._record_layer(msg.layer, msg.nbytes)
+        if msg.layer == ALL_LAYERS:
+            if msg.buffer.shape[0] != handle.num_layers:
+                handle._fail(f"{msg.buffer.shape[0]} layers from {handle.peer!r}, "
+                             f"{handle.num_layers} expected")
+                return
+            layers = [(layer, msg.buffer[layer]) for layer in range(handle.num_layers)]
+        else:
+            layers = [(msg.layer, msg.buffer)]
+        for layer, data in layers:
+            if not 0 <= layer < handle.num_layers or handle._has_layer(layer):
+                continue  # duplicate or out of range: never written twice
+            buffer = data.to(entry.k_caches[layer].device, non_blocking=False)
+            unpack_layer(buffer, entry.k_caches[layer], entry.v_caches[layer], entry.dst_ids)
+            if buffer.is_cuda:
+                torch.cuda.current_stream(buffer.device).synchronize()
+            handle._record_layer(layer, data.numel() * data.element_size())
 
 
 class ReceiveTable:

@@ -6,7 +6,9 @@ is preceded by a fixed-size int64 header that tells the receiver where it goes:
     header: int64 [8] = [magic, kind, request_key, layer, num_blocks, dst_digest,
                          payload_nbytes, reason]
     payload (kind DATA only): uint8 [payload_nbytes], the bytes of a contiguous
-                         [2, num_blocks, block_size, num_kv_heads, head_dim] buffer
+                         [2, num_blocks, block_size, num_kv_heads, head_dim] buffer, or
+                         with layer = -1 (ALL_LAYERS) [num_layers, 2, num_blocks, ...]:
+                         every layer at once (KV computed already, e.g. a migration)
 
 request_key and dst_digest are the stable 63-bit hashes of kvtransfer.state. No pickle.
 """

@@ -25,7 +25,14 @@ import torch
 
 from splitserve.common.kv_layout import KVLayout
 from splitserve.kvtransfer._pack import pack_layer
-from splitserve.kvtransfer._tables import Incoming, ReceiveTable, RecvEntry, SendEntry, deliver
+from splitserve.kvtransfer._tables import (
+    ALL_LAYERS,
+    Incoming,
+    ReceiveTable,
+    RecvEntry,
+    SendEntry,
+    deliver,
+)
 from splitserve.kvtransfer.state import (
     Direction,
     KVTransfer,
@@ -131,6 +138,43 @@ class KVBackend(abc.ABC):
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buffer.device))
         self._submit(entry, layer, buffer, ready)
+
+    def send_all_layers(
+        self, handle: KVTransfer, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]
+    ) -> None:
+        """Send every layer of the request's src blocks as one message: for KV that is all
+        computed already (a migrating request), where one message per layer would only add
+        round trips. Copies the blocks before returning; a finished handle makes this a
+        no-op."""
+        if handle.poll().finished:
+            return
+        entry = self._send_entry(handle)
+        if entry.submitted:
+            raise ValueError(f"layers {sorted(entry.submitted)} of {handle.request_id!r} "
+                             "were already sent one by one")
+        if len(k_caches) != handle.num_layers or len(v_caches) != handle.num_layers:
+            raise ValueError(f"need {handle.num_layers} K and V caches, "
+                             f"got {len(k_caches)}/{len(v_caches)}")
+        first = k_caches[0]
+        for k, v in zip(k_caches, v_caches, strict=True):
+            self._check_caches(k, v)
+        if max(entry.src_block_ids) >= first.shape[0]:
+            raise ValueError(
+                f"src block ids {entry.src_block_ids} beyond a {first.shape[0]}-block pool"
+            )
+        entry.submitted.update(range(handle.num_layers))
+        buffer = torch.empty(
+            (handle.num_layers, 2, handle.num_blocks, *self.layout.block_shape),
+            dtype=first.dtype, device=first.device,
+        )
+        ids = entry.ids_on(first.device)
+        for layer, (k, v) in enumerate(zip(k_caches, v_caches, strict=True)):
+            pack_layer(k, v, ids, buffer[layer])
+        ready: torch.cuda.Event | None = None
+        if buffer.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(buffer.device))
+        self._submit(entry, ALL_LAYERS, buffer, ready)
 
     # -- receiver -----------------------------------------------------------------------
 

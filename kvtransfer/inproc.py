@@ -12,7 +12,7 @@ import threading
 import torch
 
 from splitserve.common.kv_layout import KVLayout, KVLayoutMismatch, check_compatible
-from splitserve.kvtransfer._tables import ABORT, DATA, Incoming, RecvEntry, SendEntry
+from splitserve.kvtransfer._tables import ABORT, DATA, Incoming, RecvEntry, SendEntry, record_sent
 from splitserve.kvtransfer.base import KVBackend
 
 
@@ -97,7 +97,7 @@ class InProcBackend(KVBackend):
             ready.synchronize()
         msg = Incoming(DATA, layer, handle.num_blocks, entry.dst_digest, buffer)
         peer._receive(self.worker_id, handle.key, msg)
-        handle._record_layer(layer, msg.nbytes)
+        record_sent(handle, layer, msg.nbytes)
 
     def _open_recv(self, entry: RecvEntry) -> None:
         peer, why = self._peer(entry.handle.peer)

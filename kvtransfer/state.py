@@ -100,6 +100,7 @@ class KVTransfer:
         "_finished_at",
         "_on_finish",
         "_guard",
+        "_finished",
     )
 
     def __init__(
@@ -130,6 +131,7 @@ class KVTransfer:
         self._bytes = 0
         self._finished_at: float | None = None
         self._on_finish = on_finish
+        self._finished = threading.Event()  # set once DONE or FAILED
         # Receivers: held by the backend while it writes a layer into the dst blocks, and by
         # _fail, so a FAILED transfer never has a write in progress (its blocks may be freed).
         self._guard = threading.RLock() if guarded else None
@@ -150,6 +152,14 @@ class KVTransfer:
             with self._lock:
                 state = self._state
         return state
+
+    def wait(self, timeout_s: float | None = None) -> TransferState:
+        """Block (an RPC thread, never a scheduler loop) until the transfer finishes, its
+        deadline passes, or `timeout_s` elapses; the state then. Sleeps on an event rather
+        than polling, so many waiters cost the backend threads no CPU."""
+        limit = self.remaining_s() if timeout_s is None else min(timeout_s, self.remaining_s())
+        self._finished.wait(max(0.0, limit))
+        return self.poll()
 
     def live_at(self, now: float) -> bool:
         """Cheap liveness check for backend loops: applies the deadline like poll()."""
@@ -210,8 +220,10 @@ class KVTransfer:
             self._state = TransferState.DONE if done else TransferState.TRANSFERRING
             if done:
                 self._finished_at = time.monotonic()
-        if done and self._on_finish is not None:
-            self._on_finish(self)
+        if done:
+            self._finished.set()
+            if self._on_finish is not None:
+                self._on_finish(self)
         return True
 
     def _fail(self, message: str) -> bool:
@@ -228,6 +240,7 @@ class KVTransfer:
             self._state = TransferState.FAILED
             self._error = message
             self._finished_at = time.monotonic()
+        self._finished.set()
         if self._on_finish is not None:
             self._on_finish(self)
         return True

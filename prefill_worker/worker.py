@@ -199,11 +199,8 @@ class PrefillWorker(WorkerRuntime):
             raise job.error
         transfer = job.transfer
         assert job.output is not None and transfer is not None
-        while not transfer.poll().finished:
-            if time.monotonic() > deadline:
-                self.kv.abort(job.request_id, "prefill deadline")
-                break
-            time.sleep(0.0005)
+        if not transfer.wait(deadline - time.monotonic()).finished:
+            self.kv.abort(job.request_id, "prefill deadline")
         if transfer.poll() is not TransferState.DONE:
             raise PrefillError(
                 grpc.StatusCode.INTERNAL, f"KV transfer to {job.dst_worker} failed: {transfer.error}"

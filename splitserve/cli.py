@@ -153,7 +153,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             port=args.port, cluster_url=args.cluster, kv_backend="torch_dist",
             kv_store=args.kv_store, serve_kv_store=args.serve_kv_store,
             kv_timeout_s=args.kv_timeout, heartbeat_ttl_s=args.heartbeat_ttl,
-            lease_s=args.lease_timeout,
+            lease_s=args.lease_timeout, kv_migration=not args.no_kv_migration,
             metrics_port=args.metrics_port,
         )
         if role == "prefill":
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="host the shared --kv-store in this process")
         p.add_argument("--kv-timeout", type=float, default=30.0)
         p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+        p.add_argument("--no-kv-migration", action="store_true",
+                       help="decode: a drain hands requests on for recompute instead of "
+                            "shipping their KV")
         p.add_argument("--lease-timeout", type=float, default=20.0,
                        help="seconds a silent router's calls (and the KV blocks they "
                             "reserved) are kept before they are cancelled")

@@ -69,6 +69,7 @@ class Cluster:
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     fields: dict[str, list[str]] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
+    kv_migration: bool = True  # a drained decode worker ships its requests' KV
 
     @property
     def router(self) -> str:
@@ -93,7 +94,8 @@ class Cluster:
 
     def start_worker(self, name: str) -> None:
         role = name.split("-")[0]
-        self._spawn(name, [role, *self.worker_args, "--worker-id", name])
+        extra = ["--no-kv-migration"] if role == "decode" and not self.kv_migration else []
+        self._spawn(name, [role, *self.worker_args, "--worker-id", name, *extra])
 
     def _spawn(self, name: str, args: list[str]) -> None:
         proc, words = spawn(args, timeout_s=300)
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-faults", type=int, default=1000, help="stop injecting after these")
     ap.add_argument("--max-resumes", type=int, default=4, help="the router's --max-resumes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-kv-migration", action="store_true",
+                    help="drained decode workers hand requests on for recompute, not their KV")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     faults = [f for f in args.faults.split(",") if f]
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = _requests(args.num_requests, args.max_tokens, args.seed)
     cancels = ({i: rng.randrange(0, args.max_tokens) for i in range(len(requests))
                 if rng.random() < args.cancel_fraction} if "cancel" in faults else {})
-    cluster = Cluster(args.model)
+    cluster = Cluster(args.model, kv_migration=not args.no_kv_migration)
     try:
         cluster.start(args.max_resumes)
         if not args.skip_reference:

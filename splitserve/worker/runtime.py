@@ -8,6 +8,7 @@ or inside a Ray actor; nothing here imports ray.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -60,6 +61,9 @@ class WorkerOptions:
     # (frozen, partitioned; a dead one closes its sockets at once) has its calls here
     # cancelled, which frees what they reserved (an Admit's KV blocks, a prefill).
     lease_s: float = 20.0
+    # Decode workers draining with migration ship running requests' KV to the next worker
+    # (False: the next worker recomputes it).
+    kv_migration: bool = True
     max_concurrent_rpcs: int = 1024
     # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
     metrics_port: int | None = None
@@ -131,6 +135,10 @@ class WorkerRuntime:
     role = "prefill"
 
     def __init__(self, options: WorkerOptions, store: ClusterStore | None = None):
+        # The engine thread holds the GIL for its Python work; KV transfer and RPC threads
+        # wait up to one switch interval for it (BENCHMARKS.md, "Live migration", measured
+        # no served-throughput difference between 0.5 and 5 ms, so the default stays).
+        sys.setswitchinterval(envs.worker_switch_interval_s())
         self.options = options
         self.worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
         self.engine = LLMEngine(options.engine)

@@ -71,6 +71,23 @@ def test_data_before_expect_is_kept_until_expect(registry: InProcRegistry) -> No
     assert check_received(LAYOUT, REQUESTS[:1], 7, ks, vs) == (True, True)
 
 
+def test_all_layers_at_once_before_and_after_expect(registry: InProcRegistry) -> None:
+    p, d = _pair(registry)
+    src_k, src_v = make_pool(LAYOUT, 7)
+    ks, vs = make_pool(LAYOUT, 8)
+    early, late = REQUESTS[0], REQUESTS[2]
+    sent = p.start_send(early["id"], "D", early["src"], early["dst"])
+    p.send_all_layers(sent, src_k, src_v)  # stashed until expect()
+    handles = [d.expect(early["id"], "P", early["dst"], ks, vs),
+               d.expect(late["id"], "P", late["dst"], ks, vs)]
+    assert handles[0].poll() is TransferState.DONE
+    sent2 = p.start_send(late["id"], "D", late["src"], late["dst"])
+    p.send_all_layers(sent2, src_k, src_v)
+    assert [h.poll() for h in (sent, sent2, *handles)] == [TransferState.DONE] * 4
+    assert check_received(LAYOUT, [early, late], 7, ks, vs) == (True, True)
+    assert p.stats().bytes_sent == d.stats().bytes_received == LAYOUT.bytes_for(8)
+
+
 def test_layout_mismatch_refused_on_both_sides(registry: InProcRegistry) -> None:
     p = InProcBackend("P", LAYOUT, registry)
     d = InProcBackend("D", KVLayout(4, 2, 8, 8, "float32"), registry)

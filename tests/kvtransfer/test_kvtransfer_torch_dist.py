@@ -393,3 +393,36 @@ def test_nccl_two_processes_bit_exact(store: Any) -> None:
     finally:
         receiver.close()
         sender.finish()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_all_layers_in_one_message_are_bit_exact(dtype: str) -> None:
+    """send_all_layers: one message carries every layer (a migration's KV, all computed)."""
+    layout = KVLayout(4, 2, 8, 4, dtype)
+    own = create_rendezvous_store("127.0.0.1", 0)
+    receiver = TorchDistBackend(f"D-all-{dtype}", layout, "127.0.0.1", own.port)
+    sender = TorchDistBackend(f"P-all-{dtype}", layout, "127.0.0.1", _closed_port())
+    try:
+        ks, vs = make_pool(layout, 7 + 1)
+        src_k, src_v = make_pool(layout, 7)
+        handles = [receiver.expect(r["id"], sender.worker_id, r["dst"], ks, vs, 20)
+                   for r in REQUESTS]
+        for r in REQUESTS:
+            h = sender.start_send(r["id"], receiver.worker_id, r["src"], r["dst"], timeout_s=20,
+                                  peer_endpoint=receiver.endpoint)
+            sender.send_all_layers(h, src_k, src_v)
+            with pytest.raises(ValueError, match="already"):
+                sender.send_layer(h, 0, src_k[0], src_v[0])
+        wait_all(handles, 25)
+        assert [h.state for h in handles] == [TransferState.DONE] * 3, [h.error for h in handles]
+        assert check_received(layout, REQUESTS, 7, ks, vs) == (True, True)
+        total = sum(len(r["src"]) for r in REQUESTS)
+        assert receiver.stats().bytes_received == layout.bytes_for(total)
+        partial = sender.start_send("p", receiver.worker_id, [1], [2], timeout_s=5,
+                                    peer_endpoint=receiver.endpoint)
+        sender.send_layer(partial, 0, src_k[0], src_v[0])
+        with pytest.raises(ValueError, match="one by one"):
+            sender.send_all_layers(partial, src_k, src_v)
+    finally:
+        sender.close()
+        receiver.close()
