@@ -63,8 +63,12 @@ class AsyncStore:
             log.warning("ledger delete for %s failed", request_id, exc_info=True)
 
 
+_PROGRESS_EVERY_S = 1.0
+
+
 class RequestLedger:
-    """One request's ledger entry, rewritten at each phase change and deleted at the end.
+    """One request's ledger entry, rewritten at each phase change (and about every second
+    while tokens flow) and deleted at the end.
 
     Phases: QUEUED (admitted by the router) -> ADMITTED (D reserved blocks) ->
     PREFILLING (P computes, remote prefill only) -> DECODING (D generates) -> deleted.
@@ -93,6 +97,15 @@ class RequestLedger:
         )
         self._written = True
         self._chain(self._store.ledger_put(self._entry))
+
+    def progress(self, phase: RequestPhase, num_generated_tokens: int) -> None:
+        """Tokens relayed so far: written on a phase change, else at most every
+        _PROGRESS_EVERY_S (the router's own state has every token; the ledger is for
+        operators and for finding what a lost worker held)."""
+        now = time.time()
+        if phase is self._entry.phase and now - self._entry.updated_at < _PROGRESS_EVERY_S:
+            return
+        self.update(phase, num_generated_tokens=num_generated_tokens)
 
     async def delete(self) -> None:
         """Delete the entry (if one was written) once earlier writes are done."""

@@ -406,9 +406,9 @@ class RequestRun:
             output = message.output
             if self._trace.prefill_local and output.num_cached_tokens:
                 self._trace.num_cached_tokens = output.num_cached_tokens  # D's prefix cache
-            if self._ledger.phase is not RequestPhase.DECODING and output.token_ids:
-                self._ledger.update(RequestPhase.DECODING)
             step = self._relay.add(output.token_ids, output.logprobs)
+            if output.token_ids:
+                self._ledger.progress(RequestPhase.DECODING, self._relay.num_tokens)
             worker_reason = output.finish_reason
             if worker_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                 self._decode_done = True

@@ -19,6 +19,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
 )
+from splitserve.router import cluster_io
 from splitserve.router import workers as workers_module
 from splitserve.router.cluster_io import AsyncStore, RequestLedger
 from splitserve.router.workers import WorkerDirectory
@@ -135,6 +136,29 @@ def test_ledger_follows_the_phases_and_is_deleted() -> None:
         await ledger.delete()
         assert store.ledger_get("r1") is None
         assert ledger.phase is RequestPhase.DECODING
+
+    run(body())
+
+
+def test_ledger_progress_is_written_on_phase_change_then_about_every_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        ledger = RequestLedger(AsyncStore(store), "r3", num_prompt_tokens=4)
+        ledger.update(RequestPhase.ADMITTED)
+        ledger.progress(RequestPhase.DECODING, 2)  # a phase change: written at once
+        ledger.progress(RequestPhase.DECODING, 3)  # within the second: skipped
+        await asyncio.sleep(0.01)
+        entry = store.ledger_get("r3")
+        assert entry is not None
+        assert (entry.phase, entry.num_generated_tokens) == (RequestPhase.DECODING, 2)
+        later = time.time() + 1.5
+        monkeypatch.setattr(cluster_io.time, "time", lambda: later)
+        ledger.progress(RequestPhase.DECODING, 9)
+        await asyncio.sleep(0.01)
+        entry = store.ledger_get("r3")
+        assert entry is not None and entry.num_generated_tokens == 9
+        await ledger.delete()
 
     run(body())
 
