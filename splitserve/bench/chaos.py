@@ -1,7 +1,7 @@
 """Faults under load: does any request get lost, repeated, or leave a KV block behind?
 
     splitserve bench chaos [--model smollm2-135m] [--num-requests 96] [--concurrency 24]
-                           [--max-tokens 64] [--faults kill,term,stop,cancel] [--seed 0]
+                           [--max-tokens 64] [--faults kill,term,stop,pkill,cancel] [--seed 0]
                            [--max-faults N] [--max-resumes 4] [--out results/chaos.json]
 
 One deployment of plain processes on 127.0.0.1: a router, one prefill worker and two decode
@@ -16,6 +16,11 @@ seeded requests (greedy and seeded sampling, short and long prompts) run twice:
        stop   SIGSTOP the prefill worker for 3 s, then SIGCONT (its calls wait it out or,
               past the router's prefill deadline where one is set, resume elsewhere;
               the health probes need ~14 s of silence to call it lost)
+       pkill  SIGKILL the prefill worker (restarted a second later): its prompts resume,
+              prefilled locally until it is back
+       redis  (only when named: cluster state then lives in a redis-server the bench
+              starts) kill Redis and start an empty one on its port 2 s later: the
+              router routes on its last view meanwhile, the workers register again
      and `cancel` makes a quarter of the clients hang up at a random point.
 Then every live worker must be back to all blocks free. Printed: requests, faults by kind,
 resumes by reason, completed token-exact vs the reference, mismatched, failed, cancelled,
@@ -30,8 +35,11 @@ import argparse
 import json
 import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -42,11 +50,12 @@ from typing import Any
 
 import grpc
 
-from splitserve.bench.procs import spawn, wait_for_workers
+from splitserve.bench.procs import free_port, spawn, wait_for_workers
 from splitserve.client import Client, SplitServeError
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
-FAULTS = ("kill", "term", "stop", "cancel")
+FAULTS = ("kill", "term", "stop", "pkill", "redis", "cancel")
+DEFAULT_FAULTS = ("kill", "term", "stop", "pkill", "cancel")
 
 
 @dataclass
@@ -70,6 +79,15 @@ class Cluster:
     fields: dict[str, list[str]] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
     kv_migration: bool = True  # a drained decode worker ships its requests' KV
+    redis_port: int | None = None  # cluster state in a redis-server on this port
+    redis: subprocess.Popen[bytes] | None = None
+    redis_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def cluster_url(self) -> str:
+        if self.redis_port is not None:
+            return f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.fields["router"][4]
 
     @property
     def router(self) -> str:
@@ -80,17 +98,47 @@ class Cluster:
         return f"http://{self.fields['router'][6]}/metrics"
 
     def start(self, max_resumes: int) -> None:
+        redis_args: list[str] = []
+        if self.redis_port is not None:
+            self.start_redis()
+            redis_args = ["--redis-url", self.cluster_url]
         self._spawn("router", ["router", "--model", self.model, "--port", "0", "--http-port",
                                "0", "--local-prefill-threshold", "32",
-                               "--max-resumes", str(max_resumes)])
+                               "--max-resumes", str(max_resumes), *redis_args])
         # Each worker hosts its own KV rendezvous store: a killed worker takes only its own.
-        self.worker_args = ["--model", self.model, "--cluster", self.fields["router"][4],
+        self.worker_args = ["--model", self.model, "--cluster", self.cluster_url,
                             "--kv-timeout", "3",
                             "--heartbeat-ttl", "2", "--threads", "1", "--num-kv-blocks", "512",
                             "--drain-timeout", "20"]
         for name in ("prefill-0", "decode-0", "decode-1"):
             self.start_worker(name)
-        wait_for_workers(self.router, 3)
+        self.wait_for_workers()
+
+    def wait_for_workers(self) -> None:
+        url = self.cluster_url if self.redis_port is not None else None
+        wait_for_workers(self.router, 3, cluster_url=url)
+
+    def start_redis(self) -> None:
+        """A fresh, empty redis-server (no persistence) on redis_port."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("the redis fault needs redis-server (make setup installs it)")
+        workdir = self.redis_dir
+        if workdir is None:
+            workdir = self.redis_dir = tempfile.TemporaryDirectory(prefix="splitserve-redis-")
+        self.redis = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
+             "--appendonly", "no", "--dir", workdir.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.redis_port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.redis.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
 
     def start_worker(self, name: str) -> None:
         role = name.split("-")[0]
@@ -115,6 +163,11 @@ class Cluster:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.redis is not None:
+            self.redis.kill()
+            self.redis.wait(10)
+        if self.redis_dir is not None:
+            self.redis_dir.cleanup()
 
 
 def _requests(n: int, max_tokens: int, seed: int) -> list[tuple[list[int], dict[str, Any]]]:
@@ -203,14 +256,23 @@ def _inject(cluster: Cluster, faults: list[str], stop: threading.Event, rng: ran
             proc.send_signal(signal.SIGCONT)
             log.append({"fault": "stop", "worker": "prefill-0", "at": at})
             continue
-        name = rng.choice(["decode-0", "decode-1"])
+        if kind == "redis":
+            assert cluster.redis is not None
+            cluster.redis.kill()
+            cluster.redis.wait(10)
+            log.append({"fault": "redis", "worker": "redis", "at": at})
+            time.sleep(2.0)
+            cluster.start_redis()  # empty: the workers register again on their heartbeat
+            cluster.wait_for_workers()
+            continue
+        name = "prefill-0" if kind == "pkill" else rng.choice(["decode-0", "decode-1"])
         proc = cluster.procs[name]
-        proc.send_signal(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM if kind == "term" else signal.SIGKILL)
         proc.wait(60)
         log.append({"fault": kind, "worker": name, "at": at})
         time.sleep(1.0)
         cluster.start_worker(name)
-        wait_for_workers(cluster.router, 3)
+        cluster.wait_for_workers()
 
 
 def _leaked_blocks(cluster: Cluster, timeout_s: float = 5.0) -> tuple[dict[str, int], float]:
@@ -253,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--faults", default=",".join(DEFAULT_FAULTS),
+                    help=f"some of {','.join(FAULTS)}")
     ap.add_argument("--cancel-fraction", type=float, default=0.25,
                     help="with the cancel fault: the share of clients that hang up")
     ap.add_argument("--skip-reference", action="store_true",
@@ -273,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     requests = _requests(args.num_requests, args.max_tokens, args.seed)
     cancels = ({i: rng.randrange(0, args.max_tokens) for i in range(len(requests))
                 if rng.random() < args.cancel_fraction} if "cancel" in faults else {})
-    cluster = Cluster(args.model, kv_migration=not args.no_kv_migration)
+    cluster = Cluster(args.model, kv_migration=not args.no_kv_migration,
+                      redis_port=free_port() if "redis" in faults else None)
     try:
         cluster.start(args.max_resumes)
         if not args.skip_reference:

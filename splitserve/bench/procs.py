@@ -36,18 +36,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_workers(router: str, count: int, timeout_s: float = 120.0) -> None:
+def wait_for_workers(router: str, count: int, timeout_s: float = 120.0,
+                     cluster_url: str | None = None) -> None:
+    """Until `count` workers are live: in the router's own cluster store, or in the one at
+    `cluster_url` (Redis)."""
+    from splitserve.cluster import open_store
     from splitserve.cluster.remote import RemoteClusterStore
     from splitserve.common import envs
 
     # The processes inherit this environment, SPLITSERVE_CLUSTER_TOKEN included.
-    store = RemoteClusterStore(router, token=envs.cluster_token())
+    store = (open_store(cluster_url) if cluster_url
+             else RemoteClusterStore(router, token=envs.cluster_token()))
     try:
         deadline = time.monotonic() + timeout_s
         while len(store.live_workers()) < count:
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not register")
             time.sleep(0.2)
+        # (a cluster store that is down raises here: the caller sees why)
     finally:
         store.close()
 
