@@ -18,6 +18,7 @@ Abort (or the caller going away) removes the request from the engine and fails i
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,11 +113,8 @@ class PrefillWorker(WorkerRuntime):
                 f"need {needed} (block_size {self.engine.block_size})",
             )
         # One token, sampled with the request's own parameters; stop strings are the router's.
-        first_only = SamplingParams(
-            max_tokens=1, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k, min_p=params.min_p, seed=params.seed, ignore_eos=True,
-            logprobs=params.logprobs, skip_special_tokens=params.skip_special_tokens,
-        )
+        first_only = dataclasses.replace(params, max_tokens=1, ignore_eos=True, stop=(),
+                                         stop_token_ids=())
         job = PrefillJob(request_id, dst_worker, list(dst_block_ids), dst_endpoint or None)
         try:
             self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only, num_sampled))

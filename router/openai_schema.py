@@ -3,10 +3,10 @@
 /v1/completions and /v1/chat/completions bodies are checked field by field and turned
 into a `splitserve.v1.GenerateRequest`, which then goes through the same validation and
 pipeline as a gRPC Generate call. What SplitServe cannot honour (n > 1, best_of > 1,
-echo with logprobs, tools, a non-text response_format, penalties, logit_bias, suffix, a
-batch of prompts) is an `OpenAIError` (HTTP 400), never silently ignored. Unknown fields
-are ignored, as vLLM does. Extensions accepted as vLLM spells them: top_k, min_p,
-ignore_eos, stop_token_ids, skip_special_tokens.
+echo with logprobs, tools, a non-text response_format, suffix, a batch of prompts) is an
+`OpenAIError` (HTTP 400), never silently ignored. Unknown fields are ignored, as vLLM does.
+Extensions accepted as vLLM spells them: top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids, skip_special_tokens.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 from splitserve.common import request_rules
 from splitserve.common.request_rules import UINT32_MAX
-from splitserve.v1 import router_pb2
+from splitserve.common.sampling_params import MAX_LOGIT_BIAS_ENTRIES
+from splitserve.v1 import common_pb2, router_pb2
 
 MAX_TOP_LOGPROBS = 20
-_ZERO_DEFAULT = ("presence_penalty", "frequency_penalty")  # must be absent, null or 0
 
 
 class OpenAIError(Exception):
@@ -106,12 +106,15 @@ class _Body:
 def _sampling(b: _Body, request: router_pb2.GenerateRequest, max_tokens: int | None) -> None:
     """The sampling fields both endpoints share."""
     b.reject("n", (1,), "SplitServe returns one choice per request")
-    for name in _ZERO_DEFAULT:
-        b.reject(name, (0, 0.0), "penalties are not implemented")
-    b.reject("repetition_penalty", (1, 1.0), "penalties are not implemented")
-    if b.data.get("logit_bias"):
-        raise OpenAIError("logit_bias is not supported", param="logit_bias")
     sp = request.sampling_params
+    sp.presence_penalty = b.number("presence_penalty", -2.0, 2.0) or 0.0
+    sp.frequency_penalty = b.number("frequency_penalty", -2.0, 2.0) or 0.0
+    repetition = b.number("repetition_penalty", 0.0, 2.0)
+    if repetition is not None:
+        if repetition == 0.0:
+            raise OpenAIError("repetition_penalty must be > 0", param="repetition_penalty")
+        sp.repetition_penalty = repetition
+    _logit_bias(b, sp)
     if max_tokens is not None:
         sp.max_tokens = max_tokens
     temperature = b.number("temperature", 0.0, 2.0)
@@ -143,6 +146,26 @@ def _sampling(b: _Body, request: router_pb2.GenerateRequest, max_tokens: int | N
     skip = b.flag("skip_special_tokens")
     if skip is not None:
         sp.skip_special_tokens = skip
+
+
+def _logit_bias(b: _Body, sp: common_pb2.SamplingParams) -> None:
+    """OpenAI's {"token id": bias} map (ids as JSON object keys, so strings)."""
+    bias = b.get("logit_bias", (Mapping,), 'an object mapping token ids to numbers')
+    if not bias:
+        return
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise OpenAIError(f"logit_bias has {len(bias)} entries; at most "
+                          f"{MAX_LOGIT_BIAS_ENTRIES}", param="logit_bias")
+    for key, value in bias.items():
+        token = str(key)
+        if not token.isdigit() or int(token) >= 2**32:
+            raise OpenAIError(f"logit_bias keys must be token ids, got {key!r}",
+                              param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100.0 <= value <= 100.0:
+            raise OpenAIError(f"logit_bias values must be numbers in [-100, 100], got "
+                              f"{value!r} for {key!r}", param="logit_bias")
+        sp.logit_bias[int(token)] = float(value)
 
 
 def _stream_options(b: _Body) -> tuple[bool, bool]:

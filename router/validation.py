@@ -125,6 +125,12 @@ def resolve_sampling(
             f"invalid sampling_params: stop_token_ids {bad[:5]} outside the vocabulary "
             f"(size {model.vocab_size})"
         )
+    bad = [t for t, _ in params.logit_bias if t >= model.vocab_size]
+    if bad:
+        raise _invalid(
+            f"invalid sampling_params: logit_bias token ids {bad[:5]} outside the vocabulary "
+            f"(size {model.vocab_size})"
+        )
     # An explicit seed makes the prefill and the decode worker draw from one stream.
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     return dataclasses.replace(params, max_tokens=max_tokens, seed=seed)

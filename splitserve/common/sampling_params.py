@@ -17,6 +17,7 @@ from splitserve.common.request_rules import (
 )
 
 _MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token plus the top n
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0  # [-2, 2], on tokens present in the output so far
+    frequency_penalty: float = 0.0  # [-2, 2], times each token's count in the output
+    repetition_penalty: float = 1.0  # (0, 2], on tokens of the prompt and the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +54,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        bias = self.logit_bias
+        items = bias.items() if isinstance(bias, dict) else bias
+        object.__setattr__(self, "logit_bias",
+                           tuple(sorted((int(t), float(b)) for t, b in items)))
         if 0.0 < self.top_p < MIN_TOP_P:
             object.__setattr__(self, "top_p", MIN_TOP_P)
         self.validate()
@@ -84,6 +93,28 @@ class SamplingParams:
             check_text("a stop string", s)
         if any(not 0 <= t <= UINT32_MAX for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be in [0, 2**32)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check_finite(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        check_finite("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
+                             f"{MAX_LOGIT_BIAS_ENTRIES}")
+        for token_id, value in self.logit_bias:
+            check_finite("a logit_bias value", value)
+            if not 0 <= token_id <= UINT32_MAX or not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias entries must map token ids to [-100, 100], "
+                                 f"got {token_id}: {value}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases change the logits before sampling (greedy rows too)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

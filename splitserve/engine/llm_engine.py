@@ -114,7 +114,7 @@ class LLMEngine:
         self.validate_prompt(token_ids, params)
         if not 0 <= num_sampled < len(token_ids):
             raise ValueError(f"num_sampled={num_sampled} must be in [0, prompt length)")
-        seq = Sequence(request_id, token_ids, params)
+        seq = Sequence(request_id, token_ids, params, num_prior_outputs=num_sampled)
         self.requests[request_id] = self._new_state(seq, num_sampled)
         self.scheduler.add(seq)
         return request_id
@@ -142,7 +142,10 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids, params)
         if len(block_ids) != self.block_manager.blocks_needed(len(prompt_token_ids)):
             raise ValueError("block_ids must cover exactly the prompt")
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if not 1 <= num_sampled <= len(prompt_token_ids) + 1:
+            raise ValueError(f"num_sampled={num_sampled} must be in [1, prompt length + 1]")
+        seq = Sequence(request_id, list(prompt_token_ids), params,
+                       num_prior_outputs=num_sampled - 1)  # the first token is one of them
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         state = self._new_state(seq, num_sampled=num_sampled)

@@ -18,7 +18,7 @@ from splitserve.engine.attention import AttentionMetadata, PrefillSpan
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.cpu_linear import prepack_linears, prepack_supported
 from splitserve.engine.model import LayerHook, ModelArch
-from splitserve.engine.sampler import SampleResult, sample
+from splitserve.engine.sampler import SampleResult, TokenHistory, sample
 from splitserve.engine.scheduler import ScheduledSequence
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.weights import build_model
@@ -155,4 +155,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
         params = [s.seq.params for s in batch.sampling]
         generators = [generator_of(s.seq) for s in batch.sampling]
-        return batch.sampling, sample(logits, params, generators)
+        histories = [TokenHistory(s.seq.token_ids, s.seq.penalized_output_ids)
+                     if p.adjusts_logits else None
+                     for s, p in zip(batch.sampling, params, strict=True)]
+        return batch.sampling, sample(logits, params, generators, histories)

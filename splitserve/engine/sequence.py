@@ -39,12 +39,21 @@ class Sequence:
     arrival_index: int = field(default_factory=lambda: next(_arrival_counter))
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+    # The prompt's last tokens that are this request's own earlier output (a resumed or
+    # migrated request): penalties count them as output.
+    num_prior_outputs: int = 0
     # Chained hashes of full blocks of token_ids, extended lazily (see block_hashes()).
     _block_hashes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def penalized_output_ids(self) -> list[int]:
+        """The output so far as presence/frequency penalties see it (earlier output that
+        came back inside the prompt included)."""
+        return self.token_ids[len(self.prompt_token_ids) - self.num_prior_outputs:]
 
     @property
     def num_tokens(self) -> int:

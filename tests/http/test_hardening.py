@@ -198,6 +198,8 @@ _SAMPLING = st.builds(
     top_k=_U32, min_p=_FLOAT32, seed=st.integers(0, 2**64 - 1), stop=st.lists(_PROTO_TEXT,
                                                                                max_size=3),
     stop_token_ids=st.lists(_U32, max_size=3), ignore_eos=st.booleans(),
+    presence_penalty=_FLOAT32, frequency_penalty=_FLOAT32, repetition_penalty=_FLOAT32,
+    logit_bias=st.dictionaries(_U32, _FLOAT32, max_size=3),
     logprobs=st.booleans(), top_logprobs=st.integers(0, 40))
 _MESSAGES = st.lists(st.builds(router_pb2.ChatMessage, role=_PROTO_TEXT | st.sampled_from(
     ["user", "system", "assistant"]), content=_PROTO_TEXT), max_size=3)

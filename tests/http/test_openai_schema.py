@@ -66,8 +66,14 @@ def test_chat_fields_map_onto_generate_request() -> None:
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": True}, "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
-    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": "much"}, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "repetition_penalty": 2.5}, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": True}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": [1, 2]}, "logit_bias"),
     ({"prompt": "x", "suffix": "end"}, "suffix"),
     ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
@@ -114,3 +120,14 @@ def test_body_must_be_an_object() -> None:
     with pytest.raises(OpenAIError) as info:
         parse_completion({"prompt": "x", "model": "other"}, MODEL)
     assert (info.value.code, info.value.status) == ("model_not_found", 404)
+
+
+def test_penalties_and_logit_bias_reach_the_sampling_params() -> None:
+    sp = parse_completion({"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1,
+                           "repetition_penalty": 1.2, "logit_bias": {"7": -100, "12": 2.5}},
+                          MODEL).generate.sampling_params
+    assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.0)
+    assert sp.HasField("repetition_penalty") and abs(sp.repetition_penalty - 1.2) < 1e-6
+    assert dict(sp.logit_bias) == {7: -100.0, 12: 2.5}
+    plain = parse_completion({"prompt": "x"}, MODEL).generate.sampling_params
+    assert not plain.HasField("repetition_penalty") and not plain.logit_bias

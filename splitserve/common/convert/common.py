@@ -46,6 +46,12 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         skip_special_tokens=(
             msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True
         ),
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=(
+            msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
+        ),
+        logit_bias=tuple(msg.logit_bias.items()),
     )
 
 
@@ -63,9 +69,14 @@ def sampling_to_proto(params: SamplingParams, *, with_stop_strings: bool = True
         logprobs=params.logprobs is not None,
         top_logprobs=params.logprobs or 0,
         skip_special_tokens=params.skip_special_tokens,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias),
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
     return msg
 
 
