@@ -19,10 +19,11 @@ followed by `[DONE]`. The server cancels a handler whose client disconnects
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -32,7 +33,7 @@ from splitserve.common import request_rules
 from splitserve.common.auth import ApiKeys, bearer_token
 from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
-from splitserve.router.openai_format import ResponseBuilder, failure
+from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id
 from splitserve.router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
 from splitserve.router.service import RequestPipeline
 from splitserve.v1 import router_pb2
@@ -65,6 +66,18 @@ def error_response(error: OpenAIError) -> web.Response:
     elif error.status in (429, 503):
         headers["Retry-After"] = _RETRY_AFTER_S
     return web.json_response(error.body(), status=error.status, headers=headers or None)
+
+
+async def _all(runs: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run every choice; the first to fail cancels the others and its error is raised."""
+    tasks = [asyncio.ensure_future(run) for run in runs]
+    try:
+        for done in asyncio.as_completed(tasks):
+            await done
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def service_error(exc: ServiceError) -> OpenAIError:
@@ -180,61 +193,92 @@ class HttpApi:
         body = await self._read_json(request)
         model = self._pipeline.state.model
         req = parse(body, model.model_id)
-        builder = ResponseBuilder(req, model.model_id, model.tokenizer)
-        req.generate.request_id = builder.id
+        response_id = new_response_id(req.chat)
+        generates = req.choice_requests()
+        created = int(time.time())
+        builders: list[ResponseBuilder] = []
+        for index, generate in enumerate(generates):
+            generate.request_id = response_id if len(generates) == 1 else f"{response_id}-{index}"
+            builders.append(ResponseBuilder(req, model.model_id, model.tokenizer, index,
+                                            generate, response_id, created))
         if req.stream:
-            return await self._stream(request, req, builder)
-        final: list[router_pb2.GenerateResponse] = []
+            return await self._stream(request, req, list(zip(generates, builders, strict=True)))
 
-        async def collect(chunk: router_pb2.GenerateResponse) -> None:
-            builder.add(chunk)
-            if builder.usage is not None:
-                final.append(chunk)
+        async def one(generate: router_pb2.GenerateRequest, builder: ResponseBuilder) -> None:
+            final: list[router_pb2.GenerateResponse] = []
 
-        await self._pipeline.generate(req.generate, collect)
-        error = failure(final[-1]) if final else None
-        if error is not None:
-            return error_response(error)
-        return web.json_response(builder.response())
+            async def collect(chunk: router_pb2.GenerateResponse) -> None:
+                builder.add(chunk)
+                if builder.usage is not None:
+                    final.append(chunk)
 
-    async def _stream(
-        self, request: web.Request, req: OpenAIRequest, builder: ResponseBuilder
-    ) -> web.StreamResponse:
-        response: web.StreamResponse | None = None
-        failed = False
-
-        async def emit(chunk: router_pb2.GenerateResponse) -> None:
-            nonlocal response, failed
-            if response is None:
-                response = web.StreamResponse(headers=_SSE_HEADERS)
-                await response.prepare(request)
-                for first in builder.first_events():
-                    await _sse(response, first)
-            error = failure(chunk)
+            await self._pipeline.generate(generate, collect)
+            error = failure(final[-1]) if final else None
             if error is not None:
-                failed = True
-                await _sse(response, error.body())
-                return
-            event = builder.delta(chunk)
-            if event is not None:
-                await _sse(response, event)
+                raise error
 
         try:
-            await self._pipeline.generate(req.generate, emit)
-        except ServiceError as exc:
-            if response is None:
-                raise
-            failed = True
-            await _sse(response, service_error(exc).body())
+            await _all(one(g, b) for g, b in zip(generates, builders, strict=True))
+        except OpenAIError as error:
+            return error_response(error)
+        return web.json_response(builders[0].response(builders))
+
+    async def _stream(
+        self, request: web.Request, req: OpenAIRequest,
+        choices: list[tuple[router_pb2.GenerateRequest, ResponseBuilder]],
+    ) -> web.StreamResponse:
+        """Every choice streams into one SSE response, its chunks tagged with its index."""
+        response: web.StreamResponse | None = None
+        failed = False
+        lock = asyncio.Lock()  # one event at a time on the wire
+        started: set[int] = set()
+
+        async def write(event: Any) -> None:
+            nonlocal response
+            async with lock:
+                if response is None:
+                    response = web.StreamResponse(headers=_SSE_HEADERS)
+                    await response.prepare(request)
+                await _sse(response, event)
+
+        async def one(generate: router_pb2.GenerateRequest, builder: ResponseBuilder) -> None:
+            nonlocal failed
+
+            async def emit(chunk: router_pb2.GenerateResponse) -> None:
+                nonlocal failed
+                if builder.index not in started:
+                    started.add(builder.index)
+                    for first in builder.first_events():
+                        await write(first)
+                error = failure(chunk)
+                if error is not None:
+                    failed = True
+                    await write(error.body())
+                    return
+                event = builder.delta(chunk)
+                if event is not None:
+                    await write(event)
+
+            try:
+                await self._pipeline.generate(generate, emit)
+            except ServiceError as exc:
+                if response is None:
+                    raise
+                failed = True
+                await write(service_error(exc).body())
+
+        builders = [b for _, b in choices]
+        try:
+            await _all(one(g, b) for g, b in choices)
         except ConnectionError:
-            log.debug("client of %s went away mid-stream", builder.id)
+            log.debug("client of %s went away mid-stream", builders[0].id)
             return response or web.Response(status=499)
         if response is None:  # a run that returns has sent its last chunk; never here
             raise OpenAIError("the request ended without output", status=500,
                               type_="server_error", code="internal_error")
-        if req.include_usage and not failed and builder.usage is not None:
-            await _sse(response, builder.usage_event())
-        await _sse(response, "[DONE]")
+        if req.include_usage and not failed and all(b.usage is not None for b in builders):
+            await write(builders[0].usage_event(builders))
+        await write("[DONE]")
         await response.write_eof()
         return response
 

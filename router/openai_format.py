@@ -1,8 +1,9 @@
 """The router's GenerateResponse chunks -> OpenAI response objects and stream chunks.
 
-One `ResponseBuilder` per request. Streaming: `first_events()` once, `delta(chunk)` per
-chunk, `usage_event()` last when stream_options.include_usage. Non-streaming: `add(chunk)`
-per chunk, then `response()`. Shapes follow OpenAI's: ids "cmpl-..." / "chatcmpl-...",
+One `ResponseBuilder` per choice (n samples of each prompt; one for a plain request).
+Streaming: `first_events()` once per choice, `delta(chunk)` per chunk, `usage_event()` last
+when stream_options.include_usage. Non-streaming: `add(chunk)` per chunk, then
+`response(builders)`. Usage counts each prompt once and every choice's completion tokens. Shapes follow OpenAI's: ids "cmpl-..." / "chatcmpl-...",
 objects "text_completion", "chat.completion", "chat.completion.chunk", finish_reason
 "stop" | "length", usage with prompt_tokens_details.cached_tokens. A chunk that ends the
 request with ABORT or ERROR is not a response: `failure(chunk)` turns it into an error.
@@ -31,6 +32,22 @@ def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
     }
 
 
+def combined_usage(builders: Sequence[ResponseBuilder], n: int) -> dict[str, Any] | None:
+    """Usage of a response: each prompt once (choices p * n .. p * n + n - 1 share prompt
+    p), every choice's completion tokens."""
+    if any(b.usage_proto is None for b in builders):
+        return None
+    total = common_pb2.Usage()
+    for b in builders:
+        usage = b.usage_proto
+        assert usage is not None
+        total.completion_tokens += usage.completion_tokens
+        if b.index % n == 0:
+            total.prompt_tokens += usage.prompt_tokens
+            total.cached_tokens += usage.cached_tokens
+    return usage_json(total)
+
+
 def failure(chunk: router_pb2.GenerateResponse) -> OpenAIError | None:
     """The error a last chunk carries (ABORT: deadline; ERROR: a worker failed), if any."""
     if chunk.finish_reason == common_pb2.FINISH_REASON_ABORT:
@@ -42,13 +59,22 @@ def failure(chunk: router_pb2.GenerateResponse) -> OpenAIError | None:
     return None
 
 
+def new_response_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
 class ResponseBuilder:
-    def __init__(self, req: OpenAIRequest, model_id: str, tokenizer: Tokenizer) -> None:
+    def __init__(self, req: OpenAIRequest, model_id: str, tokenizer: Tokenizer,
+                 index: int = 0, generate: router_pb2.GenerateRequest | None = None,
+                 response_id: str | None = None, created: int | None = None) -> None:
         self._req = req
         self._model = model_id
         self._tokenizer = tokenizer
-        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
+        self.index = index  # the choice's index in the response
+        self._generate = generate if generate is not None else req.generate
+        self.id = response_id or new_response_id(req.chat)
+        self.created = int(time.time()) if created is None else created
+        self.usage_proto: common_pb2.Usage | None = None
         self._texts: list[str] = []
         self._logprobs: list[common_pb2.TokenLogprob] = []
         self._text_offset = 0  # characters of text before the next token (completions)
@@ -83,9 +109,10 @@ class ResponseBuilder:
         choice.update(logprobs=logprobs, finish_reason=finish)
         return self._chunk(choice)
 
-    def usage_event(self) -> dict[str, Any]:
+    def usage_event(self, builders: Sequence[ResponseBuilder] = ()) -> dict[str, Any]:
+        """The last stream event: usage of every choice (`builders`; default this one)."""
         event = self._envelope(chunk=True)
-        event.update(choices=[], usage=self.usage)
+        event.update(choices=[], usage=combined_usage(builders or [self], self._req.n))
         return event
 
     # ---- whole response -----------------------------------------------------------------
@@ -95,7 +122,7 @@ class ResponseBuilder:
         self._texts.append(chunk.text)
         self._logprobs.extend(chunk.logprobs)
 
-    def response(self) -> dict[str, Any]:
+    def choice(self) -> dict[str, Any]:
         text = self._prompt_text + "".join(self._texts)
         self._text_offset = len(self._prompt_text)
         logprobs = self._logprobs_json(self._logprobs)
@@ -103,9 +130,15 @@ class ResponseBuilder:
             choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
         else:
             choice = {"text": text}
-        choice.update(index=0, logprobs=logprobs, finish_reason=self.finish_reason)
+        choice.update(index=self.index, logprobs=logprobs, finish_reason=self.finish_reason)
+        return choice
+
+    def response(self, builders: Sequence[ResponseBuilder] = ()) -> dict[str, Any]:
+        """The whole response: every choice (`builders`, in index order; default this one)."""
+        builders = builders or [self]
         body = self._envelope(chunk=False)
-        body.update(choices=[choice], usage=self.usage)
+        body.update(choices=[b.choice() for b in builders],
+                    usage=combined_usage(builders, self._req.n))
         return body
 
     # ---- helpers ------------------------------------------------------------------------
@@ -114,6 +147,7 @@ class ResponseBuilder:
         if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self.finish_reason = _FINISH.get(chunk.finish_reason)
             self.usage = usage_json(chunk.usage)
+            self.usage_proto = chunk.usage
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         if self._req.chat:
@@ -125,13 +159,13 @@ class ResponseBuilder:
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         event = self._envelope(chunk=True)
-        event["choices"] = [{"index": 0, **choice}]
+        event["choices"] = [{"index": self.index, **choice}]
         if self._req.include_usage:
             event["usage"] = None
         return event
 
     def _echo_text(self) -> str:
-        gen = self._req.generate
+        gen = self._generate
         if gen.WhichOneof("input") == "prompt":
             return gen.prompt
         return self._tokenizer.decode(list(gen.token_ids.token_ids))

@@ -2,9 +2,10 @@
 
 /v1/completions and /v1/chat/completions bodies are checked field by field and turned
 into a `splitserve.v1.GenerateRequest`, which then goes through the same validation and
-pipeline as a gRPC Generate call. What SplitServe cannot honour (n > 1, best_of > 1,
-echo with logprobs, tools, a non-text response_format, suffix, a batch of prompts) is an
-`OpenAIError` (HTTP 400), never silently ignored. Unknown fields are ignored, as vLLM does.
+pipeline as a gRPC Generate call; `n` samples of each prompt of a completions batch are
+one GenerateRequest each (`choice_requests`), choice i of prompt p at index p * n + i.
+What SplitServe cannot honour (best_of > 1, echo with logprobs, tools, a non-text
+response_format, suffix) is an `OpenAIError` (HTTP 400), never silently ignored. Unknown fields are ignored, as vLLM does.
 Extensions accepted as vLLM spells them: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens.
 """
@@ -12,7 +13,7 @@ stop_token_ids, skip_special_tokens.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.common import request_rules
@@ -21,6 +22,7 @@ from splitserve.common.sampling_params import MAX_LOGIT_BIAS_ENTRIES
 from splitserve.v1 import common_pb2, router_pb2
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 64  # n times the prompts of one request
 
 
 class OpenAIError(Exception):
@@ -51,6 +53,23 @@ class OpenAIRequest:
     echo: bool  # completions: prefix the prompt to the text
     # None: no logprobs; n >= 0: the sampled token's logprob plus the top n alternatives.
     logprobs: int | None
+    n: int = 1  # samples per prompt
+    # Completions with a list of prompts: each one's GenerateRequest (`generate` is the
+    # first); empty for a single prompt.
+    prompts: list[router_pb2.GenerateRequest] = field(default_factory=list)
+
+    def choice_requests(self) -> list[router_pb2.GenerateRequest]:
+        """One GenerateRequest per choice, in choice-index order. Sample i > 0 of a seeded
+        request uses seed + i, so the samples differ and stay reproducible."""
+        out = []
+        for prompt in self.prompts or [self.generate]:
+            for i in range(self.n):
+                request = router_pb2.GenerateRequest()
+                request.CopyFrom(prompt)
+                if i and request.sampling_params.HasField("seed"):
+                    request.sampling_params.seed = (request.sampling_params.seed + i) % 2**64
+                out.append(request)
+        return out
 
 
 class _Body:
@@ -103,9 +122,17 @@ class _Body:
             raise OpenAIError(f"{name}={value!r} is not supported: {why}", param=name)
 
 
+def _choices(b: _Body, num_prompts: int = 1) -> int:
+    """`n`, bounded with the prompt count by MAX_CHOICES."""
+    n = b.integer("n", 1, MAX_CHOICES) or 1
+    if n * num_prompts > MAX_CHOICES:
+        raise OpenAIError(f"n={n} samples of {num_prompts} prompts make {n * num_prompts} "
+                          f"choices; at most {MAX_CHOICES}", param="n")
+    return n
+
+
 def _sampling(b: _Body, request: router_pb2.GenerateRequest, max_tokens: int | None) -> None:
     """The sampling fields both endpoints share."""
-    b.reject("n", (1,), "SplitServe returns one choice per request")
     sp = request.sampling_params
     sp.presence_penalty = b.number("presence_penalty", -2.0, 2.0) or 0.0
     sp.frequency_penalty = b.number("frequency_penalty", -2.0, 2.0) or 0.0
@@ -196,25 +223,16 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     b = _Body(body)
     request = router_pb2.GenerateRequest()
     _model(b, model_id)
-    b.reject("best_of", (1,), "SplitServe samples one sequence per request")
     if b.data.get("suffix"):
         raise OpenAIError("suffix is not supported", param="suffix")
     prompt = b.data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        request.prompt = b.text("prompt", prompt)
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if not all(0 <= t < 2**32 for t in prompt):
-            raise OpenAIError("prompt token ids must be non-negative", param="prompt")
-        request.token_ids.token_ids.extend(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise OpenAIError("a batch of prompts is not supported; send one request per prompt",
-                          param="prompt")
-    else:
-        raise OpenAIError("prompt must be a non-empty string or list of token ids",
-                          param="prompt")
+    batch = (prompt if isinstance(prompt, list) and prompt
+             and all(isinstance(p, (str, list)) for p in prompt) else [prompt])
+    n = _choices(b, len(batch))
+    best_of = b.integer("best_of", 1, MAX_CHOICES)
+    if best_of is not None and best_of != n:
+        raise OpenAIError(f"best_of={best_of} is not supported: SplitServe returns every "
+                          "sample (best_of equal to n, or unset)", param="best_of")
     logprobs = b.integer("logprobs", 0, MAX_TOP_LOGPROBS)
     echo = bool(b.flag("echo"))
     if echo and logprobs is not None:
@@ -222,7 +240,28 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     _sampling(b, request, b.integer("max_tokens", 1, UINT32_MAX))
     _set_logprobs(request, logprobs)
     stream, include_usage = _stream_options(b)
-    return OpenAIRequest(False, request, stream, include_usage, echo, logprobs)
+    prompts = []
+    for one in batch:
+        each = router_pb2.GenerateRequest()
+        each.CopyFrom(request)
+        _set_prompt(b, each, one)
+        prompts.append(each)
+    return OpenAIRequest(False, prompts[0], stream, include_usage, echo, logprobs, n,
+                         prompts if len(prompts) > 1 else [])
+
+
+def _set_prompt(b: _Body, request: router_pb2.GenerateRequest, prompt: Any) -> None:
+    """One completions prompt: text, or a non-empty list of token ids."""
+    if isinstance(prompt, str):
+        request.prompt = b.text("prompt", prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < 2**32 for t in prompt):
+            raise OpenAIError("prompt token ids must be non-negative", param="prompt")
+        request.token_ids.token_ids.extend(prompt)
+    else:
+        raise OpenAIError("prompt must be a non-empty string or list of token ids, or a "
+                          "list of those", param="prompt")
 
 
 def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
@@ -246,6 +285,7 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     if max_tokens is None:
         max_tokens = b.integer("max_tokens", 1, UINT32_MAX)
     _sampling(b, request, max_tokens)
+    n = _choices(b)
     top = b.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
     want = b.flag("logprobs")
     if top is not None and not want:
@@ -253,7 +293,7 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     logprobs = (top or 0) if want else None
     _set_logprobs(request, logprobs)
     stream, include_usage = _stream_options(b)
-    return OpenAIRequest(True, request, stream, include_usage, False, logprobs)
+    return OpenAIRequest(True, request, stream, include_usage, False, logprobs, n)
 
 
 def _set_logprobs(request: router_pb2.GenerateRequest, logprobs: int | None) -> None:

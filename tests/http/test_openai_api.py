@@ -171,7 +171,8 @@ def test_an_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 65}, "n"),
     ({"temperature": -1.0}, "temperature"),
     ({"extra_body": {"best_of": 2}}, "best_of"),
 ])
@@ -236,3 +237,52 @@ def test_echo_prefixes_the_prompt(client: openai.OpenAI, model: str) -> None:
     events = list(client.completions.create(model=model, prompt=PROMPT, echo=True, stream=True,
                                             **GREEDY))
     assert "".join(e.choices[0].text for e in events) == PROMPT + plain
+
+
+SAMPLED = {"temperature": 1.0, "max_tokens": 8, "seed": 5, "extra_body": {"ignore_eos": True}}
+
+
+def test_n_samples_and_a_batch_of_prompts(deployment: Deployment, client: openai.OpenAI,
+                                          model: str) -> None:
+    """n seeded samples: choice i uses seed + i (so a one-sample request with that seed is
+    choice i again); a list of prompts gets choices p * n + i; usage counts each prompt
+    once and every choice's tokens; streaming tags every chunk with its choice's index."""
+    out = client.completions.create(model=model, prompt=PROMPT, n=3, **SAMPLED)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    for i, choice in enumerate(out.choices):
+        alone = client.completions.create(model=model, prompt=PROMPT,
+                                          **{**SAMPLED, "seed": 5 + i})
+        assert choice.text == alone.choices[0].text and choice.finish_reason == "length"
+    assert len({c.text for c in out.choices}) > 1
+    one = client.completions.create(model=model, prompt=PROMPT, **SAMPLED)
+    assert out.usage is not None and one.usage is not None
+    assert out.usage.prompt_tokens == one.usage.prompt_tokens
+    assert out.usage.completion_tokens == 3 * 8
+
+    prompts = [PROMPT, "Another prompt entirely.", [5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    batch = client.completions.create(model=model, prompt=prompts, n=2, **GREEDY)
+    assert [c.index for c in batch.choices] == list(range(6))
+    singles = [client.completions.create(model=model, prompt=p, **GREEDY) for p in prompts]
+    for p, single in enumerate(singles):
+        assert batch.choices[2 * p].text == batch.choices[2 * p + 1].text == \
+            single.choices[0].text
+    assert batch.usage is not None
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles if s.usage)
+    assert batch.usage.completion_tokens == 6 * 12
+
+    texts = ["", ""]
+    finished = set()
+    usage = None
+    for chunk in client.chat.completions.create(model=model, messages=MESSAGES, n=2,
+                                                stream=True,
+                                                stream_options={"include_usage": True},
+                                                **SAMPLED):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+        usage = chunk.usage or usage
+    assert finished == {0, 1} and usage is not None and usage.completion_tokens == 16
+    whole = client.chat.completions.create(model=model, messages=MESSAGES, n=2, **SAMPLED)
+    assert texts == [c.message.content for c in whole.choices]
+    assert deployment.wait_all_blocks_free() == deployment.free_blocks()

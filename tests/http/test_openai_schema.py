@@ -56,7 +56,8 @@ def test_chat_fields_map_onto_generate_request() -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": ["x"] * 33, "n": 2}, "n"),  # 66 choices
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "x", "temperature": -0.1}, "temperature"),
@@ -77,7 +78,8 @@ def test_chat_fields_map_onto_generate_request() -> None:
     ({"prompt": "x", "suffix": "end"}, "suffix"),
     ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", [1, -2]]}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
     ({"prompt": ""}, None),  # empty prompt: left to the router's validation
     ({}, "prompt"),
@@ -101,7 +103,7 @@ USER = [{"role": "user", "content": "hi"}]
     ({"messages": USER, "tool_choice": "auto"}, "tool_choice"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": USER, "n": 3}, "n"),
+    ({"messages": USER, "n": 65}, "n"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
@@ -131,3 +133,15 @@ def test_penalties_and_logit_bias_reach_the_sampling_params() -> None:
     assert dict(sp.logit_bias) == {7: -100.0, 12: 2.5}
     plain = parse_completion({"prompt": "x"}, MODEL).generate.sampling_params
     assert not plain.HasField("repetition_penalty") and not plain.logit_bias
+
+
+def test_n_and_prompt_batches_fan_out_into_choices() -> None:
+    req = parse_completion({"prompt": ["a", [1, 2]], "n": 2, "seed": 2**64 - 1}, MODEL)
+    choices = req.choice_requests()
+    assert [c.WhichOneof("input") for c in choices] == ["prompt", "prompt", "token_ids",
+                                                        "token_ids"]
+    assert [c.sampling_params.seed for c in choices] == [2**64 - 1, 0, 2**64 - 1, 0]
+    single = parse_completion({"prompt": ["only"]}, MODEL)
+    assert single.prompts == [] and len(single.choice_requests()) == 1
+    assert parse_chat({"messages": [{"role": "user", "content": "x"}], "n": 4},
+                      MODEL).n == 4
