@@ -152,6 +152,7 @@ class PairLink:
                 )
             except Exception as exc:  # noqa: BLE001 - torch raises several types here
                 self._check_waiting(deadline, wanted, f"(its store {host}:{port}: {exc})")
+                time.sleep(_POLL_S * 5)  # an error that comes at once must not spin
         self._store.set_timeout(_seconds_left(deadline))
         return self._store
 

@@ -189,8 +189,7 @@ class RequestRun:
                     log.warning("request %s: %s; recomputing its KV instead",
                                 self._req.worker_request_id, failed)
                     await self._release_attempt()
-                    self._trace.resumed[-1] = "decode_drained"
-                    self._attempt = self._next_attempt(self._relay.output_token_ids)
+                    self._recompute_instead()
                 except ServiceError as exc:
                     if (self._trace.resumed and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
                             and not self._prefill_here):
@@ -211,10 +210,15 @@ class RequestRun:
         """One attempt: admit, prefill (or receive shipped KV), decode. WorkerLost when a
         worker fails it, _ShipFailed when shipped KV did not arrive."""
         ship, self._ship = self._ship, None
-        admitted = await admit_request(self._state, self._attempt, self._trace, self._remaining,
-                                       exclude=self._lost_workers,
-                                       local=self._prefill_here and ship is None,
-                                       kv_source=ship.source if ship is not None else None)
+        try:
+            admitted = await admit_request(
+                self._state, self._attempt, self._trace, self._remaining,
+                exclude=self._lost_workers, local=self._prefill_here and ship is None,
+                kv_source=ship.source if ship is not None else None)
+        except ServiceError:
+            if ship is not None:  # whatever comes next recomputes: it needs every token
+                self._recompute_instead()
+            raise
         self._admitted(admitted)
         if ship is not None:
             await self._ship_kv(ship, admitted.admission)
@@ -224,6 +228,12 @@ class RequestRun:
             if not await self._prefill_remotely(admitted.admission):
                 return
         await self._relay_decode()
+
+    def _recompute_instead(self) -> None:
+        """A KV ship that will not happen: the next attempt's prompt holds every token
+        relayed (a shipped attempt's left the last one out, its KV's first input)."""
+        self._trace.resumed[-1] = "decode_drained"
+        self._attempt = self._next_attempt(self._relay.output_token_ids)
 
     def _next_attempt(self, output_token_ids: list[int]) -> ValidatedRequest:
         self._num_attempts += 1

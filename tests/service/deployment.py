@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ def start_deployment(
     router: dict[str, Any] | None = None,
     kv_timeout_s: float = 10.0,
     cluster_token: str | None = None,
+    engine_overrides: dict[str, dict[str, Any]] | None = None,  # worker id -> engine fields
 ) -> Deployment:
     engine_cfg = EngineConfig(model=model, **(engine or {}))
     router_kwargs = {"model": model, "block_size": engine_cfg.block_size,
@@ -71,7 +73,10 @@ def start_deployment(
     kv_store = f"127.0.0.1:{store.port}"
 
     def options(role: str, index: int) -> WorkerOptions:
-        return WorkerOptions(engine=engine_cfg, worker_id=f"{role}-{index}",
+        worker_id = f"{role}-{index}"
+        override = (engine_overrides or {}).get(worker_id, {})
+        return WorkerOptions(engine=dataclasses.replace(engine_cfg, **override),
+                             worker_id=worker_id,
                              cluster_url=running.cluster_url, kv_store=kv_store,
                              kv_timeout_s=kv_timeout_s, heartbeat_ttl_s=2.0,
                              cluster_token=cluster_token)

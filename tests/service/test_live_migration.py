@@ -46,13 +46,13 @@ def _resumes(dep: Deployment, reason: str) -> int:
     return int(value or 0)
 
 
-def _drain_mid_stream(dep: Deployment, tiny_llama: Path) -> None:
+def _drain_mid_stream(dep: Deployment, tiny_llama: Path, max_tokens: int = MAX_TOKENS) -> None:
     """Greedy and seeded streams; decode-0 drains with migration once every stream has 5
     tokens. Each stream must equal the colocated engine's output."""
     sampling = [{"temperature": 0.0} if i % 2 else {"temperature": 0.8, "top_k": 40,
                                                       "seed": 7 + i} for i in range(6)]
     llm = LLM(model=str(tiny_llama), num_kv_blocks=128, block_size=8)
-    expected = [llm.generate([p], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **s))
+    expected = [llm.generate([p], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **s))
                 [0].token_ids for p, s in zip(PROMPTS, sampling, strict=True)]
     counts = [0] * len(PROMPTS)
     ready = threading.Event()
@@ -60,7 +60,7 @@ def _drain_mid_stream(dep: Deployment, tiny_llama: Path) -> None:
     def run(i: int) -> list[int]:
         tokens: list[int] = []
         with Client(dep.address, timeout=60, max_retries=0) as client:
-            for chunk in client.stream(PROMPTS[i], max_tokens=MAX_TOKENS, ignore_eos=True,
+            for chunk in client.stream(PROMPTS[i], max_tokens=max_tokens, ignore_eos=True,
                                        **sampling[i]):
                 tokens.extend(chunk.token_ids)
                 counts[i] = len(tokens)
@@ -69,7 +69,7 @@ def _drain_mid_stream(dep: Deployment, tiny_llama: Path) -> None:
                 if chunk.finish_reason:
                     assert chunk.finish_reason == "length", chunk.error_message
                     assert chunk.usage is not None
-                    assert chunk.usage.completion_tokens == MAX_TOKENS
+                    assert chunk.usage.completion_tokens == max_tokens
         return tokens
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -93,6 +93,21 @@ def test_drain_ships_the_kv_of_running_streams(deployment: Deployment,
     received = deployment.decode[1].kv.stats()
     assert shipped.transfers_ok >= migrated and shipped.bytes_sent > 0
     assert received.bytes_received >= shipped.bytes_sent  # D-1 also took P's prompts
+
+
+def test_no_room_to_receive_the_kv_recomputes_on_the_new_worker(tiny_llama: Path) -> None:
+    """decode-1's pool holds one continuation at most: the others find no blocks to receive
+    their KV into, and are prefilled in decode-1's own queue instead (waiting for blocks);
+    none repeats the token whose KV would have been its first input."""
+    dep = start_deployment(str(tiny_llama), 1, 2, engine=ENGINE,
+                           router={"local_prefill_threshold": 16},
+                           engine_overrides={"decode-1": {"num_kv_blocks": 20}})
+    try:
+        _drain_mid_stream(dep, tiny_llama)
+        assert _resumes(dep, "decode_drained") >= 1  # some could not ship
+        assert _resumes(dep, "decode_lost") == 0
+    finally:
+        dep.stop()
 
 
 def test_kv_gone_before_it_ships_is_recomputed(deployment: Deployment, tiny_llama: Path,

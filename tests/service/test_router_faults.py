@@ -9,6 +9,7 @@ way every KV block comes back, and a new router serves as soon as it is up.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -138,11 +139,11 @@ def test_a_frozen_routers_reservations_expire_with_its_lease(
     try:
         threads, ends = _long_streams(router, 6)
         _wait_blocks(decode, busy=True, limit_s=30)
-        router.popen.send_signal(19)  # SIGSTOP: its sockets stay open, it answers nothing
+        router.popen.send_signal(signal.SIGSTOP)  # its sockets stay open, it answers nothing
         try:
             freed_s = _wait_blocks(decode, busy=False, limit_s=LEASE_S + 6)
         finally:
-            router.popen.send_signal(18)  # SIGCONT
+            router.popen.send_signal(signal.SIGCONT)
         print(f"blocks back {freed_s:.1f} s after the router froze (lease {LEASE_S} s)")
         for t in threads:
             t.join(90)
