@@ -37,14 +37,16 @@ def test_penalized_requests_equal_the_colocated_engine(deployment: Deployment,
                                                        tiny_llama: Path) -> None:
     llm = LLM(model=str(tiny_llama), num_kv_blocks=128, block_size=8)
     with Client(deployment.address, timeout=60) as client:
-        for prompt in PROMPTS:
-            for sampling in SAMPLING:
+        for base in PROMPTS:
+            for j, sampling in enumerate(SAMPLING):
+                # A first token of its own: no prefix-cache hit turns a remote prefill local.
+                prompt = [1000 + 17 * j, *base]
                 params = SamplingParams(max_tokens=12, ignore_eos=True, **sampling)
                 want = llm.generate([prompt], params)[0].token_ids
                 got = client.generate(prompt, max_tokens=12, ignore_eos=True, **sampling)
                 assert got.token_ids == want, (prompt, sampling)
                 assert got.token_ids.count(42) < 12  # the penalty acted on the bias
-                local = len(prompt) <= 4
+                local = len(prompt) <= 4  # the router's local_prefill_threshold
                 assert got.timings is not None and got.timings.prefill_local == local
 
 
