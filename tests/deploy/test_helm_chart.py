@@ -181,6 +181,7 @@ except ImportError:
 
 RENDER_CASES: dict[str, dict[str, Any]] = {
     "default": {},
+    "kv-store-dedicated": {"kvStore": {"mode": "dedicated"}},
     "kv-store-in-decode": {"kvStore": {"mode": "decode"}},
     "no-redis": {"redis": {"enabled": False}},
     "external-redis": {"redis": {"enabled": False, "externalUrl": "redis://r:6379/0"},

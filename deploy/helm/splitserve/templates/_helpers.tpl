@@ -61,9 +61,11 @@ grpc://{{ include "splitserve.fullname" . }}-router:{{ .Values.router.service.po
 {{- end -}}
 {{- end }}
 
-{{/* host:port every worker dials for the KV rendezvous store (its Service). */}}
+{{/* host:port of the shared KV rendezvous store (its Service); empty in mode worker. */}}
 {{- define "splitserve.kvStoreAddress" -}}
+{{- if ne .Values.kvStore.mode "worker" -}}
 {{ include "splitserve.fullname" . }}-kv-store:{{ .Values.kvStore.port | int }}
+{{- end -}}
 {{- end }}
 
 {{/* Engine flags shared by prefill and decode (`splitserve prefill --help`, group "engine"). */}}
@@ -101,8 +103,8 @@ grpc://{{ include "splitserve.fullname" . }}-router:{{ .Values.router.service.po
 
 {{/* Refuse values that cannot work, before anything is applied. */}}
 {{- define "splitserve.validate" -}}
-{{- if not (has .Values.kvStore.mode (list "dedicated" "decode")) }}
-{{- fail (printf "kvStore.mode must be dedicated or decode, got %q" .Values.kvStore.mode) }}
+{{- if not (has .Values.kvStore.mode (list "worker" "dedicated" "decode")) }}
+{{- fail (printf "kvStore.mode must be worker, dedicated or decode, got %q" .Values.kvStore.mode) }}
 {{- end }}
 {{- if and .Values.redis.enabled .Values.redis.externalUrl }}
 {{- fail "set redis.enabled or redis.externalUrl, not both" }}
@@ -162,8 +164,10 @@ containers:
       - {{ $cfg.port | int | quote }}
       - --cluster
       - {{ include "splitserve.clusterUrl" $root | quote }}
+      {{- if .kvStore }}
       - --kv-store
       - {{ .kvStore | quote }}
+      {{- end }}
       - --kv-timeout
       - {{ $cfg.kvTimeoutSeconds | quote }}
       - --heartbeat-ttl
