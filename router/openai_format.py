@@ -1,12 +1,13 @@
 """The router's GenerateResponse chunks -> OpenAI response objects and stream chunks.
 
 One `ResponseBuilder` per choice (n samples of each prompt; one for a plain request).
-Streaming: `first_events()` once per choice, `delta(chunk)` per chunk, `usage_event()` last
-when stream_options.include_usage. Non-streaming: `add(chunk)` per chunk, then
-`response(builders)`. Usage counts each prompt once and every choice's completion tokens. Shapes follow OpenAI's: ids "cmpl-..." / "chatcmpl-...",
-objects "text_completion", "chat.completion", "chat.completion.chunk", finish_reason
-"stop" | "length", usage with prompt_tokens_details.cached_tokens. A chunk that ends the
-request with ABORT or ERROR is not a response: `failure(chunk)` turns it into an error.
+Streaming: `first_events()` once per choice, `delta(chunk)` per chunk, `usage_event()`
+last when stream_options.include_usage. Non-streaming: `add(chunk)` per chunk, then
+`response(builders)`. Usage counts each prompt once and every choice's completion tokens.
+Shapes follow OpenAI's: ids "cmpl-..." / "chatcmpl-...", objects "text_completion",
+"chat.completion", "chat.completion.chunk", finish_reason "stop" | "length", usage with
+prompt_tokens_details.cached_tokens. A chunk that ends the request with ABORT or ERROR is
+not a response: `failure(chunk)` turns it into an error.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """OpenAI request bodies -> the router's GenerateRequest (pure; no I/O).
 
-/v1/completions and /v1/chat/completions bodies are checked field by field and turned
-into a `splitserve.v1.GenerateRequest`, which then goes through the same validation and
+/v1/completions and /v1/chat/completions bodies are checked field by field and turned into
+a `splitserve.v1.GenerateRequest`, which then goes through the same validation and
 pipeline as a gRPC Generate call; `n` samples of each prompt of a completions batch are
 one GenerateRequest each (`choice_requests`), choice i of prompt p at index p * n + i.
-What SplitServe cannot honour (best_of > 1, echo with logprobs, tools, a non-text
-response_format, suffix) is an `OpenAIError` (HTTP 400), never silently ignored. Unknown fields are ignored, as vLLM does.
-Extensions accepted as vLLM spells them: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, skip_special_tokens.
+What SplitServe cannot honour (best_of other than n, echo with logprobs, tools, a non-text
+response_format, suffix) is an `OpenAIError` (HTTP 400), never silently ignored. Unknown
+fields are ignored, as vLLM does. Extensions accepted as vLLM spells them: top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens.
 """
 
 from __future__ import annotations

@@ -18,14 +18,14 @@ Resume: when a worker is lost mid-request (D's stream breaks, P fails or times o
 PrefillDone fails), the attempt's hold on its workers is released and the request starts
 again from step 1 without the lost worker, at most `max_resumes` times. A draining D that
 hands the request back (DecodeOutput.migrate) is resumed the same way, without counting
-against max_resumes; when it kept the request's KV (migrate_kv_tokens), the continuation is
-admitted naming the draining worker as its KV source and D.ShipKV sends the blocks over
-(live migration: nothing recomputed; on failure, recompute). Once tokens have reached the client, the new attempt's prompt is the
-prompt plus those tokens, prefilled remotely or on the new D as any prompt is (num_sampled
-in AdmitRequest and PrefillRequest: a seeded generator skips their draws), with max_tokens
-reduced by as many: the client's stream goes on with no token repeated or missing, and
-greedy and seeded output equal an uninterrupted run's. A worker that goes quiet is probed
-(`_watched`): a frozen process closes no socket.
+against max_resumes; when it kept the request's KV (migrate_kv_tokens), the continuation
+is admitted naming the draining worker as its KV source and D.ShipKV sends the blocks over
+(live migration: nothing recomputed; on failure, recompute). Once tokens have reached the
+client, the new attempt's prompt is the prompt plus those tokens, prefilled remotely or on
+the new D as any prompt is (num_sampled in AdmitRequest and PrefillRequest: a seeded
+generator skips their draws), with max_tokens reduced by as many: the client's stream goes
+on with no token repeated or missing, and greedy and seeded output equal an uninterrupted
+run's. A worker that goes quiet is probed (`_watched`): a frozen process closes no socket.
 
 Errors before the first chunk reach the client as a status; after it, as a last chunk with
 FINISH_REASON_ERROR (or ABORT) and error_message, since the stream is already OK.
