@@ -68,6 +68,24 @@ def error_response(error: OpenAIError) -> web.Response:
     return web.json_response(error.body(), status=error.status, headers=headers or None)
 
 
+class _FirstSamples:
+    """n > 1: a prompt's later samples start once its first sample's first chunk is out (or
+    it ended). By then the prompt's full blocks are in the prefix cache of the worker that
+    computed them, so the siblings reuse them instead of computing the prompt n times."""
+
+    def __init__(self, num_choices: int, n: int) -> None:
+        self._n = n
+        self._ready = [asyncio.Event() for _ in range(0, num_choices, n)]
+
+    async def wait_turn(self, index: int) -> None:
+        if index % self._n:
+            await self._ready[index // self._n].wait()
+
+    def went(self, index: int) -> None:
+        if index % self._n == 0:
+            self._ready[index // self._n].set()
+
+
 async def _all(runs: Iterable[Coroutine[Any, Any, None]]) -> None:
     """Run every choice; the first to fail cancels the others and its error is raised."""
     tasks = [asyncio.ensure_future(run) for run in runs]
@@ -201,18 +219,25 @@ class HttpApi:
             generate.request_id = response_id if len(generates) == 1 else f"{response_id}-{index}"
             builders.append(ResponseBuilder(req, model.model_id, model.tokenizer, index,
                                             generate, response_id, created))
+        first = _FirstSamples(len(generates), req.n)
         if req.stream:
-            return await self._stream(request, req, list(zip(generates, builders, strict=True)))
+            return await self._stream(request, req, list(zip(generates, builders, strict=True)),
+                                      first)
 
         async def one(generate: router_pb2.GenerateRequest, builder: ResponseBuilder) -> None:
             final: list[router_pb2.GenerateResponse] = []
 
             async def collect(chunk: router_pb2.GenerateResponse) -> None:
+                first.went(builder.index)
                 builder.add(chunk)
                 if builder.usage is not None:
                     final.append(chunk)
 
-            await self._pipeline.generate(generate, collect)
+            await first.wait_turn(builder.index)
+            try:
+                await self._pipeline.generate(generate, collect)
+            finally:
+                first.went(builder.index)
             error = failure(final[-1]) if final else None
             if error is not None:
                 raise error
@@ -226,6 +251,7 @@ class HttpApi:
     async def _stream(
         self, request: web.Request, req: OpenAIRequest,
         choices: list[tuple[router_pb2.GenerateRequest, ResponseBuilder]],
+        first: _FirstSamples,
     ) -> web.StreamResponse:
         """Every choice streams into one SSE response, its chunks tagged with its index."""
         response: web.StreamResponse | None = None
@@ -246,10 +272,11 @@ class HttpApi:
 
             async def emit(chunk: router_pb2.GenerateResponse) -> None:
                 nonlocal failed
+                first.went(builder.index)
                 if builder.index not in started:
                     started.add(builder.index)
-                    for first in builder.first_events():
-                        await write(first)
+                    for opening in builder.first_events():
+                        await write(opening)
                 error = failure(chunk)
                 if error is not None:
                     failed = True
@@ -259,6 +286,7 @@ class HttpApi:
                 if event is not None:
                     await write(event)
 
+            await first.wait_turn(builder.index)
             try:
                 await self._pipeline.generate(generate, emit)
             except ServiceError as exc:
@@ -266,6 +294,8 @@ class HttpApi:
                     raise
                 failed = True
                 await write(service_error(exc).body())
+            finally:
+                first.went(builder.index)
 
         builders = [b for _, b in choices]
         try:

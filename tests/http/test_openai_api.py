@@ -286,3 +286,21 @@ def test_n_samples_and_a_batch_of_prompts(deployment: Deployment, client: openai
     whole = client.chat.completions.create(model=model, messages=MESSAGES, n=2, **SAMPLED)
     assert texts == [c.message.content for c in whole.choices]
     assert deployment.wait_all_blocks_free() == deployment.free_blocks()
+
+
+def test_n_samples_compute_the_prompt_once(deployment: Deployment, client: openai.OpenAI,
+                                           model: str) -> None:
+    """The later samples of a prompt start after the first one's first token: they find
+    the prompt's full blocks in the prefix cache (here: the prefill worker's)."""
+    prompt = [900 + i for i in range(33)]  # 4 full blocks of 8, prefilled remotely
+    registry = deployment.router.metrics.registry
+
+    def cached() -> float:
+        return registry.get_sample_value("splitserve_prompt_cached_tokens_total") or 0.0
+
+    before = cached()
+    out = client.completions.create(model=model, prompt=prompt, n=4, **SAMPLED)
+    assert len(out.choices) == 4 and out.usage is not None
+    assert out.usage.prompt_tokens_details is not None
+    assert out.usage.prompt_tokens_details.cached_tokens == 0  # the first computed it
+    assert cached() - before >= 3 * 32  # each sibling: 4 cached blocks

@@ -145,3 +145,32 @@ def test_n_and_prompt_batches_fan_out_into_choices() -> None:
     assert single.prompts == [] and len(single.choice_requests()) == 1
     assert parse_chat({"messages": [{"role": "user", "content": "x"}], "n": 4},
                       MODEL).n == 4
+
+
+def test_later_samples_wait_for_the_first_samples_first_chunk() -> None:
+    import asyncio
+
+    from splitserve.router.http_api import _FirstSamples
+
+    async def body() -> list[str]:
+        first = _FirstSamples(num_choices=4, n=2)  # prompts 0 and 1, two samples each
+        order: list[str] = []
+
+        async def sample(index: int) -> None:
+            await first.wait_turn(index)
+            order.append(f"start {index}")
+
+        tasks = [asyncio.create_task(sample(i)) for i in (3, 1, 2, 0)]
+        await asyncio.sleep(0.01)
+        assert sorted(order) == ["start 0", "start 2"]  # the firsts go at once
+        first.went(1)  # a later sample's chunk opens nothing
+        await asyncio.sleep(0.01)
+        assert len(order) == 2
+        first.went(2)
+        await asyncio.sleep(0.01)
+        assert "start 3" in order and "start 1" not in order
+        first.went(0)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert len(asyncio.run(body())) == 4
