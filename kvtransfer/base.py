@@ -122,22 +122,7 @@ class KVBackend(abc.ABC):
             raise ValueError(f"layer {layer} out of range [0, {handle.num_layers})")
         if layer in entry.submitted:
             raise ValueError(f"layer {layer} of {handle.request_id!r} was already sent")
-        self._check_caches(k_cache, v_cache)
-        if max(entry.src_block_ids) >= k_cache.shape[0]:
-            raise ValueError(
-                f"src block ids {entry.src_block_ids} beyond a {k_cache.shape[0]}-block pool"
-            )
-        entry.submitted.add(layer)
-        n = handle.num_blocks
-        buffer = torch.empty(
-            (2, n, *self.layout.block_shape), dtype=k_cache.dtype, device=k_cache.device
-        )
-        pack_layer(k_cache, v_cache, entry.ids_on(k_cache.device), buffer)
-        ready: torch.cuda.Event | None = None
-        if buffer.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(buffer.device))
-        self._submit(entry, layer, buffer, ready)
+        self._pack_and_submit(entry, layer, [(k_cache, v_cache)])
 
     def send_all_layers(
         self, handle: KVTransfer, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]
@@ -155,26 +140,32 @@ class KVBackend(abc.ABC):
         if len(k_caches) != handle.num_layers or len(v_caches) != handle.num_layers:
             raise ValueError(f"need {handle.num_layers} K and V caches, "
                              f"got {len(k_caches)}/{len(v_caches)}")
-        first = k_caches[0]
-        for k, v in zip(k_caches, v_caches, strict=True):
+        self._pack_and_submit(entry, ALL_LAYERS, list(zip(k_caches, v_caches, strict=True)))
+
+    def _pack_and_submit(self, entry: SendEntry, layer: int,
+                         caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy the src blocks of `caches` (one (K, V) per layer sent) into one fresh buffer,
+        [2, n, ...] for one layer or [L, 2, n, ...] for ALL_LAYERS, and queue it."""
+        for k, v in caches:
             self._check_caches(k, v)
-        if max(entry.src_block_ids) >= first.shape[0]:
-            raise ValueError(
-                f"src block ids {entry.src_block_ids} beyond a {first.shape[0]}-block pool"
-            )
-        entry.submitted.update(range(handle.num_layers))
-        buffer = torch.empty(
-            (handle.num_layers, 2, handle.num_blocks, *self.layout.block_shape),
-            dtype=first.dtype, device=first.device,
-        )
+            if max(entry.src_block_ids) >= k.shape[0]:
+                raise ValueError(
+                    f"src block ids {entry.src_block_ids} beyond a {k.shape[0]}-block pool"
+                )
+        handle, first = entry.handle, caches[0][0]
+        entry.submitted.update(range(handle.num_layers) if layer == ALL_LAYERS else [layer])
+        shape = (2, handle.num_blocks, *self.layout.block_shape)
+        buffer = torch.empty((len(caches), *shape), dtype=first.dtype, device=first.device)
         ids = entry.ids_on(first.device)
-        for layer, (k, v) in enumerate(zip(k_caches, v_caches, strict=True)):
-            pack_layer(k, v, ids, buffer[layer])
+        for i, (k, v) in enumerate(caches):
+            pack_layer(k, v, ids, buffer[i])
+        if layer != ALL_LAYERS:
+            buffer = buffer[0]
         ready: torch.cuda.Event | None = None
         if buffer.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buffer.device))
-        self._submit(entry, ALL_LAYERS, buffer, ready)
+        self._submit(entry, layer, buffer, ready)
 
     # -- receiver -----------------------------------------------------------------------
 

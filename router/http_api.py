@@ -88,7 +88,11 @@ class _FirstSamples:
 
 async def _all(runs: Iterable[Coroutine[Any, Any, None]]) -> None:
     """Run every choice; the first to fail cancels the others and its error is raised."""
-    tasks = [asyncio.ensure_future(run) for run in runs]
+    pending = list(runs)
+    if len(pending) == 1:  # the usual request: no task of its own
+        await pending[0]
+        return
+    tasks = [asyncio.ensure_future(run) for run in pending]
     try:
         for done in asyncio.as_completed(tasks):
             await done

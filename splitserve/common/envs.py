@@ -58,13 +58,6 @@ def parse_positive_int(raw: str) -> int:
     return value
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("must be a positive number")
-    return value
-
-
 def parse_log_level(raw: str) -> str:
     level = raw.upper()
     if level not in _LOG_LEVELS:
@@ -137,13 +130,6 @@ _VARS: tuple[EnvVar[Any], ...] = (
         "-march of the C++ CPU kernels' build (install time and first use); default native.",
     ),
     EnvVar(
-        "SPLITSERVE_WORKER_SWITCH_INTERVAL_S",
-        _positive_float,
-        lambda: 0.005,
-        "Python's GIL switch interval in worker processes (sys.setswitchinterval; default "
-        "Python's 5 ms). Shorter hands the GIL to KV transfer and RPC threads sooner.",
-    ),
-    EnvVar(
         "SPLITSERVE_KERNEL_BUILD_TIMEOUT_S",
         parse_positive_int,
         lambda: 900,
@@ -182,10 +168,6 @@ def cache_dir() -> Path:
 
 def num_threads() -> int | None:
     return get("SPLITSERVE_NUM_THREADS")  # type: ignore[no-any-return]
-
-
-def worker_switch_interval_s() -> float:
-    return float(get("SPLITSERVE_WORKER_SWITCH_INTERVAL_S"))
 
 
 def cluster_token(given: str | None = None) -> str | None:

@@ -8,7 +8,6 @@ or inside a Ray actor; nothing here imports ray.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -135,10 +134,6 @@ class WorkerRuntime:
     role = "prefill"
 
     def __init__(self, options: WorkerOptions, store: ClusterStore | None = None):
-        # The engine thread holds the GIL for its Python work; KV transfer and RPC threads
-        # wait up to one switch interval for it (BENCHMARKS.md, "Live migration", measured
-        # no served-throughput difference between 0.5 and 5 ms, so the default stays).
-        sys.setswitchinterval(envs.worker_switch_interval_s())
         self.options = options
         self.worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
         self.engine = LLMEngine(options.engine)

@@ -37,12 +37,6 @@ def test_envs_defaults_read_at_call_time(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert envs.cache_dir() == tmp_path / ".cache" / "splitserve"
     assert envs.num_threads() is None
     assert envs.log_level() == "INFO"
-    assert envs.worker_switch_interval_s() == 0.005  # Python's own default
-    monkeypatch.setenv("SPLITSERVE_WORKER_SWITCH_INTERVAL_S", "0")
-    with pytest.raises(ValueError, match="SPLITSERVE_WORKER_SWITCH_INTERVAL_S"):
-        envs.worker_switch_interval_s()
-    monkeypatch.setenv("SPLITSERVE_WORKER_SWITCH_INTERVAL_S", "0.0005")
-    assert envs.worker_switch_interval_s() == 0.0005
 
     monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("SPLITSERVE_NUM_THREADS", "3")

@@ -290,8 +290,9 @@ def test_n_samples_and_a_batch_of_prompts(deployment: Deployment, client: openai
 
 def test_n_samples_compute_the_prompt_once(deployment: Deployment, client: openai.OpenAI,
                                            model: str) -> None:
-    """The later samples of a prompt start after the first one's first token: they find
-    the prompt's full blocks in the prefix cache (here: the prefill worker's)."""
+    """The later samples of a prompt find its full blocks in the prefix cache (here: the
+    prefill worker's). (On this fast tiny model they would also without _FirstSamples'
+    gating, which its own test in test_openai_schema.py checks.)"""
     prompt = [900 + i for i in range(33)]  # 4 full blocks of 8, prefilled remotely
     registry = deployment.router.metrics.registry
 
