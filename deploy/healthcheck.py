@@ -7,8 +7,10 @@ when the service reports SERVING, 1 otherwise (NOT_SERVING, unreachable, timeout
 contract of Docker's HEALTHCHECK. The router and both workers register the empty service
 name "" as SERVING once they accept work; the router turns it NOT_SERVING while draining.
 
-Kubernetes does not need this file: its native `grpc:` probes ask the same service.
-Imports grpc only (no torch), so a probe costs ~0.1 s of CPU.
+With SPLITSERVE_TLS_DIR set (mutual TLS, see splitserve.common.tls) it connects with the
+process's certificate. Kubernetes needs this file only then: its native `grpc:` probes ask
+the same service but cannot present a certificate. Imports grpc and splitserve's torch-free
+TLS module only, so a probe costs ~0.1 s of CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ def check(address: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from splitserve.common import tls
+
+    files = tls.current()
+    channel = (grpc.secure_channel(address, files.channel_credentials(),
+                                   options=files.channel_options())
+               if files is not None else grpc.insecure_channel(address))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

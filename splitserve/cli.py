@@ -6,13 +6,15 @@
     splitserve decode   --cluster grpc://127.0.0.1:50051 [--kv-store HOST:PORT [--serve-kv-store]]
     splitserve kv-store --port 29500   (a shared rendezvous store; by default each worker hosts its own)
     splitserve generate "prompt" [--address] [--chat] [--max-tokens] [--temperature]
-    splitserve bench offline | kv | serve | compare | chaos
+    splitserve certs    --out DIR  (a local CA and mutual-TLS certificates: --tls-dir DIR/<name>)
+    splitserve bench offline | kv | serve | compare | chaos | fuzz
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -40,6 +42,30 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cpu-weight-prepack", action="store_true",
                    help="CPU: skip the packed weight copies for small batches (halves weight "
                         "memory, slower decode)")
+
+
+def _add_tls_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-dir", default=None,
+                   help="folder with ca.crt, tls.crt, tls.key: mutual TLS on every gRPC "
+                        "connection (default: SPLITSERVE_TLS_DIR; see `splitserve certs`)")
+
+
+def _apply_tls_dir(args: argparse.Namespace) -> None:
+    """Check --tls-dir's files now and hand the folder to every part of this process (and
+    to the processes it starts) through SPLITSERVE_TLS_DIR."""
+    from splitserve.common import tls
+
+    folder = envs.tls_dir(getattr(args, "tls_dir", None))
+    if folder:
+        folder = os.path.abspath(folder)
+        tls.load(folder)
+        os.environ["SPLITSERVE_TLS_DIR"] = folder
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from splitserve.common import certs
+
+    return certs.run(args)
 
 
 def _engine_config(args: argparse.Namespace) -> Any:
@@ -222,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-prompt", default=DEMO_PROMPT)
     p.add_argument("--exit-after-demo", action="store_true")
     _add_router_security_args(p)
+    _add_tls_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("router", help="the router as a plain process")
@@ -243,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a request moves on after losing a worker (0: fail it)")
     p.add_argument("--drain-timeout", type=float, default=10.0)
     _add_router_security_args(p)
+    _add_tls_arg(p)
     p.set_defaults(func=cmd_router)
 
     for role in ("prefill", "decode"):
@@ -268,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--drain-timeout", type=float, default=10.0)
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
+        _add_tls_arg(p)
         p.set_defaults(func=_cmd_worker(role))
 
     p = sub.add_parser("kv-store", help="the KV rendezvous store (a TCPStore) as a process")
@@ -285,7 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--api-key", default=envs.get("SPLITSERVE_API_KEY") or None,
                    help="sent as 'authorization: Bearer <key>' (default: SPLITSERVE_API_KEY)")
+    _add_tls_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    from splitserve.common import certs
+
+    p = sub.add_parser("certs", help="a local CA and mutual-TLS certificates for --tls-dir")
+    certs.add_arguments(p)
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("bench", help="benchmarks (splitserve bench --help)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -297,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _apply_tls_dir(args)
+    except ValueError as exc:
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

@@ -13,6 +13,9 @@ retried with exponential backoff only until the first chunk arrives; output is n
 Leaving a stream early (break, close(), garbage collection) cancels the RPC, which aborts
 the request on the server and frees its KV blocks.
 
+With a deployment's mutual TLS on (see common.tls), pass `tls_dir=` (a folder with ca.crt,
+tls.crt, tls.key, e.g. from `splitserve certs`) or set SPLITSERVE_TLS_DIR.
+
 Torch-free: importing this module never imports torch.
 """
 
@@ -41,6 +44,7 @@ from splitserve._client_common import (
     make_deadline,
     remaining_s,
 )
+from splitserve.common import tls
 from splitserve.common.convert.router import (
     chunk_from_proto,
     generate_request_to_proto,
@@ -81,15 +85,26 @@ class _ClientBase:
         return make_deadline(self.timeout if timeout is None else timeout)
 
 
+def _credentials(credentials: grpc.ChannelCredentials | None, tls_dir: str | None
+                 ) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """Explicit `credentials` (checked against the address dialled), else the mutual TLS
+    files of `tls_dir` or SPLITSERVE_TLS_DIR (see common.tls), else plaintext."""
+    if credentials is not None:
+        return credentials, []
+    return tls.secure_channel_args(tls.current(tls_dir))
+
+
 class Client(_ClientBase):
     """Blocking client. Thread-safe: one channel, shared by every call."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 max_retries: int = 3, retry_backoff_s: float = 0.2, model: str = "") -> None:
+                 tls_dir: str | None = None, max_retries: int = 3,
+                 retry_backoff_s: float = 0.2, model: str = "") -> None:
         super().__init__(address, timeout, token, max_retries, retry_backoff_s, model)
-        self._channel = (grpc.secure_channel(address, credentials) if credentials is not None
-                         else grpc.insecure_channel(address))
+        credentials, options = _credentials(credentials, tls_dir)
+        self._channel = (grpc.secure_channel(address, credentials, options=options)
+                         if credentials is not None else grpc.insecure_channel(address))
         self._stub = router_pb2_grpc.SplitServeStub(self._channel)
 
     def close(self) -> None:
@@ -179,9 +194,11 @@ class AsyncClient(_ClientBase):
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 max_retries: int = 3, retry_backoff_s: float = 0.2, model: str = "") -> None:
+                 tls_dir: str | None = None, max_retries: int = 3,
+                 retry_backoff_s: float = 0.2, model: str = "") -> None:
         super().__init__(address, timeout, token, max_retries, retry_backoff_s, model)
-        self._channel = (grpc.aio.secure_channel(address, credentials)
+        credentials, options = _credentials(credentials, tls_dir)
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=options)
                          if credentials is not None else grpc.aio.insecure_channel(address))
         self._stub = router_pb2_grpc.SplitServeStub(self._channel)
 

@@ -169,7 +169,12 @@ def serve(options: ServeOptions) -> Deployment:
                   "http_port": options.http_port,
                   "block_size": options.engine.block_size, "cluster_url": options.redis_url,
                   **options.router_options, "cluster_token": token}
-    router = ray.remote(num_cpus=0)(_RouterActor).remote(router_cfg)
+    # Actors on other nodes do not inherit this process's environment: hand them the TLS
+    # folder (which must exist at the same path on every node, e.g. a mounted secret).
+    tls_dir = envs.tls_dir()
+    env_opts: dict[str, Any] = (
+        {"runtime_env": {"env_vars": {"SPLITSERVE_TLS_DIR": tls_dir}}} if tls_dir else {})
+    router = ray.remote(num_cpus=0, **env_opts)(_RouterActor).remote(router_cfg)
     address, cluster_url, http_address = ray.get(router.info.remote(), timeout=120)
     num_workers = options.prefill_workers + options.decode_workers
     engine = options.engine
@@ -184,7 +189,7 @@ def serve(options: ServeOptions) -> Deployment:
                 cluster_url=cluster_url, kv_backend="torch_dist", kv_store=f"{driver_host}:{kv_port}",
                 kv_timeout_s=options.kv_timeout_s, cluster_token=token,
             )
-            actor_opts: dict[str, Any] = {"num_cpus": 0}
+            actor_opts: dict[str, Any] = {"num_cpus": 0, **env_opts}
             if engine.resolved_device.startswith("cuda"):
                 actor_opts["num_gpus"] = 1
             if resource:

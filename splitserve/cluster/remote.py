@@ -32,6 +32,7 @@ from splitserve.common.auth import ApiKeys
 from splitserve.common.convert import cluster as convert
 from splitserve.common.convert import common as common_convert
 from splitserve.common.grpc_guard import SyncGuardInterceptor, sync_channel
+from splitserve.common.grpc_util import bind
 from splitserve.v1 import cluster_pb2 as pb
 from splitserve.v1 import cluster_pb2_grpc
 
@@ -144,9 +145,7 @@ def start_cluster_state_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind ClusterState server to {address}")
+    port = bind(server, address)
     server.start()
     return server, port
 

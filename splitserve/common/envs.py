@@ -112,6 +112,12 @@ _VARS: tuple[EnvVar[Any], ...] = (
         "Shared secret of a deployment's router, workers and cluster-state server (secret).",
     ),
     EnvVar(
+        "SPLITSERVE_TLS_DIR",
+        str,
+        lambda: "",
+        "Folder with ca.crt, tls.crt, tls.key: mutual TLS on every gRPC connection (secret).",
+    ),
+    EnvVar(
         "SPLITSERVE_API_KEY",
         str,
         lambda: "",
@@ -174,6 +180,12 @@ def cluster_token(given: str | None = None) -> str | None:
     """The deployment's cluster token: `given` if set, else SPLITSERVE_CLUSTER_TOKEN; None
     when neither is (no cluster authentication)."""
     return given or get("SPLITSERVE_CLUSTER_TOKEN") or None
+
+
+def tls_dir(given: str | None = None) -> str | None:
+    """The folder of this process's TLS files: `given` if set, else SPLITSERVE_TLS_DIR; None
+    when neither is (plaintext gRPC)."""
+    return given or get("SPLITSERVE_TLS_DIR") or None
 
 
 def log_level() -> str:

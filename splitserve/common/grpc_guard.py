@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from splitserve.common import tls
 from splitserve.common.auth import ApiKeys, bearer_token
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,26 @@ class _AioStreamBearer(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_aio_details(details, self._token), request)
 
 
-def sync_channel(address: str, token: str | None) -> grpc.Channel:
-    """An insecure channel to `address` that sends `token` (if any) on every call."""
-    channel = grpc.insecure_channel(address)
+def sync_channel(address: str, token: str | None,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to `address` that sends `token` (if any) on every call: mutual TLS when
+    this process has TLS files (`tls.current()`), plaintext otherwise."""
+    credentials, tls_options = tls.secure_channel_args(tls.current())
+    all_options = [*options, *tls_options]
+    channel = (grpc.secure_channel(address, credentials, options=all_options)
+               if credentials is not None else grpc.insecure_channel(address, options=all_options))
     return grpc.intercept_channel(channel, _SyncBearer(token)) if token else channel
 
 
-def aio_channel(address: str, token: str | None) -> grpc.aio.Channel:
+def aio_channel(address: str, token: str | None,
+                options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """The grpc.aio flavour of `sync_channel`."""
     interceptors: list[grpc.aio.ClientInterceptor] = (
         [_AioUnaryBearer(token), _AioStreamBearer(token)] if token else [])
-    return grpc.aio.insecure_channel(address, interceptors=interceptors or None)
+    credentials, tls_options = tls.secure_channel_args(tls.current())
+    all_options = [*options, *tls_options]
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=all_options,
+                                       interceptors=interceptors or None)
+    return grpc.aio.insecure_channel(address, options=all_options,
+                                     interceptors=interceptors or None)

@@ -4,7 +4,8 @@
   binding a port that is taken fails instead of silently sharing it).
 - `add_health_and_reflection`: grpc.health.v1 (every named service SERVING) and server
   reflection, returning a `HealthStatus` to flip to NOT_SERVING when draining.
-- `bind`: add an insecure port and fail loudly when it cannot be bound.
+- `bind`: add a port (mutual TLS when the process has TLS files, see common.tls) and fail
+  loudly when it cannot be bound.
 - Errors map to status codes in one place: raise `ServiceError(code, message)` (or a
   ValueError for INVALID_ARGUMENT) inside a handler wrapped by `map_errors` (sync) or
   `map_errors_async` (grpc.aio); `status_of` is the mapping itself.
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from splitserve.common import tls
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +139,10 @@ def create_aio_server(
 
 
 def bind(server: grpc.Server | grpc.aio.Server, address: str) -> int:
-    """Add an insecure port ("host:port", port 0 = ephemeral); returns the bound port."""
+    """Add a port ("host:port", port 0 = ephemeral); returns the bound port. With this
+    process's TLS files (`tls.current()`) the port requires mutual TLS."""
     try:
-        port = server.add_insecure_port(address)
+        port = tls.add_port(server, address, tls.current())
     except RuntimeError as exc:  # grpcio >= 1.5x raises instead of returning 0
         raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
     if port == 0:

@@ -24,7 +24,7 @@ from splitserve.common import envs
 from splitserve.common.auth import ApiKeys
 from splitserve.common.convert.common import layout_to_proto
 from splitserve.common.grpc_guard import SyncGuardInterceptor
-from splitserve.common.grpc_util import add_health_and_reflection, service_name
+from splitserve.common.grpc_util import add_health_and_reflection, bind, service_name
 from splitserve.common.kv_layout import KVLayout
 from splitserve.common.metrics import MetricsServer, WorkerStatsSnapshot, worker_registry
 from splitserve.engine.config import EngineConfig
@@ -157,9 +157,7 @@ class WorkerRuntime:
         )
         service_names = self._register(self.server)
         self.health = add_health_and_reflection(self.server, service_names)
-        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {options.host}:{options.port}")
+        self.port = bind(self.server, f"{options.host}:{options.port}")
         self.address = f"{options.host}:{self.port}"
         self.presence: WorkerPresence | None = None
         self.started_at = time.time()

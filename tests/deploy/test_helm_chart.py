@@ -121,8 +121,13 @@ def test_kv_store_in_decode_mode_is_a_decode_worker_hosting_the_store() -> None:
 
 
 def test_probes_are_grpc_and_drain_fits_in_the_grace_period() -> None:
+    # Every probe is "splitserve.probeAction": native gRPC, or the health check script over
+    # mutual TLS when auth.tlsSecret is set (rendered in test_tls_secret_reaches_every_pod).
+    action = "\n".join(DEFINES["splitserve.probeAction"])
+    assert "grpc:" in action and "/opt/splitserve/healthcheck.py" in action
     for text in (template("router.yaml"), "\n".join(DEFINES["splitserve.workerPodSpec"])):
-        probes = re.findall(r"(startupProbe|readinessProbe|livenessProbe):\s*\n\s*grpc:", text)
+        probes = re.findall(r"(startupProbe|readinessProbe|livenessProbe):\s*\n\s*"
+                            r'\{\{- include "splitserve.probeAction"', text)
         assert sorted(probes) == ["livenessProbe", "readinessProbe", "startupProbe"]
     for role in ("prefill", "decode"):
         cfg = VALUES[role]
@@ -190,7 +195,27 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
                                 "prefixCaching": False, "maxNumBatchedTokens": 1000000}},
     "auth": {"auth": {"apiKeysSecret": "keys", "clusterTokenSecret": "token"},
              "router": {"env": [{"name": "X", "value": "1"}]}},
+    "tls": {"auth": {"tlsSecret": "certs"}, "extraVolumes": [{"name": "m", "emptyDir": {}}],
+            "extraVolumeMounts": [{"name": "m", "mountPath": "/models"}]},
 }
+
+
+def rendered_pods(case: str) -> dict[str, dict[str, Any]]:
+    """The pod spec of each role (router, prefill, decode) in the chart rendered for `case`."""
+    with helm_python.Chart.load(str(CHART)) as chart:
+        out = chart.render(RENDER_CASES[case], name="t", namespace="ns")
+    pods: dict[str, dict[str, Any]] = {}
+    for path, text in out.items():
+        if Path(path).suffix != ".yaml":
+            continue
+        for doc in yaml.safe_load_all(text):
+            pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []):
+                argv = [*container.get("command", []), *container.get("args", [])]
+                role = next((a for a in argv if a in ("router", "prefill", "decode")), None)
+                if role:
+                    pods[role] = pod
+    return pods
 
 
 @pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
@@ -216,19 +241,8 @@ def test_rendered_chart_commands_parse(case: str) -> None:
 
 @pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
 def test_secrets_reach_the_router_and_every_worker() -> None:
-    with helm_python.Chart.load(str(CHART)) as chart:
-        out = chart.render(RENDER_CASES["auth"], name="t", namespace="ns")
-    env_by_role: dict[str, dict[str, Any]] = {}
-    for path, text in out.items():
-        if Path(path).suffix != ".yaml":
-            continue
-        for doc in yaml.safe_load_all(text):
-            for container in (doc or {}).get("spec", {}).get("template", {}).get(
-                    "spec", {}).get("containers", []):
-                argv = [*container.get("command", []), *container.get("args", [])]
-                role = next((a for a in argv if a in ("router", "prefill", "decode")), None)
-                if role:
-                    env_by_role[role] = {e["name"]: e for e in container.get("env", [])}
+    env_by_role = {role: {e["name"]: e for e in pod["containers"][0].get("env", [])}
+                   for role, pod in rendered_pods("auth").items()}
     assert set(env_by_role) == {"router", "prefill", "decode"}
     for env in env_by_role.values():
         ref = env["SPLITSERVE_CLUSTER_TOKEN"]["valueFrom"]["secretKeyRef"]
@@ -238,3 +252,31 @@ def test_secrets_reach_the_router_and_every_worker() -> None:
                                                                           "key": "api-keys"}
     assert router["X"]["value"] == "1"
     assert "SPLITSERVE_API_KEYS" not in env_by_role["decode"]
+
+
+@pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
+def test_tls_secret_reaches_every_pod_and_probes_speak_tls() -> None:
+    pods = rendered_pods("tls")
+    assert set(pods) == {"router", "prefill", "decode"}
+    for role, pod in pods.items():
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["SPLITSERVE_TLS_DIR"] == "/etc/splitserve/tls"
+        port = container["ports"][0]["containerPort"]
+        host = "127.0.0.1" if role == "router" else "$(POD_IP)"
+        assert env["HEALTHCHECK_ADDR"] == f"{host}:{port}"
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/splitserve/tls",
+                                 "readOnly": True}
+        assert "m" in mounts  # extra mounts are kept beside it
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "certs"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == [
+                "python", "/opt/splitserve/healthcheck.py"], (role, probe)
+            assert "grpc" not in container[probe]
+    for role, pod in rendered_pods("default").items():
+        container = pod["containers"][0]
+        assert container["livenessProbe"]["grpc"]["port"] == container["ports"][0][
+            "containerPort"], role
+        assert "SPLITSERVE_TLS_DIR" not in {e["name"] for e in container.get("env", [])}

@@ -126,6 +126,48 @@ Call with (dict "root" $ "role" "prefill" "cfg" .Values.prefill "kvStore" ADDR
 "serveKvStore" BOOL). The worker binds and registers POD_IP:port (the downward API gives
 the pod IP), so the router and the other workers reach it directly, not via a Service.
 */}}
+{{/*
+Mutual TLS (auth.tlsSecret). "splitserve.tlsEnv" takes (dict "root" $ "addr" HOST:PORT): the
+folder of the TLS files and the address deploy/healthcheck.py checks. "splitserve.probeAction"
+takes (dict "root" $ "port" PORT): a native gRPC probe, or, with TLS (which the kubelet
+cannot speak), the health check script over mutual TLS.
+*/}}
+{{- define "splitserve.tlsEnv" -}}
+{{- if .root.Values.auth.tlsSecret }}
+- name: SPLITSERVE_TLS_DIR
+  value: /etc/splitserve/tls
+- name: HEALTHCHECK_ADDR
+  value: {{ .addr | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.probeAction" -}}
+{{- if .root.Values.auth.tlsSecret }}
+exec:
+  command: ["python", "/opt/splitserve/healthcheck.py"]
+{{- else }}
+grpc:
+  port: {{ .port | int }}
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.tlsVolumeMount" -}}
+{{- if .Values.auth.tlsSecret }}
+- name: tls
+  mountPath: /etc/splitserve/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.tlsVolume" -}}
+{{- with .Values.auth.tlsSecret }}
+- name: tls
+  secret:
+    secretName: {{ . | quote }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
 {{- define "splitserve.workerPodSpec" -}}
 {{- $root := .root -}}
 {{- $cfg := .cfg -}}
@@ -192,6 +234,7 @@ containers:
             name: {{ . | quote }}
             key: cluster-token
       {{- end }}
+      {{- include "splitserve.tlsEnv" (dict "root" $root "addr" (printf "$(POD_IP):%d" ($cfg.port | int))) | nindent 6 }}
       {{- with $root.Values.network.socketIfname }}
       - name: GLOO_SOCKET_IFNAME
         value: {{ . | quote }}
@@ -211,19 +254,16 @@ containers:
         protocol: TCP
       {{- end }}
     startupProbe:
-      grpc:
-        port: {{ $cfg.port | int }}
+      {{- include "splitserve.probeAction" (dict "root" $root "port" $cfg.port) | nindent 6 }}
       periodSeconds: {{ $root.Values.probes.startup.periodSeconds | int }}
       failureThreshold: {{ $root.Values.probes.startup.failureThreshold | int }}
     readinessProbe:
-      grpc:
-        port: {{ $cfg.port | int }}
+      {{- include "splitserve.probeAction" (dict "root" $root "port" $cfg.port) | nindent 6 }}
       periodSeconds: {{ $root.Values.probes.readiness.periodSeconds | int }}
       timeoutSeconds: {{ $root.Values.probes.readiness.timeoutSeconds | int }}
       failureThreshold: {{ $root.Values.probes.readiness.failureThreshold | int }}
     livenessProbe:
-      grpc:
-        port: {{ $cfg.port | int }}
+      {{- include "splitserve.probeAction" (dict "root" $root "port" $cfg.port) | nindent 6 }}
       periodSeconds: {{ $root.Values.probes.liveness.periodSeconds | int }}
       timeoutSeconds: {{ $root.Values.probes.liveness.timeoutSeconds | int }}
       failureThreshold: {{ $root.Values.probes.liveness.failureThreshold | int }}
@@ -234,6 +274,7 @@ containers:
     volumeMounts:
       - name: dshm
         mountPath: /dev/shm
+      {{- include "splitserve.tlsVolumeMount" $root | nindent 6 }}
       {{- with $root.Values.extraVolumeMounts }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -242,6 +283,7 @@ volumes:
     emptyDir:
       medium: Memory
       sizeLimit: {{ $root.Values.shm.sizeLimit }}
+  {{- include "splitserve.tlsVolume" $root | nindent 2 }}
   {{- with $root.Values.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
