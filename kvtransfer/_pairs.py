@@ -69,6 +69,7 @@ class _PairThread:
             (backend.worker_id, peer),
             backend.device,
             backend.bind_host,
+            backend.auth_token,
         )
         self.cv = threading.Condition()
         self.stopped = False

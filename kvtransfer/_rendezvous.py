@@ -10,7 +10,17 @@ the pair `<ns>/<src>-><dst>`:
 
     epoch/send, epoch/recv   counters: the epoch each side is at
     e<N>/layout/<role>       that side's KVLayout JSON
+    e<N>/nonce/<role>        a random challenge of that side
+    e<N>/proof/<role>        HMAC-SHA256 under the cluster token of (pair, epoch, role, its
+                             nonce, the other's nonce, its layout); "" without a token
+    e<N>/verdict/<role>      "ok", or why that side refused the other
     e<N>/pg/...              the process group's own rendezvous keys
+
+The store and the KV channel carry no TLS (they must stay on a private network), so the
+proofs are what keeps a process that is not a member of the deployment from joining a pair:
+a side with the cluster token refuses a peer whose proof does not verify (no token, another
+token, a replay from another epoch or pair), says so in its verdict, and both sides fail
+the pair's transfers at once (KVPeerRefused) instead of building a group.
 
 A side takes a new epoch (add 1) the first time it connects in this process and after every
 connection it established (or refused for a layout mismatch); otherwise it retries the epoch
@@ -19,6 +29,9 @@ it holds. A side behind the other catches up. Both then meet at the same number.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -28,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from splitserve.common.kv_layout import KVLayout, check_compatible
+from splitserve.common.kv_layout import KVLayout, KVLayoutMismatch, check_compatible
 
 _POLL_S = 0.01
 _CONNECT_ATTEMPT_S = 1.0  # one try at reaching a rendezvous store
@@ -37,6 +50,19 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class ConnectTimeout(TimeoutError):
     """The peer did not show up before the deadline."""
+
+
+class KVPeerRefused(KVLayoutMismatch):
+    """One side of a pair refused the other's proof of membership. Handled like a layout
+    mismatch: the pair's transfers fail at once, without a retry."""
+
+
+def _proof(token: str | None, pair: str, role: str, mine: str, theirs: str,
+           layout_json: str) -> str:
+    if not token:
+        return ""
+    message = "|".join((pair, role, mine, theirs, layout_json)).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
 def create_rendezvous_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Any:
@@ -77,6 +103,7 @@ class PairLink:
         names: tuple[str, str],  # (local worker id, remote worker id), for messages
         device: torch.device,
         bind_host: str | None,
+        token: str | None = None,  # the cluster token: proves membership to the peer
     ) -> None:
         assert role in ("send", "recv"), role
         self.store_addr = store_addr
@@ -88,6 +115,7 @@ class PairLink:
         self.names = names
         self.device = device
         self.bind_host = bind_host
+        self.token = token
         self.group: Any = None
         self.epoch = 0
         self._store: Any = None
@@ -112,11 +140,29 @@ class PairLink:
         self.epoch = self._agree_epoch(store, deadline, wanted)
         self._fresh = True  # this epoch's namespace is now used, whatever happens next
         prefix = f"{self.name}/e{self.epoch}/"
-        store.set(f"{prefix}layout/{self.role}", self.layout.to_json())
-        remote_key = f"{prefix}layout/{self.other}"
-        self._wait_key(store, remote_key, deadline, wanted)
-        remote = KVLayout.from_json(store.get(remote_key))
+        nonce = secrets.token_hex(16)
+        layout_json = self.layout.to_json()
+        store.set(f"{prefix}nonce/{self.role}", nonce)
+        store.set(f"{prefix}layout/{self.role}", layout_json)
+        remote_json = self._read(store, f"{prefix}layout/{self.other}", deadline, wanted)
+        remote_nonce = self._read(store, f"{prefix}nonce/{self.other}", deadline, wanted)
+        store.set(f"{prefix}proof/{self.role}", _proof(
+            self.token, prefix, self.role, nonce, remote_nonce, layout_json))
+        remote_proof = self._read(store, f"{prefix}proof/{self.other}", deadline, wanted)
+        expected = _proof(self.token, prefix, self.other, remote_nonce, nonce, remote_json)
         local_name, remote_name = self.names
+        refusal = ""
+        if self.token and not hmac.compare_digest(expected, remote_proof):
+            refusal = (f"worker {local_name!r} refused the KV peer claiming to be "
+                       f"{remote_name!r}: " + ("it presented no cluster token" if not remote_proof
+                                               else "its cluster-token proof does not verify"))
+        store.set(f"{prefix}verdict/{self.role}", refusal or "ok")
+        if refusal:
+            raise KVPeerRefused(refusal)
+        verdict = self._read(store, f"{prefix}verdict/{self.other}", deadline, wanted)
+        if verdict != "ok":
+            raise KVPeerRefused(verdict)
+        remote = KVLayout.from_json(remote_json)
         check_compatible(self.layout, remote, f"worker {local_name!r}", f"worker {remote_name!r}")
         store.set_timeout(_seconds_left(deadline))
         self.group = _make_group(
@@ -169,10 +215,12 @@ class PairLink:
             self._check_waiting(deadline, wanted, "to connect")
             time.sleep(_POLL_S)
 
-    def _wait_key(self, store: Any, key: str, deadline: float, wanted: Callable[[], bool]) -> None:
+    def _read(self, store: Any, key: str, deadline: float, wanted: Callable[[], bool]) -> str:
+        """The value of `key`, once the peer has set it."""
         while not store.check([key]):
-            self._check_waiting(deadline, wanted, "for its KV layout")
+            self._check_waiting(deadline, wanted, "for its handshake")
             time.sleep(_POLL_S)
+        return bytes(store.get(key)).decode("utf-8", "replace")
 
     def _check_waiting(self, deadline: float, wanted: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:

@@ -61,6 +61,8 @@ class TorchDistBackend(KVBackend):
     one, this worker's own store). device: where the KV caches live; "cpu" uses gloo,
     "cuda[:N]" NCCL. bind_host: the address gloo listens on (default: 127.0.0.1 when the
     store is on loopback, else gloo's choice). op_timeout_s bounds one payload receive.
+    auth_token: the deployment's cluster token; with it, pairs connect only to peers that
+    prove they hold it too (see kvtransfer._rendezvous).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class TorchDistBackend(KVBackend):
         op_timeout_s: float = 30.0,
         stash_limit_bytes: int = 256 << 20,
         namespace: str = "splitserve/kv",
+        auth_token: str | None = None,
     ) -> None:
         super().__init__(
             worker_id,
@@ -90,6 +93,7 @@ class TorchDistBackend(KVBackend):
         self.bind_host = default_bind_host(store_host) if bind_host is None else bind_host
         self.op_timeout_s = op_timeout_s
         self.namespace = namespace
+        self.auth_token = auth_token
         self._senders: dict[str, SendPair] = {}
         self._receivers: dict[str, RecvPair] = {}
 

@@ -124,6 +124,7 @@ def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
     backend = TorchDistBackend(
         worker_id, layout, host, port, device,
         default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
+        auth_token=options.resolved_cluster_token,
     )
     return backend, hosted
 

@@ -426,3 +426,54 @@ def test_all_layers_in_one_message_are_bit_exact(dtype: str) -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def _send_one(sender: TorchDistBackend, receiver: TorchDistBackend, request_id: str
+              ) -> tuple[KVTransfer, KVTransfer, list[torch.Tensor], list[torch.Tensor]]:
+    ks, vs = make_pool(LAYOUT, 7 + 1)
+    src_k, src_v = make_pool(LAYOUT, 7)
+    r = REQUESTS[0]
+    recv = receiver.expect(request_id, sender.worker_id, r["dst"], ks, vs, 20)
+    send = sender.start_send(request_id, receiver.worker_id, r["src"], r["dst"], timeout_s=20,
+                             peer_endpoint=receiver.endpoint)
+    sender.send_all_layers(send, src_k, src_v)
+    return send, recv, ks, vs
+
+
+@pytest.mark.parametrize("tokens", [("token-a" * 4, "token-b" * 4), (None, "token-b" * 4),
+                                    ("token-a" * 4, None)])
+def test_a_peer_without_the_cluster_token_is_refused_at_once(
+        tokens: tuple[str | None, str | None]) -> None:
+    """The KV channel has no TLS: a pair's handshake proves membership with an HMAC under
+    the cluster token, and a side holding the token refuses a peer whose proof does not
+    verify; both sides fail the transfer at once, no data moves (issue 13)."""
+    send_token, recv_token = tokens
+    own = create_rendezvous_store("127.0.0.1", 0)
+    receiver = TorchDistBackend("D-auth", LAYOUT, "127.0.0.1", own.port, auth_token=recv_token)
+    sender = TorchDistBackend("P-auth", LAYOUT, "127.0.0.1", _closed_port(),
+                              auth_token=send_token)
+    try:
+        send, recv, _, _ = _send_one(sender, receiver, "req-auth")
+        for handle in (send, recv):
+            assert _wait_failed(handle, 15) < 10  # the handshake, not the 20 s deadline
+            assert handle.error is not None and "refused the KV peer" in handle.error, \
+                handle.error
+        assert receiver.stats().bytes_received == 0
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_peers_with_the_same_cluster_token_connect_bit_exact() -> None:
+    own = create_rendezvous_store("127.0.0.1", 0)
+    token = "shared-cluster-token-0123456789"
+    receiver = TorchDistBackend("D-tok", LAYOUT, "127.0.0.1", own.port, auth_token=token)
+    sender = TorchDistBackend("P-tok", LAYOUT, "127.0.0.1", _closed_port(), auth_token=token)
+    try:
+        send, recv, ks, vs = _send_one(sender, receiver, "req-a")
+        wait_all([send, recv], 25)
+        assert (send.state, recv.state) == (TransferState.DONE, TransferState.DONE), recv.error
+        assert check_received(LAYOUT, REQUESTS[:1], 7, ks, vs) == (True, True)
+    finally:
+        sender.close()
+        receiver.close()
