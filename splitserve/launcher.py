@@ -139,6 +139,11 @@ def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray's token authentication (every Ray RPC carries a token, kept in ~/.ray/auth_token)
+    # is on by default for a new local head since Ray 2.60 (tests/service/test_service_ray
+    # checks it); RAY_AUTH_MODE=disabled is the user's explicit choice.
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: this Ray head accepts unauthenticated callers")
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,

@@ -81,8 +81,16 @@ def test_ray_2p2d_tiny_32_concurrent(ray_session, tiny_llama: Path, use_redis: b
         if redis_url:
             assert deployment.cluster_url == redis_url
         assert _listeners_beyond_loopback() == []
+        assert _ray_auth_mode() == "TOKEN"  # Ray's token authentication stays on
     finally:
         deployment.shutdown()
+
+
+def _ray_auth_mode() -> str:
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    mode = get_authentication_mode()
+    return "TOKEN" if mode == AuthenticationMode.TOKEN else str(mode)
 
 
 def test_ray_1p1d_smollm2(ray_session, smollm2_dir: Path) -> None:  # type: ignore[no-untyped-def]
