@@ -30,7 +30,7 @@ import grpc
 from aiohttp import web
 
 from splitserve.common import request_rules
-from splitserve.common.auth import ApiKeys, bearer_token
+from splitserve.common.auth import ANONYMOUS, ApiKeys, bearer_token
 from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
 from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id
@@ -39,6 +39,7 @@ from splitserve.router.service import RequestPipeline
 from splitserve.v1 import router_pb2
 
 log = logging.getLogger(__name__)
+_CLIENT = web.RequestKey("client", str)  # the name of the API key a request came with
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Parser = Callable[[Any, str], OpenAIRequest]
@@ -174,11 +175,13 @@ class HttpApi:
         before the body is read)."""
         if self._api_keys is not None and request.path not in self._public_paths:
             token = bearer_token(request.headers.get("Authorization"))
-            if token is None or self._api_keys.identify(token) is None:
+            client = self._api_keys.identify(token) if token is not None else None
+            if client is None:
                 log.info("refused an unauthenticated %s %s", request.method, request.path)
                 message = ("the API key is not valid" if token is not None else
                            "an API key is required: send 'Authorization: Bearer <key>'")
                 raise OpenAIError(message, status=401, code="invalid_api_key")
+            request[_CLIENT] = client
         return await handler(request)
 
     # ---- generation ---------------------------------------------------------------------
@@ -239,7 +242,8 @@ class HttpApi:
 
             await first.wait_turn(builder.index)
             try:
-                await self._pipeline.generate(generate, collect)
+                await self._pipeline.generate(generate, collect,
+                                              client=request.get(_CLIENT, ANONYMOUS))
             finally:
                 first.went(builder.index)
             error = failure(final[-1]) if final else None
@@ -292,7 +296,8 @@ class HttpApi:
 
             await first.wait_turn(builder.index)
             try:
-                await self._pipeline.generate(generate, emit)
+                await self._pipeline.generate(generate, emit,
+                                              client=request.get(_CLIENT, ANONYMOUS))
             except ServiceError as exc:
                 if response is None:
                     raise

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from splitserve.common.auth import ANONYMOUS
 from splitserve.common.convert.common import FINISH_REASON_NAMES
 from splitserve.common.metrics import (
     E2E_BUCKETS_S,
@@ -83,6 +84,12 @@ class RouterMetrics:
                                 "prefill to decode workers for finished requests.", registry=r)
         self.prefills = Counter(PREFIX + "prefills", "Finished requests by where their prompt "
                                 "was prefilled.", ["location"], registry=r)
+        self.client_requests = Counter(PREFIX + "client_requests", "Admitted requests that "
+                                       "ended, by client (the name of its API key; "
+                                       "'anonymous' without keys).", ["client"], registry=r)
+        self.client_tokens = Counter(PREFIX + "client_tokens", "Prompt tokens of finished "
+                                     "requests and output tokens relayed, by client.",
+                                     ["client", "kind"], registry=r)
         self.resumes = Counter(PREFIX + "request_resumes", "Times a request moved on to other "
                                "workers: a worker was lost, or a draining one handed it back.",
                                ["reason"], registry=r)
@@ -106,16 +113,18 @@ class RouterMetrics:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
 
-    def observer(self, trace: RequestTrace) -> RequestObserver:
-        return RequestObserver(self, trace)
+    def observer(self, trace: RequestTrace, client: str = ANONYMOUS) -> RequestObserver:
+        return RequestObserver(self, trace, client)
 
 
 class RequestObserver:
     """Observes one admitted request's chunks; `end` records how it ended (once)."""
 
-    def __init__(self, metrics: RouterMetrics, trace: RequestTrace) -> None:
+    def __init__(self, metrics: RouterMetrics, trace: RequestTrace,
+                 client: str = ANONYMOUS) -> None:
         self._m = metrics
         self._trace = trace
+        self._client = client
         self._first_token: float | None = None
         self._last_token: float | None = None
         self._num_tokens = 0
@@ -143,6 +152,7 @@ class RequestObserver:
             self._last_token = now
             self._num_tokens += k
             self._m.generation_tokens.inc(k)
+            self._m.client_tokens.labels(self._client, "output").inc(k)
         if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self._finished(chunk)
 
@@ -159,6 +169,7 @@ class RequestObserver:
                 continue
             m.phase.labels(phase).observe(getattr(timings, field) / 1000.0)
         m.prompt_tokens.inc(chunk.usage.prompt_tokens)
+        m.client_tokens.labels(self._client, "prompt").inc(chunk.usage.prompt_tokens)
         m.cached_tokens.inc(chunk.usage.cached_tokens)
         m.kv_bytes.inc(timings.kv_transfer_bytes)
         m.prefills.labels("local" if timings.prefill_local else "remote").inc()
@@ -168,5 +179,6 @@ class RequestObserver:
         if not self._ended:
             self._ended = True
             self._m.requests.labels(finish_reason).inc()
+            self._m.client_requests.labels(self._client).inc()
             for reason in self._trace.resumed:
                 self._m.resumes.labels(reason).inc()

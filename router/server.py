@@ -126,7 +126,8 @@ class RouterServer:
                  f"{len(api_keys)} configured" if api_keys else "none (open API)",
                  "set" if cluster_keys else "none")
         pipeline = RequestPipeline(self._state, self.admission, self.metrics)
-        router_pb2_grpc.add_SplitServeServicer_to_server(SplitServeServicer(pipeline), server)
+        router_pb2_grpc.add_SplitServeServicer_to_server(SplitServeServicer(pipeline, api_keys),
+                                                        server)
         services = [SPLITSERVE_SERVICE]
         if config.embedded_cluster:
             add_cluster_state(server, self.store)  # type: ignore[arg-type]

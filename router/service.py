@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from splitserve.common.auth import ANONYMOUS, ApiKeys, client_name
 from splitserve.common.grpc_util import ServiceError, map_errors_async
 from splitserve.router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
 from splitserve.router.metrics import RouterMetrics
@@ -46,6 +47,7 @@ class RequestPipeline:
         request: router_pb2.GenerateRequest,
         emit: Emit,
         client_deadline: float | None = None,  # time.monotonic() by which the client gives up
+        client: str = ANONYMOUS,  # who asked: the name of its API key (metrics)
     ) -> None:
         """Serve `request`, passing its chunks to `emit`; ServiceError on failure."""
         trace = RequestTrace()
@@ -60,7 +62,7 @@ class RequestPipeline:
         timeout_s = config.request_timeout_s
         deadline = _deadline(trace.arrival, timeout_s, client_deadline)
         await self._acquire(deadline)
-        observer = self.metrics.observer(trace)
+        observer = self.metrics.observer(trace, client)
         try:
             run = RequestRun(self.state, validated, trace, observer.wrap(emit), deadline)
             if timeout_s is None:
@@ -120,9 +122,10 @@ class RequestPipeline:
 
 
 class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
-    def __init__(self, pipeline: RequestPipeline) -> None:
+    def __init__(self, pipeline: RequestPipeline, api_keys: ApiKeys | None = None) -> None:
         self._pipeline = pipeline
         self._state = pipeline.state
+        self._api_keys = api_keys  # checked by the server's guard; here only to name callers
 
     @map_errors_async
     async def Generate(
@@ -130,7 +133,9 @@ class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
     ) -> None:
         remaining = context.time_remaining()
         client_deadline = None if remaining is None else time.monotonic() + remaining
-        await self._pipeline.generate(request, context.write, client_deadline)
+        metadata = dict(context.invocation_metadata() or ())
+        client = client_name(self._api_keys, metadata.get("authorization"))
+        await self._pipeline.generate(request, context.write, client_deadline, client)
 
     @map_errors_async
     async def ListModels(

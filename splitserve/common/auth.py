@@ -19,6 +19,7 @@ from pathlib import Path
 
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_KEY_CHARS = 16
+ANONYMOUS = "anonymous"  # the client of every request when no API keys are configured
 
 
 def _digest(token: str) -> bytes:
@@ -97,3 +98,11 @@ def bearer_token(header: str | None) -> str | None:
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def client_name(keys: ApiKeys | None, authorization: str | None) -> str:
+    """The client a request with this `Authorization` value belongs to: the name of its
+    key, or ANONYMOUS (no keys configured, or, for callers that did not check, no match)."""
+    token = bearer_token(authorization)
+    name = keys.identify(token) if keys is not None and token is not None else None
+    return name or ANONYMOUS

@@ -120,3 +120,41 @@ def test_an_empty_keys_file_refuses_to_start(tmp_path: Path) -> None:
     empty.write_text("# nobody yet\n\n")
     with pytest.raises(ValueError, match="no name:key entries"):
         ApiKeys.load(str(empty), None)
+
+
+def _client_counts(d: Deployment) -> dict[tuple[str, str], float]:
+    """(metric, labels) -> value of the per-client series in /metrics."""
+    status, text, _, _ = call(d, "GET", "/metrics", None, {"Authorization": f"Bearer {ALICE}"})
+    assert status == 200
+    out: dict[tuple[str, str], float] = {}
+    for line in str(text).splitlines():
+        if line.startswith(("splitserve_client_requests_total", "splitserve_client_tokens_total")):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            out[(name, labels.rstrip("}"))] = float(value)
+    return out
+
+
+def test_each_key_is_a_client_in_the_metrics(deployment: Deployment) -> None:
+    """The key's name is the client's identity: requests and tokens are counted per client,
+    over HTTP and gRPC alike."""
+    before = _client_counts(deployment)
+    status, data, _ = request(deployment, "POST", "/v1/completions", f"Bearer {ALICE}",
+                              {"prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True})
+    assert status == 200, data
+    with Client(deployment.address, token=BOB, timeout=60) as client:
+        for _ in range(2):
+            client.generate([5, 6, 7, 8], max_tokens=2, ignore_eos=True)
+    after = _client_counts(deployment)
+
+    def grew(metric: str, labels: str) -> float:
+        key = (f"splitserve_{metric}_total", labels)
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("client_requests", 'client="alice"') == 1
+    assert grew("client_requests", 'client="bob"') == 2
+    assert grew("client_tokens", 'client="alice",kind="output"') == 3
+    assert grew("client_tokens", 'client="alice",kind="prompt"') == 3
+    assert grew("client_tokens", 'client="bob",kind="output"') == 4
+    assert grew("client_tokens", 'client="bob",kind="prompt"') == 8
+    assert grew("client_requests", 'client="anonymous"') == 0
