@@ -15,6 +15,8 @@ BENCHMARKS = {
                "replicas, Poisson rate sweep, goodput"),
     "chaos": ("splitserve.bench.chaos", "faults under load (kill -9, drain, frozen prefill, "
               "cancels): lost requests, exactness, resume pauses, leaked blocks"),
+    "fuzz": ("splitserve.bench.fuzz", "fuzz the HTTP and gRPC APIs: 5xx, crashes, tracebacks, "
+             "RSS, normal-request latency, oversized bodies (413 time, heartbeats)"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

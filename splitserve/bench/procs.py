@@ -10,24 +10,55 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
-def spawn(args: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start `splitserve ARGS` and wait for its READY line (returned split into words)."""
+def spawn(args: list[str], timeout_s: float = 300.0, *, log_dir: Path | None = None,
+          name: str = "", env_drop: tuple[str, ...] = ()
+          ) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `splitserve ARGS` and wait for its READY line (returned split into words).
+
+    Output goes nowhere, or with `log_dir` to LOG_DIR/NAME.out and NAME.err (kept for the
+    caller to read). `env_drop`: variables the process must not inherit.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
+    for var in env_drop:
+        env.pop(var, None)
+    command = [sys.executable, "-m", "splitserve.cli", *args]
+    if log_dir is None:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def read_line() -> str:
+            return stdout.readline()
+    else:
+        out_path = log_dir / f"{name or args[0]}.out"
+        with out_path.open("w") as out, out_path.with_suffix(".err").open("w") as err:
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        consumed = 0
+
+        def read_line() -> str:  # the next complete line of the file, or "" for now
+            nonlocal consumed
+            lines = out_path.read_text(errors="replace").splitlines(keepends=True)
+            if consumed < len(lines) and lines[consumed].endswith("\n"):
+                consumed += 1
+                return lines[consumed - 1]
+            time.sleep(0.1)
+            return ""
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+        line = read_line()
         if line.startswith("READY"):
             return proc, line.split()
         if not line and proc.poll() is not None:
             break
     proc.kill()
-    raise RuntimeError(f"splitserve {args[0]} failed to start")
+    where = f"; see {log_dir / (name or args[0])}.err" if log_dir is not None else ""
+    raise RuntimeError(f"splitserve {args[0]} failed to start{where}")
 
 
 def free_port() -> int:

@@ -16,6 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from splitserve.bench.fuzz_cases import (
+    BODIES,
+    GENERATE_PATHS,
+    MESSAGE,
+    api_body,
+    cap_max_tokens,
+    generate_requests,
+)
 from splitserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.http._raw import call
 from tests.service.deployment import Deployment, start_deployment
@@ -158,78 +166,28 @@ def test_an_undecodable_grpc_message_is_invalid_argument(
 
 # ---- fuzz --------------------------------------------------------------------------------
 
-_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                     st.floats(allow_nan=False, allow_subnormal=False), st.text(max_size=20))
-_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
-                       | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
-_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-           "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "stream",
-           "stream_options", "logprobs", "top_logprobs", "echo", "n", "best_of",
-           "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "tools",
-           "ignore_eos", "skip_special_tokens", "user", "suffix"]
-_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant",
-                                                           "developer", "x", ""]),
-                                  "content": st.one_of(st.text(max_size=30), _VALUES)})
-_BODIES = st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=8).map(
-    lambda body: {**body, "max_tokens": 2} if "max_tokens" not in body else body)
-
-
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=_BODIES, messages=st.lists(_MESSAGE, max_size=3),
-       path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+@given(body=BODIES, messages=st.lists(MESSAGE, max_size=3),
+       path=st.sampled_from(GENERATE_PATHS))
 def test_fuzzed_http_bodies_never_get_5xx(deployment: Deployment, body: dict[str, Any],
                                           messages: list[Any], path: str) -> None:
-    if path.endswith("chat/completions") and "messages" not in body:
-        body["messages"] = messages
-    if body.get("stream") is True:
-        body["stream"] = False  # an SSE body does not parse as one JSON document
+    # stream=False: an SSE body does not parse as one JSON document
+    body = api_body(body, messages, path, stream=False)
     status, data, _ = post(deployment, path, json.dumps(body).encode())
     assert status < 500, (body, data)
     if status != 200:
         assert isinstance(data, dict) and data["error"]["message"], data
 
 
-_PROTO_TEXT = st.text(max_size=40)
-_U32 = st.integers(0, 2**32 - 1)
-_FLOAT32 = st.floats(width=32, allow_nan=True, allow_subnormal=False)
-_SAMPLING = st.builds(
-    common_pb2.SamplingParams,
-    max_tokens=st.integers(0, 2**32 - 1) | st.just(2), temperature=_FLOAT32, top_p=_FLOAT32,
-    top_k=_U32, min_p=_FLOAT32, seed=st.integers(0, 2**64 - 1), stop=st.lists(_PROTO_TEXT,
-                                                                               max_size=3),
-    stop_token_ids=st.lists(_U32, max_size=3), ignore_eos=st.booleans(),
-    presence_penalty=_FLOAT32, frequency_penalty=_FLOAT32, repetition_penalty=_FLOAT32,
-    logit_bias=st.dictionaries(_U32, _FLOAT32, max_size=3),
-    logprobs=st.booleans(), top_logprobs=st.integers(0, 40))
-_MESSAGES = st.lists(st.builds(router_pb2.ChatMessage, role=_PROTO_TEXT | st.sampled_from(
-    ["user", "system", "assistant"]), content=_PROTO_TEXT), max_size=3)
-
-
-@st.composite
-def _generate_requests(draw: st.DrawFn) -> router_pb2.GenerateRequest:
-    request = router_pb2.GenerateRequest(
-        request_id=draw(_PROTO_TEXT), model=draw(st.sampled_from(["", "other"])),
-        sampling_params=draw(_SAMPLING))
-    kind = draw(st.sampled_from(["prompt", "messages", "token_ids", "none"]))
-    if kind == "prompt":
-        request.prompt = draw(_PROTO_TEXT)
-    elif kind == "messages":
-        request.messages.messages.extend(draw(_MESSAGES))
-    elif kind == "token_ids":
-        request.token_ids.token_ids.extend(draw(st.lists(_U32, max_size=8)))
-    return request
-
-
 _EXPECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(request=_generate_requests())
+@given(request=generate_requests())
 def test_fuzzed_grpc_requests_get_a_status_never_a_crash(deployment: Deployment,
                                                         request: router_pb2.GenerateRequest
                                                         ) -> None:
-    if request.sampling_params.max_tokens > 4:
-        request.sampling_params.max_tokens = 4  # keep accepted requests short
+    cap_max_tokens(request, 4)  # keep accepted requests short
     channel, stub = _stub(deployment)
     with channel:
         try:
