@@ -1,8 +1,10 @@
-"""Admission control: a bounded number of requests in flight, and a bounded FIFO queue.
+"""Admission control: a bounded number of requests in flight, and a bounded queue.
 
 A request takes an in-flight slot at once when one is free and nobody is queued; else it
 waits in the queue when the queue has room; else it is rejected at once (the router
-answers RESOURCE_EXHAUSTED). A released slot passes straight to the oldest waiter.
+answers RESOURCE_EXHAUSTED). A released slot passes straight to the waiter that
+router.fairness picks: the best priority class (with aging), then the client with the
+least service (VTC), then the oldest; with one client and one class, the oldest.
 Before that, `entry()` holds a place while the request is validated and tokenized, and
 counts it against the same bound: at overload a request is refused before any work is
 spent on it, however many arrive at once.
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+import itertools
 from collections.abc import AsyncIterator, Iterator
+
+from splitserve.common.auth import ANONYMOUS
+from splitserve.router.fairness import FairShare, Waiter
 
 
 class OverCapacityError(Exception):
@@ -28,13 +33,16 @@ class AdmissionClosedError(Exception):
 
 
 class AdmissionController:
-    def __init__(self, max_inflight: int, max_queued: int) -> None:
+    def __init__(self, max_inflight: int, max_queued: int,
+                 fair: FairShare | None = None) -> None:
         if max_inflight < 0 or max_queued < 0:
             raise ValueError("max_inflight and max_queued must be >= 0")
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.num_inflight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()  # oldest first
+        self.fair = fair or FairShare()
+        self._waiters: dict[Waiter, asyncio.Future[None]] = {}  # oldest first
+        self._seq = itertools.count()
         self._idle: asyncio.Event | None = None  # created lazily on the loop
         self.closed = False
         self.num_entering = 0  # requests inside entry(), not yet acquiring
@@ -69,8 +77,10 @@ class AdmissionController:
         """Refuse new requests from now on; those in flight or queued carry on."""
         self.closed = True
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in the queue if needed.
+    async def acquire(self, client: str = ANONYMOUS, priority: int = 0,
+                      prompt_tokens: int = 0) -> None:
+        """Take a slot for a request of `client` in class `priority` (lower first), waiting
+        in the queue if needed; its prompt tokens are charged to the client once admitted.
 
         Raises AdmissionClosedError when closed, OverCapacityError when the queue is full.
         Cancelling the wait gives the place (or a slot handed over meanwhile) back.
@@ -79,20 +89,28 @@ class AdmissionController:
             raise AdmissionClosedError("router is draining and admits no new requests")
         if self.num_inflight < self.max_inflight and not self._waiters:
             self.num_inflight += 1
+            self.fair.charge(client, prompt_tokens=prompt_tokens)
             return
         if len(self._waiters) >= self.max_queued:
             raise self._over_capacity()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if all(w.client != client for w in self._waiters):
+            self.fair.joined(client, self._waiters)
+        waiter = Waiter(client, priority, self.fair.now(), next(self._seq))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[waiter] = future
         try:
-            await waiter
+            await future
         except asyncio.CancelledError:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            if self._waiters.pop(waiter, None) is not None:
                 self._notify_if_idle()
-            elif waiter.done() and not waiter.cancelled():
+            elif future.done() and not future.cancelled():
                 self.release()  # a slot was handed to us just as we were cancelled
             raise
+        self.fair.charge(client, prompt_tokens=prompt_tokens)
+
+    def charge(self, client: str, output_tokens: int) -> None:
+        """Count output tokens a request of `client` received (fair share)."""
+        self.fair.charge(client, output_tokens=output_tokens)
 
     def _over_capacity(self) -> OverCapacityError:
         queued = len(self._waiters) + self.num_entering
@@ -104,10 +122,10 @@ class AdmissionController:
 
     def release(self) -> None:
         """Give a slot back: to the oldest waiter, or to the pool."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot changes hands; num_inflight unchanged
+        while (waiter := self.fair.pick(self._waiters)) is not None:
+            future = self._waiters.pop(waiter)
+            if not future.done():
+                future.set_result(None)  # the slot changes hands; num_inflight unchanged
                 return
         if self.num_inflight <= 0:
             raise RuntimeError("release() without a matching acquire()")

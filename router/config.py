@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitserve.common import envs
+from splitserve.router.fairness import FairShareConfig
 
 PREFILL_POLICIES = ("kv_aware", "round_robin", "least_loaded")
 
@@ -27,6 +28,10 @@ class RouterConfig:
     # Generate fails at once with RESOURCE_EXHAUSTED.
     max_inflight: int = 256
     max_queued: int = 256
+    # Who a freed slot goes to (router.fairness): the best priority class, then, with
+    # "vtc", the client with the least weighted-token service; "fcfs": the oldest. Set
+    # max_inflight near the decode workers' batch capacity for the choice to matter.
+    fair_share: FairShareConfig = field(default_factory=FairShareConfig)
     prefill_policy: str = "kv_aware"  # one of PREFILL_POLICIES
     # Conditional disaggregation: prompts of at most this many tokens are prefilled on the
     # decode worker itself, as are prompts whose leading fraction >= local_prefix_fraction

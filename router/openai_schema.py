@@ -218,6 +218,11 @@ def _model(b: _Body, model_id: str) -> None:
                           f"{model_id!r}", param="model", code="model_not_found", status=404)
 
 
+def _priority(b: _Body, request: router_pb2.GenerateRequest) -> None:
+    """vLLM's `priority`: the scheduling class, lower first (int32)."""
+    request.priority = b.integer("priority", -(2**31), 2**31 - 1) or 0
+
+
 def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     """A /v1/completions body."""
     b = _Body(body)
@@ -238,6 +243,7 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     if echo and logprobs is not None:
         raise OpenAIError("echo together with logprobs is not supported", param="echo")
     _sampling(b, request, b.integer("max_tokens", 1, UINT32_MAX))
+    _priority(b, request)
     _set_logprobs(request, logprobs)
     stream, include_usage = _stream_options(b)
     prompts = []
@@ -285,6 +291,7 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     if max_tokens is None:
         max_tokens = b.integer("max_tokens", 1, UINT32_MAX)
     _sampling(b, request, max_tokens)
+    _priority(b, request)
     n = _choices(b)
     top = b.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
     want = b.flag("logprobs")

@@ -41,6 +41,7 @@ from splitserve.common.grpc_util import (
 from splitserve.router.admission import AdmissionController
 from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.config import RouterConfig
+from splitserve.router.fairness import FairShare
 from splitserve.router.http_api import HttpApi
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.model import ServedModel, load_served_model
@@ -75,7 +76,8 @@ class RouterServer:
         self._pool: futures.ThreadPoolExecutor | None = None
         self._state: RouterState | None = None
         self._health: HealthStatus | None = None
-        self.admission = AdmissionController(config.max_inflight, config.max_queued)
+        self.admission = AdmissionController(config.max_inflight, config.max_queued,
+                                             FairShare(config.fair_share))
         self.metrics = RouterMetrics(self.admission)
         self._http: HttpApi | None = None
         self.http_port: int | None = None  # bound HTTP port; None while not serving HTTP

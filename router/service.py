@@ -61,10 +61,16 @@ class RequestPipeline:
                 )
         timeout_s = config.request_timeout_s
         deadline = _deadline(trace.arrival, timeout_s, client_deadline)
-        await self._acquire(deadline)
+        await self._acquire(deadline, client, request.priority, validated.prompt_len)
         observer = self.metrics.observer(trace, client)
+        admission = self.admission
+
+        async def charged(chunk: router_pb2.GenerateResponse) -> None:
+            admission.charge(client, len(chunk.token_ids))  # fair share: service received
+            await emit(chunk)
+
         try:
-            run = RequestRun(self.state, validated, trace, observer.wrap(emit), deadline)
+            run = RequestRun(self.state, validated, trace, observer.wrap(charged), deadline)
             if timeout_s is None:
                 await run.run()
                 return
@@ -106,14 +112,16 @@ class RequestPipeline:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                "router is draining; retry elsewhere") from exc
 
-    async def _acquire(self, deadline: float | None) -> None:
+    async def _acquire(self, deadline: float | None, client: str, priority: int,
+                       prompt_tokens: int) -> None:
+        acquire = self.admission.acquire(client, priority, prompt_tokens)
         try:
             with self._admission_error():
                 if deadline is None:
-                    await self.admission.acquire()
+                    await acquire
                 else:
                     timeout = max(deadline - time.monotonic(), 0.001)
-                    await asyncio.wait_for(self.admission.acquire(), timeout)
+                    await asyncio.wait_for(acquire, timeout)
         except asyncio.TimeoutError as exc:
             self.metrics.rejections.labels("queue_timeout").inc()
             raise ServiceError(

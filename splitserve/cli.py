@@ -146,8 +146,34 @@ def _add_router_security_args(p: argparse.ArgumentParser) -> None:
 
 
 def _router_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The RouterConfig fields of _add_router_security_args and _add_fair_share_args."""
+    from splitserve.router.fairness import FairShareConfig
+
+    fair = FairShareConfig(policy=args.admission_policy, client_weights=args.client_weights,
+                           aging_s=args.priority_aging)
     return {"api_keys_file": args.api_keys_file, "public_metrics": args.public_metrics,
-            "max_request_bytes": args.max_request_bytes}
+            "max_request_bytes": args.max_request_bytes, "fair_share": fair}
+
+
+def _client_weights(text: str) -> dict[str, float]:
+    from splitserve.router.fairness import parse_client_weights
+
+    try:
+        return parse_client_weights(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_fair_share_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admission-policy", default="vtc", choices=["vtc", "fcfs"],
+                   help="who gets a freed slot among queued requests of one priority class: "
+                        "the client with the least weighted-token service (vtc), or the "
+                        "oldest request (fcfs)")
+    p.add_argument("--client-weights", default={}, type=_client_weights,
+                   help="fair-share weights by API key name, e.g. alice=2,bob=1 (default 1)")
+    p.add_argument("--priority-aging", type=float, default=10.0,
+                   help="seconds of waiting that improve a queued request's priority class "
+                        "by one (0: never)")
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -248,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-prompt", default=DEMO_PROMPT)
     p.add_argument("--exit-after-demo", action="store_true")
     _add_router_security_args(p)
+    _add_fair_share_args(p)
     _add_tls_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -270,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a request moves on after losing a worker (0: fail it)")
     p.add_argument("--drain-timeout", type=float, default=10.0)
     _add_router_security_args(p)
+    _add_fair_share_args(p)
     _add_tls_arg(p)
     p.set_defaults(func=cmd_router)
 

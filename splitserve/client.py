@@ -7,7 +7,8 @@ public `splitserve.v1.SplitServe` gRPC service.
             print(chunk.text, end="", flush=True)
 
 Sampling keyword arguments are SamplingParams fields, validated locally before any RPC
-(TypeError for unknown names, ValueError for bad values). A call's `timeout` (seconds,
+(TypeError for unknown names, ValueError for bad values); `priority=` (an int, lower first)
+is the request's scheduling class when the router queues requests. A call's `timeout` (seconds,
 default: the client's) is one deadline for the whole call, retries included. UNAVAILABLE is
 retried with exponential backoff only until the first chunk arrives; output is never re-sent.
 Leaving a stream early (break, close(), garbage collection) cancels the RPC, which aborts
@@ -77,9 +78,17 @@ class _ClientBase:
 
     def _request(self, prompt_or_messages: Prompt | Messages, chat: bool, request_id: str,
                  model: str | None, sampling: dict[str, Any]) -> router_pb2.GenerateRequest:
-        return generate_request_to_proto(prompt_or_messages, chat=chat, sampling=sampling,
-                             request_id=request_id,
-                             model=self.model if model is None else model)
+        """`priority` among `sampling` is the request's scheduling class (lower first)."""
+        sampling = dict(sampling)
+        priority = sampling.pop("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) \
+                or not -(2**31) <= priority < 2**31:
+            raise ValueError(f"priority must be a 32-bit integer, got {priority!r}")
+        request = generate_request_to_proto(prompt_or_messages, chat=chat, sampling=sampling,
+                                            request_id=request_id,
+                                            model=self.model if model is None else model)
+        request.priority = priority
+        return request
 
     def _deadline(self, timeout: float | None) -> float | None:
         return make_deadline(self.timeout if timeout is None else timeout)

@@ -174,3 +174,15 @@ def test_later_samples_wait_for_the_first_samples_first_chunk() -> None:
         return order
 
     assert len(asyncio.run(body())) == 4
+
+
+def test_priority_is_the_scheduling_class_of_every_choice() -> None:
+    completion = parse_completion({"prompt": ["a", "b"], "priority": -3, "n": 2}, "m")
+    assert [r.priority for r in completion.choice_requests()] == [-3] * 4
+    assert parse_chat({"messages": [{"role": "user", "content": "hi"}], "priority": 7},
+                      "m").generate.priority == 7
+    assert parse_completion({"prompt": "a"}, "m").generate.priority == 0
+    for bad in (2**31, -(2**31) - 1, 1.5, "high", True):
+        with pytest.raises(OpenAIError) as info:
+            parse_completion({"prompt": "a", "priority": bad}, "m")
+        assert info.value.param == "priority"

@@ -1,0 +1,130 @@
+"""Who goes next when the router's admission queue holds several requests: priority classes
+with aging, and, within a class, fair share across clients by virtual token counters (VTC,
+Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024).
+
+- **Clients** are the names of API keys (common.auth; "anonymous" without keys).
+- **Counters.** Each client has a counter of the service it received, in weighted tokens:
+  `(input_weight * prompt tokens + output_weight * output tokens) / client weight`. Prompt
+  tokens are charged when a request is admitted, output tokens as they stream.
+- **Fair share.** Among the waiters of the best class, the one whose client has the least
+  service goes next (oldest first within a client). A backlogged client's counter only
+  grows when it is served, so a flooding client cannot starve a light one: over any period
+  where both are backlogged their service differs by a bounded amount.
+- **No banked credit.** A client that joins the queue (none of its requests waiting) is lifted
+  to the least counter of the clients already waiting, or, when none is, to the counter of
+  the last client served: being idle earns nothing.
+- **Priorities.** A request's `priority` is an integer class, lower first (vLLM's
+  convention; default 0). A waiting request's class improves by one every `aging_s` it
+  waits, so a low class is delayed, never starved.
+
+`policy="fcfs"` keeps priorities and aging but ignores counters (first come, first served
+within a class): the baseline the fairness benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+POLICIES = ("vtc", "fcfs")
+
+
+@dataclass(frozen=True)
+class FairShareConfig:
+    policy: str = "vtc"
+    input_weight: float = 1.0
+    output_weight: float = 2.0  # an output token costs a decode step: VTC's own choice
+    client_weights: Mapping[str, float] | None = None  # name -> share (default 1)
+    aging_s: float = 10.0  # a waiter's class improves by one per this many seconds; 0: never
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"admission policy must be one of {', '.join(POLICIES)}, "
+                             f"got {self.policy!r}")
+        for name, value in (("input_weight", self.input_weight),
+                            ("output_weight", self.output_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for client, weight in (self.client_weights or {}).items():
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"the weight of client {client!r} must be > 0, got {weight}")
+        if not (math.isfinite(self.aging_s) and self.aging_s >= 0):
+            raise ValueError(f"aging_s must be a finite number >= 0, got {self.aging_s}")
+
+
+def parse_client_weights(text: str) -> dict[str, float]:
+    """`alice=2,bob=0.5` -> {"alice": 2.0, "bob": 0.5}; ValueError with a message."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"client weight {item!r}: expected name=weight")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"client weight {item!r}: {value!r} is not a number") from None
+    return weights
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One queued request, as the chooser sees it."""
+
+    client: str
+    priority: int
+    since: float  # clock() when it was queued
+    seq: int  # arrival order, for ties
+
+
+class FairShare:
+    """Service counters and the choice of the next waiter (event-loop thread only)."""
+
+    def __init__(self, config: FairShareConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or FairShareConfig()
+        self._weights = dict(self.config.client_weights or {})
+        self._clock = clock
+        self.counters: dict[str, float] = {}
+        self._last_served = 0.0  # the counter of the client last picked
+
+    def now(self) -> float:
+        return self._clock()
+
+    def counter(self, client: str) -> float:
+        return self.counters.get(client, 0.0)
+
+    def charge(self, client: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Count service given to `client`."""
+        cost = (self.config.input_weight * prompt_tokens
+                + self.config.output_weight * output_tokens)
+        if cost:
+            self.counters[client] = self.counter(client) + cost / self._weights.get(client, 1.0)
+
+    def joined(self, client: str, waiting: Iterable[Waiter]) -> None:
+        """`client` queues a request while none of its own is waiting: no banked credit."""
+        others = [self.counter(w.client) for w in waiting if w.client != client]
+        floor = min(others) if others else self._last_served
+        if self.counter(client) < floor:
+            self.counters[client] = floor
+
+    def class_of(self, waiter: Waiter, now: float) -> float:
+        """The waiter's class now, aging included (lower goes first)."""
+        aging = self.config.aging_s
+        return waiter.priority - ((now - waiter.since) // aging if aging > 0 else 0.0)
+
+    def pick(self, waiting: Iterable[Waiter]) -> Waiter | None:
+        """The waiter that goes next: best class, then least-served client, then oldest."""
+        now = self.now()
+        fair = self.config.policy == "vtc"
+        best: Waiter | None = None
+        best_key: tuple[float, float, int] | None = None
+        for waiter in waiting:
+            key = (self.class_of(waiter, now), self.counter(waiter.client) if fair else 0.0,
+                   waiter.seq)
+            if best_key is None or key < best_key:
+                best, best_key = waiter, key
+        if best is not None:
+            self._last_served = self.counter(best.client)
+        return best
