@@ -15,7 +15,8 @@ Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024).
   the last client served: being idle earns nothing.
 - **Priorities.** A request's `priority` is an integer class, lower first (vLLM's
   convention; default 0). A waiting request's class improves by one every `aging_s` it
-  waits, so a low class is delayed, never starved.
+  waits, up to the best class waiting (where fair share then decides), so a low class is
+  delayed, never starved, and old requests never overtake the fair order of their class.
 
 `policy="fcfs"` keeps priorities and aging but ignores counters (first come, first served
 within a class): the baseline the fairness benchmark compares against.
@@ -109,20 +110,28 @@ class FairShare:
         if self.counter(client) < floor:
             self.counters[client] = floor
 
-    def class_of(self, waiter: Waiter, now: float) -> float:
-        """The waiter's class now, aging included (lower goes first)."""
+    def class_of(self, waiter: Waiter, now: float, best: int) -> float:
+        """The waiter's class now (lower goes first): its own, improved by one per aging_s
+        waited, but never past `best`, the best class waiting. Aging lifts a class up to
+        the best one, where fair share decides; it never lets the oldest requests of one
+        class overtake the fair order within it."""
         aging = self.config.aging_s
-        return waiter.priority - ((now - waiter.since) // aging if aging > 0 else 0.0)
+        aged = waiter.priority - ((now - waiter.since) // aging if aging > 0 else 0.0)
+        return max(float(best), aged)
 
     def pick(self, waiting: Iterable[Waiter]) -> Waiter | None:
         """The waiter that goes next: best class, then least-served client, then oldest."""
+        waiters = list(waiting)
+        if not waiters:
+            return None
         now = self.now()
+        top = min(w.priority for w in waiters)
         fair = self.config.policy == "vtc"
         best: Waiter | None = None
         best_key: tuple[float, float, int] | None = None
-        for waiter in waiting:
-            key = (self.class_of(waiter, now), self.counter(waiter.client) if fair else 0.0,
-                   waiter.seq)
+        for waiter in waiters:
+            key = (self.class_of(waiter, now, top),
+                   self.counter(waiter.client) if fair else 0.0, waiter.seq)
             if best_key is None or key < best_key:
                 best, best_key = waiter, key
         if best is not None:

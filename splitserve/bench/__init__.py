@@ -17,6 +17,8 @@ BENCHMARKS = {
               "cancels): lost requests, exactness, resume pauses, leaked blocks"),
     "fuzz": ("splitserve.bench.fuzz", "fuzz the HTTP and gRPC APIs: 5xx, crashes, tracebacks, "
              "RSS, normal-request latency, oversized bodies (413 time, heartbeats)"),
+    "fairness": ("splitserve.bench.fairness", "two clients, one flooding: tokens served to "
+                 "each and the light client's TTFT, FCFS vs VTC fair share vs alone"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

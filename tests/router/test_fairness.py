@@ -152,3 +152,15 @@ def test_a_queued_request_cancelled_leaves_the_queue() -> None:
         assert adm.fair.counter("b") == 0  # never admitted, never charged
 
     run(body())
+
+
+def test_aging_stops_at_the_best_class_waiting_where_fair_share_decides() -> None:
+    """Old requests of one class do not overtake a less-served client's newer ones: in the
+    first measurement, a flood's 10 s old waiters aged past the light client's fresh ones."""
+    clock = Clock()
+    fair = FairShare(FairShareConfig(aging_s=1.0), clock=clock)
+    fair.charge("flood", prompt_tokens=500)
+    old_flood = Waiter("flood", 0, 0.0, 0)
+    clock.now = 30.0
+    fresh_light = Waiter("light", 0, 30.0, 1)
+    assert fair.pick([old_flood, fresh_light]) is fresh_light

@@ -1,0 +1,157 @@
+"""`splitserve bench fairness`: two clients share one service, one of them flooding it.
+
+A router (API keys `flood` and `light`, `--max-inflight` slots) and one decode worker run
+as plain processes on 127.0.0.1. Over gRPC, `flood` keeps --flood-concurrency requests
+outstanding and `light` --light-concurrency (both backlogged: each client sends its next
+request as soon as one ends; flood keeps ten times as many outstanding; with light at
+--max-inflight, both stay backlogged in the router's queue). Three
+phases of --seconds each, in one invocation:
+
+1. `light` alone (its unloaded TTFT: the baseline);
+2. both clients, `--admission-policy fcfs` (arrival order);
+3. both clients, `--admission-policy vtc` (fair share by virtual token counters).
+
+Printed: output tokens served to each client in each phase and their ratio (issue 17's
+target: within 1.25x under VTC), and light's TTFT p50/p99 against its unloaded TTFT
+(target: p99 within 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitserve.bench.procs import local_deployment
+
+CLIENTS = ("flood", "light")
+
+
+@dataclass
+class ClientTally:
+    output_tokens: int = 0
+    requests: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+
+    def row(self, seconds: float) -> dict[str, Any]:
+        ttft = sorted(self.ttft_s)
+        pick = (lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))]) if ttft else None
+        return {"requests": self.requests, "output_tokens": self.output_tokens,
+                "tokens_per_s": self.output_tokens / seconds,
+                "ttft_p50_s": pick(0.50) if pick else None,
+                "ttft_p99_s": pick(0.99) if pick else None}
+
+
+def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seconds: float,
+           prompt_len: int, output_len: int, seed: int) -> dict[str, ClientTally]:
+    """Each client keeps its concurrency of requests outstanding for `seconds`; what
+    finished inside the window counts."""
+    from splitserve.client import Client
+
+    tallies = {name: ClientTally() for name in concurrency}
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def loop(name: str, index: int) -> None:
+        rng = random.Random(seed * 1000 + index + (0 if name == "flood" else 500))
+        with Client(address, token=keys[name], timeout=600) as client:
+            while time.monotonic() < end:
+                prompt = [rng.randrange(100, 40000) for _ in range(prompt_len)]
+                started = time.monotonic()
+                first: float | None = None
+                count = 0
+                for chunk in client.stream(prompt, max_tokens=output_len, temperature=0.0,
+                                           ignore_eos=True):
+                    if chunk.token_ids and first is None:
+                        first = time.monotonic() - started
+                    count += len(chunk.token_ids)
+                if time.monotonic() <= end:
+                    with lock:
+                        tally = tallies[name]
+                        tally.requests += 1
+                        tally.output_tokens += count
+                        if first is not None:
+                            tally.ttft_s.append(first)
+
+    jobs = [(name, i) for name, n in concurrency.items() for i in range(n)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(loop, name, i) for name, i in jobs]:
+            future.result()
+    return tallies
+
+
+def _phase(args: argparse.Namespace, keys: dict[str, str], policy: str,
+           concurrency: dict[str, int]) -> dict[str, Any]:
+    router_args = ("--max-inflight", str(args.max_inflight), "--max-queued", "1024",
+                   "--admission-policy", policy)
+    worker_args = ("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype)
+    with local_deployment(args.model, num_prefill=0, num_decode=1,
+                          local_prefill_threshold=1 << 20, threads=args.threads,
+                          worker_args=worker_args, router_args=router_args) as addrs:
+        _drive(addrs["router"], keys, {"light": 1}, args.warmup_seconds, args.input_len,
+               args.output_len, args.seed + 99)
+        tallies = _drive(addrs["router"], keys, concurrency, args.seconds, args.input_len,
+                         args.output_len, args.seed)
+    return {name: tally.row(args.seconds) for name, tally in tallies.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve bench fairness", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-kv-blocks", type=int, default=1024)
+    ap.add_argument("--max-inflight", type=int, default=4,
+                    help="router slots: near the decode batch the machine sustains")
+    ap.add_argument("--flood-concurrency", type=int, default=40)
+    ap.add_argument("--light-concurrency", type=int, default=4)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup-seconds", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    keys = {name: f"{name}-{secrets.token_hex(12)}" for name in CLIENTS}
+    os.environ["SPLITSERVE_API_KEYS"] = ",".join(f"{n}:{k}" for n, k in keys.items())
+    both = {"flood": args.flood_concurrency, "light": args.light_concurrency}
+    results = {"alone": _phase(args, keys, "vtc", {"light": args.light_concurrency}),
+               "fcfs": _phase(args, keys, "fcfs", both),
+               "vtc": _phase(args, keys, "vtc", both)}
+    alone_p50 = results["alone"]["light"]["ttft_p50_s"]
+    print(f"{'phase':6s} {'client':6s} {'requests':>8s} {'tok/s':>7s} {'TTFT p50':>9s} "
+          f"{'TTFT p99':>9s} {'p99 / alone p50':>15s}")
+    for phase, rows in results.items():
+        for name, row in rows.items():
+            vs = _ratio(row["ttft_p99_s"], alone_p50)
+            print(f"{phase:6s} {name:6s} {row['requests']:8d} {row['tokens_per_s']:7.1f} "
+                  f"{(row['ttft_p50_s'] or 0) * 1e3:7.0f}ms {(row['ttft_p99_s'] or 0) * 1e3:7.0f}ms "
+                  f"{vs if vs is not None else float('nan'):15.2f}")
+    summary = {}
+    for phase in ("fcfs", "vtc"):
+        flood, light = (results[phase][c]["output_tokens"] for c in CLIENTS)
+        summary[phase] = {"flood_over_light_tokens": _ratio(flood, light),
+                          "light_ttft_p99_over_alone_p50": _ratio(
+                              results[phase]["light"]["ttft_p99_s"], alone_p50),
+                          "light_ttft_p99_over_alone_p99": _ratio(
+                              results[phase]["light"]["ttft_p99_s"],
+                              results["alone"]["light"]["ttft_p99_s"])}
+        print(f"{phase}: tokens served flood/light = {summary[phase]['flood_over_light_tokens']}"
+              f"; light TTFT p99 / alone p99 = {summary[phase]['light_ttft_p99_over_alone_p99']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"argv": argv, "results": results,
+                                              "summary": summary}, indent=2))
+    return 0
