@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from splitserve.common.auth import ANONYMOUS
 from splitserve.router.fairness import FairShare, Waiter
+from splitserve.router.slo import TtftPredictor
 
 
 class OverCapacityError(Exception):
@@ -41,6 +42,7 @@ class AdmissionController:
         self.max_queued = max_queued
         self.num_inflight = 0
         self.fair = fair or FairShare()
+        self.predictor = TtftPredictor()
         self._waiters: dict[Waiter, asyncio.Future[None]] = {}  # oldest first
         self._seq = itertools.count()
         self._idle: asyncio.Event | None = None  # created lazily on the loop
@@ -78,23 +80,32 @@ class AdmissionController:
         self.closed = True
 
     async def acquire(self, client: str = ANONYMOUS, priority: int = 0,
-                      prompt_tokens: int = 0) -> None:
+                      prompt_tokens: int = 0, ttft_slo_s: float | None = None
+                      ) -> float | None:
         """Take a slot for a request of `client` in class `priority` (lower first), waiting
         in the queue if needed; its prompt tokens are charged to the client once admitted.
+        Returns the TTFT predicted for it at arrival (None before any measurement).
 
-        Raises AdmissionClosedError when closed, OverCapacityError when the queue is full.
-        Cancelling the wait gives the place (or a slot handed over meanwhile) back.
+        Raises AdmissionClosedError when closed, OverCapacityError when the queue is full,
+        SloUnmetError when the predicted TTFT exceeds `ttft_slo_s`. Cancelling the wait
+        gives the place (or a slot handed over meanwhile) back.
         """
         if self.closed:
             raise AdmissionClosedError("router is draining and admits no new requests")
-        if self.num_inflight < self.max_inflight and not self._waiters:
+        free = self.num_inflight < self.max_inflight and not self._waiters
+        if not free and len(self._waiters) >= self.max_queued:
+            raise self._over_capacity()
+        if not free and all(w.client != client for w in self._waiters):
+            self.fair.joined(client, self._waiters)
+        ahead = 0 if free else self._ahead_of(client, priority)
+        if ttft_slo_s is not None:
+            predicted = self.predictor.check(ttft_slo_s, ahead, self.max_inflight, free)
+        else:
+            predicted = self.predictor.predict(ahead, self.max_inflight, free)
+        if free:
             self.num_inflight += 1
             self.fair.charge(client, prompt_tokens=prompt_tokens)
-            return
-        if len(self._waiters) >= self.max_queued:
-            raise self._over_capacity()
-        if all(w.client != client for w in self._waiters):
-            self.fair.joined(client, self._waiters)
+            return predicted
         waiter = Waiter(client, priority, self.fair.now(), next(self._seq))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[waiter] = future
@@ -107,6 +118,15 @@ class AdmissionController:
                 self.release()  # a slot was handed to us just as we were cancelled
             raise
         self.fair.charge(client, prompt_tokens=prompt_tokens)
+        return predicted
+
+    def _ahead_of(self, client: str, priority: int) -> int:
+        """Waiters likely to be admitted before a new request of `client` in `priority`."""
+        mine = self.fair.counter(client)
+        fair = self.fair.config.policy == "vtc"
+        return sum(1 for w in self._waiters
+                   if w.priority < priority or (w.priority == priority and (
+                       not fair or self.fair.counter(w.client) <= mine)))
 
     def charge(self, client: str, output_tokens: int) -> None:
         """Count output tokens a request of `client` received (fair share)."""

@@ -32,6 +32,9 @@ class RouterConfig:
     # "vtc", the client with the least weighted-token service; "fcfs": the oldest. Set
     # max_inflight near the decode workers' batch capacity for the choice to matter.
     fair_share: FairShareConfig = field(default_factory=FairShareConfig)
+    # Default TTFT SLO of requests that name none (GenerateRequest.ttft_slo_ms): a request
+    # predicted to miss it is refused at once (router.slo). 0: no default SLO.
+    ttft_slo_ms: int = 0
     prefill_policy: str = "kv_aware"  # one of PREFILL_POLICIES
     # Conditional disaggregation: prompts of at most this many tokens are prefilled on the
     # decode worker itself, as are prompts whose leading fraction >= local_prefix_fraction
@@ -89,6 +92,8 @@ class RouterConfig:
                 f"max_inflight and max_queued must be >= 0, got {self.max_inflight}, "
                 f"{self.max_queued}"
             )
+        if not 0 <= self.ttft_slo_ms < 2**32:
+            raise ValueError(f"ttft_slo_ms must be in [0, 2**32), got {self.ttft_slo_ms}")
         if self.prefill_policy not in PREFILL_POLICIES:
             raise ValueError(
                 f"prefill_policy must be one of {PREFILL_POLICIES}, got {self.prefill_policy!r}"

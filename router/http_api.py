@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
@@ -65,7 +66,8 @@ def error_response(error: OpenAIError) -> web.Response:
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     elif error.status in (429, 503):
-        headers["Retry-After"] = _RETRY_AFTER_S
+        headers["Retry-After"] = (str(max(1, math.ceil(error.retry_after_s)))
+                                  if error.retry_after_s is not None else _RETRY_AFTER_S)
     return web.json_response(error.body(), status=error.status, headers=headers or None)
 
 
@@ -105,7 +107,8 @@ async def _all(runs: Iterable[Coroutine[Any, Any, None]]) -> None:
 
 def service_error(exc: ServiceError) -> OpenAIError:
     status, kind, code = _STATUS.get(exc.code, (500, "server_error", "internal_error"))
-    return OpenAIError(exc.message, status=status, type_=kind, code=code)
+    return OpenAIError(exc.message, status=status, type_=kind, code=code,
+                       retry_after_s=exc.retry_after_s)
 
 
 @web.middleware

@@ -90,6 +90,11 @@ class RouterMetrics:
         self.client_tokens = Counter(PREFIX + "client_tokens", "Prompt tokens of finished "
                                      "requests and output tokens relayed, by client.",
                                      ["client", "kind"], registry=r)
+        self.ttft_prediction_error = Histogram(
+            PREFIX + "ttft_prediction_abs_error_seconds", "Admitted requests: |actual TTFT - "
+            "the TTFT predicted at arrival| (SLO-aware admission, router.slo).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r)
         self.resumes = Counter(PREFIX + "request_resumes", "Times a request moved on to other "
                                "workers: a worker was lost, or a draining one handed it back.",
                                ["reason"], registry=r)

@@ -29,13 +29,15 @@ class OpenAIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error") -> None:
+                 code: str | None = None, type_: str = "invalid_request_error",
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
         self.type = type_
+        self.retry_after_s = retry_after_s  # 429 / 503: the Retry-After, when known
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -219,8 +221,10 @@ def _model(b: _Body, model_id: str) -> None:
 
 
 def _priority(b: _Body, request: router_pb2.GenerateRequest) -> None:
-    """vLLM's `priority`: the scheduling class, lower first (int32)."""
+    """vLLM's `priority`: the scheduling class, lower first (int32); and SplitServe's
+    `ttft_slo_ms`: refuse at once when the predicted TTFT is longer (router.slo)."""
     request.priority = b.integer("priority", -(2**31), 2**31 - 1) or 0
+    request.ttft_slo_ms = b.integer("ttft_slo_ms", 0, UINT32_MAX) or 0
 
 
 def parse_completion(body: Any, model_id: str) -> OpenAIRequest:

@@ -25,6 +25,7 @@ from splitserve.router.admission import AdmissionClosedError, AdmissionControlle
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.relay import RequestTrace
 from splitserve.router.request import Emit, RequestRun
+from splitserve.router.slo import SloUnmetError
 from splitserve.router.state import RouterState
 from splitserve.router.validation import validate_request
 from splitserve.v1 import router_pb2, router_pb2_grpc
@@ -61,11 +62,22 @@ class RequestPipeline:
                 )
         timeout_s = config.request_timeout_s
         deadline = _deadline(trace.arrival, timeout_s, client_deadline)
-        await self._acquire(deadline, client, request.priority, validated.prompt_len)
+        slo_ms = request.ttft_slo_ms or config.ttft_slo_ms
+        predicted = await self._acquire(deadline, client, request.priority,
+                                        validated.prompt_len, slo_ms / 1e3 if slo_ms else None)
+        admitted = time.monotonic()
         observer = self.metrics.observer(trace, client)
-        admission = self.admission
+        admission, metrics = self.admission, self.metrics
+        first = True
 
         async def charged(chunk: router_pb2.GenerateResponse) -> None:
+            nonlocal first
+            if first and chunk.token_ids:
+                first = False
+                now = time.monotonic()
+                admission.predictor.observe_first_token(now - admitted)
+                if predicted is not None:
+                    metrics.ttft_prediction_error.observe(abs(now - trace.arrival - predicted))
             admission.charge(client, len(chunk.token_ids))  # fair share: service received
             await emit(chunk)
 
@@ -90,6 +102,7 @@ class RequestPipeline:
             observer.end("error")
             raise
         finally:
+            self.admission.predictor.observe_hold(time.monotonic() - admitted)
             self.admission.release()
 
     def refuse_if_full(self) -> None:
@@ -107,21 +120,25 @@ class RequestPipeline:
         except OverCapacityError as exc:
             rejections.labels("over_capacity").inc()
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except SloUnmetError as exc:
+            rejections.labels("slo").inc()
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                               retry_after_s=exc.retry_after_s) from exc
         except AdmissionClosedError as exc:
             rejections.labels("draining").inc()
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                "router is draining; retry elsewhere") from exc
 
     async def _acquire(self, deadline: float | None, client: str, priority: int,
-                       prompt_tokens: int) -> None:
-        acquire = self.admission.acquire(client, priority, prompt_tokens)
+                       prompt_tokens: int, ttft_slo_s: float | None) -> float | None:
+        """Wait for a slot; the TTFT predicted at arrival (None: not yet measurable)."""
+        acquire = self.admission.acquire(client, priority, prompt_tokens, ttft_slo_s)
         try:
             with self._admission_error():
                 if deadline is None:
-                    await acquire
-                else:
-                    timeout = max(deadline - time.monotonic(), 0.001)
-                    await asyncio.wait_for(acquire, timeout)
+                    return await acquire
+                timeout = max(deadline - time.monotonic(), 0.001)
+                return await asyncio.wait_for(acquire, timeout)
         except asyncio.TimeoutError as exc:
             self.metrics.rejections.labels("queue_timeout").inc()
             raise ServiceError(

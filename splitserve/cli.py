@@ -152,7 +152,8 @@ def _router_security(args: argparse.Namespace) -> dict[str, Any]:
     fair = FairShareConfig(policy=args.admission_policy, client_weights=args.client_weights,
                            aging_s=args.priority_aging)
     return {"api_keys_file": args.api_keys_file, "public_metrics": args.public_metrics,
-            "max_request_bytes": args.max_request_bytes, "fair_share": fair}
+            "max_request_bytes": args.max_request_bytes, "fair_share": fair,
+            "ttft_slo_ms": args.ttft_slo_ms}
 
 
 def _client_weights(text: str) -> dict[str, float]:
@@ -171,6 +172,9 @@ def _add_fair_share_args(p: argparse.ArgumentParser) -> None:
                         "oldest request (fcfs)")
     p.add_argument("--client-weights", default={}, type=_client_weights,
                    help="fair-share weights by API key name, e.g. alice=2,bob=1 (default 1)")
+    p.add_argument("--ttft-slo-ms", type=int, default=0,
+                   help="default TTFT SLO of requests that name none: a request predicted to "
+                        "miss it is refused at once (429 / RESOURCE_EXHAUSTED); 0: none")
     p.add_argument("--priority-aging", type=float, default=10.0,
                    help="seconds of waiting that improve a queued request's priority class "
                         "by one (0: never)")

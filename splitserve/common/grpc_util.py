@@ -40,10 +40,12 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 class ServiceError(Exception):
     """An error with the status code the client should see."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # when a refused client may try again, if known
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.name}, {self.message!r})"

@@ -92,3 +92,33 @@ def test_a_better_priority_class_jumps_the_queue(deployments: dict[str, Deployme
             future.result()
     later = [name for name, at in finished.items() if at > finished["vip"]]
     assert len(later) >= 5, sorted(finished.items(), key=lambda kv: kv[1])
+
+
+def test_a_request_that_would_miss_its_ttft_slo_is_refused_at_once(
+        deployments: dict[str, Deployment]) -> None:
+    """With the one slot busy and requests queued, a request whose TTFT SLO the measured
+    service times cannot meet gets 429 with a Retry-After at once; one with a loose SLO is
+    served (issue 17's SLO-aware admission)."""
+    import json
+
+    from tests.http._raw import call
+
+    d = deployments["vtc"]
+    auth = {"Authorization": f"Bearer {KEYS['light']}"}
+    body = {"prompt": [9, 10, 11], "max_tokens": 64, "ignore_eos": True}
+    with ThreadPoolExecutor(5) as pool:
+        # Measured times first (one request), then a queue behind the one slot.
+        assert call(d, "POST", "/v1/completions", json.dumps(body).encode(), auth)[0] == 200
+        busy = [pool.submit(call, d, "POST", "/v1/completions", json.dumps(body).encode(),
+                            auth) for _ in range(4)]
+        time.sleep(0.2)
+        status, error, headers, elapsed = call(
+            d, "POST", "/v1/completions",
+            json.dumps({**body, "max_tokens": 2, "ttft_slo_ms": 1}).encode(), auth)
+        assert status == 429, error
+        assert "SLO of 1 ms" in error["error"]["message"] and int(headers["Retry-After"]) >= 1
+        assert elapsed < 0.1
+        status, _, _, _ = call(d, "POST", "/v1/completions",
+                               json.dumps({**body, "ttft_slo_ms": 600_000}).encode(), auth)
+        assert status == 200
+        assert all(f.result()[0] == 200 for f in busy)
