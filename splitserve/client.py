@@ -8,7 +8,8 @@ public `splitserve.v1.SplitServe` gRPC service.
 
 Sampling keyword arguments are SamplingParams fields, validated locally before any RPC
 (TypeError for unknown names, ValueError for bad values); `priority=` (an int, lower first)
-is the request's scheduling class when the router queues requests. A call's `timeout` (seconds,
+is the request's scheduling class when the router queues requests, `ttft_slo_ms=` its TTFT
+SLO (the router refuses it at once when it predicts a miss). A call's `timeout` (seconds,
 default: the client's) is one deadline for the whole call, retries included. UNAVAILABLE is
 retried with exponential backoff only until the first chunk arrives; output is never re-sent.
 Leaving a stream early (break, close(), garbage collection) cancels the RPC, which aborts
@@ -78,16 +79,20 @@ class _ClientBase:
 
     def _request(self, prompt_or_messages: Prompt | Messages, chat: bool, request_id: str,
                  model: str | None, sampling: dict[str, Any]) -> router_pb2.GenerateRequest:
-        """`priority` among `sampling` is the request's scheduling class (lower first)."""
+        """Among `sampling`, `priority` is the request's scheduling class (lower first) and
+        `ttft_slo_ms` its TTFT SLO (refused at once when the router predicts a miss)."""
         sampling = dict(sampling)
-        priority = sampling.pop("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int) \
-                or not -(2**31) <= priority < 2**31:
-            raise ValueError(f"priority must be a 32-bit integer, got {priority!r}")
+        scheduling = {name: sampling.pop(name, 0) for name in ("priority", "ttft_slo_ms")}
+        low = {"priority": -(2**31), "ttft_slo_ms": 0}
+        for name, value in scheduling.items():
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not low[name] <= value < low[name] + 2**32:
+                raise ValueError(f"{name} must be a 32-bit integer, got {value!r}")
         request = generate_request_to_proto(prompt_or_messages, chat=chat, sampling=sampling,
                                             request_id=request_id,
                                             model=self.model if model is None else model)
-        request.priority = priority
+        request.priority = scheduling["priority"]
+        request.ttft_slo_ms = scheduling["ttft_slo_ms"]
         return request
 
     def _deadline(self, timeout: float | None) -> float | None:

@@ -19,6 +19,8 @@ BENCHMARKS = {
              "RSS, normal-request latency, oversized bodies (413 time, heartbeats)"),
     "fairness": ("splitserve.bench.fairness", "two clients, one flooding: tokens served to "
                  "each and the light client's TTFT, FCFS vs VTC fair share vs alone"),
+    "slo": ("splitserve.bench.slo", "goodput under overload: plain admission vs SLO-aware "
+            "admission (refusals at once), capacity measured first"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

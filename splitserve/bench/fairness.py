@@ -126,11 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     keys = {name: f"{name}-{secrets.token_hex(12)}" for name in CLIENTS}
-    os.environ["SPLITSERVE_API_KEYS"] = ",".join(f"{n}:{k}" for n, k in keys.items())
     both = {"flood": args.flood_concurrency, "light": args.light_concurrency}
-    results = {"alone": _phase(args, keys, "vtc", {"light": args.light_concurrency}),
-               "fcfs": _phase(args, keys, "fcfs", both),
-               "vtc": _phase(args, keys, "vtc", both)}
+    saved = os.environ.get("SPLITSERVE_API_KEYS")
+    # The processes started here inherit the keys; this process keeps what it had.
+    os.environ["SPLITSERVE_API_KEYS"] = ",".join(f"{n}:{k}" for n, k in keys.items())
+    try:
+        results = {"alone": _phase(args, keys, "vtc", {"light": args.light_concurrency}),
+                   "fcfs": _phase(args, keys, "fcfs", both),
+                   "vtc": _phase(args, keys, "vtc", both)}
+    finally:
+        if saved is None:
+            os.environ.pop("SPLITSERVE_API_KEYS", None)
+        else:
+            os.environ["SPLITSERVE_API_KEYS"] = saved
     alone_p50 = results["alone"]["light"]["ttft_p50_s"]
     print(f"{'phase':6s} {'client':6s} {'requests':>8s} {'tok/s':>7s} {'TTFT p50':>9s} "
           f"{'TTFT p99':>9s} {'p99 / alone p50':>15s}")

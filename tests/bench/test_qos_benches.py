@@ -1,0 +1,48 @@
+"""`splitserve bench slo` and `splitserve bench fairness` on the tiny model with short
+phases: every phase runs against real processes and the printed comparison holds the
+figures the JSON holds. (The measured results are in BENCHMARKS.md.)"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from splitserve.bench import fairness, slo
+
+
+def test_slo_bench_refuses_what_would_miss_and_raises_goodput(
+        tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = slo.main(["--model", str(tiny_llama), "--dtype", "float32", "--num-kv-blocks",
+                   "256", "--threads", "1", "--capacity-duration", "3", "--duration", "4",
+                   "--grace", "3", "--ttft-slo-ms", "300", "--out-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert rc == 0, printed
+    assert summary["offered_rps"] == pytest.approx(3 * summary["capacity_rps"])
+    assert summary["refusal_ms"]["count"] > 0  # 3x overload: some are refused at once
+    assert summary["goodput_slo"] > summary["goodput_plain"]
+    assert f"goodput slo/plain = {summary['goodput_ratio']:.2f}" in printed
+
+
+def test_fairness_bench_runs_all_three_phases(
+        tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fair.json"
+    rc = fairness.main(["--model", str(tiny_llama), "--dtype", "float32", "--threads", "1",
+                        "--num-kv-blocks", "256", "--seconds", "3", "--warmup-seconds", "1",
+                        "--out", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert rc == 0
+    assert set(data["results"]) == {"alone", "fcfs", "vtc"}
+    assert set(data["results"]["vtc"]) == {"flood", "light"}
+    assert data["results"]["alone"]["light"]["requests"] > 0
+    for phase in ("fcfs", "vtc"):
+        ratio = data["summary"][phase]["flood_over_light_tokens"]
+        assert f"{phase}: tokens served flood/light = {ratio}" in printed
+    # Fair share is the point: under VTC the light client is not crowded out.
+    assert data["summary"]["vtc"]["flood_over_light_tokens"] < \
+        data["summary"]["fcfs"]["flood_over_light_tokens"]
+    assert "SPLITSERVE_API_KEYS" not in os.environ  # the bench's keys stayed with its processes
