@@ -35,6 +35,9 @@ class AsyncStore:
             return fn(*args)
         return await asyncio.to_thread(fn, *args)
 
+    async def add_service(self, deltas: dict[str, float]) -> dict[str, float]:
+        return await self._call(self.store.add_service, deltas)
+
     async def live_workers(self) -> list[LiveWorker]:
         return await self._call(self.store.live_workers)
 

@@ -32,6 +32,7 @@ class RouterConfig:
     # "vtc", the client with the least weighted-token service; "fcfs": the oldest. Set
     # max_inflight near the decode workers' batch capacity for the choice to matter.
     fair_share: FairShareConfig = field(default_factory=FairShareConfig)
+    fair_share_sync_s: float = 0.5  # how often counters are shared through cluster state
     # Default TTFT SLO of requests that name none (GenerateRequest.ttft_slo_ms): a request
     # predicted to miss it is refused at once (router.slo). 0: no default SLO.
     ttft_slo_ms: int = 0
@@ -92,6 +93,8 @@ class RouterConfig:
                 f"max_inflight and max_queued must be >= 0, got {self.max_inflight}, "
                 f"{self.max_queued}"
             )
+        if not self.fair_share_sync_s > 0:
+            raise ValueError(f"fair_share_sync_s must be > 0, got {self.fair_share_sync_s}")
         if not 0 <= self.ttft_slo_ms < 2**32:
             raise ValueError(f"ttft_slo_ms must be in [0, 2**32), got {self.ttft_slo_ms}")
         if self.prefill_policy not in PREFILL_POLICIES:

@@ -13,6 +13,9 @@ Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024).
 - **No banked credit.** A client that joins the queue (none of its requests waiting) is lifted
   to the least counter of the clients already waiting, or, when none is, to the counter of
   the last client served: being idle earns nothing.
+- **Several routers** share the counters through cluster state (ClusterStore.add_service,
+  Redis or the router's embedded store): each router adds what it counted and adopts the
+  totals about twice a second, so fairness holds across routers too.
 - **Priorities.** A request's `priority` is an integer class, lower first (vLLM's
   convention; default 0). A waiting request's class improves by one every `aging_s` it
   waits, up to the best class waiting (where fair share then decides), so a low class is
@@ -89,6 +92,7 @@ class FairShare:
         self._clock = clock
         self.counters: dict[str, float] = {}
         self._last_served = 0.0  # the counter of the client last picked
+        self._pending: dict[str, float] = {}  # counted here since the last sync()
 
     def now(self) -> float:
         return self._clock()
@@ -101,14 +105,33 @@ class FairShare:
         cost = (self.config.input_weight * prompt_tokens
                 + self.config.output_weight * output_tokens)
         if cost:
-            self.counters[client] = self.counter(client) + cost / self._weights.get(client, 1.0)
+            self._add(client, cost / self._weights.get(client, 1.0))
+
+    def _add(self, client: str, amount: float) -> None:
+        self.counters[client] = self.counter(client) + amount
+        self._pending[client] = self._pending.get(client, 0.0) + amount
 
     def joined(self, client: str, waiting: Iterable[Waiter]) -> None:
         """`client` queues a request while none of its own is waiting: no banked credit."""
         others = [self.counter(w.client) for w in waiting if w.client != client]
         floor = min(others) if others else self._last_served
         if self.counter(client) < floor:
-            self.counters[client] = floor
+            self._add(client, floor - self.counter(client))  # shared like any service
+
+    def take_pending(self) -> dict[str, float]:
+        """What this router counted since the last call, for the shared totals."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def merge(self, totals: Mapping[str, float],
+              unsent: Mapping[str, float] | None = None) -> None:
+        """Adopt the deployment's totals (every router's service, ours included), plus what
+        was counted here since they were read; `unsent` goes back into the pending set (a
+        failed sync)."""
+        for client, amount in (unsent or {}).items():
+            self._pending[client] = self._pending.get(client, 0.0) + amount
+        for client, total in totals.items():
+            self.counters[client] = total + self._pending.get(client, 0.0)
 
     def class_of(self, waiter: Waiter, now: float, best: int) -> float:
         """The waiter's class now (lower goes first): its own, improved by one per aging_s

@@ -80,6 +80,7 @@ class RouterServer:
                                              FairShare(config.fair_share))
         self.metrics = RouterMetrics(self.admission)
         self._http: HttpApi | None = None
+        self._fair_sync: asyncio.Task[None] | None = None
         self.http_port: int | None = None  # bound HTTP port; None while not serving HTTP
 
     @property
@@ -138,6 +139,7 @@ class RouterServer:
         self.port = bind(server, config.bind_address)
         await server.start()
         self._server = server
+        self._fair_sync = asyncio.get_running_loop().create_task(self._sync_fair_share())
         if config.http_port is not None:
             self._http = HttpApi(pipeline, self.metrics, config.max_request_bytes, api_keys,
                                  public_metrics=config.public_metrics)
@@ -154,10 +156,27 @@ class RouterServer:
             self._health.set_not_serving(["", SPLITSERVE_SERVICE])
         return await self.admission.wait_idle(timeout_s)
 
+    async def _sync_fair_share(self) -> None:
+        """Share fair-share counters with the deployment's other routers (router.fairness)."""
+        assert self._state is not None
+        store, fair = self._state.store, self.admission.fair
+        while True:
+            await asyncio.sleep(self.config.fair_share_sync_s)
+            pending = fair.take_pending()
+            try:
+                fair.merge(await store.add_service(pending))
+            except Exception:  # noqa: BLE001 - the store is down: keep counting locally
+                log.warning("fair-share counters not shared (cluster state unreachable)",
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+                fair.merge({}, unsent=pending)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop serving: calls still running after `grace_s` are cancelled (their requests
         are aborted on the workers), then channels and an owned store are closed."""
         self.admission.close()
+        if self._fair_sync is not None:
+            self._fair_sync.cancel()
+            self._fair_sync = None
         if self._http is not None:
             await self._http.stop()
             self._http = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from splitserve.cluster.store import (
@@ -20,6 +20,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
     check_block_hashes,
+    check_service_deltas,
     check_ttl,
     leading_run,
 )
@@ -47,6 +48,7 @@ class InMemoryClusterStore(ClusterStore):
         # block hash -> ids of workers holding it (live or not yet purged)
         self._holders: dict[int, set[str]] = {}
         self._ledger: dict[str, RequestLedgerEntry] = {}
+        self._service: dict[str, float] = {}
 
     # ---- registry ---------------------------------------------------------------------
 
@@ -129,6 +131,13 @@ class InMemoryClusterStore(ClusterStore):
     def ledger_by_worker(self, worker_id: str) -> list[RequestLedgerEntry]:
         with self._lock:
             return [e for _, e in sorted(self._ledger.items()) if e.names_worker(worker_id)]
+
+    def add_service(self, deltas: Mapping[str, float]) -> dict[str, float]:
+        check_service_deltas(deltas)
+        with self._lock:
+            for client, delta in deltas.items():
+                self._service[client] = self._service.get(client, 0.0) + delta
+            return dict(self._service)
 
     # ---- internals (caller holds the lock) --------------------------------------------
 

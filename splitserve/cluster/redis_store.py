@@ -18,6 +18,7 @@ arguments, so this targets a single Redis (or a replicated primary), not Redis C
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import redis
@@ -38,6 +39,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
     check_block_hashes,
+    check_service_deltas,
     ttl_to_ms,
 )
 
@@ -108,6 +110,10 @@ class RedisClusterStore(ClusterStore):
 
     def _ledger_worker_key(self, worker_id: str) -> str:
         return f"{self._ns}ledger_worker:{worker_id}"
+
+    @property
+    def _service_key(self) -> str:
+        return f"{self._ns}service"
 
     @property
     def _workers_key(self) -> str:
@@ -238,6 +244,15 @@ class RedisClusterStore(ClusterStore):
     def ledger_get(self, request_id: str) -> RequestLedgerEntry | None:
         fields = self._fields(self._ledger_key(request_id))
         return decode_entry(fields) if fields else None
+
+    def add_service(self, deltas: Mapping[str, float]) -> dict[str, float]:
+        check_service_deltas(deltas)
+        pipe = self._redis.pipeline(transaction=True)
+        for client, delta in deltas.items():
+            pipe.hincrbyfloat(self._service_key, client, delta)
+        pipe.hgetall(self._service_key)
+        totals = cast(dict[Any, Any], pipe.execute()[-1])
+        return {str(k): float(v) for k, v in totals.items()}  # decode_responses: str keys
 
     def ledger_delete(self, request_id: str) -> bool:
         key = self._ledger_key(request_id)

@@ -9,7 +9,7 @@ INVALID_ARGUMENT, mapped in one place on each side.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
     check_block_hashes,
+    check_service_deltas,
     ttl_to_ms,
 )
 from splitserve.common import envs
@@ -110,6 +111,10 @@ class ClusterStateServicer(cluster_pb2_grpc.ClusterStateServicer):
     @_invalid_argument_on_value_error
     def LedgerDelete(self, request: Any, context: Any) -> pb.LedgerDeleteResponse:
         return pb.LedgerDeleteResponse(found=self._store.ledger_delete(request.request_id))
+
+    @_invalid_argument_on_value_error
+    def AddService(self, request: Any, context: Any) -> pb.AddServiceResponse:
+        return pb.AddServiceResponse(totals=self._store.add_service(dict(request.deltas)))
 
     @_invalid_argument_on_value_error
     def LedgerByWorker(self, request: Any, context: Any) -> pb.LedgerByWorkerResponse:
@@ -225,6 +230,11 @@ class RemoteClusterStore(ClusterStore):
         request = pb.LedgerByWorkerRequest(worker_id=worker_id)
         response = self._call(self._stub.LedgerByWorker, request)
         return [convert.entry_from_proto(e) for e in response.entries]
+
+    def add_service(self, deltas: Mapping[str, float]) -> dict[str, float]:
+        check_service_deltas(deltas)
+        response = self._call(self._stub.AddService, pb.AddServiceRequest(deltas=dict(deltas)))
+        return dict(response.totals)
 
     def close(self) -> None:
         self._channel.close()

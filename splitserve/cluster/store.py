@@ -21,6 +21,7 @@ built the object; TTLs are measured on the store's own clock.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
 from splitserve.common.cluster_types import (
     RequestLedgerEntry,
@@ -32,6 +33,7 @@ from splitserve.common.cluster_types import (
 
 __all__ = [
     "MAX_BLOCK_HASH",
+    "check_service_deltas",
     "ClusterStore",
     "LiveWorker",
     "RequestLedgerEntry",
@@ -133,6 +135,12 @@ class ClusterStore(abc.ABC):
     def ledger_by_worker(self, worker_id: str) -> list[RequestLedgerEntry]:
         """Entries naming `worker_id` as prefill or decode worker, sorted by request_id."""
 
+    @abc.abstractmethod
+    def add_service(self, deltas: Mapping[str, float]) -> dict[str, float]:
+        """Add each client's fair-share service (weighted tokens, >= 0; router.fairness) to
+        the deployment's totals and return every client's total, so that the routers of a
+        deployment share one set of counters. Empty `deltas`: only read."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for in-process stores
         """Release connections; the store is unusable afterwards."""
 
@@ -141,3 +149,11 @@ class ClusterStore(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def check_service_deltas(deltas: Mapping[str, float]) -> None:
+    """ValueError unless every delta is a finite number >= 0 for a non-empty client name."""
+    for client, delta in deltas.items():
+        if not client or not (delta >= 0 and delta != float("inf")):
+            raise ValueError(f"service delta of client {client!r} must be finite and >= 0, "
+                             f"got {delta}")

@@ -217,3 +217,29 @@ class LedgerByWorkerResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[RequestLedgerEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[RequestLedgerEntry, _Mapping]]] = ...) -> None: ...
+
+class AddServiceRequest(_message.Message):
+    __slots__ = ("deltas",)
+    class DeltasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    deltas: _containers.ScalarMap[str, float]
+    def __init__(self, deltas: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class AddServiceResponse(_message.Message):
+    __slots__ = ("totals",)
+    class TotalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    totals: _containers.ScalarMap[str, float]
+    def __init__(self, totals: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class ClusterStateStub:
                 request_serializer=splitserve_dot_v1_dot_cluster__pb2.LedgerByWorkerRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_cluster__pb2.LedgerByWorkerResponse.FromString,
                 _registered_method=True)
+        self.AddService = channel.unary_unary(
+                '/splitserve.v1.ClusterState/AddService',
+                request_serializer=splitserve_dot_v1_dot_cluster__pb2.AddServiceRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_cluster__pb2.AddServiceResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterStateServicer:
@@ -162,6 +167,13 @@ class ClusterStateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddService(self, request, context):
+        """Adds each client's fair-share service to the deployment's totals; returns every total.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterStateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +226,11 @@ def add_ClusterStateServicer_to_server(servicer, server):
                     servicer.LedgerByWorker,
                     request_deserializer=splitserve_dot_v1_dot_cluster__pb2.LedgerByWorkerRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_cluster__pb2.LedgerByWorkerResponse.SerializeToString,
+            ),
+            'AddService': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddService,
+                    request_deserializer=splitserve_dot_v1_dot_cluster__pb2.AddServiceRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_cluster__pb2.AddServiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +504,33 @@ class ClusterState:
             '/splitserve.v1.ClusterState/LedgerByWorker',
             splitserve_dot_v1_dot_cluster__pb2.LedgerByWorkerRequest.SerializeToString,
             splitserve_dot_v1_dot_cluster__pb2.LedgerByWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.ClusterState/AddService',
+            splitserve_dot_v1_dot_cluster__pb2.AddServiceRequest.SerializeToString,
+            splitserve_dot_v1_dot_cluster__pb2.AddServiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -220,3 +220,18 @@ def test_invalid_arguments_raise_value_error(backend: Any) -> None:
     with pytest.raises(ValueError):
         store.prefix_overlap([-1])
     assert _ids(store) == ["a"]
+
+
+def test_service_totals_add_up_across_callers(backend: Any) -> None:
+    """Fair-share counters shared by the routers of a deployment (router.fairness)."""
+    store: ClusterStore = backend.store
+    assert store.add_service({}) == {}
+    assert store.add_service({"alice": 10.5, "bob": 2.0}) == {"alice": 10.5, "bob": 2.0}
+    assert store.add_service({"alice": 4.5, "carol": 0.0}) == {
+        "alice": 15.0, "bob": 2.0, "carol": 0.0}
+    assert store.add_service({})["alice"] == 15.0
+    for bad in ({"alice": -1.0}, {"alice": float("nan")}, {"alice": float("inf")},
+                {"": 1.0}):
+        with pytest.raises(ValueError):
+            store.add_service(bad)
+    assert store.add_service({})["alice"] == 15.0

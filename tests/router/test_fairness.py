@@ -164,3 +164,31 @@ def test_aging_stops_at_the_best_class_waiting_where_fair_share_decides() -> Non
     clock.now = 30.0
     fresh_light = Waiter("light", 0, 30.0, 1)
     assert fair.pick([old_flood, fresh_light]) is fresh_light
+
+
+def test_routers_share_their_counters_through_the_cluster_store() -> None:
+    """Two routers of one deployment: what one served counts on the other after a sync, so
+    a client cannot gain by spreading its requests over routers."""
+    from splitserve.cluster.memory import InMemoryClusterStore
+
+    store = InMemoryClusterStore()
+    a, b = FairShare(), FairShare()
+    a.charge("flood", prompt_tokens=1000)
+    b.charge("light", prompt_tokens=10)
+    for router in (a, b, a):
+        router.merge(store.add_service(router.take_pending()))
+    assert a.counters == b.counters == {"flood": 1000.0, "light": 10.0}
+    assert b.pick([Waiter("flood", 0, 0, 0), Waiter("light", 0, 0, 1)]).client == "light"
+    # Charged between taking the pending service and merging the totals: kept on top.
+    pending = a.take_pending()
+    a.charge("flood", prompt_tokens=5)
+    a.merge(store.add_service(pending))
+    assert a.counter("flood") == 1005.0
+    # A failed sync puts what it took back, to be sent next time.
+    a.merge({}, unsent=a.take_pending())
+    a.merge(store.add_service(a.take_pending()))
+    assert store.add_service({})["flood"] == 1005.0
+    # A lift for a joining client is service too: every router sees it.
+    b.joined("newcomer", [Waiter("flood", 0, 0, 0)])
+    b.merge(store.add_service(b.take_pending()))
+    assert store.add_service({})["newcomer"] == 1000.0
