@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import socket
 import time
@@ -248,7 +249,10 @@ def _make_group(
     gloo: Any = dist.ProcessGroupGloo  # _Options is private and missing from the stubs
     opts = gloo._Options()
     opts._timeout = timeout
-    if bind_host is not None:
+    interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
+    if interface:  # the operator named the interface (e.g. one NIC of several): it wins
+        opts._devices = [gloo.create_device(interface=interface)]
+    elif bind_host is not None:
         opts._devices = [gloo.create_device(hostname=bind_host)]
     else:
         opts._devices = [gloo.create_default_device()]
@@ -257,5 +261,5 @@ def _make_group(
 
 def default_bind_host(store_host: str) -> str | None:
     """Loopback stores imply a single machine: bind gloo to loopback too; otherwise let gloo
-    pick the interface (GLOO_SOCKET_IFNAME is honoured)."""
+    pick (GLOO_SOCKET_IFNAME names the interface; workers pass their own address)."""
     return "127.0.0.1" if store_host in _LOOPBACK else None

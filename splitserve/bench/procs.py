@@ -15,17 +15,18 @@ from typing import Any
 
 
 def spawn(args: list[str], timeout_s: float = 300.0, *, log_dir: Path | None = None,
-          name: str = "", env_drop: tuple[str, ...] = ()
-          ) -> tuple[subprocess.Popen[str], list[str]]:
+          name: str = "", env_drop: tuple[str, ...] = (), env_set: dict[str, str] | None = None,
+          prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], list[str]]:
     """Start `splitserve ARGS` and wait for its READY line (returned split into words).
 
     Output goes nowhere, or with `log_dir` to LOG_DIR/NAME.out and NAME.err (kept for the
-    caller to read). `env_drop`: variables the process must not inherit.
+    caller to read). `env_drop`: variables the process must not inherit; `env_set`: ones it
+    gets. `prefix`: argv that runs the command (e.g. `ip netns exec NS`, see bench.netns).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_set or {})}
     for var in env_drop:
         env.pop(var, None)
-    command = [sys.executable, "-m", "splitserve.cli", *args]
+    command = [*prefix, sys.executable, "-m", "splitserve.cli", *args]
     if log_dir is None:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)

@@ -121,8 +121,11 @@ def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
         host = options.host or "127.0.0.1"
         hosted = create_rendezvous_store(host, 0)
         port = hosted.port
+    # gloo listens on the address this worker serves on (with no address given, gloo's own
+    # choice: the host name's address, which in a container or namespace may be loopback).
+    bind_host = options.host if options.host not in ("", "0.0.0.0", "::") else None
     backend = TorchDistBackend(
-        worker_id, layout, host, port, device,
+        worker_id, layout, host, port, device, bind_host=bind_host,
         default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
         auth_token=options.resolved_cluster_token,
     )
