@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitserve.bench.procs import local_deployment
+from splitserve.bench.procs import add_single_worker_args, single_worker_deployment
 
 CLIENTS = ("flood", "light")
 
@@ -90,12 +90,8 @@ def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seco
 
 def _phase(args: argparse.Namespace, keys: dict[str, str], policy: str,
            concurrency: dict[str, int]) -> dict[str, Any]:
-    router_args = ("--max-inflight", str(args.max_inflight), "--max-queued", "1024",
-                   "--admission-policy", policy)
-    worker_args = ("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype)
-    with local_deployment(args.model, num_prefill=0, num_decode=1,
-                          local_prefill_threshold=1 << 20, threads=args.threads,
-                          worker_args=worker_args, router_args=router_args) as addrs:
+    router_args = ("--max-queued", "1024", "--admission-policy", policy)
+    with single_worker_deployment(args, router_args) as addrs:
         _drive(addrs["router"], keys, {"light": 1}, args.warmup_seconds, args.input_len,
                args.output_len, args.seed + 99)
         tallies = _drive(addrs["router"], keys, concurrency, args.seconds, args.input_len,
@@ -110,12 +106,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="splitserve bench fairness", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--num-kv-blocks", type=int, default=1024)
-    ap.add_argument("--max-inflight", type=int, default=4,
-                    help="router slots: near the decode batch the machine sustains")
+    add_single_worker_args(ap)
     ap.add_argument("--flood-concurrency", type=int, default=40)
     ap.add_argument("--light-concurrency", type=int, default=4)
     ap.add_argument("--input-len", type=int, default=64)

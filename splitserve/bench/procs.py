@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -127,3 +128,26 @@ def local_deployment(
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def add_single_worker_args(ap: argparse.ArgumentParser) -> None:
+    """Options of `single_worker_deployment` (the benchmarks of router policies)."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2, help="the decode worker's CPU threads")
+    ap.add_argument("--num-kv-blocks", type=int, default=1024)
+    ap.add_argument("--max-inflight", type=int, default=4,
+                    help="router slots: near the decode batch the machine sustains")
+
+
+@contextmanager
+def single_worker_deployment(args: argparse.Namespace, router_args: tuple[str, ...] = ()
+                             ) -> Iterator[dict[str, Any]]:
+    """A router and one decode worker that prefills its own prompts, as configured by
+    add_single_worker_args; yields local_deployment's addresses."""
+    with local_deployment(
+            args.model, num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
+            threads=args.threads,
+            worker_args=("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype),
+            router_args=("--max-inflight", str(args.max_inflight), *router_args)) as addrs:
+        yield addrs

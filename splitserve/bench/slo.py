@@ -26,16 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.bench import serve
-from splitserve.bench.procs import local_deployment
+from splitserve.bench.procs import add_single_worker_args, single_worker_deployment
 
 
 def _phase(args: argparse.Namespace, name: str, serve_args: list[str]) -> dict[str, Any]:
     out = Path(args.out_dir) / f"{name}.json"
-    router_args = ("--max-inflight", str(args.max_inflight), "--max-queued", "100000")
-    worker_args = ("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype)
-    with local_deployment(args.model, num_prefill=0, num_decode=1,
-                          local_prefill_threshold=1 << 20, threads=args.threads,
-                          worker_args=worker_args, router_args=router_args) as addrs:
+    with single_worker_deployment(args, ("--max-queued", "100000")) as addrs:
         code = serve.main([
             "--target", f"grpc://{addrs['router']}", "--label", name, "--workload", "fixed",
             "--input-len", str(args.input_len), "--output-len", str(args.output_len),
@@ -50,11 +46,7 @@ def _phase(args: argparse.Namespace, name: str, serve_args: list[str]) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="splitserve bench slo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--num-kv-blocks", type=int, default=1024)
-    ap.add_argument("--max-inflight", type=int, default=4)
+    add_single_worker_args(ap)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--overload", type=float, default=3.0, help="times the measured capacity")
