@@ -95,10 +95,9 @@ class AdmissionController:
         free = self.num_inflight < self.max_inflight and not self._waiters
         if not free and len(self._waiters) >= self.max_queued:
             raise self._over_capacity()
-        if not free and all(w.client != client for w in self._waiters):
-            self.fair.joined(client, self._waiters)
-        ahead = 0 if free else self._ahead_of(client, priority)
-        if ttft_slo_s is not None:
+        joining = not free and all(w.client != client for w in self._waiters)
+        ahead = 0 if free else self._ahead_of(client, priority, joining)
+        if ttft_slo_s is not None:  # refused here, the request leaves no trace
             predicted = self.predictor.check(ttft_slo_s, ahead, self.max_inflight, free)
         else:
             predicted = self.predictor.predict(ahead, self.max_inflight, free)
@@ -106,6 +105,8 @@ class AdmissionController:
             self.num_inflight += 1
             self.fair.charge(client, prompt_tokens=prompt_tokens)
             return predicted
+        if joining:
+            self.fair.joined(client, self._waiters)
         waiter = Waiter(client, priority, self.fair.now(), next(self._seq))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[waiter] = future
@@ -120,9 +121,10 @@ class AdmissionController:
         self.fair.charge(client, prompt_tokens=prompt_tokens)
         return predicted
 
-    def _ahead_of(self, client: str, priority: int) -> int:
+    def _ahead_of(self, client: str, priority: int, joining: bool) -> int:
         """Waiters likely to be admitted before a new request of `client` in `priority`."""
-        mine = self.fair.counter(client)
+        mine = (self.fair.counter_on_joining(client, self._waiters) if joining
+                else self.fair.counter(client))
         fair = self.fair.config.policy == "vtc"
         return sum(1 for w in self._waiters
                    if w.priority < priority or (w.priority == priority and (
@@ -141,7 +143,7 @@ class AdmissionController:
         )
 
     def release(self) -> None:
-        """Give a slot back: to the oldest waiter, or to the pool."""
+        """Give a slot back: to the waiter router.fairness picks, or to the pool."""
         while (waiter := self.fair.pick(self._waiters)) is not None:
             future = self._waiters.pop(waiter)
             if not future.done():

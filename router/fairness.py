@@ -111,12 +111,17 @@ class FairShare:
         self.counters[client] = self.counter(client) + amount
         self._pending[client] = self._pending.get(client, 0.0) + amount
 
-    def joined(self, client: str, waiting: Iterable[Waiter]) -> None:
-        """`client` queues a request while none of its own is waiting: no banked credit."""
+    def counter_on_joining(self, client: str, waiting: Iterable[Waiter]) -> float:
+        """`client`'s counter once it joins the queue (see `joined`); changes nothing."""
         others = [self.counter(w.client) for w in waiting if w.client != client]
         floor = min(others) if others else self._last_served
-        if self.counter(client) < floor:
-            self._add(client, floor - self.counter(client))  # shared like any service
+        return max(self.counter(client), floor)
+
+    def joined(self, client: str, waiting: Iterable[Waiter]) -> None:
+        """`client` queues a request while none of its own is waiting: no banked credit."""
+        lifted = self.counter_on_joining(client, waiting)
+        if lifted > self.counter(client):
+            self._add(client, lifted - self.counter(client))  # shared like any service
 
     def take_pending(self) -> dict[str, float]:
         """What this router counted since the last call, for the shared totals."""

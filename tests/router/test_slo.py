@@ -61,3 +61,23 @@ def test_admission_refuses_at_once_what_would_miss_its_slo() -> None:
         await asyncio.gather(*queued, late)
 
     run(body())
+
+
+def test_a_refused_request_leaves_no_trace_in_the_fair_share() -> None:
+    async def body() -> None:
+        adm = AdmissionController(1, 100)
+        adm.predictor.observe_first_token(0.1)
+        adm.predictor.observe_hold(1.0)
+        await adm.acquire("flood")
+        adm.charge("flood", 500)  # the flood has had service; "late" has had none
+        queued = [asyncio.create_task(adm.acquire("flood")) for _ in range(5)]
+        await settle()
+        with pytest.raises(SloUnmetError):
+            await adm.acquire("late", ttft_slo_s=0.2)
+        assert adm.fair.counter("late") == 0  # not lifted: it never joined the queue
+        for _ in range(6):
+            adm.release()
+            await settle()
+        await asyncio.gather(*queued)
+
+    run(body())
