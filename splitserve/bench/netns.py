@@ -39,12 +39,11 @@ def available() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "iproute2 (`ip`) is not installed"
-    probe = f"ss-probe-{os.getpid()}"
-    try:
-        _ip("netns", "add", probe)
+    try:  # everything a test host needs: namespaces, a bridge, a veth pair, addresses
+        with TestHosts(["probe"]):
+            pass
     except RuntimeError as exc:
-        return f"cannot create a network namespace: {exc}"
-    _ip("netns", "del", probe)
+        return f"cannot build a test host here: {exc}"
     return None
 
 
