@@ -87,6 +87,7 @@ class DecodeRequest:
     prefill_deadline: float = 0.0
     prefilled_locally: bool = False  # D computes the prompt (no KV transfer)
     num_sampled: int = 0  # the prompt ends with this much of its own output (resumed)
+    priority: int = 0  # scheduling class, lower first
 
 
 class DecodeWorker(WorkerRuntime):
@@ -120,18 +121,21 @@ class DecodeWorker(WorkerRuntime):
         prefill_worker_id: str,
         prefill_timeout_s: float,
         num_sampled: int = 0,
+        priority: int = 0,
     ) -> DecodeRequest:
         """Admit or raise AdmitRefused / ValueError. The returned request's events queue
         carries its outputs. `num_sampled`: the prompt ends with that many tokens of the
-        request's own output (a resumed request)."""
+        request's own output (a resumed request); `priority`: its scheduling class."""
         request = DecodeRequest(request_id, list(prompt_token_ids), params)
         request.num_sampled = num_sampled
+        request.priority = priority
 
         def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
             if prefill_locally:
                 request.prefilled_locally = True
-                engine.add_request(request.prompt_token_ids, params, request_id, num_sampled)
+                engine.add_request(request.prompt_token_ids, params, request_id, num_sampled,
+                                   priority)
                 request.kv_done_at = request.joined_at = time.monotonic()
                 self._stream_outputs(request)
                 return
@@ -215,6 +219,7 @@ class DecodeWorker(WorkerRuntime):
             finished = engine.add_prefilled_request(
                 request.request_id, request.prompt_token_ids, request.first_token_id,
                 request.params, request.block_ids, num_sampled=1 + request.num_sampled,
+                priority=request.priority,
             )
         except ValueError as exc:
             engine.release_blocks(request.block_ids)

@@ -43,7 +43,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 request_id, prompt, params, request.decode_worker_id,
                 list(request.decode_block_ids), layout,
                 timeout_s=context.time_remaining(), num_sampled=request.num_sampled,
-                dst_endpoint=request.decode_kv_endpoint,
+                dst_endpoint=request.decode_kv_endpoint, priority=request.priority,
             )
         except PrefillError as exc:
             context.abort(exc.code, str(exc))

@@ -98,6 +98,7 @@ class PrefillWorker(WorkerRuntime):
         timeout_s: float | None = None,
         num_sampled: int = 0,  # the prompt ends with this much of the request's own output
         dst_endpoint: str | None = None,
+        priority: int = 0,  # scheduling class, lower first
     ) -> PrefillResult:
         if self.draining.is_set():
             raise PrefillError(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is draining")
@@ -117,7 +118,8 @@ class PrefillWorker(WorkerRuntime):
                                          stop_token_ids=())
         job = PrefillJob(request_id, dst_worker, list(dst_block_ids), dst_endpoint or None)
         try:
-            self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only, num_sampled))
+            self.loop.call(lambda e: self._add(e, job, prompt_token_ids, first_only, num_sampled,
+                                               priority))
         except ValueError as exc:
             raise PrefillError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if not timeout_s or timeout_s > _NO_DEADLINE_S:
@@ -130,10 +132,10 @@ class PrefillWorker(WorkerRuntime):
 
     # ---- on the engine thread -------------------------------------------------------------
     def _add(self, engine: LLMEngine, job: PrefillJob, prompt: list[int], params: SamplingParams,
-             num_sampled: int) -> None:
+             num_sampled: int, priority: int) -> None:
         if job.request_id in self._jobs:
             raise ValueError(f"request {job.request_id!r} is already being prefilled here")
-        engine.add_request(prompt, params, job.request_id, num_sampled)
+        engine.add_request(prompt, params, job.request_id, num_sampled, priority)
         self._jobs[job.request_id] = job
         self.loop.set_sink(job.request_id, lambda out: self._on_output(job, out))
 

@@ -123,6 +123,7 @@ async def _try_admit(
         prefill_kv_endpoint=prefill.kv_endpoint if prefill else "",
         prefill_timeout_ms=state.prefill_timeout_ms,
         num_sampled=request.num_sampled,
+        priority=request.priority,
     )
     call = state.directory.decode_stub(decode).Admit(message, timeout=timeout_s)
     try:

@@ -319,6 +319,7 @@ class RequestRun:
             decode_num_cached_tokens=admission.num_cached_tokens,
             kv_layout=admission.kv_layout,
             num_sampled=req.num_sampled,
+            priority=req.priority,
         )
         queued = state.directory.assign(prefill.worker_id, queued_tokens=req.prompt_len)
         self._ledger.update(

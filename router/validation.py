@@ -37,6 +37,7 @@ class ValidatedRequest:
     # A resumed request: the prompt ends with this many tokens of its own output (already
     # sent to the client); the decode worker prefills it and skips their sampling draws.
     num_sampled: int = 0
+    priority: int = 0  # scheduling class, lower first (GenerateRequest.priority)
 
     @property
     def prompt_len(self) -> int:
@@ -161,4 +162,5 @@ def validate_request(
         params=params,
         worker_params=sampling_to_proto(params, with_stop_strings=False),
         block_hashes=compute_block_hashes(ids, block_size),
+        priority=request.priority,
     )

@@ -97,12 +97,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         num_sampled: int = 0,
+        priority: int = 0,
     ) -> str:
         """Queue a request; a string prompt is tokenized without a chat template.
 
         `num_sampled`: the prompt's last tokens are this request's own output, sampled
         before (a request resumed after its first worker died); a seeded generator skips
-        their draws so the continuation is the one an uninterrupted run samples."""
+        their draws so the continuation is the one an uninterrupted run samples.
+        `priority`: the scheduling class, lower first (see Scheduler)."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
@@ -114,7 +116,8 @@ class LLMEngine:
         self.validate_prompt(token_ids, params)
         if not 0 <= num_sampled < len(token_ids):
             raise ValueError(f"num_sampled={num_sampled} must be in [0, prompt length)")
-        seq = Sequence(request_id, token_ids, params, num_prior_outputs=num_sampled)
+        seq = Sequence(request_id, token_ids, params, num_prior_outputs=num_sampled,
+                       priority=priority)
         self.requests[request_id] = self._new_state(seq, num_sampled)
         self.scheduler.add(seq)
         return request_id
@@ -127,6 +130,7 @@ class LLMEngine:
         params: SamplingParams,
         block_ids: list[int],
         num_sampled: int = 1,
+        priority: int = 0,
     ) -> StepOutput | None:
         """Join the running batch with a prompt whose KV another worker computed into
         `block_ids` (already allocated from this engine's pool, see reserve_blocks).
@@ -145,7 +149,8 @@ class LLMEngine:
         if not 1 <= num_sampled <= len(prompt_token_ids) + 1:
             raise ValueError(f"num_sampled={num_sampled} must be in [1, prompt length + 1]")
         seq = Sequence(request_id, list(prompt_token_ids), params,
-                       num_prior_outputs=num_sampled - 1)  # the first token is one of them
+                       num_prior_outputs=num_sampled - 1,  # the first token is one of them
+                       priority=priority)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         state = self._new_state(seq, num_sampled=num_sampled)

@@ -5,6 +5,12 @@ sequences. Running sequences that decode (one token each) are served first, so a
 prompt never stalls them; prompt chunks (running, then waiting in FCFS order) get the rest.
 When the KV pool runs dry, the newest running sequence is preempted by recompute: its blocks
 are freed and it goes back to the front of the queue, to resume later with identical output.
+
+Priority classes (Sequence.priority, lower first): the queue is ordered by class, FCFS
+within one; a preemption for blocks takes the newest sequence of the worst class, and never
+one of a better class than the sequence that needs the blocks; and a sequence waiting in a
+better class than a running one takes its place when the batch is full (max_num_seqs) or
+the pool is short. With one class all of this is the FCFS behaviour above.
 Pure Python: the model runner turns the returned plan into tensors.
 """
 
@@ -62,6 +68,16 @@ class Scheduler:
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        self._enqueue(seq, front_of_class=False)
+
+    def _enqueue(self, seq: Sequence, front_of_class: bool) -> None:
+        """Into the queue in class order: behind its class (new) or in front of it (back
+        from a preemption)."""
+        for index, other in enumerate(self.waiting):
+            if other.priority > seq.priority or (front_of_class and
+                                                 other.priority == seq.priority):
+                self.waiting.insert(index, seq)
+                return
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
@@ -102,6 +118,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        self._make_room_for_a_better_class(out)
+        by_priority = len(out.preempted)
         # Decodes first, then prompt chunks of running sequences, both in arrival order.
         order = [s for s in self.running if not s.is_prefilling]
         order += [s for s in self.running if s.is_prefilling]
@@ -116,16 +134,38 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             scheduled_ids.add(id(seq))
             budget -= num_tokens
-        if not out.preempted:
+        if len(out.preempted) == by_priority:  # the pool was not short this step
             self._admit_waiting(out, budget)
         return out
+
+    def _make_room_for_a_better_class(self, out: SchedulerOutput) -> None:
+        """The head of the queue is of a better class than the worst running sequence, and
+        there is no room for it (max_num_seqs, or not the blocks its next chunk needs):
+        that running sequence is preempted for it."""
+        while self.waiting and self.running:
+            head = self.waiting[0]
+            worst = max(self.running, key=lambda s: (s.priority, s.arrival_index))
+            if worst.priority <= head.priority:
+                return
+            full = len(self.running) >= self.config.max_num_seqs
+            bm = self.block_manager
+            cached = len(bm.get_computed_blocks(head))
+            first_chunk = min(head.num_tokens - cached * bm.block_size,
+                              self.config.max_num_batched_tokens)
+            needed = bm.blocks_needed(cached * bm.block_size + first_chunk) - cached
+            if not full and needed <= bm.num_free_blocks:
+                return
+            self._preempt(worst)
+            out.preempted.append(worst)
 
     def _allocate_or_preempt(
         self, seq: Sequence, num_tokens: int, scheduled_ids: set[int], out: SchedulerOutput
     ) -> bool:
         while not self.block_manager.allocate_slots(seq, num_tokens):
-            victims = [s for s in self.running if id(s) not in scheduled_ids and s is not seq]
-            victim = victims[-1] if victims else seq
+            victims = [s for s in self.running if id(s) not in scheduled_ids and s is not seq
+                       and s.priority >= seq.priority]  # never a better class
+            victim = (max(victims, key=lambda s: (s.priority, s.arrival_index)) if victims
+                      else seq)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is seq:
@@ -136,7 +176,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front_of_class=True)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -42,6 +42,9 @@ class Sequence:
     # The prompt's last tokens that are this request's own earlier output (a resumed or
     # migrated request): penalties count them as output.
     num_prior_outputs: int = 0
+    # Scheduling class, lower first (the request's `priority`): a better class is admitted
+    # first and may preempt a worse one's running sequence, never the reverse.
+    priority: int = 0
     # Chained hashes of full blocks of token_ids, extended lazily (see block_hashes()).
     _block_hashes: list[int] = field(default_factory=list)
 

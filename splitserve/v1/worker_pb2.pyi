@@ -24,7 +24,7 @@ ADMIT_REFUSAL_DUPLICATE_REQUEST_ID: AdmitRefusal
 ADMIT_REFUSAL_PEER_UNREACHABLE: AdmitRefusal
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "decode_worker_id", "decode_kv_endpoint", "decode_block_ids", "decode_num_cached_tokens", "kv_layout", "num_sampled")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "decode_worker_id", "decode_kv_endpoint", "decode_block_ids", "decode_num_cached_tokens", "kv_layout", "num_sampled", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class PrefillRequest(_message.Message):
     DECODE_NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -43,7 +44,8 @@ class PrefillRequest(_message.Message):
     decode_num_cached_tokens: int
     kv_layout: _common_pb2.KVLayout
     num_sampled: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_worker_id: _Optional[str] = ..., decode_kv_endpoint: _Optional[str] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., decode_num_cached_tokens: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_sampled: _Optional[int] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_worker_id: _Optional[str] = ..., decode_kv_endpoint: _Optional[str] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., decode_num_cached_tokens: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., num_sampled: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "prefill_worker_id", "first_token_id", "first_token_logprob", "num_prompt_tokens", "num_cached_tokens", "queue_ms", "compute_ms", "kv_transfer_ms", "kv_transfer_bytes")
@@ -116,7 +118,7 @@ class PrefillDrainResponse(_message.Message):
     def __init__(self, num_in_flight_requests: _Optional[int] = ...) -> None: ...
 
 class AdmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_locally", "prefill_worker_id", "prefill_kv_endpoint", "prefill_timeout_ms", "num_sampled")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_locally", "prefill_worker_id", "prefill_kv_endpoint", "prefill_timeout_ms", "num_sampled", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class AdmitRequest(_message.Message):
     PREFILL_KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -133,7 +136,8 @@ class AdmitRequest(_message.Message):
     prefill_kv_endpoint: str
     prefill_timeout_ms: int
     num_sampled: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_locally: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., prefill_kv_endpoint: _Optional[str] = ..., prefill_timeout_ms: _Optional[int] = ..., num_sampled: _Optional[int] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_locally: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., prefill_kv_endpoint: _Optional[str] = ..., prefill_timeout_ms: _Optional[int] = ..., num_sampled: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Admission(_message.Message):
     __slots__ = ("accepted", "refusal", "refusal_message", "decode_worker_id", "block_ids", "num_cached_tokens", "kv_layout", "kv_endpoint")

@@ -32,8 +32,10 @@ class Sim:
         self.completed: list[str] = []  # request ids that sampled a token in the last step
         self.steps = 0
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
-        seq = Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens))
+    def add(self, request_id: str, prompt: list[int], max_tokens: int,
+            priority: int = 0) -> Sequence:
+        seq = Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens),
+                       priority=priority)
         self.sched.add(seq)
         return seq
 
@@ -319,3 +321,57 @@ def test_random_workloads_finish_and_return_every_block(
         assert seq.num_output_tokens == max_tokens
     assert sim.bm.num_free_blocks == num_blocks
     sim.bm.check_invariants([])
+
+
+def test_a_better_class_is_queued_first_fcfs_within_a_class() -> None:
+    sim = Sim(num_blocks=32, max_num_seqs=1, max_num_batched_tokens=32)
+    sim.add("run", prompt(0, 3), max_tokens=1, priority=5)
+    sim.step()  # "run" finishes; the queue below forms behind it
+    for name, priority in (("low1", 3), ("high1", 0), ("low2", 3), ("high2", 0)):
+        sim.add(name, prompt(100 * len(name) + priority, 3), max_tokens=1, priority=priority)
+    assert [s.request_id for s in sim.sched.waiting] == ["high1", "high2", "low1", "low2"]
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["run", "high1", "high2", "low1", "low2"]
+
+
+def test_a_better_class_takes_a_full_batchs_worst_place_never_the_reverse() -> None:
+    sim = Sim(num_blocks=32, max_num_seqs=2, max_num_batched_tokens=32)
+    sim.add("a", prompt(0, 3), max_tokens=8, priority=1)
+    b = sim.add("b", prompt(100, 3), max_tokens=8, priority=2)
+    sim.step()
+    sim.step()
+    b_outputs = b.output_token_ids
+    sim.add("low", prompt(200, 3), max_tokens=2, priority=3)
+    assert plan(sim.step()) == [("a", 1), ("b", 1)]  # a worse class waits: no preemption
+    vip = sim.add("vip", prompt(300, 3), max_tokens=2, priority=0)
+    out = sim.step()
+    assert out.preempted == [b]  # the worst class running gives its place
+    assert plan(out) == [("a", 1), ("vip", 3)]
+    assert [s.request_id for s in sim.sched.waiting] == ["b", "low"]  # b first in its class
+    sim.run()
+    assert vip.is_finished and b.output_token_ids[:len(b_outputs)] == b_outputs
+    assert [s.request_id for s in sim.finished].index("vip") < \
+        [s.request_id for s in sim.finished].index("b")
+
+
+def test_a_preemption_for_blocks_never_takes_a_better_class() -> None:
+    sim = Sim(num_blocks=6, block_size=2, max_num_batched_tokens=32)
+    hi = sim.add("hi", prompt(0, 3), max_tokens=4, priority=0)
+    mid = sim.add("mid", prompt(100, 3), max_tokens=4, priority=1)
+    lo = sim.add("lo", prompt(200, 3), max_tokens=4, priority=2)
+    sim.step()
+    sim.step()
+    out = sim.step()  # all need a 3rd block: the worst class goes, however old
+    assert out.preempted == [lo]
+    # The newest running sequence would be "lo" anyway; make the worst class the oldest:
+    sim2 = Sim(num_blocks=6, block_size=2, max_num_batched_tokens=32)
+    old_lo = sim2.add("old_lo", prompt(0, 3), max_tokens=4, priority=2)
+    sim2.add("new_hi", prompt(100, 3), max_tokens=4, priority=0)
+    sim2.add("new_mid", prompt(200, 3), max_tokens=4, priority=1)
+    sim2.step()
+    sim2.step()
+    assert sim2.step().preempted == [old_lo]
+    sim.run()
+    sim2.run()
+    assert [s.request_id for s in sim.finished][:2] == ["hi", "mid"]
+    assert mid.num_preemptions == hi.num_preemptions == 0

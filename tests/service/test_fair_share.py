@@ -122,3 +122,30 @@ def test_a_request_that_would_miss_its_ttft_slo_is_refused_at_once(
                                json.dumps({**body, "ttft_slo_ms": 600_000}).encode(), auth)
         assert status == 200
         assert all(f.result()[0] == 200 for f in busy)
+
+
+def test_the_decode_workers_scheduler_runs_a_better_class_first(tiny_llama: Path) -> None:
+    """No router queue (many slots): requests queue in the decode worker's engine (one
+    sequence at a time), and a better class overtakes the queued worse ones there, by
+    preempting the running one if need be."""
+    d = start_deployment(str(tiny_llama), 0, 1, engine={**ENGINE, "max_num_seqs": 1},
+                         router={"max_inflight": 64})
+    finished: dict[str, float] = {}
+
+    def one(name: str, priority: int) -> None:
+        with Client(d.address, timeout=60) as client:
+            client.generate([9, 10, 11], max_tokens=48, temperature=0.0, ignore_eos=True,
+                            priority=priority)
+        finished[name] = time.monotonic()
+
+    try:
+        with ThreadPoolExecutor(9) as pool:
+            bulk = [pool.submit(one, f"bulk-{i}", 5) for i in range(8)]
+            time.sleep(0.3)
+            vip = pool.submit(one, "vip", 0)
+            for future in [*bulk, vip]:
+                future.result()
+    finally:
+        d.stop()
+    later = [name for name, at in finished.items() if at > finished["vip"]]
+    assert len(later) >= 5, sorted(finished.items(), key=lambda kv: kv[1])
