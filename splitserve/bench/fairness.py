@@ -14,6 +14,12 @@ phases of --seconds each, in one invocation:
 Printed: output tokens served to each client in each phase and their ratio (issue 17's
 target: within 1.25x under VTC), and light's TTFT p50/p99 against its unloaded TTFT
 (target: p99 within 2x).
+
+`--scenario priority` replaces phase 3: `light` asks for class 0 and `flood` for class 5
+(FCFS within a class), to see a high class keep its TTFT while a low class saturates the
+service (issue 17's target: p99 within 1.5x of unloaded). With a high --max-inflight and a
+low --max-num-seqs the requests queue in the decode worker's scheduler, where classes
+decide too.
 """
 
 from __future__ import annotations
@@ -51,9 +57,10 @@ class ClientTally:
 
 
 def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seconds: float,
-           prompt_len: int, output_len: int, seed: int) -> dict[str, ClientTally]:
-    """Each client keeps its concurrency of requests outstanding for `seconds`; what
-    finished inside the window counts."""
+           prompt_len: int, output_len: int, seed: int,
+           priorities: dict[str, int] | None = None) -> dict[str, ClientTally]:
+    """Each client keeps its concurrency of requests outstanding for `seconds` (in its
+    priority class, default 0); what finished inside the window counts."""
     from splitserve.client import Client
 
     tallies = {name: ClientTally() for name in concurrency}
@@ -69,7 +76,8 @@ def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seco
                 first: float | None = None
                 count = 0
                 for chunk in client.stream(prompt, max_tokens=output_len, temperature=0.0,
-                                           ignore_eos=True):
+                                           ignore_eos=True,
+                                           priority=(priorities or {}).get(name, 0)):
                     if chunk.token_ids and first is None:
                         first = time.monotonic() - started
                     count += len(chunk.token_ids)
@@ -89,13 +97,14 @@ def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seco
 
 
 def _phase(args: argparse.Namespace, keys: dict[str, str], policy: str,
-           concurrency: dict[str, int]) -> dict[str, Any]:
+           concurrency: dict[str, int], priorities: dict[str, int] | None = None
+           ) -> dict[str, Any]:
     router_args = ("--max-queued", "1024", "--admission-policy", policy)
     with single_worker_deployment(args, router_args) as addrs:
         _drive(addrs["router"], keys, {"light": 1}, args.warmup_seconds, args.input_len,
                args.output_len, args.seed + 99)
         tallies = _drive(addrs["router"], keys, concurrency, args.seconds, args.input_len,
-                         args.output_len, args.seed)
+                         args.output_len, args.seed, priorities)
     return {name: tally.row(args.seconds) for name, tally in tallies.items()}
 
 
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="splitserve bench fairness", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_single_worker_args(ap)
+    ap.add_argument("--scenario", choices=["fair", "priority"], default="fair",
+                    help="fair: FCFS vs VTC; priority: the light client in class 0 and the "
+                         "flood in class 5, vs both in one class (set --max-inflight high "
+                         "and --max-num-seqs low to queue in the decode worker)")
     ap.add_argument("--flood-concurrency", type=int, default=40)
     ap.add_argument("--light-concurrency", type=int, default=4)
     ap.add_argument("--input-len", type=int, default=64)
@@ -122,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     # The processes started here inherit the keys; this process keeps what it had.
     os.environ["SPLITSERVE_API_KEYS"] = ",".join(f"{n}:{k}" for n, k in keys.items())
     try:
-        results = {"alone": _phase(args, keys, "vtc", {"light": args.light_concurrency}),
-                   "fcfs": _phase(args, keys, "fcfs", both),
-                   "vtc": _phase(args, keys, "vtc", both)}
+        alone = _phase(args, keys, "vtc", {"light": args.light_concurrency})
+        if args.scenario == "priority":  # light in class 0, the flood in class 5
+            results = {"alone": alone, "fcfs": _phase(args, keys, "fcfs", both),
+                       "priority": _phase(args, keys, "fcfs", both, {"flood": 5})}
+        else:
+            results = {"alone": alone, "fcfs": _phase(args, keys, "fcfs", both),
+                       "vtc": _phase(args, keys, "vtc", both)}
     finally:
         if saved is None:
             os.environ.pop("SPLITSERVE_API_KEYS", None)
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{(row['ttft_p50_s'] or 0) * 1e3:7.0f}ms {(row['ttft_p99_s'] or 0) * 1e3:7.0f}ms "
                   f"{vs if vs is not None else float('nan'):15.2f}")
     summary = {}
-    for phase in ("fcfs", "vtc"):
+    for phase in [p for p in results if p != "alone"]:
         flood, light = (results[phase][c]["output_tokens"] for c in CLIENTS)
         summary[phase] = {"flood_over_light_tokens": _ratio(flood, light),
                           "light_ttft_p99_over_alone_p50": _ratio(

@@ -138,6 +138,8 @@ def add_single_worker_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-kv-blocks", type=int, default=1024)
     ap.add_argument("--max-inflight", type=int, default=4,
                     help="router slots: near the decode batch the machine sustains")
+    ap.add_argument("--max-num-seqs", type=int, default=64,
+                    help="the decode worker's batch limit (its engine queues the rest)")
 
 
 @contextmanager
@@ -148,6 +150,7 @@ def single_worker_deployment(args: argparse.Namespace, router_args: tuple[str, .
     with local_deployment(
             args.model, num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
             threads=args.threads,
-            worker_args=("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype),
+            worker_args=("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype,
+                         "--max-num-seqs", str(args.max_num_seqs)),
             router_args=("--max-inflight", str(args.max_inflight), *router_args)) as addrs:
         yield addrs

@@ -46,3 +46,17 @@ def test_fairness_bench_runs_all_three_phases(
     assert data["summary"]["vtc"]["flood_over_light_tokens"] < \
         data["summary"]["fcfs"]["flood_over_light_tokens"]
     assert "SPLITSERVE_API_KEYS" not in os.environ  # the bench's keys stayed with its processes
+
+
+def test_fairness_bench_priority_scenario(tiny_llama: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "prio.json"
+    rc = fairness.main(["--model", str(tiny_llama), "--dtype", "float32", "--threads", "1",
+                        "--num-kv-blocks", "256", "--seconds", "3", "--warmup-seconds", "1",
+                        "--scenario", "priority", "--max-inflight", "64", "--max-num-seqs",
+                        "2", "--light-concurrency", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and set(data["results"]) == {"alone", "fcfs", "priority"}
+    fcfs, prio = (data["results"][p]["light"]["ttft_p50_s"] for p in ("fcfs", "priority"))
+    assert prio < fcfs  # class 0 overtakes the flood's class 5 in the engine's queue
+    assert "priority: tokens served flood/light" in capsys.readouterr().out
