@@ -7,7 +7,7 @@
     splitserve kv-store --port 29500   (a shared rendezvous store; by default each worker hosts its own)
     splitserve generate "prompt" [--address] [--chat] [--max-tokens] [--temperature]
     splitserve certs    --out DIR  (a local CA and mutual-TLS certificates: --tls-dir DIR/<name>)
-    splitserve bench offline | kv | serve | compare | chaos | fuzz
+    splitserve bench offline | kv | serve | compare | chaos | fuzz | fairness | slo | disagg
 """
 
 from __future__ import annotations
