@@ -153,8 +153,11 @@ def test_certs_command_writes_usable_folders_and_keeps_its_ca(tmp_path: Path) ->
 
 
 def test_a_bad_tls_folder_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     with pytest.raises(ValueError, match="tls.crt is missing"):
-        (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+        tls.load(str(tmp_path))
+    (tmp_path / "tls.crt").write_text("not a certificate")
+    with pytest.raises(ValueError, match="tls.crt is not a PEM file"):
         tls.load(str(tmp_path))
     result = subprocess.run([sys.executable, "-m", "splitserve.cli", "router", "--tls-dir",
                              str(tmp_path / "nope")], capture_output=True, text=True)
