@@ -121,12 +121,6 @@ grpc://{{ include "splitserve.fullname" . }}-router:{{ .Values.router.service.po
 {{- end }}
 
 {{/*
-The pod spec of a worker process, `splitserve prefill|decode` in plain-process mode.
-Call with (dict "root" $ "role" "prefill" "cfg" .Values.prefill "kvStore" ADDR
-"serveKvStore" BOOL). The worker binds and registers POD_IP:port (the downward API gives
-the pod IP), so the router and the other workers reach it directly, not via a Service.
-*/}}
-{{/*
 Mutual TLS (auth.tlsSecret). "splitserve.tlsEnv" takes (dict "root" $ "addr" HOST:PORT): the
 folder of the TLS files and the address deploy/healthcheck.py checks. "splitserve.probeAction"
 takes (dict "root" $ "port" PORT): a native gRPC probe, or, with TLS (which the kubelet
@@ -168,6 +162,12 @@ grpc:
 {{- end }}
 {{- end }}
 
+{{/*
+The pod spec of a worker process, `splitserve prefill|decode` in plain-process mode.
+Call with (dict "root" $ "role" "prefill" "cfg" .Values.prefill "kvStore" ADDR
+"serveKvStore" BOOL). The worker binds and registers POD_IP:port (the downward API gives
+the pod IP), so the router and the other workers reach it directly, not via a Service.
+*/}}
 {{- define "splitserve.workerPodSpec" -}}
 {{- $root := .root -}}
 {{- $cfg := .cfg -}}
