@@ -41,6 +41,10 @@ from splitserve.router.policy import WorkerView
 from splitserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+# A worker whose connection failed (restarted at the same address, unreachable for a while)
+# is dialled again within seconds: gRPC's default reconnect backoff grows to two minutes.
+_WORKER_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500),
+                           ("grpc.max_reconnect_backoff_ms", 3000))
 
 _CHANNEL_LINGER_S = 60.0  # keep a vanished worker's channel this long
 _REFRESH_WAIT_S = 0.5  # longest a request waits for a store read it started
@@ -244,7 +248,7 @@ class WorkerDirectory:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = aio_channel(address, self._cluster_token)
+            channel = aio_channel(address, self._cluster_token, _WORKER_CHANNEL_OPTIONS)
             self._channels[address] = channel
             self._channel_for[address] = self._started_at.get(address, 0.0)
         self._last_seen[address] = time.monotonic()
