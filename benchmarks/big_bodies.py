@@ -13,22 +13,19 @@ import argparse
 import concurrent.futures
 import http.client
 import json
-import resource
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from splitserve.bench.fuzz_service import rss_bytes
 from splitserve.engine.tiny_model import write_tiny_model
 from tests.service.deployment import start_deployment
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    return rss_bytes(os.getpid()) / (1 << 20)
 
 
 def _post(address: str, body: bytes) -> tuple[int, float]:
