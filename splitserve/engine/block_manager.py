@@ -7,15 +7,39 @@ A free block may still hold a cached full block (its hash maps to it in `_cached
 stays reusable as a prefix hit until it is popped from the head for new tokens, which
 evicts it. Sequences free their blocks tail-first, so a prompt's last blocks are evicted
 before its first ones (the first ones are the most shareable).
+
+With a KV tier (host memory, disk: engine/kv_tier.py) an evicted cached block is first
+offered to the tier (`KVTier.offload`, before its slots are reused), and a prefix lookup
+that runs out of device hits continues in the tier: those blocks are loaded into fresh
+blocks at allocation and become cached device blocks again.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from splitserve.engine.sequence import Sequence
+
+
+class KVTier(Protocol):
+    """Where evicted full blocks go and come back from (engine/kv_tier.py). Keyed by the
+    chained block hash; the block manager never sees the bytes."""
+
+    def offload(self, block_id: int, block_hash: int) -> None:
+        """Keep block_id's contents under block_hash; called before the block is reused."""
+
+    def contains(self, block_hash: int) -> bool:
+        """Whether load() would likely succeed (a disk entry may still turn out corrupt)."""
+
+    def load(self, block_hash: int, block_id: int) -> bool:
+        """Copy the block's contents into block_id; False (nothing copied) when the entry is
+        gone or fails its checksum."""
+
+    def record_miss(self) -> None:
+        """A first allocation's lookup ended at a block no tier holds."""
 
 
 class PrefixEventLog:
@@ -54,15 +78,34 @@ class PrefixEventLog:
 @dataclass(slots=True)
 class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
-    hits: int = 0  # of those, tokens served from the cache
+    hits: int = 0  # of those, tokens served from the cache (device or KV tier)
+    tier_hits: int = 0  # of those, tokens loaded from the KV tier
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
 
 
+@dataclass(slots=True)
+class PrefixMatch:
+    """The leading run of a sequence's full blocks held by some cache: cached device blocks
+    (`block_ids[i]`), then blocks whose contents are in the KV tier (None, loaded at
+    allocation). `hashes[i]` is block i's chained hash."""
+
+    block_ids: list[int | None] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+    @property
+    def device_blocks(self) -> list[int]:
+        return [b for b in self.block_ids if b is not None]
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 tier: KVTier | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
@@ -74,6 +117,7 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.stats = PrefixCacheStats()
         self._events = PrefixEventLog()  # for the cluster's prefix index
+        self.tier = tier if enable_prefix_caching else None
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -96,58 +140,102 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding the longest prefix of seq's tokens (no references taken).
+        """Cached device blocks holding the longest prefix of seq's tokens (no references
+        taken; the KV tier is not consulted: see match_prefix)."""
+        match = self.match_prefix(seq, use_tier=False)
+        return [b for b in match.block_ids if b is not None]
+
+    def match_prefix(self, seq: Sequence, use_tier: bool = True) -> PrefixMatch:
+        """The longest prefix of seq's full blocks held on the device or in the KV tier (no
+        references taken, nothing loaded).
 
         At least one token is always left to compute, so the step that finishes the prompt
         has logits to sample from.
         """
+        match = PrefixMatch()
         if not self.enable_prefix_caching or seq.block_table:
-            return []
+            return match
+        tier = self.tier if use_tier else None
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        blocks: list[int] = []
+        in_tier = False  # device hits first; once the tier serves a block, only the tier
         for block_hash in seq.block_hashes(self.block_size)[:max_blocks]:
-            block_id = self._cached.get(block_hash)
+            block_id = None if in_tier else self._cached.get(block_hash)
             if block_id is None:
-                break
-            blocks.append(block_id)
-        return blocks
+                if tier is None or not tier.contains(block_hash):
+                    break
+                in_tier = True
+            match.block_ids.append(block_id)
+            match.hashes.append(block_hash)
+        return match
 
     # ---- allocation ----------------------------------------------------------------------
     def can_allocate(self, num_new_blocks: int) -> bool:
         return num_new_blocks <= self.num_free_blocks
 
     def allocate_slots(
-        self, seq: Sequence, num_new_tokens: int, computed_blocks: Iterable[int] = ()
+        self, seq: Sequence, num_new_tokens: int,
+        computed_blocks: PrefixMatch | Iterable[int] = (),
     ) -> bool:
         """Grow seq's block table to hold num_computed_tokens + num_new_tokens slots.
 
-        `computed_blocks` (from get_computed_blocks, first allocation only) are prefix hits:
-        they are referenced and count as computed. Returns False, changing nothing, when the
-        pool cannot supply the blocks.
+        `computed_blocks` (from match_prefix or get_computed_blocks, first allocation only)
+        are prefix hits: device blocks are referenced, tier blocks are loaded into fresh
+        blocks, and all count as computed and cached. A tier entry that fails to load ends
+        the run there (the sequence computes the rest; its first chunk is just shorter).
+        Returns False, changing nothing, when the pool cannot supply the blocks.
         """
-        computed = list(computed_blocks)
-        if computed and (seq.block_table or seq.num_computed_tokens):
+        if isinstance(computed_blocks, PrefixMatch):
+            match = computed_blocks
+        else:
+            ids = list(computed_blocks)
+            match = PrefixMatch(list(ids), [self._block_hash[b] or 0 for b in ids])
+        if match.block_ids and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("computed blocks can only start an empty block table")
-        num_computed = seq.num_computed_tokens + len(computed) * self.block_size
+        device = match.device_blocks
+        num_computed = seq.num_computed_tokens + len(match) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)
-        num_new_blocks = max(0, total - len(seq.block_table) - len(computed))
-        num_revived = sum(1 for b in computed if self._ref_counts[b] == 0)
+        num_new_blocks = max(0, total - len(seq.block_table) - len(device))
+        num_revived = sum(1 for b in device if self._ref_counts[b] == 0)
         if num_new_blocks + num_revived > self.num_free_blocks:
             return False
-        if self.enable_prefix_caching and not seq.block_table and not seq.num_computed_tokens:
-            # A first allocation: count its prefix-cache lookup once (not per blocked retry).
-            self.stats.queries += seq.num_tokens
-            self.stats.hits += len(computed) * self.block_size
-        for block_id in computed:
+        first = self.enable_prefix_caching and not seq.block_table and not seq.num_computed_tokens
+        # Device hits leave the free queue first, so loading tier hits cannot evict them.
+        for block_id in device:
             if self._ref_counts[block_id] == 0:
                 del self._free_queue[block_id]
             self._ref_counts[block_id] += 1
-        if computed:
-            seq.block_table.extend(computed)
-            seq.num_computed_tokens = seq.num_cached_tokens = len(computed) * self.block_size
-        for _ in range(num_new_blocks):
+        num_hits = self._fill_prefix(seq, match)
+        if first:
+            # A first allocation: count its prefix-cache lookup once (not per blocked retry).
+            self.stats.queries += seq.num_tokens
+            self.stats.hits += num_hits * self.block_size
+            self.stats.tier_hits += max(0, num_hits - len(device)) * self.block_size
+            if self.tier is not None and len(match) < (seq.num_tokens - 1) // self.block_size:
+                self.tier.record_miss()  # the run ended at a block no tier holds
+        if num_hits:
+            seq.num_computed_tokens = seq.num_cached_tokens = num_hits * self.block_size
+        while len(seq.block_table) < total:
             seq.block_table.append(self._take_free_block())
         return True
+
+    def _fill_prefix(self, seq: Sequence, match: PrefixMatch) -> int:
+        """Put match's blocks into seq's (empty) table, loading tier blocks into fresh ones;
+        returns how many lead the table as computed (all, unless a load failed)."""
+        for index, (block_id, block_hash) in enumerate(
+                zip(match.block_ids, match.hashes, strict=True)):
+            if block_id is not None:
+                seq.block_table.append(block_id)
+                continue
+            assert self.tier is not None
+            fresh = self._take_free_block()
+            seq.block_table.append(fresh)
+            if self.tier.load(block_hash, fresh) and block_hash not in self._cached:
+                self._block_hash[fresh] = block_hash
+                self._cached[block_hash] = fresh
+                self._events.stored(block_hash)
+                continue
+            return index  # a failed load: the fresh block stays, to be computed
+        return len(match)
 
     def allocate_blocks(self, num_blocks: int) -> list[int] | None:
         """Fresh blocks outside any sequence (a decode worker reserving for incoming KV)."""
@@ -161,6 +249,8 @@ class BlockManager:
         if block_hash is not None:
             self._block_hash[block_id] = None
             if self._cached.get(block_hash) == block_id:
+                if self.tier is not None:
+                    self.tier.offload(block_id, block_hash)  # before the slots are reused
                 del self._cached[block_hash]
                 self._events.evicted(block_hash)
         self._ref_counts[block_id] = 1

@@ -30,6 +30,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # KV tiers below the pool (engine/kv_tier.py): evicted prefix-cache blocks go to host
+    # memory (0: no host tier), then to one file per block under disk_kv_cache_dir (None:
+    # no disk tier), at most disk_kv_cache_bytes of them; both LRU.
+    host_kv_cache_bytes: int = 0
+    disk_kv_cache_dir: str | None = None
+    disk_kv_cache_bytes: int = 8 << 30
     attention_backend: str = "auto"  # auto: triton on CUDA, the C++ kernel (else torch) on CPU
     num_threads: int | None = None  # CPU threads for torch; None: all cores
     # CPU: keep each linear weight also in a packed layout for decode-sized batches (our
@@ -58,6 +64,10 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.host_kv_cache_bytes < 0 or self.disk_kv_cache_bytes < 0:
+            raise ValueError("host_kv_cache_bytes and disk_kv_cache_bytes must be >= 0")
+        if (self.host_kv_cache_bytes or self.disk_kv_cache_dir) and not self.enable_prefix_caching:
+            raise ValueError("a host or disk KV tier needs prefix caching")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -2,8 +2,9 @@
 
 Life cycle of a request: add_request validates and queues a Sequence; each step() the
 scheduler picks prompt chunks and decodes within the token budget, the runner computes them
-and samples for every sequence whose tokens are all computed; the StopChecker turns tokens
-into text and decides when it finishes; a finished or aborted request's blocks go back to
+and samples for every sequence whose tokens are all computed (a request under a grammar
+only among the tokens its matcher allows, engine.grammar); the StopChecker turns tokens
+into text and decides when it finishes, as does a grammar that is complete; a finished or aborted request's blocks go back to
 the pool at once (its full blocks stay in the prefix cache until evicted).
 """
 
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +22,8 @@ from splitserve.common.outputs import StepOutput, TokenLogprobs
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.grammar import GrammarCompiler, StepMasks
+from splitserve.engine.kv_tier import build_kv_tier
 from splitserve.engine.model import LayerHook, ModelArch
 from splitserve.engine.model_files import resolve_model
 from splitserve.engine.model_runner import ModelRunner
@@ -36,6 +40,7 @@ class RequestState:
     stop_checker: StopChecker
     generator: torch.Generator | None
     logprobs: list[TokenLogprobs]
+    grammar: Any = None  # an llguidance matcher when the request has structured output
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +68,16 @@ class LLMEngine:
         # A sequence must always fit in the pool on its own, or preemption could not help it.
         self.max_model_len = min(model_len, self.arch.max_position_embeddings,
                                  self.num_blocks * self.block_size)
+        self.kv_tier = build_kv_tier(config, self.runner.kv_pool, str(self.model_dir))
         self.block_manager = BlockManager(
-            self.num_blocks, self.block_size, config.enable_prefix_caching
+            self.num_blocks, self.block_size, config.enable_prefix_caching, self.kv_tier
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.block_manager,
         )
         self.requests: dict[str, RequestState] = {}
+        self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         # Set by a prefill worker: builds the per-layer hook for a step (streams KV out).
         self.layer_hook_builder: Callable[[SchedulerOutput], LayerHook | None] | None = None
@@ -182,6 +189,12 @@ class LLMEngine:
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
             for _ in range(num_sampled):
                 skip_sample_draw(generator, self.arch.vocab_size)
+        grammar = None
+        if params.structured_output is not None:
+            # The prompt's last tokens that are this request's earlier output (a resumed
+            # request) move the grammar on; the prefill worker's first token follows.
+            earlier = seq.penalized_output_ids
+            grammar = self.grammars.new_matcher(params.structured_output, earlier)
         checker = StopChecker(
             self.tokenizer,
             seq.prompt_token_ids,
@@ -189,7 +202,7 @@ class LLMEngine:
             self.tokenizer.eos_token_ids,
             self.max_model_len,
         )
-        return RequestState(seq, checker, generator, [])
+        return RequestState(seq, checker, generator, [], grammar)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Returns False if it is unknown or finished."""
@@ -237,7 +250,8 @@ class LLMEngine:
         if plan.is_empty:
             return []
         hook = self.layer_hook_builder(plan) if self.layer_hook_builder else None
-        sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook)
+        masks = self._start_masks(plan)
+        sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook, masks)
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
             if item.seq.first_scheduled_time is None:
@@ -247,6 +261,17 @@ class LLMEngine:
         for item, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             outputs.append(self._process_token(item.seq, token_id, logprob))
         return outputs
+
+    def _start_masks(self, plan: SchedulerOutput) -> StepMasks | None:
+        """Begin filling the grammar masks of this step's constrained samplers (they are
+        ready by the time the forward pass has produced logits)."""
+        constrained = []
+        for item in plan.scheduled:
+            if item.completes:
+                grammar = self.requests[item.seq.request_id].grammar
+                if grammar is not None:
+                    constrained.append((item.seq, grammar))
+        return self.grammars.start_masks(constrained) if constrained else None
 
     def _generator_of(self, seq: Sequence) -> torch.Generator | None:
         return self.requests[seq.request_id].generator
@@ -258,7 +283,9 @@ class LLMEngine:
         seq.append_token(token_id)
         if logprob is not None:
             state.logprobs.append(logprob)
-        delta, reason = state.stop_checker.add(token_id)
+        grammar_end = (_grammar_finish(state.grammar, token_id)
+                       if state.grammar is not None else None)
+        delta, reason = state.stop_checker.add(token_id, grammar_end)
         if reason is not None:
             self._finish(seq, reason)
             del self.requests[seq.request_id]
@@ -271,3 +298,12 @@ class LLMEngine:
             new_logprobs=[logprob] if logprob is not None else [],
             num_cached_tokens=seq.num_cached_tokens,
         )
+
+
+def _grammar_finish(matcher: Any, token_id: int) -> str | None:
+    """Feed a sampled token to the request's grammar: "stop" once the grammar is complete
+    (no token can extend it: the output is whole without an EOS), "error" if the token is
+    refused (never for a masked sample; a peer that sampled unmasked would cause it)."""
+    if not matcher.consume_token(token_id):
+        return "error"
+    return "stop" if matcher.is_stopped() else None

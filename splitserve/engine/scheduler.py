@@ -149,7 +149,7 @@ class Scheduler:
                 return
             full = len(self.running) >= self.config.max_num_seqs
             bm = self.block_manager
-            cached = len(bm.get_computed_blocks(head))
+            cached = len(bm.match_prefix(head))
             first_chunk = min(head.num_tokens - cached * bm.block_size,
                               self.config.max_num_batched_tokens)
             needed = bm.blocks_needed(cached * bm.block_size + first_chunk) - cached
@@ -181,7 +181,7 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            computed = self.block_manager.get_computed_blocks(seq)
+            computed = self.block_manager.match_prefix(seq)
             num_cached = len(computed) * self.block_manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate_slots(seq, num_tokens, computed):
