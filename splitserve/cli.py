@@ -37,11 +37,36 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--host-kv-cache-bytes", type=_byte_size, default=0,
+                   help="host-memory tier for KV blocks the prefix cache evicts (e.g. 4GiB; "
+                        "0: none)")
+    g.add_argument("--disk-kv-cache-dir", default=None,
+                   help="disk tier below the host tier: one checksummed file per block")
+    g.add_argument("--disk-kv-cache-bytes", type=_byte_size, default=8 << 30,
+                   help="most bytes of files in --disk-kv-cache-dir (default 8GiB)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"])
     g.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
     g.add_argument("--no-cpu-weight-prepack", action="store_true",
                    help="CPU: skip the packed weight copies for small batches (halves weight "
                         "memory, slower decode)")
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6,
+               "mb": 10**6, "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30,
+               "t": 10**12, "tb": 10**12, "tib": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """'4GiB', '512MB', '1000000' -> bytes."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}") from None
+    if unit not in _BYTE_UNITS or value < 0:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}")
+    return int(value * _BYTE_UNITS[unit])
 
 
 def _add_tls_arg(p: argparse.ArgumentParser) -> None:
@@ -76,6 +101,9 @@ def _engine_config(args: argparse.Namespace) -> Any:
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
+        host_kv_cache_bytes=args.host_kv_cache_bytes,
+        disk_kv_cache_dir=args.disk_kv_cache_dir,
+        disk_kv_cache_bytes=args.disk_kv_cache_bytes,
         attention_backend=args.attention_backend, num_threads=args.threads,
         cpu_weight_prepack=not args.no_cpu_weight_prepack,
     )

@@ -189,8 +189,12 @@ def serve(options: ServeOptions) -> Deployment:
     for role, count, resource in (("prefill", options.prefill_workers, options.prefill_resource),
                                   ("decode", options.decode_workers, options.decode_resource)):
         for index in range(count):
+            worker_engine = engine
+            if engine.disk_kv_cache_dir:  # a disk tier of its own (its own LRU and budget)
+                worker_engine = replace(engine, disk_kv_cache_dir=os.path.join(
+                    engine.disk_kv_cache_dir, f"{role}-{index}"))
             worker_options = WorkerOptions(
-                engine=engine, worker_id=f"{role}-{index}", host=actor_host or "",
+                engine=worker_engine, worker_id=f"{role}-{index}", host=actor_host or "",
                 cluster_url=cluster_url, kv_backend="torch_dist", kv_store=f"{driver_host}:{kv_port}",
                 kv_timeout_s=options.kv_timeout_s, cluster_token=token,
             )
