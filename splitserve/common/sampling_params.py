@@ -15,6 +15,7 @@ from splitserve.common.request_rules import (
     check_finite,
     check_text,
 )
+from splitserve.common.structured_output import StructuredOutput
 
 _MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300
@@ -43,6 +44,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2], times each token's count in the output
     repetition_penalty: float = 1.0  # (0, 2], on tokens of the prompt and the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    # The grammar the output must follow (structured output); None: free text.
+    structured_output: StructuredOutput | None = None
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +112,8 @@ class SamplingParams:
             if not 0 <= token_id <= UINT32_MAX or not -100.0 <= value <= 100.0:
                 raise ValueError(f"logit_bias entries must map token ids to [-100, 100], "
                                  f"got {token_id}: {value}")
+        if self.structured_output is not None:
+            self.structured_output.validate()
 
     @property
     def adjusts_logits(self) -> bool:

@@ -4,8 +4,9 @@ Life cycle of a request: add_request validates and queues a Sequence; each step(
 scheduler picks prompt chunks and decodes within the token budget, the runner computes them
 and samples for every sequence whose tokens are all computed (a request under a grammar
 only among the tokens its matcher allows, engine.grammar); the StopChecker turns tokens
-into text and decides when it finishes, as does a grammar that is complete; a finished or aborted request's blocks go back to
-the pool at once (its full blocks stay in the prefix cache until evicted).
+into text and decides when it finishes, as does a grammar that is complete; a finished or
+aborted request's blocks go back to the pool at once (its full blocks stay in the prefix
+cache until evicted).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import torch
 from splitserve.engine.attention import AttentionMetadata, PrefillSpan
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.cpu_linear import prepack_linears, prepack_supported
+from splitserve.engine.grammar import StepMasks
 from splitserve.engine.model import LayerHook, ModelArch
 from splitserve.engine.sampler import SampleResult, TokenHistory, sample
 from splitserve.engine.scheduler import ScheduledSequence
@@ -144,8 +145,11 @@ class ModelRunner:
         scheduled: list[ScheduledSequence],
         generator_of: Callable[[Sequence], torch.Generator | None],
         layer_hook: LayerHook | None = None,
+        token_masks: StepMasks | None = None,
     ) -> tuple[list[ScheduledSequence], SampleResult]:
-        """Run one step; returns the sequences that sampled and their samples, in order."""
+        """Run one step; returns the sequences that sampled and their samples, in order.
+        `token_masks`: the grammar masks of the constrained requests (engine.grammar),
+        waited for only once the logits exist."""
         batch = self.prepare(scheduled)
         hidden = self.model(
             batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.ops, layer_hook
@@ -158,4 +162,6 @@ class ModelRunner:
         histories = [TokenHistory(s.seq.token_ids, s.seq.penalized_output_ids)
                      if p.adjusts_logits else None
                      for s, p in zip(batch.sampling, params, strict=True)]
-        return batch.sampling, sample(logits, params, generators, histories)
+        mask = (token_masks.for_batch([s.seq.request_id for s in batch.sampling])
+                if token_masks is not None else None)
+        return batch.sampling, sample(logits, params, generators, histories, mask)

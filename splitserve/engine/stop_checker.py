@@ -38,8 +38,10 @@ class StopChecker:
     def text(self) -> str:
         return self._text
 
-    def add(self, token_id: int) -> tuple[str, str | None]:
-        """Account one sampled token. Returns (text delta to emit, finish reason or None)."""
+    def add(self, token_id: int, finish: str | None = None) -> tuple[str, str | None]:
+        """Account one sampled token. Returns (text delta to emit, finish reason or None).
+        `finish`: a reason decided elsewhere for this token (a grammar that is complete or
+        refused it); a stop token or stop string still takes precedence."""
         self._num_output += 1
         reason: str | None = None
         if token_id in self._eos or token_id in self._stop_ids:
@@ -48,6 +50,8 @@ class StopChecker:
             self._text += self.detokenizer.add([token_id])
             if self.params.stop and self._truncate_at_stop():
                 reason = "stop"
+        if reason is None:
+            reason = finish
         if reason is None:
             if self._num_output >= self.params.max_tokens:
                 reason = "length"

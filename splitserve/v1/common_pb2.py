@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/common.proto\x12\rsplitserve.v1\"\xb7\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12@\n\nlogit_bias\x18\x10 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x15\n\x13_repetition_penalty\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xad\x02\n\x0eRequestTimings\x12\x17\n\x0frouter_queue_ms\x18\x01 \x01(\x01\x12\x18\n\x10prefill_queue_ms\x18\x02 \x01(\x01\x12\x1a\n\x12prefill_compute_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x07 \x01(\x01\x12\x19\n\x11prefill_worker_id\x18\x08 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\t \x01(\t\x12\x15\n\rprefill_local\x18\n \x01(\x08\x12\x19\n\x11kv_transfer_bytes\x18\x0b \x01(\x04\x12\x13\n\x0bnum_resumes\x18\x0c \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x84\x01\n\nWorkerLoad\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\r\x12\x19\n\x11num_queued_tokens\x18\x05 \x01(\x04\"\x9e\x02\n\x0eWorkerCounters\x12\x19\n\x11kv_transfer_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x02 \x01(\x01\x12\x1c\n\x14kv_transfer_failures\x18\x03 \x01(\x04\x12#\n\x1bprefix_cache_queried_tokens\x18\x04 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x05 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\x06 \x01(\x04\x12\x1c\n\x14num_aborted_requests\x18\x07 \x01(\x04\x12\x1a\n\x12num_prefill_tokens\x18\x08 \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\t \x01(\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/common.proto\x12\rsplitserve.v1\"\xf3\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12@\n\nlogit_bias\x18\x10 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x11 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x15\n\x13_repetition_penalty\"S\n\x10StructuredOutput\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.splitserve.v1.StructuredOutputKind\x12\x0c\n\x04spec\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xad\x02\n\x0eRequestTimings\x12\x17\n\x0frouter_queue_ms\x18\x01 \x01(\x01\x12\x18\n\x10prefill_queue_ms\x18\x02 \x01(\x01\x12\x1a\n\x12prefill_compute_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x07 \x01(\x01\x12\x19\n\x11prefill_worker_id\x18\x08 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\t \x01(\t\x12\x15\n\rprefill_local\x18\n \x01(\x08\x12\x19\n\x11kv_transfer_bytes\x18\x0b \x01(\x04\x12\x13\n\x0bnum_resumes\x18\x0c \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x84\x01\n\nWorkerLoad\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\r\x12\x19\n\x11num_queued_tokens\x18\x05 \x01(\x04\"\x9e\x02\n\x0eWorkerCounters\x12\x19\n\x11kv_transfer_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x02 \x01(\x01\x12\x1c\n\x14kv_transfer_failures\x18\x03 \x01(\x04\x12#\n\x1bprefix_cache_queried_tokens\x18\x04 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x05 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\x06 \x01(\x04\x12\x1c\n\x14num_aborted_requests\x18\x07 \x01(\x04\x12\x1a\n\x12num_prefill_tokens\x18\x08 \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\t \x01(\x04*\xf7\x01\n\x14StructuredOutputKind\x12&\n\"STRUCTURED_OUTPUT_KIND_UNSPECIFIED\x10\x00\x12&\n\"STRUCTURED_OUTPUT_KIND_JSON_SCHEMA\x10\x01\x12&\n\"STRUCTURED_OUTPUT_KIND_JSON_OBJECT\x10\x02\x12 \n\x1cSTRUCTURED_OUTPUT_KIND_REGEX\x10\x03\x12!\n\x1dSTRUCTURED_OUTPUT_KIND_CHOICE\x10\x04\x12\"\n\x1eSTRUCTURED_OUTPUT_KIND_GRAMMAR\x10\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1682
-  _globals['_FINISHREASON']._serialized_end=1827
-  _globals['_WORKERROLE']._serialized_start=1829
-  _globals['_WORKERROLE']._serialized_end=1941
+  _globals['_STRUCTUREDOUTPUTKIND']._serialized_start=1827
+  _globals['_STRUCTUREDOUTPUTKIND']._serialized_end=2074
+  _globals['_FINISHREASON']._serialized_start=2077
+  _globals['_FINISHREASON']._serialized_end=2222
+  _globals['_WORKERROLE']._serialized_start=2224
+  _globals['_WORKERROLE']._serialized_end=2336
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=613
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=468
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=516
-  _globals['_USAGE']._serialized_start=615
-  _globals['_USAGE']._serialized_end=695
-  _globals['_REQUESTTIMINGS']._serialized_start=698
-  _globals['_REQUESTTIMINGS']._serialized_end=999
-  _globals['_TOPLOGPROB']._serialized_start=1001
-  _globals['_TOPLOGPROB']._serialized_end=1048
-  _globals['_TOKENLOGPROB']._serialized_start=1050
-  _globals['_TOKENLOGPROB']._serialized_end=1148
-  _globals['_KVLAYOUT']._serialized_start=1150
-  _globals['_KVLAYOUT']._serialized_end=1255
-  _globals['_WORKERLOAD']._serialized_start=1258
-  _globals['_WORKERLOAD']._serialized_end=1390
-  _globals['_WORKERCOUNTERS']._serialized_start=1393
-  _globals['_WORKERCOUNTERS']._serialized_end=1679
+  _globals['_SAMPLINGPARAMS']._serialized_end=673
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=528
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=576
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=675
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=758
+  _globals['_USAGE']._serialized_start=760
+  _globals['_USAGE']._serialized_end=840
+  _globals['_REQUESTTIMINGS']._serialized_start=843
+  _globals['_REQUESTTIMINGS']._serialized_end=1144
+  _globals['_TOPLOGPROB']._serialized_start=1146
+  _globals['_TOPLOGPROB']._serialized_end=1193
+  _globals['_TOKENLOGPROB']._serialized_start=1195
+  _globals['_TOKENLOGPROB']._serialized_end=1293
+  _globals['_KVLAYOUT']._serialized_start=1295
+  _globals['_KVLAYOUT']._serialized_end=1400
+  _globals['_WORKERLOAD']._serialized_start=1403
+  _globals['_WORKERLOAD']._serialized_end=1535
+  _globals['_WORKERCOUNTERS']._serialized_start=1538
+  _globals['_WORKERCOUNTERS']._serialized_end=1824
 # @@protoc_insertion_point(module_scope)

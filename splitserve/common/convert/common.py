@@ -14,6 +14,7 @@ from splitserve.common.cluster_types import WorkerRole
 from splitserve.common.kv_layout import KVLayout
 from splitserve.common.outputs import TokenLogprobs
 from splitserve.common.sampling_params import SamplingParams
+from splitserve.common.structured_output import OutputKind, StructuredOutput
 from splitserve.v1 import common_pb2
 
 # Defaults for the proto's optional fields (OpenAI's defaults).
@@ -52,6 +53,8 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
             msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
         ),
         logit_bias=tuple(msg.logit_bias.items()),
+        structured_output=structured_output_from_proto(msg.structured_output)
+        if msg.HasField("structured_output") else None,
     )
 
 
@@ -77,7 +80,30 @@ def sampling_to_proto(params: SamplingParams, *, with_stop_strings: bool = True
         msg.seed = params.seed
     if params.repetition_penalty != 1.0:
         msg.repetition_penalty = params.repetition_penalty
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
     return msg
+
+
+_KIND_TO_PROTO: dict[OutputKind, common_pb2.StructuredOutputKind] = {
+    OutputKind.JSON_SCHEMA: common_pb2.STRUCTURED_OUTPUT_KIND_JSON_SCHEMA,
+    OutputKind.JSON_OBJECT: common_pb2.STRUCTURED_OUTPUT_KIND_JSON_OBJECT,
+    OutputKind.REGEX: common_pb2.STRUCTURED_OUTPUT_KIND_REGEX,
+    OutputKind.CHOICE: common_pb2.STRUCTURED_OUTPUT_KIND_CHOICE,
+    OutputKind.GRAMMAR: common_pb2.STRUCTURED_OUTPUT_KIND_GRAMMAR,
+}
+_KIND_FROM_PROTO: dict[int, OutputKind] = {v: k for k, v in _KIND_TO_PROTO.items()}
+
+
+def structured_output_to_proto(value: StructuredOutput) -> common_pb2.StructuredOutput:
+    return common_pb2.StructuredOutput(kind=_KIND_TO_PROTO[value.kind], spec=value.spec)
+
+
+def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput:
+    kind = _KIND_FROM_PROTO.get(msg.kind)
+    if kind is None:
+        raise ValueError(f"structured_output.kind {msg.kind} is not a known kind")
+    return StructuredOutput(kind, msg.spec)
 
 
 def logprobs_to_proto(items: Iterable[TokenLogprobs]) -> list[common_pb2.TokenLogprob]:

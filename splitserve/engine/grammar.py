@@ -1,0 +1,115 @@
+"""Structured output in the engine: one grammar matcher per constrained request, and the
+token masks of a step, filled off the critical path.
+
+The constraint library is llguidance (chosen by measurement over xgrammar, see
+BENCHMARKS.md "Structured output"). Its matcher lives with the request (RequestState), and
+its state is a function of the output tokens only: preemption by recompute keeps it as is;
+a request resumed or handed over (the prefill worker samples the first token) replays its
+earlier output into a fresh matcher (`new_matcher(replay=...)`).
+
+Per step, `StepMasks.start()` fills the bitmasks of every constrained request that samples
+this step on a helper thread (llguidance drops the GIL while it computes) while the model's
+forward runs; the sampler waits for them only after the logits exist. A bitmask row holds
+one bit per vocabulary id (1: allowed), 32 ids per int32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.common.structured_output import StructuredOutput
+from splitserve.engine.sequence import Sequence
+from splitserve.engine.tokenizer import Tokenizer
+
+
+class GrammarCompiler:
+    """Builds matchers for one engine's tokenizer and vocabulary (the llguidance tokenizer is
+    built on first use: ~0.3 s for a 49k vocabulary)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._pool: ThreadPoolExecutor | None = None
+
+    @functools.cached_property
+    def _ll_tokenizer(self):  # type: ignore[no-untyped-def]
+        import llguidance
+
+        eos = sorted(self._tokenizer.eos_token_ids)
+        return llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                                      eos_token=eos or None)
+
+    @functools.cached_property
+    def _ll_executor(self):  # type: ignore[no-untyped-def]
+        import llguidance
+
+        # One thread: the model's forward owns the other cores while masks are filled.
+        return llguidance.LLExecutor(num_threads=1)
+
+    def new_matcher(self, spec: StructuredOutput, replay: Iterable[int] = ()):  # type: ignore[no-untyped-def]
+        """A matcher at the start of `spec`'s grammar, advanced over `replay` (output this
+        request sampled before). ValueError when the grammar or the replay is refused."""
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, spec.grammar(), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"structured output: {matcher.get_error()}")
+        replay = list(replay)
+        if replay and not matcher.consume_tokens(replay):
+            raise ValueError("structured output: the request's earlier output does not "
+                             f"follow its grammar ({matcher.get_error()})")
+        return matcher
+
+    def start_masks(self, matchers: list[tuple[Sequence, object]]) -> StepMasks:
+        """Begin filling one bitmask row per (sequence, matcher), in that order."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        bitmask = torch.full((len(matchers), (self.vocab_size + 31) // 32), -1,
+                             dtype=torch.int32)
+        rows = {seq.request_id: i for i, (seq, _) in enumerate(matchers)}
+        pairs = [(m, i) for i, (_, m) in enumerate(matchers)]
+        future = self._pool.submit(self._fill, pairs, bitmask)
+        return StepMasks(rows, future)
+
+    def _fill(self, pairs: list[tuple[object, int]], bitmask: torch.Tensor) -> torch.Tensor:
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        fill_next_token_bitmask_par(self._ll_executor, pairs, bitmask)
+        return bitmask
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+@dataclass(frozen=True)
+class StepMasks:
+    """The bitmasks of one step's constrained requests, being filled."""
+
+    rows: dict[str, int]  # request id -> row of the bitmask
+    future: Future[torch.Tensor]
+
+    def for_batch(self, request_ids: list[str]) -> tuple[list[int], torch.Tensor] | None:
+        """(positions in `request_ids` that are constrained, their bitmask rows), waiting for
+        the fill; None when none of them is constrained."""
+        positions = [i for i, rid in enumerate(request_ids) if rid in self.rows]
+        if not positions:
+            return None
+        bitmask = self.future.result()
+        index = torch.tensor([self.rows[request_ids[i]] for i in positions])
+        return positions, bitmask.index_select(0, index)
+
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size] from int32 bitmask rows [rows, ceil(vocab / 32)]."""
+    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
