@@ -15,7 +15,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from splitserve.cluster import InMemoryClusterStore
-from splitserve.cluster.store import ClusterStore, LiveWorker, RequestLedgerEntry, RequestPhase
+from splitserve.cluster.store import (
+    ClusterStore,
+    LiveWorker,
+    PrefixOverlap,
+    RequestLedgerEntry,
+    RequestPhase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,18 @@ class AsyncStore:
         try:
             return await asyncio.wait_for(self._call(self.store.prefix_overlap, block_hashes),
                                           _HINT_WAIT_S)
+        except Exception:  # noqa: BLE001 - a routing hint never fails a request
+            log.warning("prefix index read failed; routing without it", exc_info=True)
+            return {}
+
+    async def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+        """Each worker's run of the prompt through its device, host and disk tiers; none
+        known while the store is unreachable (as prefix_overlap)."""
+        if not block_hashes:
+            return {}
+        try:
+            return await asyncio.wait_for(
+                self._call(self.store.prefix_overlap_tiers, block_hashes), _HINT_WAIT_S)
         except Exception:  # noqa: BLE001 - a routing hint never fails a request
             log.warning("prefix index read failed; routing without it", exc_info=True)
             return {}

@@ -23,6 +23,7 @@ from splitserve.router.policy import (
     blocks_needed,
     plan_route,
     rank_decode_workers,
+    weighted_overlap,
 )
 from splitserve.router.relay import RequestTrace
 from splitserve.router.state import RouterState
@@ -76,7 +77,8 @@ async def admit_request(
             f"no live decode worker serves model {state.model.model_id!r}"
             f"{ignored if snapshot.num_ignored else ''}; start one and retry",
         )
-    overlap = await state.store.prefix_overlap(request.block_hashes)
+    overlap = weighted_overlap(await state.store.prefix_overlap_tiers(request.block_hashes),
+                               state.rules)
     num_blocks = blocks_needed(
         request.prompt_len + request.params.max_tokens, state.rules.block_size
     )

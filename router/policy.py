@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from splitserve.common.cluster_types import PrefixOverlap
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerView:
@@ -31,9 +33,19 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def cached_tokens(num_cached_blocks: int, block_size: int, prompt_len: int) -> int:
-    """Prompt tokens covered by a leading run of cached full blocks."""
+def cached_tokens(num_cached_blocks: float, block_size: int, prompt_len: int) -> float:
+    """Prompt tokens covered by a leading run of cached full blocks (weighted blocks give
+    weighted tokens, see weighted_overlap)."""
     return min(num_cached_blocks * block_size, prompt_len)
+
+
+def weighted_overlap(overlap: Mapping[str, PrefixOverlap],
+                     rules: RoutingRules) -> dict[str, float]:
+    """worker_id -> its prompt run in device-block equivalents: a block in the host (disk)
+    tier is loaded, not computed, but costs a copy (a read) the device does not, so it
+    weighs rules.host_block_weight (disk_block_weight) of a device hit; a miss weighs 0."""
+    return {wid: run.device_blocks + rules.host_block_weight * run.host_blocks
+            + rules.disk_block_weight * run.disk_blocks for wid, run in overlap.items()}
 
 
 # ---- decode worker -----------------------------------------------------------------------
@@ -62,7 +74,7 @@ def rank_decode_workers(workers: Sequence[WorkerView], num_blocks: int) -> list[
 
 def should_prefill_locally(
     prompt_len: int,
-    decode_cached_tokens: int,
+    decode_cached_tokens: float,
     has_prefill_worker: bool,
     threshold: int,
     prefix_fraction: float,
@@ -88,12 +100,13 @@ class PrefillPolicy(Protocol):
         self,
         workers: Sequence[WorkerView],
         prompt_len: int,
-        overlap_blocks: Mapping[str, int],
+        overlap_blocks: Mapping[str, float],
         block_size: int,
     ) -> WorkerView | None:
         """The prefill worker for a prompt of `prompt_len` tokens, or None if `workers` is empty.
 
-        `overlap_blocks`: worker_id -> leading full blocks of the prompt in its prefix cache.
+        `overlap_blocks`: worker_id -> leading full blocks of the prompt in its prefix cache
+        (tier hits weighted, see weighted_overlap).
         """
         ...
 
@@ -114,7 +127,7 @@ class RoundRobinPolicy:
         self,
         workers: Sequence[WorkerView],
         prompt_len: int,
-        overlap_blocks: Mapping[str, int],
+        overlap_blocks: Mapping[str, float],
         block_size: int,
     ) -> WorkerView | None:
         if not workers:
@@ -134,7 +147,7 @@ class LeastLoadedPolicy:
         self,
         workers: Sequence[WorkerView],
         prompt_len: int,
-        overlap_blocks: Mapping[str, int],
+        overlap_blocks: Mapping[str, float],
         block_size: int,
     ) -> WorkerView | None:
         return min(workers, key=_prefill_load_key, default=None)
@@ -151,10 +164,10 @@ class KvAwarePolicy:
         self,
         workers: Sequence[WorkerView],
         prompt_len: int,
-        overlap_blocks: Mapping[str, int],
+        overlap_blocks: Mapping[str, float],
         block_size: int,
     ) -> WorkerView | None:
-        def cost(w: WorkerView) -> tuple[int, int, int, str]:
+        def cost(w: WorkerView) -> tuple[float, int, int, str]:
             cached = cached_tokens(overlap_blocks.get(w.worker_id, 0), block_size, prompt_len)
             return (prompt_len - cached + w.num_queued_tokens, *_prefill_load_key(w))
 
@@ -194,13 +207,17 @@ class RoutingRules:
     block_size: int = 16
     local_prefill_threshold: int = 32
     local_prefix_fraction: float = 0.75
+    # A prompt block a worker holds in its host (disk) KV tier counts as this fraction of
+    # one in its device prefix cache (weighted_overlap).
+    host_block_weight: float = 0.75
+    disk_block_weight: float = 0.5
 
 
 def plan_route(
     decode: WorkerView,
     prefill_workers: Sequence[WorkerView],
     prompt_len: int,
-    overlap_blocks: Mapping[str, int],
+    overlap_blocks: Mapping[str, float],
     rules: RoutingRules,
     policy: PrefillPolicy,
 ) -> Route:

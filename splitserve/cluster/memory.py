@@ -13,16 +13,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from splitserve.cluster.store import (
+    KV_TIERS,
     ClusterStore,
     LiveWorker,
+    PrefixOverlap,
     RequestLedgerEntry,
     WorkerInfo,
     WorkerLoadReport,
     WorkerRole,
     check_block_hashes,
     check_service_deltas,
+    check_tier,
     check_ttl,
     leading_run,
+    tiered_run,
 )
 
 
@@ -31,7 +35,8 @@ class _Worker:
     info: WorkerInfo
     expires_at: float  # on the store's clock
     load: WorkerLoadReport | None = None
-    block_hashes: set[int] = field(default_factory=set)  # what its prefix cache holds
+    # tier -> block hashes it holds there ("device": its prefix cache)
+    tiers: dict[str, set[int]] = field(default_factory=lambda: {t: set() for t in KV_TIERS})
 
 
 class InMemoryClusterStore(ClusterStore):
@@ -45,8 +50,8 @@ class InMemoryClusterStore(ClusterStore):
         self._clock = clock
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        # block hash -> ids of workers holding it (live or not yet purged)
-        self._holders: dict[int, set[str]] = {}
+        # tier -> block hash -> ids of workers holding it there (live or not yet purged)
+        self._holders: dict[str, dict[int, set[str]]] = {t: {} for t in KV_TIERS}
         self._ledger: dict[str, RequestLedgerEntry] = {}
         self._service: dict[str, float] = {}
 
@@ -85,20 +90,23 @@ class InMemoryClusterStore(ClusterStore):
     # ---- prefix index -----------------------------------------------------------------
 
     def publish_prefix_events(
-        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int]
+        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int],
+        tier: str = "device",
     ) -> None:
+        check_tier(tier)
         check_block_hashes(stored_hashes)
         check_block_hashes(evicted_hashes)
         with self._lock:
             worker = self._live(worker_id)
             if worker is None:
                 return  # a dead worker's cache is forgotten; it republishes on register
+            holds, holders = worker.tiers[tier], self._holders[tier]
             for h in stored_hashes:
-                worker.block_hashes.add(h)
-                self._holders.setdefault(h, set()).add(worker_id)
+                holds.add(h)
+                holders.setdefault(h, set()).add(worker_id)
             for h in evicted_hashes:
-                worker.block_hashes.discard(h)
-                self._discard_holder(h, worker_id)
+                holds.discard(h)
+                self._discard_holder(tier, h, worker_id)
 
     def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
         check_block_hashes(block_hashes)
@@ -107,12 +115,23 @@ class InMemoryClusterStore(ClusterStore):
             if not block_hashes:
                 return {}
             # Only workers holding the first block can have a non-empty leading run.
-            candidates = self._holders.get(block_hashes[0], set())
+            candidates = self._holders["device"].get(block_hashes[0], set())
             overlap = {
-                wid: leading_run(block_hashes, self._workers[wid].block_hashes)
+                wid: leading_run(block_hashes, self._workers[wid].tiers["device"])
                 for wid in candidates
             }
             return dict(sorted(overlap.items()))
+
+    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+        check_block_hashes(block_hashes)
+        with self._lock:
+            self._purge_expired()
+            if not block_hashes:
+                return {}
+            candidates = set().union(*(self._holders[t].get(block_hashes[0], set())
+                                       for t in KV_TIERS))
+            return {wid: tiered_run(block_hashes, self._workers[wid].tiers)
+                    for wid in sorted(candidates)}
 
     # ---- request ledger ---------------------------------------------------------------
 
@@ -156,12 +175,13 @@ class InMemoryClusterStore(ClusterStore):
     def _drop_worker(self, worker_id: str) -> None:
         worker = self._workers.pop(worker_id, None)
         if worker is not None:
-            for h in worker.block_hashes:
-                self._discard_holder(h, worker_id)
+            for tier, hashes in worker.tiers.items():
+                for h in hashes:
+                    self._discard_holder(tier, h, worker_id)
 
-    def _discard_holder(self, block_hash: int, worker_id: str) -> None:
-        holders = self._holders.get(block_hash)
+    def _discard_holder(self, tier: str, block_hash: int, worker_id: str) -> None:
+        holders = self._holders[tier].get(block_hash)
         if holders is not None:
             holders.discard(worker_id)
             if not holders:
-                del self._holders[block_hash]
+                del self._holders[tier][block_hash]

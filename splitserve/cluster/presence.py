@@ -1,7 +1,7 @@
 """A worker's presence in the cluster store: registration, heartbeats, prefix events.
 
 One background thread per worker heartbeats every ttl/3 with the worker's current load and
-publishes its prefix-cache events (block hashes stored / evicted). If the store forgot the
+publishes its prefix-cache events (block hashes stored / evicted, per KV tier). If the store forgot the
 worker (it missed its TTL, or the store restarted) it registers again.
 """
 
@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 LoadFn = Callable[[], WorkerLoadReport]
 EventsFn = Callable[[], tuple[list[int], list[int]]]
+TierEventsFn = Callable[[], dict[str, tuple[list[int], list[int]]]]
 
 
 class WorkerPresence:
@@ -27,11 +28,13 @@ class WorkerPresence:
         load_fn: LoadFn,
         events_fn: EventsFn,
         ttl_s: float = 3.0,
+        tier_events_fn: TierEventsFn | None = None,
     ):
         self.store = store
         self.info = info
         self._load_fn = load_fn
         self._events_fn = events_fn
+        self._tier_events_fn = tier_events_fn  # the KV tiers' events ("host", "disk")
         self.ttl_s = ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -52,6 +55,10 @@ class WorkerPresence:
         stored, evicted = self._events_fn()
         if stored or evicted:
             self.store.publish_prefix_events(self.info.worker_id, stored, evicted)
+        tiers = self._tier_events_fn() if self._tier_events_fn is not None else {}
+        for tier, (stored, evicted) in tiers.items():
+            if stored or evicted:
+                self.store.publish_prefix_events(self.info.worker_id, stored, evicted, tier)
 
     def _run(self) -> None:
         interval = self.ttl_s / 3

@@ -7,6 +7,8 @@ pickle anywhere:
     {ns}workers                   set    ids ever registered and not yet purged
     {ns}prefix:{block_hash}       set    worker ids holding that block (hash in decimal)
     {ns}worker_prefix:{worker_id} set    block hashes a worker holds (to clean up after it)
+    {ns}prefix_{tier}:{block_hash}, {ns}worker_prefix_{tier}:{worker_id}
+                                  sets   the same for the host and disk tiers
     {ns}ledger:{request_id}       hash   RequestLedgerEntry fields
     {ns}ledger_worker:{worker_id} set    request ids whose entry names that worker
 
@@ -32,26 +34,39 @@ from splitserve.cluster.codec import (
     encode_load,
 )
 from splitserve.cluster.store import (
+    KV_TIERS,
     ClusterStore,
     LiveWorker,
+    PrefixOverlap,
     RequestLedgerEntry,
     WorkerInfo,
     WorkerLoadReport,
     WorkerRole,
     check_block_hashes,
     check_service_deltas,
+    check_tier,
+    tiered_run,
     ttl_to_ms,
 )
 
-# KEYS: worker hash, worker_prefix set, workers set. ARGV: worker id, prefix-key stem,
-# "1" to drop only if the worker hash is gone (expired), "0" to drop unconditionally.
+
+def _tier_part(tier: str) -> str:
+    """The device tier keeps the original key names."""
+    return "" if tier == "device" else f"_{tier}"
+
+# KEYS: worker hash, workers set, then the worker_prefix set of each tier. ARGV: worker
+# id, "1" to drop only if the worker hash is gone (expired) or "0" to drop unconditionally,
+# then each tier's prefix-key stem (in KEYS' order).
 _DROP_WORKER = """
-if ARGV[3] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  redis.call('SREM', ARGV[2] .. h, ARGV[1])
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 3, #KEYS do
+  for _, h in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    redis.call('SREM', ARGV[i] .. h, ARGV[1])
+  end
+  redis.call('DEL', KEYS[i])
 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -102,8 +117,8 @@ class RedisClusterStore(ClusterStore):
     def _worker_key(self, worker_id: str) -> str:
         return f"{self._ns}worker:{worker_id}"
 
-    def _worker_prefix_key(self, worker_id: str) -> str:
-        return f"{self._ns}worker_prefix:{worker_id}"
+    def _worker_prefix_key(self, worker_id: str, tier: str = "device") -> str:
+        return f"{self._ns}worker_prefix{_tier_part(tier)}:{worker_id}"
 
     def _ledger_key(self, request_id: str) -> str:
         return f"{self._ns}ledger:{request_id}"
@@ -119,9 +134,8 @@ class RedisClusterStore(ClusterStore):
     def _workers_key(self) -> str:
         return f"{self._ns}workers"
 
-    @property
-    def _prefix_stem(self) -> str:
-        return f"{self._ns}prefix:"
+    def _prefix_stem(self, tier: str = "device") -> str:
+        return f"{self._ns}prefix{_tier_part(tier)}:"
 
     # redis-py types replies as bytes | str; decode_responses=True makes them str.
     def _members(self, key: str) -> set[str]:
@@ -184,33 +198,45 @@ class RedisClusterStore(ClusterStore):
         return live
 
     def _drop(self, worker_id: str, only_if_expired: bool) -> None:
-        keys = [self._worker_key(worker_id), self._worker_prefix_key(worker_id), self._workers_key]
+        keys = [self._worker_key(worker_id), self._workers_key,
+                *(self._worker_prefix_key(worker_id, t) for t in KV_TIERS)]
         flag = "1" if only_if_expired else "0"
-        self._drop_script(keys=keys, args=[worker_id, self._prefix_stem, flag])
+        self._drop_script(keys=keys,
+                          args=[worker_id, flag, *(self._prefix_stem(t) for t in KV_TIERS)])
 
     # ---- prefix index -----------------------------------------------------------------
 
     def publish_prefix_events(
-        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int]
+        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int],
+        tier: str = "device",
     ) -> None:
+        check_tier(tier)
         check_block_hashes(stored_hashes)
         check_block_hashes(evicted_hashes)
         if not stored_hashes and not evicted_hashes:
             return
-        keys = [self._worker_key(worker_id), self._worker_prefix_key(worker_id)]
-        args: list[str | int] = [worker_id, self._prefix_stem, len(stored_hashes)]
+        keys = [self._worker_key(worker_id), self._worker_prefix_key(worker_id, tier)]
+        args: list[str | int] = [worker_id, self._prefix_stem(tier), len(stored_hashes)]
         args += [*stored_hashes, *evicted_hashes]
         self._publish_script(keys=keys, args=args)
+
+    def _holders(self, block_hashes: list[int], tiers: tuple[str, ...]) -> list[list[set[str]]]:
+        """Per tier, per block: the ids of workers holding it there."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for tier in tiers:
+                stem = self._prefix_stem(tier)
+                for h in block_hashes:
+                    pipe.smembers(f"{stem}{h}")
+            flat: list[set[str]] = pipe.execute()
+        n = len(block_hashes)
+        return [flat[i * n:(i + 1) * n] for i in range(len(tiers))]
 
     def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
         check_block_hashes(block_hashes)
         if not block_hashes:
             return {}
         live = self._live_ids()
-        with self._redis.pipeline(transaction=False) as pipe:
-            for h in block_hashes:
-                pipe.smembers(f"{self._prefix_stem}{h}")
-            holders_per_block: list[set[str]] = pipe.execute()
+        [holders_per_block] = self._holders(block_hashes, ("device",))
         overlap: dict[str, int] = {}
         running = holders_per_block[0] & live  # workers whose run has not broken yet
         for i, holders in enumerate(holders_per_block):
@@ -222,6 +248,21 @@ class RedisClusterStore(ClusterStore):
         for wid in running:
             overlap[wid] = len(block_hashes)
         return {wid: n for wid, n in sorted(overlap.items()) if n > 0}
+
+    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+        check_block_hashes(block_hashes)
+        if not block_hashes:
+            return {}
+        live = self._live_ids()
+        per_tier = self._holders(block_hashes, KV_TIERS)
+        candidates = set().union(*(blocks[0] for blocks in per_tier)) & live
+        result = {}
+        for wid in sorted(candidates):
+            holds = {tier: {h for h, holders in zip(block_hashes, blocks, strict=True)
+                            if wid in holders}
+                     for tier, blocks in zip(KV_TIERS, per_tier, strict=True)}
+            result[wid] = tiered_run(block_hashes, holds)
+        return result
 
     # ---- request ledger ---------------------------------------------------------------
 

@@ -20,12 +20,14 @@ from grpc_reflection.v1alpha import reflection
 from splitserve.cluster.store import (
     ClusterStore,
     LiveWorker,
+    PrefixOverlap,
     RequestLedgerEntry,
     WorkerInfo,
     WorkerLoadReport,
     WorkerRole,
     check_block_hashes,
     check_service_deltas,
+    check_tier,
     ttl_to_ms,
 )
 from splitserve.common import envs
@@ -36,6 +38,9 @@ from splitserve.common.grpc_guard import SyncGuardInterceptor, sync_channel
 from splitserve.common.grpc_util import bind
 from splitserve.v1 import cluster_pb2 as pb
 from splitserve.v1 import cluster_pb2_grpc
+
+_TIER_TO_PROTO = {"device": pb.KV_TIER_DEVICE, "host": pb.KV_TIER_HOST, "disk": pb.KV_TIER_DISK}
+_TIER_FROM_PROTO = {v: k for k, v in _TIER_TO_PROTO.items()}
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClusterState"].full_name
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
@@ -87,14 +92,21 @@ class ClusterStateServicer(cluster_pb2_grpc.ClusterStateServicer):
     @_invalid_argument_on_value_error
     def PublishPrefixEvents(self, request: Any, context: Any) -> pb.PublishPrefixEventsResponse:
         self._store.publish_prefix_events(
-            request.worker_id, list(request.stored_hashes), list(request.evicted_hashes)
+            request.worker_id, list(request.stored_hashes), list(request.evicted_hashes),
+            tier=_TIER_FROM_PROTO.get(request.tier, "device"),
         )
         return pb.PublishPrefixEventsResponse()
 
     @_invalid_argument_on_value_error
     def PrefixOverlap(self, request: Any, context: Any) -> pb.PrefixOverlapResponse:
-        overlap = self._store.prefix_overlap(list(request.block_hashes))
-        return pb.PrefixOverlapResponse(num_cached_blocks=overlap)
+        hashes = list(request.block_hashes)
+        response = pb.PrefixOverlapResponse(num_cached_blocks=self._store.prefix_overlap(hashes))
+        if request.with_tiers:
+            for wid, run in self._store.prefix_overlap_tiers(hashes).items():
+                response.tier_runs[wid].CopyFrom(pb.PrefixTierRun(
+                    device_blocks=run.device_blocks, host_blocks=run.host_blocks,
+                    disk_blocks=run.disk_blocks))
+        return response
 
     @_invalid_argument_on_value_error
     def LedgerPut(self, request: Any, context: Any) -> pb.LedgerPutResponse:
@@ -200,12 +212,15 @@ class RemoteClusterStore(ClusterStore):
         ]
 
     def publish_prefix_events(
-        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int]
+        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int],
+        tier: str = "device",
     ) -> None:
+        check_tier(tier)
         check_block_hashes(stored_hashes)
         check_block_hashes(evicted_hashes)
         request = pb.PublishPrefixEventsRequest(
-            worker_id=worker_id, stored_hashes=stored_hashes, evicted_hashes=evicted_hashes
+            worker_id=worker_id, stored_hashes=stored_hashes, evicted_hashes=evicted_hashes,
+            tier=_TIER_TO_PROTO[tier],
         )
         self._call(self._stub.PublishPrefixEvents, request)
 
@@ -214,6 +229,13 @@ class RemoteClusterStore(ClusterStore):
         request = pb.PrefixOverlapRequest(block_hashes=block_hashes)
         response = self._call(self._stub.PrefixOverlap, request)
         return dict(sorted(response.num_cached_blocks.items()))
+
+    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+        check_block_hashes(block_hashes)
+        request = pb.PrefixOverlapRequest(block_hashes=block_hashes, with_tiers=True)
+        response = self._call(self._stub.PrefixOverlap, request)
+        return {wid: PrefixOverlap(run.device_blocks, run.host_blocks, run.disk_blocks)
+                for wid, run in sorted(response.tier_runs.items())}
 
     def ledger_put(self, entry: RequestLedgerEntry) -> None:
         self._call(self._stub.LedgerPut, pb.LedgerPutRequest(entry=convert.entry_to_proto(entry)))

@@ -4,7 +4,7 @@ A `ClusterStore` holds four things (DESIGN.md, "Cluster state"):
 - the worker registry: who is alive (registration + heartbeats within a TTL), where to reach
   it, and its latest load;
 - the prefix index: block hash -> workers whose prefix cache holds that block, fed by the
-  workers' stored/evicted events;
+  workers' stored/evicted events, per tier (device, host, disk: `KV_TIERS`);
 - the request ledger: which workers hold a request's KV blocks, and how far it got.
 
 Liveness: a worker is live from `register_worker` until its TTL elapses without a
@@ -24,6 +24,8 @@ import abc
 from collections.abc import Mapping
 
 from splitserve.common.cluster_types import (
+    KV_TIERS,
+    PrefixOverlap,
     RequestLedgerEntry,
     RequestPhase,
     WorkerInfo,
@@ -32,7 +34,9 @@ from splitserve.common.cluster_types import (
 )
 
 __all__ = [
+    "KV_TIERS",
     "MAX_BLOCK_HASH",
+    "PrefixOverlap",
     "check_service_deltas",
     "ClusterStore",
     "LiveWorker",
@@ -63,6 +67,23 @@ def check_block_hashes(hashes: list[int]) -> None:
     for h in hashes:
         if not isinstance(h, int) or not 0 <= h <= MAX_BLOCK_HASH:
             raise ValueError(f"block hash must be an int in [0, 2**64), got {h!r}")
+
+
+def check_tier(tier: str) -> None:
+    if tier not in KV_TIERS:
+        raise ValueError(f"tier must be one of {KV_TIERS}, got {tier!r}")
+
+
+def tiered_run(block_hashes: list[int], holds: Mapping[str, set[int]]) -> PrefixOverlap:
+    """The leading run of `block_hashes` held in any tier, each block counted in the
+    fastest tier (`KV_TIERS` order) that holds it."""
+    counts = dict.fromkeys(KV_TIERS, 0)
+    for h in block_hashes:
+        tier = next((t for t in KV_TIERS if h in holds.get(t, ())), None)
+        if tier is None:
+            break
+        counts[tier] += 1
+    return PrefixOverlap(counts["device"], counts["host"], counts["disk"])
 
 
 def leading_run(block_hashes: list[int], holds: set[int]) -> int:
@@ -107,17 +128,26 @@ class ClusterStore(abc.ABC):
 
     @abc.abstractmethod
     def publish_prefix_events(
-        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int]
+        self, worker_id: str, stored_hashes: list[int], evicted_hashes: list[int],
+        tier: str = "device",
     ) -> None:
-        """Record blocks a worker's prefix cache now holds, then those it evicted."""
+        """Record blocks a worker's prefix cache (or its host or disk `tier`) now holds,
+        then those it evicted. Each tier is a set of its own."""
 
     @abc.abstractmethod
     def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
-        """worker_id -> length of the leading run of `block_hashes` the worker holds.
+        """worker_id -> length of the leading run of `block_hashes` the worker holds on
+        its device (the prefix cache proper; other tiers are not counted).
 
         Only live workers with a run of at least one block appear. `block_hashes` are a
         prompt's chained full-block hashes, in order.
         """
+
+    @abc.abstractmethod
+    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+        """worker_id -> its leading run of `block_hashes` held in any tier, each block
+        counted in the fastest tier that holds it (`tiered_run`). Only live workers with a
+        run of at least one block appear."""
 
     @abc.abstractmethod
     def ledger_put(self, entry: RequestLedgerEntry) -> None:

@@ -108,3 +108,22 @@ class RequestLedgerEntry:
 
     def names_worker(self, worker_id: str) -> bool:
         return worker_id in (self.prefill_worker_id, self.decode_worker_id)
+
+
+# Where a worker holds a KV block, fastest first: its device pool (the prefix cache), its
+# host-memory tier, its disk tier (engine/kv_tier.py).
+KV_TIERS = ("device", "host", "disk")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixOverlap:
+    """A worker's leading run of a prompt's full blocks, by the tier each block of the run
+    is found in (the fastest that holds it)."""
+
+    device_blocks: int = 0
+    host_blocks: int = 0
+    disk_blocks: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.device_blocks + self.host_blocks + self.disk_blocks

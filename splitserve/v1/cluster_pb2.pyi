@@ -16,12 +16,23 @@ class RequestPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_PHASE_PREFILLING: _ClassVar[RequestPhase]
     REQUEST_PHASE_DECODING: _ClassVar[RequestPhase]
     REQUEST_PHASE_FINISHED: _ClassVar[RequestPhase]
+
+class KVTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TIER_UNSPECIFIED: _ClassVar[KVTier]
+    KV_TIER_DEVICE: _ClassVar[KVTier]
+    KV_TIER_HOST: _ClassVar[KVTier]
+    KV_TIER_DISK: _ClassVar[KVTier]
 REQUEST_PHASE_UNSPECIFIED: RequestPhase
 REQUEST_PHASE_QUEUED: RequestPhase
 REQUEST_PHASE_ADMITTED: RequestPhase
 REQUEST_PHASE_PREFILLING: RequestPhase
 REQUEST_PHASE_DECODING: RequestPhase
 REQUEST_PHASE_FINISHED: RequestPhase
+KV_TIER_UNSPECIFIED: KVTier
+KV_TIER_DEVICE: KVTier
+KV_TIER_HOST: KVTier
+KV_TIER_DISK: KVTier
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "kv_endpoint", "model", "block_size", "num_total_blocks", "started_at_unix_s")
@@ -138,27 +149,41 @@ class LiveWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[LiveWorker, _Mapping]]] = ...) -> None: ...
 
 class PublishPrefixEventsRequest(_message.Message):
-    __slots__ = ("worker_id", "stored_hashes", "evicted_hashes")
+    __slots__ = ("worker_id", "stored_hashes", "evicted_hashes", "tier")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STORED_HASHES_FIELD_NUMBER: _ClassVar[int]
     EVICTED_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stored_hashes: _containers.RepeatedScalarFieldContainer[int]
     evicted_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., stored_hashes: _Optional[_Iterable[int]] = ..., evicted_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    tier: KVTier
+    def __init__(self, worker_id: _Optional[str] = ..., stored_hashes: _Optional[_Iterable[int]] = ..., evicted_hashes: _Optional[_Iterable[int]] = ..., tier: _Optional[_Union[KVTier, str]] = ...) -> None: ...
 
 class PublishPrefixEventsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class PrefixOverlapRequest(_message.Message):
-    __slots__ = ("block_hashes",)
+    __slots__ = ("block_hashes", "with_tiers")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    WITH_TIERS_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    with_tiers: bool
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., with_tiers: _Optional[bool] = ...) -> None: ...
+
+class PrefixTierRun(_message.Message):
+    __slots__ = ("device_blocks", "host_blocks", "disk_blocks")
+    DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    device_blocks: int
+    host_blocks: int
+    disk_blocks: int
+    def __init__(self, device_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefixOverlapResponse(_message.Message):
-    __slots__ = ("num_cached_blocks",)
+    __slots__ = ("num_cached_blocks", "tier_runs")
     class NumCachedBlocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,9 +191,18 @@ class PrefixOverlapResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class TierRunsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PrefixTierRun
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PrefixTierRun, _Mapping]] = ...) -> None: ...
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TIER_RUNS_FIELD_NUMBER: _ClassVar[int]
     num_cached_blocks: _containers.ScalarMap[str, int]
-    def __init__(self, num_cached_blocks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    tier_runs: _containers.MessageMap[str, PrefixTierRun]
+    def __init__(self, num_cached_blocks: _Optional[_Mapping[str, int]] = ..., tier_runs: _Optional[_Mapping[str, PrefixTierRun]] = ...) -> None: ...
 
 class LedgerPutRequest(_message.Message):
     __slots__ = ("entry",)

@@ -14,6 +14,7 @@ import pytest
 from splitserve.cluster.store import (
     MAX_BLOCK_HASH,
     ClusterStore,
+    PrefixOverlap,
     RequestLedgerEntry,
     RequestPhase,
     WorkerInfo,
@@ -128,6 +129,33 @@ def test_prefix_overlap_counts_leading_runs_exactly(backend: Any) -> None:
     assert store.prefix_overlap(chain) == {"a": 1, "b": 1}
     store.publish_prefix_events("b", [2], [1])
     assert store.prefix_overlap(chain) == {"a": 1}
+
+
+def test_prefix_overlap_tiers_counts_each_block_in_its_fastest_tier(backend: Any) -> None:
+    store: ClusterStore = backend.store
+    for wid in ("a", "b", "c"):
+        store.register_worker(_info(wid), LONG_TTL_S)
+    chain = [1, 2, 3, 4, 5]
+    store.publish_prefix_events("a", [1, 2], [])
+    store.publish_prefix_events("a", [2, 3, 4], [], tier="host")  # 2 is on both: device
+    store.publish_prefix_events("a", [5], [], tier="disk")
+    store.publish_prefix_events("b", [1, 2, 3], [], tier="host")  # host only
+    store.publish_prefix_events("c", [2, 3], [], tier="disk")  # no first block: no run
+    assert store.prefix_overlap_tiers(chain) == {
+        "a": PrefixOverlap(device_blocks=2, host_blocks=2, disk_blocks=1),
+        "b": PrefixOverlap(host_blocks=3),
+    }
+    assert store.prefix_overlap(chain) == {"a": 2}  # the device alone, as before
+    store.publish_prefix_events("a", [], [3], tier="host")  # the run breaks at block 3
+    store.publish_prefix_events("b", [3], [1], tier="host")
+    assert store.prefix_overlap_tiers(chain) == {"a": PrefixOverlap(device_blocks=2)}
+    store.deregister_worker("a")  # every tier of it goes
+    store.register_worker(_info("a"), LONG_TTL_S)
+    assert store.prefix_overlap_tiers([2, 3]) == {"b": PrefixOverlap(host_blocks=2),
+                                                  "c": PrefixOverlap(disk_blocks=2)}
+    assert store.prefix_overlap_tiers([]) == {}
+    with pytest.raises(ValueError):
+        store.publish_prefix_events("a", [1], [], tier="tape")
 
 
 def test_dead_workers_prefix_entries_are_ignored_and_not_inherited(backend: Any) -> None:

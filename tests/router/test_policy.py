@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from splitserve.common.cluster_types import PrefixOverlap
 from splitserve.router.policy import (
     KvAwarePolicy,
     LeastLoadedPolicy,
@@ -16,6 +17,7 @@ from splitserve.router.policy import (
     plan_route,
     rank_decode_workers,
     should_prefill_locally,
+    weighted_overlap,
 )
 
 BS = 16
@@ -155,6 +157,34 @@ def test_kv_aware_ties_go_to_least_loaded_then_id() -> None:
     assert policy.pick(workers, 100, overlap, BS) == workers[1]
     # p0 and p2 tie on cost and load: the id decides.
     assert policy.pick([workers[2], workers[0]], 100, overlap, BS) == workers[0]
+
+
+def test_kv_aware_weighs_a_host_tier_hit_between_a_device_hit_and_a_miss() -> None:
+    rules = RoutingRules(block_size=BS, host_block_weight=0.75, disk_block_weight=0.5)
+    # The same 6 leading blocks of a 100-token prompt: on p0's device, in p1's host tier,
+    # on p2's disk, nowhere on p3.
+    index = {"p0": PrefixOverlap(device_blocks=6), "p1": PrefixOverlap(host_blocks=6),
+             "p2": PrefixOverlap(disk_blocks=6),
+             "p4": PrefixOverlap(device_blocks=2, host_blocks=3, disk_blocks=1)}
+    weights = weighted_overlap(index, rules)
+    assert weights == {"p0": 6.0, "p1": 4.5, "p2": 3.0, "p4": 2 + 2.25 + 0.5}
+    policy = KvAwarePolicy()
+    workers = [w("p3"), w("p2"), w("p1"), w("p0")]
+    order = []
+    while workers:  # costs: 100 - 96 = 4, 100 - 72 = 28, 100 - 48 = 52, 100
+        pick = policy.pick(workers, 100, weights, BS)
+        assert pick is not None
+        order.append(pick.worker_id)
+        workers.remove(pick)
+    assert order == ["p0", "p1", "p2", "p3"]
+    # Queued work still counts: with 73 tokens queued p1 costs 28 + 73 = 101 > p3's 100.
+    p1_busy = w("p1", num_queued_tokens=73)
+    assert policy.pick([p1_busy, w("p3")], 100, weights, BS) == w("p3")
+    # Local prefill on D counts its host tier too: 6 host blocks (72 tokens) of 96 reach
+    # 0.75 of the prompt; 6 disk blocks (48 tokens) do not.
+    d1, d2 = w("p1", num_free_blocks=100), w("p2", num_free_blocks=100)
+    assert plan_route(d1, [w("x")], 96, weights, rules, policy).prefill_locally
+    assert not plan_route(d2, [w("x")], 96, weights, rules, policy).prefill_locally
 
 
 def test_make_prefill_policy() -> None:
