@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -83,6 +83,21 @@ class WorkerSource(Protocol):
     def metrics_snapshot(self) -> WorkerStatsSnapshot: ...
 
 
+class KVTierCounters(Protocol):
+    """One KV tier's counters since start (engine.kv_tier.TierStats)."""
+
+    hits: int
+    misses: int
+    stored: int
+    evicted: int
+    bytes_stored: int
+    bytes_loaded: int
+    load_seconds: float
+    corrupt: int
+    used_bytes: int
+    capacity_bytes: int
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerStatsSnapshot:
     """Cumulative counters of one worker since it started, read at one instant."""
@@ -98,6 +113,8 @@ class WorkerStatsSnapshot:
     engine_steps: int
     finished: Mapping[str, int]  # finish reason -> requests
     draining: bool
+    prefix_tier_hit_tokens: int = 0  # of prefix_hit_tokens, loaded from a KV tier
+    kv_tiers: Mapping[str, KVTierCounters] = field(default_factory=dict)  # host, disk
 
 
 class WorkerCollector(Collector):
@@ -140,6 +157,10 @@ class WorkerCollector(Collector):
                       "prefix cache.", stats.prefix_queried_tokens)
         yield counter("worker_prefix_cache_hit_tokens", "Prompt tokens found in the prefix "
                       "cache.", stats.prefix_hit_tokens)
+        yield counter("worker_prefix_cache_tier_hit_tokens", "Prompt tokens found in the "
+                      "prefix cache's host or disk tier (loaded, not computed).",
+                      stats.prefix_tier_hit_tokens)
+        yield from _tier_metrics(labels, ids, stats.kv_tiers)
         kv_bytes = CounterMetricFamily(PREFIX + "worker_kv_transfer_bytes", "KV bytes moved "
                                        "between workers.", labels=[*labels, "direction"])
         kv_bytes.add_metric([*ids, "sent"], stats.kv_bytes_sent)
@@ -161,6 +182,39 @@ class WorkerCollector(Collector):
         for reason in sorted({*FINISH_REASONS, *stats.finished}):
             finished.add_metric([*ids, reason], stats.finished.get(reason, 0))
         yield finished
+
+
+_TIER_METRICS = (  # (name, kind, doc, attribute)
+    ("worker_kv_tier_hit_blocks", "counter", "KV blocks loaded back to the device from a "
+     "tier.", "hits"),
+    ("worker_kv_tier_miss_blocks", "counter", "Lookups a tier could not serve (a prompt's "
+     "run ended there, or an entry failed to load).", "misses"),
+    ("worker_kv_tier_stored_blocks", "counter", "KV blocks written into a tier.", "stored"),
+    ("worker_kv_tier_evicted_blocks", "counter", "KV blocks a tier dropped (LRU, damaged).",
+     "evicted"),
+    ("worker_kv_tier_loaded_bytes", "counter", "Bytes copied from a tier to the device.",
+     "bytes_loaded"),
+    ("worker_kv_tier_stored_bytes", "counter", "Bytes copied into a tier.", "bytes_stored"),
+    ("worker_kv_tier_load_seconds", "counter", "Seconds spent loading blocks back from a "
+     "tier (copies, disk reads, checksums).", "load_seconds"),
+    ("worker_kv_tier_corrupt_entries", "counter", "Disk entries that failed their checksum "
+     "or layout checks (deleted, never loaded).", "corrupt"),
+    ("worker_kv_tier_used_bytes", "gauge", "Bytes a tier holds now.", "used_bytes"),
+    ("worker_kv_tier_capacity_bytes", "gauge", "A tier's byte budget.", "capacity_bytes"),
+)
+
+
+def _tier_metrics(labels: list[str], ids: list[str],
+                  tiers: Mapping[str, KVTierCounters]) -> Iterator[Metric]:
+    """One family per counter, labelled tier=host|disk (nothing without a KV tier)."""
+    if not tiers:
+        return
+    for name, kind, doc, attr in _TIER_METRICS:
+        family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = family_type(PREFIX + name, doc, labels=[*labels, "tier"])
+        for tier, counters in sorted(tiers.items()):
+            family.add_metric([*ids, tier], getattr(counters, attr))
+        yield family
 
 
 def worker_registry(worker: WorkerSource) -> CollectorRegistry:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from splitserve.common.outputs import StepOutput
 from splitserve.engine.block_manager import PrefixEventLog
+from splitserve.engine.kv_tier import TierStats
 from splitserve.engine.llm_engine import LLMEngine
 
 T = TypeVar("T")
@@ -36,7 +37,9 @@ class LoadSnapshot:
     num_total_blocks: int = 0
     num_queued_tokens: int = 0
     prefix_queried_tokens: int = 0
-    prefix_hit_tokens: int = 0
+    prefix_hit_tokens: int = 0  # device and KV tier hits
+    prefix_tier_hit_tokens: int = 0  # of those, loaded from the KV tier
+    kv_tiers: Mapping[str, TierStats] = field(default_factory=dict)  # "host", "disk"
 
 
 class EngineLoop:
@@ -52,6 +55,7 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._prefix_events = PrefixEventLog()  # guarded by _wake
+        self._tier_events: dict[str, PrefixEventLog] = {}  # KV tier -> its log; by _wake
         self.steps = 0
         self.generated_tokens = 0
         # finish reason -> requests that left the engine (metrics); written on the loop
@@ -91,6 +95,11 @@ class EngineLoop:
     def drain_prefix_events(self) -> tuple[list[int], list[int]]:
         with self._wake:
             return self._prefix_events.drain()
+
+    def drain_tier_events(self) -> dict[str, tuple[list[int], list[int]]]:
+        """KV tier ("host", "disk") -> its net (stored, evicted) hashes since the last call."""
+        with self._wake:
+            return {tier: log.drain() for tier, log in self._tier_events.items()}
 
     # ---- called on the loop thread (from submitted functions) ------------------------------
     def set_sink(self, request_id: str, sink: Sink) -> None:
@@ -173,6 +182,13 @@ class EngineLoop:
         if stored or evicted:
             with self._wake:
                 self._prefix_events.merge(stored, evicted)
+        tier = engine.kv_tier
+        if tier is not None:
+            for name, (stored, evicted) in tier.drain_events().items():
+                if stored or evicted:
+                    with self._wake:
+                        self._tier_events.setdefault(name, PrefixEventLog()).merge(
+                            stored, evicted)
         self.load = LoadSnapshot(
             num_waiting=engine.scheduler.num_waiting,
             num_running=engine.scheduler.num_running,
@@ -181,6 +197,8 @@ class EngineLoop:
             num_queued_tokens=engine.scheduler.num_queued_tokens(),
             prefix_queried_tokens=bm.stats.queries,
             prefix_hit_tokens=bm.stats.hits,
+            prefix_tier_hit_tokens=bm.stats.tier_hits,
+            kv_tiers=tier.snapshot() if tier is not None else {},
         )
 
     def _fail_pending_commands(self) -> None:

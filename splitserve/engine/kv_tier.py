@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,8 @@ class TierStats:
     bytes_loaded: int = 0  # bytes copied from this tier to the device
     load_seconds: float = 0.0  # time spent loading blocks back (copy, disk read, checks)
     corrupt: int = 0  # disk entries that failed their checks (deleted, never loaded)
+    used_bytes: int = 0  # held now (set by snapshot())
+    capacity_bytes: int = 0  # the tier's budget (set by snapshot())
 
 
 class KVTierStore:
@@ -124,6 +126,16 @@ class KVTierStore:
     def record_miss(self) -> None:
         self.stats["host"].misses += self.max_host_blocks > 0
         self.stats["disk"].misses += self.disk is not None
+
+    def snapshot(self) -> dict[str, TierStats]:
+        """Copies of the counters of each configured tier, with its bytes held now."""
+        self._sync_disk_counts()
+        out = {"host": replace(self.stats["host"], used_bytes=self.host_bytes,
+                               capacity_bytes=self.host_capacity_bytes)}
+        if self.disk is not None:
+            out["disk"] = replace(self.stats["disk"], used_bytes=self.disk.used_bytes,
+                                  capacity_bytes=self.disk.capacity_bytes)
+        return out
 
     # ---- events for the cluster's prefix index ----------------------------------------
     def drain_events(self) -> dict[str, tuple[list[int], list[int]]]:

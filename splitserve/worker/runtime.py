@@ -206,7 +206,7 @@ class WorkerRuntime:
         )
         self.presence = WorkerPresence(
             self.store, info, self.load_report, self.loop.drain_prefix_events,
-            ttl_s=self.options.heartbeat_ttl_s,
+            ttl_s=self.options.heartbeat_ttl_s, tier_events_fn=self.loop.drain_tier_events,
         )
         self.presence.start()
         log.info("%s worker %s serving on %s", self.role, self.worker_id, self.address)
@@ -273,6 +273,7 @@ class WorkerRuntime:
             kv_transfers_failed=kv.transfers_failed,
             prefix_queried_tokens=load.prefix_queried_tokens,
             prefix_hit_tokens=load.prefix_hit_tokens,
+            prefix_tier_hit_tokens=load.prefix_tier_hit_tokens, kv_tiers=load.kv_tiers,
             generated_tokens=self.loop.generated_tokens, engine_steps=self.loop.steps,
             finished=self.loop.finished_counts(), draining=self.draining.is_set(),
         )
