@@ -57,6 +57,8 @@ class RouterConfig:
     # workers for this long (health: "degraded"); then it answers UNAVAILABLE.
     cluster_stale_s: float = 30.0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # A Jinja chat template file used instead of the model's own (None: the model's).
+    chat_template: str | None = None
     # max_tokens for requests that leave it unset (capped by the context left after the
     # prompt). None: as many as fit in max_model_len.
     default_max_tokens: int | None = 16

@@ -36,6 +36,7 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
 from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id
 from splitserve.router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
+from splitserve.router.tools import NO_TOOLS_TEMPLATE, template_supports_tools
 from splitserve.router.service import RequestPipeline
 from splitserve.v1 import router_pb2
 
@@ -221,6 +222,8 @@ class HttpApi:
         body = await self._read_json(request)
         model = self._pipeline.state.model
         req = parse(body, model.model_id)
+        if req.generate.tools and not template_supports_tools(model.tokenizer.chat_template):
+            raise OpenAIError(NO_TOOLS_TEMPLATE, param="tools")
         response_id = new_response_id(req.chat)
         generates = req.choice_requests()
         created = int(time.time())

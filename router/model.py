@@ -81,14 +81,18 @@ def resolve_model_dir(model: str) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def load_served_model(model: str, max_model_len: int | None = None) -> ServedModel:
-    """Tokenizer and limits of `model`; `max_model_len` caps the model's own context."""
+def load_served_model(model: str, max_model_len: int | None = None,
+                      chat_template: str | None = None) -> ServedModel:
+    """Tokenizer and limits of `model`; `max_model_len` caps the model's own context;
+    `chat_template` (a file) replaces the model's chat template."""
     model_dir = resolve_model_dir(model)
     config = load_config(model_dir)
     context = int(config["max_position_embeddings"])
     if max_model_len is not None:
         context = min(context, max_model_len)
     tokenizer = Tokenizer.from_dir(model_dir)
+    if chat_template is not None:
+        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     # The embedding size, which the workers check token ids against too.
     vocab = int(config["vocab_size"])
     return ServedModel(model_name(model), model_dir, tokenizer, context, vocab)

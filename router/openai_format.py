@@ -7,7 +7,9 @@ last when stream_options.include_usage. Non-streaming: `add(chunk)` per chunk, t
 Shapes follow OpenAI's: ids "cmpl-..." / "chatcmpl-...", objects "text_completion",
 "chat.completion", "chat.completion.chunk", finish_reason "stop" | "length", usage with
 prompt_tokens_details.cached_tokens. A chunk that ends the request with ABORT or ERROR is
-not a response: `failure(chunk)` turns it into an error.
+not a response: `failure(chunk)` turns it into an error. A chat answer with tools goes
+through a router.tool_parser parser: calls become `tool_calls` (stream deltas carry each
+whole call once it is complete) and the finish reason "tool_calls".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.router.openai_schema import OpenAIError, OpenAIRequest
+from splitserve.router.tool_parser import ParsedCall, parser_for
 from splitserve.v1 import common_pb2, router_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
@@ -82,6 +85,9 @@ class ResponseBuilder:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self._prompt_text = self._echo_text() if req.echo else ""
+        self._parser = (parser_for(req.tool_choice, [t.name for t in self._generate.tools])
+                        if req.chat else None)
+        self._num_calls = 0  # tool calls streamed so far (their delta index)
 
     # ---- streaming ----------------------------------------------------------------------
 
@@ -100,15 +106,31 @@ class ResponseBuilder:
         """The stream chunk for one GenerateResponse (None when it adds nothing)."""
         self._note_end(chunk)
         finish = _FINISH.get(chunk.finish_reason)
-        if not chunk.text and not chunk.logprobs and finish is None:
+        text, calls = chunk.text, list[ParsedCall]()
+        if self._parser is not None:
+            text, calls = self._parser.feed(chunk.text)
+            if finish is not None:
+                rest, more = self._parser.finish()
+                text, calls = text + rest, calls + more
+            self._num_calls += len(calls)
+            finish = self._finish_with_calls(finish, self._num_calls)
+        if not text and not calls and not chunk.logprobs and finish is None:
             return None
         logprobs = self._logprobs_json(chunk.logprobs)
         if self._req.chat:
-            choice: dict[str, Any] = {"delta": {"content": chunk.text} if chunk.text else {}}
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if calls:
+                first = self._num_calls - len(calls)
+                delta["tool_calls"] = [c.json(first + i) for i, c in enumerate(calls)]
+            choice: dict[str, Any] = {"delta": delta}
         else:
-            choice = {"text": chunk.text}
+            choice = {"text": text}
         choice.update(logprobs=logprobs, finish_reason=finish)
         return self._chunk(choice)
+
+    def _finish_with_calls(self, finish: str | None, num_calls: int) -> str | None:
+        """An answer that called tools and ended on its own finishes with "tool_calls"."""
+        return "tool_calls" if finish == "stop" and num_calls else finish
 
     def usage_event(self, builders: Sequence[ResponseBuilder] = ()) -> dict[str, Any]:
         """The last stream event: usage of every choice (`builders`; default this one)."""
@@ -127,11 +149,22 @@ class ResponseBuilder:
         text = self._prompt_text + "".join(self._texts)
         self._text_offset = len(self._prompt_text)
         logprobs = self._logprobs_json(self._logprobs)
+        finish = self.finish_reason
         if self._req.chat:
-            choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+            calls: list[ParsedCall] = []
+            if self._parser is not None:
+                text, calls = self._parser.feed(text)
+                rest, more = self._parser.finish()
+                text, calls = text + rest, calls + more
+                finish = self._finish_with_calls(finish, len(calls))
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": text if text or not calls else None}
+            if calls:
+                message["tool_calls"] = [c.json() for c in calls]
+            choice: dict[str, Any] = {"message": message}
         else:
             choice = {"text": text}
-        choice.update(index=self.index, logprobs=logprobs, finish_reason=self.finish_reason)
+        choice.update(index=self.index, logprobs=logprobs, finish_reason=finish)
         return choice
 
     def response(self, builders: Sequence[ResponseBuilder] = ()) -> dict[str, Any]:

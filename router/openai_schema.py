@@ -4,21 +4,30 @@
 a `splitserve.v1.GenerateRequest`, which then goes through the same validation and
 pipeline as a gRPC Generate call; `n` samples of each prompt of a completions batch are
 one GenerateRequest each (`choice_requests`), choice i of prompt p at index p * n + i.
-What SplitServe cannot honour (best_of other than n, echo with logprobs, tools, a non-text
-response_format, suffix) is an `OpenAIError` (HTTP 400), never silently ignored. Unknown
-fields are ignored, as vLLM does. Extensions accepted as vLLM spells them: top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens.
+Structured output comes as OpenAI's `response_format` (json_object, json_schema) or as
+vLLM's `structured_outputs` {json | regex | choice | grammar | json_object} and its older
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`; at most one of them.
+Chat `tools` go to the chat template; `tool_choice` "required" or a named function turns
+into a grammar (router.tools). What SplitServe cannot honour (best_of other than n, echo
+with logprobs, suffix, non-text content) is an `OpenAIError` (HTTP 400), never silently
+ignored. Unknown fields are ignored, as vLLM does. Extensions accepted as vLLM spells them:
+top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.common import request_rules
+from splitserve.common.convert.common import structured_output_to_proto
 from splitserve.common.request_rules import UINT32_MAX
 from splitserve.common.sampling_params import MAX_LOGIT_BIAS_ENTRIES
+from splitserve.common.structured_output import OutputKind, StructuredOutput
+from splitserve.router import tools as tool_rules
+from splitserve.router.tools import ToolChoice
 from splitserve.v1 import common_pb2, router_pb2
 
 MAX_TOP_LOGPROBS = 20
@@ -59,6 +68,8 @@ class OpenAIRequest:
     # Completions with a list of prompts: each one's GenerateRequest (`generate` is the
     # first); empty for a single prompt.
     prompts: list[router_pb2.GenerateRequest] = field(default_factory=list)
+    # Chat with tools: how the answer may call them (router.tools); None: no tools.
+    tool_choice: ToolChoice | None = None
 
     def choice_requests(self) -> list[router_pb2.GenerateRequest]:
         """One GenerateRequest per choice, in choice-index order. Sample i > 0 of a seeded
@@ -197,6 +208,74 @@ def _logit_bias(b: _Body, sp: common_pb2.SamplingParams) -> None:
         sp.logit_bias[int(token)] = float(value)
 
 
+_GUIDED = {"guided_json": OutputKind.JSON_SCHEMA, "guided_regex": OutputKind.REGEX,
+           "guided_choice": OutputKind.CHOICE, "guided_grammar": OutputKind.GRAMMAR}
+_STRUCTURED = {"json": OutputKind.JSON_SCHEMA, "regex": OutputKind.REGEX,
+               "choice": OutputKind.CHOICE, "grammar": OutputKind.GRAMMAR,
+               "json_object": OutputKind.JSON_OBJECT}
+
+
+def _structured_output(b: _Body) -> tuple[StructuredOutput, str] | None:
+    """The request's grammar and the field it came from, whichever spelling it used."""
+    found: list[tuple[StructuredOutput, str]] = []
+    response_format = b.get("response_format", (Mapping,), "an object")
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            found.append((StructuredOutput(OutputKind.JSON_OBJECT), "response_format"))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, Mapping) else None
+            if not isinstance(schema, (Mapping, bool)):
+                raise OpenAIError("response_format json_schema needs json_schema.schema, a "
+                                  "JSON schema object", param="response_format")
+            found.append((StructuredOutput.json_schema(schema), "response_format"))
+        elif kind != "text":
+            raise OpenAIError(f"response_format type {kind!r} is not one of 'text', "
+                              "'json_object', 'json_schema'", param="response_format")
+    for name, kind in _GUIDED.items():
+        value = b.data.get(name)
+        if value is not None:
+            found.append((_spec(kind, value, name), name))
+    options = b.get("structured_outputs", (Mapping,), "an object")
+    for key, value in (options or {}).items():
+        if key in _STRUCTURED and value not in (None, False):
+            found.append((_spec(_STRUCTURED[key], value, f"structured_outputs.{key}"),
+                          "structured_outputs"))
+    if len(found) > 1:
+        raise OpenAIError("ask for one kind of structured output, got "
+                          f"{[field for _, field in found]}", param=found[1][1])
+    if not found:
+        return None
+    spec, name = found[0]
+    try:
+        spec.validate()
+    except ValueError as exc:
+        raise OpenAIError(str(exc), param=name) from None
+    return spec, name
+
+
+def _spec(kind: OutputKind, value: Any, name: str) -> StructuredOutput:
+    if kind is OutputKind.JSON_OBJECT:
+        return StructuredOutput(kind)
+    if kind is OutputKind.JSON_SCHEMA:
+        if isinstance(value, str):
+            return StructuredOutput(kind, value)
+        if isinstance(value, (Mapping, bool)):
+            return StructuredOutput.json_schema(value)
+    elif kind is OutputKind.CHOICE:
+        if isinstance(value, list):
+            return StructuredOutput.choice(value)
+    elif isinstance(value, str):
+        return StructuredOutput(kind, value)
+    raise OpenAIError(f"{name} has the wrong type ({type(value).__name__})", param=name)
+
+
+def _set_structured_output(request: router_pb2.GenerateRequest,
+                           spec: StructuredOutput) -> None:
+    request.sampling_params.structured_output.CopyFrom(structured_output_to_proto(spec))
+
+
 def _stream_options(b: _Body) -> tuple[bool, bool]:
     stream = bool(b.flag("stream"))
     options = b.get("stream_options", (Mapping,), "an object")
@@ -249,6 +328,9 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     _sampling(b, request, b.integer("max_tokens", 1, UINT32_MAX))
     _priority(b, request)
     _set_logprobs(request, logprobs)
+    structured = _structured_output(b)
+    if structured is not None:
+        _set_structured_output(request, structured[0])
     stream, include_usage = _stream_options(b)
     prompts = []
     for one in batch:
@@ -279,14 +361,17 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     b = _Body(body)
     request = router_pb2.GenerateRequest()
     _model(b, model_id)
-    if b.data.get("tools") or b.data.get("functions"):
-        raise OpenAIError("tools and functions are not supported", param="tools")
-    b.reject("tool_choice", ("none",), "tools are not supported")
-    b.reject("function_call", ("none",), "functions are not supported")
-    response_format = b.get("response_format", (Mapping,), "an object")
-    if response_format is not None and response_format.get("type") != "text":
-        raise OpenAIError("only response_format {'type': 'text'} is supported",
-                          param="response_format")
+    if b.data.get("functions"):
+        raise OpenAIError("functions (deprecated) are not supported; use tools",
+                          param="functions")
+    b.reject("function_call", ("none",), "functions are not supported; use tools")
+    structured = _structured_output(b)
+    tool_choice = _tools(b, request)
+    if structured is not None:
+        if tool_choice is not None and tool_choice.mode in ("required", "named"):
+            raise OpenAIError("tool_choice 'required' or a named function cannot be combined "
+                              "with structured output", param=structured[1])
+        _set_structured_output(request, structured[0])
     modalities = b.get("modalities", (list,), "a list")
     if modalities is not None and modalities != ["text"]:
         raise OpenAIError("only the text modality is supported", param="modalities")
@@ -304,7 +389,72 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     logprobs = (top or 0) if want else None
     _set_logprobs(request, logprobs)
     stream, include_usage = _stream_options(b)
-    return OpenAIRequest(True, request, stream, include_usage, False, logprobs, n)
+    return OpenAIRequest(True, request, stream, include_usage, False, logprobs, n,
+                         tool_choice=tool_choice)
+
+
+def _tools(b: _Body, request: router_pb2.GenerateRequest) -> ToolChoice | None:
+    """`tools`, `tool_choice` and `parallel_tool_calls`; the grammar of a forced call."""
+    defined = b.get("tools", (list,), "a list of tools") or []
+    if len(defined) > tool_rules.MAX_TOOLS:
+        raise OpenAIError(f"at most {tool_rules.MAX_TOOLS} tools, got {len(defined)}",
+                          param="tools")
+    for i, tool in enumerate(defined):
+        request.tools.append(_tool(tool, i))
+    names = [t.name for t in request.tools]
+    if len(set(names)) != len(names):
+        raise OpenAIError("tools: each function name must be unique", param="tools")
+    parallel = b.flag("parallel_tool_calls")
+    choice = b.data.get("tool_choice")
+    if choice is None:
+        mode, name = ("auto" if defined else "none"), ""
+    elif choice in ("none", "auto", "required"):
+        mode, name = choice, ""
+    elif (isinstance(choice, Mapping) and choice.get("type") == "function"
+          and isinstance(choice.get("function"), Mapping)
+          and isinstance(choice["function"].get("name"), str)):
+        mode, name = "named", choice["function"]["name"]
+        if name not in names:
+            raise OpenAIError(f"tool_choice names {name!r}, which is not in tools",
+                              param="tool_choice")
+    else:
+        raise OpenAIError("tool_choice must be 'none', 'auto', 'required' or "
+                          "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+    if mode != "none" and not defined:
+        raise OpenAIError(f"tool_choice {mode!r} needs tools", param="tool_choice")
+    if not defined:
+        return None
+    tool_choice = ToolChoice(mode, name, parallel is not False)
+    grammar = tool_rules.forced_call_grammar(list(request.tools), tool_choice)
+    if grammar is not None:
+        try:
+            grammar.validate()
+        except ValueError as exc:
+            raise OpenAIError(f"tools: {exc}", param="tools") from None
+        _set_structured_output(request, grammar)
+    return tool_choice
+
+
+def _tool(tool: Any, i: int) -> router_pb2.Tool:
+    where = f"tools[{i}]"
+    function = tool.get("function") if isinstance(tool, Mapping) else None
+    if not isinstance(tool, Mapping) or tool.get("type") != "function" \
+            or not isinstance(function, Mapping):
+        raise OpenAIError(f"{where} must be {{'type': 'function', 'function': {{...}}}}",
+                          param=where)
+    name = function.get("name")
+    if not isinstance(name, str) or not tool_rules.TOOL_NAME.match(name):
+        raise OpenAIError(f"{where}.function.name must match {tool_rules.TOOL_NAME.pattern}",
+                          param=where)
+    description = function.get("description") or ""
+    if not isinstance(description, str):
+        raise OpenAIError(f"{where}.function.description must be a string", param=where)
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise OpenAIError(f"{where}.function.parameters must be a JSON schema object",
+                          param=where)
+    return router_pb2.Tool(name=name, description=description,
+                           parameters=json.dumps(parameters) if parameters else "")
 
 
 def _set_logprobs(request: router_pb2.GenerateRequest, logprobs: int | None) -> None:
@@ -322,17 +472,48 @@ def _messages(b: _Body, messages: Any) -> list[router_pb2.ChatMessage]:
             raise OpenAIError(f"messages[{i}] must be an object with a role",
                               param=f"messages[{i}]")
         role = message["role"]
-        if role in ("tool", "function") or message.get("tool_calls"):
-            raise OpenAIError("tool messages are not supported", param=f"messages[{i}]")
+        if role == "function":
+            raise OpenAIError("function messages (deprecated) are not supported; use tool "
+                              "messages", param=f"messages[{i}]")
         if role == "developer":
             role = "system"  # OpenAI's newer name for the system role
         if role not in request_rules.CHAT_ROLES:
             raise OpenAIError(f"messages[{i}].role {role!r} is not a chat role; expected one "
                               f"of {[*request_rules.CHAT_ROLES, 'developer']}",
                               param=f"messages[{i}].role")
-        content = b.text(f"messages[{i}].content", _content(message, i))
-        out.append(router_pb2.ChatMessage(role=role, content=content))
+        calls = message.get("tool_calls")
+        # An assistant turn that only calls tools has no content.
+        empty_ok = role == "assistant" and bool(calls)
+        text = "" if empty_ok and message.get("content") is None else _content(message, i)
+        turn = router_pb2.ChatMessage(role=role, content=b.text(f"messages[{i}].content", text))
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                raise OpenAIError("tool_calls must be a list, on an assistant message",
+                                  param=f"messages[{i}].tool_calls")
+            turn.tool_calls.extend(_tool_call(call, f"messages[{i}].tool_calls[{j}]")
+                                   for j, call in enumerate(calls))
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise OpenAIError("a tool message needs its tool_call_id",
+                                  param=f"messages[{i}].tool_call_id")
+            turn.tool_call_id = call_id
+            if isinstance(message.get("name"), str):
+                turn.name = message["name"]
+        out.append(turn)
     return out
+
+
+def _tool_call(call: Any, where: str) -> router_pb2.ToolCall:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise OpenAIError(f"{where} must be {{'id', 'type': 'function', 'function': "
+                          "{'name', 'arguments'}}", param=where)
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments)  # some clients send the object itself
+    call_id = call.get("id") if isinstance(call.get("id"), str) else ""
+    return router_pb2.ToolCall(id=call_id, name=function["name"], arguments=arguments)
 
 
 def _content(message: Mapping[str, Any], i: int) -> str:

@@ -103,7 +103,8 @@ class RouterServer:
 
     async def start(self) -> None:
         config = self.config
-        self.model = await asyncio.to_thread(load_served_model, config.model, config.max_model_len)
+        self.model = await asyncio.to_thread(load_served_model, config.model, config.max_model_len,
+                                               config.chat_template)
         if self._given_store is not None:
             self.store = self._given_store
         elif config.embedded_cluster:

@@ -8,9 +8,10 @@ thread because tokenizing a long prompt takes a while.
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -21,6 +22,7 @@ from splitserve.common.convert.common import sampling_from_proto, sampling_to_pr
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.block_hash import compute_block_hashes
+from splitserve.router import tools
 from splitserve.router.model import ServedModel
 from splitserve.v1 import common_pb2, router_pb2
 
@@ -67,17 +69,7 @@ def prompt_token_ids(request: router_pb2.GenerateRequest, model: ServedModel) ->
         _check(request_rules.check_prompt_chars, len(request.prompt), model.max_model_len)
         ids = model.tokenizer.encode(request.prompt, add_special_tokens=True)
     elif kind == "messages":
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        if not messages:
-            raise _invalid("messages is empty")
-        for i, m in enumerate(messages):
-            _check(request_rules.check_role, f"messages[{i}].role", m["role"])
-        _check(request_rules.check_prompt_chars, sum(len(m["content"]) for m in messages),
-               model.max_model_len)
-        try:
-            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except (jinja2.TemplateError, ValueError) as exc:
-            raise _invalid(f"cannot apply the model's chat template to messages: {exc}") from exc
+        ids = _chat_prompt(request, model)
     else:
         ids = list(request.token_ids.token_ids)
         if not ids:
@@ -95,6 +87,50 @@ def prompt_token_ids(request: router_pb2.GenerateRequest, model: ServedModel) ->
             "(prompt plus at least one generated token)"
         )
     return ids
+
+
+def _chat_prompt(request: router_pb2.GenerateRequest, model: ServedModel) -> list[int]:
+    """The conversation (and its tools) rendered with the model's chat template."""
+    turns = request.messages.messages
+    if not turns:
+        raise _invalid("messages is empty")
+    for i, m in enumerate(turns):
+        _check(request_rules.check_role, f"messages[{i}].role", m.role)
+    chars = sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in turns)
+    chars += sum(len(t.parameters) + len(t.description) for t in request.tools)
+    _check(request_rules.check_prompt_chars, chars, model.max_model_len)
+    extra = {}
+    if request.tools:
+        if not tools.template_supports_tools(model.tokenizer.chat_template):
+            raise _invalid(f"tools: {tools.NO_TOOLS_TEMPLATE}")
+        _check_tools(request.tools)
+        extra["tools"] = tools.template_tools(list(request.tools))
+    messages = [tools.template_message(m) for m in turns]
+    try:
+        return model.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   **extra)
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        raise _invalid(f"cannot apply the model's chat template to messages: {exc}") from exc
+
+
+def _check_tools(defined: Sequence[router_pb2.Tool]) -> None:
+    if len(defined) > tools.MAX_TOOLS:
+        raise _invalid(f"at most {tools.MAX_TOOLS} tools, got {len(defined)}")
+    names = set()
+    for i, tool in enumerate(defined):
+        if not tools.TOOL_NAME.match(tool.name):
+            raise _invalid(f"tools[{i}].name {tool.name!r} must match "
+                           f"{tools.TOOL_NAME.pattern}")
+        if tool.name in names:
+            raise _invalid(f"tools[{i}].name {tool.name!r} is defined twice")
+        names.add(tool.name)
+        if tool.parameters:
+            try:
+                schema = json.loads(tool.parameters)
+            except ValueError:
+                raise _invalid(f"tools[{i}].parameters is not valid JSON") from None
+            if not isinstance(schema, dict):
+                raise _invalid(f"tools[{i}].parameters must be a JSON schema object")
 
 
 def resolve_sampling(

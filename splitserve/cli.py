@@ -7,7 +7,7 @@
     splitserve kv-store --port 29500   (a shared rendezvous store; by default each worker hosts its own)
     splitserve generate "prompt" [--address] [--chat] [--max-tokens] [--temperature]
     splitserve certs    --out DIR  (a local CA and mutual-TLS certificates: --tls-dir DIR/<name>)
-    splitserve bench offline | kv | serve | compare | chaos | fuzz | fairness | slo | disagg
+    splitserve bench offline | kv | serve | compare | chaos | fuzz | fairness | slo | disagg | kv-tier
 """
 
 from __future__ import annotations
@@ -171,17 +171,21 @@ def _add_router_security_args(p: argparse.ArgumentParser) -> None:
                    help="serve /metrics without an API key")
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest HTTP body / gRPC message accepted (413 / RESOURCE_EXHAUSTED)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template that replaces the model's own (e.g. one that "
+                        "renders tools)")
 
 
 def _router_security(args: argparse.Namespace) -> dict[str, Any]:
-    """The RouterConfig fields of _add_router_security_args and _add_fair_share_args."""
+    """The RouterConfig fields of _add_router_security_args (the chat template included)
+    and _add_fair_share_args."""
     from splitserve.router.fairness import FairShareConfig
 
     fair = FairShareConfig(policy=args.admission_policy, client_weights=args.client_weights,
                            aging_s=args.priority_aging)
     return {"api_keys_file": args.api_keys_file, "public_metrics": args.public_metrics,
             "max_request_bytes": args.max_request_bytes, "fair_share": fair,
-            "ttft_slo_ms": args.ttft_slo_ms}
+            "ttft_slo_ms": args.ttft_slo_ms, "chat_template": args.chat_template}
 
 
 def _client_weights(text: str) -> dict[str, float]:

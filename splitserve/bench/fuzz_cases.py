@@ -44,9 +44,11 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens",
            "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "stream",
            "stream_options", "logprobs", "top_logprobs", "echo", "n", "best_of",
            "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "tools",
-           "ignore_eos", "skip_special_tokens", "user", "suffix"]
+           "ignore_eos", "skip_special_tokens", "user", "suffix", "tool_choice",
+           "parallel_tool_calls", "guided_json", "guided_regex", "guided_choice",
+           "guided_grammar", "structured_outputs"]
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant",
-                                                          "developer", "x", ""]),
+                                                          "developer", "tool", "x", ""]),
                                  "content": st.one_of(st.text(max_size=30), _VALUES)})
 BODIES = st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=8).map(
     lambda body: {**body, "max_tokens": 2} if "max_tokens" not in body else body)

@@ -27,7 +27,7 @@ MAX_MODEL_NAME_CHARS = 1024
 # A prompt longer than this many characters per context token cannot fit the context under
 # any tokenizer we serve: refuse it before tokenizing (which costs seconds for megabytes).
 MAX_CHARS_PER_TOKEN = 64
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # JSON nesting deeper than this is refused (OpenAI bodies need about 5 levels).
 MAX_JSON_DEPTH = 32
 

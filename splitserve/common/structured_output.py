@@ -14,15 +14,15 @@ import enum
 import functools
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # a TypedDict of the stubs only
 
 # A spec longer than this is refused before it is parsed (a schema of a few hundred
 # properties is ~20 KB).
 MAX_SPEC_CHARS = 64 * 1024
 MAX_CHOICES = 256
-# JSON is written compactly, the way json.dumps writes it (", " and ": ", no other
-# whitespace): free whitespace lets a model pad its output with blank lines until
-# max_tokens. A schema's own "x-guidance" options override these.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class OutputKind(enum.Enum):
@@ -64,14 +64,18 @@ class StructuredOutput:
 def _grammar(kind: OutputKind, spec: str) -> str:
     from llguidance import LLMatcher
 
+    # JSON is written compactly, the way json.dumps writes it (", " and ": ", no other
+    # whitespace): free whitespace lets a model pad its output with blank lines until
+    # max_tokens. A schema's own "x-guidance" options override these.
+    compact: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ",
+                                   "key_separator": ": "}
     if kind is OutputKind.JSON_OBJECT:
-        return str(LLMatcher.grammar_from_json_schema({"type": "object"},
-                                                           defaults=_JSON_OPTIONS))
+        return str(LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=compact))
     if kind is OutputKind.JSON_SCHEMA:
         schema = _json(spec, "json_schema")
         if not isinstance(schema, (dict, bool)):
             raise ValueError("a JSON schema must be an object (or true/false)")
-        return str(LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS))
+        return str(LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=compact))
     if kind is OutputKind.REGEX:
         if not spec:
             raise ValueError("regex is empty")

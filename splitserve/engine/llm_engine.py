@@ -11,6 +11,7 @@ cache until evicted).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -147,7 +148,9 @@ class LLMEngine:
         `num_sampled`: draws the request's generator skips, that first token's included
         (more for a resumed request whose prompt ends with its earlier output).
         Returns a finished StepOutput when that token already ends the request (its blocks
-        are freed), else None and the request decodes from the next step on.
+        are freed; e.g. it completes the request's grammar), else None and the request
+        decodes from the next step on. Either way the first token is not in an output: the
+        caller has it (the router relayed it from the prefill worker's answer).
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -169,7 +172,7 @@ class LLMEngine:
         if not output.finished:
             self.block_manager.cache_full_blocks(seq)
             return None
-        return output
+        return dataclasses.replace(output, new_token_ids=[], new_text="", new_logprobs=[])
 
     def reserve_blocks(self, num_tokens: int) -> list[int] | None:
         """Blocks for `num_tokens` incoming KV slots, outside any sequence (None if short)."""

@@ -35,6 +35,14 @@ CHAT_OK: list[dict[str, Any]] = [
     {"stream": True, "n": 2}, {"tool_choice": "none"}, {"user": "u-2"},
     {"messages": [{"role": "developer", "content": "Be brief."}, *MESSAGES]},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]},
+    {"response_format": {"type": "json_object"}, "max_tokens": 3},
+    {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        "strict": True}}, "max_tokens": 3},
+    {"extra_body": {"structured_outputs": {"regex": "[a-z]+"}}, "max_tokens": 3},
+    {"extra_body": {"guided_choice": ["yes", "no"]}, "max_tokens": 3},
+    {"messages": [*MESSAGES, {"role": "assistant", "content": "Red."},
+                  {"role": "tool", "content": "x", "tool_call_id": "1"}]},
 ]
 COMPLETION_BAD: list[tuple[dict[str, Any], str]] = [
     ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"), ({"n": 100}, "n"),
@@ -42,13 +50,17 @@ COMPLETION_BAD: list[tuple[dict[str, Any], str]] = [
     ({"logit_bias": {"token": 1}}, "logit_bias"), ({"temperature": 3}, "temperature"),
 ]
 CHAT_BAD: list[tuple[dict[str, Any], str]] = [
+    # The tiny model's template (SmolLM2's) does not render tools.
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
     ({"extra_body": {"modalities": ["audio"]}}, "modalities"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0]"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages[0]"),
 ]
 
 

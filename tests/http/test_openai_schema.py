@@ -99,13 +99,18 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": USER, "tools": [{"type": "function"}]}, "tools[0]"),
     ({"messages": USER, "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "json_schema",
+                                            "json_schema": {"schema": "x"}}}, "response_format"),
+    ({"messages": USER, "structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"messages": USER, "guided_json": {"type": 7}}, "guided_json"),
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": USER, "n": 65}, "n"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+     "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"messages": [{"content": "no role"}]}, "messages[0]"),
 ])
