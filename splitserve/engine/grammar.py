@@ -16,6 +16,7 @@ one bit per vocabulary id (1: allowed), 32 ids per int32.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class GrammarCompiler:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._pool: ThreadPoolExecutor | None = None
+        self.stats = MaskStats()
 
     @functools.cached_property
     def _ll_tokenizer(self):  # type: ignore[no-untyped-def]
@@ -74,12 +76,15 @@ class GrammarCompiler:
         rows = {seq.request_id: i for i, (seq, _) in enumerate(matchers)}
         pairs = [(m, i) for i, (_, m) in enumerate(matchers)]
         future = self._pool.submit(self._fill, pairs, bitmask)
-        return StepMasks(rows, future)
+        return StepMasks(rows, future, self.stats)
 
     def _fill(self, pairs: list[tuple[object, int]], bitmask: torch.Tensor) -> torch.Tensor:
         from llguidance.torch import fill_next_token_bitmask_par
 
+        started = time.perf_counter()
         fill_next_token_bitmask_par(self._ll_executor, pairs, bitmask)
+        self.stats.fill_s += time.perf_counter() - started
+        self.stats.rows += len(pairs)
         return bitmask
 
     def close(self) -> None:
@@ -88,12 +93,24 @@ class GrammarCompiler:
             self._pool = None
 
 
+@dataclass(slots=True)
+class MaskStats:
+    """Where structured output spends time: filling masks (on the helper thread) and
+    waiting for them (on the engine thread, after the forward pass)."""
+
+    steps: int = 0
+    rows: int = 0
+    fill_s: float = 0.0
+    wait_s: float = 0.0
+
+
 @dataclass(frozen=True)
 class StepMasks:
     """The bitmasks of one step's constrained requests, being filled."""
 
     rows: dict[str, int]  # request id -> row of the bitmask
     future: Future[torch.Tensor]
+    stats: MaskStats
 
     def for_batch(self, request_ids: list[str]) -> tuple[list[int], torch.Tensor] | None:
         """(positions in `request_ids` that are constrained, their bitmask rows), waiting for
@@ -101,7 +118,10 @@ class StepMasks:
         positions = [i for i, rid in enumerate(request_ids) if rid in self.rows]
         if not positions:
             return None
+        started = time.perf_counter()
         bitmask = self.future.result()
+        self.stats.wait_s += time.perf_counter() - started
+        self.stats.steps += 1
         index = torch.tensor([self.rows[request_ids[i]] for i in positions])
         return positions, bitmask.index_select(0, index)
 

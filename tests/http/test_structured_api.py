@@ -199,3 +199,26 @@ def test_a_conversation_with_tool_results(client: openai.OpenAI, model: str) -> 
     assert short.usage and long.usage
     assert long.usage.prompt_tokens > short.usage.prompt_tokens + 20
     assert long.choices[0].message.tool_calls is None
+
+
+def test_tool_call_shapes_validate_against_the_client_types(deployment: Deployment,
+                                                            model: str) -> None:
+    """The raw JSON (not the client's lenient parse) validates as OpenAI's pydantic types."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    body = {"model": model, "messages": ASK, "tools": [WEATHER], "seed": 2,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            **SAMPLED}
+    status, data, _, _ = call(deployment, "POST", "/v1/chat/completions",
+                              json.dumps(body).encode())
+    assert status == 200, data
+    completion = ChatCompletion.model_validate(data, strict=True)
+    assert completion.choices[0].message.tool_calls
+    status, text, _, _ = call(deployment, "POST", "/v1/chat/completions",
+                              json.dumps({**body, "stream": True}).encode())
+    assert status == 200
+    events = [line[len("data: "):] for line in str(text).splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e), strict=True) for e in events]
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].function and calls[0].function.name == "get_weather"
