@@ -17,22 +17,22 @@ class RequestPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_PHASE_DECODING: _ClassVar[RequestPhase]
     REQUEST_PHASE_FINISHED: _ClassVar[RequestPhase]
 
-class KVTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class KvTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    KV_TIER_UNSPECIFIED: _ClassVar[KVTier]
-    KV_TIER_DEVICE: _ClassVar[KVTier]
-    KV_TIER_HOST: _ClassVar[KVTier]
-    KV_TIER_DISK: _ClassVar[KVTier]
+    KV_TIER_UNSPECIFIED: _ClassVar[KvTier]
+    KV_TIER_DEVICE: _ClassVar[KvTier]
+    KV_TIER_HOST: _ClassVar[KvTier]
+    KV_TIER_DISK: _ClassVar[KvTier]
 REQUEST_PHASE_UNSPECIFIED: RequestPhase
 REQUEST_PHASE_QUEUED: RequestPhase
 REQUEST_PHASE_ADMITTED: RequestPhase
 REQUEST_PHASE_PREFILLING: RequestPhase
 REQUEST_PHASE_DECODING: RequestPhase
 REQUEST_PHASE_FINISHED: RequestPhase
-KV_TIER_UNSPECIFIED: KVTier
-KV_TIER_DEVICE: KVTier
-KV_TIER_HOST: KVTier
-KV_TIER_DISK: KVTier
+KV_TIER_UNSPECIFIED: KvTier
+KV_TIER_DEVICE: KvTier
+KV_TIER_HOST: KvTier
+KV_TIER_DISK: KvTier
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "kv_endpoint", "model", "block_size", "num_total_blocks", "started_at_unix_s")
@@ -157,8 +157,8 @@ class PublishPrefixEventsRequest(_message.Message):
     worker_id: str
     stored_hashes: _containers.RepeatedScalarFieldContainer[int]
     evicted_hashes: _containers.RepeatedScalarFieldContainer[int]
-    tier: KVTier
-    def __init__(self, worker_id: _Optional[str] = ..., stored_hashes: _Optional[_Iterable[int]] = ..., evicted_hashes: _Optional[_Iterable[int]] = ..., tier: _Optional[_Union[KVTier, str]] = ...) -> None: ...
+    tier: KvTier
+    def __init__(self, worker_id: _Optional[str] = ..., stored_hashes: _Optional[_Iterable[int]] = ..., evicted_hashes: _Optional[_Iterable[int]] = ..., tier: _Optional[_Union[KvTier, str]] = ...) -> None: ...
 
 class PublishPrefixEventsResponse(_message.Message):
     __slots__ = ()
