@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.block_hash import compute_block_hashes
@@ -258,3 +261,98 @@ def test_greedy_tokens_equal_with_the_tier_on_and_off(tiny_llama: Path, tmp_path
     kv_tier = on.engine.kv_tier
     assert kv_tier is not None and kv_tier.stats[tier].hits == 15
     assert on.engine.block_manager.stats.tier_hits == 120
+
+
+# ---- property-based: random traffic through a bounded tier, contents checked ---------------
+
+
+class ShadowTier:
+    """A bounded LRU tier over the shadow contents `written` (block id -> its tokens)."""
+
+    def __init__(self, written: dict[int, list[int]], capacity: int) -> None:
+        self.written, self.capacity = written, capacity
+        self.entries: dict[int, list[int]] = {}  # insertion order = LRU order
+
+    def offload(self, block_id: int, block_hash: int) -> None:
+        self.entries.pop(block_hash, None)
+        self.entries[block_hash] = list(self.written[block_id])
+        while len(self.entries) > self.capacity:
+            del self.entries[next(iter(self.entries))]
+
+    def contains(self, block_hash: int) -> bool:
+        if block_hash in self.entries:
+            self.entries[block_hash] = self.entries.pop(block_hash)
+            return True
+        return False
+
+    def load(self, block_hash: int, block_id: int) -> bool:
+        if block_hash not in self.entries:
+            return False
+        self.written[block_id] = list(self.entries[block_hash])
+        return True
+
+    def record_miss(self) -> None:
+        pass
+
+
+class TierMachine(RuleBasedStateMachine):
+    """Sequences come, compute, cache and go on an 8-block pool over a 6-block tier; every
+    block a prompt gets from a cache (device or tier) holds exactly its tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[int, list[int]] = {}
+        self.bm = BlockManager(8, 2, tier=ShadowTier(self.written, capacity=6))
+        self.live: list[Sequence] = []
+        self.reserved: list[list[int]] = []
+        self.count = 0
+        self.tier_hits = 0
+
+    @rule(tokens=st.lists(st.integers(0, 1), min_size=1, max_size=9))
+    def admit(self, tokens: list[int]) -> None:
+        self.count += 1
+        seq = Sequence(f"s{self.count}", tokens, PARAMS)
+        match = self.bm.match_prefix(seq)
+        cached = len(match) * 2
+        if not self.bm.allocate_slots(seq, len(tokens) - cached, match):
+            assert seq.block_table == [] and seq.num_computed_tokens == 0
+            return
+        self.tier_hits += sum(b is None for b in match.block_ids)
+        for i in range(seq.num_cached_tokens // 2):  # every cache hit holds its tokens
+            assert self.written[seq.block_table[i]] == tokens[2 * i: 2 * i + 2]
+        for pos in range(seq.num_computed_tokens, len(tokens)):  # "compute" the rest
+            block = seq.block_table[pos // 2]
+            if pos % 2 == 0:
+                self.written[block] = []
+            self.written[block].append(tokens[pos])
+        seq.num_computed_tokens = len(tokens)
+        self.bm.cache_full_blocks(seq)
+        self.live.append(seq)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(self.live))
+        self.live.remove(seq)
+        self.bm.free(seq)
+
+    @rule(num=st.integers(1, 4))
+    def reserve(self, num: int) -> None:  # incoming KV from a prefill worker: evicts
+        blocks = self.bm.allocate_blocks(num)
+        if blocks is not None:
+            for block in blocks:
+                self.written[block] = [-1, -1]
+            self.reserved.append(blocks)
+
+    @precondition(lambda self: self.reserved)
+    @rule()
+    def release(self) -> None:
+        self.bm.free_blocks(self.reserved.pop(0))
+
+    @invariant()
+    def consistent(self) -> None:
+        self.bm.check_invariants([s.block_table for s in self.live] + self.reserved)
+
+
+TestTierMachine = TierMachine.TestCase
+TestTierMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
