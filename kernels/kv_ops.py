@@ -7,7 +7,9 @@ Layouts (one layer):
     transfer buffer:   [2, n, block_size, num_kv_heads, head_dim], contiguous, cache dtype
 
 Every program moves one token's [num_kv_heads, head_dim] tile of K and of V, addressing the
-cache through its strides, so caches that are views of a larger pool work unchanged.
+cache through its strides, so caches that are views of a larger pool work unchanged. An
+int8 cache (kernels.kv_quant: rows of head_dim int8 values and an fp16 scale) is quantized
+by the store; pack/unpack copy its rows, scales included, as bytes.
 References: `kernels.reference.store_kv / pack_kv / unpack_kv`.
 """
 
@@ -22,12 +24,12 @@ __all__ = ["store_kv", "pack_kv", "unpack_kv"]
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, kcs_ptr, vcs_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QUANT: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -40,10 +42,32 @@ def _store_kv_kernel(
     mask = (h < NUM_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(k_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    kc = kc_ptr + block * stride_kcb + offset * stride_kcs + h[:, None] * stride_kch + d[None, :]
-    vc = vc_ptr + block * stride_vcb + offset * stride_vcs + h[:, None] * stride_vch + d[None, :]
-    tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    k_row = block * stride_kcb + offset * stride_kcs + h * stride_kch  # [H_PAD]
+    v_row = block * stride_vcb + offset * stride_vcs + h * stride_vch
+    if QUANT:
+        k, k_scale = _quantize_rows(k)
+        v, v_scale = _quantize_rows(v)
+        # The fp16 scale sits right after the row's values; kcs/vcs are fp16 views.
+        h_ok = h < NUM_HEADS
+        tl.store(kcs_ptr + (k_row + HEAD_DIM) // 2, k_scale, mask=h_ok)
+        tl.store(vcs_ptr + (v_row + HEAD_DIM) // 2, v_scale, mask=h_ok)
+    tl.store(kc_ptr + k_row[:, None] + d[None, :], k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + v_row[:, None] + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quantize_rows(x):
+    """[H, D] floats -> (int8-valued fp32 [H, D], fp16 scale [H]), as kernels.kv_quant:
+    scale = fp16(max |x| / 127), values round-half-even(x / scale) clamped to +-127."""
+    x = x.to(tl.float32)
+    scale = (tl.max(tl.abs(x), 1) / 127.0).to(tl.float16)
+    safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+    y = x / safe[:, None]
+    f = tl.floor(y)
+    frac = y - f
+    parity = f - 2.0 * tl.floor(f * 0.5)  # 1 for odd f: a tie rounds to the even neighbour
+    r = tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, f + parity))
+    return tl.minimum(tl.maximum(r, -127.0), 127.0), scale
 
 
 @triton.jit
@@ -98,21 +122,30 @@ def store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write k, v [num_tokens, num_kv_heads, head_dim] into their slots, in place."""
+    """Write k, v [num_tokens, num_kv_heads, head_dim] into their slots, in place (an int8
+    cache: quantized)."""
     _check_caches(k_cache, v_cache)
-    assert k.shape == v.shape and k.dim() == 3 and k.shape[1:] == k_cache.shape[2:], (k.shape,)
+    quant = k_cache.dtype == torch.int8
+    width = k.shape[2] + 2 if quant else k.shape[2]
+    assert k.shape == v.shape and k.dim() == 3 and (k.shape[1], width) == k_cache.shape[2:], (
+        k.shape, k_cache.shape)
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     assert slot_mapping.shape == (k.shape[0],), (slot_mapping.shape, k.shape)
     assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
     assert k.device == v.device == slot_mapping.device == k_cache.device
     if k.shape[0] == 0:
         return
+    meta = _tile_meta(k_cache)
+    meta.update(HEAD_DIM=k.shape[2], D_PAD=triton.next_power_of_2(k.shape[2]))
+    # fp16 views for the scales (unused for float caches: any tensor will do).
+    k_scales = k_cache.view(torch.float16) if quant else k_cache
+    v_scales = v_cache.view(torch.float16) if quant else v_cache
     _store_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, k_scales, v_scales, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], **_tile_meta(k_cache),
+        BLOCK_SIZE=k_cache.shape[1], QUANT=quant, **meta,
     )
 
 

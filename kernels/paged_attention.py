@@ -43,7 +43,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -55,7 +55,7 @@ def _decode_split_kernel(
     num_splits,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -95,7 +95,10 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if QUANT:  # int8 rows: each token's fp16 scale follows its values (ks: fp16 view)
+            k_scale = tl.load(ks_ptr + (k_off + HEAD_DIM) // 2, mask=t_ok, other=0.0)
+            s = s * k_scale.to(tl.float32)[None, :]
         s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N]
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -103,10 +106,14 @@ def _decode_split_kernel(
         lsum = lsum * alpha + tl.sum(p, 1)
         v_off = block * stride_vb + slot * stride_vt + kv_head * stride_vh
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        pw = p
+        if QUANT:
+            v_scale = tl.load(vs_ptr + (v_off + HEAD_DIM) // 2, mask=t_ok, other=0.0)
+            pw = p * v_scale.to(tl.float32)[None, :]
         if DOT_FP32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            pv = tl.dot(pw, v.to(tl.float32), input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(pw.to(q.dtype), v.to(q.dtype))
         acc = acc * alpha[:, None] + pv
         m = m_new
 
@@ -154,9 +161,12 @@ def _reduce_splits_kernel(
 def _check_args(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     assert q.dim() == 3 and k_cache.dim() == 4, (q.shape, k_cache.shape)
     assert k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
-    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    quant = k_cache.dtype == torch.int8
+    assert k_cache.dtype == v_cache.dtype and (quant or q.dtype == k_cache.dtype), (
+        q.dtype, k_cache.dtype, v_cache.dtype)
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
-    assert q.shape[2] == k_cache.shape[3] and q.shape[2] >= 16, (q.shape, k_cache.shape)
+    width = q.shape[2] + 2 if quant else q.shape[2]  # int8 rows end with an fp16 scale
+    assert width == k_cache.shape[3] and q.shape[2] >= 16, (q.shape, k_cache.shape)
     assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
     for t in (q, k_cache, v_cache, out):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
@@ -240,8 +250,11 @@ def paged_decode_attention(
     po = scratch.partial_out if scratch is not None else out
     plse = scratch.partial_lse if scratch is not None else out
     d_pad = triton.next_power_of_2(head_dim)
+    quant = k_cache.dtype == torch.int8
+    k_scales = k_cache.view(torch.float16) if quant else k_cache  # fp16 views of the rows
+    v_scales = v_cache.view(torch.float16) if quant else v_cache
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, po, plse,
+        q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, out, po, plse,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -253,7 +266,7 @@ def paged_decode_attention(
         num_splits,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q),
+        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q), QUANT=quant,
     )
     if not single:
         _reduce_splits_kernel[(num_seqs, num_heads)](

@@ -7,7 +7,9 @@ backend the engine uses on CPU. Layouts (one layer of the KV cache):
     slot mapping:     slot = block_id * block_size + offset  (negative = padding, skipped)
     transfer buffer:  [2, n, block_size, num_kv_heads, head_dim]  (buffer[0] = K, buffer[1] = V)
 
-GQA: query head h reads kv head h // (num_heads // num_kv_heads).
+GQA: query head h reads kv head h // (num_heads // num_kv_heads). An int8 cache holds
+quantized rows of head_dim + 2 bytes (kernels.kv_quant): the store quantizes, attention
+dequantizes what it reads; pack/unpack move the bytes as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from splitserve.kernels.kv_quant import dequantize_rows, is_quantized, quantize_rows, row_width
 
 __all__ = ["DecodePlan", "plan_decode", "paged_decode_attention", "store_kv", "pack_kv",
            "unpack_kv"]
@@ -93,7 +97,9 @@ def paged_decode_attention(
     _check_cache_pair(k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    assert cache_head_dim == head_dim, (cache_head_dim, head_dim)
+    quantized = is_quantized(k_cache)
+    assert cache_head_dim == (row_width(head_dim) if quantized else head_dim), (
+        cache_head_dim, head_dim)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert block_tables.shape[0] == num_seqs and context_lens.shape == (num_seqs,)
     group = num_heads // num_kv_heads
@@ -107,8 +113,11 @@ def paged_decode_attention(
         plan = plan_decode(block_tables.to(q.device), context_lens.to(q.device), block_size,
                            k_cache.shape[0])
     # [num_seqs, kv_heads, T, d], T = num_blocks_used * block_size (a strided view)
-    k = _gather(k_cache, plan.gather_index, num_seqs, plan.num_blocks_used).transpose(1, 2)
-    v = _gather(v_cache, plan.gather_index, num_seqs, plan.num_blocks_used).transpose(1, 2)
+    k = _gather(k_cache, plan.gather_index, num_seqs, plan.num_blocks_used)
+    v = _gather(v_cache, plan.gather_index, num_seqs, plan.num_blocks_used)
+    if quantized:  # only the gathered blocks are dequantized
+        k, v = dequantize_rows(k, q.dtype), dequantize_rows(v, q.dtype)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     # SDPA accumulates in fp32 for half types and shares each kv head among its group of
     # query heads (enable_gqa); on CPU it is ~2x faster than explicit bmm + softmax.
     result = F.scaled_dot_product_attention(
@@ -132,6 +141,8 @@ def store_kv(
     """
     _check_cache_pair(k_cache, v_cache)
     assert k.shape == v.shape and k.dim() == 3, (k.shape, v.shape)
+    if is_quantized(k_cache):
+        k, v = quantize_rows(k), quantize_rows(v)
     assert k.shape[1:] == k_cache.shape[2:], (k.shape, k_cache.shape)
     assert slot_mapping.shape == (k.shape[0],), (slot_mapping.shape, k.shape)
     slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)

@@ -37,6 +37,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache storage: the model's dtype, or int8 with a scale per token "
+                        "and head (about half of bf16's bytes); P and D must agree")
     g.add_argument("--host-kv-cache-bytes", type=_byte_size, default=0,
                    help="host-memory tier for KV blocks the prefix cache evicts (e.g. 4GiB; "
                         "0: none)")
@@ -101,6 +104,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
         host_kv_cache_bytes=args.host_kv_cache_bytes,
         disk_kv_cache_dir=args.disk_kv_cache_dir,
         disk_kv_cache_bytes=args.disk_kv_cache_bytes,

@@ -68,6 +68,22 @@ void rotate_head(typename IO::storage* __restrict lo, typename IO::storage* __re
   }
 }
 
+// One (token, head) row into an int8 cache (kernels/kv_quant.py's format, bit for bit:
+// scale = fp16(max |x| / 127), values round-half-even(x / scale) clamped to +-127).
+template <typename IO>
+void store_quantized_row(const typename IO::storage* src, int8_t* dst, int64_t head_dim) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(IO::load(src[d])));
+  const uint16_t bits = c10::detail::fp16_ieee_from_fp32_value(amax / 127.0f);
+  const float scale = c10::detail::fp16_ieee_to_fp32_value(bits);
+  const float safe = scale > 0.0f ? scale : 1.0f;
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const float q = std::nearbyint(IO::load(src[d]) / safe);
+    dst[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+  }
+  std::memcpy(dst + head_dim, &bits, sizeof(bits));
+}
+
 template <typename IO>
 void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
                          const torch::Tensor& sin, const torch::Tensor& k_cache,
@@ -77,8 +93,12 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
   T* qkv_ptr = ptr<IO>(qkv);
   const T* cos_ptr = ptr<IO>(cos);
   const T* sin_ptr = ptr<IO>(sin);
-  T* k_ptr = ptr<IO>(k_cache);
-  T* v_ptr = ptr<IO>(v_cache);
+  // An int8 cache holds quantized rows of head_dim + 2 bytes (values, fp16 scale).
+  const bool quantized = k_cache.scalar_type() == torch::kChar;
+  T* k_ptr = quantized ? nullptr : ptr<IO>(k_cache);
+  T* v_ptr = quantized ? nullptr : ptr<IO>(v_cache);
+  int8_t* kq_ptr = quantized ? k_cache.data_ptr<int8_t>() : nullptr;
+  int8_t* vq_ptr = quantized ? v_cache.data_ptr<int8_t>() : nullptr;
   const int64_t row_stride = qkv.stride(0), cos_stride = cos.stride(0), sin_stride = sin.stride(0);
   const int64_t half = head_dim / 2, kv_size = num_kv_heads * head_dim;
   const int64_t q_size = num_heads * head_dim, num_rotated = num_heads + num_kv_heads;
@@ -97,6 +117,16 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
         rotate_head<IO>(x, x + half, cos_row, sin_row, half);
       }
       if (slots[t] < 0) continue;
+      if (quantized) {
+        const int64_t qrow = head_dim + 2, offset = slots[t] * num_kv_heads * qrow;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          store_quantized_row<IO>(row + q_size + h * head_dim, kq_ptr + offset + h * qrow,
+                                  head_dim);
+          store_quantized_row<IO>(row + q_size + kv_size + h * head_dim,
+                                  vq_ptr + offset + h * qrow, head_dim);
+        }
+        continue;
+      }
       std::memcpy(k_ptr + slots[t] * kv_size, row + q_size, kv_size * sizeof(T));
       std::memcpy(v_ptr + slots[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
     }
@@ -313,11 +343,14 @@ void rotary_store_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
   }
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "caches must both be [num_blocks, block_size, num_kv_heads, head_dim]");
-  TORCH_CHECK(k_cache.size(2) == num_kv_heads && k_cache.size(3) == head_dim,
-              "cache heads/head_dim do not match");
+  const bool quantized = k_cache.scalar_type() == torch::kChar;
+  TORCH_CHECK(k_cache.size(2) == num_kv_heads &&
+                  k_cache.size(3) == head_dim + (quantized ? 2 : 0),
+              "cache heads/head_dim do not match (int8 rows are head_dim + 2 wide)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() &&
-                  v_cache.scalar_type() == qkv.scalar_type(), "cache dtype must match qkv");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (quantized || k_cache.scalar_type() == qkv.scalar_type()),
+              "cache dtype must match qkv (or be int8)");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == num_tokens && slot_mapping.is_contiguous(),
               "slot_mapping must be contiguous int64 [num_tokens]");

@@ -8,7 +8,10 @@
 // is read once per kv head, in one pass with an online softmax (runs of up to kChunk slots:
 // scores, rescale the running max and sum, add the V rows). Scores, softmax and
 // accumulation are fp32 for every input type; AVX-512 builds use intrinsics for the dot
-// products and V updates, others the scalar loops.
+// products and V updates, others the scalar loops. An int8 cache (kernels/kv_quant.py:
+// rows of head_dim int8 values then an fp16 scale) is dequantized as it is read: the dot
+// product and the V update run on the int8 values and the row's scale multiplies the
+// score and the softmax weight.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -56,7 +59,26 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
+
+// Bytes after the int8 values of a quantized row: its fp16 scale.
+constexpr int64_t kScaleBytes = 2;
+
+// The scale of one cache row: 1 for float caches, the stored fp16 for int8 ones.
+template <typename cache_t>
+inline float row_scale(const cache_t* row, int64_t head_dim) {
+  if constexpr (std::is_same_v<cache_t, int8_t>) {
+    uint16_t bits;
+    std::memcpy(&bits, row + head_dim, sizeof(bits));
+    return c10::detail::fp16_ieee_to_fp32_value(bits);
+  } else {
+    return 1.0f;
+  }
+}
 
 // sum_d a[d] * b[d] in fp32.
 template <typename scalar_t>
@@ -106,7 +128,7 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kStackGroup = 16;
 constexpr int64_t kStackHeadDim = 256;
 
-template <typename scalar_t, bool kOnStack>
+template <typename scalar_t, typename cache_t, bool kOnStack>
 void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                    const torch::Tensor& context_lens, double scale, torch::Tensor& out) {
@@ -115,14 +137,15 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_tables.size(1);
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
-  const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
-  const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
+  const cache_t* k_ptr = reinterpret_cast<const cache_t*>(k_cache.data_ptr());
+  const cache_t* v_ptr = reinterpret_cast<const cache_t*>(v_cache.data_ptr());
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int64_t q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
   const int64_t o_seq_stride = out.stride(0), o_head_stride = out.stride(1);
-  const int64_t token_stride = num_kv_heads * head_dim;  // one slot of one cache
+  const int64_t row_width = k_cache.size(3);  // head_dim, or head_dim + scale bytes
+  const int64_t token_stride = num_kv_heads * row_width;  // one slot of one cache
   const float fscale = static_cast<float>(scale);
 
   // One pass over the context with an online softmax: for each run of up to kChunk slots,
@@ -156,7 +179,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
       }
       std::fill(acc, acc + group * head_dim, 0.0f);
       const int32_t* table = tables + seq * max_blocks;
-      const int64_t head_offset = kv_head * head_dim;
+      const int64_t head_offset = kv_head * row_width;
       int64_t block_index = 0, slot = 0;
       for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
         const int64_t count = std::min(kChunk, length - t0);
@@ -167,12 +190,13 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
           if (i < kPrefetchAhead) prefetch_row<3>(k_ptr + row_offset[i], head_dim);
         }
         for (int64_t i = 0; i < count; ++i) {
-          const scalar_t* krow = k_ptr + row_offset[i];
+          const cache_t* krow = k_ptr + row_offset[i];
           if (i + kPrefetchAhead < count)
             prefetch_row<3>(k_ptr + row_offset[i + kPrefetchAhead], head_dim);
           prefetch_row<2>(v_ptr + row_offset[i], head_dim);  // used after this run's scores
+          const float kscale = row_scale(krow, head_dim);
           for (int64_t g = 0; g < group; ++g)
-            scores[g * kChunk + i] = dot(qf + g * head_dim, krow, head_dim);
+            scores[g * kChunk + i] = dot(qf + g * head_dim, krow, head_dim) * kscale;
         }
         for (int64_t g = 0; g < group; ++g) {
           float* s = scores + g * kChunk;
@@ -194,9 +218,10 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
           }
         }
         for (int64_t i = 0; i < count; ++i) {
-          const scalar_t* vrow = v_ptr + row_offset[i];
+          const cache_t* vrow = v_ptr + row_offset[i];
+          const float vscale = row_scale(vrow, head_dim);
           for (int64_t g = 0; g < group; ++g)
-            axpy(acc + g * head_dim, scores[g * kChunk + i], vrow, head_dim);
+            axpy(acc + g * head_dim, scores[g * kChunk + i] * vscale, vrow, head_dim);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -222,12 +247,27 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.is_contiguous());
   TORCH_CHECK(context_lens.scalar_type() == torch::kInt32 && context_lens.is_contiguous());
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads % num_kv_heads != 0");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type());
+  TORCH_CHECK(q.scalar_type() == out.scalar_type(), "out dtype must match q");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ in dtype");
+  const bool quantized = k_cache.scalar_type() == torch::kChar;
+  TORCH_CHECK(quantized || k_cache.scalar_type() == q.scalar_type(),
+              "cache dtype must match q (or be int8)");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) + (quantized ? kScaleBytes : 0),
+              "cache rows must be head_dim wide (head_dim + 2 for int8)");
+  const bool on_stack = q.size(1) / k_cache.size(2) <= kStackGroup && q.size(2) <= kStackHeadDim;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    if (q.size(1) / k_cache.size(2) <= kStackGroup && q.size(2) <= kStackHeadDim)
-      decode_kernel<scalar_t, true>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+    if (quantized && on_stack)
+      decode_kernel<scalar_t, int8_t, true>(q, k_cache, v_cache, block_tables, context_lens,
+                                            scale, out);
+    else if (quantized)
+      decode_kernel<scalar_t, int8_t, false>(q, k_cache, v_cache, block_tables, context_lens,
+                                             scale, out);
+    else if (on_stack)
+      decode_kernel<scalar_t, scalar_t, true>(q, k_cache, v_cache, block_tables, context_lens,
+                                              scale, out);
     else
-      decode_kernel<scalar_t, false>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+      decode_kernel<scalar_t, scalar_t, false>(q, k_cache, v_cache, block_tables, context_lens,
+                                               scale, out);
   });
   return out;
 }

@@ -4,8 +4,10 @@ Both ends of a transfer must agree on how one layer of one block looks in memory
 
     k_cache[l], v_cache[l]: [num_blocks, block_size, num_kv_heads, head_dim] of `dtype`
 
-The layout travels as JSON (never pickle) through the rendezvous store or the control
-plane. This module is torch-free so that the router can build and compare layouts.
+An "int8" layout is the quantized cache of kernels.kv_quant: each (token, head) row holds
+head_dim int8 values and an fp16 scale, so a row is head_dim + 2 bytes. The layout travels
+as JSON (never pickle) through the rendezvous store or the control plane. This module is
+torch-free so that the router can build and compare layouts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ _DTYPE_BYTES: dict[str, int] = {
     "bfloat16": 2,
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
+    "int8": 1,  # quantized rows: head_dim values + an fp16 scale
 }
+# Bytes after the values of a quantized row (its scale), by dtype.
+_SCALE_BYTES: dict[str, int] = {"int8": 2}
 
 
 class KVLayoutMismatch(ValueError):
@@ -54,14 +59,19 @@ class KVLayout:
         return _DTYPE_BYTES[self.dtype]
 
     @property
+    def row_width(self) -> int:
+        """Elements of one (token, head) row: head_dim, plus the scale of a quantized row."""
+        return self.head_dim + _SCALE_BYTES.get(self.dtype, 0)
+
+    @property
     def block_shape(self) -> tuple[int, int, int]:
-        """One block of one layer of K (or V): (block_size, num_kv_heads, head_dim)."""
-        return (self.block_size, self.num_kv_heads, self.head_dim)
+        """One block of one layer of K (or V): (block_size, num_kv_heads, row_width)."""
+        return (self.block_size, self.num_kv_heads, self.row_width)
 
     @property
     def bytes_per_block_per_layer(self) -> int:
         """Bytes of K plus V for one block of one layer."""
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+        return 2 * self.block_size * self.num_kv_heads * self.row_width * self.element_size
 
     def bytes_for(self, num_blocks: int) -> int:
         """Bytes of K plus V for `num_blocks` blocks across all layers."""

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels.kv_quant import dequantize_rows, is_quantized
+
 
 @dataclass(slots=True)
 class PrefillSpan:
@@ -85,16 +87,19 @@ def attend_stored(
         if span.context_len == span.num_tokens:
             keys, values = k[rows], v[rows]  # no cached prefix: use the fresh K/V directly
         else:
-            keys = _gather_blocks(k_cache, span.block_ids, span.context_len)
-            values = _gather_blocks(v_cache, span.block_ids, span.context_len)
+            keys = _gather_blocks(k_cache, span.block_ids, span.context_len, q.dtype)
+            values = _gather_blocks(v_cache, span.block_ids, span.context_len, q.dtype)
         out[rows] = _causal_attention(q[rows], keys, values, scale)
     return out
 
 
-def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """[num_blocks, block_size, kv_heads, d] -> the first `length` slots of the given blocks."""
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, length: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """[num_blocks, block_size, kv_heads, d] -> the first `length` slots of the given blocks
+    (an int8 cache: dequantized to `dtype`, only those slots)."""
     blocks = cache.index_select(0, block_ids)
-    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
+    rows = blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
+    return dequantize_rows(rows, dtype) if is_quantized(cache) else rows
 
 
 def _causal_attention(

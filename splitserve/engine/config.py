@@ -14,6 +14,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _ROLES = ("both", "prefill", "decode")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # KV cache storage: auto (the model's dtype) or int8 (per-token-per-head fp16 scales,
+    # kernels/kv_quant.py: about half the bytes of bf16, a quarter of fp32).
+    kv_cache_dtype: str = "auto"
     # KV tiers below the pool (engine/kv_tier.py): evicted prefix-cache blocks go to host
     # memory (0: no host tier), then to one file per block under disk_kv_cache_dir (None:
     # no disk tier), at most disk_kv_cache_bytes of them; both LRU.
@@ -64,6 +68,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.host_kv_cache_bytes < 0 or self.disk_kv_cache_bytes < 0:
             raise ValueError("host_kv_cache_bytes and disk_kv_cache_bytes must be >= 0")
         if (self.host_kv_cache_bytes or self.disk_kv_cache_dir) and not self.enable_prefix_caching:

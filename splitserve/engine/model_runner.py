@@ -3,6 +3,7 @@
 The only engine module that turns bookkeeping (block tables, token counts) into tensors.
 It owns the model weights and the KV pool:
   kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+           (int8 KV cache: head_dim + 2 bytes per row, kernels.kv_quant)
   (index 0 of the second dim is K, 1 is V).
 """
 
@@ -24,6 +25,7 @@ from splitserve.engine.scheduler import ScheduledSequence
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.weights import build_model
 from splitserve.kernels.backend import get_attention_ops
+from splitserve.kernels.kv_quant import row_width
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -63,16 +65,27 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         shape = (arch.num_layers, 2, self.num_blocks, self.block_size)
         self.kv_pool = torch.zeros(
-            *shape, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device
+            *shape, arch.num_kv_heads, self.kv_row_width, dtype=self.kv_dtype, device=self.device
         )
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(arch.num_layers)]
 
     # ---- sizing --------------------------------------------------------------------------
     @property
+    def kv_dtype(self) -> torch.dtype:
+        """The pool's storage dtype: the model's, or int8 (quantized rows)."""
+        return torch.int8 if self.config.kv_cache_dtype == "int8" else self.dtype
+
+    @property
+    def kv_row_width(self) -> int:
+        """Elements of one (token, kv head) row: head_dim, or its int8 values + scale."""
+        head_dim = self.arch.head_dim
+        return row_width(head_dim) if self.config.kv_cache_dtype == "int8" else head_dim
+
+    @property
     def kv_bytes_per_block(self) -> int:
         a = self.arch
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return a.num_layers * 2 * self.block_size * a.num_kv_heads * a.head_dim * elem
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
+        return a.num_layers * 2 * self.block_size * a.num_kv_heads * self.kv_row_width * elem
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

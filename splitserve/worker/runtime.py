@@ -100,7 +100,7 @@ def lease_options(lease_s: float) -> list[tuple[str, int]]:
 
 def engine_layout(engine: LLMEngine) -> KVLayout:
     arch = engine.arch
-    dtype = str(engine.runner.dtype).removeprefix("torch.")
+    dtype = str(engine.runner.kv_dtype).removeprefix("torch.")  # int8: quantized rows
     return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size, dtype)
 
 

@@ -42,7 +42,7 @@ def test_from_json_rejects_unknown_missing_and_bad_fields() -> None:
     with pytest.raises(ValueError, match=r"missing fields \['head_dim'\]"):
         KVLayout.from_json(json.dumps({k: v for k, v in good.items() if k != "head_dim"}))
     with pytest.raises(ValueError, match="dtype"):
-        KVLayout.from_json(json.dumps({**good, "dtype": "int8"}))
+        KVLayout.from_json(json.dumps({**good, "dtype": "int4"}))
     with pytest.raises(ValueError, match="block_size"):
         KVLayout(30, 3, 64, 0, "float32")
     with pytest.raises(ValueError, match="num_layers"):
@@ -55,6 +55,10 @@ def test_sizes() -> None:
     assert replace(SMOLLM2, dtype="float32").bytes_per_block_per_layer == 24576
     assert SMOLLM2.bytes_for(63) == 63 * 30 * 12288
     assert SMOLLM2.torch_dtype is torch.bfloat16
+    # int8: quantized rows of head_dim values and an fp16 scale (kernels.kv_quant).
+    int8 = replace(SMOLLM2, dtype="int8")
+    assert int8.block_shape == (16, 3, 66) and int8.torch_dtype is torch.int8
+    assert int8.bytes_per_block_per_layer == 2 * 16 * 3 * 66
 
 
 def test_check_compatible_names_both_sides_and_every_field() -> None:
