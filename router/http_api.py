@@ -36,8 +36,8 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
 from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id
 from splitserve.router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
-from splitserve.router.tools import NO_TOOLS_TEMPLATE, template_supports_tools
 from splitserve.router.service import RequestPipeline
+from splitserve.router.tools import NO_TOOLS_TEMPLATE, template_supports_tools
 from splitserve.v1 import router_pb2
 
 log = logging.getLogger(__name__)

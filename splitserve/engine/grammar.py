@@ -20,12 +20,16 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from splitserve.common.structured_output import StructuredOutput
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class GrammarCompiler:
@@ -53,7 +57,7 @@ class GrammarCompiler:
         # One thread: the model's forward owns the other cores while masks are filled.
         return llguidance.LLExecutor(num_threads=1)
 
-    def new_matcher(self, spec: StructuredOutput, replay: Iterable[int] = ()):  # type: ignore[no-untyped-def]
+    def new_matcher(self, spec: StructuredOutput, replay: Iterable[int] = ()) -> LLMatcher:
         """A matcher at the start of `spec`'s grammar, advanced over `replay` (output this
         request sampled before). ValueError when the grammar or the replay is refused."""
         import llguidance
@@ -67,7 +71,7 @@ class GrammarCompiler:
                              f"follow its grammar ({matcher.get_error()})")
         return matcher
 
-    def start_masks(self, matchers: list[tuple[Sequence, object]]) -> StepMasks:
+    def start_masks(self, matchers: list[tuple[Sequence, LLMatcher]]) -> StepMasks:
         """Begin filling one bitmask row per (sequence, matcher), in that order."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
@@ -78,7 +82,7 @@ class GrammarCompiler:
         future = self._pool.submit(self._fill, pairs, bitmask)
         return StepMasks(rows, future, self.stats)
 
-    def _fill(self, pairs: list[tuple[object, int]], bitmask: torch.Tensor) -> torch.Tensor:
+    def _fill(self, pairs: list[tuple[LLMatcher, int]], bitmask: torch.Tensor) -> torch.Tensor:
         from llguidance.torch import fill_next_token_bitmask_par
 
         started = time.perf_counter()
