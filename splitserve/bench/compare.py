@@ -2,9 +2,12 @@
 
 For single runs: every summary metric of each file, with each other file's difference and
 ratio against the first (the baseline). For sweeps: the same per request rate present in
-every file. --plot-dir overlays the files' latency CDFs (one line per file).
+every file. --plot-dir overlays the files' latency CDFs (one line per file). A file may also
+be `vllm bench serve`'s --save-result JSON or aiperf's profile_export_aiperf.json, read as
+they are (vllm_format.py, aiperf_format.py: how their metrics map onto ours).
 
     splitserve bench compare vllm.json splitserve.json --plot-dir cmp/
+    splitserve bench compare ours.json artifacts/profile_export_aiperf.json
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def compare(files: list[str], plot_dir: str | None = None) -> str:
     if kinds == {report.RUN_KIND}:
         text = compare_summaries(labels, [d["summary"] for d in data])
         if plot_dir and not all(d["requests"] for d in data):
-            text += "\nno plots: a file without per-request records (vLLM format)"
+            text += "\nno plots: a file without per-request records (vLLM's or aiperf's)"
         elif plot_dir:
             plots.plot_cdfs({lb: d["requests"] for lb, d in zip(labels, data, strict=True)}, plot_dir)
         return text
@@ -97,8 +100,8 @@ def compare(files: list[str], plot_dir: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="splitserve bench compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", help="results JSON of `bench serve --out` (first: "
-                    "the baseline)")
+    ap.add_argument("files", nargs="+", help="results JSON of `bench serve --out`, `vllm "
+                    "bench serve` or aiperf (first: the baseline)")
     ap.add_argument("--plot-dir", help="write overlaid latency CDFs here")
     ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if len(ns.files) < 2:

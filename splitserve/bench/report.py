@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from splitserve.bench import vllm_format
+from splitserve.bench import aiperf_format, vllm_format
 from splitserve.bench.metrics import RequestRecord
 
 RUN_KIND = "splitserve.bench.serve/run"
@@ -169,17 +169,25 @@ def _encode(value: Any) -> Any:
 
 def load(path: str | Path) -> dict[str, Any]:
     """A results file, with "requests" revived as RequestRecord objects. A `vllm bench serve`
-    results file (or ours in its format) loads as a run without per-request records."""
+    results file (or ours in its format) or aiperf's profile_export_aiperf.json loads as a
+    run without per-request records."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if vllm_format.is_vllm_result(data):
         label = data.get("label") or f"{data.get('backend', 'vllm')} {data.get('model_id', '')}"
-        return {"kind": RUN_KIND, "version": VERSION, "label": label.strip(), "config": {},
-                "summary": vllm_format.summary_from_vllm(data), "by_tag": {}, "requests": []}
+        return _foreign_run(label.strip(), vllm_format.summary_from_vllm(data))
+    if aiperf_format.is_aiperf_result(data):
+        return _foreign_run(aiperf_format.label(data), aiperf_format.summary_from_aiperf(data))
     if not isinstance(data, dict) or data.get("kind") not in (RUN_KIND, SWEEP_KIND) or data.get("version") != VERSION:
-        raise ValueError(f"{path}: neither a `vllm bench serve` nor a `splitserve bench serve` "
-                         f"results file (version {VERSION})")
+        raise ValueError(f"{path}: not a results file of `splitserve bench serve` (version "
+                         f"{VERSION}), `vllm bench serve` or aiperf (profile_export_aiperf.json)")
     for run in [data] if data["kind"] == RUN_KIND else data["runs"]:
         run["requests"] = [RequestRecord(**r) for r in run["requests"]]
         if "request_rate" in run:
             run["request_rate"] = float(run["request_rate"])
     return data
+
+
+def _foreign_run(label: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Another tool's aggregate results as a run of ours, without per-request records."""
+    return {"kind": RUN_KIND, "version": VERSION, "label": label, "config": {},
+            "summary": summary, "by_tag": {}, "requests": []}

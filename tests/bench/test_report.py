@@ -47,7 +47,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert loaded["requests"] == make_records(1.0)  # RequestRecord objects again
     assert loaded["requests"][0].ttft_ms == pytest.approx(100.0)
     (tmp_path / "other.json").write_text('{"kind": "something-else"}')
-    with pytest.raises(ValueError, match="neither a"):
+    with pytest.raises(ValueError, match="not a results file"):
         report.load(tmp_path / "other.json")
 
 
