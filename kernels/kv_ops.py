@@ -19,17 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels.kv_quant import hadamard_matrix, rotates
+
 __all__ = ["store_kv", "pack_kv", "unpack_kv"]
 
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, kcs_ptr, vcs_ptr, slot_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, kcs_ptr, vcs_ptr, h_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QUANT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QUANT: tl.constexpr, ROTATE: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -45,6 +47,10 @@ def _store_kv_kernel(
     k_row = block * stride_kcb + offset * stride_kcs + h * stride_kch  # [H_PAD]
     v_row = block * stride_vcb + offset * stride_vcs + h * stride_vch
     if QUANT:
+        if ROTATE:  # rows are stored as H x (kernels.kv_quant); h_ptr: H, fp32 [D, D]
+            hm = tl.load(h_ptr + d[:, None] * HEAD_DIM + d[None, :])
+            k = tl.dot(k.to(tl.float32), hm, input_precision="ieee")
+            v = tl.dot(v.to(tl.float32), hm, input_precision="ieee")
         k, k_scale = _quantize_rows(k)
         v, v_scale = _quantize_rows(v)
         # The fp16 scale sits right after the row's values; kcs/vcs are fp16 views.
@@ -136,16 +142,20 @@ def store_kv(
     if k.shape[0] == 0:
         return
     meta = _tile_meta(k_cache)
+    rotate = quant and rotates(k.shape[2])
     meta.update(HEAD_DIM=k.shape[2], D_PAD=triton.next_power_of_2(k.shape[2]))
+    if rotate:  # the rotation is a tl.dot, which needs 16 rows
+        meta["H_PAD"] = max(16, meta["H_PAD"])
+    h_matrix = hadamard_matrix(k.shape[2], k.device) if rotate else k_cache
     # fp16 views for the scales (unused for float caches: any tensor will do).
     k_scales = k_cache.view(torch.float16) if quant else k_cache
     v_scales = v_cache.view(torch.float16) if quant else v_cache
     _store_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, k_scales, v_scales, slot_mapping,
+        k, v, k_cache, v_cache, k_scales, v_scales, h_matrix, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], QUANT=quant, **meta,
+        BLOCK_SIZE=k_cache.shape[1], QUANT=quant, ROTATE=rotate, **meta,
     )
 
 

@@ -27,6 +27,7 @@ from splitserve.kernels.attention_plan import (
     choose_block_n,
     choose_num_splits,
 )
+from splitserve.kernels.kv_quant import hadamard_matrix, rotates
 
 __all__ = [
     "MAX_SPLITS",
@@ -43,7 +44,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, h_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -56,6 +57,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, QUANT: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -76,6 +78,9 @@ def _decode_split_kernel(
         q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
         mask=g_ok[:, None] & d_ok[None, :], other=0.0,
     )  # [GROUP_PAD, D_PAD]
+    if ROTATE:  # int8 rows stored as H x: rotate the query in (and the output back below)
+        hm = tl.load(h_ptr + d[:, None] * HEAD_DIM + d[None, :])
+        q = tl.dot(q.to(tl.float32), hm, input_precision="ieee").to(q.dtype)
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -118,6 +123,8 @@ def _decode_split_kernel(
         m = m_new
 
     acc = acc / lsum[:, None]
+    if ROTATE:
+        acc = tl.dot(acc, hm, input_precision="ieee")
     io_mask = g_ok[:, None] & d_ok[None, :]
     if SINGLE_SPLIT:
         o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
@@ -253,8 +260,11 @@ def paged_decode_attention(
     quant = k_cache.dtype == torch.int8
     k_scales = k_cache.view(torch.float16) if quant else k_cache  # fp16 views of the rows
     v_scales = v_cache.view(torch.float16) if quant else v_cache
+    rotate = quant and rotates(head_dim)
+    h_matrix = hadamard_matrix(head_dim, q.device) if rotate else q
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, out, po, plse,
+        q, k_cache, v_cache, k_scales, v_scales, h_matrix, block_tables, context_lens, out,
+        po, plse,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -266,7 +276,7 @@ def paged_decode_attention(
         num_splits,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q), QUANT=quant,
+        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q), QUANT=quant, ROTATE=rotate,
     )
     if not single:
         _reduce_splits_kernel[(num_seqs, num_heads)](

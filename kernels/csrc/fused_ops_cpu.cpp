@@ -13,6 +13,7 @@
 // split over threads (at::parallel_for; one token runs inline); two tokens given one slot
 // race, as they would in index_copy_.
 #include "ops.h"
+#include "kv_quant.h"
 
 #include <ATen/Parallel.h>
 
@@ -69,16 +70,20 @@ void rotate_head(typename IO::storage* __restrict lo, typename IO::storage* __re
 }
 
 // One (token, head) row into an int8 cache (kernels/kv_quant.py's format, bit for bit:
-// scale = fp16(max |x| / 127), values round-half-even(x / scale) clamped to +-127).
+// y = H x for a power-of-two head_dim, scale = fp16(max |y| / 127), values
+// round-half-even(y / scale) clamped to +-127). `y` is head_dim floats of scratch.
 template <typename IO>
-void store_quantized_row(const typename IO::storage* src, int8_t* dst, int64_t head_dim) {
+void store_quantized_row(const typename IO::storage* src, int8_t* dst, int64_t head_dim,
+                         float* y) {
+  for (int64_t d = 0; d < head_dim; ++d) y[d] = IO::load(src[d]);
+  if (kv_rotates(head_dim)) hadamard_inplace(y, head_dim);
   float amax = 0.0f;
-  for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(IO::load(src[d])));
+  for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(y[d]));
   const uint16_t bits = c10::detail::fp16_ieee_from_fp32_value(amax / 127.0f);
   const float scale = c10::detail::fp16_ieee_to_fp32_value(bits);
   const float safe = scale > 0.0f ? scale : 1.0f;
   for (int64_t d = 0; d < head_dim; ++d) {
-    const float q = std::nearbyint(IO::load(src[d]) / safe);
+    const float q = std::nearbyint(y[d] / safe);
     dst[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
   }
   std::memcpy(dst + head_dim, &bits, sizeof(bits));
@@ -106,6 +111,7 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
 
   at::parallel_for(0, num_tokens, grain(qkv.size(1), 2), [&](int64_t begin, int64_t end) {
     std::vector<float> table(2 * head_dim);  // this token's cos | sin in fp32 (half types)
+    std::vector<float> rotated(quantized ? head_dim : 0);  // a row being quantized
     float* cf = table.data();
     float* sf = cf + head_dim;
     for (int64_t t = begin; t < end; ++t) {
@@ -121,9 +127,9 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
         const int64_t qrow = head_dim + 2, offset = slots[t] * num_kv_heads * qrow;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
           store_quantized_row<IO>(row + q_size + h * head_dim, kq_ptr + offset + h * qrow,
-                                  head_dim);
+                                  head_dim, rotated.data());
           store_quantized_row<IO>(row + q_size + kv_size + h * head_dim,
-                                  vq_ptr + offset + h * qrow, head_dim);
+                                  vq_ptr + offset + h * qrow, head_dim, rotated.data());
         }
         continue;
       }

@@ -11,8 +11,10 @@
 // products and V updates, others the scalar loops. An int8 cache (kernels/kv_quant.py:
 // rows of head_dim int8 values then an fp16 scale) is dequantized as it is read: the dot
 // product and the V update run on the int8 values and the row's scale multiplies the
-// score and the softmax weight.
+// score and the softmax weight; rows stored rotated (H x, kv_quant.h) are met by rotating
+// the query in and the output back.
 #include "ops.h"
+#include "kv_quant.h"
 
 #include <ATen/Parallel.h>
 
@@ -147,6 +149,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t row_width = k_cache.size(3);  // head_dim, or head_dim + scale bytes
   const int64_t token_stride = num_kv_heads * row_width;  // one slot of one cache
   const float fscale = static_cast<float>(scale);
+  const bool rotated = std::is_same_v<cache_t, int8_t> && splitserve_cpu::kv_rotates(head_dim);
 
   // One pass over the context with an online softmax: for each run of up to kChunk slots,
   // scores for every query head of the group, rescale the running sums, add the V rows.
@@ -176,6 +179,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
           qf[g * head_dim + d] = static_cast<float>(src[d]) * fscale;
         running_max[g] = -std::numeric_limits<float>::infinity();
         running_sum[g] = 0.0f;
+        if (rotated) splitserve_cpu::hadamard_inplace(qf + g * head_dim, head_dim);
       }
       std::fill(acc, acc + group * head_dim, 0.0f);
       const int32_t* table = tables + seq * max_blocks;
@@ -228,6 +232,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
         scalar_t* dst = out_ptr + seq * o_seq_stride + (kv_head * group + g) * o_head_stride;
         // An empty context (length 0) gives zeros, as the reference does.
         const float inv = running_sum[g] > 0.0f ? 1.0f / running_sum[g] : 0.0f;
+        if (rotated) splitserve_cpu::hadamard_inplace(acc + g * head_dim, head_dim);
         for (int64_t d = 0; d < head_dim; ++d)
           dst[d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv);
       }
