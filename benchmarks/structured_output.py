@@ -11,7 +11,7 @@ cost a batch?
    model never closes an unbounded string by itself.
 2. Cost: SmolLM2, 32 requests decoding together for `--tokens` tokens each, all free text
    vs half of them under a grammar (an array of >= 50 records, so none finishes early);
-   output tok/s of each, alternated `--repeats` times, medians and the ratio. Also the
+   output tok/s of each, `--repeats` times in alternating order, medians and the ratio. Also the
    mask fill time per constrained row and the time the engine waited for masks.
 Offline engine (splitserve.llm.LLM): the same engine the workers run, without the network.
 """
@@ -138,12 +138,15 @@ def cost(llm: LLM, tokens: int, repeats: int) -> dict[str, Any]:
     prompts = [_prompt(llm, i, chat=True) for i in range(32)]
     _cost_run(llm, prompts[:4], 8, True)  # warm up (the grammar tokenizer, kernels)
     free, half, fills, waits = [], [], [], []
-    for _ in range(repeats):
-        free.append(_cost_run(llm, prompts, tokens, False)[0])
-        rate, fill, wait, rows = _cost_run(llm, prompts, tokens, True)
-        half.append(rate)
-        fills.append(fill / max(rows, 1) * 1e6)
-        waits.append(wait)
+    for i in range(repeats):
+        for constrained in ((False, True) if i % 2 == 0 else (True, False)):  # alternate
+            rate, fill, wait, rows = _cost_run(llm, prompts, tokens, constrained)
+            if not constrained:
+                free.append(rate)
+                continue
+            half.append(rate)
+            fills.append(fill / max(rows, 1) * 1e6)
+            waits.append(wait)
     return {"free_tok_s": [round(x, 1) for x in free],
             "half_constrained_tok_s": [round(x, 1) for x in half],
             "ratio_of_medians": round(statistics.median(half) / statistics.median(free), 3),

@@ -116,12 +116,16 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     device = logits.device
     temperatures = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
     logits = logits / temperatures
-    top_ks = [p.top_k for p in params]
-    if any(k > 0 for k in top_ks):
-        vocab = logits.shape[1]
-        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=device)
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    vocab = logits.shape[1]
+    rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]
+    if rows:
+        # The k-th largest logit of each row from one topk over the largest k asked for
+        # (a full sort of [rows, vocab] costs ~50x more on CPU at a 49k vocabulary).
+        index = torch.tensor(rows, device=device)
+        k = torch.tensor([params[i].top_k for i in rows], device=device)
+        sub = logits.index_select(0, index)
+        kth = torch.topk(sub, int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.index_copy(0, index, sub.masked_fill(sub < kth, float("-inf")))
     top_ps = [p.top_p for p in params]
     if any(p < 1.0 for p in top_ps):
         sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
