@@ -20,11 +20,15 @@ is the torch reference of both directions.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 SCALE_BYTES = 2  # the fp16 scale after each row
+# Bumped whenever the bytes of a quantized row change meaning (KV kept on disk, e.g. the
+# disk tier's files, must not outlive it): 2 = rotated rows.
+FORMAT_VERSION = 2
 QMAX = 127.0
 
 __all__ = ["SCALE_BYTES", "dequantize_rows", "hadamard", "hadamard_matrix", "is_quantized",
@@ -36,8 +40,10 @@ def rotates(head_dim: int) -> bool:
     return head_dim >= 2 and head_dim & (head_dim - 1) == 0
 
 
+@functools.lru_cache(maxsize=16)
 def hadamard_matrix(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """H as an fp32 [n, n] matrix (for kernels that rotate with a matrix product)."""
+    """H as an fp32 [n, n] matrix (for kernels that rotate with a matrix product); built
+    once per (n, device), never written."""
     return hadamard(torch.eye(n, device=device))
 
 

@@ -221,7 +221,8 @@ class HttpApi:
         self._pipeline.refuse_if_full()  # at overload: 429 before the body is even read
         body = await self._read_json(request)
         model = self._pipeline.state.model
-        req = parse(body, model.model_id)
+        # On a thread: a large schema takes a grammar compile to check (up to ~0.3 s).
+        req = await asyncio.to_thread(parse, body, model.model_id)
         if req.generate.tools and not template_supports_tools(model.tokenizer.chat_template):
             raise OpenAIError(NO_TOOLS_TEMPLATE, param="tools")
         response_id = new_response_id(req.chat)

@@ -226,7 +226,7 @@ def _structured_output(b: _Body) -> tuple[StructuredOutput, str] | None:
         elif kind == "json_schema":
             spec = response_format.get("json_schema")
             schema = spec.get("schema") if isinstance(spec, Mapping) else None
-            if not isinstance(schema, (Mapping, bool)):
+            if not isinstance(schema, Mapping):
                 raise OpenAIError("response_format json_schema needs json_schema.schema, a "
                                   "JSON schema object", param="response_format")
             found.append((StructuredOutput.json_schema(schema), "response_format"))
@@ -261,7 +261,7 @@ def _spec(kind: OutputKind, value: Any, name: str) -> StructuredOutput:
     if kind is OutputKind.JSON_SCHEMA:
         if isinstance(value, str):
             return StructuredOutput(kind, value)
-        if isinstance(value, (Mapping, bool)):
+        if isinstance(value, Mapping):
             return StructuredOutput.json_schema(value)
     elif kind is OutputKind.CHOICE:
         if isinstance(value, list):
@@ -450,9 +450,10 @@ def _tool(tool: Any, i: int) -> router_pb2.Tool:
     if not isinstance(description, str):
         raise OpenAIError(f"{where}.function.description must be a string", param=where)
     parameters = function.get("parameters")
-    if parameters is not None and not isinstance(parameters, Mapping):
-        raise OpenAIError(f"{where}.function.parameters must be a JSON schema object",
-                          param=where)
+    if parameters is not None and (not isinstance(parameters, Mapping)
+                                   or parameters.get("type", "object") != "object"):
+        raise OpenAIError(f"{where}.function.parameters must be a JSON schema of an object "
+                          "(the arguments)", param=where)
     return router_pb2.Tool(name=name, description=description,
                            parameters=json.dumps(parameters) if parameters else "")
 

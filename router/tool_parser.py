@@ -103,7 +103,8 @@ class HermesParser(ToolCallParser):
             data = json.loads(body)
         except ValueError:
             return None
-        if not isinstance(data, dict) or data.get("name") not in self._names:
+        name = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or name not in self._names:
             return None
         arguments = data.get("arguments", data.get("parameters", {}))
         if isinstance(arguments, str):  # some models write the arguments as JSON text
@@ -113,7 +114,7 @@ class HermesParser(ToolCallParser):
                 return None
         if not isinstance(arguments, dict):
             return None
-        return ParsedCall(new_call_id(), data["name"], json.dumps(arguments, ensure_ascii=False))
+        return ParsedCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
 
 
 class ForcedParser(ToolCallParser):

@@ -127,10 +127,10 @@ def _check_tools(defined: Sequence[router_pb2.Tool]) -> None:
         if tool.parameters:
             try:
                 schema = json.loads(tool.parameters)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise _invalid(f"tools[{i}].parameters is not valid JSON") from None
-            if not isinstance(schema, dict):
-                raise _invalid(f"tools[{i}].parameters must be a JSON schema object")
+            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+                raise _invalid(f"tools[{i}].parameters must be a JSON schema of an object")
 
 
 def resolve_sampling(

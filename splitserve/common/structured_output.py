@@ -73,8 +73,8 @@ def _grammar(kind: OutputKind, spec: str) -> str:
         return str(LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=compact))
     if kind is OutputKind.JSON_SCHEMA:
         schema = _json(spec, "json_schema")
-        if not isinstance(schema, (dict, bool)):
-            raise ValueError("a JSON schema must be an object (or true/false)")
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema must be a JSON object")
         return str(LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=compact))
     if kind is OutputKind.REGEX:
         if not spec:
@@ -104,5 +104,5 @@ def _grammar_error(grammar: str) -> str:
 def _json(spec: str, what: str) -> object:
     try:
         return json.loads(spec)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise ValueError(f"{what} is not valid JSON: {exc}") from None

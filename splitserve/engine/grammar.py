@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from splitserve.common.structured_output import StructuredOutput
@@ -32,14 +34,21 @@ if TYPE_CHECKING:
     from llguidance import LLMatcher
 
 
+# Compiled grammars kept per engine (a deployment sees the same few schemas over and over;
+# compiling a large one takes up to ~0.3 s, a copy of a compiled matcher well under 1 ms).
+_COMPILED_GRAMMARS = 64
+
+
 class GrammarCompiler:
     """Builds matchers for one engine's tokenizer and vocabulary (the llguidance tokenizer is
-    built on first use: ~0.3 s for a 49k vocabulary)."""
+    built on first use: ~0.3 s for a 49k vocabulary). Compiled matchers are kept by grammar
+    text, LRU, and each request gets a copy."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._pool: ThreadPoolExecutor | None = None
+        self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()
         self.stats = MaskStats()
 
     @functools.cached_property
@@ -60,16 +69,27 @@ class GrammarCompiler:
     def new_matcher(self, spec: StructuredOutput, replay: Iterable[int] = ()) -> LLMatcher:
         """A matcher at the start of `spec`'s grammar, advanced over `replay` (output this
         request sampled before). ValueError when the grammar or the replay is refused."""
-        import llguidance
-
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, spec.grammar(), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"structured output: {matcher.get_error()}")
+        matcher = self._fresh_matcher(spec.grammar())
         replay = list(replay)
         if replay and not matcher.consume_tokens(replay):
             raise ValueError("structured output: the request's earlier output does not "
                              f"follow its grammar ({matcher.get_error()})")
         return matcher
+
+    def _fresh_matcher(self, grammar: str) -> LLMatcher:
+        import llguidance
+
+        pristine = self._compiled.get(grammar)
+        if pristine is None:
+            pristine = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+            if pristine.is_error():
+                raise ValueError(f"structured output: {pristine.get_error()}")
+            self._compiled[grammar] = pristine
+            if len(self._compiled) > _COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(grammar)
+        return pristine.deep_copy()
 
     def start_masks(self, matchers: list[tuple[Sequence, LLMatcher]]) -> StepMasks:
         """Begin filling one bitmask row per (sequence, matcher), in that order."""
@@ -83,10 +103,11 @@ class GrammarCompiler:
         return StepMasks(rows, future, self.stats)
 
     def _fill(self, pairs: list[tuple[LLMatcher, int]], bitmask: torch.Tensor) -> torch.Tensor:
-        from llguidance.torch import fill_next_token_bitmask_par
-
+        # What llguidance.torch.fill_next_token_bitmask_par does, without importing that
+        # module (its torch.compile decorator pulls in torch._dynamo: seconds, ~200 MB).
         started = time.perf_counter()
-        fill_next_token_bitmask_par(self._ll_executor, pairs, bitmask)
+        self._ll_executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(),
+                                                  bitmask.shape[1] * 4, bitmask.shape[0])
         self.stats.fill_s += time.perf_counter() - started
         self.stats.rows += len(pairs)
         return bitmask
@@ -130,10 +151,9 @@ class StepMasks:
         return positions, bitmask.index_select(0, index)
 
 
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """bool [rows, vocab_size] from int32 bitmask rows [rows, ceil(vocab / 32)]."""
-    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    """bool [rows, vocab_size] from int32 bitmask rows [rows, ceil(vocab / 32)] (CPU; bit
+    i of word w is token 32 w + i, little-endian as llguidance writes it)."""
+    packed = bitmask.contiguous().numpy().view(np.uint8)
+    bits = np.unpackbits(packed, axis=-1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(bits).bool()

@@ -21,15 +21,18 @@ Used by the engine thread only; counters may be read from any thread.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from splitserve.engine.block_manager import PrefixEventLog
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_disk import DiskKVStore
+from splitserve.kernels.kv_quant import FORMAT_VERSION
 
 TIERS = ("host", "disk")
 
@@ -182,7 +185,21 @@ def build_kv_tier(config: EngineConfig, kv_pool: torch.Tensor, model_id: str) ->
     if config.disk_kv_cache_dir:
         shape = (kv_pool.shape[0], kv_pool.shape[1], *kv_pool.shape[3:])
         dtype = str(kv_pool.dtype).removeprefix("torch.")
-        layout = f"{dtype}|{','.join(map(str, shape))}|{model_id}"
+        # The KV format's version and the weights' identity keep stale files out: a file
+        # of an older int8 format, or of other weights at the same path, is never loaded.
+        layout = (f"v{FORMAT_VERSION}|{dtype}|{','.join(map(str, shape))}|{model_id}|"
+                  f"{_weights_fingerprint(model_id)}")
         disk = DiskKVStore(config.disk_kv_cache_dir, layout, tuple(shape), kv_pool.dtype,
                            config.disk_kv_cache_bytes)
     return KVTierStore(kv_pool, config.host_kv_cache_bytes, disk)
+
+
+def _weights_fingerprint(model_dir: str) -> str:
+    """Names, sizes and modification times of a model directory's config and weights."""
+    digest = hashlib.blake2b(digest_size=8)
+    root = Path(model_dir)
+    if root.is_dir():
+        for path in sorted([*root.glob("*.safetensors"), *root.glob("*.json")]):
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()

@@ -149,10 +149,13 @@ class Scheduler:
                 return
             full = len(self.running) >= self.config.max_num_seqs
             bm = self.block_manager
-            cached = len(bm.match_prefix(head))
+            match = bm.match_prefix(head)
+            cached = len(match)
             first_chunk = min(head.num_tokens - cached * bm.block_size,
                               self.config.max_num_batched_tokens)
-            needed = bm.blocks_needed(cached * bm.block_size + first_chunk) - cached
+            # Blocks loaded from the KV tier need fresh device blocks too.
+            needed = (bm.blocks_needed(cached * bm.block_size + first_chunk)
+                      - len(match.device_blocks))
             if not full and needed <= bm.num_free_blocks:
                 return
             self._preempt(worst)

@@ -356,3 +356,28 @@ class TierMachine(RuleBasedStateMachine):
 
 TestTierMachine = TierMachine.TestCase
 TestTierMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_better_class_whose_prefix_is_in_the_tier_preempts_for_fresh_blocks() -> None:
+    """Blocks loaded from the tier need free device blocks: a priority-0 request whose
+    prefix is only in the tier must make a worse class's running sequence give way."""
+    from splitserve.engine.scheduler import Scheduler, SchedulerConfig
+
+    tier = FakeTier()
+    bm = BlockManager(num_blocks=4, block_size=4, tier=tier)
+    sched = Scheduler(SchedulerConfig(8, 64), bm)
+    low = Sequence("low", list(range(100, 112)), SamplingParams(max_tokens=8), priority=5)
+    sched.add(low)
+    out = sched.schedule()
+    assert [item.seq for item in out.scheduled] == [low] and bm.num_free_blocks == 1
+    low.num_computed_tokens = low.num_tokens
+    low.append_token(7)
+    high_prompt = list(range(200, 209))  # two full blocks, both only in the tier
+    for block_hash in compute_block_hashes(high_prompt, 4):
+        tier.blocks[block_hash] = 0
+    high = Sequence("high", high_prompt, SamplingParams(max_tokens=8), priority=0)
+    sched.add(high)
+    out = sched.schedule()
+    assert low in out.preempted
+    assert high in [item.seq for item in out.scheduled]
+    assert len(tier.loads) == 2  # its prefix came from the tier, not recomputed

@@ -59,6 +59,15 @@ def test_json_schema_outputs_validate(llm: LLM) -> None:
         jsonschema.validate(json.loads(out.text), SCHEMA)
 
 
+def test_a_grammar_is_compiled_once_and_each_request_gets_its_own_matcher(llm: LLM) -> None:
+    spec = StructuredOutput(OutputKind.REGEX, r"[a-z]{2,6}-[0-9]{2,6}")
+    before = len(llm.engine.grammars._compiled)
+    outs = llm.generate(PROMPTS, [_params(spec, seed=i) for i in range(len(PROMPTS))])
+    assert len(llm.engine.grammars._compiled) == before + 1
+    assert all(re.fullmatch(r"[a-z]{2,6}-[0-9]{2,6}", o.text) for o in outs)
+    assert len({o.text for o in outs}) > 1  # independent matchers, different samples
+
+
 def test_regex_choice_and_lark(llm: LLM) -> None:
     cases = [
         (StructuredOutput(OutputKind.REGEX, r"[0-9]{3}-[a-z]{2,4}"),

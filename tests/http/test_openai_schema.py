@@ -105,6 +105,9 @@ USER = [{"role": "user", "content": "hi"}]
                                             "json_schema": {"schema": "x"}}}, "response_format"),
     ({"messages": USER, "structured_outputs": {"choice": []}}, "structured_outputs"),
     ({"messages": USER, "guided_json": {"type": 7}}, "guided_json"),
+    ({"messages": USER, "guided_json": "[" * 5000}, "guided_json"),  # nesting: not a 500
+    ({"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}], "tool_choice": "required"}, "tools[0]"),
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": USER, "n": 65}, "n"),
     ({"messages": []}, "messages"),

@@ -45,6 +45,9 @@ def test_hermes_content_is_never_held_longer_than_a_tag_prefix() -> None:
     "<tool_call>not json</tool_call>",
     '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>',
     '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+    '<tool_call>{"name": ["f"], "arguments": {}}</tool_call>',  # unhashable: no crash
+    '<tool_call>{"name": {"a": 1}}</tool_call>',
+    '<tool_call>[1, 2]</tool_call>',
 ])
 def test_hermes_keeps_blocks_that_are_not_calls_as_content(block: str) -> None:
     content, calls = _run(HermesParser({"f"}), f"x {block} y", 4)
