@@ -91,21 +91,29 @@ class ClusterStateServicer(cluster_pb2_grpc.ClusterStateServicer):
 
     @_invalid_argument_on_value_error
     def PublishPrefixEvents(self, request: Any, context: Any) -> pb.PublishPrefixEventsResponse:
+        # UNSPECIFIED (a worker from before the tiers) is the device; an unknown value (a
+        # newer worker's tier) is refused rather than filed as device blocks.
+        tier = "device" if request.tier == pb.KV_TIER_UNSPECIFIED \
+            else _TIER_FROM_PROTO.get(request.tier)
+        if tier is None:
+            raise ValueError(f"unknown KV tier {request.tier}")
         self._store.publish_prefix_events(
             request.worker_id, list(request.stored_hashes), list(request.evicted_hashes),
-            tier=_TIER_FROM_PROTO.get(request.tier, "device"),
+            tier=tier,
         )
         return pb.PublishPrefixEventsResponse()
 
     @_invalid_argument_on_value_error
     def PrefixOverlap(self, request: Any, context: Any) -> pb.PrefixOverlapResponse:
         hashes = list(request.block_hashes)
-        response = pb.PrefixOverlapResponse(num_cached_blocks=self._store.prefix_overlap(hashes))
-        if request.with_tiers:
-            for wid, run in self._store.prefix_overlap_tiers(hashes).items():
-                response.tier_runs[wid].CopyFrom(pb.PrefixTierRun(
-                    device_blocks=run.device_blocks, host_blocks=run.host_blocks,
-                    disk_blocks=run.disk_blocks))
+        if not request.with_tiers:
+            return pb.PrefixOverlapResponse(
+                num_cached_blocks=self._store.prefix_overlap(hashes))
+        response = pb.PrefixOverlapResponse()  # tier runs only: one lookup, not two
+        for wid, run in self._store.prefix_overlap_tiers(hashes).items():
+            response.tier_runs[wid].CopyFrom(pb.PrefixTierRun(
+                device_blocks=run.device_blocks, host_blocks=run.host_blocks,
+                disk_blocks=run.disk_blocks))
         return response
 
     @_invalid_argument_on_value_error
@@ -234,6 +242,10 @@ class RemoteClusterStore(ClusterStore):
         check_block_hashes(block_hashes)
         request = pb.PrefixOverlapRequest(block_hashes=block_hashes, with_tiers=True)
         response = self._call(self._stub.PrefixOverlap, request)
+        if not response.tier_runs and response.num_cached_blocks:
+            # A cluster-state server from before the tiers: its runs are device blocks.
+            return {wid: PrefixOverlap(n, 0, 0)
+                    for wid, n in sorted(response.num_cached_blocks.items())}
         return {wid: PrefixOverlap(run.device_blocks, run.host_blocks, run.disk_blocks)
                 for wid, run in sorted(response.tier_runs.items())}
 

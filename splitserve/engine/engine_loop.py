@@ -73,6 +73,8 @@ class EngineLoop:
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.engine.grammars.close()  # the structured-output mask thread
 
     def submit(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
         future: Future[T] = Future()

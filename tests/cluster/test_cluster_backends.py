@@ -149,3 +149,37 @@ def test_redis_keys_are_namespaced_plain_strings_with_ttl(redis_url: str) -> Non
             raw.delete(key)
         raw.close()
         store.close()
+
+
+def test_tier_runs_fall_back_to_device_runs_of_an_older_server() -> None:
+    """A cluster-state server from before the KV tiers ignores with_tiers and answers only
+    num_cached_blocks: those are device runs, and kv_aware routing keeps working."""
+    from splitserve.cluster.store import PrefixOverlap
+    from splitserve.v1 import cluster_pb2
+
+    remote = RemoteClusterStore("127.0.0.1:1")
+    old = cluster_pb2.PrefixOverlapResponse(num_cached_blocks={"d0": 3, "d1": 1})
+    remote._call = lambda rpc, request: old  # type: ignore[method-assign]
+    try:
+        assert remote.prefix_overlap_tiers([1, 2, 3]) == {
+            "d0": PrefixOverlap(3, 0, 0), "d1": PrefixOverlap(1, 0, 0)}
+    finally:
+        remote.close()
+
+
+def test_an_unknown_kv_tier_is_refused_not_filed_as_device() -> None:
+    from splitserve.cluster.memory import InMemoryClusterStore
+    from splitserve.cluster.remote import ClusterStateServicer
+    from splitserve.v1 import cluster_pb2
+
+    store = InMemoryClusterStore()
+    servicer = ClusterStateServicer(store)
+    request = cluster_pb2.PublishPrefixEventsRequest(worker_id="w", stored_hashes=[5], tier=9)
+
+    class Context:
+        def abort(self, code, message):  # type: ignore[no-untyped-def]
+            raise RuntimeError(f"{code}: {message}")
+
+    with pytest.raises(RuntimeError, match="unknown KV tier"):
+        servicer.PublishPrefixEvents(request, Context())
+    assert store.prefix_overlap([5]) == {}
