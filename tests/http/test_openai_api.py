@@ -34,18 +34,6 @@ def deployment(tiny_llama: Path) -> Iterator[Deployment]:
     d.stop()
 
 
-@pytest.fixture(scope="module")
-def client(deployment: Deployment) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://{deployment.router.http_address}/v1", api_key="none",
-                       max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(deployment: Deployment) -> str:
-    return deployment.router.model.model_id
-
-
 def grpc_generate(deployment: Deployment, request: router_pb2.GenerateRequest
                   ) -> tuple[str, list[router_pb2.GenerateResponse]]:
     sp = request.sampling_params

@@ -50,18 +50,6 @@ def deployment(tiny_llama: Path) -> Iterator[Deployment]:
     d.stop()
 
 
-@pytest.fixture(scope="module")
-def client(deployment: Deployment) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://{deployment.router.http_address}/v1", api_key="none",
-                       max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(deployment: Deployment) -> str:
-    return deployment.router.model.model_id
-
-
 def test_json_schema_response_format_validates(client: openai.OpenAI, model: str) -> None:
     fmt: Any = {"type": "json_schema",
                 "json_schema": {"name": "forecast", "schema": SCHEMA, "strict": True}}
