@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import struct
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -63,6 +64,9 @@ class DiskKVStore:
         self.corrupt = 0  # entries found damaged and deleted
         self.evicted = 0  # entries deleted (LRU, damaged, vanished)
         self._tmp_counter = 0
+        # The index, the counters and the events are shared by the engine thread (contains,
+        # get) and the tier's disk writer (put); files are read and written outside it.
+        self._lock = threading.Lock()
         self._scan()
 
     @property
@@ -95,24 +99,31 @@ class DiskKVStore:
         self._shrink()
 
     def contains(self, block_hash: int) -> bool:
-        if block_hash in self._index:
-            self._index.move_to_end(block_hash)
-            return True
-        return False
+        with self._lock:
+            if block_hash in self._index:
+                self._index.move_to_end(block_hash)
+                return True
+            return False
+
+    def drain_events(self) -> tuple[list[int], list[int]]:
+        with self._lock:
+            return self.events.drain()
 
     def put(self, block_hash: int, block: torch.Tensor) -> bool:
         """Write one block (a CPU tensor of `shape`); False when it does not fit at all."""
-        if block_hash in self._index:
-            self._index.move_to_end(block_hash)
-            return True
+        with self._lock:
+            if block_hash in self._index:
+                self._index.move_to_end(block_hash)
+                return True
+            self._tmp_counter += 1
+            counter = self._tmp_counter
         if self.entry_bytes > self.capacity_bytes:
             return False
         payload = block.contiguous().reshape(-1).view(torch.uint8).numpy().data
         header = _HEADER.pack(_MAGIC, block_hash, self.payload_bytes, len(self.layout),
                               _digest(self.layout, payload))
-        self._tmp_counter += 1
         path = self._path(block_hash)
-        tmp = self.dir / f".{path.name}.{os.getpid()}.{self._tmp_counter}.tmp"
+        tmp = self.dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{counter}.tmp"
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
@@ -124,27 +135,32 @@ class DiskKVStore:
                         exc_info=True)
             tmp.unlink(missing_ok=True)
             return False
-        self._index[block_hash] = None
-        self.events.stored(block_hash)
-        self._shrink()
+        with self._lock:
+            self._index[block_hash] = None
+            self.events.stored(block_hash)
+            self._shrink()
         return True
 
     def get(self, block_hash: int) -> torch.Tensor | None:
         """The block, or None when absent or damaged (a damaged file is deleted)."""
-        if block_hash not in self._index:
-            return None
+        with self._lock:
+            if block_hash not in self._index:
+                return None
         try:
             data = self._path(block_hash).read_bytes()
         except OSError:
-            self._drop(block_hash)
+            with self._lock:
+                self._drop(block_hash)
             return None
         payload = self._check(block_hash, data)
-        if payload is None:
-            self.corrupt += 1
-            log.warning("KV block %016x in %s is damaged; deleted", block_hash, self.dir)
-            self._drop(block_hash)
-            return None
-        self._index.move_to_end(block_hash)
+        with self._lock:
+            if payload is None:
+                self.corrupt += 1
+                log.warning("KV block %016x in %s is damaged; deleted", block_hash, self.dir)
+                self._drop(block_hash)
+                return None
+            if block_hash in self._index:
+                self._index.move_to_end(block_hash)
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         return flat.view(self.dtype).view(self.shape)
 
@@ -167,6 +183,7 @@ class DiskKVStore:
             self._drop(oldest)
 
     def _drop(self, block_hash: int) -> None:
+        """(Under the lock.)"""
         self._index.pop(block_hash, None)
         self.evicted += 1
         self._path(block_hash).unlink(missing_ok=True)

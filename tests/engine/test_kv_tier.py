@@ -220,14 +220,47 @@ def test_host_evictions_spill_to_disk_and_load_back(tmp_path: Path) -> None:
     block_bytes = kv[:, :, 0].numel() * 4
     tier = KVTierStore(kv, host_capacity_bytes=block_bytes, disk=disk_store(tmp_path))
     tier.offload(0, 10)
-    tier.offload(1, 11)  # 10 spills to disk
+    tier.offload(1, 11)  # 10 spills to disk (on the writer thread)
+    tier.flush()
     assert tier.num_host_blocks == 1 and tier.disk is not None and tier.disk.contains(10)
+    assert tier.snapshot()["disk"].stored == 1
     kv[:, :, 2].zero_()
     assert tier.load(10, 2)
     assert torch.equal(kv[:, :, 2], original[:, :, 0])
     assert tier.stats["disk"].hits == 1 and tier.stats["host"].misses == 1
     events = tier.drain_events()
     assert events == {"host": ([11], []), "disk": ([10], [])}
+
+
+def test_a_queued_disk_write_is_found_and_loaded_before_it_lands(tmp_path: Path) -> None:
+    """The engine never waits for a file: an eviction only queues the write, and a lookup
+    meanwhile finds the block in the queue; a full queue drops writes, not the engine."""
+    import threading
+
+    kv = pool()
+    original = kv.clone()
+    store = disk_store(tmp_path)
+    gate = threading.Event()
+    real_put = store.put
+
+    def slow_put(block_hash: int, block: torch.Tensor) -> bool:
+        gate.wait(10)
+        return real_put(block_hash, block)
+
+    store.put = slow_put  # type: ignore[method-assign]
+    tier = KVTierStore(kv, host_capacity_bytes=0, disk=store)
+    assert tier._writer is not None
+    tier._writer.max_pending = 2
+    tier.offload(0, 10)
+    tier.offload(1, 11)
+    tier.offload(2, 12)  # the queue is full: dropped
+    assert tier._writer.dropped == 1 and not tier.contains(12)
+    kv[:, :, 0:2].zero_()
+    assert tier.contains(10) and tier.load(10, 3)  # from the queue, before the file exists
+    assert torch.equal(kv[:, :, 3], original[:, :, 0])
+    gate.set()
+    tier.flush()
+    assert store.contains(10) and store.contains(11) and not store.contains(12)
 
 
 # ---- through the engine -----------------------------------------------------------------
