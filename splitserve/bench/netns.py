@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Sequence
 from types import TracebackType
@@ -87,8 +88,24 @@ class TestHosts:
             _ip("link", "set", port, "up", ns=self.switch)
 
     def close(self) -> None:
+        for name in self.names:  # a process left inside would keep its namespace alive
+            self.kill_all(name)
         for ns in [*self._ns.values(), self.switch]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def pids(self, name: str) -> list[int]:
+        """Every process inside host `name` (`ip netns pids`), whoever started it."""
+        out = subprocess.run(["ip", "netns", "pids", self._ns[name]], capture_output=True,
+                             text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def kill_all(self, name: str) -> None:
+        """SIGKILL every process still inside host `name` (only this object's hosts)."""
+        for pid in self.pids(name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def address(self, name: str) -> str:
         return self._addr[name]
