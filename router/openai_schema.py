@@ -396,14 +396,16 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
 def _tools(b: _Body, request: router_pb2.GenerateRequest) -> ToolChoice | None:
     """`tools`, `tool_choice` and `parallel_tool_calls`; the grammar of a forced call."""
     defined = b.get("tools", (list,), "a list of tools") or []
-    if len(defined) > tool_rules.MAX_TOOLS:
+    if len(defined) > tool_rules.MAX_TOOLS:  # before building any
         raise OpenAIError(f"at most {tool_rules.MAX_TOOLS} tools, got {len(defined)}",
                           param="tools")
     for i, tool in enumerate(defined):
-        request.tools.append(_tool(tool, i))
+        request.tools.append(_tool(b, tool, i))
+    try:
+        tool_rules.check_tools(request.tools)
+    except tool_rules.ToolError as exc:
+        raise OpenAIError(str(exc), param=exc.param) from None
     names = [t.name for t in request.tools]
-    if len(set(names)) != len(names):
-        raise OpenAIError("tools: each function name must be unique", param="tools")
     parallel = b.flag("parallel_tool_calls")
     choice = b.data.get("tool_choice")
     if choice is None:
@@ -435,7 +437,7 @@ def _tools(b: _Body, request: router_pb2.GenerateRequest) -> ToolChoice | None:
     return tool_choice
 
 
-def _tool(tool: Any, i: int) -> router_pb2.Tool:
+def _tool(b: _Body, tool: Any, i: int) -> router_pb2.Tool:
     where = f"tools[{i}]"
     function = tool.get("function") if isinstance(tool, Mapping) else None
     if not isinstance(tool, Mapping) or tool.get("type") != "function" \
@@ -443,18 +445,16 @@ def _tool(tool: Any, i: int) -> router_pb2.Tool:
         raise OpenAIError(f"{where} must be {{'type': 'function', 'function': {{...}}}}",
                           param=where)
     name = function.get("name")
-    if not isinstance(name, str) or not tool_rules.TOOL_NAME.match(name):
-        raise OpenAIError(f"{where}.function.name must match {tool_rules.TOOL_NAME.pattern}",
-                          param=where)
+    if not isinstance(name, str):
+        raise OpenAIError(f"{where}.function.name must be a string", param=where)
     description = function.get("description") or ""
     if not isinstance(description, str):
         raise OpenAIError(f"{where}.function.description must be a string", param=where)
     parameters = function.get("parameters")
-    if parameters is not None and (not isinstance(parameters, Mapping)
-                                   or parameters.get("type", "object") != "object"):
-        raise OpenAIError(f"{where}.function.parameters must be a JSON schema of an object "
-                          "(the arguments)", param=where)
-    return router_pb2.Tool(name=name, description=description,
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise OpenAIError(f"{where}.function.parameters must be a JSON schema object",
+                          param=where)
+    return router_pb2.Tool(name=b.text(where, name), description=b.text(where, description),
                            parameters=json.dumps(parameters) if parameters else "")
 
 
@@ -491,21 +491,21 @@ def _messages(b: _Body, messages: Any) -> list[router_pb2.ChatMessage]:
             if role != "assistant" or not isinstance(calls, list):
                 raise OpenAIError("tool_calls must be a list, on an assistant message",
                                   param=f"messages[{i}].tool_calls")
-            turn.tool_calls.extend(_tool_call(call, f"messages[{i}].tool_calls[{j}]")
+            turn.tool_calls.extend(_tool_call(b, call, f"messages[{i}].tool_calls[{j}]")
                                    for j, call in enumerate(calls))
         if role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise OpenAIError("a tool message needs its tool_call_id",
                                   param=f"messages[{i}].tool_call_id")
-            turn.tool_call_id = call_id
+            turn.tool_call_id = b.text(f"messages[{i}].tool_call_id", call_id)
             if isinstance(message.get("name"), str):
-                turn.name = message["name"]
+                turn.name = b.text(f"messages[{i}].name", message["name"])
         out.append(turn)
     return out
 
 
-def _tool_call(call: Any, where: str) -> router_pb2.ToolCall:
+def _tool_call(b: _Body, call: Any, where: str) -> router_pb2.ToolCall:
     function = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
         raise OpenAIError(f"{where} must be {{'id', 'type': 'function', 'function': "
@@ -514,7 +514,8 @@ def _tool_call(call: Any, where: str) -> router_pb2.ToolCall:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)  # some clients send the object itself
     call_id = call.get("id") if isinstance(call.get("id"), str) else ""
-    return router_pb2.ToolCall(id=call_id, name=function["name"], arguments=arguments)
+    return router_pb2.ToolCall(id=b.text(where, call_id), name=b.text(where, function["name"]),
+                               arguments=b.text(where, arguments))
 
 
 def _content(message: Mapping[str, Any], i: int) -> str:

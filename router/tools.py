@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,38 @@ class ToolChoice:
     mode: str
     name: str = ""  # the function, for "named"
     parallel: bool = True  # "required": more than one call allowed
+
+
+class ToolError(ValueError):
+    """A tool definition breaks a rule; `param` names the field ("tools" or "tools[i]")."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_tools(defined: Sequence[router_pb2.Tool]) -> None:
+    """The rules every request's tools obey, whichever API they came through: at most
+    MAX_TOOLS, names matching TOOL_NAME and unique, parameters a JSON schema of an object."""
+    if len(defined) > MAX_TOOLS:
+        raise ToolError(f"at most {MAX_TOOLS} tools, got {len(defined)}", "tools")
+    names: set[str] = set()
+    for i, tool in enumerate(defined):
+        where = f"tools[{i}]"
+        if not TOOL_NAME.match(tool.name):
+            raise ToolError(f"{where}.name {tool.name!r} must match {TOOL_NAME.pattern}", where)
+        if tool.name in names:
+            raise ToolError(f"tools: the function name {tool.name!r} is defined twice",
+                            "tools")
+        names.add(tool.name)
+        if tool.parameters:
+            try:
+                schema = json.loads(tool.parameters)
+            except (ValueError, RecursionError):
+                raise ToolError(f"{where}.parameters is not valid JSON", where) from None
+            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+                raise ToolError(f"{where}.parameters must be a JSON schema of an object (the "
+                                "arguments)", where)
 
 
 def new_call_id() -> str:

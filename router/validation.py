@@ -8,10 +8,9 @@ thread because tokenizing a long prompt takes a while.
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -103,7 +102,7 @@ def _chat_prompt(request: router_pb2.GenerateRequest, model: ServedModel) -> lis
     if request.tools:
         if not tools.template_supports_tools(model.tokenizer.chat_template):
             raise _invalid(f"tools: {tools.NO_TOOLS_TEMPLATE}")
-        _check_tools(request.tools)
+        _check(tools.check_tools, request.tools)
         extra["tools"] = tools.template_tools(list(request.tools))
     messages = [tools.template_message(m) for m in turns]
     try:
@@ -111,26 +110,6 @@ def _chat_prompt(request: router_pb2.GenerateRequest, model: ServedModel) -> lis
                                                    **extra)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise _invalid(f"cannot apply the model's chat template to messages: {exc}") from exc
-
-
-def _check_tools(defined: Sequence[router_pb2.Tool]) -> None:
-    if len(defined) > tools.MAX_TOOLS:
-        raise _invalid(f"at most {tools.MAX_TOOLS} tools, got {len(defined)}")
-    names = set()
-    for i, tool in enumerate(defined):
-        if not tools.TOOL_NAME.match(tool.name):
-            raise _invalid(f"tools[{i}].name {tool.name!r} must match "
-                           f"{tools.TOOL_NAME.pattern}")
-        if tool.name in names:
-            raise _invalid(f"tools[{i}].name {tool.name!r} is defined twice")
-        names.add(tool.name)
-        if tool.parameters:
-            try:
-                schema = json.loads(tool.parameters)
-            except (ValueError, RecursionError):
-                raise _invalid(f"tools[{i}].parameters is not valid JSON") from None
-            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
-                raise _invalid(f"tools[{i}].parameters must be a JSON schema of an object")
 
 
 def resolve_sampling(

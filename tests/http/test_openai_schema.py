@@ -106,6 +106,15 @@ USER = [{"role": "user", "content": "hi"}]
     ({"messages": USER, "structured_outputs": {"choice": []}}, "structured_outputs"),
     ({"messages": USER, "guided_json": {"type": 7}}, "guided_json"),
     ({"messages": USER, "guided_json": "[" * 5000}, "guided_json"),  # nesting: not a 500
+    # Lone surrogates cannot go into a protobuf string: a 400 naming the field, not a 500.
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "\ud800"}}]},
+     "tools[0]"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "description": "\udfff"}}]}, "tools[0]"),
+    ({"messages": [*USER, {"role": "assistant", "tool_calls": [{"id": "c", "function": {
+        "name": "f", "arguments": "\ud800"}}]}]}, "messages[1].tool_calls[0]"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "\ud800"}]},
+     "messages[0].tool_call_id"),
     ({"messages": USER, "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "string"}}}], "tool_choice": "required"}, "tools[0]"),
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
