@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.engine.stop_checker import held_back_length
 from splitserve.router.tools import ToolChoice, new_call_id
 
 OPEN_TAG = "<tool_call>"
@@ -69,7 +70,7 @@ class HermesParser(ToolCallParser):
             if not self._inside:
                 start = self._buffer.find(OPEN_TAG)
                 if start < 0:
-                    keep = _partial_tag_length(self._buffer, OPEN_TAG)
+                    keep = held_back_length(self._buffer, (OPEN_TAG,))
                     content.append(self._buffer[:len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep:]
                     break
@@ -142,11 +143,3 @@ class ForcedParser(ToolCallParser):
                                    json.dumps(c.get("parameters", {}), ensure_ascii=False))
                         for c in data]
         return text, []
-
-
-def _partial_tag_length(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0

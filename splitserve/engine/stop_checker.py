@@ -75,19 +75,20 @@ class StopChecker:
     def _take_delta(self, final: bool) -> str:
         end = len(self._text)
         if not final and self.params.stop:
-            end -= self._held_back_length()
+            end -= held_back_length(self._text, self.params.stop)
         end = max(end, self._emitted)
         delta = self._text[self._emitted : end]
         self._emitted = end
         return delta
 
-    def _held_back_length(self) -> int:
-        """Length of the longest suffix of the text that begins some stop string."""
-        text = self._text
-        best = 0
-        for stop in self.params.stop:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+
+def held_back_length(text: str, markers: Collection[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some marker: what a
+    stream must hold back until it knows whether a marker (a stop string, a tag) begins."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:n]):
+                best = n
+                break
+    return best
