@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels.kv_quant import hadamard_matrix, rotates
+from splitserve.kernels.kv_quant import hadamard_matrix, rotates, row_width
 
 __all__ = ["store_kv", "pack_kv", "unpack_kv"]
 
@@ -132,7 +132,7 @@ def store_kv(
     cache: quantized)."""
     _check_caches(k_cache, v_cache)
     quant = k_cache.dtype == torch.int8
-    width = k.shape[2] + 2 if quant else k.shape[2]
+    width = row_width(k.shape[2]) if quant else k.shape[2]
     assert k.shape == v.shape and k.dim() == 3 and (k.shape[1], width) == k_cache.shape[2:], (
         k.shape, k_cache.shape)
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"

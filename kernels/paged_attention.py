@@ -27,7 +27,7 @@ from splitserve.kernels.attention_plan import (
     choose_block_n,
     choose_num_splits,
 )
-from splitserve.kernels.kv_quant import hadamard_matrix, rotates
+from splitserve.kernels.kv_quant import hadamard_matrix, rotates, row_width
 
 __all__ = [
     "MAX_SPLITS",
@@ -172,7 +172,7 @@ def _check_args(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     assert k_cache.dtype == v_cache.dtype and (quant or q.dtype == k_cache.dtype), (
         q.dtype, k_cache.dtype, v_cache.dtype)
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
-    width = q.shape[2] + 2 if quant else q.shape[2]  # int8 rows end with an fp16 scale
+    width = row_width(q.shape[2]) if quant else q.shape[2]  # int8 rows end with a scale
     assert width == k_cache.shape[3] and q.shape[2] >= 16, (q.shape, k_cache.shape)
     assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
     for t in (q, k_cache, v_cache, out):

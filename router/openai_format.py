@@ -108,10 +108,7 @@ class ResponseBuilder:
         finish = _FINISH.get(chunk.finish_reason)
         text, calls = chunk.text, list[ParsedCall]()
         if self._parser is not None:
-            text, calls = self._parser.feed(chunk.text)
-            if finish is not None:
-                rest, more = self._parser.finish()
-                text, calls = text + rest, calls + more
+            text, calls = self._parser.take(chunk.text, final=finish is not None)
             self._num_calls += len(calls)
             finish = self._finish_with_calls(finish, self._num_calls)
         if not text and not calls and not chunk.logprobs and finish is None:
@@ -153,9 +150,7 @@ class ResponseBuilder:
         if self._req.chat:
             calls: list[ParsedCall] = []
             if self._parser is not None:
-                text, calls = self._parser.feed(text)
-                rest, more = self._parser.finish()
-                text, calls = text + rest, calls + more
+                text, calls = self._parser.take(text, final=True)
                 finish = self._finish_with_calls(finish, len(calls))
             message: dict[str, Any] = {"role": "assistant",
                                        "content": text if text or not calls else None}

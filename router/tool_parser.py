@@ -46,6 +46,14 @@ class ToolCallParser:
         """What remains at the end of the answer."""
         raise NotImplementedError
 
+    def take(self, text: str, final: bool) -> tuple[str, list[ParsedCall]]:
+        """feed(text), then finish() when `text` is the last of the answer."""
+        content, calls = self.feed(text)
+        if final:
+            rest, more = self.finish()
+            content, calls = content + rest, calls + more
+        return content, calls
+
 
 def parser_for(choice: ToolChoice | None, tool_names: list[str]) -> ToolCallParser | None:
     """The parser of an answer under `choice` (None: plain content)."""
