@@ -198,7 +198,7 @@ def _logit_bias(b: _Body, sp: common_pb2.SamplingParams) -> None:
                           f"{MAX_LOGIT_BIAS_ENTRIES}", param="logit_bias")
     for key, value in bias.items():
         token = str(key)
-        if not token.isdigit() or int(token) >= 2**32:
+        if not (token.isascii() and token.isdigit()) or int(token) >= 2**32:
             raise OpenAIError(f"logit_bias keys must be token ids, got {key!r}",
                               param="logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) \

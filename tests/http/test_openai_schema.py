@@ -72,6 +72,9 @@ def test_chat_fields_map_onto_generate_request() -> None:
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "x", "repetition_penalty": 2.5}, "repetition_penalty"),
     ({"prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
+    # Unicode digits that int() refuses (a fuzzed 500): not token ids.
+    ({"prompt": "x", "logit_bias": {"\u00b9": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"\u0663": 1}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"1": True}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": [1, 2]}, "logit_bias"),
