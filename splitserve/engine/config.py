@@ -48,6 +48,9 @@ class EngineConfig:
     cpu_weight_prepack: bool = True
     role: str = "both"  # which phases this engine runs: both (colocated), prefill, decode
     seed: int = 0  # seeds requests that ask for sampling without a seed of their own
+    # Paced streams (engine/pacing.py): how far ahead of its reader a paced request may
+    # run, in seconds of its own pace (at 20 tokens/s, 1.0 s is 20 tokens).
+    stream_pace_buffer_s: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +86,9 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0 < self.stream_pace_buffer_s <= 3600:
+            raise ValueError("stream_pace_buffer_s must be in (0, 3600], "
+                             f"got {self.stream_pace_buffer_s}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 

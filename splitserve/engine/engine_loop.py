@@ -4,13 +4,16 @@ The engine is single-threaded: only the loop thread touches it. Other threads ha
 work with submit(fn) (fn runs on the loop thread between steps and its result comes back
 as a Future), and receive StepOutputs through per-request sinks called on the loop thread
 (a sink must be quick: typically queue.put). Pollers (e.g. KV transfers to watch) run every
-iteration; while any exist the loop wakes at least every `poll_interval_s`.
+iteration; while any exist the loop wakes at least every `poll_interval_s`. When the only
+unfinished requests are paced streams ahead of their readers (engine.idle_until), the loop
+sleeps until the first of them resumes, or until a command arrives, never spinning.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -56,7 +59,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._prefix_events = PrefixEventLog()  # guarded by _wake
         self._tier_events: dict[str, PrefixEventLog] = {}  # KV tier -> its log; by _wake
-        self.steps = 0
+        self.steps = 0  # steps that ran something
+        self.idle_steps = 0  # steps that found only paced streams sitting out
         self.generated_tokens = 0
         # finish reason -> requests that left the engine (metrics); written on the loop
         # thread, read by any thread through finished_counts().
@@ -126,7 +130,7 @@ class EngineLoop:
         while True:
             with self._wake:
                 while not (self._stopping or self._commands or self._has_work()):
-                    self._wake.wait(self.poll_interval_s if self._pollers else 0.5)
+                    self._wake.wait(self._wait_s())
                     if self._pollers:
                         break
                 if self._stopping:
@@ -136,13 +140,34 @@ class EngineLoop:
             for fn, future in commands:
                 self._run_command(fn, future)
             self._run_pollers()
-            if self.engine.has_unfinished():
+            if self._has_work():
                 self._step()
             self._publish_load()
         self._fail_pending_commands()
 
     def _has_work(self) -> bool:
-        return self.engine.has_unfinished()
+        """Unfinished requests, and not all of them paced streams sitting out."""
+        if not self.engine.has_unfinished():
+            return False
+        idle_until = self.engine.idle_until
+        return idle_until is None or time.monotonic() >= idle_until
+
+    def _wait_s(self) -> float:
+        """How long to sleep for want of work: until a poll is due, a paced stream
+        resumes, or (nothing at all to do) half a second, a command waking it earlier."""
+        wait_s = self.poll_interval_s if self._pollers else 0.5
+        idle_until = self.engine.idle_until
+        if idle_until is not None and self.engine.has_unfinished():
+            wait_s = min(wait_s, max(0.0, idle_until - time.monotonic()))
+        return wait_s
+
+    @property
+    def num_paced_requests(self) -> int:
+        return self.engine.num_paced_requests  # (an int read: any thread)
+
+    @property
+    def num_paced_sit_outs(self) -> int:
+        return self.engine.num_paced_sit_outs
 
     def _run_command(self, fn: Callable[[LLMEngine], Any], future: Future[Any]) -> None:
         if not future.set_running_or_notify_cancel():
@@ -164,7 +189,10 @@ class EngineLoop:
 
     def _step(self) -> None:
         outputs = self.engine.step()
-        self.steps += 1
+        if self.engine.idle_until is None:
+            self.steps += 1
+        else:
+            self.idle_steps += 1
         for out in outputs:
             self.generated_tokens += len(out.new_token_ids)
             self.dispatch(out)

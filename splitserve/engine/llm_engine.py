@@ -6,7 +6,9 @@ and samples for every sequence whose tokens are all computed (a request under a 
 only among the tokens its matcher allows, engine.grammar); the StopChecker turns tokens
 into text and decides when it finishes, as does a grammar that is complete; a finished or
 aborted request's blocks go back to the pool at once (its full blocks stay in the prefix
-cache until evicted).
+cache until evicted). A paced request (stream_pace_tokens_per_s) sits out the steps in
+which it is too far ahead of its reader (engine/pacing.py); when nothing else can run,
+step() returns nothing and `idle_until` says when to step again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from splitserve.engine.kv_tier import build_kv_tier
 from splitserve.engine.model import LayerHook, ModelArch
 from splitserve.engine.model_files import resolve_model
 from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.pacing import PaceClock, buffer_tokens
 from splitserve.engine.sampler import skip_sample_draw
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from splitserve.engine.sequence import Sequence, SequenceStatus
@@ -83,6 +86,12 @@ class LLMEngine:
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         # Set by a prefill worker: builds the per-layer hook for a step (streams KV out).
         self.layer_hook_builder: Callable[[SchedulerOutput], LayerHook | None] | None = None
+        # Set by step(): nothing ran because every runnable sequence is paced and ahead of
+        # its reader; the time the first of them resumes. Cleared by any new request,
+        # abort or detach (they change what can run).
+        self.idle_until: float | None = None
+        self.num_paced_requests = 0  # paced requests added since start
+        self.num_paced_sit_outs = 0  # (sequence, step) pairs a paced sequence sat out
 
     # ---- requests ------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -107,13 +116,15 @@ class LLMEngine:
         request_id: str | None = None,
         num_sampled: int = 0,
         priority: int = 0,
+        stream_pace_tokens_per_s: float = 0.0,
     ) -> str:
         """Queue a request; a string prompt is tokenized without a chat template.
 
         `num_sampled`: the prompt's last tokens are this request's own output, sampled
         before (a request resumed after its first worker died); a seeded generator skips
         their draws so the continuation is the one an uninterrupted run samples.
-        `priority`: the scheduling class, lower first (see Scheduler)."""
+        `priority`: the scheduling class, lower first (see Scheduler).
+        `stream_pace_tokens_per_s`: a paced stream's delivery rate (0: not paced)."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
@@ -126,9 +137,10 @@ class LLMEngine:
         if not 0 <= num_sampled < len(token_ids):
             raise ValueError(f"num_sampled={num_sampled} must be in [0, prompt length)")
         seq = Sequence(request_id, token_ids, params, num_prior_outputs=num_sampled,
-                       priority=priority)
+                       priority=priority, pace=self._pace(stream_pace_tokens_per_s))
         self.requests[request_id] = self._new_state(seq, num_sampled)
         self.scheduler.add(seq)
+        self.idle_until = None
         return request_id
 
     def add_prefilled_request(
@@ -140,6 +152,7 @@ class LLMEngine:
         block_ids: list[int],
         num_sampled: int = 1,
         priority: int = 0,
+        stream_pace_tokens_per_s: float = 0.0,
     ) -> StepOutput | None:
         """Join the running batch with a prompt whose KV another worker computed into
         `block_ids` (already allocated from this engine's pool, see reserve_blocks).
@@ -161,18 +174,28 @@ class LLMEngine:
             raise ValueError(f"num_sampled={num_sampled} must be in [1, prompt length + 1]")
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        num_prior_outputs=num_sampled - 1,  # the first token is one of them
-                       priority=priority)
+                       priority=priority, pace=self._pace(stream_pace_tokens_per_s))
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         state = self._new_state(seq, num_sampled=num_sampled)
         self.requests[request_id] = state
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
-        output = self._process_token(seq, first_token_id, None)
+        self.idle_until = None
+        output = self._process_token(seq, first_token_id, None)  # starts a pace's clock
         if not output.finished:
             self.block_manager.cache_full_blocks(seq)
             return None
         return dataclasses.replace(output, new_token_ids=[], new_text="", new_logprobs=[])
+
+    def _pace(self, tokens_per_s: float) -> PaceClock | None:
+        if tokens_per_s == 0:
+            return None
+        if not 0 < tokens_per_s < float("inf"):
+            raise ValueError(f"stream_pace_tokens_per_s must be >= 0, got {tokens_per_s}")
+        self.num_paced_requests += 1
+        return PaceClock(tokens_per_s,
+                         buffer_tokens(tokens_per_s, self.config.stream_pace_buffer_s))
 
     def reserve_blocks(self, num_tokens: int) -> list[int] | None:
         """Blocks for `num_tokens` incoming KV slots, outside any sequence (None if short)."""
@@ -214,6 +237,7 @@ class LLMEngine:
         if state is None:
             return False
         self._finish(state.seq, "abort")
+        self.idle_until = None  # its blocks may let a waiting request in
         return True
 
     def detach(self, request_id: str) -> DetachedRequest | None:
@@ -231,6 +255,7 @@ class LLMEngine:
             return None
         del self.requests[request_id]
         self.scheduler.detach(seq)
+        self.idle_until = None
         seq.finish_reason = "abort"
         seq.status = SequenceStatus.FINISHED
         n = self.block_manager.blocks_needed(seq.num_computed_tokens)
@@ -251,8 +276,11 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         plan = self.scheduler.schedule()
+        self.num_paced_sit_outs += plan.num_sat_out
         if plan.is_empty:
+            self.idle_until = plan.resume_time
             return []
+        self.idle_until = None
         hook = self.layer_hook_builder(plan) if self.layer_hook_builder else None
         masks = self._start_masks(plan)
         sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook, masks)
@@ -285,6 +313,8 @@ class LLMEngine:
     ) -> StepOutput:
         state = self.requests[seq.request_id]
         seq.append_token(token_id)
+        if seq.pace is not None:
+            seq.pace.on_token(time.monotonic())
         if logprob is not None:
             state.logprobs.append(logprob)
         grammar_end = (_grammar_finish(state.grammar, token_id)

@@ -11,12 +11,24 @@ within one; a preemption for blocks takes the newest sequence of the worst class
 one of a better class than the sequence that needs the blocks; and a sequence waiting in a
 better class than a running one takes its place when the batch is full (max_num_seqs) or
 the pool is short. With one class all of this is the FCFS behaviour above.
+
+Paced streams (Sequence.pace, engine/pacing.py): a decoding sequence that is more than its
+buffer of tokens ahead of its reader sits out the step. It keeps its blocks and its place
+in `running` (it still counts against max_num_seqs, and is a preemption candidate exactly
+as an unscheduled running sequence always was: sitting out never makes it one), so the
+step is smaller and the others run faster. The plan says how many sat out and when the
+first of them resumes, so an engine with nothing else to do sleeps until then. A sequence
+with prompt tokens to compute (new, or recomputing after a preemption) never sits out:
+it has no token to be ahead with until its prompt is done.
 Pure Python: the model runner turns the returned plan into tensors.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitserve.engine.block_manager import BlockManager
@@ -48,6 +60,8 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_sat_out: int = 0  # paced sequences ahead of their readers, not scheduled
+    resume_time: float | None = None  # when the first of those decodes again
 
     @property
     def num_tokens(self) -> int:
@@ -59,9 +73,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.block_manager = block_manager
+        self.clock = clock  # paced sequences' readers run on it
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order; the last is the newest
 
@@ -123,11 +139,14 @@ class Scheduler:
         # Decodes first, then prompt chunks of running sequences, both in arrival order.
         order = [s for s in self.running if not s.is_prefilling]
         order += [s for s in self.running if s.is_prefilling]
+        now = self.clock()
         for seq in order:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
+            if self._sits_out(seq, now, out):
+                continue
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self._allocate_or_preempt(seq, num_tokens, scheduled_ids, out):
                 continue
@@ -137,6 +156,17 @@ class Scheduler:
         if len(out.preempted) == by_priority:  # the pool was not short this step
             self._admit_waiting(out, budget)
         return out
+
+    @staticmethod
+    def _sits_out(seq: Sequence, now: float, out: SchedulerOutput) -> bool:
+        """A paced decoding sequence ahead of its reader: counted in the plan."""
+        pace = seq.pace
+        if pace is None or seq.is_prefilling or not pace.sits_out(now):
+            return False
+        out.num_sat_out += 1
+        earliest = math.inf if out.resume_time is None else out.resume_time
+        out.resume_time = min(earliest, pace.resume_time)
+        return True
 
     def _make_room_for_a_better_class(self, out: SchedulerOutput) -> None:
         """The head of the queue is of a better class than the worst running sequence, and

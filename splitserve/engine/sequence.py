@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.block_hash import compute_block_hashes
+from splitserve.engine.pacing import PaceClock
 
 _arrival_counter = itertools.count()
 
@@ -45,6 +46,9 @@ class Sequence:
     # Scheduling class, lower first (the request's `priority`): a better class is admitted
     # first and may preempt a worse one's running sequence, never the reverse.
     priority: int = 0
+    # A paced stream's reader model (engine/pacing.py): the scheduler lets the sequence
+    # sit out decode steps while it is far enough ahead. None: not paced.
+    pace: PaceClock | None = None
     # Chained hashes of full blocks of token_ids, extended lazily (see block_hashes()).
     _block_hashes: list[int] = field(default_factory=list)
 
