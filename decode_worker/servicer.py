@@ -68,6 +68,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 request_id, list(request.prompt_token_ids), params,
                 request.prefill_locally, request.prefill_worker_id, timeout_s,
                 num_sampled=request.num_sampled, priority=request.priority,
+                stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
             )
         except AdmitRefused as exc:
             yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(

@@ -11,6 +11,9 @@ Life cycle of a request:
    running batch (engine.add_prefilled_request) and decodes from its next step on. A
    failed or timed-out receive frees the reserved blocks and ends the stream with an error.
 4. Every step's tokens go to the request's output queue; the Admit stream relays them.
+   A paced request (stream_pace_tokens_per_s) sits out the steps in which it is more
+   than its buffer ahead of its reader (engine/pacing.py); its tokens still go out as
+   they are made, and the router releases them to the client at the pace.
 5. Finish, Abort, or the router cancelling the stream frees every block the request holds.
 
 Drain with migration (SIGTERM on `splitserve decode`) and another decode worker live: the
@@ -38,6 +41,7 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.common.kv_layout import KVLayout, check_compatible
 from splitserve.common.outputs import StepOutput
 from splitserve.common.sampling_params import SamplingParams
+from splitserve.common.stream_pace import check_stream_pace
 from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
@@ -88,6 +92,7 @@ class DecodeRequest:
     prefilled_locally: bool = False  # D computes the prompt (no KV transfer)
     num_sampled: int = 0  # the prompt ends with this much of its own output (resumed)
     priority: int = 0  # scheduling class, lower first
+    stream_pace_tokens_per_s: float = 0.0  # a paced stream's rate; 0: not paced
 
 
 class DecodeWorker(WorkerRuntime):
@@ -122,20 +127,24 @@ class DecodeWorker(WorkerRuntime):
         prefill_timeout_s: float,
         num_sampled: int = 0,
         priority: int = 0,
+        stream_pace_tokens_per_s: float = 0.0,
     ) -> DecodeRequest:
         """Admit or raise AdmitRefused / ValueError. The returned request's events queue
         carries its outputs. `num_sampled`: the prompt ends with that many tokens of the
-        request's own output (a resumed request); `priority`: its scheduling class."""
+        request's own output (a resumed request); `priority`: its scheduling class;
+        `stream_pace_tokens_per_s`: its delivery rate (0: not paced)."""
+        check_stream_pace(stream_pace_tokens_per_s)
         request = DecodeRequest(request_id, list(prompt_token_ids), params)
         request.num_sampled = num_sampled
         request.priority = priority
+        request.stream_pace_tokens_per_s = stream_pace_tokens_per_s
 
         def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
             if prefill_locally:
                 request.prefilled_locally = True
                 engine.add_request(request.prompt_token_ids, params, request_id, num_sampled,
-                                   priority)
+                                   priority, stream_pace_tokens_per_s)
                 request.kv_done_at = request.joined_at = time.monotonic()
                 self._stream_outputs(request)
                 return
@@ -220,6 +229,7 @@ class DecodeWorker(WorkerRuntime):
                 request.request_id, request.prompt_token_ids, request.first_token_id,
                 request.params, request.block_ids, num_sampled=1 + request.num_sampled,
                 priority=request.priority,
+                stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
             )
         except ValueError as exc:
             engine.release_blocks(request.block_ids)

@@ -126,6 +126,7 @@ async def _try_admit(
         prefill_timeout_ms=state.prefill_timeout_ms,
         num_sampled=request.num_sampled,
         priority=request.priority,
+        stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
     )
     call = state.directory.decode_stub(decode).Admit(message, timeout=timeout_s)
     try:

@@ -25,6 +25,7 @@ from splitserve.common import request_rules
 from splitserve.common.convert.common import structured_output_to_proto
 from splitserve.common.request_rules import UINT32_MAX
 from splitserve.common.sampling_params import MAX_LOGIT_BIAS_ENTRIES
+from splitserve.common.stream_pace import resolve_stream_pace
 from splitserve.common.structured_output import OutputKind, StructuredOutput
 from splitserve.router import tools as tool_rules
 from splitserve.router.tools import ToolChoice
@@ -306,6 +307,23 @@ def _priority(b: _Body, request: router_pb2.GenerateRequest) -> None:
     request.ttft_slo_ms = b.integer("ttft_slo_ms", 0, UINT32_MAX) or 0
 
 
+def _stream_pace(b: _Body, request: router_pb2.GenerateRequest, stream: bool) -> None:
+    """SplitServe's `stream_pace`: deliver a streamed response at this many tokens per
+    second, or at a named speed ("reading", ...; common.stream_pace), a paced stream (the
+    decode worker gives the steps it saves to other requests)."""
+    value = b.data.get("stream_pace")
+    if value is None:
+        return
+    try:
+        rate = resolve_stream_pace(value)
+    except ValueError as exc:
+        raise OpenAIError(str(exc), param="stream_pace") from None
+    if rate and not stream:
+        raise OpenAIError("stream_pace is only allowed with stream=true",
+                          param="stream_pace")
+    request.stream_pace_tokens_per_s = rate
+
+
 def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     """A /v1/completions body."""
     b = _Body(body)
@@ -332,6 +350,7 @@ def parse_completion(body: Any, model_id: str) -> OpenAIRequest:
     if structured is not None:
         _set_structured_output(request, structured[0])
     stream, include_usage = _stream_options(b)
+    _stream_pace(b, request, stream)
     prompts = []
     for one in batch:
         each = router_pb2.GenerateRequest()
@@ -389,6 +408,7 @@ def parse_chat(body: Any, model_id: str) -> OpenAIRequest:
     logprobs = (top or 0) if want else None
     _set_logprobs(request, logprobs)
     stream, include_usage = _stream_options(b)
+    _stream_pace(b, request, stream)
     return OpenAIRequest(True, request, stream, include_usage, False, logprobs, n,
                          tool_choice=tool_choice)
 

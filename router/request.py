@@ -27,6 +27,10 @@ generator skips their draws), with max_tokens reduced by as many: the client's s
 on with no token repeated or missing, and greedy and seeded output equal an uninterrupted
 run's. A worker that goes quiet is probed (`_watched`): a frozen process closes no socket.
 
+Paced streams (stream_pace_tokens_per_s): the relay makes one chunk per token and a
+PacedEmit (router.pacing) releases them at the pace while this run goes on reading; run()
+returns once the last chunk is out (the workers are freed before that).
+
 Errors before the first chunk reach the client as a status; after it, as a last chunk with
 FINISH_REASON_ERROR (or ABORT) and error_message, since the stream is already OK.
 """
@@ -50,6 +54,7 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router.cluster_io import RequestLedger
 from splitserve.router.dispatch import Admitted, admit_request
+from splitserve.router.pacing import PacedEmit
 from splitserve.router.policy import Route, WorkerView, blocks_needed
 from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
 from splitserve.router.state import RouterState
@@ -151,7 +156,10 @@ class RequestRun:
         self._ship: _Ship | None = None  # the next attempt's KV comes from a draining worker
         self._num_attempts = 0  # attempts after the first (each gets its own worker id)
         self._trace = trace
-        self._emit = emit
+        self._pacer = (PacedEmit(emit, request.stream_pace_tokens_per_s)
+                       if request.stream_pace_tokens_per_s > 0 else None)
+        self._emit: Emit = self._pacer if self._pacer is not None else emit
+        self._unpaced_emit = emit
         self._deadline = deadline
         self._relay = TokenRelay(
             state.model.tokenizer, request.prompt_token_ids, request.params,
@@ -176,6 +184,15 @@ class RequestRun:
     # ---- the whole request ------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+            if self._pacer is not None:
+                await self._pacer.drain()  # the paced stream's last tokens
+        finally:
+            if self._pacer is not None:
+                self._pacer.close()
+
+    async def _run(self) -> None:
         try:
             self._ledger.update(RequestPhase.QUEUED)
             while True:
@@ -279,6 +296,9 @@ class RequestRun:
         message = f"request exceeded the router's request_timeout_s of {timeout_s:g} s"
         if self._num_chunks == 0:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if self._pacer is not None:  # what the pace still held goes out now, then the end
+            await self._pacer.flush()
+            self._emit = self._unpaced_emit
         if not self._final_sent:
             step = RelayStep([], [], self._relay.finish())
             await self._send(step, common_pb2.FINISH_REASON_ABORT, error_message=message)
@@ -417,7 +437,9 @@ class RequestRun:
             output = message.output
             if self._trace.prefill_local and output.num_cached_tokens:
                 self._trace.num_cached_tokens = output.num_cached_tokens  # D's prefix cache
-            step = self._relay.add(output.token_ids, output.logprobs)
+            *earlier, step = self._relay_steps(output)
+            for each in earlier:  # a paced stream's tokens, one chunk each
+                await self._send(each)
             if output.token_ids:
                 self._ledger.progress(RequestPhase.DECODING, self._relay.num_tokens)
             worker_reason = output.finish_reason
@@ -444,6 +466,18 @@ class RequestRun:
             else:
                 await self._send(step, worker_reason, error_message=output.error_message)
             return
+
+    def _relay_steps(self, output: worker_pb2.DecodeOutput) -> list[RelayStep]:
+        """D's tokens through the relay: one step, or one per token for a paced stream (each
+        released in a chunk of its own). Only the last step may finish the request."""
+        if self._pacer is None or len(output.token_ids) <= 1:
+            return [self._relay.add(output.token_ids, output.logprobs)]
+        steps = []
+        for i, token_id in enumerate(output.token_ids):
+            steps.append(self._relay.add([token_id], output.logprobs[i:i + 1]))
+            if steps[-1].finish_reason is not None:
+                break
+        return steps
 
     async def _read_decode(self, decoder: WorkerView) -> worker_pb2.AdmitResponse:
         """The Admit stream's next message, with D watched while it is quiet."""

@@ -20,6 +20,7 @@ from splitserve.common import request_rules
 from splitserve.common.convert.common import sampling_from_proto, sampling_to_proto
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.sampling_params import SamplingParams
+from splitserve.common.stream_pace import check_stream_pace
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router import tools
 from splitserve.router.model import ServedModel
@@ -39,6 +40,8 @@ class ValidatedRequest:
     # sent to the client); the decode worker prefills it and skips their sampling draws.
     num_sampled: int = 0
     priority: int = 0  # scheduling class, lower first (GenerateRequest.priority)
+    # A paced stream's delivery rate (GenerateRequest.stream_pace_tokens_per_s); 0: not paced.
+    stream_pace_tokens_per_s: float = 0.0
 
     @property
     def prompt_len(self) -> int:
@@ -167,6 +170,7 @@ def validate_request(
             grpc.StatusCode.NOT_FOUND,
             f"model {request.model!r} is not served here; available: [{model.model_id!r}]",
         )
+    _check(check_stream_pace, request.stream_pace_tokens_per_s)
     ids = prompt_token_ids(request, model)
     params = resolve_sampling(request.sampling_params, len(ids), model, default_max_tokens)
     worker_request_id = uuid.uuid4().hex
@@ -178,4 +182,5 @@ def validate_request(
         worker_params=sampling_to_proto(params, with_stop_strings=False),
         block_hashes=compute_block_hashes(ids, block_size),
         priority=request.priority,
+        stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
     )

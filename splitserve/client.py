@@ -9,7 +9,8 @@ public `splitserve.v1.SplitServe` gRPC service.
 Sampling keyword arguments are SamplingParams fields, validated locally before any RPC
 (TypeError for unknown names, ValueError for bad values); `priority=` (an int, lower first)
 is the request's scheduling class when the router queues requests, `ttft_slo_ms=` its TTFT
-SLO (the router refuses it at once when it predicts a miss). A call's `timeout` (seconds,
+SLO (the router refuses it at once when it predicts a miss), `stream_pace=` a paced stream's
+delivery rate (tokens/s, or a named speed such as "reading": common.stream_pace). A call's `timeout` (seconds,
 default: the client's) is one deadline for the whole call, retries included. UNAVAILABLE is
 retried with exponential backoff only until the first chunk arrives; output is never re-sent.
 Leaving a stream early (break, close(), garbage collection) cancels the RPC, which aborts
@@ -53,6 +54,7 @@ from splitserve.common.convert.router import (
     model_from_proto,
 )
 from splitserve.common.results import Chunk, Completion, ModelInfo, Timings, Usage
+from splitserve.common.stream_pace import resolve_stream_pace
 from splitserve.v1 import router_pb2, router_pb2_grpc
 
 __all__ = [
@@ -79,9 +81,11 @@ class _ClientBase:
 
     def _request(self, prompt_or_messages: Prompt | Messages, chat: bool, request_id: str,
                  model: str | None, sampling: dict[str, Any]) -> router_pb2.GenerateRequest:
-        """Among `sampling`, `priority` is the request's scheduling class (lower first) and
-        `ttft_slo_ms` its TTFT SLO (refused at once when the router predicts a miss)."""
+        """Among `sampling`, `priority` is the request's scheduling class (lower first),
+        `ttft_slo_ms` its TTFT SLO (refused at once when the router predicts a miss) and
+        `stream_pace` its delivery rate (tokens/s or a named speed; None: not paced)."""
         sampling = dict(sampling)
+        pace = resolve_stream_pace(sampling.pop("stream_pace", None))
         scheduling = {name: sampling.pop(name, 0) for name in ("priority", "ttft_slo_ms")}
         low = {"priority": -(2**31), "ttft_slo_ms": 0}
         for name, value in scheduling.items():
@@ -93,6 +97,7 @@ class _ClientBase:
                                             model=self.model if model is None else model)
         request.priority = scheduling["priority"]
         request.ttft_slo_ms = scheduling["ttft_slo_ms"]
+        request.stream_pace_tokens_per_s = pace
         return request
 
     def _deadline(self, timeout: float | None) -> float | None:

@@ -115,6 +115,8 @@ class WorkerStatsSnapshot:
     draining: bool
     prefix_tier_hit_tokens: int = 0  # of prefix_hit_tokens, loaded from a KV tier
     kv_tiers: Mapping[str, KVTierCounters] = field(default_factory=dict)  # host, disk
+    paced_requests: int = 0  # paced streams (Andes) admitted to the engine
+    paced_sit_outs: int = 0  # (request, step) pairs a paced stream sat out
 
 
 class WorkerCollector(Collector):
@@ -175,6 +177,10 @@ class WorkerCollector(Collector):
         yield counter("worker_generated_tokens", "Tokens sampled by this worker's engine.",
                       stats.generated_tokens)
         yield counter("worker_engine_steps", "Engine steps run.", stats.engine_steps)
+        yield counter("worker_paced_requests", "Paced streams (stream_pace_tokens_per_s) "
+                      "admitted to the engine.", stats.paced_requests)
+        yield counter("worker_paced_skipped_steps", "Decode steps paced streams sat out, "
+                      "ahead of their readers (one per request per step).", stats.paced_sit_outs)
         finished = CounterMetricFamily(
             PREFIX + "worker_requests_finished", "Requests that left this worker's engine, by "
             "finish reason (a prefill worker's prefills end 'length': one token each).",

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/router.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xb1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x13\n\x0bttft_slo_ms\x18\x08 \x01(\r\x12\"\n\x05tools\x18\t \x03(\x0b\x32\x13.splitserve.v1.ToolB\x07\n\x05input\"\xab\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12.\n\x07timings\x18\x07 \x01(\x0b\x32\x1d.splitserve.v1.RequestTimings\x12\x13\n\x0bstop_string\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"{\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x04 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x05 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelInfo2\xae\x01\n\nSplitServe\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/router.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xd3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x13\n\x0bttft_slo_ms\x18\x08 \x01(\r\x12\"\n\x05tools\x18\t \x03(\x0b\x32\x13.splitserve.v1.Tool\x12 \n\x18stream_pace_tokens_per_s\x18\n \x01(\x02\x42\x07\n\x05input\"\xab\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12.\n\x07timings\x18\x07 \x01(\x0b\x32\x1d.splitserve.v1.RequestTimings\x12\x13\n\x0bstop_string\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"{\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x04 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x05 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelInfo2\xae\x01\n\nSplitServe\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=382
   _globals['_TOKENIDS']._serialized_end=411
   _globals['_GENERATEREQUEST']._serialized_start=414
-  _globals['_GENERATEREQUEST']._serialized_end=719
-  _globals['_GENERATERESPONSE']._serialized_start=722
-  _globals['_GENERATERESPONSE']._serialized_end=1021
-  _globals['_LISTMODELSREQUEST']._serialized_start=1023
-  _globals['_LISTMODELSREQUEST']._serialized_end=1042
-  _globals['_MODELINFO']._serialized_start=1044
-  _globals['_MODELINFO']._serialized_end=1167
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1169
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1231
-  _globals['_SPLITSERVE']._serialized_start=1234
-  _globals['_SPLITSERVE']._serialized_end=1408
+  _globals['_GENERATEREQUEST']._serialized_end=753
+  _globals['_GENERATERESPONSE']._serialized_start=756
+  _globals['_GENERATERESPONSE']._serialized_end=1055
+  _globals['_LISTMODELSREQUEST']._serialized_start=1057
+  _globals['_LISTMODELSREQUEST']._serialized_end=1076
+  _globals['_MODELINFO']._serialized_start=1078
+  _globals['_MODELINFO']._serialized_end=1201
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1203
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1265
+  _globals['_SPLITSERVE']._serialized_start=1268
+  _globals['_SPLITSERVE']._serialized_end=1442
 # @@protoc_insertion_point(module_scope)

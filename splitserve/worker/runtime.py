@@ -275,6 +275,8 @@ class WorkerRuntime:
             prefix_hit_tokens=load.prefix_hit_tokens,
             prefix_tier_hit_tokens=load.prefix_tier_hit_tokens, kv_tiers=load.kv_tiers,
             generated_tokens=self.loop.generated_tokens, engine_steps=self.loop.steps,
+            paced_requests=self.loop.num_paced_requests,
+            paced_sit_outs=self.loop.num_paced_sit_outs,
             finished=self.loop.finished_counts(), draining=self.draining.is_set(),
         )
 

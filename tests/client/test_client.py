@@ -322,3 +322,14 @@ def test_import_and_construct_without_torch() -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_stream_pace_is_sent_as_tokens_per_s(router: Served) -> None:
+    with _client(router) as client:
+        client.generate("Hi", max_tokens=4, stream_pace="reading")
+        client.generate("Hi", max_tokens=4, stream_pace=12.5)
+        client.generate("Hi", max_tokens=4)
+        for bad in ("sprint", -3, 5000):
+            with pytest.raises(ValueError, match="stream_pace"):
+                client.generate("Hi", stream_pace=bad)
+    assert [r.stream_pace_tokens_per_s for r in router.servicer.requests] == [5.0, 12.5, 0.0]

@@ -206,3 +206,22 @@ def test_priority_is_the_scheduling_class_of_every_choice() -> None:
         with pytest.raises(OpenAIError) as info:
             parse_completion({"prompt": "a", "priority": bad}, "m")
         assert info.value.param == "priority"
+
+
+def test_stream_pace_takes_a_rate_or_a_named_speed_on_streams_only() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    assert parse_chat({**chat, "stream_pace": 20}, "m").generate.stream_pace_tokens_per_s == 20
+    assert parse_chat({**chat, "stream_pace": "reading"},
+                      "m").generate.stream_pace_tokens_per_s == 5.0
+    assert parse_completion({"prompt": ["a", "b"], "stream": True, "stream_pace": 7.5},
+                            "m").choice_requests()[1].stream_pace_tokens_per_s == 7.5
+    assert parse_chat(chat, "m").generate.stream_pace_tokens_per_s == 0.0
+    assert parse_completion({"prompt": "a", "stream_pace": 0}, "m").generate \
+        .stream_pace_tokens_per_s == 0.0  # not paced: no stream needed
+    for bad in (-1, 1e9, "sprint", True, [20], {"rate": 20}):
+        with pytest.raises(OpenAIError, match="stream_pace") as info:
+            parse_chat({**chat, "stream_pace": bad}, "m")
+        assert info.value.param == "stream_pace" and info.value.status == 400
+    with pytest.raises(OpenAIError, match="stream=true") as info:
+        parse_chat({**chat, "stream": False, "stream_pace": 20}, "m")
+    assert info.value.param == "stream_pace"

@@ -175,3 +175,11 @@ def test_a_resumed_request_carries_its_output_in_the_prompt(model: ServedModel) 
     assert again.worker_params.max_tokens == 17 and again.worker_params.seed == 3
     assert again.block_hashes == compute_block_hashes(again.prompt_token_ids, 16)
     assert again.request_id == req.request_id and again.worker_request_id.endswith(".2")
+
+
+def test_a_stream_pace_is_carried_and_a_bad_one_is_refused(model: ServedModel) -> None:
+    assert ok(model, prompt="Hi", stream_pace_tokens_per_s=20.0).stream_pace_tokens_per_s == 20
+    assert ok(model, prompt="Hi").stream_pace_tokens_per_s == 0.0
+    for bad in (-1.0, float("nan"), float("inf"), 1001.0):
+        assert "stream_pace_tokens_per_s" in rejected(model, prompt="Hi",
+                                                      stream_pace_tokens_per_s=bad)
