@@ -21,6 +21,8 @@ BENCHMARKS = {
                  "each and the light client's TTFT, FCFS vs VTC fair share vs alone"),
     "slo": ("splitserve.bench.slo", "goodput under overload: plain admission vs SLO-aware "
             "admission (refusals at once), capacity measured first"),
+    "pacing": ("splitserve.bench.pacing", "paced streams (Andes) at a reading pace beside "
+               "unpaced ones: the paced gaps vs the pace, the others' tok/s vs all unpaced"),
     "kv-tier": ("splitserve.bench.kv_tier", "multi-turn chats on a too-small KV pool: TTFT "
                 "of later turns without and with the host KV tier, tokens identical"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
