@@ -84,6 +84,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         if gone:  # cancelled while admitting: on_rpc_done already ran and found nothing
             worker.abort(request_id)
             return
+        admitted.cancel_stream = context.cancel  # cut off if the router stops reading
         block_ids = list(admitted.block_ids)  # (the engine thread empties it if it expires)
         if not request.prefill_locally and not block_ids:
             # The reservation already ended (its prefill deadline passed while this thread

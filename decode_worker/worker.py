@@ -14,6 +14,8 @@ Life cycle of a request:
    A paced request (stream_pace_tokens_per_s) sits out the steps in which it is more
    than its buffer ahead of its reader (engine/pacing.py); its tokens still go out as
    they are made, and the router releases them to the client at the pace.
+   The queue is bounded (WorkerOptions.max_output_backlog): a stream whose reader stops
+   reading is cut off and its request aborted; the engine never waits for a reader.
 5. Finish, Abort, or the router cancelling the stream frees every block the request holds.
 
 Drain with migration (SIGTERM on `splitserve decode`) and another decode worker live: the
@@ -29,9 +31,11 @@ whole deployment stopping), requests finish here.
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,6 +50,8 @@ from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
 from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
+
+log = logging.getLogger(__name__)
 
 
 class AdmitRefused(Exception):
@@ -93,6 +99,8 @@ class DecodeRequest:
     num_sampled: int = 0  # the prompt ends with this much of its own output (resumed)
     priority: int = 0  # scheduling class, lower first
     stream_pace_tokens_per_s: float = 0.0  # a paced stream's rate; 0: not paced
+    # Ends the Admit stream from any thread (its RPC context's cancel); set by the servicer.
+    cancel_stream: Callable[[], object] | None = None
 
 
 class DecodeWorker(WorkerRuntime):
@@ -107,6 +115,7 @@ class DecodeWorker(WorkerRuntime):
         self._num_parked = 0
         self._num_shipping = 0  # ShipKV calls in progress (their transfers keep us up)
         self._shipping_lock = threading.Lock()
+        self.num_cut_off = 0  # streams cut off for not reading (engine thread writes)
 
     def _register(self, server: grpc.Server) -> list[str]:
         from splitserve.decode_worker.servicer import add_decode_servicer
@@ -247,12 +256,35 @@ class DecodeWorker(WorkerRuntime):
         request_id = request.request_id
         self._in_engine[request_id] = request
 
+        limit = self.options.max_output_backlog
+
         def sink(out: StepOutput) -> None:
             request.events.put(DecodeEvent(out))
             if out.finished:
                 self._in_engine.pop(request_id, None)
+            elif request.events.qsize() > limit:  # the reader is stuck: not the batch's problem
+                self._cut_off(request)
 
         self.loop.set_sink(request_id, sink)
+
+    def _cut_off(self, request: DecodeRequest) -> None:
+        """Abort a request whose stream stopped reading (engine thread, from its sink: the
+        abort runs as a command, between steps, not inside this step's dispatch)."""
+        request_id = request.request_id
+        self._in_engine.pop(request_id, None)
+        self.loop.drop_sink(request_id)
+        self.num_cut_off += 1
+        log.warning("%s: request %s cut off: %d outputs not read by its stream", self.worker_id,
+                    request_id, request.events.qsize())
+
+        def on_loop(engine: LLMEngine) -> None:
+            if engine.abort(request_id):
+                self.loop.count_finished("abort")
+            request.events.put(DecodeEvent(error="the stream stopped reading its output"))
+            if request.cancel_stream is not None:
+                request.cancel_stream()
+
+        self.loop.submit(on_loop)
 
     # ---- drain --------------------------------------------------------------------------
     def _drain_step(self) -> None:

@@ -48,6 +48,10 @@ class RouterConfig:
     # 0: the decode worker's default, and no router deadline on Prefill but the request's.
     prefill_timeout_ms: int = 0
     request_timeout_s: float | None = None  # whole-request deadline; None: only the client's
+    # A client whose connection takes longer than this to accept one more chunk (it stopped
+    # reading: the socket and the server's buffers are full) is cut off and its request
+    # cancelled, so its KV and batch slot go to others; None: wait for it forever.
+    client_write_timeout_s: float | None = 10.0
     # None: the router hosts an in-memory cluster store and serves it as the ClusterState
     # service on its own port (workers use RunningRouter.cluster_url). Otherwise any URL
     # cluster.open_store accepts ("redis://...", "grpc://host:port", "memory").
@@ -117,6 +121,9 @@ class RouterConfig:
             raise ValueError(f"prefill_timeout_ms must be >= 0, got {self.prefill_timeout_ms}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.client_write_timeout_s is not None and not self.client_write_timeout_s > 0:
+            raise ValueError("client_write_timeout_s must be > 0, got "
+                             f"{self.client_write_timeout_s}")
         if not self.cluster_stale_s >= 0:
             raise ValueError(f"cluster_stale_s must be >= 0, got {self.cluster_stale_s}")
         if not self.worker_refresh_s >= 0:

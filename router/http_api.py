@@ -36,7 +36,7 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
 from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id
 from splitserve.router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
-from splitserve.router.service import RequestPipeline
+from splitserve.router.service import RequestPipeline, SlowClientError
 from splitserve.router.tools import NO_TOOLS_TEMPLATE, template_supports_tools
 from splitserve.v1 import router_pb2
 
@@ -316,6 +316,13 @@ class HttpApi:
         builders = [b for _, b in choices]
         try:
             await _all(one(g, b) for g, b in choices)
+        except SlowClientError as exc:
+            log.info("%s: %s", builders[0].id, exc)
+            if request.transport is not None:
+                # Drop the connection at once: closing it politely would wait for the same
+                # client to read what is buffered, and so would aiohttp's end of response.
+                request.transport.abort()
+            return response or web.Response(status=499)
         except ConnectionError:
             log.debug("client of %s went away mid-stream", builders[0].id)
             return response or web.Response(status=499)

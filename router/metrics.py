@@ -74,6 +74,9 @@ class RouterMetrics:
                                 registry=r)
         self.rejections = Counter(PREFIX + "admission_rejections", "Requests refused by "
                                   "admission control.", ["reason"], registry=r)
+        self.slow_clients = Counter(PREFIX + "slow_client_cutoffs", "Streams cut off because "
+                                    "the client stopped reading (client_write_timeout_s).",
+                                    registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished "
                                      "requests.", registry=r)
         self.cached_tokens = Counter(PREFIX + "prompt_cached_tokens", "Prompt tokens of "

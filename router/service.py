@@ -33,6 +33,10 @@ from splitserve.v1 import router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+class SlowClientError(ConnectionError):
+    """The client stopped reading: one chunk waited client_write_timeout_s to be accepted."""
+
+
 class RequestPipeline:
     """One request's life on the router, whichever front end it came through."""
 
@@ -68,6 +72,7 @@ class RequestPipeline:
         admitted = time.monotonic()
         observer = self.metrics.observer(trace, client)
         admission, metrics = self.admission, self.metrics
+        write_timeout_s = config.client_write_timeout_s
         first = True
 
         async def charged(chunk: router_pb2.GenerateResponse) -> None:
@@ -79,7 +84,15 @@ class RequestPipeline:
                 if predicted is not None:
                     metrics.ttft_prediction_error.observe(abs(now - trace.arrival - predicted))
             admission.charge(client, len(chunk.token_ids))  # fair share: service received
-            await emit(chunk)
+            try:
+                # A write waits only when the connection's buffers are full: a client that
+                # stays that way is cut off, so the decode batch never carries it for long.
+                async with asyncio.timeout(write_timeout_s):
+                    await emit(chunk)
+            except TimeoutError:
+                metrics.slow_clients.inc()
+                raise SlowClientError(f"the client read nothing for {write_timeout_s:g} s; "
+                                      "its stream was cut off") from None
 
         try:
             run = RequestRun(self.state, validated, trace, observer.wrap(charged), deadline)
@@ -160,7 +173,10 @@ class SplitServeServicer(router_pb2_grpc.SplitServeServicer):
         client_deadline = None if remaining is None else time.monotonic() + remaining
         metadata = dict(context.invocation_metadata() or ())
         client = client_name(self._api_keys, metadata.get("authorization"))
-        await self._pipeline.generate(request, context.write, client_deadline, client)
+        try:
+            await self._pipeline.generate(request, context.write, client_deadline, client)
+        except SlowClientError as exc:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
     @map_errors_async
     async def ListModels(

@@ -37,9 +37,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="KV cache storage: the model's dtype, or int8 with a scale per token "
-                        "and head (about half of bf16's bytes); P and D must agree")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="KV cache storage: the model's dtype, or int8 / fp8 (e4m3; CUDA "
+                        "8.9+ or CPU) with a scale per token and head (about half of bf16's "
+                        "bytes); P and D must agree")
     g.add_argument("--host-kv-cache-bytes", type=_byte_size, default=0,
                    help="host-memory tier for KV blocks the prefix cache evicts (e.g. 4GiB; "
                         "0: none)")
@@ -175,6 +176,9 @@ def _add_router_security_args(p: argparse.ArgumentParser) -> None:
                    help="serve /metrics without an API key")
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest HTTP body / gRPC message accepted (413 / RESOURCE_EXHAUSTED)")
+    p.add_argument("--client-write-timeout", type=float, default=10.0,
+                   help="seconds a streamed chunk may wait for a client that stopped reading "
+                        "before the stream is cut off (0: wait forever)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template that replaces the model's own (e.g. one that "
                         "renders tools)")
@@ -189,7 +193,8 @@ def _router_security(args: argparse.Namespace) -> dict[str, Any]:
                            aging_s=args.priority_aging)
     return {"api_keys_file": args.api_keys_file, "public_metrics": args.public_metrics,
             "max_request_bytes": args.max_request_bytes, "fair_share": fair,
-            "ttft_slo_ms": args.ttft_slo_ms, "chat_template": args.chat_template}
+            "ttft_slo_ms": args.ttft_slo_ms, "chat_template": args.chat_template,
+            "client_write_timeout_s": args.client_write_timeout or None}
 
 
 def _client_weights(text: str) -> dict[str, float]:
@@ -246,7 +251,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             kv_store=args.kv_store, serve_kv_store=args.serve_kv_store,
             kv_timeout_s=args.kv_timeout, heartbeat_ttl_s=args.heartbeat_ttl,
             lease_s=args.lease_timeout, kv_migration=not args.no_kv_migration,
-            metrics_port=args.metrics_port,
+            metrics_port=args.metrics_port, max_output_backlog=args.max_output_backlog,
         )
         if role == "prefill":
             from splitserve.prefill_worker.worker import PrefillWorker as cls
@@ -362,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a silent router's calls (and the KV blocks they "
                             "reserved) are kept before they are cancelled")
         p.add_argument("--drain-timeout", type=float, default=10.0)
+        p.add_argument("--max-output-backlog", type=int, default=4096,
+                       help="decode: step outputs a stream may leave unread before it is "
+                            "cut off and its request aborted")
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         _add_tls_arg(p)

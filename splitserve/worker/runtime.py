@@ -64,6 +64,10 @@ class WorkerOptions:
     # (False: the next worker recomputes it).
     kv_migration: bool = True
     max_concurrent_rpcs: int = 1024
+    # A decode worker's per-request output buffer: a stream whose reader (the router) lets
+    # more step outputs than this pile up is cut off and its request aborted, so a stuck
+    # reader costs memory and a batch slot for a bounded time only; the engine never waits.
+    max_output_backlog: int = 4096
     # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
     metrics_port: int | None = None
     # The deployment's shared secret (None: SPLITSERVE_CLUSTER_TOKEN; unset or empty: none):
@@ -81,6 +85,8 @@ class WorkerOptions:
             raise ValueError("serve_kv_store needs kv_store (the host:port to serve it on)")
         if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0 or self.lease_s < 0.2:
             raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive, lease_s >= 0.2")
+        if self.max_output_backlog < 1:
+            raise ValueError(f"max_output_backlog must be >= 1, got {self.max_output_backlog}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
 
@@ -100,8 +106,8 @@ def lease_options(lease_s: float) -> list[tuple[str, int]]:
 
 def engine_layout(engine: LLMEngine) -> KVLayout:
     arch = engine.arch
-    dtype = str(engine.runner.kv_dtype).removeprefix("torch.")  # int8: quantized rows
-    return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size, dtype)
+    return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size,
+                    engine.runner.kv_layout_dtype)
 
 
 def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
