@@ -44,7 +44,7 @@ def _run(engine: LLMEngine, paces: list[float]) -> dict[str, list[int]]:
 def test_paced_output_is_token_identical_and_steps_are_saved(engine: LLMEngine) -> None:
     plain = _run(engine, [0.0, 0.0, 0.0])
     sat_out = engine.num_paced_sit_outs
-    paced = _run(engine, [100.0, 0.0, 200.0])
+    paced = _run(engine, [10.0, 0.0, 25.0])  # slower than any step: they get ahead
     assert paced == plain
     assert all(len(tokens) == 24 for tokens in paced.values())
     assert engine.num_paced_requests == 2
