@@ -60,7 +60,7 @@ def test_bad_paces_are_refused(engine: LLMEngine) -> None:
 
 
 def test_the_loop_sleeps_until_a_lone_paced_stream_resumes(engine: LLMEngine) -> None:
-    rate, n = 40.0, 16
+    rate, n = 20.0, 16  # slower than any step: it gets ahead
     loop = EngineLoop(engine)
     loop.start()
     times: list[float] = []
@@ -84,7 +84,7 @@ def test_the_loop_sleeps_until_a_lone_paced_stream_resumes(engine: LLMEngine) ->
     finally:
         loop.stop()
     assert len(times) == n
-    buffer = 2  # ceil(40 tokens/s * 0.05 s)
+    buffer = 2  # ceil(20 tokens/s * 0.05 s) = 1, raised to the floor of 2
     # Never ahead of the pace by more than the buffer: token i no earlier than the
     # reader's time for token i - buffer - 1 (token 0 read on arrival).
     for i in range(buffer + 1, n):
