@@ -25,6 +25,8 @@ BENCHMARKS = {
                "unpaced ones: the paced gaps vs the pace, the others' tok/s vs all unpaced"),
     "kv-tier": ("splitserve.bench.kv_tier", "multi-turn chats on a too-small KV pool: TTFT "
                 "of later turns without and with the host KV tier, tokens identical"),
+    "peer": ("splitserve.bench.peer", "served throughput vs llama.cpp's llama-server (optional, "
+             "by path) and vs the engine offline, same workload, same threads"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

@@ -1,0 +1,213 @@
+"""`splitserve bench peer`: SplitServe's served path against llama.cpp's `llama-server` and
+against its own engine offline, on one workload, in one invocation.
+
+For each precision asked for (bf16, fp32), on this machine with the same thread count:
+1. llama-server with the GGUF of that precision (`--llama-server PATH --gguf-bf16 FILE`,
+   `--gguf-fp32 FILE`; made from the shipped Q4_1 GGUF with `llama-quantize
+   --allow-requantize IN OUT BF16|F32`, so they hold the values our converted weights hold),
+   driven by `bench serve`; skipped with a message when the binary or the file is absent;
+2. SplitServe colocated (a router and one decode worker that prefills its own prompts, as
+   processes), driven by the same `bench serve` arguments;
+3. the engine offline on the same prompts (the workload's texts tokenized as the router
+   does), `max_num_seqs` = the concurrency, every prompt submitted at once.
+It prints one table (output tok/s, TTFT p50, TPOT p50, failed) with the ratios the issue
+asks for (SplitServe / llama.cpp at the same precision; served / offline) and writes it
+as JSON with `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from splitserve.bench import serve as serve_bench
+from splitserve.bench.procs import free_port, local_deployment
+from splitserve.bench.workloads import WorkloadConfig, make_workload
+
+PRECISIONS = {"bf16": ("bfloat16", "BF16"), "fp32": ("float32", "F32")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="splitserve bench peer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--llama-server", default=None, help="path of a llama-server binary "
+                    "(absent: the llama.cpp rows are skipped)")
+    ap.add_argument("--gguf-bf16", default=None, help="BF16 GGUF of the same model")
+    ap.add_argument("--gguf-fp32", default=None, help="F32 GGUF of the same model")
+    ap.add_argument("--precisions", default="bf16,fp32")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="CPU threads of every server (and of the offline engine)")
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="SplitServe's prefill chunk budget (default: the engine's)")
+    ap.add_argument("--skip-offline", action="store_true", help="no offline engine run")
+    ap.add_argument("--out", help="results JSON")
+    return ap
+
+
+def _workload_args(ns: argparse.Namespace) -> list[str]:
+    return ["--workload", "fixed", "--input-len", str(ns.input_len), "--output-len",
+            str(ns.output_len), "--concurrency", str(ns.concurrency), "--num-requests",
+            str(ns.num_requests), "--seed", str(ns.seed), "--no-progress"]
+
+
+def _serve(target: str, label: str, ns: argparse.Namespace) -> dict[str, Any]:
+    """One `bench serve` run; its summary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        argv = ["--target", target, "--label", label, *_workload_args(ns), "--out", str(out)]
+        serve_bench.main(argv)
+        return dict(json.loads(out.read_text())["summary"])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"llama-server did not answer {url}")
+
+
+def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    context = ns.concurrency * (ns.input_len * 2 + ns.output_len + 64)  # words -> tokens
+    command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+               "-t", str(ns.threads), "-tb", str(ns.threads), "-np", str(ns.concurrency),
+               "-c", str(context), "--no-webui"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc)
+        return _serve(f"http://127.0.0.1:{port}", "llama.cpp", ns)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_splitserve(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
+    worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
+                   "--num-kv-blocks", "2048"]
+    if ns.max_num_batched_tokens:
+        worker_args += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
+    with local_deployment(ns.model, num_prefill=0, num_decode=1,
+                          local_prefill_threshold=1 << 20, threads=ns.threads,
+                          worker_args=tuple(worker_args)) as addrs:
+        return _serve(f"grpc://{addrs['router']}", "splitserve", ns)
+
+
+def run_offline(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
+    """The engine alone on the workload's prompts (tokenized as the router tokenizes)."""
+    from splitserve.bench.offline import run_engine
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model=ns.model, dtype=dtype, num_threads=ns.threads, num_kv_blocks=2048,
+        max_num_seqs=ns.concurrency,
+        **({"max_num_batched_tokens": ns.max_num_batched_tokens}
+           if ns.max_num_batched_tokens else {})))
+    workload = WorkloadConfig(kind="fixed", seed=ns.seed, input_len=ns.input_len,
+                              output_len=ns.output_len)
+    prompts = [engine.tokenizer.encode(request.as_prompt(), add_special_tokens=True)
+               for request in itertools.islice(make_workload(workload), ns.num_requests)]
+    run_engine(engine, prompts[:2], 4)  # warm-up (first-call costs)
+    result = run_engine(engine, prompts, ns.output_len)
+    return {"output_throughput": result.output_tokens / result.seconds,
+            "completed": len(prompts), "failed": 0, "seconds": result.seconds,
+            "mean_input_tokens": sum(map(len, prompts)) / len(prompts)}
+
+
+def _row(name: str, summary: dict[str, Any] | None) -> dict[str, Any]:
+    if summary is None:
+        return {"server": name, "skipped": True}
+    ttft = (summary.get("ttft_ms") or {}).get("p50")
+    tpot = (summary.get("tpot_ms") or {}).get("p50")
+    return {"server": name, "output_tok_s": summary.get("output_throughput"),
+            "ttft_p50_ms": ttft, "tpot_p50_ms": tpot, "failed": summary.get("failed", 0),
+            "connection_retries": summary.get("connection_retries", 0)}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'server':<34s}{'out tok/s':>10s}{'TTFT p50':>10s}{'TPOT p50':>10s}"
+             f"{'failed':>8s}  ratios"]
+    for row in rows:
+        if row.get("skipped"):
+            lines.append(f"{row['server']:<34s}  skipped: {row.get('why', '')}")
+            continue
+        ttft = row.get("ttft_p50_ms")
+        lines.append(
+            f"{row['server']:<34s}{_fmt(row['output_tok_s'], '.1f'):>10s}"
+            f"{_fmt(None if ttft is None else ttft / 1000, '.2f') + ' s':>10s}"
+            f"{_fmt(row.get('tpot_p50_ms'), '.1f') + ' ms':>10s}{row.get('failed', 0):>8d}  "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in row.get("ratios", {}).items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    precisions = [p.strip() for p in ns.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        print(f"splitserve bench peer: error: precisions are {', '.join(PRECISIONS)}",
+              file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for precision in precisions:
+        dtype, gguf_kind = PRECISIONS[precision]
+        gguf = getattr(ns, f"gguf_{precision}")
+        peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF"
+        peer: dict[str, Any] | None = None
+        if not ns.llama_server or not os.access(ns.llama_server, os.X_OK):
+            rows.append({**_row(peer_name, None), "why": "no --llama-server binary"})
+        elif not gguf or not Path(gguf).is_file():
+            rows.append({**_row(peer_name, None), "why": f"no --gguf-{precision} file"})
+        else:
+            peer = _row(peer_name, run_llama_server(ns.llama_server, gguf, ns))
+            rows.append(peer)
+        ours = _row(f"SplitServe colocated, {precision}", run_splitserve(dtype, ns))
+        rows.append(ours)
+        if peer is not None and peer["output_tok_s"] and ours["output_tok_s"]:
+            ours.setdefault("ratios", {})["vs llama.cpp"] = ours["output_tok_s"] / peer["output_tok_s"]
+        if not ns.skip_offline:
+            offline = run_offline(dtype, ns)
+            rows.append({"server": f"SplitServe engine offline, {precision}",
+                         "output_tok_s": offline["output_throughput"], "failed": 0})
+            if ours["output_tok_s"]:
+                ours.setdefault("ratios", {})["served/offline"] = (
+                    ours["output_tok_s"] / offline["output_throughput"])
+    print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
+          f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
+          f"seed {ns.seed}")
+    print(format_table(rows))
+    if ns.out:
+        Path(ns.out).write_text(json.dumps({"argv": argv, "rows": rows}, indent=2))
+        print(f"results: {ns.out}", file=sys.stderr)
+    return 0
