@@ -5,6 +5,8 @@
         --out results.json --plot-dir plots/
     splitserve bench serve --target http://127.0.0.1:8000 --workload mixed \\
         --sweep-rates 1,2,4,8 --duration 60 --out sweep.json --plot-dir plots/
+    splitserve bench serve --target http://127.0.0.1:8000 --workload fixed --duration 60 \
+        --client name=flood,rate=10,api_key=K1 --client name=light,rate=1,api_key=K2
     splitserve bench compare results-a.json results-b.json
 
 Every engine is measured the same way: client-side timestamps of every streamed chunk (see
@@ -26,6 +28,7 @@ import secrets
 import sys
 from typing import Any
 
+from splitserve.bench import clients as multi
 from splitserve.bench import plots, report, vllm_format
 from splitserve.bench.metrics import parse_slo, summarize, summarize_by_tag
 from splitserve.bench.runner import RunConfig, RunResult, run
@@ -85,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--warmup", type=int, default=0,
                    help="requests sent and discarded before measuring")
     a.add_argument("--sweep-rates", help="comma-separated rates run in turn, e.g. 1,2,4,8")
+    a.add_argument("--client", action="append", default=[], metavar="SPEC",
+                   help="a client of its own (repeatable): name=N[,rate=R][,concurrency=C]"
+                        "[,num_requests=K][,api_key=KEY][,priority=P][,ttft_slo_ms=MS]"
+                        "[,stream_pace=TOK_S|NAME][,weight=W]; all run at once, reported "
+                        "per client with the fairness gap (bench/clients.py)")
     o = ap.add_argument_group("output")
     o.add_argument("--slo", help="objectives for goodput, e.g. ttft_ms=500,tpot_ms=50")
     o.add_argument("--percentiles", default="50,90,99")
@@ -109,6 +117,7 @@ class ServeArgs:
     percentiles: tuple[float, ...]
     label: str
     warmup: int
+    clients: tuple[multi.ClientSpec, ...] = ()
 
 
 def parse_args(argv: list[str]) -> tuple[ServeArgs, argparse.Namespace]:
@@ -144,13 +153,21 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, argparse.Namespace]:
                            request_timeout_s=ns.request_timeout, seed=ns.seed)
                  for r in rates)
     make_workload(workload)  # a dataset file is read (and checked) here
+    clients = [multi.parse_client(text) for text in ns.client]
+    multi.check_clients(clients)
+    if clients and ns.sweep_rates:
+        raise ValueError("--client runs are single runs; drop --sweep-rates")
+    if clients and ns.result_format == "vllm":
+        raise ValueError("--result-format vllm has no per-client results; drop it")
+    for client in clients:
+        multi.client_run_config(client, runs[0])  # a bad rate or count fails here
     percentiles = tuple(float(p) for p in ns.percentiles.split(",") if p.strip())
     if not percentiles or not all(0 <= p <= 100 for p in percentiles):
         raise ValueError("--percentiles must be numbers in [0, 100]")
     if ns.warmup < 0:
         raise ValueError("--warmup must be >= 0")
     return ServeArgs(target, workload, runs, bool(ns.sweep_rates), parse_slo(ns.slo),
-                     percentiles, ns.label or ns.target, ns.warmup), ns
+                     percentiles, ns.label or ns.target, ns.warmup, tuple(clients)), ns
 
 
 def _config_json(args: ServeArgs, target: Target, argv: list[str]) -> dict[str, Any]:
@@ -183,7 +200,11 @@ async def _bench(args: ServeArgs, argv: list[str], progress: bool
         if args.sweep:
             print(report.sweep_header(), flush=True)
         for cfg in args.runs:
-            result = await run(target, make_workload(args.workload), cfg, progress)
+            if args.clients:
+                result = await multi.run_clients(args.target, args.workload, cfg,
+                                                 list(args.clients), progress)
+            else:
+                result = await run(target, make_workload(args.workload), cfg, progress)
             results.append((cfg.request_rate, result))
             if args.sweep:
                 summary = summarize(result.records, args.slo, percentiles=args.percentiles)
@@ -197,11 +218,20 @@ def _run_json(args: ServeArgs, config: dict[str, Any], cfg: RunConfig, result: R
               ) -> dict[str, Any]:
     summary = summarize(result.records, args.slo, percentiles=args.percentiles)
     by_tag = summarize_by_tag(result.records, args.slo)
+    extra: dict[str, Any] = {}
+    if args.clients:  # a summary per client (its records are tagged with its name)
+        by_tag = {c.name: summarize([r for r in result.records
+                                     if multi.client_of(r.tag) == c.name],
+                                    args.slo, summary["duration_s"], args.percentiles)
+                  for c in args.clients}
+        extra["clients"] = {**multi.fairness(result.records, list(args.clients)),
+                            "specs": [dataclasses.asdict(c) | {"api_key": None}
+                                      for c in args.clients]}
     return report.run_json(
         args.label, {**config, "run": dataclasses.asdict(cfg)}, summary, by_tag,
         result.records, request_rate=cfg.request_rate, start_unix_s=result.start_unix_s,
         wall_s=result.wall_s, stopped_by=result.stopped_by,
-        peak_in_flight=result.peak_in_flight)
+        peak_in_flight=result.peak_in_flight, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = runs[0]
         print(report.format_summary(data["summary"], args.label, data["by_tag"]))
+        if "clients" in data:
+            print(multi.format_fairness(data["clients"]))
     if ns.out and ns.result_format == "vllm":
         cfg, result = args.runs[0], results[0][1]
         report.save(ns.out, vllm_format.to_vllm(

@@ -30,6 +30,7 @@ class FakeOpenAI:
     model: str = "fake-model"
     bodies: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)  # aligned with bodies
     in_flight: int = 0
     peak_in_flight: int = 0
     port: int = 0
@@ -56,6 +57,7 @@ class FakeOpenAI:
             return web.Response()
         self.bodies.append(body)
         self.paths.append(request.path)
+        self.authorizations.append(request.headers.get("Authorization"))
         if self.fail_every and len(self.bodies) % self.fail_every == 0:
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
         chat = request.path.endswith("chat/completions")
