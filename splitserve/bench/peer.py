@@ -10,9 +10,12 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    processes), driven by the same `bench serve` arguments;
 3. the engine offline on the same prompts (the workload's texts tokenized as the router
    does), `max_num_seqs` = the concurrency, every prompt submitted at once.
+4. with `--single-stream N`: N requests one at a time (concurrency 1) to each server, and
+   the engine's batch-1 decode step at the prompt's length, so the served TPOT of a lone
+   stream is set against the step it is made of.
 It prints one table (output tok/s, TTFT p50, TPOT p50, failed) with the ratios the issue
-asks for (SplitServe / llama.cpp at the same precision; served / offline) and writes it
-as JSON with `--out`.
+asks for (SplitServe / llama.cpp at the same precision; served / offline; lone-stream TPOT
+/ batch-1 step) and writes it as JSON with `--out`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="SplitServe's prefill chunk budget (default: the engine's)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline engine run")
+    ap.add_argument("--single-stream", type=int, default=0, metavar="N",
+                    help="also N requests at concurrency 1 per server, against the engine's "
+                         "batch-1 decode step (0: skip)")
     ap.add_argument("--out", help="results JSON")
     return ap
 
@@ -66,8 +72,18 @@ def _workload_args(ns: argparse.Namespace) -> list[str]:
             str(ns.num_requests), "--seed", str(ns.seed), "--no-progress"]
 
 
-def _serve(target: str, label: str, ns: argparse.Namespace) -> dict[str, Any]:
-    """One `bench serve` run; its summary."""
+def _serve(target: str, label: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
+    """The `bench serve` runs against one server: the workload, then (--single-stream)
+    the lone-stream run; their summaries."""
+    summaries = [_serve_once(target, label, ns)]
+    if ns.single_stream:
+        lone = argparse.Namespace(**{**vars(ns), "concurrency": 1,
+                                     "num_requests": ns.single_stream})
+        summaries.append(_serve_once(target, f"{label} c=1", lone))
+    return summaries
+
+
+def _serve_once(target: str, label: str, ns: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         argv = ["--target", target, "--label", label, *_workload_args(ns), "--out", str(out)]
@@ -90,7 +106,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0
     raise RuntimeError(f"llama-server did not answer {url}")
 
 
-def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> dict[str, Any]:
+def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
     port = free_port()
     context = ns.concurrency * (ns.input_len * 2 + ns.output_len + 64)  # words -> tokens
     command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
@@ -108,7 +124,7 @@ def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> dict[str
             proc.kill()
 
 
-def run_splitserve(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
+def run_splitserve(dtype: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
     worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
                    "--num-kv-blocks", "2048"]
     if ns.max_num_batched_tokens:
@@ -121,7 +137,7 @@ def run_splitserve(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
 
 def run_offline(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
     """The engine alone on the workload's prompts (tokenized as the router tokenizes)."""
-    from splitserve.bench.offline import run_engine
+    from splitserve.bench.offline import decode_step_ms, run_engine
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
@@ -136,9 +152,14 @@ def run_offline(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
                for request in itertools.islice(make_workload(workload), ns.num_requests)]
     run_engine(engine, prompts[:2], 4)  # warm-up (first-call costs)
     result = run_engine(engine, prompts, ns.output_len)
-    return {"output_throughput": result.output_tokens / result.seconds,
-            "completed": len(prompts), "failed": 0, "seconds": result.seconds,
-            "mean_input_tokens": sum(map(len, prompts)) / len(prompts)}
+    mean_input = sum(map(len, prompts)) / len(prompts)
+    out = {"output_throughput": result.output_tokens / result.seconds,
+           "completed": len(prompts), "failed": 0, "seconds": result.seconds,
+           "mean_input_tokens": mean_input}
+    if ns.single_stream:
+        out["batch1_step_ms"] = decode_step_ms(engine, 1, int(mean_input) + ns.output_len // 2,
+                                               steps=16)
+    return out
 
 
 def _row(name: str, summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -190,23 +211,36 @@ def main(argv: list[str] | None = None) -> int:
         elif not gguf or not Path(gguf).is_file():
             rows.append({**_row(peer_name, None), "why": f"no --gguf-{precision} file"})
         else:
-            peer = _row(peer_name, run_llama_server(ns.llama_server, gguf, ns))
+            peer_runs = run_llama_server(ns.llama_server, gguf, ns)
+            peer = _row(peer_name, peer_runs[0])
             rows.append(peer)
-        ours = _row(f"SplitServe colocated, {precision}", run_splitserve(dtype, ns))
+            rows += [_row(f"{peer_name}, c=1", run) for run in peer_runs[1:]]
+        our_runs = run_splitserve(dtype, ns)
+        ours = _row(f"SplitServe colocated, {precision}", our_runs[0])
         rows.append(ours)
+        lone = [_row(f"SplitServe colocated, {precision}, c=1", run) for run in our_runs[1:]]
+        rows += lone
         if peer is not None and peer["output_tok_s"] and ours["output_tok_s"]:
             ours.setdefault("ratios", {})["vs llama.cpp"] = ours["output_tok_s"] / peer["output_tok_s"]
         if not ns.skip_offline:
             offline = run_offline(dtype, ns)
             rows.append({"server": f"SplitServe engine offline, {precision}",
-                         "output_tok_s": offline["output_throughput"], "failed": 0})
+                         "output_tok_s": offline["output_throughput"], "failed": 0,
+                         "batch1_step_ms": offline.get("batch1_step_ms")})
             if ours["output_tok_s"]:
                 ours.setdefault("ratios", {})["served/offline"] = (
                     ours["output_tok_s"] / offline["output_throughput"])
+            step = offline.get("batch1_step_ms")
+            for row in lone:
+                if step and row.get("tpot_p50_ms"):
+                    row.setdefault("ratios", {})["TPOT/batch-1 step"] = row["tpot_p50_ms"] / step
     print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
           f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
           f"seed {ns.seed}")
     print(format_table(rows))
+    for row in rows:
+        if row.get("batch1_step_ms"):
+            print(f"{row['server']}: batch-1 decode step {row['batch1_step_ms']:.1f} ms")
     if ns.out:
         Path(ns.out).write_text(json.dumps({"argv": argv, "rows": rows}, indent=2))
         print(f"results: {ns.out}", file=sys.stderr)

@@ -18,7 +18,7 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     out = tmp_path / "peer.json"
     rc = bench_main(["peer", "--model", str(tiny_llama), "--precisions", "fp32",
                      "--threads", "1", "--input-len", "8", "--output-len", "6",
-                     "--concurrency", "2", "--num-requests", "4",
+                     "--concurrency", "2", "--num-requests", "4", "--single-stream", "2",
                      "--llama-server", str(tmp_path / "absent"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -31,6 +31,10 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     assert served["failed"] == 0 and served["output_tok_s"] > 0 and offline["output_tok_s"] > 0
     assert served["ratios"]["served/offline"] == pytest.approx(
         served["output_tok_s"] / offline["output_tok_s"])
+    lone = rows["SplitServe colocated, fp32, c=1"]
+    assert lone["failed"] == 0 and offline["batch1_step_ms"] > 0
+    assert lone["ratios"]["TPOT/batch-1 step"] == pytest.approx(
+        lone["tpot_p50_ms"] / offline["batch1_step_ms"])
     assert "skipped: no --llama-server binary" in printed
     assert f"served/offline {served['ratios']['served/offline']:.2f}x" in printed
 
