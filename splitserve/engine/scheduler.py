@@ -10,7 +10,12 @@ Priority classes (Sequence.priority, lower first): the queue is ordered by class
 within one; a preemption for blocks takes the newest sequence of the worst class, and never
 one of a better class than the sequence that needs the blocks; and a sequence waiting in a
 better class than a running one takes its place when the batch is full (max_num_seqs) or
-the pool is short. With one class all of this is the FCFS behaviour above.
+the pool is short. While a better class has prompt tokens to compute (a running prompt, or
+the head of the queue with a place in the batch), worse classes sit that step out, decodes
+included, so the better class's first token is not shared with their work (their KV stays;
+they resume the step after; after _MAX_DEFERRED_STEPS such steps in a row, one step takes
+everyone, so a long or endless run of better prompts never starves them). With one class all
+of this is the FCFS behaviour above.
 
 Paced streams (Sequence.pace, engine/pacing.py): a decoding sequence that is more than its
 buffer of tokens ahead of its reader sits out the step. It keeps its blocks and its place
@@ -33,6 +38,8 @@ from dataclasses import dataclass, field
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.sequence import Sequence, SequenceStatus
+
+_MAX_DEFERRED_STEPS = 4  # steps in a row that worse classes may sit out for better prompts
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class Scheduler:
         self.clock = clock  # paced sequences' readers run on it
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order; the last is the newest
+        self._deferred_steps = 0  # steps in a row in which worse classes sat out
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -139,12 +147,18 @@ class Scheduler:
         # Decodes first, then prompt chunks of running sequences, both in arrival order.
         order = [s for s in self.running if not s.is_prefilling]
         order += [s for s in self.running if s.is_prefilling]
+        urgent = (self._prefilling_class() if self._deferred_steps < _MAX_DEFERRED_STEPS
+                  else None)
+        deferred = False
         now = self.clock()
         for seq in order:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
+            if urgent is not None and seq.priority > urgent:
+                deferred = True
+                continue  # a better class's prompt goes first, on a step of its own
             if self._sits_out(seq, now, out):
                 continue
             num_tokens = min(seq.num_uncomputed_tokens, budget)
@@ -155,7 +169,16 @@ class Scheduler:
             budget -= num_tokens
         if len(out.preempted) == by_priority:  # the pool was not short this step
             self._admit_waiting(out, budget)
+        self._deferred_steps = self._deferred_steps + 1 if deferred else 0
         return out
+
+    def _prefilling_class(self) -> int | None:
+        """The best class with prompt tokens to compute this step: a running prompt, or the
+        head of the queue when the batch has a place for it (None: no prompt work)."""
+        classes = [s.priority for s in self.running if s.is_prefilling]
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            classes.append(self.waiting[0].priority)
+        return min(classes, default=None)
 
     @staticmethod
     def _sits_out(seq: Sequence, now: float, out: SchedulerOutput) -> bool:

@@ -346,7 +346,8 @@ def test_a_better_class_takes_a_full_batchs_worst_place_never_the_reverse() -> N
     vip = sim.add("vip", prompt(300, 3), max_tokens=2, priority=0)
     out = sim.step()
     assert out.preempted == [b]  # the worst class running gives its place
-    assert plan(out) == [("a", 1), ("vip", 3)]
+    assert plan(out) == [("vip", 3)]  # and "a" (worse) sits out the prompt's step
+    assert plan(sim.step()) == [("a", 1), ("vip", 1)]
     assert [s.request_id for s in sim.sched.waiting] == ["b", "low"]  # b first in its class
     sim.run()
     assert vip.is_finished and b.output_token_ids[:len(b_outputs)] == b_outputs
@@ -375,3 +376,37 @@ def test_a_preemption_for_blocks_never_takes_a_better_class() -> None:
     sim2.run()
     assert [s.request_id for s in sim.finished][:2] == ["hi", "mid"]
     assert mid.num_preemptions == hi.num_preemptions == 0
+
+
+def test_worse_classes_sit_out_a_better_prompts_steps_then_resume() -> None:
+    sim = Sim(num_blocks=64, max_num_seqs=4, max_num_batched_tokens=8)
+    low = sim.add("low", prompt(0, 3), max_tokens=20, priority=3)
+    sim.step()
+    chunked = sim.add("chunked", prompt(100, 20), max_tokens=2, priority=3)
+    assert plan(sim.step()) == [("low", 1), ("chunked", 7)]  # one class: as before
+    hi = sim.add("hi", prompt(200, 12), max_tokens=2, priority=0)
+    # hi's prompt (two chunks) has the steps to itself: the low decode and chunk wait.
+    assert plan(sim.step()) == [("hi", 8)]
+    assert plan(sim.step()) == [("hi", 4)]
+    assert plan(sim.step()) == [("low", 1), ("hi", 1), ("chunked", 6)]
+    sim.run()
+    assert low.is_finished and chunked.is_finished and hi.is_finished
+    assert hi.num_preemptions == low.num_preemptions == 0
+
+
+def test_a_better_class_never_starves_the_others() -> None:
+    """Better prompts one after another: worse classes still get a step every
+    _MAX_DEFERRED_STEPS + 1."""
+    sim = Sim(num_blocks=256, max_num_seqs=8, max_num_batched_tokens=4)
+    sim.add("low", prompt(0, 3), max_tokens=30, priority=5)
+    sim.step()
+    for i in range(6):
+        sim.add(f"hi{i}", prompt(1000 + 100 * i, 16), max_tokens=1, priority=0)
+    low_steps = []
+    for step in range(24):
+        if "low" in [rid for rid, _ in plan(sim.step())]:
+            low_steps.append(step)
+    assert low_steps, "the worse class never ran"
+    gaps = [b - a for a, b in zip([-1, *low_steps], low_steps, strict=False)]
+    assert max(gaps) <= 5
+    assert len(low_steps) < 24  # and the better prompts did get steps of their own
