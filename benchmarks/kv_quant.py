@@ -1,18 +1,22 @@
-"""The int8 KV cache (issue 16) on SmolLM2-135M-Instruct: accuracy, capacity, speed, bytes.
+"""The int8 and fp8 KV caches (issue 16) on SmolLM2-135M-Instruct: accuracy, capacity,
+speed, bytes.
 
     PYTHONPATH=. .venv/bin/python benchmarks/kv_quant.py [--dtype float32|bfloat16]
-        [--prompts 64] [--tokens 64] [--context 4096]
+        [--prompts 64] [--tokens 64] [--context 4096] [--codecs int8,fp8]
+        [--fp8-rotation-study]
 
-Accuracy, against the same engine with the unquantized cache (--dtype), greedy:
+Accuracy of each codec, against the same engine with the unquantized cache (--dtype), greedy:
 - 64 chat prompts (8 tasks x 8 topics, fixed here, never tuned): the share of sequences
   whose first 32 and first 64 tokens are identical, and the mean absolute difference of
   the chosen tokens' logprobs over the positions before the first divergence.
 - Perplexity of tests/data/perplexity.txt, scored in 16-token chunks so every chunk
-  attends to the cached (quantized) KV of the text before it: int8 vs unquantized.
+  attends to the cached (quantized) KV of the text before it: each codec vs unquantized.
 Capacity: KV blocks that fit in the same bytes. Speed: one sequence decoding at a
-`--context`-token context, ms per step (medians over 32 steps), int8 with its fused C++
-kernel, int8 through the unfused torch path (gather, dequantize, SDPA), and unquantized.
+`--context`-token context, ms per step (medians over 32 steps), each codec with its fused
+C++ kernel and through the unfused torch path (gather, dequantize, SDPA), and unquantized.
 Bytes: what a 1,000-token prompt's KV transfer moves (the layout's bytes for its blocks).
+--fp8-rotation-study: fp8 accuracy with and without the Hadamard rotation, both through the
+torch path (the only one that reads kv_quant.ROTATED at run time), instead of the above.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from splitserve.common.kv_layout import KVLayout
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSequence
 from splitserve.engine.sequence import Sequence
+from splitserve.kernels import kv_quant
 from splitserve.llm import LLM
 
 TASKS = ["Explain briefly", "Write a short poem about", "List three facts about",
@@ -109,36 +114,61 @@ def decode_ms(llm: LLM, context: int, steps: int = 32) -> float:
     return statistics.median(times) * 1000
 
 
+def rotation_study(dtype: str, prompts: int, tokens: int) -> dict[str, Any]:
+    """fp8 with and without the rotation, through the torch path (reads ROTATED per call)."""
+    base = _engine(dtype, "auto", "torch")
+    report: dict[str, Any] = {"perplexity_unquantized": round(perplexity(base), 4)}
+    for rotated in (False, True):
+        kv_quant.ROTATED["fp8"] = rotated
+        quant = _engine(dtype, "fp8", "torch")
+        report[f"fp8_rotated_{rotated}"] = {
+            "perplexity": round(perplexity(quant), 4),
+            "agreement": agreement(base, quant, prompts, tokens)}
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--codecs", default="int8,fp8", help="comma-separated KV cache dtypes")
+    ap.add_argument("--fp8-rotation-study", action="store_true")
     args = ap.parse_args()
-    base, quant = _engine(args.dtype, "auto"), _engine(args.dtype, "int8")
-    report: dict[str, Any] = {"dtype": args.dtype}
-    report["agreement"] = agreement(base, quant, args.prompts, args.tokens)
-    ppl_base, ppl_quant = perplexity(base), perplexity(quant)
-    report["perplexity"] = {"unquantized": round(ppl_base, 4), "int8": round(ppl_quant, 4),
-                            "ratio": round(ppl_quant / ppl_base, 5)}
-    per_block = {kv: _engine(args.dtype, kv, blocks=1).engine.runner.kv_bytes_per_block
-                 for kv in ("auto", "int8")}
+    if args.fp8_rotation_study:
+        print(json.dumps(rotation_study(args.dtype, args.prompts, args.tokens), indent=1))
+        return
+    codecs = args.codecs.split(",")
+    base = _engine(args.dtype, "auto")
+    report: dict[str, Any] = {"dtype": args.dtype, "agreement": {}}
+    ppl_base = perplexity(base)
+    report["perplexity"] = {"unquantized": round(ppl_base, 4)}
+    for kv in codecs:
+        quant = _engine(args.dtype, kv)
+        report["agreement"][kv] = agreement(base, quant, args.prompts, args.tokens)
+        ppl = perplexity(quant)
+        report["perplexity"][kv] = {"ppl": round(ppl, 4), "ratio": round(ppl / ppl_base, 5)}
+        del quant
     bf16 = _engine("bfloat16", "auto", blocks=1).engine.runner.kv_bytes_per_block
-    report["capacity_blocks_vs"] = {"bfloat16": round(bf16 / per_block["int8"], 3),
-                                    "float32": round(bf16 * 2 / per_block["int8"], 3)}
-    del base, quant
+    report["capacity_blocks_vs"] = {}
+    for kv in codecs:
+        per_block = _engine(args.dtype, kv, blocks=1).engine.runner.kv_bytes_per_block
+        report["capacity_blocks_vs"][kv] = {"bfloat16": round(bf16 / per_block, 3),
+                                            "float32": round(bf16 * 2 / per_block, 3)}
+    del base
     blocks = args.context // 16 + 8
-    speeds = {}
-    for name, kv, backend in (("unquantized", "auto", "auto"), ("int8_fused", "int8", "auto"),
-                              ("int8_unfused_torch", "int8", "torch")):
-        speeds[name] = round(decode_ms(_engine(args.dtype, kv, backend, blocks), args.context), 2)
-    report[f"decode_step_ms_at_{args.context}"] = speeds
+    runs = [("unquantized", "auto", "auto")]
+    for kv in codecs:
+        runs += [(f"{kv}_fused", kv, "auto"), (f"{kv}_unfused_torch", kv, "torch")]
+    report[f"decode_step_ms_at_{args.context}"] = {
+        name: round(decode_ms(_engine(args.dtype, kv, backend, blocks), args.context), 2)
+        for name, kv, backend in runs}
     arch = _engine(args.dtype, "auto", blocks=1).engine.arch
     num_blocks = -(-1000 // 16)
     report["kv_bytes_per_1k_token_transfer"] = {
         dt: KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, 16, dt).bytes_for(num_blocks)
-        for dt in ("float32", "bfloat16", "int8")}
+        for dt in ("float32", "bfloat16", *codecs)}
     print(json.dumps(report, indent=1))
 
 

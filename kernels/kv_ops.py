@@ -8,8 +8,11 @@ Layouts (one layer):
 
 Every program moves one token's [num_kv_heads, head_dim] tile of K and of V, addressing the
 cache through its strides, so caches that are views of a larger pool work unchanged. An
-int8 cache (kernels.kv_quant: rows of head_dim int8 values and an fp16 scale) is quantized
-by the store; pack/unpack copy its rows, scales included, as bytes.
+int8 or fp8 cache (kernels.kv_quant: rows of head_dim int8 values or e4m3 codes, stored as
+uint8, and an fp16 scale) is quantized by the store; pack/unpack copy its rows, scales
+included, as bytes. The e4m3 codes are computed arithmetically (exact round-to-nearest-even,
+as torch's conversion): the Triton interpreter's fp32 -> float8e4nv cast rounds wrongly
+where the mantissa carries into the next exponent (124.2 -> 64, not 128).
 References: `kernels.reference.store_kv / pack_kv / unpack_kv`.
 """
 
@@ -19,7 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels.kv_quant import hadamard_matrix, rotates, row_width
+from splitserve.kernels import kv_quant
+from splitserve.kernels.kv_quant import hadamard_matrix, kernel_codec, rotates, row_width
+
+_FP8_MAX = tl.constexpr(kv_quant.FP8_MAX)
+_FP8_ROW_LIMIT = tl.constexpr(kv_quant.FP8_ROW_LIMIT)
 
 __all__ = ["store_kv", "pack_kv", "unpack_kv"]
 
@@ -31,7 +38,7 @@ def _store_kv_kernel(
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QUANT: tl.constexpr, ROTATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CODEC: tl.constexpr, ROTATE: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -46,13 +53,17 @@ def _store_kv_kernel(
     v = tl.load(v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     k_row = block * stride_kcb + offset * stride_kcs + h * stride_kch  # [H_PAD]
     v_row = block * stride_vcb + offset * stride_vcs + h * stride_vch
-    if QUANT:
+    if CODEC != 0:
         if ROTATE:  # rows are stored as H x (kernels.kv_quant); h_ptr: H, fp32 [D, D]
             hm = tl.load(h_ptr + d[:, None] * HEAD_DIM + d[None, :])
             k = tl.dot(k.to(tl.float32), hm, input_precision="ieee")
             v = tl.dot(v.to(tl.float32), hm, input_precision="ieee")
-        k, k_scale = _quantize_rows(k)
-        v, v_scale = _quantize_rows(v)
+        if CODEC == 1:
+            k, k_scale = _quantize_rows(k)
+            v, v_scale = _quantize_rows(v)
+        else:
+            k, k_scale = _quantize_rows_fp8(k)
+            v, v_scale = _quantize_rows_fp8(v)
         # The fp16 scale sits right after the row's values; kcs/vcs are fp16 views.
         h_ok = h < NUM_HEADS
         tl.store(kcs_ptr + (k_row + HEAD_DIM) // 2, k_scale, mask=h_ok)
@@ -68,12 +79,37 @@ def _quantize_rows(x):
     x = x.to(tl.float32)
     scale = (tl.max(tl.abs(x), 1) / 127.0).to(tl.float16)
     safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
-    y = x / safe[:, None]
+    r = _round_half_even(x / safe[:, None])
+    return tl.minimum(tl.maximum(r, -127.0), 127.0), scale
+
+
+@triton.jit
+def _round_half_even(y):
     f = tl.floor(y)
     frac = y - f
     parity = f - 2.0 * tl.floor(f * 0.5)  # 1 for odd f: a tie rounds to the even neighbour
-    r = tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, f + parity))
-    return tl.minimum(tl.maximum(r, -127.0), 127.0), scale
+    return tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, f + parity))
+
+
+@triton.jit
+def _quantize_rows_fp8(x):
+    """[H, D] floats -> (int32 e4m3 codes [H, D], fp16 scale [H]), as kernels.kv_quant:
+    NaN -> 0, clamped to +-FP8_ROW_LIMIT, scale = fp16(max |x| / 448), codes of x / scale
+    clamped to +-448."""
+    x = x.to(tl.float32)
+    x = tl.where(x != x, 0.0, x)
+    x = tl.minimum(tl.maximum(x, -_FP8_ROW_LIMIT), _FP8_ROW_LIMIT)
+    scale = (tl.max(tl.abs(x), 1) / _FP8_MAX).to(tl.float16)
+    safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+    y = tl.minimum(tl.maximum(x / safe[:, None], -_FP8_MAX), _FP8_MAX)
+    # code = (e + 6) * 8 + rne(|y| * 2^(3 - e)), e = max(exponent of |y|, -6) (the subnormal
+    # range shares 2^-6's step); a rounding up to 16 carries into the exponent by itself.
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e), exact
+    r = _round_half_even(tl.abs(y) * step).to(tl.int32)
+    sign = (bits >> 31) & 1
+    return sign * 128 + (e + 6) * 8 + r, scale
 
 
 @triton.jit
@@ -129,9 +165,10 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write k, v [num_tokens, num_kv_heads, head_dim] into their slots, in place (an int8
-    cache: quantized)."""
+    or fp8 cache: quantized)."""
     _check_caches(k_cache, v_cache)
-    quant = k_cache.dtype == torch.int8
+    codec = kernel_codec(k_cache.dtype)
+    quant = codec != 0
     width = row_width(k.shape[2]) if quant else k.shape[2]
     assert k.shape == v.shape and k.dim() == 3 and (k.shape[1], width) == k_cache.shape[2:], (
         k.shape, k_cache.shape)
@@ -142,7 +179,7 @@ def store_kv(
     if k.shape[0] == 0:
         return
     meta = _tile_meta(k_cache)
-    rotate = quant and rotates(k.shape[2])
+    rotate = rotates(k_cache.dtype, k.shape[2])
     meta.update(HEAD_DIM=k.shape[2], D_PAD=triton.next_power_of_2(k.shape[2]))
     if rotate:  # the rotation is a tl.dot, which needs 16 rows
         meta["H_PAD"] = max(16, meta["H_PAD"])
@@ -155,7 +192,7 @@ def store_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], QUANT=quant, ROTATE=rotate, **meta,
+        BLOCK_SIZE=k_cache.shape[1], CODEC=codec, ROTATE=rotate, **meta,
     )
 
 

@@ -11,6 +11,13 @@ Partitioning (both stages agree): a sequence of context length L with S splits g
 split `tokens_per_split = ceil(ceil(L / S) / BLOCK_N) * BLOCK_N` tokens; splits past the end
 are empty and ignored by stage 2, so a batch mixing short and long sequences is fine.
 
+Quantized caches (kernels.kv_quant) are dequantized as they are read: the dots run on the
+decoded values and each row's fp16 scale multiplies its score and its softmax weight. fp8
+rows (e4m3 codes in uint8) are decoded by moving each code's bits into an fp16 (sign to bit
+15, exponent and mantissa up by 7): the same value divided by 2^8, subnormals included, on
+every GPU and in the interpreter (whose float8e4nv cast reads the NaN codes as 480), then
+times 2^8 (exact).
+
 Reference: `kernels.reference.paged_decode_attention`.
 """
 
@@ -27,7 +34,7 @@ from splitserve.kernels.attention_plan import (
     choose_block_n,
     choose_num_splits,
 )
-from splitserve.kernels.kv_quant import hadamard_matrix, rotates, row_width
+from splitserve.kernels.kv_quant import hadamard_matrix, kernel_codec, rotates, row_width
 
 __all__ = [
     "MAX_SPLITS",
@@ -56,7 +63,7 @@ def _decode_split_kernel(
     num_splits,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, QUANT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, CODEC: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -78,7 +85,7 @@ def _decode_split_kernel(
         q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
         mask=g_ok[:, None] & d_ok[None, :], other=0.0,
     )  # [GROUP_PAD, D_PAD]
-    if ROTATE:  # int8 rows stored as H x: rotate the query in (and the output back below)
+    if ROTATE:  # rows stored as H x: rotate the query in (and the output back below)
         hm = tl.load(h_ptr + d[:, None] * HEAD_DIM + d[None, :])
         q = tl.dot(q.to(tl.float32), hm, input_precision="ieee").to(q.dtype)
     if DOT_FP32:
@@ -95,13 +102,15 @@ def _decode_split_kernel(
         slot = t % BLOCK_SIZE
         kv_mask = t_ok[:, None] & d_ok[None, :]
         k_off = block * stride_kb + slot * stride_kt + kv_head * stride_kh
-        k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0)  # [BLOCK_N, D_PAD]
+        if CODEC == 2:
+            k = _e4m3_values(k)
         if DOT_FP32:
             k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        if QUANT:  # int8 rows: each token's fp16 scale follows its values (ks: fp16 view)
+        if CODEC != 0:  # each token's fp16 scale follows its values (ks: fp16 view)
             k_scale = tl.load(ks_ptr + (k_off + HEAD_DIM) // 2, mask=t_ok, other=0.0)
             s = s * k_scale.to(tl.float32)[None, :]
         s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N]
@@ -110,9 +119,11 @@ def _decode_split_kernel(
         alpha = tl.exp2(m - m_new)
         lsum = lsum * alpha + tl.sum(p, 1)
         v_off = block * stride_vb + slot * stride_vt + kv_head * stride_vh
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0)
+        if CODEC == 2:
+            v = _e4m3_values(v)
         pw = p
-        if QUANT:
+        if CODEC != 0:
             v_scale = tl.load(vs_ptr + (v_off + HEAD_DIM) // 2, mask=t_ok, other=0.0)
             pw = p * v_scale.to(tl.float32)[None, :]
         if DOT_FP32:
@@ -134,6 +145,15 @@ def _decode_split_kernel(
                    + split * stride_posp + d[None, :])
         tl.store(po_ptrs, acc, mask=io_mask)
         tl.store(plse_ptr + seq * stride_ls + heads * stride_lh + split, m + tl.log2(lsum), mask=g_ok)
+
+
+@triton.jit
+def _e4m3_values(codes):
+    """uint8 e4m3fn codes -> fp32 values, exact: as fp16 bits they read as value / 2^8
+    (e4m3's exponent bias is 7, fp16's 15), subnormals included."""
+    c = codes.to(tl.uint16)
+    half = (((c & 0x7F) << 7) | ((c & 0x80) << 8)).to(tl.float16, bitcast=True)
+    return half.to(tl.float32) * 256.0
 
 
 @triton.jit
@@ -168,11 +188,11 @@ def _reduce_splits_kernel(
 def _check_args(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     assert q.dim() == 3 and k_cache.dim() == 4, (q.shape, k_cache.shape)
     assert k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
-    quant = k_cache.dtype == torch.int8
+    quant = kernel_codec(k_cache.dtype) != 0
     assert k_cache.dtype == v_cache.dtype and (quant or q.dtype == k_cache.dtype), (
         q.dtype, k_cache.dtype, v_cache.dtype)
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
-    width = row_width(q.shape[2]) if quant else q.shape[2]  # int8 rows end with a scale
+    width = row_width(q.shape[2]) if quant else q.shape[2]  # quantized rows end with a scale
     assert width == k_cache.shape[3] and q.shape[2] >= 16, (q.shape, k_cache.shape)
     assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
     for t in (q, k_cache, v_cache, out):
@@ -257,10 +277,10 @@ def paged_decode_attention(
     po = scratch.partial_out if scratch is not None else out
     plse = scratch.partial_lse if scratch is not None else out
     d_pad = triton.next_power_of_2(head_dim)
-    quant = k_cache.dtype == torch.int8
-    k_scales = k_cache.view(torch.float16) if quant else k_cache  # fp16 views of the rows
-    v_scales = v_cache.view(torch.float16) if quant else v_cache
-    rotate = quant and rotates(head_dim)
+    codec = kernel_codec(k_cache.dtype)
+    k_scales = k_cache.view(torch.float16) if codec else k_cache  # fp16 views of the rows
+    v_scales = v_cache.view(torch.float16) if codec else v_cache
+    rotate = rotates(k_cache.dtype, head_dim)
     h_matrix = hadamard_matrix(head_dim, q.device) if rotate else q
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, k_scales, v_scales, h_matrix, block_tables, context_lens, out,
@@ -276,7 +296,7 @@ def paged_decode_attention(
         num_splits,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q), QUANT=quant, ROTATE=rotate,
+        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q), CODEC=codec, ROTATE=rotate,
     )
     if not single:
         _reduce_splits_kernel[(num_seqs, num_heads)](

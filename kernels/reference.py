@@ -7,8 +7,8 @@ backend the engine uses on CPU. Layouts (one layer of the KV cache):
     slot mapping:     slot = block_id * block_size + offset  (negative = padding, skipped)
     transfer buffer:  [2, n, block_size, num_kv_heads, head_dim]  (buffer[0] = K, buffer[1] = V)
 
-GQA: query head h reads kv head h // (num_heads // num_kv_heads). An int8 cache holds
-quantized rows of head_dim + 2 bytes (kernels.kv_quant): the store quantizes, attention
+GQA: query head h reads kv head h // (num_heads // num_kv_heads). An int8 or fp8 cache
+holds quantized rows of head_dim + 2 bytes (kernels.kv_quant): the store quantizes, attention
 dequantizes what it reads; pack/unpack move the bytes as they are.
 """
 
@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from splitserve.kernels.kv_quant import dequantize_rows, is_quantized, quantize_rows, row_width
+from splitserve.kernels.kv_quant import (
+    codec_of,
+    dequantize_rows,
+    is_quantized,
+    quantize_rows,
+    row_width,
+)
 
 __all__ = ["DecodePlan", "plan_decode", "paged_decode_attention", "store_kv", "pack_kv",
            "unpack_kv"]
@@ -141,8 +147,9 @@ def store_kv(
     """
     _check_cache_pair(k_cache, v_cache)
     assert k.shape == v.shape and k.dim() == 3, (k.shape, v.shape)
-    if is_quantized(k_cache):
-        k, v = quantize_rows(k), quantize_rows(v)
+    codec = codec_of(k_cache.dtype)
+    if codec is not None:
+        k, v = quantize_rows(k, codec), quantize_rows(v, codec)
     assert k.shape[1:] == k_cache.shape[2:], (k.shape, k_cache.shape)
     assert slot_mapping.shape == (k.shape[0],), (slot_mapping.shape, k.shape)
     slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)

@@ -69,22 +69,33 @@ void rotate_head(typename IO::storage* __restrict lo, typename IO::storage* __re
   }
 }
 
-// One (token, head) row into an int8 cache (kernels/kv_quant.py's format, bit for bit:
-// y = H x for a power-of-two head_dim, scale = fp16(max |y| / 127), values
-// round-half-even(y / scale) clamped to +-127). `y` is head_dim floats of scratch.
-template <typename IO>
-void store_quantized_row(const typename IO::storage* src, int8_t* dst, int64_t head_dim,
+// One (token, head) row into a quantized cache (kernels/kv_quant.py's formats, bit for bit).
+// y = H x for a power-of-two head_dim (int8; fp8 only if kFp8Rotated), else y = x.
+// int8: scale = fp16(max |y| / 127), values round-half-even(y / scale) clamped to +-127.
+// fp8: y made finite (NaN -> 0, clamped to +-kFp8RowLimit), scale = fp16(max |y| / 448),
+// values the e4m3 codes of y / scale clamped to +-448. `y` is head_dim floats of scratch.
+template <typename IO, bool kFp8>
+void store_quantized_row(const typename IO::storage* src, uint8_t* dst, int64_t head_dim,
                          float* y) {
   for (int64_t d = 0; d < head_dim; ++d) y[d] = IO::load(src[d]);
-  if (kv_rotates(head_dim)) hadamard_inplace(y, head_dim);
+  if (kv_rotates(head_dim) && (!kFp8 || kFp8Rotated)) hadamard_inplace(y, head_dim);
+  if constexpr (kFp8) {
+    for (int64_t d = 0; d < head_dim; ++d)
+      y[d] = std::isnan(y[d]) ? 0.0f : std::min(kFp8RowLimit, std::max(-kFp8RowLimit, y[d]));
+  }
+  const float qmax = kFp8 ? kFp8Max : 127.0f;
   float amax = 0.0f;
   for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(y[d]));
-  const uint16_t bits = c10::detail::fp16_ieee_from_fp32_value(amax / 127.0f);
+  const uint16_t bits = c10::detail::fp16_ieee_from_fp32_value(amax / qmax);
   const float scale = c10::detail::fp16_ieee_to_fp32_value(bits);
   const float safe = scale > 0.0f ? scale : 1.0f;
   for (int64_t d = 0; d < head_dim; ++d) {
-    const float q = std::nearbyint(y[d] / safe);
-    dst[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+    const float q = y[d] / safe;
+    if constexpr (kFp8)
+      dst[d] = fp8_e4m3_encode(std::min(qmax, std::max(-qmax, q)));
+    else
+      dst[d] = static_cast<uint8_t>(
+          static_cast<int8_t>(std::min(qmax, std::max(-qmax, std::nearbyint(q)))));
   }
   std::memcpy(dst + head_dim, &bits, sizeof(bits));
 }
@@ -98,12 +109,15 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
   T* qkv_ptr = ptr<IO>(qkv);
   const T* cos_ptr = ptr<IO>(cos);
   const T* sin_ptr = ptr<IO>(sin);
-  // An int8 cache holds quantized rows of head_dim + 2 bytes (values, fp16 scale).
-  const bool quantized = k_cache.scalar_type() == torch::kChar;
+  // An int8 (kChar) or fp8 (kByte: e4m3 codes) cache holds quantized rows of head_dim + 2
+  // bytes (values, fp16 scale).
+  const bool fp8 = k_cache.scalar_type() == torch::kByte;
+  const bool quantized = fp8 || k_cache.scalar_type() == torch::kChar;
   T* k_ptr = quantized ? nullptr : ptr<IO>(k_cache);
   T* v_ptr = quantized ? nullptr : ptr<IO>(v_cache);
-  int8_t* kq_ptr = quantized ? k_cache.data_ptr<int8_t>() : nullptr;
-  int8_t* vq_ptr = quantized ? v_cache.data_ptr<int8_t>() : nullptr;
+  uint8_t* kq_ptr = quantized ? static_cast<uint8_t*>(k_cache.data_ptr()) : nullptr;
+  uint8_t* vq_ptr = quantized ? static_cast<uint8_t*>(v_cache.data_ptr()) : nullptr;
+  const auto store_row = fp8 ? store_quantized_row<IO, true> : store_quantized_row<IO, false>;
   const int64_t row_stride = qkv.stride(0), cos_stride = cos.stride(0), sin_stride = sin.stride(0);
   const int64_t half = head_dim / 2, kv_size = num_kv_heads * head_dim;
   const int64_t q_size = num_heads * head_dim, num_rotated = num_heads + num_kv_heads;
@@ -126,10 +140,10 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
       if (quantized) {
         const int64_t qrow = head_dim + 2, offset = slots[t] * num_kv_heads * qrow;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          store_quantized_row<IO>(row + q_size + h * head_dim, kq_ptr + offset + h * qrow,
-                                  head_dim, rotated.data());
-          store_quantized_row<IO>(row + q_size + kv_size + h * head_dim,
-                                  vq_ptr + offset + h * qrow, head_dim, rotated.data());
+          store_row(row + q_size + h * head_dim, kq_ptr + offset + h * qrow, head_dim,
+                    rotated.data());
+          store_row(row + q_size + kv_size + h * head_dim, vq_ptr + offset + h * qrow,
+                    head_dim, rotated.data());
         }
         continue;
       }
@@ -349,14 +363,15 @@ void rotary_store_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
   }
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "caches must both be [num_blocks, block_size, num_kv_heads, head_dim]");
-  const bool quantized = k_cache.scalar_type() == torch::kChar;
+  const bool quantized =
+      k_cache.scalar_type() == torch::kChar || k_cache.scalar_type() == torch::kByte;
   TORCH_CHECK(k_cache.size(2) == num_kv_heads &&
                   k_cache.size(3) == head_dim + (quantized ? 2 : 0),
-              "cache heads/head_dim do not match (int8 rows are head_dim + 2 wide)");
+              "cache heads/head_dim do not match (int8/fp8 rows are head_dim + 2 wide)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
                   (quantized || k_cache.scalar_type() == qkv.scalar_type()),
-              "cache dtype must match qkv (or be int8)");
+              "cache dtype must match qkv (or be int8, or uint8 for fp8)");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == num_tokens && slot_mapping.is_contiguous(),
               "slot_mapping must be contiguous int64 [num_tokens]");

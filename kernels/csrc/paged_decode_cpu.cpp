@@ -8,11 +8,11 @@
 // is read once per kv head, in one pass with an online softmax (runs of up to kChunk slots:
 // scores, rescale the running max and sum, add the V rows). Scores, softmax and
 // accumulation are fp32 for every input type; AVX-512 builds use intrinsics for the dot
-// products and V updates, others the scalar loops. An int8 cache (kernels/kv_quant.py:
-// rows of head_dim int8 values then an fp16 scale) is dequantized as it is read: the dot
-// product and the V update run on the int8 values and the row's scale multiplies the
-// score and the softmax weight; rows stored rotated (H x, kv_quant.h) are met by rotating
-// the query in and the output back.
+// products and V updates, others the scalar loops. An int8 or fp8 cache (kernels/kv_quant.py:
+// rows of head_dim int8 values or e4m3 codes, then an fp16 scale) is dequantized as it is
+// read: the dot product and the V update run on the decoded values and the row's scale
+// multiplies the score and the softmax weight; rows stored rotated (H x, kv_quant.h) are
+// met by rotating the query in and the output back.
 #include "ops.h"
 #include "kv_quant.h"
 
@@ -30,6 +30,16 @@
 #include <vector>
 
 namespace {
+
+// One e4m3fn code of an fp8 cache row (a distinct type, so templates tell it from uint8).
+struct E4M3 {
+  uint8_t code;
+  explicit operator float() const { return splitserve_cpu::fp8_e4m3_table()[code]; }
+};
+static_assert(sizeof(E4M3) == 1);
+
+template <typename cache_t>
+constexpr bool kQuantized = std::is_same_v<cache_t, int8_t> || std::is_same_v<cache_t, E4M3>;
 
 // e^x for x <= 0 (softmax numerators), branch-free so loops over it vectorize: x = n ln2 + r,
 // e^r by a degree-6 Taylor polynomial on |r| <= ln2/2 (relative error < 2e-7), 2^n by
@@ -65,15 +75,25 @@ inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+// e4m3 codes as fp16 bits (sign to bit 15, exponent and mantissa shifted up by 7): the same
+// value divided by 2^8 (the biases differ by 8), subnormals included; then * 2^8 (exact).
+inline __m512 load16(const E4M3* p) {
+  const __m256i raw =
+      _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x7F)), 7);
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x80)), 8);
+  return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(magnitude, sign)),
+                       _mm512_set1_ps(256.0f));
+}
 #endif
 
 // Bytes after the int8 values of a quantized row: its fp16 scale.
 constexpr int64_t kScaleBytes = 2;
 
-// The scale of one cache row: 1 for float caches, the stored fp16 for int8 ones.
+// The scale of one cache row: 1 for float caches, the stored fp16 for quantized ones.
 template <typename cache_t>
 inline float row_scale(const cache_t* row, int64_t head_dim) {
-  if constexpr (std::is_same_v<cache_t, int8_t>) {
+  if constexpr (kQuantized<cache_t>) {
     uint16_t bits;
     std::memcpy(&bits, row + head_dim, sizeof(bits));
     return c10::detail::fp16_ieee_to_fp32_value(bits);
@@ -149,7 +169,9 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t row_width = k_cache.size(3);  // head_dim, or head_dim + scale bytes
   const int64_t token_stride = num_kv_heads * row_width;  // one slot of one cache
   const float fscale = static_cast<float>(scale);
-  const bool rotated = std::is_same_v<cache_t, int8_t> && splitserve_cpu::kv_rotates(head_dim);
+  const bool rotated = splitserve_cpu::kv_rotates(head_dim) &&
+                       (std::is_same_v<cache_t, int8_t> ||
+                        (std::is_same_v<cache_t, E4M3> && splitserve_cpu::kFp8Rotated));
 
   // One pass over the context with an online softmax: for each run of up to kChunk slots,
   // scores for every query head of the group, rescale the running sums, add the V rows.
@@ -254,19 +276,27 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads % num_kv_heads != 0");
   TORCH_CHECK(q.scalar_type() == out.scalar_type(), "out dtype must match q");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ in dtype");
-  const bool quantized = k_cache.scalar_type() == torch::kChar;
-  TORCH_CHECK(quantized || k_cache.scalar_type() == q.scalar_type(),
-              "cache dtype must match q (or be int8)");
-  TORCH_CHECK(k_cache.size(3) == q.size(2) + (quantized ? kScaleBytes : 0),
-              "cache rows must be head_dim wide (head_dim + 2 for int8)");
+  // int8 rows (kChar) or fp8 rows (kByte: e4m3 codes), each followed by an fp16 scale.
+  const bool int8 = k_cache.scalar_type() == torch::kChar;
+  const bool fp8 = k_cache.scalar_type() == torch::kByte;
+  TORCH_CHECK(int8 || fp8 || k_cache.scalar_type() == q.scalar_type(),
+              "cache dtype must match q (or be int8, or uint8 for fp8)");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) + (int8 || fp8 ? kScaleBytes : 0),
+              "cache rows must be head_dim wide (head_dim + 2 for int8 and fp8)");
   const bool on_stack = q.size(1) / k_cache.size(2) <= kStackGroup && q.size(2) <= kStackHeadDim;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    if (quantized && on_stack)
+    if (int8 && on_stack)
       decode_kernel<scalar_t, int8_t, true>(q, k_cache, v_cache, block_tables, context_lens,
                                             scale, out);
-    else if (quantized)
+    else if (int8)
       decode_kernel<scalar_t, int8_t, false>(q, k_cache, v_cache, block_tables, context_lens,
                                              scale, out);
+    else if (fp8 && on_stack)
+      decode_kernel<scalar_t, E4M3, true>(q, k_cache, v_cache, block_tables, context_lens,
+                                          scale, out);
+    else if (fp8)
+      decode_kernel<scalar_t, E4M3, false>(q, k_cache, v_cache, block_tables, context_lens,
+                                           scale, out);
     else if (on_stack)
       decode_kernel<scalar_t, scalar_t, true>(q, k_cache, v_cache, block_tables, context_lens,
                                               scale, out);

@@ -4,8 +4,10 @@ Both ends of a transfer must agree on how one layer of one block looks in memory
 
     k_cache[l], v_cache[l]: [num_blocks, block_size, num_kv_heads, head_dim] of `dtype`
 
-An "int8" layout is the quantized cache of kernels.kv_quant: each (token, head) row holds
-head_dim int8 values and an fp16 scale, so a row is head_dim + 2 bytes. The layout travels
+An "int8" or "fp8" layout is a quantized cache of kernels.kv_quant: each (token, head) row
+holds head_dim one-byte values (int8, or e4m3 stored as uint8) and an fp16 scale, so a row
+is head_dim + 2 bytes; "float8_e4m3fn" would be a plain fp8 cache without scales, another
+layout. A P/D pair whose dtypes differ is refused by check_compatible. The layout travels
 as JSON (never pickle) through the rendezvous store or the control plane. This module is
 torch-free so that the router can build and compare layouts.
 """
@@ -24,9 +26,12 @@ _DTYPE_BYTES: dict[str, int] = {
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
     "int8": 1,  # quantized rows: head_dim values + an fp16 scale
+    "fp8": 1,  # quantized rows: head_dim e4m3 values + an fp16 scale
 }
 # Bytes after the values of a quantized row (its scale), by dtype.
-_SCALE_BYTES: dict[str, int] = {"int8": 2}
+_SCALE_BYTES: dict[str, int] = {"int8": 2, "fp8": 2}
+# Layout dtype names that are not torch attribute names -> the torch dtype that stores them.
+_STORAGE: dict[str, str] = {"fp8": "uint8"}
 
 
 class KVLayoutMismatch(ValueError):
@@ -81,7 +86,7 @@ class KVLayout:
     def torch_dtype(self) -> Any:
         import torch  # local: keep this module importable without torch
 
-        return getattr(torch, self.dtype)
+        return getattr(torch, _STORAGE.get(self.dtype, self.dtype))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -14,7 +14,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _ROLES = ("both", "prefill", "decode")
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    # KV cache storage: auto (the model's dtype) or int8 (per-token-per-head fp16 scales,
-    # kernels/kv_quant.py: about half the bytes of bf16, a quarter of fp32).
+    # KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3), both with
+    # per-token-per-head fp16 scales (kernels/kv_quant.py: about half the bytes of bf16, a
+    # quarter of fp32). fp8 needs a CUDA device of compute capability 8.9+, or the CPU.
     kv_cache_dtype: str = "auto"
     # KV tiers below the pool (engine/kv_tier.py): evicted prefix-cache blocks go to host
     # memory (0: no host tier), then to one file per block under disk_kv_cache_dir (None:

@@ -38,7 +38,7 @@ import torch
 from splitserve.engine.block_manager import PrefixEventLog
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_disk import DiskKVStore
-from splitserve.kernels.kv_quant import FORMAT_VERSION
+from splitserve.kernels.kv_quant import FORMAT_VERSION, codec_of
 
 TIERS = ("host", "disk")
 log = logging.getLogger(__name__)
@@ -251,9 +251,10 @@ def build_kv_tier(config: EngineConfig, kv_pool: torch.Tensor, model_id: str) ->
     disk = None
     if config.disk_kv_cache_dir:
         shape = (kv_pool.shape[0], kv_pool.shape[1], *kv_pool.shape[3:])
-        dtype = str(kv_pool.dtype).removeprefix("torch.")
+        dtype = codec_of(kv_pool.dtype) or str(kv_pool.dtype).removeprefix("torch.")
         # The KV format's version and the weights' identity keep stale files out: a file
-        # of an older int8 format, or of other weights at the same path, is never loaded.
+        # of an older int8 format, of another codec (int8 vs fp8), or of other weights at
+        # the same path, is never loaded.
         layout = (f"v{FORMAT_VERSION}|{dtype}|{','.join(map(str, shape))}|{model_id}|"
                   f"{_weights_fingerprint(model_id)}")
         disk = DiskKVStore(config.disk_kv_cache_dir, layout, tuple(shape), kv_pool.dtype,

@@ -3,7 +3,7 @@
 The only engine module that turns bookkeeping (block tables, token counts) into tensors.
 It owns the model weights and the KV pool:
   kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-           (int8 KV cache: head_dim + 2 bytes per row, kernels.kv_quant)
+           (int8 or fp8 KV cache: head_dim + 2 bytes per row, kernels.kv_quant)
   (index 0 of the second dim is K, 1 is V).
 """
 
@@ -25,7 +25,7 @@ from splitserve.engine.scheduler import ScheduledSequence
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.weights import build_model
 from splitserve.kernels.backend import get_attention_ops
-from splitserve.kernels.kv_quant import row_width
+from splitserve.kernels.kv_quant import STORAGE_DTYPES, check_device, row_width
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -61,6 +61,8 @@ class ModelRunner:
         self.model = build_model(arch, model_dir, self.dtype, str(self.device), max_positions)
         if config.cpu_weight_prepack and prepack_supported(self.dtype, self.device):
             prepack_linears(self.model, self.dtype)
+        if config.kv_cache_dtype != "auto":
+            check_device(config.kv_cache_dtype, self.device)
         self.ops = get_attention_ops(config.attention_backend, self.device)
         self.num_blocks = self._num_kv_blocks()
         shape = (arch.num_layers, 2, self.num_blocks, self.block_size)
@@ -72,14 +74,22 @@ class ModelRunner:
     # ---- sizing --------------------------------------------------------------------------
     @property
     def kv_dtype(self) -> torch.dtype:
-        """The pool's storage dtype: the model's, or int8 (quantized rows)."""
-        return torch.int8 if self.config.kv_cache_dtype == "int8" else self.dtype
+        """The pool's storage dtype: the model's, or a quantized codec's (int8; uint8 for
+        fp8: the bytes of e4m3 values, kernels.kv_quant)."""
+        return STORAGE_DTYPES.get(self.config.kv_cache_dtype, self.dtype)
+
+    @property
+    def kv_layout_dtype(self) -> str:
+        """The KV layout's dtype name (common.kv_layout): "int8", "fp8", or the model's."""
+        if self.config.kv_cache_dtype != "auto":
+            return self.config.kv_cache_dtype
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def kv_row_width(self) -> int:
-        """Elements of one (token, kv head) row: head_dim, or its int8 values + scale."""
+        """Elements of one (token, kv head) row: head_dim, or its quantized values + scale."""
         head_dim = self.arch.head_dim
-        return row_width(head_dim) if self.config.kv_cache_dtype == "int8" else head_dim
+        return head_dim if self.config.kv_cache_dtype == "auto" else row_width(head_dim)
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -59,6 +59,20 @@ def test_sizes() -> None:
     int8 = replace(SMOLLM2, dtype="int8")
     assert int8.block_shape == (16, 3, 66) and int8.torch_dtype is torch.int8
     assert int8.bytes_per_block_per_layer == 2 * 16 * 3 * 66
+    # fp8: the same row shape, e4m3 codes stored as uint8 (kernels.kv_quant).
+    fp8 = replace(SMOLLM2, dtype="fp8")
+    assert fp8.block_shape == (16, 3, 66) and fp8.torch_dtype is torch.uint8
+    assert fp8.bytes_per_block_per_layer == int8.bytes_per_block_per_layer
+
+
+@pytest.mark.parametrize("other", ["int8", "bfloat16", "float8_e4m3fn"])
+def test_an_fp8_cache_is_refused_beside_any_other_dtype_by_name(other: str) -> None:
+    """Equal bytes per row (int8) or per element (a plain fp8 cache) do not make layouts
+    compatible: the handshake compares the codec's name."""
+    fp8 = replace(SMOLLM2, dtype="fp8")
+    with pytest.raises(KVLayoutMismatch, match=f"dtype: 'fp8' != '{other}'"):
+        check_compatible(fp8, replace(SMOLLM2, dtype=other), "prefill-0", "decode-0")
+    check_compatible(fp8, KVLayout.from_json(fp8.to_json()))
 
 
 def test_check_compatible_names_both_sides_and_every_field() -> None:
