@@ -37,6 +37,11 @@ class RouterConfig:
     # predicted to miss it is refused at once (router.slo). 0: no default SLO.
     ttft_slo_ms: int = 0
     prefill_policy: str = "kv_aware"  # one of PREFILL_POLICIES
+    # "load": decode workers by load, local or remote prefill by the rules below, the
+    # prefill worker by prefill_policy. "latency": the P/D pair (or local prefill) with the
+    # best TTFT predicted from the workers' measured step times (router.latency), refusing
+    # a request whose TTFT SLO the best pair would miss; "load" until step times are known.
+    route_policy: str = "load"
     # Conditional disaggregation: prompts of at most this many tokens are prefilled on the
     # decode worker itself, as are prompts whose leading fraction >= local_prefix_fraction
     # the decode worker already holds in its prefix cache.
@@ -103,6 +108,8 @@ class RouterConfig:
             raise ValueError(f"fair_share_sync_s must be > 0, got {self.fair_share_sync_s}")
         if not 0 <= self.ttft_slo_ms < 2**32:
             raise ValueError(f"ttft_slo_ms must be in [0, 2**32), got {self.ttft_slo_ms}")
+        if self.route_policy not in ("load", "latency"):
+            raise ValueError(f"route_policy must be load or latency, got {self.route_policy!r}")
         if self.prefill_policy not in PREFILL_POLICIES:
             raise ValueError(
                 f"prefill_policy must be one of {PREFILL_POLICIES}, got {self.prefill_policy!r}"

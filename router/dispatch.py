@@ -1,9 +1,10 @@
 """Finding a decode worker that admits a request (steps 1-2 of RequestRun's life cycle).
 
 Decode workers are tried in `rank_decode_workers` order, each with its own route (local
-or remote prefill depends on what that worker already caches). A refusal or an RPC error
-moves on to the next one, up to `max_admit_attempts`; the accepted Admit stream is the
-request's lifetime on that worker.
+or remote prefill depends on what that worker already caches); with the latency route
+policy, in the order of their best routes' predicted TTFT (router.latency), those with room
+for the request first. A refusal or an RPC error moves on to the next one, up to
+`max_admit_attempts`; the accepted Admit stream is the request's lifetime on that worker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.common.grpc_util import ServiceError
+from splitserve.router.latency import RoutePrediction, TtftUnmetError, best_routes
 from splitserve.router.policy import (
     Route,
     WorkerView,
@@ -84,9 +86,20 @@ async def admit_request(
     )
     failures: list[str] = []
     refusals: list[int] = []
-    for decode in rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]:
+    ranked = rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]
+    predicted: dict[str, RoutePrediction] = {}  # decode worker id -> its predicted route
+    if kv_source is None and state.config.route_policy == "latency":
+        predicted = _latency_routes(state, request, trace, ranked, snapshot.prefill, overlap,
+                                    num_blocks, local)
+        if predicted:
+            ranked = [p.route.decode for p in predicted.values()]
+    for decode in ranked:
+        prediction = predicted.get(decode.worker_id)
         if kv_source is not None:
             route = Route(decode, kv_source)
+        elif prediction is not None:
+            route = prediction.route
+            trace.predicted_ttft_s = prediction.ttft_ms / 1e3
         else:
             route = plan_route(decode, [] if local else snapshot.prefill, request.prompt_len,
                                overlap, state.rules, state.policy)
@@ -153,6 +166,28 @@ async def _try_admit(
         failures.append(f"{decode.worker_id} refused: {name}: {admission.refusal_message}")
         return None
     return admission, call
+
+
+def _latency_routes(
+    state: RouterState, request: ValidatedRequest, trace: RequestTrace,
+    ranked: list[WorkerView], prefill: list[WorkerView], overlap: dict[str, float],
+    num_blocks: int, local: bool,
+) -> dict[str, RoutePrediction]:
+    """The decode workers' best predicted routes in the order to try them (those with
+    room for the request first); {} while some worker's step times are unknown.
+    TtftUnmetError when the request has a TTFT SLO that even the best would miss."""
+    routes = best_routes(ranked, prefill, request.prompt_len, overlap, state.rules.block_size,
+                         local_only=local)
+    if not routes:
+        return {}
+    routes.sort(key=lambda p: (p.route.decode.num_free_blocks < num_blocks, *p.key))
+    best = min(routes, key=lambda p: p.key)
+    waited_s = time.monotonic() - trace.arrival
+    slo_s = request.ttft_slo_ms / 1e3
+    # Only a request's first attempt: a resumed one has streamed already and must finish.
+    if slo_s and not trace.resumed and waited_s + best.ttft_ms / 1e3 > slo_s:
+        raise TtftUnmetError(waited_s + best.ttft_ms / 1e3, slo_s)
+    return {p.route.decode.worker_id: p for p in routes}
 
 
 def _without(snapshot: ClusterSnapshot, exclude: Collection[str]) -> ClusterSnapshot:

@@ -98,6 +98,11 @@ class RouterMetrics:
             "the TTFT predicted at arrival| (SLO-aware admission, router.slo).",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r)
+        self.route_ttft_error = Histogram(
+            PREFIX + "route_ttft_prediction_abs_error_seconds", "Latency routing: |time from "
+            "dispatch to the first token - the chosen route's predicted TTFT| (router.latency).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r)
         self.resumes = Counter(PREFIX + "request_resumes", "Times a request moved on to other "
                                "workers: a worker was lost, or a draining one handed it back.",
                                ["reason"], registry=r)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from splitserve.common.cluster_types import PrefixOverlap
+from splitserve.common.step_time import StepTimeModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,7 @@ class WorkerView:
     num_free_blocks: int = 0  # KV blocks free for new requests
     num_total_blocks: int = 0
     num_queued_tokens: int = 0  # prompt tokens waiting to be prefilled
+    step_model: StepTimeModel | None = None  # its engine's step times (router.latency)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

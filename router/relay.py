@@ -126,6 +126,8 @@ class RequestTrace:
     kv_transfer_ms: float = 0.0
     decode_queue_ms: float = 0.0
     kv_transfer_bytes: int = 0
+    # Latency routing: the TTFT the chosen route was predicted to give, from dispatch.
+    predicted_ttft_s: float | None = None
     # Why the request moved on each time: prefill_lost | decode_lost | decode_drained
     # (recomputed) | decode_migrated (its KV shipped from the draining worker).
     resumed: list[str] = field(default_factory=list)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import grpc
 from splitserve.common.auth import ANONYMOUS, ApiKeys, client_name
 from splitserve.common.grpc_util import ServiceError, map_errors_async
 from splitserve.router.admission import AdmissionClosedError, AdmissionController, OverCapacityError
+from splitserve.router.latency import TtftUnmetError
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.relay import RequestTrace
 from splitserve.router.request import Emit, RequestRun
@@ -67,6 +69,8 @@ class RequestPipeline:
         timeout_s = config.request_timeout_s
         deadline = _deadline(trace.arrival, timeout_s, client_deadline)
         slo_ms = request.ttft_slo_ms or config.ttft_slo_ms
+        if slo_ms:
+            validated = dataclasses.replace(validated, ttft_slo_ms=slo_ms)
         predicted = await self._acquire(deadline, client, request.priority,
                                         validated.prompt_len, slo_ms / 1e3 if slo_ms else None)
         admitted = time.monotonic()
@@ -83,6 +87,9 @@ class RequestPipeline:
                 admission.predictor.observe_first_token(now - admitted)
                 if predicted is not None:
                     metrics.ttft_prediction_error.observe(abs(now - trace.arrival - predicted))
+                if trace.predicted_ttft_s is not None and trace.dispatched is not None:
+                    metrics.route_ttft_error.observe(
+                        abs(now - trace.dispatched - trace.predicted_ttft_s))
             admission.charge(client, len(chunk.token_ids))  # fair share: service received
             try:
                 # A write waits only when the connection's buffers are full: a client that
@@ -104,6 +111,10 @@ class RequestPipeline:
                 await asyncio.wait_for(run.run(), max(remaining, 0.001))
             except asyncio.TimeoutError:
                 await run.finish_timeout(timeout_s)
+        except TtftUnmetError:
+            observer.end("rejected")  # refused by latency routing before any worker call
+            with self._admission_error():
+                raise
         except ServiceError as exc:
             aborted = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
             observer.end("abort" if aborted else "error")
@@ -137,6 +148,10 @@ class RequestPipeline:
             rejections.labels("slo").inc()
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
                                retry_after_s=exc.retry_after_s) from exc
+        except TtftUnmetError as exc:
+            rejections.labels("slo_route").inc()
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                               retry_after_s=max(0.1, exc.predicted_s - exc.slo_s)) from exc
         except AdmissionClosedError as exc:
             rejections.labels("draining").inc()
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,

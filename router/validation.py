@@ -42,6 +42,7 @@ class ValidatedRequest:
     priority: int = 0  # scheduling class, lower first (GenerateRequest.priority)
     # A paced stream's delivery rate (GenerateRequest.stream_pace_tokens_per_s); 0: not paced.
     stream_pace_tokens_per_s: float = 0.0
+    ttft_slo_ms: int = 0  # the TTFT SLO routing must meet (request's or router's); 0: none
 
     @property
     def prompt_len(self) -> int:

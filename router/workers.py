@@ -92,6 +92,7 @@ def _view(info: WorkerInfo, load: WorkerLoadReport | None, pending: list[Assignm
         num_free_blocks=max(0, load.num_free_blocks - sum(a.blocks for a in unseen)),
         num_total_blocks=info.num_total_blocks,
         num_queued_tokens=load.num_queued_tokens + sum(a.queued_tokens for a in unseen),
+        step_model=load.step_model,
     )
 
 

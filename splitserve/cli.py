@@ -194,7 +194,8 @@ def _router_security(args: argparse.Namespace) -> dict[str, Any]:
     return {"api_keys_file": args.api_keys_file, "public_metrics": args.public_metrics,
             "max_request_bytes": args.max_request_bytes, "fair_share": fair,
             "ttft_slo_ms": args.ttft_slo_ms, "chat_template": args.chat_template,
-            "client_write_timeout_s": args.client_write_timeout or None}
+            "client_write_timeout_s": args.client_write_timeout or None,
+            "route_policy": args.route_policy}
 
 
 def _client_weights(text: str) -> dict[str, float]:
@@ -216,6 +217,11 @@ def _add_fair_share_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-slo-ms", type=int, default=0,
                    help="default TTFT SLO of requests that name none: a request predicted to "
                         "miss it is refused at once (429 / RESOURCE_EXHAUSTED); 0: none")
+    p.add_argument("--route-policy", default="load", choices=["load", "latency"],
+                   help="load: decode worker by load, prefill by --prefill-policy and the "
+                        "local-prefill rules; latency: the P/D pair with the best TTFT "
+                        "predicted from the workers' measured step times (a TTFT SLO the "
+                        "best pair would miss is refused at once)")
     p.add_argument("--priority-aging", type=float, default=10.0,
                    help="seconds of waiting that improve a queued request's priority class "
                         "by one (0: never)")

@@ -15,6 +15,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
 )
+from splitserve.common.step_time import StepTimeModel
 
 _LOAD_PREFIX = "load."
 _LOAD_INTS = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens")
@@ -55,7 +56,19 @@ def decode_info(fields: Mapping[str, str]) -> WorkerInfo:
 def encode_load(load: WorkerLoadReport) -> dict[str, str]:
     fields = {_LOAD_PREFIX + name: str(getattr(load, name)) for name in _LOAD_INTS}
     fields[_LOAD_PREFIX + "updated_at"] = repr(load.updated_at)
+    # One field, so a reader never sees half of an update ("" when none yet).
+    model = load.step_model
+    fields[_LOAD_PREFIX + "step_model"] = "" if model is None else ",".join(
+        (repr(model.base_ms), repr(model.per_seq_ms), repr(model.per_prompt_token_ms),
+         str(model.token_budget)))
     return fields
+
+
+def _decode_step_model(text: str | None) -> StepTimeModel | None:
+    if not text:
+        return None
+    base, per_seq, per_token, budget = text.split(",")
+    return StepTimeModel(float(base), float(per_seq), float(per_token), int(budget))
 
 
 def decode_load(fields: Mapping[str, str]) -> WorkerLoadReport | None:
@@ -63,7 +76,8 @@ def decode_load(fields: Mapping[str, str]) -> WorkerLoadReport | None:
     if _LOAD_PREFIX + "updated_at" not in fields:
         return None
     counts = {name: int(fields[_LOAD_PREFIX + name]) for name in _LOAD_INTS}
-    return WorkerLoadReport(**counts, updated_at=float(fields[_LOAD_PREFIX + "updated_at"]))
+    return WorkerLoadReport(**counts, updated_at=float(fields[_LOAD_PREFIX + "updated_at"]),
+                            step_model=_decode_step_model(fields.get(_LOAD_PREFIX + "step_model")))
 
 
 def encode_entry(entry: RequestLedgerEntry) -> dict[str, str]:

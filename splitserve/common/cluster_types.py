@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from splitserve.common.step_time import StepTimeModel
+
 
 class WorkerRole(str, Enum):
     """What a worker does; values are the wire/storage spelling."""
@@ -73,6 +75,7 @@ class WorkerLoadReport:
     num_free_blocks: int = 0  # KV blocks free for new requests
     num_queued_tokens: int = 0  # prompt tokens waiting to be prefilled
     updated_at: float = field(default_factory=time.time)
+    step_model: StepTimeModel | None = None  # its engine's step times (None: not yet known)
 
     def __post_init__(self) -> None:
         _check_non_negative(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from splitserve.common.outputs import StepOutput
+from splitserve.common.step_time import StepTimeModel
 from splitserve.engine.block_manager import PrefixEventLog
 from splitserve.engine.kv_tier import TierStats
 from splitserve.engine.llm_engine import LLMEngine
@@ -43,6 +44,7 @@ class LoadSnapshot:
     prefix_hit_tokens: int = 0  # device and KV tier hits
     prefix_tier_hit_tokens: int = 0  # of those, loaded from the KV tier
     kv_tiers: Mapping[str, TierStats] = field(default_factory=dict)  # "host", "disk"
+    step_model: StepTimeModel | None = None  # the engine's step times as fitted so far
 
 
 class EngineLoop:
@@ -229,6 +231,7 @@ class EngineLoop:
             prefix_hit_tokens=bm.stats.hits,
             prefix_tier_hit_tokens=bm.stats.tier_hits,
             kv_tiers=tier.snapshot() if tier is not None else {},
+            step_model=engine.step_times.model(),
         )
 
     def _fail_pending_commands(self) -> None:

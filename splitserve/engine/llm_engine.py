@@ -24,6 +24,7 @@ import torch
 
 from splitserve.common.outputs import StepOutput, TokenLogprobs
 from splitserve.common.sampling_params import SamplingParams
+from splitserve.common.step_time import StepTimeFit
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.grammar import GrammarCompiler, StepMasks
@@ -83,6 +84,8 @@ class LLMEngine:
         )
         self.requests: dict[str, RequestState] = {}
         self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size)
+        # Step times by what the step held: the worker publishes the fit (routing).
+        self.step_times = StepTimeFit(self.config.max_num_batched_tokens)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         # Set by a prefill worker: builds the per-layer hook for a step (streams KV out).
         self.layer_hook_builder: Callable[[SchedulerOutput], LayerHook | None] | None = None
@@ -283,7 +286,11 @@ class LLMEngine:
         self.idle_until = None
         hook = self.layer_hook_builder(plan) if self.layer_hook_builder else None
         masks = self._start_masks(plan)
+        prompt_tokens = sum(item.num_tokens for item in plan.scheduled if item.seq.is_prefilling)
+        started = time.perf_counter()
         sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook, masks)
+        self.step_times.observe(time.perf_counter() - started, len(plan.scheduled),
+                                prompt_tokens)
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
             if item.seq.first_scheduled_time is None:

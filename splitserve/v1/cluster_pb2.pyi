@@ -55,18 +55,32 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., started_at_unix_s: _Optional[float] = ...) -> None: ...
 
 class WorkerLoadReport(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens", "updated_at_unix_s")
+    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens", "updated_at_unix_s", "step_model")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_MODEL_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_free_blocks: int
     num_queued_tokens: int
     updated_at_unix_s: float
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., updated_at_unix_s: _Optional[float] = ...) -> None: ...
+    step_model: StepTimeModel
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., updated_at_unix_s: _Optional[float] = ..., step_model: _Optional[_Union[StepTimeModel, _Mapping]] = ...) -> None: ...
+
+class StepTimeModel(_message.Message):
+    __slots__ = ("base_ms", "per_seq_ms", "per_prompt_token_ms", "token_budget")
+    BASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_SEQ_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_PROMPT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    base_ms: float
+    per_seq_ms: float
+    per_prompt_token_ms: float
+    token_budget: int
+    def __init__(self, base_ms: _Optional[float] = ..., per_seq_ms: _Optional[float] = ..., per_prompt_token_ms: _Optional[float] = ..., token_budget: _Optional[int] = ...) -> None: ...
 
 class RequestLedgerEntry(_message.Message):
     __slots__ = ("request_id", "phase", "prefill_worker_id", "decode_worker_id", "num_prompt_tokens", "num_prefill_blocks", "num_decode_blocks", "num_generated_tokens", "updated_at_unix_s")

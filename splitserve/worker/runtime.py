@@ -225,6 +225,7 @@ class WorkerRuntime:
             num_running=load.num_running,
             num_free_blocks=load.num_free_blocks,
             num_queued_tokens=load.num_queued_tokens,
+            step_model=load.step_model,
         )
 
     def num_pending(self) -> int:

@@ -21,6 +21,7 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
 )
+from splitserve.common.step_time import StepTimeModel
 
 TTL_S = 0.6
 LONG_TTL_S = 60.0
@@ -80,6 +81,18 @@ def test_heartbeat_replaces_load_and_keeps_it_when_none(backend: Any) -> None:
     assert store.live_workers()[0][1] == _load(7, 0)
     assert store.heartbeat("nobody", _load(1, 1), LONG_TTL_S) is False
     assert _ids(store) == ["d0"]
+
+
+def test_a_load_carries_the_workers_step_time_model(backend: Any) -> None:
+    store: ClusterStore = backend.store
+    store.register_worker(_info("d0"), LONG_TTL_S)
+    model = StepTimeModel(base_ms=3.25, per_seq_ms=0.125, per_prompt_token_ms=0.0625,
+                          token_budget=2048)
+    load = WorkerLoadReport(num_running=2, updated_at=1_700_000_002.0, step_model=model)
+    assert store.heartbeat("d0", load, LONG_TTL_S) is True
+    assert store.live_workers()[0][1] == load
+    assert store.heartbeat("d0", _load(1, 1), LONG_TTL_S) is True  # and none again
+    assert store.live_workers()[0][1].step_model is None
 
 
 def test_ttl_expiry_and_heartbeat_extension(backend: Any) -> None:

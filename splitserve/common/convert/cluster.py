@@ -1,6 +1,6 @@
-"""cluster.proto <-> the cluster records (`splitserve.common.cluster_types`)."""
-
 from __future__ import annotations
+
+import dataclasses
 
 from splitserve.common.cluster_types import (
     RequestLedgerEntry,
@@ -9,6 +9,7 @@ from splitserve.common.cluster_types import (
     WorkerLoadReport,
 )
 from splitserve.common.convert.common import role_from_proto, role_to_proto
+from splitserve.common.step_time import StepTimeModel
 from splitserve.v1 import cluster_pb2
 
 _PHASE_TO_PROTO: dict[RequestPhase, cluster_pb2.RequestPhase] = {
@@ -57,6 +58,8 @@ def load_to_proto(load: WorkerLoadReport) -> cluster_pb2.WorkerLoadReport:
         num_free_blocks=load.num_free_blocks,
         num_queued_tokens=load.num_queued_tokens,
         updated_at_unix_s=load.updated_at,
+        step_model=(None if load.step_model is None else
+                    cluster_pb2.StepTimeModel(**dataclasses.asdict(load.step_model))),
     )
 
 
@@ -67,6 +70,10 @@ def load_from_proto(msg: cluster_pb2.WorkerLoadReport) -> WorkerLoadReport:
         num_free_blocks=msg.num_free_blocks,
         num_queued_tokens=msg.num_queued_tokens,
         updated_at=msg.updated_at_unix_s,
+        step_model=(StepTimeModel(msg.step_model.base_ms, msg.step_model.per_seq_ms,
+                                  msg.step_model.per_prompt_token_ms,
+                                  msg.step_model.token_budget)
+                    if msg.HasField("step_model") else None),
     )
 
 

@@ -1,0 +1,78 @@
+"""Latency-aware routing (router/latency.py): exact predictions and picks."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.common.step_time import StepTimeModel
+from splitserve.router.latency import best_routes, candidate_routes, predict_route
+from splitserve.router.policy import Route, WorkerView
+
+FAST = StepTimeModel(base_ms=2.0, per_seq_ms=1.0, per_prompt_token_ms=0.1, token_budget=100)
+SLOW = StepTimeModel(base_ms=2.0, per_seq_ms=1.0, per_prompt_token_ms=0.4, token_budget=100)
+
+
+def worker(wid: str, model: StepTimeModel | None = FAST, running: int = 0,
+           queued: int = 0, free: int = 100) -> WorkerView:
+    return WorkerView(wid, num_running=running, num_queued_tokens=queued, num_free_blocks=free,
+                      num_total_blocks=100, step_model=model)
+
+
+def test_local_prefill_prediction() -> None:
+    d = worker("d0", running=4, queued=50)
+    p = predict_route(Route(d, None), 150, {}, 16)
+    assert p is not None
+    # 200 prompt tokens ahead: 2 chunks, each with 5 sequences (4 + the prompt's own).
+    assert p.ttft_ms == pytest.approx(2 * (2.0 + 5.0) + 20.0)
+    # One decode step of 5 sequences with the budget's worth of those prompt tokens.
+    assert p.tpot_ms == pytest.approx(2.0 + 5.0 + 0.1 * 100)
+
+
+def test_remote_prefill_prediction_and_prefix_cache() -> None:
+    d = worker("d0", running=4)
+    p = worker("p0", model=SLOW, queued=64)
+    got = predict_route(Route(d, p), 100, {"p0": 2.0}, 16)  # 32 tokens cached on p0
+    assert got is not None
+    # 64 queued + the 68 uncached: 132 tokens, 2 chunks on p0's own (slow) model.
+    assert got.ttft_ms == pytest.approx(2 * (2.0 + 1.0) + 0.4 * 132)
+    # The decode worker only decodes it: one step of 5 sequences, nothing queued there.
+    assert got.tpot_ms == pytest.approx(2.0 + 5.0)
+
+
+def test_unknown_step_times_give_no_prediction() -> None:
+    assert predict_route(Route(worker("d0", model=None), None), 10, {}, 16) is None
+    assert predict_route(Route(worker("d0"), worker("p0", model=None)), 10, {}, 16) is None
+    assert best_routes([worker("d0")], [worker("p0", model=None)], 10, {}, 16) is None
+
+
+def test_candidates_are_local_and_every_other_prefill_worker() -> None:
+    d, p0, p1 = worker("d0"), worker("p0"), worker("p1")
+    assert candidate_routes(d, [p0, d, p1], local_only=False) == [
+        Route(d, None), Route(d, p0), Route(d, p1)]
+    assert candidate_routes(d, [p0], local_only=True) == [Route(d, None)]
+
+
+def test_a_busy_decode_worker_sends_long_prompts_to_an_idle_prefill_worker() -> None:
+    d = worker("d0", running=16, queued=400)
+    p = worker("p0", model=SLOW)
+    [best] = best_routes([d], [p], 300, {}, 16) or []
+    assert best.route == Route(d, p)
+    # An idle decode worker with a fast engine prefills a short prompt itself.
+    idle = worker("d1")
+    [best] = best_routes([idle], [p], 20, {}, 16) or []
+    assert best.route == Route(idle, None)
+
+
+def test_decode_workers_ordered_by_ttft_then_tpot() -> None:
+    p = worker("p0", model=SLOW)
+    busy, quiet = worker("d0", running=30, queued=300), worker("d1", running=2)
+    ranked = best_routes([busy, quiet], [p], 500, {}, 16)
+    assert ranked is not None
+    assert [r.route.decode.worker_id for r in ranked] == ["d1", "d0"]
+    # Same prefill worker for both (same TTFT): the decode batch decides (TPOT).
+    a, b = worker("d0", model=SLOW, running=8), worker("d1", model=SLOW, running=1)
+    ranked = best_routes([a, b], [worker("p0", model=FAST)], 500, {}, 16)
+    assert ranked is not None
+    assert [(r.route.decode.worker_id, r.route.prefill.worker_id if r.route.prefill else "")
+            for r in ranked] == [("d1", "p0"), ("d0", "p0")]
+    assert ranked[0].ttft_ms == ranked[1].ttft_ms and ranked[0].tpot_ms < ranked[1].tpot_ms
