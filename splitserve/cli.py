@@ -303,6 +303,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from splitserve.sim import profiler
+
+    return profiler.run(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from splitserve.sim import planner
+
+    return planner.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -404,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certs", help="a local CA and mutual-TLS certificates for --tls-dir")
     certs.add_arguments(p)
     p.set_defaults(func=cmd_certs)
+
+    from splitserve.sim import planner, profiler
+
+    p = sub.add_parser("profile", help="measure step times and KV bandwidth for the simulator")
+    profiler.add_arguments(p)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", help="the P:D split with the most goodput per device under an "
+                       "SLO, from a profile")
+    planner.add_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks (splitserve bench --help)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -27,6 +27,10 @@ BENCHMARKS = {
                 "of later turns without and with the host KV tier, tokens identical"),
     "peer": ("splitserve.bench.peer", "served throughput vs llama.cpp's llama-server (optional, "
              "by path) and vs the engine offline, same workload, same threads"),
+    "simulate": ("splitserve.sim.sweep", "the disagg sweep in the calibrated simulator, "
+                 "predicted beside measured (--measured-dir)"),
+    "route": ("splitserve.sim.route_bench", "routing decisions/s over 1,000 simulated "
+              "workers (policy + cluster store; no model)"),
     "compare": ("splitserve.bench.compare", "compare `bench serve` result files side by side"),
 }
 

@@ -1,0 +1,133 @@
+"""A hardware profile (what `splitserve profile` measured) and the step-time model fitted
+from it.
+
+The JSON holds measured points, never fitted coefficients: the model interpolates them
+piecewise-linearly and extrapolates past the ends along the last segment, so a profile
+with more points is simply a finer model.
+
+Step time of one engine step (milliseconds) that computes `num_prefill_tokens` prompt
+tokens and `num_decodes` decode tokens whose sequences hold `context` tokens on average:
+  decodes only:  decode(num_decodes, context)
+  prompt only:   prefill(num_prefill_tokens)
+  mixed:         prefill(num_prefill_tokens + num_decodes)
+                 + decode(num_decodes, context) - decode(num_decodes, smallest context)
+i.e. the decodes count as extra tokens of the forward pass (the linear layers' share) plus
+their attention over context beyond the smallest one profiled. A prefill point is a fresh
+prompt computed from position 0; chunk offsets beyond that are not modelled.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILE_KIND = "splitserve-profile"
+PROFILE_VERSION = 1
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), xs strictly increasing; past either end the
+    nearest segment continues (one point: a constant). Never below 0."""
+    if len(xs) != len(ys) or not xs:
+        raise ValueError("interpolate needs equally many xs and ys, at least one")
+    if len(xs) == 1:
+        return max(0.0, ys[0])
+    i = bisect.bisect_right(xs, x) - 1
+    i = min(max(i, 0), len(xs) - 2)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass(frozen=True)
+class ServingOverheads:
+    """Costs of the serving path that the engine's step times do not hold, measured on a
+    local deployment (zero when the profile was taken without one)."""
+
+    ttft_local_ms: float = 0.0  # TTFT - prefill compute, prompt prefilled on its decode worker
+    ttft_remote_ms: float = 0.0  # TTFT - prefill compute - KV transfer, prefill worker
+    decode_step_ms: float = 0.0  # served TPOT at batch 1 - the engine's batch-1 decode step
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured points of one model on one machine with one engine setting."""
+
+    model: str
+    dtype: str
+    threads: int
+    hardware: dict[str, Any]
+    prefill_tokens: list[int]  # prompt tokens computed in one step (increasing)
+    prefill_ms: list[float]  # the step's time for each
+    decode_batches: list[int]  # running sequences in a decode step (increasing)
+    decode_contexts: list[int]  # tokens each sequence holds (increasing)
+    decode_ms: list[list[float]]  # [batch index][context index]
+    kv_bytes_per_token: int  # K and V of every layer for one token, as sent
+    kv_bandwidth_bytes_per_s: float  # measured between two workers
+    serving: ServingOverheads = field(default_factory=ServingOverheads)
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tokens", "decode_batches", "decode_contexts"):
+            xs = getattr(self, name)
+            if not xs or any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+                raise ValueError(f"{name} must be non-empty and strictly increasing")
+        if len(self.prefill_ms) != len(self.prefill_tokens):
+            raise ValueError("prefill_ms needs one time per prefill_tokens entry")
+        if len(self.decode_ms) != len(self.decode_batches) or any(
+                len(row) != len(self.decode_contexts) for row in self.decode_ms):
+            raise ValueError("decode_ms must be [len(decode_batches)][len(decode_contexts)]")
+        if self.kv_bytes_per_token < 1 or not self.kv_bandwidth_bytes_per_s > 0:
+            raise ValueError("kv_bytes_per_token and kv_bandwidth_bytes_per_s must be > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": PROFILE_KIND, "version": PROFILE_VERSION, **asdict(self)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Profile:
+        if data.get("kind") != PROFILE_KIND or data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"not a {PROFILE_KIND} v{PROFILE_VERSION} file")
+        fields = {k: v for k, v in data.items() if k not in ("kind", "version")}
+        fields["serving"] = ServingOverheads(**fields.get("serving", {}))
+        return cls(**fields)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class ProfiledStepTimes:
+    """Milliseconds of engine steps and KV transfers, interpolated from a Profile."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._prefill_x = [float(t) for t in profile.prefill_tokens]
+        self._batch_x = [float(b) for b in profile.decode_batches]
+        self._context_x = [float(c) for c in profile.decode_contexts]
+
+    def prefill_ms(self, num_tokens: int) -> float:
+        return interpolate(self._prefill_x, self.profile.prefill_ms, num_tokens)
+
+    def decode_ms(self, batch: int, context: float) -> float:
+        """Bilinear: along context within each profiled batch, then along batch."""
+        per_batch = [interpolate(self._context_x, row, context) for row in self.profile.decode_ms]
+        return interpolate(self._batch_x, per_batch, batch)
+
+    def step_ms(self, num_prefill_tokens: int, num_decodes: int, context: float) -> float:
+        """One engine step (see the module docstring for the mixed case)."""
+        if num_decodes == 0:
+            return self.prefill_ms(num_prefill_tokens) if num_prefill_tokens else 0.0
+        decode = self.decode_ms(num_decodes, context)
+        if num_prefill_tokens == 0:
+            return decode
+        attention = decode - self.decode_ms(num_decodes, self._context_x[0])
+        return self.prefill_ms(num_prefill_tokens + num_decodes) + max(0.0, attention)
+
+    def transfer_ms(self, num_tokens: int) -> float:
+        """Moving `num_tokens` tokens' KV at the measured bandwidth."""
+        return (num_tokens * self.profile.kv_bytes_per_token
+                / self.profile.kv_bandwidth_bytes_per_s * 1e3)

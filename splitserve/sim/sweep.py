@@ -1,0 +1,146 @@
+"""`splitserve bench simulate`: a `bench disagg` sweep in the simulator, beside the measured one.
+
+    splitserve bench simulate --profile P.json [--rates 0.5,1,1.5,2] [--num-requests 30]
+                              [--slo tpot_ms=90,ttft_ms=5000] [--seed 0]
+                              [--workload-args "..."] [--measured-dir results/disagg]
+
+The same deployments as `bench disagg` (bench/disagg.py's CONFIGS: 2 colocated replicas, and
+1 prefill + 1 decode worker), the same seeded workload and arrivals (bench/workloads.py,
+bench/arrivals.py, parsed from the same `bench serve` flags) and the same metrics
+(bench/metrics.summarize). With --measured-dir (a `bench disagg --out-dir`, holding
+colocated.json and disaggregated.json) every predicted figure is printed beside the
+measured one with the relative error; rates default to the measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from splitserve.bench import disagg, report, serve
+from splitserve.bench.arrivals import arrival_offsets
+from splitserve.bench.metrics import parse_slo, summarize
+from splitserve.bench.workloads import WorkloadConfig, make_workload
+from splitserve.sim.cluster import Deployment, SimRequest, simulate
+from splitserve.sim.profile import Profile, ProfiledStepTimes
+
+DEFAULT_WORKLOAD_ARGS = "--long-input-len 1000 --long-fraction 0.2 --input-len 64 --output-len 96"
+# (summary key, statistic) pairs compared per rate
+FIGURES = (("goodput", None), ("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"),
+           ("tpot_ms", "p99"))
+
+
+def deployment_of(config_name: str, base: Deployment | None = None) -> Deployment:
+    """bench disagg's named configuration as a simulated Deployment."""
+    c = disagg.CONFIGS[config_name]
+    base = base or Deployment()
+    return Deployment(num_prefill=c["num_prefill"], num_decode=c["num_decode"],
+                      local_prefill_threshold=c["local_prefill_threshold"],
+                      block_size=base.block_size, num_kv_blocks=base.num_kv_blocks,
+                      max_num_seqs=base.max_num_seqs,
+                      max_num_batched_tokens=base.max_num_batched_tokens,
+                      prefill_policy=base.prefill_policy)
+
+
+def parse_workload(workload_args: str, seed: int, kind: str = "mixed") -> WorkloadConfig:
+    """The WorkloadConfig `bench serve` builds from these flags (its own parser)."""
+    args, _ = serve.parse_args(["--target", "grpc://sim:0", "--workload", kind,
+                                *workload_args.split(), "--seed", str(seed)])
+    return args.workload
+
+
+def make_trace(workload: WorkloadConfig, rate: float, num_requests: int,
+               burstiness: float = 1.0) -> list[SimRequest]:
+    """The first `num_requests` requests of the workload at the bench's arrival times."""
+    pairs = zip(make_workload(workload), arrival_offsets(rate, burstiness, workload.seed),
+                strict=False)
+    return [SimRequest(i, due, r.prompt_len, r.max_tokens, r.tag)
+            for i, (r, due) in enumerate(itertools.islice(pairs, num_requests))]
+
+
+def simulate_summary(deployment: Deployment, model: ProfiledStepTimes, trace: list[SimRequest],
+                     slo: dict[str, float]) -> dict[str, Any]:
+    return summarize(simulate(deployment, model, trace), slo)
+
+
+def figure(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
+    value = summary[key] if stat is None else summary[key].get(stat)
+    return None if value is None else float(value)
+
+
+def comparison_rows(predicted: dict[float, dict[str, Any]],
+                    measured: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rate and figure: predicted, measured and (predicted - measured) / measured."""
+    rows = []
+    for rate in sorted(predicted):
+        for key, stat in FIGURES:
+            p = figure(predicted[rate], key, stat)
+            m = figure(measured[rate], key, stat) if rate in measured else None
+            error = (p - m) / m if p is not None and m else None
+            rows.append({"rate": rate, "figure": key if stat is None else f"{key} {stat}",
+                         "predicted": p, "measured": m, "error": error})
+    return rows
+
+
+def _measured_runs(path: Path) -> dict[float, dict[str, Any]]:
+    data = report.load(path)
+    return {float(r["request_rate"]): r["summary"] for r in data["runs"]
+            if isinstance(r["request_rate"], (int, float))}
+
+
+def _fmt(value: float | None, width: int = 9) -> str:
+    return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
+
+
+def print_table(name: str, rows: list[dict[str, Any]]) -> None:
+    print(f"=== {name}: predicted / measured (error)")
+    for rate, group in itertools.groupby(rows, key=lambda r: r["rate"]):
+        cells = []
+        for row in group:
+            err = f"{row['error'] * 100:+.0f}%" if row["error"] is not None else "-"
+            cells.append(f"{row['figure']} {_fmt(row['predicted'], 0)} / "
+                         f"{_fmt(row['measured'], 0)} ({err})")
+        print(f"  rate {rate:g}: " + "; ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve bench simulate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", required=True, help="from `splitserve profile`")
+    ap.add_argument("--rates", default=None, help="default: the measured rates, else 0.5,1,1.5,2")
+    ap.add_argument("--num-requests", type=int, default=30)
+    ap.add_argument("--slo", default="tpot_ms=90,ttft_ms=5000")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload-args", default=DEFAULT_WORKLOAD_ARGS)
+    ap.add_argument("--measured-dir", default=None, help="a `bench disagg --out-dir`")
+    ap.add_argument("--out", default=None, help="write predictions (and errors) as JSON")
+    args = ap.parse_args(argv)
+    model = ProfiledStepTimes(Profile.load(args.profile))
+    workload = parse_workload(args.workload_args, args.seed)
+    slo = parse_slo(args.slo)
+    measured: dict[str, dict[float, dict[str, Any]]] = {}
+    if args.measured_dir:
+        for name in disagg.CONFIGS:
+            path = Path(args.measured_dir) / f"{name}.json"
+            if path.exists():
+                measured[name] = _measured_runs(path)
+    rates = ([float(r) for r in args.rates.split(",")] if args.rates else
+             sorted({r for runs in measured.values() for r in runs}) or [0.5, 1.0, 1.5, 2.0])
+    out: dict[str, Any] = {"profile": args.profile, "slo": slo, "rates": rates, "configs": {}}
+    for name in disagg.CONFIGS:
+        deployment = deployment_of(name)
+        predicted = {rate: simulate_summary(deployment, model,
+                                            make_trace(workload, rate, args.num_requests), slo)
+                     for rate in rates}
+        rows = comparison_rows(predicted, measured.get(name, {}))
+        print_table(f"{name} ({deployment.name})", rows)
+        errors = [abs(r["error"]) for r in rows if r["error"] is not None]
+        if errors:
+            print(f"  largest |error| {max(errors) * 100:.0f}% over {len(errors)} figures")
+        out["configs"][name] = rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return 0

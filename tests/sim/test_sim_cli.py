@@ -1,0 +1,78 @@
+"""Smoke tests of the commands on the tiny model: profile, bench simulate, plan, bench route."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitserve import cli
+from splitserve.bench import report
+from splitserve.bench.metrics import parse_slo
+from splitserve.sim import route_bench, sweep
+from splitserve.sim.profile import Profile, ProfiledStepTimes
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("profile") / "tiny.json"
+    assert cli.main(["profile", "--model", str(tiny_llama), "--prefill-tokens", "8,32",
+                     "--decode-batches", "1,2", "--decode-contexts", "8,24", "--repeats", "1",
+                     "--no-serving", "--no-kv", "--kv-bandwidth", "5e8",
+                     "--out", str(out)]) == 0
+    return out
+
+
+def test_profile_records_the_grid_and_the_machine(tiny_profile: Path) -> None:
+    profile = Profile.load(tiny_profile)
+    assert profile.prefill_tokens == [8, 32] and len(profile.prefill_ms) == 2
+    assert profile.decode_batches == [1, 2] and profile.decode_contexts == [8, 24]
+    assert all(ms > 0 for row in profile.decode_ms for ms in row)
+    # tiny model: 2 layers x 2 KV heads x head_dim 16, K and V, fp32
+    assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    assert profile.kv_bandwidth_bytes_per_s == 5e8
+    assert profile.hardware["cpu_count"] >= 1 and profile.threads == 1
+
+
+def test_simulate_prints_predicted_beside_measured(tiny_profile: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # A "measured" sweep that is the simulation itself, with goodput doubled: errors are
+    # 0% everywhere but goodput's -50%.
+    model = ProfiledStepTimes(Profile.load(tiny_profile))
+    workload = sweep.parse_workload(sweep.DEFAULT_WORKLOAD_ARGS, seed=0)
+    slo = parse_slo("tpot_ms=90,ttft_ms=5000")
+    for name in ("colocated", "disaggregated"):
+        runs = []
+        for rate in (1.0, 3.0):
+            summary = sweep.simulate_summary(sweep.deployment_of(name), model,
+                                             sweep.make_trace(workload, rate, 12), slo)
+            summary["goodput"] *= 2
+            runs.append({"request_rate": rate, "summary": summary, "requests": []})
+        report.save(tmp_path / f"{name}.json", report.sweep_json(name, {}, runs))
+    out = tmp_path / "sim.json"
+    assert cli.main(["bench", "simulate", "--profile", str(tiny_profile), "--num-requests", "12",
+                     "--measured-dir", str(tmp_path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "=== colocated (colocated x2)" in text and "=== disaggregated (1P+1D)" in text
+    rows = json.loads(out.read_text())["configs"]["disaggregated"]
+    assert {r["rate"] for r in rows} == {1.0, 3.0}
+    errors = {r["figure"]: r["error"] for r in rows if r["rate"] == 3.0}
+    assert errors["goodput"] == pytest.approx(-0.5)
+    assert errors["ttft_ms p99"] == pytest.approx(0.0) and errors["tpot_ms p50"] == 0.0
+
+
+def test_plan_prints_ranked_configurations(tiny_profile: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan", "--rate", "2", "--slo", "ttft_ms=2000,tpot_ms=100", "--profile",
+                     str(tiny_profile), "--gpus", "2", "--num-requests", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "3 configurations on 1..2 devices" in lines[0]
+    assert sum("/device" in line for line in lines) == 3
+    assert lines[-1].split(":")[0] in ("colocated wins", "disaggregation wins")
+
+
+def test_route_bench_runs_on_a_small_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    assert route_bench.main(["--num-workers", "20", "--decisions", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "policy only" in out and "router, in-memory" in out and "x the target" in out

@@ -1,0 +1,75 @@
+"""The profile's JSON and the step-time model interpolated from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from splitserve.sim.profile import Profile, ProfiledStepTimes, ServingOverheads, interpolate
+
+
+def make_profile(**changes: object) -> Profile:
+    fields: dict[str, object] = dict(
+        model="synthetic", dtype="float32", threads=1, hardware={"cpu": "test"},
+        prefill_tokens=[100, 200, 400], prefill_ms=[10.0, 20.0, 60.0],
+        decode_batches=[1, 3], decode_contexts=[100, 300],
+        decode_ms=[[5.0, 7.0], [8.0, 14.0]],
+        kv_bytes_per_token=1000, kv_bandwidth_bytes_per_s=1e6)
+    fields.update(changes)
+    return Profile(**fields)  # type: ignore[arg-type]
+
+
+def test_interpolate_hits_points_midpoints_and_extends_the_end_segments() -> None:
+    xs, ys = [0.0, 10.0, 20.0], [1.0, 3.0, 13.0]
+    assert [interpolate(xs, ys, x) for x in xs] == ys
+    assert interpolate(xs, ys, 5.0) == pytest.approx(2.0)
+    assert interpolate(xs, ys, 15.0) == pytest.approx(8.0)
+    assert interpolate(xs, ys, 30.0) == pytest.approx(23.0)  # last segment continued
+    assert interpolate(xs, ys, -10.0) == pytest.approx(0.0)  # clamped at 0, not -1
+    assert interpolate([4.0], [7.0], 100.0) == 7.0
+
+
+def test_decode_is_bilinear_over_batch_and_context() -> None:
+    model = ProfiledStepTimes(make_profile())
+    assert model.decode_ms(1, 100) == 5.0
+    assert model.decode_ms(3, 300) == 14.0
+    assert model.decode_ms(1, 200) == pytest.approx(6.0)
+    assert model.decode_ms(2, 100) == pytest.approx(6.5)
+    assert model.decode_ms(2, 200) == pytest.approx((6.0 + 11.0) / 2)
+
+
+def test_step_time_of_prompt_only_decode_only_and_mixed_steps() -> None:
+    model = ProfiledStepTimes(make_profile())
+    assert model.step_ms(0, 0, 0) == 0.0
+    assert model.step_ms(300, 0, 0) == pytest.approx(40.0)
+    assert model.step_ms(0, 3, 300) == pytest.approx(14.0)
+    # prefill(200 + 3 decode tokens) + decode(3, 300) - decode(3, 100)
+    assert model.step_ms(200, 3, 300) == pytest.approx(20.0 + 3 * 40 / 200 + 6.0)
+
+
+def test_transfer_time_is_bytes_over_bandwidth() -> None:
+    assert ProfiledStepTimes(make_profile()).transfer_ms(500) == pytest.approx(500.0)
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5))
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == profile
+
+
+@pytest.mark.parametrize("changes", [
+    {"prefill_tokens": [100, 100, 400]},
+    {"prefill_ms": [1.0]},
+    {"decode_ms": [[5.0, 7.0]]},
+    {"decode_ms": [[5.0], [8.0]]},
+    {"kv_bandwidth_bytes_per_s": 0.0},
+])
+def test_malformed_profiles_are_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        make_profile(**changes)
+
+
+def test_a_file_of_another_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="splitserve-profile"):
+        Profile.from_json({"kind": "bench-serve-sweep", "version": 1})
