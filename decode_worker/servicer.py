@@ -69,6 +69,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 request.prefill_locally, request.prefill_worker_id, timeout_s,
                 num_sampled=request.num_sampled, priority=request.priority,
                 stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
+                client=request.client,
             )
         except AdmitRefused as exc:
             yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(

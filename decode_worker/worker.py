@@ -98,6 +98,7 @@ class DecodeRequest:
     prefilled_locally: bool = False  # D computes the prompt (no KV transfer)
     num_sampled: int = 0  # the prompt ends with this much of its own output (resumed)
     priority: int = 0  # scheduling class, lower first
+    client: str = ""  # who sent it (fair share in the scheduler)
     stream_pace_tokens_per_s: float = 0.0  # a paced stream's rate; 0: not paced
     # Ends the Admit stream from any thread (its RPC context's cancel); set by the servicer.
     cancel_stream: Callable[[], object] | None = None
@@ -137,6 +138,7 @@ class DecodeWorker(WorkerRuntime):
         num_sampled: int = 0,
         priority: int = 0,
         stream_pace_tokens_per_s: float = 0.0,
+        client: str = "",
     ) -> DecodeRequest:
         """Admit or raise AdmitRefused / ValueError. The returned request's events queue
         carries its outputs. `num_sampled`: the prompt ends with that many tokens of the
@@ -147,13 +149,14 @@ class DecodeWorker(WorkerRuntime):
         request.num_sampled = num_sampled
         request.priority = priority
         request.stream_pace_tokens_per_s = stream_pace_tokens_per_s
+        request.client = client
 
         def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
             if prefill_locally:
                 request.prefilled_locally = True
                 engine.add_request(request.prompt_token_ids, params, request_id, num_sampled,
-                                   priority, stream_pace_tokens_per_s)
+                                   priority, stream_pace_tokens_per_s, client)
                 request.kv_done_at = request.joined_at = time.monotonic()
                 self._stream_outputs(request)
                 return
@@ -237,7 +240,7 @@ class DecodeWorker(WorkerRuntime):
             finished = engine.add_prefilled_request(
                 request.request_id, request.prompt_token_ids, request.first_token_id,
                 request.params, request.block_ids, num_sampled=1 + request.num_sampled,
-                priority=request.priority,
+                priority=request.priority, client=request.client,
                 stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
             )
         except ValueError as exc:

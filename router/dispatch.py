@@ -140,6 +140,7 @@ async def _try_admit(
         num_sampled=request.num_sampled,
         priority=request.priority,
         stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
+        client=request.client,
     )
     call = state.directory.decode_stub(decode).Admit(message, timeout=timeout_s)
     try:

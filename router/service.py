@@ -69,8 +69,7 @@ class RequestPipeline:
         timeout_s = config.request_timeout_s
         deadline = _deadline(trace.arrival, timeout_s, client_deadline)
         slo_ms = request.ttft_slo_ms or config.ttft_slo_ms
-        if slo_ms:
-            validated = dataclasses.replace(validated, ttft_slo_ms=slo_ms)
+        validated = dataclasses.replace(validated, ttft_slo_ms=slo_ms or 0, client=client)
         predicted = await self._acquire(deadline, client, request.priority,
                                         validated.prompt_len, slo_ms / 1e3 if slo_ms else None)
         admitted = time.monotonic()

@@ -43,6 +43,7 @@ class ValidatedRequest:
     # A paced stream's delivery rate (GenerateRequest.stream_pace_tokens_per_s); 0: not paced.
     stream_pace_tokens_per_s: float = 0.0
     ttft_slo_ms: int = 0  # the TTFT SLO routing must meet (request's or router's); 0: none
+    client: str = ""  # who sent it (its API key's name): fair share on the decode worker
 
     @property
     def prompt_len(self) -> int:

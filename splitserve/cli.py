@@ -37,6 +37,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-fair-share", action="store_true",
+                   help="admit to the running batch first come, first served within a "
+                        "priority class, not by fair share across clients")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="KV cache storage: the model's dtype, or int8 / fp8 (e4m3; CUDA "
                         "8.9+ or CPU) with a scale per token and head (about half of bf16's "
@@ -104,7 +107,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, fair_share=not args.no_fair_share,
         kv_cache_dtype=args.kv_cache_dtype,
         host_kv_cache_bytes=args.host_kv_cache_bytes,
         disk_kv_cache_dir=args.disk_kv_cache_dir,

@@ -31,6 +31,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # Fair share across clients in the scheduler (engine/fair_share.py); off: FCFS.
+    fair_share: bool = True
     # KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3), both with
     # per-token-per-head fp16 scales (kernels/kv_quant.py: about half the bytes of bf16, a
     # quarter of fp32). fp8 needs a CUDA device of compute capability 8.9+, or the CPU.

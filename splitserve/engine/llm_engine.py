@@ -79,7 +79,8 @@ class LLMEngine:
             self.num_blocks, self.block_size, config.enable_prefix_caching, self.kv_tier
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            fair_share=config.fair_share),
             self.block_manager,
         )
         self.requests: dict[str, RequestState] = {}
@@ -120,6 +121,7 @@ class LLMEngine:
         num_sampled: int = 0,
         priority: int = 0,
         stream_pace_tokens_per_s: float = 0.0,
+        client: str = "",
     ) -> str:
         """Queue a request; a string prompt is tokenized without a chat template.
 
@@ -127,7 +129,8 @@ class LLMEngine:
         before (a request resumed after its first worker died); a seeded generator skips
         their draws so the continuation is the one an uninterrupted run samples.
         `priority`: the scheduling class, lower first (see Scheduler).
-        `stream_pace_tokens_per_s`: a paced stream's delivery rate (0: not paced)."""
+        `stream_pace_tokens_per_s`: a paced stream's delivery rate (0: not paced).
+        `client`: who sent it, for fair share across clients (engine/fair_share.py)."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
@@ -140,7 +143,8 @@ class LLMEngine:
         if not 0 <= num_sampled < len(token_ids):
             raise ValueError(f"num_sampled={num_sampled} must be in [0, prompt length)")
         seq = Sequence(request_id, token_ids, params, num_prior_outputs=num_sampled,
-                       priority=priority, pace=self._pace(stream_pace_tokens_per_s))
+                       priority=priority, pace=self._pace(stream_pace_tokens_per_s),
+                       client=client)
         self.requests[request_id] = self._new_state(seq, num_sampled)
         self.scheduler.add(seq)
         self.idle_until = None
@@ -156,6 +160,7 @@ class LLMEngine:
         num_sampled: int = 1,
         priority: int = 0,
         stream_pace_tokens_per_s: float = 0.0,
+        client: str = "",
     ) -> StepOutput | None:
         """Join the running batch with a prompt whose KV another worker computed into
         `block_ids` (already allocated from this engine's pool, see reserve_blocks).
@@ -177,7 +182,8 @@ class LLMEngine:
             raise ValueError(f"num_sampled={num_sampled} must be in [1, prompt length + 1]")
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        num_prior_outputs=num_sampled - 1,  # the first token is one of them
-                       priority=priority, pace=self._pace(stream_pace_tokens_per_s))
+                       priority=priority, pace=self._pace(stream_pace_tokens_per_s),
+                       client=client)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         state = self._new_state(seq, num_sampled=num_sampled)

@@ -17,6 +17,10 @@ they resume the step after; after _MAX_DEFERRED_STEPS such steps in a row, one s
 everyone, so a long or endless run of better prompts never starves them). With one class all
 of this is the FCFS behaviour above.
 
+Fair share (Sequence.client, engine/fair_share.py; SchedulerConfig.fair_share): within a
+class, the waiting sequence admitted next is the least-served client's, and a client below
+its share of a full batch takes a place from one above it. With one client, FCFS as above.
+
 Paced streams (Sequence.pace, engine/pacing.py): a decoding sequence that is more than its
 buffer of tokens ahead of its reader sits out the step. It keeps its blocks and its place
 in `running` (it still counts against max_num_seqs, and is a preemption candidate exactly
@@ -32,11 +36,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.fair_share import ClientShares
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
 _MAX_DEFERRED_STEPS = 4  # steps in a row that worse classes may sit out for better prompts
@@ -46,6 +51,7 @@ _MAX_DEFERRED_STEPS = 4  # steps in a row that worse classes may sit out for bet
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
+    fair_share: bool = True  # VTC across Sequence.client (engine/fair_share.py)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -88,10 +94,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order; the last is the newest
         self._deferred_steps = 0  # steps in a row in which worse classes sat out
+        self.shares = ClientShares()
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        self.shares.join(seq.client)
         self._enqueue(seq, front_of_class=False)
 
     def _enqueue(self, seq: Sequence, front_of_class: bool) -> None:
@@ -108,6 +116,7 @@ class Scheduler:
         """A sequence whose KV is already in its (allocated) blocks, e.g. received from a
         prefill worker: it joins the running batch directly."""
         seq.status = SequenceStatus.RUNNING
+        self.shares.join(seq.client)
         self.running.append(seq)
         self.running.sort(key=lambda s: s.arrival_index)
 
@@ -122,6 +131,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            return
+        self.shares.leave(seq.client)
 
     @property
     def num_waiting(self) -> int:
@@ -143,6 +155,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
         self._make_room_for_a_better_class(out)
+        self._make_room_for_a_client(out)
         by_priority = len(out.preempted)
         # Decodes first, then prompt chunks of running sequences, both in arrival order.
         order = [s for s in self.running if not s.is_prefilling]
@@ -170,7 +183,54 @@ class Scheduler:
         if len(out.preempted) == by_priority:  # the pool was not short this step
             self._admit_waiting(out, budget)
         self._deferred_steps = self._deferred_steps + 1 if deferred else 0
+        if self.config.fair_share:
+            for item in out.scheduled:
+                prompt = item.seq.is_prefilling  # (the counters move after the step)
+                self.shares.charge(item.seq.client, item.num_tokens if prompt else 0,
+                                   0 if prompt else item.num_tokens)
         return out
+
+    def _next_waiting(self) -> Sequence:
+        """The waiting sequence to admit next: the head of the queue, or with fair share
+        among several clients, the first one of the best class's least-served client (of
+        equally served ones, the one running fewer sequences: a client that just joined)."""
+        head = self.waiting[0]
+        if not (self.config.fair_share and self.shares.contended):
+            return head
+        running = Counter(s.client for s in self.running)
+
+        def key(seq: Sequence) -> tuple[float, int]:
+            return self.shares.service(seq.client), running[seq.client]
+
+        chosen, best = head, key(head)
+        for seq in self.waiting:
+            if seq.priority != head.priority:
+                break
+            if (k := key(seq)) < best:
+                chosen, best = seq, k
+        return chosen
+
+    def _make_room_for_a_client(self, out: SchedulerOutput) -> None:
+        """The batch is full and the next waiting sequence's client runs fewer than its
+        share of it while another runs more: that one's newest sequence (of the same or a
+        worse class) is preempted for it."""
+        if not (self.config.fair_share and self.shares.contended and self.waiting):
+            return
+        if len(self.running) < self.config.max_num_seqs:
+            return
+        candidate = self._next_waiting()
+        running = Counter(s.client for s in self.running)
+        share = self.config.max_num_seqs / len(self.shares.active)
+        if running[candidate.client] + 1 > share:
+            return
+        over = [s for s in self.running
+                if running[s.client] > share and s.priority >= candidate.priority]
+        if not over:
+            return
+        victim = max(over, key=lambda s: (running[s.client], self.shares.service(s.client),
+                                          s.arrival_index))
+        self._preempt(victim)
+        out.preempted.append(victim)
 
     def _prefilling_class(self) -> int | None:
         """The best class with prompt tokens to compute this step: a running prompt, or the
@@ -236,7 +296,7 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             computed = self.block_manager.match_prefix(seq)
             num_cached = len(computed) * self.block_manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)
@@ -248,7 +308,7 @@ class Scheduler:
                         f"({self.block_manager.num_blocks})"
                     )
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_tokens))

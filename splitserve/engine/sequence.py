@@ -46,6 +46,9 @@ class Sequence:
     # Scheduling class, lower first (the request's `priority`): a better class is admitted
     # first and may preempt a worse one's running sequence, never the reverse.
     priority: int = 0
+    # Who sent it (the router's name for the client): fair share across clients in the
+    # scheduler (engine/fair_share.py). "" for a caller that names none.
+    client: str = ""
     # A paced stream's reader model (engine/pacing.py): the scheduler lets the sequence
     # sit out decode steps while it is far enough ahead. None: not paced.
     pace: PaceClock | None = None

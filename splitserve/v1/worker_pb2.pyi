@@ -118,7 +118,7 @@ class PrefillDrainResponse(_message.Message):
     def __init__(self, num_in_flight_requests: _Optional[int] = ...) -> None: ...
 
 class AdmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_locally", "prefill_worker_id", "prefill_kv_endpoint", "prefill_timeout_ms", "num_sampled", "priority", "stream_pace_tokens_per_s")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_locally", "prefill_worker_id", "prefill_kv_endpoint", "prefill_timeout_ms", "num_sampled", "priority", "stream_pace_tokens_per_s", "client")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class AdmitRequest(_message.Message):
     NUM_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     STREAM_PACE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -139,7 +140,8 @@ class AdmitRequest(_message.Message):
     num_sampled: int
     priority: int
     stream_pace_tokens_per_s: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_locally: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., prefill_kv_endpoint: _Optional[str] = ..., prefill_timeout_ms: _Optional[int] = ..., num_sampled: _Optional[int] = ..., priority: _Optional[int] = ..., stream_pace_tokens_per_s: _Optional[float] = ...) -> None: ...
+    client: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_locally: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., prefill_kv_endpoint: _Optional[str] = ..., prefill_timeout_ms: _Optional[int] = ..., num_sampled: _Optional[int] = ..., priority: _Optional[int] = ..., stream_pace_tokens_per_s: _Optional[float] = ..., client: _Optional[str] = ...) -> None: ...
 
 class Admission(_message.Message):
     __slots__ = ("accepted", "refusal", "refusal_message", "decode_worker_id", "block_ids", "num_cached_tokens", "kv_layout", "kv_endpoint")

@@ -410,3 +410,103 @@ def test_a_better_class_never_starves_the_others() -> None:
     gaps = [b - a for a, b in zip([-1, *low_steps], low_steps, strict=False)]
     assert max(gaps) <= 5
     assert len(low_steps) < 24  # and the better prompts did get steps of their own
+
+
+def _running_by_client(sim: Sim) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for seq in sim.sched.running:
+        counts[seq.client] = counts.get(seq.client, 0) + 1
+    return counts
+
+
+def _add_client(sim: Sim, name: str, client: str, base: int, max_tokens: int = 6) -> Sequence:
+    seq = Sequence(name, prompt(base, 3), SamplingParams(max_tokens=max_tokens), client=client)
+    sim.sched.add(seq)
+    return seq
+
+
+def test_a_light_client_takes_its_share_of_a_full_batch_at_once() -> None:
+    sim = Sim(num_blocks=128, max_num_seqs=4, max_num_batched_tokens=32)
+    flood = [_add_client(sim, f"f{i}", "flood", 100 * i, max_tokens=20) for i in range(8)]
+    sim.step()
+    sim.step()
+    assert _running_by_client(sim) == {"flood": 4}
+    light = [_add_client(sim, f"l{i}", "light", 5000 + 100 * i) for i in range(3)]
+    # Its share of 4 between 2 clients is 2: a place from flood's newest at once, then
+    # the next one a step later (one preemption per step).
+    out = sim.step()
+    assert [s.request_id for s in out.preempted] == ["f3"] and ("l0", 3) in plan(out)
+    out = sim.step()
+    assert [s.request_id for s in out.preempted] == ["f2"] and ("l1", 3) in plan(out)
+    assert _running_by_client(sim) == {"flood": 2, "light": 2}
+    sim.step()
+    assert _running_by_client(sim) == {"flood": 2, "light": 2}  # never past its share
+    sim.run()
+    assert all(s.is_finished for s in flood + light)
+    # Recomputed, not lost: the preempted ones produced all their tokens.
+    assert all(s.num_output_tokens == 20 for s in flood)
+
+
+def test_the_least_served_client_is_admitted_next_and_idle_time_earns_nothing() -> None:
+    sim = Sim(num_blocks=128, max_num_seqs=1, max_num_batched_tokens=32)
+    a = [_add_client(sim, f"a{i}", "a", 100 * i, max_tokens=4) for i in range(3)]
+    sim.step()  # a0 runs: "a" is charged, "b" arrives later and starts at a's counter
+    b = [_add_client(sim, f"b{i}", "b", 1000 + 100 * i, max_tokens=4) for i in range(3)]
+    assert sim.sched.shares.service("b") == sim.sched.shares.service("a")
+    sim.run()
+    order = [s.request_id for s in sim.finished]
+    assert order[0] == "a0"
+    # Alternating service: never two of one client in a row while the other waits.
+    assert order[1:5] in (["b0", "a1", "b1", "a2"], ["a1", "b0", "a2", "b1"])
+    assert all(s.is_finished for s in a + b)
+
+
+def test_without_fair_share_the_queue_is_fcfs_across_clients() -> None:
+    sim = Sim(num_blocks=128, max_num_seqs=1, max_num_batched_tokens=32)
+    sim.sched.config = SchedulerConfig(1, 32, fair_share=False)
+    for i in range(3):
+        _add_client(sim, f"a{i}", "a", 100 * i, max_tokens=2)
+    sim.step()
+    for i in range(2):
+        _add_client(sim, f"b{i}", "b", 1000 + 100 * i, max_tokens=2)
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["a0", "a1", "a2", "b0", "b1"]
+
+
+def test_fair_share_never_preempts_a_better_class() -> None:
+    sim = Sim(num_blocks=128, max_num_seqs=2, max_num_batched_tokens=32)
+    for i in range(2):
+        seq = Sequence(f"vip{i}", prompt(100 * i, 3), SamplingParams(max_tokens=10),
+                       client="vip", priority=0)
+        sim.sched.add(seq)
+    sim.step()
+    sim.sched.add(Sequence("low", prompt(900, 3), SamplingParams(max_tokens=2),
+                           client="other", priority=3))
+    out = sim.step()
+    assert out.preempted == [] and _running_by_client(sim) == {"vip": 2}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(0, 2)),
+                      min_size=1, max_size=24),
+    num_blocks=st.integers(11, 40),
+    max_num_seqs=st.integers(1, 6),
+    budget=st.integers(1, 24),
+)
+def test_random_multi_client_workloads_finish_and_return_every_block(
+    requests: list[tuple[int, int, int]], num_blocks: int, max_num_seqs: int, budget: int,
+) -> None:
+    sim = Sim(num_blocks, 2, max_num_seqs, budget)
+    seqs = []
+    for i, (n, max_tokens, client) in enumerate(requests):
+        seq = Sequence(f"r{i}", prompt(100 * i, n), SamplingParams(max_tokens=max_tokens),
+                       client=f"c{client}")
+        sim.sched.add(seq)
+        seqs.append(seq)
+        if i % 3 == 2:
+            sim.step()  # clients arrive while others run
+    sim.run(max_steps=3000)
+    assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
+    assert sim.bm.num_free_blocks == num_blocks
+    assert not sim.sched.shares.active
