@@ -205,7 +205,7 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     _extension().add_rms_norm_(x, residual, weight, eps)
 
 
-# fp32 linear layers for small row counts (kernels/csrc/gemm_cpu.cpp).
+# fp32 and bf16 linear layers for small row counts (kernels/csrc/gemm_cpu.cpp).
 
 
 def gemm_supported() -> bool:
@@ -214,8 +214,15 @@ def gemm_supported() -> bool:
     return module is not None and bool(module.gemm_supported())
 
 
+def gemm_bf16_supported() -> bool:
+    """Whether this build's linear_packed takes bf16 weights (it needs AVX512-BF16)."""
+    module = load()
+    return module is not None and bool(module.gemm_bf16_supported())
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """fp32 [out_features, in_features] -> panels [ceil(out_features / 16), in_features, 16]."""
+    """fp32 [out_features, in_features] -> panels [ceil(out_features / 16), in_features, 16];
+    bf16 (even in_features) -> panels of k pairs [ceil(out / 16), in_features / 2, 16, 2]."""
     return _extension().pack_linear_weight(weight.detach().contiguous())
 
 

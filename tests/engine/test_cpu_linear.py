@@ -29,6 +29,8 @@ _PACKINGS = [
     pytest.param("onednn_bf16", torch.bfloat16, 1e-2, marks=pytest.mark.skipif(
         not prepack_supported(torch.bfloat16, torch.device("cpu")),
         reason="this CPU's oneDNN has no bf16 path")),
+    pytest.param("panel_bf16", torch.bfloat16, 1e-2, marks=pytest.mark.skipif(
+        not cpu_ext.gemm_bf16_supported(), reason="the bf16 panels need AVX512-BF16")),
 ]
 
 
@@ -83,6 +85,40 @@ def test_panel_linear_writes_strided_rows_and_skips_empty_input() -> None:
     assert torch.equal(wide[:, :3], torch.full((5, 3), 7.0))
     assert torch.equal(wide[:, 43:], torch.full((5, 7), 7.0))
     assert cpu_ext.linear_packed(torch.empty(0, 24), packed, None, 40).shape == (0, 40)
+
+
+@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize(("rows", "in_features", "out_features"),
+                         [(1, 576, 960), (3, 64, 50), (8, 96, 1536), (13, 2, 33), (20, 576, 49)])
+def test_bf16_panels_round_the_fp32_sum_once(rows: int, in_features: int, out_features: int
+                                             ) -> None:
+    """Products of bf16 pairs summed in fp32, plus the bias, rounded to bf16 once: equal to
+    the fp32 reference rounded to bf16, but for a last-bit flip where the summation order
+    lands the sum on the other side of a rounding boundary."""
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features).to(torch.bfloat16)
+    bias = torch.randn(out_features).to(torch.bfloat16)
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    packed = cpu_ext.pack_linear_weight(weight)
+    assert packed.shape == (-(-out_features // 16), in_features // 2, 16, 2)
+    assert packed[0, 0, 1, 1] == weight[1, 1]  # panel 0, k pair 0, column 1, second of pair
+    assert packed[0, -1, 0, 0] == weight[0, in_features - 2]
+    for b in (None, bias):
+        reference = x.float() @ weight.float().T + (0 if b is None else b.float())
+        got = cpu_ext.linear_packed(x, packed, b, out_features)
+        assert got.dtype == torch.bfloat16
+        rounded = reference.to(torch.bfloat16)
+        one_ulp = (rounded.float().abs() * 2.0**-7).clamp_min(1e-30)
+        assert ((got.float() - rounded.float()).abs() <= one_ulp).all()
+        assert (got == rounded).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16")
+def test_bf16_panels_refuse_an_odd_k_and_the_layer_falls_back() -> None:
+    with pytest.raises(RuntimeError, match="even K"):
+        cpu_ext.pack_linear_weight(torch.randn(8, 7).to(torch.bfloat16))
+    layer = PackedLinear(nn.Linear(7, 8).to(torch.bfloat16), "panel_bf16")
+    assert layer.packing == "onednn_bf16"
 
 
 def test_engine_packs_every_linear_and_keeps_tied_embeddings(tiny_llama_mha_tied: Path) -> None:
