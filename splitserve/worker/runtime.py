@@ -146,8 +146,9 @@ class WorkerRuntime:
     def __init__(self, options: WorkerOptions, store: ClusterStore | None = None):
         self.options = options
         self.worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
-        self.engine = LLMEngine(options.engine)
-        self.loop = EngineLoop(self.engine)
+        # The engine is built on the thread that steps it (EngineLoop.build says why).
+        self.loop = EngineLoop.build(lambda: LLMEngine(options.engine))
+        self.engine = self.loop.engine
         self.layout = engine_layout(self.engine)
         self.kv, self._kv_store_host = build_kv_backend(
             options, self.worker_id, self.layout, str(self.engine.runner.device)
