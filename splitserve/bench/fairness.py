@@ -10,6 +10,9 @@ phases of --seconds each, in one invocation:
 1. `light` alone (its unloaded TTFT: the baseline);
 2. both clients, `--admission-policy fcfs` (arrival order);
 3. both clients, `--admission-policy vtc` (fair share by virtual token counters).
+In phase 2 the decode worker runs `--no-fair-share` too; in phase 3 its scheduler shares
+fairly as well (with a high --max-inflight and a low --max-num-seqs the requests queue
+there, and a light request takes its share of the running batch at once).
 
 Printed: output tokens served to each client in each phase and their ratio (issue 17's
 target: within 1.25x under VTC), and light's TTFT p50/p99 against its unloaded TTFT
@@ -100,7 +103,9 @@ def _phase(args: argparse.Namespace, keys: dict[str, str], policy: str,
            concurrency: dict[str, int], priorities: dict[str, int] | None = None
            ) -> dict[str, Any]:
     router_args = ("--max-queued", "1024", "--admission-policy", policy)
-    with single_worker_deployment(args, router_args) as addrs:
+    # FCFS is FCFS everywhere: the decode worker's scheduler too (else it shares fairly).
+    worker_args = ("--no-fair-share",) if policy == "fcfs" else ()
+    with single_worker_deployment(args, router_args, worker_args) as addrs:
         _drive(addrs["router"], keys, {"light": 1}, args.warmup_seconds, args.input_len,
                args.output_len, args.seed + 99)
         tallies = _drive(addrs["router"], keys, concurrency, args.seconds, args.input_len,

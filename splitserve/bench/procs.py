@@ -143,14 +143,14 @@ def add_single_worker_args(ap: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def single_worker_deployment(args: argparse.Namespace, router_args: tuple[str, ...] = ()
-                             ) -> Iterator[dict[str, Any]]:
+def single_worker_deployment(args: argparse.Namespace, router_args: tuple[str, ...] = (),
+                             worker_args: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """A router and one decode worker that prefills its own prompts, as configured by
     add_single_worker_args; yields local_deployment's addresses."""
     with local_deployment(
             args.model, num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
             threads=args.threads,
             worker_args=("--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype,
-                         "--max-num-seqs", str(args.max_num_seqs)),
+                         "--max-num-seqs", str(args.max_num_seqs), *worker_args),
             router_args=("--max-inflight", str(args.max_inflight), *router_args)) as addrs:
         yield addrs
