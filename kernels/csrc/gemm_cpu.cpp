@@ -87,6 +87,34 @@ void tile_rows(int64_t rows, const float* x, int64_t ldx, const float* w, int64_
 }
 #endif
 
+// tile_rows<P> (fp32) and tile_rows_bf16<P>: `rows` rows of x against P panels; k_steps is K
+// (fp32) or K / 2 (bf16 k pairs).
+template <typename T>
+using TileRowsFn = void (*)(int64_t rows, const T* x, int64_t ldx, const T* w,
+                            int64_t panel_stride, int64_t k_steps, const T* bias, T* y,
+                            int64_t ldy, int64_t columns_left);
+
+// y = x W^T (+ bias): each task takes a group of kPanels panels (the last may hold fewer) and
+// walks every kTileRows-row tile of x over it, so the group's weights stay in L2.
+template <typename T>
+void over_panel_groups(const TileRowsFn<T> (&tiles)[kPanels], int64_t rows, int64_t n_dim,
+                       int64_t panels, int64_t panel_stride, int64_t k_steps, const T* x,
+                       int64_t ldx, const T* w, const T* bias, T* y, int64_t ldy) {
+  const int64_t groups = (panels + kPanels - 1) / kPanels;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * kPanels, count = std::min(kPanels, panels - first);
+      const int64_t column = first * kLanes;
+      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+        tiles[count - 1](std::min(kTileRows, rows - r0), x + r0 * ldx, ldx,
+                         w + first * panel_stride, panel_stride, k_steps,
+                         bias ? bias + column : nullptr, y + r0 * ldy + column, ldy,
+                         n_dim - column);
+      }
+    }
+  });
+}
+
 #if defined(__AVX512BF16__)
 inline __m512 bf16x16_to_fp32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -213,26 +241,10 @@ void linear_packed_bf16(torch::Tensor x, torch::Tensor packed, std::optional<tor
   const auto* w_ptr = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   auto* y_ptr = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  const int64_t k_pairs = k_dim / 2, panel_stride = k_dim * kLanes;
-  const int64_t panels = packed.size(0);
-  const int64_t groups = (panels + kPanels - 1) / kPanels;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t first = group * kPanels, count = std::min(kPanels, panels - first);
-      const int64_t column = first * kLanes;
-      const uint16_t* w = w_ptr + first * panel_stride;
-      const uint16_t* b = bias_ptr ? bias_ptr + column : nullptr;
-      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-        const int64_t r = std::min(kTileRows, rows - r0);
-        const uint16_t* xr = x_ptr + r0 * ldx;
-        uint16_t* yr = y_ptr + r0 * ldy + column;
-        const int64_t left = n_dim - column;
-        if (count == 3) tile_rows_bf16<3>(r, xr, ldx, w, panel_stride, k_pairs, b, yr, ldy, left);
-        else if (count == 2) tile_rows_bf16<2>(r, xr, ldx, w, panel_stride, k_pairs, b, yr, ldy, left);
-        else tile_rows_bf16<1>(r, xr, ldx, w, panel_stride, k_pairs, b, yr, ldy, left);
-      }
-    }
-  });
+  static constexpr TileRowsFn<uint16_t> kTiles[kPanels] = {
+      tile_rows_bf16<1>, tile_rows_bf16<2>, tile_rows_bf16<3>};
+  over_panel_groups(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim / 2, x_ptr, ldx,
+                    w_ptr, bias_ptr, y_ptr, ldy);
 #endif
 }
 
@@ -262,25 +274,8 @@ void linear_packed(torch::Tensor x, torch::Tensor packed, std::optional<torch::T
   const float* w_ptr = packed.data_ptr<float>();
   float* y_ptr = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  const int64_t panel_stride = k_dim * kLanes;
-  const int64_t panels = packed.size(0);
-  const int64_t groups = (panels + kPanels - 1) / kPanels;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t first = group * kPanels, count = std::min(kPanels, panels - first);
-      const int64_t column = first * kLanes;
-      const float* w = w_ptr + first * panel_stride;
-      const float* b = bias_ptr ? bias_ptr + column : nullptr;
-      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-        const int64_t r = std::min(kTileRows, rows - r0);
-        const float* xr = x_ptr + r0 * ldx;
-        float* yr = y_ptr + r0 * ldy + column;
-        const int64_t left = n_dim - column;
-        if (count == 3) tile_rows<3>(r, xr, ldx, w, panel_stride, k_dim, b, yr, ldy, left);
-        else if (count == 2) tile_rows<2>(r, xr, ldx, w, panel_stride, k_dim, b, yr, ldy, left);
-        else tile_rows<1>(r, xr, ldx, w, panel_stride, k_dim, b, yr, ldy, left);
-      }
-    }
-  });
+  static constexpr TileRowsFn<float> kTiles[kPanels] = {tile_rows<1>, tile_rows<2>, tile_rows<3>};
+  over_panel_groups(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim, x_ptr, ldx, w_ptr,
+                    bias_ptr, y_ptr, ldy);
 #endif
 }
