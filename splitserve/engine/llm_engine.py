@@ -188,8 +188,7 @@ class LLMEngine:
         seq.num_computed_tokens = len(prompt_token_ids)
         state = self._new_state(seq, num_sampled=num_sampled)
         self.requests[request_id] = state
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
+        self.scheduler.add_running(seq)  # (counted among its client's sequences)
         self.idle_until = None
         output = self._process_token(seq, first_token_id, None)  # starts a pace's clock
         if not output.finished:

@@ -45,6 +45,9 @@ from splitserve.engine.fair_share import ClientShares
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
 _MAX_DEFERRED_STEPS = 4  # steps in a row that worse classes may sit out for better prompts
+# Fair share looks this far into the queue for each client's first waiting sequence (a
+# client whose sequences all run would otherwise make every admission scan the queue).
+_MAX_FAIR_SCAN = 256
 
 
 @dataclass(frozen=True)
@@ -203,11 +206,17 @@ class Scheduler:
             return self.shares.service(seq.client), running[seq.client]
 
         chosen, best = head, key(head)
-        for seq in self.waiting:
-            if seq.priority != head.priority:
+        seen: set[str] = set()  # clients whose first waiting sequence was looked at
+        for index, seq in enumerate(self.waiting):
+            if seq.priority != head.priority or index >= _MAX_FAIR_SCAN:
                 break
+            if seq.client in seen:
+                continue
+            seen.add(seq.client)
             if (k := key(seq)) < best:
                 chosen, best = seq, k
+            if len(seen) == len(self.shares.active):
+                break  # every client's first in line was seen
         return chosen
 
     def _make_room_for_a_client(self, out: SchedulerOutput) -> None:

@@ -176,3 +176,20 @@ def test_a_detached_request_continues_elsewhere_from_its_kv(tiny_llama: Path) ->
         for out in target.step():
             got.extend(out.new_token_ids)
     assert got == whole
+
+
+def test_prefilled_requests_count_for_their_clients_fair_share(tiny_llama: Path) -> None:
+    """A request whose KV came from a prefill worker joins its client's active sequences
+    (fair share on a disaggregated decode worker) and leaves them when it ends."""
+    engine = LLM(model=str(tiny_llama), num_kv_blocks=64, block_size=8).engine
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for i, client in enumerate(("a", "a", "b")):
+        blocks = engine.reserve_blocks(5)
+        assert blocks is not None
+        assert engine.add_prefilled_request(f"r{i}", [5, 6, 7, 8, 9], 11, params, blocks,
+                                            client=client) is None
+    assert dict(engine.scheduler.shares.active) == {"a": 2, "b": 1}
+    assert engine.scheduler.shares.contended
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.scheduler.shares.active
