@@ -186,7 +186,8 @@ class Scheduler:
         if len(out.preempted) == by_priority:  # the pool was not short this step
             self._admit_waiting(out, budget)
         self._deferred_steps = self._deferred_steps + 1 if deferred else 0
-        if self.config.fair_share:
+        if self.config.fair_share and self.shares.contended:  # (a lone client's counter
+            # needs no upkeep: one that joins it is lifted to it, stale or not)
             for item in out.scheduled:
                 prompt = item.seq.is_prefilling  # (the counters move after the step)
                 self.shares.charge(item.seq.client, item.num_tokens if prompt else 0,
@@ -232,8 +233,12 @@ class Scheduler:
         share = self.config.max_num_seqs / len(self.shares.active)
         if running[candidate.client] + 1 > share:
             return
+        # Only a client served at least as much as the candidate's gives a place: then the
+        # candidate, not the preempted sequence back in the queue, is admitted next.
+        served = self.shares.service(candidate.client)
         over = [s for s in self.running
-                if running[s.client] > share and s.priority >= candidate.priority]
+                if running[s.client] > share and s.priority >= candidate.priority
+                and self.shares.service(s.client) >= served]
         if not over:
             return
         victim = max(over, key=lambda s: (running[s.client], self.shares.service(s.client),

@@ -5,7 +5,7 @@ as engine/llm_engine.py does."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from splitserve.common.sampling_params import SamplingParams
@@ -487,6 +487,10 @@ def test_fair_share_never_preempts_a_better_class() -> None:
 
 
 @settings(max_examples=60, deadline=None)
+# A preempted sequence whose client was less served than the one it made room for was
+# admitted again in the same step (scheduled and preempted at once).
+@example(requests=[(6, 1, 0), (1, 1, 0), (1, 2, 1), (1, 2, 1)], num_blocks=11,
+         max_num_seqs=2, budget=2)
 @given(
     requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(0, 2)),
                       min_size=1, max_size=24),
