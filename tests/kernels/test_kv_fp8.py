@@ -21,6 +21,7 @@ from splitserve.kernels.kv_quant import (
 )
 from tests.kernels.conftest import KERNEL_DEVICE
 from tests.kernels.test_cpu_fused_ops import _rope_case, torch_rope_store
+from tests.kernels.test_kv_quant import decode_case
 
 DTYPES = [torch.float32, torch.bfloat16]
 FINITE_CODES = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
@@ -180,23 +181,9 @@ def test_triton_decode_reads_every_code_exactly() -> None:
     assert torch.equal(got, expected)
 
 
-def _decode_case(dtype: torch.dtype, group: int, head_dim: int):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(2)
-    heads = 2
-    k_cache = quantize_rows(torch.randn(24, 16, heads, head_dim, generator=g) * 2, "fp8")
-    v_cache = quantize_rows(torch.randn(24, 16, heads, head_dim, generator=g), "fp8")
-    q = torch.randn(4, heads * group, head_dim, generator=g).to(dtype)
-    tables = torch.randperm(24, generator=g)[:20].view(4, 5).to(torch.int32)
-    lens = torch.tensor([1, 16, 41, 80], dtype=torch.int32)
-    expected = reference.paged_decode_attention(
-        q, dequantize_rows(k_cache, dtype), dequantize_rows(v_cache, dtype), tables, lens,
-        0.125)
-    return q, k_cache, v_cache, tables, lens, expected
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_decode_reads_fp8_as_its_dequantized_values(dtype: torch.dtype) -> None:
-    q, k, v, tables, lens, expected = _decode_case(dtype, 3, 64)
+    q, k, v, tables, lens, expected = decode_case(dtype, 3, 64, "fp8")
     assert torch.equal(reference.paged_decode_attention(q, k, v, tables, lens, 0.125), expected)
 
 
@@ -204,7 +191,7 @@ def test_torch_decode_reads_fp8_as_its_dequantized_values(dtype: torch.dtype) ->
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("group", "head_dim"), [(1, 64), (3, 64), (4, 48)])
 def test_cpu_decode_dequantizes_in_place(dtype: torch.dtype, group: int, head_dim: int) -> None:
-    q, k, v, tables, lens, expected = _decode_case(dtype, group, head_dim)
+    q, k, v, tables, lens, expected = decode_case(dtype, group, head_dim, "fp8")
     out = torch.empty_like(q)
     cpu_ext.paged_decode_attention(q, k, v, tables, lens, 0.125, out=out)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -214,7 +201,7 @@ def test_cpu_decode_dequantizes_in_place(dtype: torch.dtype, group: int, head_di
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_decode_dequantizes_in_place(dtype: torch.dtype, splits: int) -> None:
-    q, k, v, tables, lens, expected = _decode_case(dtype, 3, 64)
+    q, k, v, tables, lens, expected = decode_case(dtype, 3, 64, "fp8")
     dev = KERNEL_DEVICE
     out = paged_attention.paged_decode_attention(
         q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev), 0.125, num_splits=splits)

@@ -61,10 +61,10 @@ def test_rotation_shrinks_the_error_of_rows_with_outlier_channels() -> None:
 
 
 def _quantized_cache(g: torch.Generator, num_blocks: int, block_size: int, heads: int,
-                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     head_dim: int, codec: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
     k = torch.randn(num_blocks, block_size, heads, head_dim, generator=g) * 2
     v = torch.randn(num_blocks, block_size, heads, head_dim, generator=g)
-    return quantize_rows(k), quantize_rows(v)
+    return quantize_rows(k, codec), quantize_rows(v, codec)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,10 +97,13 @@ def test_fused_rope_store_quantizes_like_the_reference(dtype: torch.dtype,
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
 
 
-def _decode_case(dtype: torch.dtype, group: int):  # type: ignore[no-untyped-def]
+def decode_case(dtype: torch.dtype, group: int, head_dim: int = 64,  # type: ignore[no-untyped-def]
+                codec: str = "int8"):
+    """A quantized paged cache, queries, block tables and lengths, and the reference
+    output over the cache's dequantized values (shared with test_kv_fp8)."""
     g = torch.Generator().manual_seed(2)
-    heads, head_dim = 2, 64
-    k_cache, v_cache = _quantized_cache(g, 24, 16, heads, head_dim)
+    heads = 2
+    k_cache, v_cache = _quantized_cache(g, 24, 16, heads, head_dim, codec)
     q = torch.randn(4, heads * group, head_dim, generator=g).to(dtype)
     tables = torch.randperm(24, generator=g)[:20].view(4, 5).to(torch.int32)
     lens = torch.tensor([1, 16, 41, 80], dtype=torch.int32)
@@ -114,7 +117,7 @@ def _decode_case(dtype: torch.dtype, group: int):  # type: ignore[no-untyped-def
 @pytest.mark.parametrize("group", [1, 3])
 def test_torch_decode_reads_int8_as_its_dequantized_values(dtype: torch.dtype,
                                                            group: int) -> None:
-    q, k, v, tables, lens, expected = _decode_case(dtype, group)
+    q, k, v, tables, lens, expected = decode_case(dtype, group)
     got = reference.paged_decode_attention(q, k, v, tables, lens, 0.125)
     assert torch.equal(got, expected)
 
@@ -123,7 +126,7 @@ def test_torch_decode_reads_int8_as_its_dequantized_values(dtype: torch.dtype,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3])
 def test_cpu_decode_dequantizes_in_place(dtype: torch.dtype, group: int) -> None:
-    q, k, v, tables, lens, expected = _decode_case(dtype, group)
+    q, k, v, tables, lens, expected = decode_case(dtype, group)
     out = torch.empty_like(q)
     cpu_ext.paged_decode_attention(q, k, v, tables, lens, 0.125, out=out)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -133,7 +136,7 @@ def test_cpu_decode_dequantizes_in_place(dtype: torch.dtype, group: int) -> None
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_decode_dequantizes_in_place(dtype: torch.dtype, splits: int) -> None:
-    q, k, v, tables, lens, expected = _decode_case(dtype, 3)
+    q, k, v, tables, lens, expected = decode_case(dtype, 3)
     dev = KERNEL_DEVICE
     out = paged_attention.paged_decode_attention(
         q.to(dev), k.to(dev), v.to(dev), tables.to(dev), lens.to(dev), 0.125, num_splits=splits)
