@@ -16,6 +16,8 @@ __all__ = [
     "alloc_scratch",
     "choose_block_n",
     "choose_num_splits",
+    "scratch_elements",
+    "scratch_view",
 ]
 
 
@@ -23,8 +25,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-MAX_SPLITS = 16
+# One long sequence over few kv heads needs many splits to occupy a large GPU: at 16 (the
+# old cap) 1 x 32768 tokens over 8 kv heads ran 128 programs of 2048 tokens on 132 SMs and
+# reached 40% of the copy bandwidth on an H200; 64 lets the two-programs-per-SM aim hold.
+MAX_SPLITS = 64
 _MIN_TOKENS_PER_SPLIT = 256
+_PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,23 @@ class AttentionScratch:
         return o.shape[0] >= num_seqs and o.shape[1] == num_heads and o.shape[3] == head_dim
 
 
+def scratch_elements(num_seqs: int, num_heads: int, head_dim: int, num_splits: int
+                     ) -> tuple[int, int]:
+    """fp32 elements of (partial_out, partial_lse) for a call of this shape."""
+    rows = num_seqs * num_heads * num_splits
+    return rows * head_dim, rows
+
+
+def scratch_view(flat_out: torch.Tensor, flat_lse: torch.Tensor, num_seqs: int,
+                 num_heads: int, head_dim: int, num_splits: int) -> AttentionScratch:
+    """An AttentionScratch of exactly this shape over the front of two flat fp32 buffers
+    (at least `scratch_elements` long): one buffer serves calls of any shape, so its size is
+    the largest seqs x splits product, not max seqs x max splits."""
+    n_out, n_lse = scratch_elements(num_seqs, num_heads, head_dim, num_splits)
+    return AttentionScratch(flat_out[:n_out].view(num_seqs, num_heads, num_splits, head_dim),
+                            flat_lse[:n_lse].view(num_seqs, num_heads, num_splits))
+
+
 def alloc_scratch(
     max_seqs: int,
     num_heads: int,
@@ -71,7 +94,7 @@ def choose_num_splits(
     """Split the context only when (sequence, kv head) programs cannot fill the device:
     aim for about two programs per SM, never below _MIN_TOKENS_PER_SPLIT tokens a split."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = _cdiv(2 * max(1, num_sms), programs)
+    want = _cdiv(_PROGRAMS_PER_SM * max(1, num_sms), programs)
     by_length = _cdiv(max(1, max_context_len), _MIN_TOKENS_PER_SPLIT)
     return int(max(1, min(want, by_length, MAX_SPLITS)))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from splitserve.kernels import reference
+from splitserve.kernels import attention_plan, reference
 
 __all__ = ["BACKENDS", "AttentionOps", "FusedLayerOps", "get_attention_ops", "triton_available"]
 
@@ -79,30 +79,42 @@ def _import_triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType
 
 
 class _ScratchCache:
-    """Split-K scratch owned by one AttentionOps: grown on demand, then reused by every
-    layer and step, so steady-state decode allocates nothing. Calls are assumed to be
+    """Split-K scratch owned by one AttentionOps: two flat fp32 buffers grown on demand and
+    viewed at each call's exact [seqs, heads, splits, head_dim], then reused by every layer
+    and step, so steady-state decode allocates nothing (the buffers grow to the largest
+    seqs x splits product seen, not to max seqs x MAX_SPLITS). Calls are assumed to be
     issued in order on one stream (as a model runner does)."""
 
-    def __init__(self, attention: ModuleType) -> None:
-        self._attention = attention
-        self._scratch: Any = None
+    def __init__(self) -> None:
+        self._flat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._view: tuple[tuple[Any, ...], Any] | None = None  # the last shape and its view
         self._lock = threading.Lock()
 
-    def get(self, q: torch.Tensor) -> Any:
+    def get(self, q: torch.Tensor, num_splits: int) -> Any:
         num_seqs, num_heads, head_dim = q.shape
+        key = (num_seqs, num_heads, head_dim, num_splits, q.device)
         with self._lock:
-            s = self._scratch
-            if s is None or not s.fits(num_seqs, num_heads, head_dim) or s.partial_out.device != q.device:
-                same_kind = s is not None and s.partial_out.shape[1] == num_heads
-                rows = max(num_seqs, s.partial_out.shape[0] if same_kind else 0)
-                s = self._attention.alloc_scratch(rows, num_heads, head_dim, q.device)
-                self._scratch = s
-            return s
+            if self._view is not None and self._view[0] == key:
+                return self._view[1]
+            need_out, need_lse = attention_plan.scratch_elements(num_seqs, num_heads, head_dim,
+                                                                 num_splits)
+            flat = self._flat
+            if (flat is None or flat[0].device != q.device or flat[0].numel() < need_out
+                    or flat[1].numel() < need_lse):
+                keep = flat is not None and flat[0].device == q.device
+                n_out = max(need_out, flat[0].numel() if flat is not None and keep else 0)
+                n_lse = max(need_lse, flat[1].numel() if flat is not None and keep else 0)
+                flat = (torch.empty(n_out, dtype=torch.float32, device=q.device),
+                        torch.empty(n_lse, dtype=torch.float32, device=q.device))
+                self._flat = flat
+            view = attention_plan.scratch_view(*flat, num_seqs, num_heads, head_dim, num_splits)
+            self._view = (key, view)
+            return view
 
 
 def _triton_ops(device: torch.device) -> AttentionOps:
     attention, kv_ops = _import_triton_modules(device)
-    cache = _ScratchCache(attention)
+    cache = _ScratchCache()
 
     def paged_decode_attention(
         q: torch.Tensor,
@@ -119,7 +131,7 @@ def _triton_ops(device: torch.device) -> AttentionOps:
         # Extra keywords over the reference: see kernels.paged_attention.paged_decode_attention.
         splits = attention.plan_num_splits(q, k_cache, block_tables, num_splits, max_context_len)
         if scratch is None and splits > 1:
-            scratch = cache.get(q)
+            scratch = cache.get(q, splits)
         return attention.paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale,
             out=out, scratch=scratch, num_splits=splits,

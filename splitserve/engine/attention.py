@@ -35,6 +35,9 @@ class AttentionMetadata:
     # Backend-specific per-step precomputation shared by all layers (kernels.reference's
     # DecodePlan for the torch backend), or None.
     decode_plan: Any = None
+    # Extra keywords for the decode kernel, fixed for a captured CUDA graph (the Triton
+    # kernel's scratch, num_splits and max_context_len: engine/cuda_graphs.py), or None.
+    decode_launch: dict[str, Any] | None = None
 
 
 def paged_attention(
@@ -72,6 +75,8 @@ def attend_stored(
     num_decode = meta.num_decode_tokens
     if num_decode:
         extra = {"plan": meta.decode_plan} if meta.decode_plan is not None else {}
+        if meta.decode_launch is not None:
+            extra.update(meta.decode_launch)
         ops.paged_decode_attention(
             q[:num_decode],
             k_cache,

@@ -102,3 +102,21 @@ def test_triton_unavailable_auto_falls_back_and_explicit_raises():
         """
     )
     assert out.splitlines() == ["torch", "raised True"]
+
+
+def test_scratch_cache_views_exact_shapes_and_grows_to_the_largest_product():
+    cache = backend._ScratchCache()
+    q = torch.empty(4, 8, 64)
+    wide = cache.get(q, 2)  # 4 seqs x 2 splits
+    assert wide.partial_out.shape == (4, 8, 2, 64) and wide.partial_lse.shape == (4, 8, 2)
+    assert cache.get(q, 2) is wide  # the same shape again: the cached view
+    flat = cache._flat
+    assert flat is not None
+    # 1 seq x 8 splits is the same product: a view of the same buffers, nothing allocated.
+    long = cache.get(q[:1], 8)
+    assert long.partial_out.shape == (1, 8, 8, 64)
+    assert long.partial_out.data_ptr() == flat[0].data_ptr() and cache._flat is flat
+    # A larger product grows both buffers.
+    grown = cache.get(q, 16)
+    assert grown.partial_out.shape == (4, 8, 16, 64) and cache._flat is not flat
+    assert cache._flat[0].numel() == 4 * 8 * 16 * 64 and cache._flat[1].numel() == 4 * 8 * 16

@@ -129,8 +129,10 @@ def test_scratch_reused_across_calls_gives_fresh_results(make_batch):
 def test_choose_num_splits_is_a_pure_bounded_heuristic():
     # Plenty of (seq, kv head) programs: no split.
     assert pa.choose_num_splits(64, 8, 4096, 132) == 1
-    # Few programs and long contexts: split, bounded by MAX_SPLITS.
-    assert pa.choose_num_splits(1, 8, 32768, 132) == pa.MAX_SPLITS
+    # Few programs and long contexts: about two programs per SM (one 32k sequence over 8
+    # kv heads on 132 SMs: 33 splits, 264 programs), bounded by MAX_SPLITS.
+    assert pa.choose_num_splits(1, 8, 32768, 132) == 33
+    assert pa.choose_num_splits(1, 1, 1 << 20, 132) == pa.MAX_SPLITS
     assert pa.choose_num_splits(4, 8, 4096, 132) == 9
     # Short contexts are never split below the minimum partition.
     assert pa.choose_num_splits(1, 1, 300, 132) == 2
