@@ -56,6 +56,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cpu-weight-prepack", action="store_true",
                    help="CPU: skip the packed weight copies for small batches (halves weight "
                         "memory, slower decode)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs "
+                        "captured per batch size")
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6,
@@ -113,7 +116,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         disk_kv_cache_dir=args.disk_kv_cache_dir,
         disk_kv_cache_bytes=args.disk_kv_cache_bytes,
         attention_backend=args.attention_backend, num_threads=args.threads,
-        cpu_weight_prepack=not args.no_cpu_weight_prepack,
+        cpu_weight_prepack=not args.no_cpu_weight_prepack, enforce_eager=args.enforce_eager,
     )
 
 

@@ -49,6 +49,9 @@ class EngineConfig:
     # fp32 panel GEMM, oneDNN's for bf16): faster decode, twice the weight memory; see
     # engine/cpu_linear.py.
     cpu_weight_prepack: bool = True
+    # CUDA: decode steps replay CUDA graphs captured per batch size (engine/cuda_graphs.py);
+    # True runs every step eagerly (debugging, or to measure what the graphs save).
+    enforce_eager: bool = False
     role: str = "both"  # which phases this engine runs: both (colocated), prefill, decode
     seed: int = 0  # seeds requests that ask for sampling without a seed of their own
     # Paced streams (engine/pacing.py): how far ahead of its reader a paced request may

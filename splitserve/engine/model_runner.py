@@ -18,6 +18,7 @@ import torch
 from splitserve.engine.attention import AttentionMetadata, PrefillSpan
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.cpu_linear import prepack_linears, prepack_supported
+from splitserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from splitserve.engine.grammar import StepMasks
 from splitserve.engine.model import LayerHook, ModelArch
 from splitserve.engine.sampler import SampleResult, TokenHistory, sample
@@ -70,6 +71,12 @@ class ModelRunner:
             *shape, arch.num_kv_heads, self.kv_row_width, dtype=self.kv_dtype, device=self.device
         )
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(arch.num_layers)]
+        # Decode steps through static buffers: CUDA graphs on a GPU with the Triton kernels
+        # (not for a prefill-only engine: its steps are prompt chunks).
+        self.graphs: DecodeGraphs | None = None
+        if (self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager
+                and config.role != "prefill"):
+            self.graphs = self.build_decode_graphs(capture=True)
 
     # ---- sizing --------------------------------------------------------------------------
     @property
@@ -112,6 +119,38 @@ class ModelRunner:
             raise ValueError(f"KV memory budget {budget} bytes holds no block")
         return int(num_blocks)
 
+    # ---- decode graphs --------------------------------------------------------------------
+    def build_decode_graphs(self, capture: bool, num_sms: int | None = None) -> DecodeGraphs:
+        """Static decode buffers for batch sizes up to max_num_seqs, with a CUDA graph per
+        size when `capture` (else each step runs eagerly on them: how CPU tests check the
+        padding and bucketing; see engine/cuda_graphs.py). `num_sms` overrides the device's
+        SM count in the Triton kernel's split choice (tests on CPU)."""
+        a, bs = self.arch, self.block_size
+        max_len = min(self.config.max_model_len or a.max_position_embeddings,
+                      a.max_position_embeddings)
+        max_blocks = -(-max_len // bs)
+        triton_launch = None
+        if self.ops.name == "triton":
+            sms = num_sms or (torch.cuda.get_device_properties(self.device).multi_processor_count
+                              if self.device.type == "cuda" else 1)
+            triton_launch = (a.num_heads, a.num_kv_heads, a.head_dim, max_blocks * bs, sms)
+        plan_hook = self._torch_decode_plan if self.ops.name == "torch" else None
+
+        def forward(ids: torch.Tensor, positions: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+            return self.model(ids, positions, self.kv_caches, meta, self.ops, None)
+
+        return DecodeGraphs(forward, device=self.device,
+                            sizes=capture_sizes(self.config.max_num_seqs), block_size=bs,
+                            max_blocks_per_seq=max_blocks, capture=capture,
+                            triton_launch=triton_launch, plan_hook=plan_hook)
+
+    def _torch_decode_plan(self, meta: AttentionMetadata) -> None:
+        from splitserve.kernels.reference import plan_decode
+
+        meta.decode_plan = plan_decode(meta.decode_block_tables, meta.decode_context_lens,
+                                       self.block_size, self.num_blocks)
+
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepBatch:
         """Order tokens decode-first and build ids, positions, slot mapping, block tables."""
@@ -150,10 +189,7 @@ class ModelRunner:
             prefills=prefills,
         )
         if singles and self.ops.name == "torch":
-            from splitserve.kernels.reference import plan_decode
-
-            meta.decode_plan = plan_decode(meta.decode_block_tables, meta.decode_context_lens,
-                                           bs, self.num_blocks)
+            self._torch_decode_plan(meta)
         return StepBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -173,18 +209,26 @@ class ModelRunner:
         """Run one step; returns the sequences that sampled and their samples, in order.
         `token_masks`: the grammar masks of the constrained requests (engine.grammar),
         waited for only once the logits exist."""
-        batch = self.prepare(scheduled)
-        hidden = self.model(
-            batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.ops, layer_hook
-        )
-        if not batch.sampling:
+        sample_rows: torch.Tensor | None
+        if self.graphs is not None and layer_hook is None and self.graphs.can_run(scheduled):
+            hidden, rows, sampling = self.graphs.run(scheduled)
+            sample_rows = (None if len(rows) == hidden.shape[0] else
+                           torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True))
+        else:
+            batch = self.prepare(scheduled)
+            hidden = self.model(
+                batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.ops, layer_hook
+            )
+            sampling, sample_rows = batch.sampling, batch.sample_rows
+        if not sampling:
             return [], SampleResult([], [])
-        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
-        params = [s.seq.params for s in batch.sampling]
-        generators = [generator_of(s.seq) for s in batch.sampling]
+        logits = self.model.compute_logits(
+            hidden if sample_rows is None else hidden.index_select(0, sample_rows))
+        params = [s.seq.params for s in sampling]
+        generators = [generator_of(s.seq) for s in sampling]
         histories = [TokenHistory(s.seq.token_ids, s.seq.penalized_output_ids)
                      if p.adjusts_logits else None
-                     for s, p in zip(batch.sampling, params, strict=True)]
-        mask = (token_masks.for_batch([s.seq.request_id for s in batch.sampling])
+                     for s, p in zip(sampling, params, strict=True)]
+        mask = (token_masks.for_batch([s.seq.request_id for s in sampling])
                 if token_masks is not None else None)
-        return batch.sampling, sample(logits, params, generators, histories, mask)
+        return sampling, sample(logits, params, generators, histories, mask)

@@ -137,3 +137,32 @@ def _save_random_model(
     model = model.to(getattr(torch, dtype))
     model.config.dtype = dtype
     model.save_pretrained(out, safe_serialization=True)
+
+
+# Named shapes for benchmarks that need a model of a realistic size without a download
+# (`splitserve bench offline --random-model NAME`); the vocabulary is SmolLM2's tokenizer.
+NAMED_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                     num_kv_heads=8, head_dim=64),
+}
+
+
+def write_named_model(path: str | os.PathLike[str], name: str, dtype: str = "bfloat16",
+                      seed: int = 0) -> Path:
+    """A random-weight model of a NAMED_SHAPES shape at `path`, reused when its config
+    already says so (weights N(0, 0.02): a realistic scale for the larger shapes)."""
+    if name not in NAMED_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {sorted(NAMED_SHAPES)}")
+    out = Path(path)
+    marker = out / ".splitserve-shape"
+    stamp = f"{name} {dtype} {seed}"
+    if marker.is_file() and marker.read_text() == stamp:
+        return out
+    init_std = DEFAULT_INIT_STD if name == "tiny" else 0.02
+    write_tiny_model(out, dtype=dtype, seed=seed, init_std=init_std, **NAMED_SHAPES[name])
+    marker.write_text(stamp)
+    return out

@@ -139,3 +139,11 @@ def test_small_vocab_without_tokenizer_and_bad_args(tmp_path: Path) -> None:
         write_tiny_model(tmp_path / "x", num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="arch"):
         write_tiny_model(tmp_path / "x", arch="gpt2")
+
+
+def test_write_named_model_rejects_unknown_shapes(tmp_path: Path) -> None:
+    from splitserve.engine.tiny_model import NAMED_SHAPES, write_named_model
+
+    assert "llama-1b" in NAMED_SHAPES
+    with pytest.raises(ValueError, match="unknown model shape"):
+        write_named_model(tmp_path, "llama-70b")
