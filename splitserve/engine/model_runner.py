@@ -153,7 +153,8 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepBatch:
-        """Order tokens decode-first and build ids, positions, slot mapping, block tables."""
+        """Order tokens decode-first and build ids, positions, slot mapping, block tables.
+        Every index tensor of the step reaches the device in two copies (int64, int32)."""
         bs = self.block_size
         singles = [s for s in scheduled if s.num_tokens == 1]
         chunks = [s for s in scheduled if s.num_tokens > 1]
@@ -162,7 +163,7 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledSequence] = []
-        prefills: list[PrefillSpan] = []
+        spans: list[tuple[int, int, int, list[int]]] = []  # row, tokens, context, block ids
         for item in singles + chunks:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens
@@ -172,31 +173,38 @@ class ModelRunner:
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if item.num_tokens > 1:
-                block_ids = torch.tensor(table[: -(-end // bs)], dtype=torch.int64)
-                prefills.append(PrefillSpan(row, item.num_tokens, end, block_ids.to(self.device)))
+                spans.append((row, item.num_tokens, end, table[: -(-end // bs)]))
             if item.completes:
                 sample_rows.append(row + item.num_tokens - 1)
                 sampling.append(item)
         width = max((len(s.seq.block_table) for s in singles), default=1)
-        tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in singles]
+        tables = [t for s in singles
+                  for t in (s.seq.block_table + [0] * (width - len(s.seq.block_table)))]
         lens = [s.seq.num_computed_tokens + 1 for s in singles]
-        dev = self.device
+        ids_t, positions_t, slots_t, rows_t, *span_ids = self._upload(
+            [input_ids, positions, slots, sample_rows, *(span[3] for span in spans)],
+            torch.int64)
+        lens_t, tables_t = self._upload([lens or [1], tables or [0]], torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=slots_t,
             num_decode_tokens=len(singles),
-            decode_block_tables=torch.tensor(tables or [[0]], dtype=torch.int32, device=dev),
-            decode_context_lens=torch.tensor(lens or [1], dtype=torch.int32, device=dev),
-            prefills=prefills,
+            decode_block_tables=tables_t.view(max(1, len(singles)), width),
+            decode_context_lens=lens_t,
+            prefills=[PrefillSpan(row, n, context, block_ids)
+                      for (row, n, context, _), block_ids in zip(spans, span_ids, strict=True)],
         )
         if singles and self.ops.name == "torch":
             self._torch_decode_plan(meta)
-        return StepBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-            sampling=sampling,
-        )
+        return StepBatch(input_ids=ids_t, positions=positions_t, meta=meta,
+                         sample_rows=rows_t, sampling=sampling)
+
+    def _upload(self, groups: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Host lists -> one tensor each on the device, through a single copy (from pinned
+        memory, not blocking the host, on CUDA); the tensors are views of one buffer."""
+        flat = torch.tensor([x for group in groups for x in group], dtype=dtype)
+        if self.device.type != "cpu":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(group) for group in groups]))
 
     @torch.inference_mode()
     def execute(
