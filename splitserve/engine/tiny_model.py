@@ -152,7 +152,8 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
 
 
 def write_named_model(path: str | os.PathLike[str], name: str, dtype: str = "bfloat16",
-                      seed: int = 0) -> Path:
+                      seed: int = 0,
+                      tokenizer_from: str | os.PathLike[str] | None = DEFAULT_MODEL) -> Path:
     """A random-weight model of a NAMED_SHAPES shape at `path`, reused when its config
     already says so (weights N(0, 0.02): a realistic scale for the larger shapes)."""
     if name not in NAMED_SHAPES:
@@ -163,6 +164,7 @@ def write_named_model(path: str | os.PathLike[str], name: str, dtype: str = "bfl
     if marker.is_file() and marker.read_text() == stamp:
         return out
     init_std = DEFAULT_INIT_STD if name == "tiny" else 0.02
-    write_tiny_model(out, dtype=dtype, seed=seed, init_std=init_std, **NAMED_SHAPES[name])
+    write_tiny_model(out, dtype=dtype, seed=seed, init_std=init_std,
+                     tokenizer_from=tokenizer_from, **NAMED_SHAPES[name])
     marker.write_text(stamp)
     return out
