@@ -4,9 +4,10 @@
     ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
     ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
 
-'torch' is the plain-torch reference, 'triton' the Triton kernels (on CPU they run under
-TRITON_INTERPRET=1, for tests), 'auto' picks triton on CUDA and torch otherwise. The Triton
-modules are imported only here, lazily, so that TRITON_INTERPRET can be set first.
+'torch' is the plain-torch reference, 'triton' the Triton kernels, the fused layer ops of
+kernels.fused_ops included (on CPU they run under TRITON_INTERPRET=1, for tests), 'auto'
+picks triton on CUDA and torch otherwise. The Triton modules are imported only here, lazily,
+so that TRITON_INTERPRET can be set first.
 """
 
 from __future__ import annotations
@@ -68,14 +69,15 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def _import_triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType]:
+def _import_triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType, ModuleType]:
     if device.type != "cuda":
         # Read when @triton.jit decorates a kernel, so it must be set before the kernel
         # modules below are first imported; an earlier import on another device wins.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     attention = importlib.import_module("splitserve.kernels.paged_attention")
     kv_ops = importlib.import_module("splitserve.kernels.kv_ops")
-    return attention, kv_ops
+    fused_ops = importlib.import_module("splitserve.kernels.fused_ops")
+    return attention, kv_ops, fused_ops
 
 
 class _ScratchCache:
@@ -113,7 +115,7 @@ class _ScratchCache:
 
 
 def _triton_ops(device: torch.device) -> AttentionOps:
-    attention, kv_ops = _import_triton_modules(device)
+    attention, kv_ops, fused_ops = _import_triton_modules(device)
     cache = _ScratchCache()
 
     def paged_decode_attention(
@@ -143,6 +145,13 @@ def _triton_ops(device: torch.device) -> AttentionOps:
         store_kv=kv_ops.store_kv,
         pack_kv=kv_ops.pack_kv,
         unpack_kv=kv_ops.unpack_kv,
+        # The unfused Triton path, for comparison: dataclasses.replace(ops, fused=None).
+        fused=FusedLayerOps(
+            rotary_store_kv_=fused_ops.rotary_store_kv_,
+            silu_and_mul=fused_ops.silu_and_mul,
+            rms_norm=fused_ops.rms_norm,
+            add_rms_norm_=fused_ops.add_rms_norm_,
+        ),
     )
 
 
