@@ -111,6 +111,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, fair_share=not args.no_fair_share,
+        priority_aging_s=args.priority_aging,
         kv_cache_dtype=args.kv_cache_dtype,
         host_kv_cache_bytes=args.host_kv_cache_bytes,
         disk_kv_cache_dir=args.disk_kv_cache_dir,
@@ -228,9 +229,13 @@ def _add_fair_share_args(p: argparse.ArgumentParser) -> None:
                         "local-prefill rules; latency: the P/D pair with the best TTFT "
                         "predicted from the workers' measured step times (a TTFT SLO the "
                         "best pair would miss is refused at once)")
+    _add_priority_aging_arg(p)
+
+
+def _add_priority_aging_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority-aging", type=float, default=10.0,
                    help="seconds of waiting that improve a queued request's priority class "
-                        "by one (0: never)")
+                        "by one, in the router's queue and in the workers' (0: never)")
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -373,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("prefill", "decode"):
         p = sub.add_parser(role, help=f"a {role} worker as a plain process")
         _add_engine_args(p)
+        _add_priority_aging_arg(p)
         p.add_argument("--worker-id", default=None)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=0)

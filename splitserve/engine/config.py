@@ -33,6 +33,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Fair share across clients in the scheduler (engine/fair_share.py); off: FCFS.
     fair_share: bool = True
+    # A waiting request's priority class improves by one per this many seconds (0: never),
+    # so better classes delay worse ones by a bounded time (engine/scheduler.py).
+    priority_aging_s: float = 10.0
     # KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3), both with
     # per-token-per-head fp16 scales (kernels/kv_quant.py: about half the bytes of bf16, a
     # quarter of fp32). fp8 needs a CUDA device of compute capability 8.9+, or the CPU.

@@ -80,7 +80,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            fair_share=config.fair_share),
+                            fair_share=config.fair_share,
+                            priority_aging_s=config.priority_aging_s),
             self.block_manager,
         )
         self.requests: dict[str, RequestState] = {}

@@ -55,10 +55,15 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     fair_share: bool = True  # VTC across Sequence.client (engine/fair_share.py)
+    # A waiting sequence's class improves by one per this many seconds waited; 0: never.
+    priority_aging_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not (math.isfinite(self.priority_aging_s) and self.priority_aging_s >= 0):
+            raise ValueError(f"priority_aging_s must be a finite number >= 0, "
+                             f"got {self.priority_aging_s}")
 
 
 @dataclass(slots=True)
@@ -102,8 +107,30 @@ class Scheduler:
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        if seq.queued_since is None:
+            seq.queued_since = self.clock()
         self.shares.join(seq.client)
         self._enqueue(seq, front_of_class=False)
+
+    def _age_waiting(self) -> None:
+        """Aging: a waiting sequence's class improves by one per priority_aging_s since it
+        was first queued (the gain is kept while it runs and if it is preempted), so a
+        steady stream of better classes delays a worse one by a bounded time, not forever.
+        The queue is re-sorted, stably, when a class changed."""
+        aging = self.config.priority_aging_s
+        if aging <= 0 or not self.waiting:
+            return
+        now = self.clock()
+        changed = False
+        for seq in self.waiting:
+            since = now if seq.queued_since is None else seq.queued_since
+            earned = int((now - since) // aging)
+            if earned > seq.aged_classes:
+                seq.priority -= earned - seq.aged_classes
+                seq.aged_classes = earned
+                changed = True
+        if changed:
+            self.waiting = deque(sorted(self.waiting, key=lambda s: s.priority))
 
     def _enqueue(self, seq: Sequence, front_of_class: bool) -> None:
         """Into the queue in class order: behind its class (new) or in front of it (back
@@ -157,6 +184,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        self._age_waiting()
         self._make_room_for_a_better_class(out)
         self._make_room_for_a_client(out)
         by_priority = len(out.preempted)
@@ -306,6 +334,8 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
+        # Aging counts time spent waiting: back in the queue, it goes on from what it earned.
+        seq.queued_since = self.clock() - seq.aged_classes * self.config.priority_aging_s
         self._enqueue(seq, front_of_class=True)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:

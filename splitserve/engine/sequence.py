@@ -44,8 +44,12 @@ class Sequence:
     # migrated request): penalties count them as output.
     num_prior_outputs: int = 0
     # Scheduling class, lower first (the request's `priority`): a better class is admitted
-    # first and may preempt a worse one's running sequence, never the reverse.
+    # first and may preempt a worse one's running sequence, never the reverse. Aging in the
+    # scheduler lowers it by one per priority_aging_s waited (kept once earned).
     priority: int = 0
+    # When the scheduler first queued it (its clock), and the classes aging has taken off.
+    queued_since: float | None = None
+    aged_classes: int = 0
     # Who sent it (the router's name for the client): fair share across clients in the
     # scheduler (engine/fair_share.py). "" for a caller that names none.
     client: str = ""

@@ -4,6 +4,9 @@ as engine/llm_engine.py does."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -24,10 +27,13 @@ class Sim:
         max_num_seqs: int = 8,
         max_num_batched_tokens: int = 16,
         enable_prefix_caching: bool = True,
+        priority_aging_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens)
-        self.sched = Scheduler(self.config, self.bm)
+        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens,
+                                      priority_aging_s=priority_aging_s)
+        self.sched = Scheduler(self.config, self.bm, clock=clock)
         self.finished: list[Sequence] = []
         self.completed: list[str] = []  # request ids that sampled a token in the last step
         self.steps = 0
@@ -410,6 +416,71 @@ def test_a_better_class_never_starves_the_others() -> None:
     gaps = [b - a for a, b in zip([-1, *low_steps], low_steps, strict=False)]
     assert max(gaps) <= 5
     assert len(low_steps) < 24  # and the better prompts did get steps of their own
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _class0_stream(sim: Sim, clock: FakeClock, seconds: int) -> list[str]:
+    """One better-class request a second, each a step long, for `seconds`: the order in
+    which requests finish."""
+    for t in range(seconds):
+        sim.add(f"hi{t}", prompt(1000 + 10 * t, 3), max_tokens=1, priority=0)
+        sim.step()
+        clock.now += 1.0
+    return [s.request_id for s in sim.finished]
+
+
+def test_aging_bounds_how_long_a_better_class_delays_a_worse_one() -> None:
+    clock = FakeClock()
+    sim = Sim(num_blocks=64, max_num_seqs=1, max_num_batched_tokens=32,
+              priority_aging_s=4.0, clock=clock)
+    sim.add("hi-first", prompt(0, 3), max_tokens=1, priority=0)
+    low = sim.add("low", prompt(100, 3), max_tokens=1, priority=2)
+    done = _class0_stream(sim, clock, 12)
+    # Two classes to make up at 4 s each: class 0 by t=8, then FCFS before later arrivals.
+    assert low.is_finished and low.aged_classes == 2 and low.priority == 0
+    assert done.index("low") < done.index("hi9")
+    assert done.index("low") > done.index("hi6")  # and not before it had aged
+
+
+def test_without_aging_a_better_stream_holds_a_worse_class_back() -> None:
+    clock = FakeClock()
+    sim = Sim(num_blocks=64, max_num_seqs=1, max_num_batched_tokens=32,
+              priority_aging_s=0.0, clock=clock)
+    low = sim.add("low", prompt(100, 3), max_tokens=1, priority=2)
+    sim.add("hi-first", prompt(0, 3), max_tokens=1, priority=0)
+    _class0_stream(sim, clock, 12)
+    assert not low.is_finished and low.priority == 2
+    sim.run()
+    assert low.is_finished
+
+
+def test_aging_counts_waiting_time_only_and_keeps_what_was_earned() -> None:
+    clock = FakeClock()
+    sim = Sim(num_blocks=64, max_num_seqs=1, max_num_batched_tokens=32,
+              priority_aging_s=5.0, clock=clock)
+    run = sim.add("run", prompt(0, 3), max_tokens=40, priority=3)
+    sim.step()
+    clock.now = 6.0  # run waited 0 s (admitted at once), then ran 6 s
+    vip = sim.add("vip", prompt(100, 3), max_tokens=1, priority=0)
+    out = sim.step()
+    assert out.preempted == [run] and run.aged_classes == 0 and run.priority == 3
+    clock.now = 11.5  # 5.5 s back in the queue: one class earned, none for the running time
+    sim.step()
+    assert run.aged_classes == 1 and run.priority == 2
+    assert vip.is_finished
+
+
+def test_priority_aging_must_be_finite_and_non_negative() -> None:
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="priority_aging_s"):
+            SchedulerConfig(4, 16, priority_aging_s=bad)
 
 
 def _running_by_client(sim: Sim) -> dict[str, int]:
