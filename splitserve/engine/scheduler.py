@@ -14,8 +14,10 @@ the pool is short. While a better class has prompt tokens to compute (a running 
 the head of the queue with a place in the batch), worse classes sit that step out, decodes
 included, so the better class's first token is not shared with their work (their KV stays;
 they resume the step after; after _MAX_DEFERRED_STEPS such steps in a row, one step takes
-everyone, so a long or endless run of better prompts never starves them). With one class all
-of this is the FCFS behaviour above.
+everyone, so a long or endless run of better prompts never starves them). Aging
+(SchedulerConfig.priority_aging_s): a waiting sequence's class improves by one per that many
+seconds waited, so a stream of better classes delays a worse one by a bounded time. With one
+class all of this is the FCFS behaviour above.
 
 Fair share (Sequence.client, engine/fair_share.py; SchedulerConfig.fair_share): within a
 class, the waiting sequence admitted next is the least-served client's, and a client below
