@@ -112,6 +112,7 @@ def _engine_config(args: argparse.Namespace) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, fair_share=not args.no_fair_share,
         priority_aging_s=args.priority_aging,
+        client_weights=tuple(sorted(args.client_weights.items())),
         kv_cache_dtype=args.kv_cache_dtype,
         host_kv_cache_bytes=args.host_kv_cache_bytes,
         disk_kv_cache_dir=args.disk_kv_cache_dir,
@@ -219,8 +220,7 @@ def _add_fair_share_args(p: argparse.ArgumentParser) -> None:
                    help="who gets a freed slot among queued requests of one priority class: "
                         "the client with the least weighted-token service (vtc), or the "
                         "oldest request (fcfs)")
-    p.add_argument("--client-weights", default={}, type=_client_weights,
-                   help="fair-share weights by API key name, e.g. alice=2,bob=1 (default 1)")
+    _add_client_weights_arg(p)
     p.add_argument("--ttft-slo-ms", type=int, default=0,
                    help="default TTFT SLO of requests that name none: a request predicted to "
                         "miss it is refused at once (429 / RESOURCE_EXHAUSTED); 0: none")
@@ -230,6 +230,12 @@ def _add_fair_share_args(p: argparse.ArgumentParser) -> None:
                         "predicted from the workers' measured step times (a TTFT SLO the "
                         "best pair would miss is refused at once)")
     _add_priority_aging_arg(p)
+
+
+def _add_client_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-weights", default={}, type=_client_weights,
+                   help="fair-share weights by API key name, e.g. alice=2,bob=1 (default 1), "
+                        "in the router's queue and in the workers' batches")
 
 
 def _add_priority_aging_arg(p: argparse.ArgumentParser) -> None:
@@ -379,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(role, help=f"a {role} worker as a plain process")
         _add_engine_args(p)
         _add_priority_aging_arg(p)
+        _add_client_weights_arg(p)
         p.add_argument("--worker-id", default=None)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=0)

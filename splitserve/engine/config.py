@@ -6,6 +6,7 @@ by the components that discover them, never written back into the config.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,6 +34,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Fair share across clients in the scheduler (engine/fair_share.py); off: FCFS.
     fair_share: bool = True
+    # Fair-share weights by client name, (name, weight) pairs (default 1): the router's
+    # --client-weights, so a worker shares its batch as the router shares its queue.
+    client_weights: tuple[tuple[str, float], ...] = ()
     # A waiting request's priority class improves by one per this many seconds (0: never),
     # so better classes delay worse ones by a bounded time (engine/scheduler.py).
     priority_aging_s: float = 10.0
@@ -98,6 +102,12 @@ class EngineConfig:
         if not 0 < self.stream_pace_buffer_s <= 3600:
             raise ValueError("stream_pace_buffer_s must be in (0, 3600], "
                              f"got {self.stream_pace_buffer_s}")
+        if not (math.isfinite(self.priority_aging_s) and self.priority_aging_s >= 0):
+            raise ValueError(f"priority_aging_s must be a finite number >= 0, "
+                             f"got {self.priority_aging_s}")
+        for client, weight in self.client_weights:
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"the weight of client {client!r} must be > 0, got {weight}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 

@@ -81,7 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             fair_share=config.fair_share,
-                            priority_aging_s=config.priority_aging_s),
+                            priority_aging_s=config.priority_aging_s,
+                            client_weights=config.client_weights),
             self.block_manager,
         )
         self.requests: dict[str, RequestState] = {}

@@ -59,6 +59,8 @@ class SchedulerConfig:
     fair_share: bool = True  # VTC across Sequence.client (engine/fair_share.py)
     # A waiting sequence's class improves by one per this many seconds waited; 0: never.
     priority_aging_s: float = 10.0
+    # Fair-share weights by client name (default 1): (name, weight) pairs.
+    client_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -104,7 +106,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order; the last is the newest
         self._deferred_steps = 0  # steps in a row in which worse classes sat out
-        self.shares = ClientShares()
+        self.shares = ClientShares(dict(config.client_weights))
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -260,14 +262,15 @@ class Scheduler:
             return
         candidate = self._next_waiting()
         running = Counter(s.client for s in self.running)
-        share = self.config.max_num_seqs / len(self.shares.active)
-        if running[candidate.client] + 1 > share:
+        places = self.config.max_num_seqs
+        share = {c: self.shares.share(c, places) for c in {*running, candidate.client}}
+        if running[candidate.client] + 1 > share[candidate.client]:
             return
         # Only a client served at least as much as the candidate's gives a place: then the
         # candidate, not the preempted sequence back in the queue, is admitted next.
         served = self.shares.service(candidate.client)
         over = [s for s in self.running
-                if running[s.client] > share and s.priority >= candidate.priority
+                if running[s.client] > share[s.client] and s.priority >= candidate.priority
                 and self.shares.service(s.client) >= served]
         if not over:
             return

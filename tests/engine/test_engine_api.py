@@ -193,3 +193,16 @@ def test_prefilled_requests_count_for_their_clients_fair_share(tiny_llama: Path)
     while engine.has_unfinished():
         engine.step()
     assert not engine.scheduler.shares.active
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"client_weights": (("a", 0.0),)}, "weight of client 'a'"),
+     ({"client_weights": (("a", float("nan")),)}, "weight of client 'a'"),
+     ({"priority_aging_s": -1.0}, "priority_aging_s")],
+)
+def test_bad_engine_config_is_refused(kwargs: dict, message: str) -> None:
+    from splitserve.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)

@@ -29,10 +29,12 @@ class Sim:
         enable_prefix_caching: bool = True,
         priority_aging_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        client_weights: tuple[tuple[str, float], ...] = (),
     ):
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens,
-                                      priority_aging_s=priority_aging_s)
+                                      priority_aging_s=priority_aging_s,
+                                      client_weights=client_weights)
         self.sched = Scheduler(self.config, self.bm, clock=clock)
         self.finished: list[Sequence] = []
         self.completed: list[str] = []  # request ids that sampled a token in the last step
@@ -516,6 +518,37 @@ def test_a_light_client_takes_its_share_of_a_full_batch_at_once() -> None:
     assert all(s.is_finished for s in flood + light)
     # Recomputed, not lost: the preempted ones produced all their tokens.
     assert all(s.num_output_tokens == 20 for s in flood)
+
+
+def test_client_weights_set_the_shares_of_the_batch_and_of_the_service() -> None:
+    sim = Sim(num_blocks=256, max_num_seqs=4, max_num_batched_tokens=64,
+              client_weights=(("gold", 3.0),))
+    bronze = [_add_client(sim, f"b{i}", "bronze", 100 * i, max_tokens=30) for i in range(6)]
+    sim.step()
+    assert _running_by_client(sim) == {"bronze": 4}
+    gold = [_add_client(sim, f"g{i}", "gold", 5000 + 100 * i, max_tokens=30) for i in range(6)]
+    for _ in range(4):
+        sim.step()
+    # gold's share of 4 places is 3 (weight 3 of 4), taken one preemption a step.
+    assert _running_by_client(sim) == {"gold": 3, "bronze": 1}
+    for _ in range(20):
+        sim.step()
+    assert _running_by_client(sim) == {"gold": 3, "bronze": 1}
+    # Counters are service / weight: gold got ~3x the tokens for the same counter growth.
+    sim.run()
+    assert all(s.is_finished for s in bronze + gold)
+
+
+def test_weighted_shares_split_places_by_weight() -> None:
+    from splitserve.engine.fair_share import ClientShares
+
+    shares = ClientShares({"a": 2.0})
+    shares.join("a")
+    shares.join("b")
+    assert shares.share("a", 6) == 4.0 and shares.share("b", 6) == 2.0
+    shares.charge("a", 10, 0)
+    shares.charge("b", 10, 0)
+    assert shares.service("a") == 5.0 and shares.service("b") == 10.0
 
 
 def test_the_least_served_client_is_admitted_next_and_idle_time_earns_nothing() -> None:
