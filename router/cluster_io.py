@@ -3,6 +3,10 @@
 Store methods block (Redis, gRPC); they run on a worker thread unless the store lives in
 this process's memory, where a call takes microseconds. Ledger writes are bookkeeping for
 recovery: a failed write is logged, never fatal to the request.
+
+The prefix index is looked up for every request: where the store keeps a mirror of it in
+this process (Redis: cluster.prefix_mirror), lookups read the mirror, which
+`sync_prefixes` (called with every read of the live workers) brings up to date.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 from splitserve.cluster import InMemoryClusterStore
@@ -35,6 +40,8 @@ class AsyncStore:
     def __init__(self, store: ClusterStore) -> None:
         self.store = store
         self._inline = isinstance(store, InMemoryClusterStore)
+        self._prefixes = store.prefix_mirror()
+        self._mirror_error = False
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._inline:
@@ -59,14 +66,36 @@ class AsyncStore:
             log.warning("prefix index read failed; routing without it", exc_info=True)
             return {}
 
-    async def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
-        """Each worker's run of the prompt through its device, host and disk tiers; none
-        known while the store is unreachable (as prefix_overlap)."""
+    async def sync_prefixes(self) -> None:
+        """Bring the store's prefix mirror (if it has one) up to date; on failure it keeps
+        what it had (a routing hint: logged once per outage, never raised)."""
+        if self._prefixes is None:
+            return
+        try:
+            await asyncio.to_thread(self._prefixes.sync)
+        except Exception:  # noqa: BLE001 - a routing hint never fails a request
+            if not self._mirror_error:
+                log.warning("prefix log read failed; routing on the last copy", exc_info=True)
+            self._mirror_error = True
+            return
+        self._mirror_error = False
+
+    async def prefix_overlap_tiers(self, block_hashes: list[int],
+                                   among: AbstractSet[str] | None = None
+                                   ) -> dict[str, PrefixOverlap]:
+        """Each worker's (in `among`, if given) run of the prompt through its device, host
+        and disk tiers; none known while the store is unreachable (as prefix_overlap). From
+        the mirror where there is one (dropped workers left out; ones expired since may
+        remain)."""
         if not block_hashes:
             return {}
+        if self._prefixes is not None:
+            return self._prefixes.overlap_tiers(block_hashes, among)
         try:
+            if self._inline:  # microseconds, and no task per request
+                return self.store.prefix_overlap_tiers(block_hashes, among)
             return await asyncio.wait_for(
-                self._call(self.store.prefix_overlap_tiers, block_hashes), _HINT_WAIT_S)
+                self._call(self.store.prefix_overlap_tiers, block_hashes, among), _HINT_WAIT_S)
         except Exception:  # noqa: BLE001 - a routing hint never fails a request
             log.warning("prefix index read failed; routing without it", exc_info=True)
             return {}

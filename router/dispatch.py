@@ -3,14 +3,15 @@
 Decode workers are tried in `rank_decode_workers` order, each with its own route (local
 or remote prefill depends on what that worker already caches); with the latency route
 policy, in the order of their best routes' predicted TTFT (router.latency), those with room
-for the request first. A refusal or an RPC error moves on to the next one, up to
+for the request first. Both read the directory's worker index (router.worker_index) at the
+moment each is decided, and the prefix index only for the workers the decision reads
+(ClusterSnapshot.overlap_scope). A refusal or an RPC error moves on to the next one, up to
 `max_admit_attempts`; the accepted Admit stream is the request's lifetime on that worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -18,13 +19,12 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.common.grpc_util import ServiceError
-from splitserve.router.latency import RoutePrediction, TtftUnmetError, best_routes
+from splitserve.router.latency import RoutePrediction, TtftUnmetError, best_routes_from
 from splitserve.router.policy import (
     Route,
     WorkerView,
     blocks_needed,
-    plan_route,
-    rank_decode_workers,
+    plan_route_from,
     weighted_overlap,
 )
 from splitserve.router.relay import RequestTrace
@@ -67,29 +67,31 @@ async def admit_request(
     UNAVAILABLE: no usable decode worker, or all failed; RESOURCE_EXHAUSTED: one at least
     lacked free blocks; INVALID_ARGUMENT: all found the request too long.
     """
-    snapshot = _without(await state.directory.snapshot(), exclude)
-    if not snapshot.decode:
-        snapshot = _without(await state.directory.snapshot(force=True), exclude)
-    if not snapshot.decode and exclude:
+    snapshot = (await state.directory.snapshot()).without(exclude)
+    if not snapshot.has_decode():
+        snapshot = (await state.directory.snapshot(force=True)).without(exclude)
+    if not snapshot.has_decode() and exclude:
         snapshot = await state.directory.snapshot()
-    if not snapshot.decode:
+    if not snapshot.has_decode():
         ignored = f" ({snapshot.num_ignored} live workers serve another model or block size)"
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             f"no live decode worker serves model {state.model.model_id!r}"
             f"{ignored if snapshot.num_ignored else ''}; start one and retry",
         )
-    overlap = weighted_overlap(await state.store.prefix_overlap_tiers(request.block_hashes),
-                               state.rules)
     num_blocks = blocks_needed(
         request.prompt_len + request.params.max_tokens, state.rules.block_size
     )
     failures: list[str] = []
     refusals: list[int] = []
-    ranked = rank_decode_workers(snapshot.decode, num_blocks)[: state.max_admit_attempts]
+    ranked = snapshot.rank_decode(num_blocks, state.max_admit_attempts)
+    latency = kv_source is None and state.config.route_policy == "latency"
+    scope = snapshot.overlap_scope(ranked, latency or state.policy.reads_prefill_overlap)
+    overlap = weighted_overlap(
+        await state.store.prefix_overlap_tiers(request.block_hashes, scope), state.rules)
     predicted: dict[str, RoutePrediction] = {}  # decode worker id -> its predicted route
-    if kv_source is None and state.config.route_policy == "latency":
-        predicted = _latency_routes(state, request, trace, ranked, snapshot.prefill, overlap,
+    if latency:
+        predicted = _latency_routes(state, request, trace, ranked, snapshot, overlap,
                                     num_blocks, local)
         if predicted:
             ranked = [p.route.decode for p in predicted.values()]
@@ -101,8 +103,9 @@ async def admit_request(
             route = prediction.route
             trace.predicted_ttft_s = prediction.ttft_ms / 1e3
         else:
-            route = plan_route(decode, [] if local else snapshot.prefill, request.prompt_len,
-                               overlap, state.rules, state.policy)
+            candidates = None if local else snapshot.prefill_candidates(decode.worker_id)
+            route = plan_route_from(decode, candidates, request.prompt_len, overlap,
+                                    state.rules, state.policy)
         if trace.dispatched is None:
             trace.dispatched = time.monotonic()
         # Counted before the Admit is awaited: a burst of requests ranking the workers
@@ -171,14 +174,14 @@ async def _try_admit(
 
 def _latency_routes(
     state: RouterState, request: ValidatedRequest, trace: RequestTrace,
-    ranked: list[WorkerView], prefill: list[WorkerView], overlap: dict[str, float],
+    ranked: list[WorkerView], snapshot: ClusterSnapshot, overlap: dict[str, float],
     num_blocks: int, local: bool,
 ) -> dict[str, RoutePrediction]:
     """The decode workers' best predicted routes in the order to try them (those with
     room for the request first); {} while some worker's step times are unknown.
     TtftUnmetError when the request has a TTFT SLO that even the best would miss."""
-    routes = best_routes(ranked, prefill, request.prompt_len, overlap, state.rules.block_size,
-                         local_only=local)
+    routes = best_routes_from(ranked, snapshot.prefill_candidates(), request.prompt_len,
+                              overlap, state.rules.block_size, local_only=local)
     if not routes:
         return {}
     routes.sort(key=lambda p: (p.route.decode.num_free_blocks < num_blocks, *p.key))
@@ -189,16 +192,6 @@ def _latency_routes(
     if slo_s and not trace.resumed and waited_s + best.ttft_ms / 1e3 > slo_s:
         raise TtftUnmetError(waited_s + best.ttft_ms / 1e3, slo_s)
     return {p.route.decode.worker_id: p for p in routes}
-
-
-def _without(snapshot: ClusterSnapshot, exclude: Collection[str]) -> ClusterSnapshot:
-    if not exclude:
-        return snapshot
-    return dataclasses.replace(
-        snapshot,
-        decode=[w for w in snapshot.decode if w.address not in exclude],
-        prefill=[w for w in snapshot.prefill if w.address not in exclude],
-    )
 
 
 def admit_error(failures: list[str], refusals: list[int]) -> ServiceError:

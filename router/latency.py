@@ -13,6 +13,14 @@ Routes are ranked by (TTFT, TPOT); a request with a TTFT SLO that even the best 
 miss is refused at once (RESOURCE_EXHAUSTED naming the prediction), before any worker is
 called. Workers whose step times are not known yet (just started) fall back to the load
 policy's route. Pure functions, unit-tested with exact numbers.
+
+`best_routes` is the reference; the router runs `best_routes_from`, the same routes read
+from the prefill workers' index. A prefill worker's TTFT depends only on its own row (queued
+tokens, running batch, step times) and its cached blocks of the prompt, so all of them are
+one numpy expression over the index's table, the same float operations in the same order
+as StepTimeModel.prefill_ms (so the same doubles); a decode worker's best remote prefill is
+the least of them (its own row left out; ties to the least worker_id), then predicted in
+full by predict_route.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from splitserve.router.policy import Route, WorkerView, cached_tokens
+from splitserve.router.worker_index import Candidates
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,74 @@ def best_routes(decode_workers: Sequence[WorkerView], prefill_workers: Sequence[
             predictions.append(predicted)
         best.append(min(predictions, key=lambda p: p.key))
     return sorted(best, key=lambda p: p.key)
+
+
+def prefill_row(w: WorkerView) -> tuple[float, ...]:
+    """A prefill worker's row of the latency table: queued tokens, the cost of one of its
+    steps before its prompt tokens (prefill_ms' base_ms + per_seq_ms * (running + 1), the
+    same float operations), per_prompt_token_ms, token budget (at least 1)."""
+    m = w.step_model
+    if m is None:  # never read: such a worker makes best_routes_from return None
+        return (w.num_queued_tokens, 0.0, 0.0, 1.0)
+    return (w.num_queued_tokens, m.base_ms + m.per_seq_ms * (w.num_running + 1),
+            m.per_prompt_token_ms, max(1, m.token_budget))
+
+
+def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidates,
+                     prompt_len: int, overlap_blocks: Mapping[str, float], block_size: int,
+                     local_only: bool = False) -> list[RoutePrediction] | None:
+    """best_routes(decode_workers, the candidates, ...) read from the index."""
+    if not decode_workers:
+        return []
+    if any(d.step_model is None for d in decode_workers):
+        return None
+    index = candidates.index
+    if not local_only and any(candidates.get(wid) is not None
+                              for wid in index.unknown_step_times):
+        return None
+    ttft = None if local_only or not len(index) else _prefill_ttft(
+        candidates, prompt_len, overlap_blocks, block_size)
+    ids, row_of = index.ids(), index.table(prefill_row)[1]
+    best: list[RoutePrediction] = []
+    for decode in decode_workers:
+        local = predict_route(Route(decode, None), prompt_len, overlap_blocks, block_size)
+        assert local is not None  # step times known
+        if ttft is not None:
+            row = row_of.get(decode.worker_id)
+            if row is not None:  # not its own prefill worker
+                own, ttft[row] = ttft[row], np.inf
+            i = int(np.argmin(ttft))  # the first least: the least worker_id
+            # The key is (ttft, tpot, ...): a remote prefill slower to the first token loses.
+            if np.inf > ttft[i] <= local.ttft_ms:
+                remote = predict_route(Route(decode, index.views[ids[i]]), prompt_len,
+                                       overlap_blocks, block_size)
+                if remote is not None and remote.key < local.key:
+                    local = remote
+            if row is not None:
+                ttft[row] = own
+        best.append(local)
+    return sorted(best, key=lambda p: p.key)
+
+
+def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mapping[str, float],
+                  block_size: int) -> np.ndarray:
+    """Per row of the table, the TTFT of the prompt prefilled there (inf: no candidate):
+    predict_route's arithmetic, element by element."""
+    table, row_of = candidates.index.table(prefill_row)
+    queued, step_ms, per_token, budget = table.T
+    ahead = queued + max(1, prompt_len)  # its cache holds none of the prompt
+    cached = [(row_of[wid], blocks) for wid, blocks in overlap_blocks.items() if wid in row_of]
+    if cached:
+        pairs = np.array(cached)  # [workers caching some of the prompt, (row, blocks)]
+        rows = pairs[:, 0].astype(np.intp)
+        cached_tokens = np.minimum(pairs[:, 1] * block_size, prompt_len)
+        ahead[rows] = queued[rows] + np.maximum(1, np.round(prompt_len - cached_tokens))
+    ttft = np.ceil(ahead / budget) * step_ms + per_token * ahead
+    skip = candidates.index.ids_at(candidates.out)
+    if candidates.skip_id in row_of:
+        skip.add(candidates.skip_id)
+    ttft[[row_of[wid] for wid in skip]] = np.inf
+    return ttft
 
 
 class TtftUnmetError(Exception):

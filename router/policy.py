@@ -3,11 +3,17 @@
 Pure functions over `WorkerView`s (a worker's registration plus its latest load, as the
 router sees it), unit-tested with exact picks. Ties always end on worker_id so a pick is
 deterministic for a given input.
+
+Each decision has two forms: the plain one over a list of views (`rank_decode_workers`,
+`PrefillPolicy.pick`, `plan_route`), the reference; and the one the router runs, over
+the workers kept sorted by these keys (`PrefillCandidates`, router.worker_index), which
+reads the first few workers of an order instead of every worker. Both pick the same
+worker for the same state (tests/router/test_indexed_routing.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,8 +59,13 @@ def weighted_overlap(overlap: Mapping[str, PrefixOverlap],
 # ---- decode worker -----------------------------------------------------------------------
 
 
-def _decode_load_key(w: WorkerView) -> tuple[int, int, int, str]:
+def decode_load_key(w: WorkerView) -> tuple[int, int, int, str]:
     return (w.num_running, w.num_waiting, w.num_queued_tokens, w.worker_id)
+
+
+def decode_room_key(w: WorkerView) -> tuple[int, int, int, int, str]:
+    """Most free blocks first, then decode_load_key."""
+    return (-w.num_free_blocks, w.num_running, w.num_waiting, w.num_queued_tokens, w.worker_id)
 
 
 def rank_decode_workers(workers: Sequence[WorkerView], num_blocks: int) -> list[WorkerView]:
@@ -66,8 +77,8 @@ def rank_decode_workers(workers: Sequence[WorkerView], num_blocks: int) -> list[
     """
     fits = [w for w in workers if w.num_free_blocks >= num_blocks]
     short = [w for w in workers if w.num_free_blocks < num_blocks]
-    fits.sort(key=_decode_load_key)
-    short.sort(key=lambda w: (-w.num_free_blocks, *_decode_load_key(w)))
+    fits.sort(key=decode_load_key)
+    short.sort(key=decode_room_key)
     return fits + short
 
 
@@ -95,8 +106,32 @@ def should_prefill_locally(
 # ---- prefill worker ------------------------------------------------------------------------
 
 
+class PrefillCandidates(Protocol):
+    """The prefill workers a policy may pick from, indexed (router.worker_index): a
+    worker's view by id, and the workers in two orders."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, worker_id: str) -> WorkerView | None:
+        """The candidate `worker_id`, None if it is not one."""
+        ...
+
+    def by_load(self) -> Iterator[WorkerView]:
+        """The candidates in prefill_load_key order."""
+        ...
+
+    def by_id(self, i: int) -> WorkerView:
+        """The i-th candidate in worker_id order (0 <= i < len)."""
+        ...
+
+    def among(self, worker_ids: Iterable[str]) -> list[WorkerView]:
+        """The candidates among `worker_ids`, in their order."""
+        ...
+
+
 class PrefillPolicy(Protocol):
     name: str
+    reads_prefill_overlap: bool  # whether a pick reads the prefill workers' overlap_blocks
 
     def pick(
         self,
@@ -112,8 +147,18 @@ class PrefillPolicy(Protocol):
         """
         ...
 
+    def pick_from(
+        self,
+        candidates: PrefillCandidates,
+        prompt_len: int,
+        overlap_blocks: Mapping[str, float],
+        block_size: int,
+    ) -> WorkerView | None:
+        """What `pick` picks among the same workers, read from the index."""
+        ...
 
-def _prefill_load_key(w: WorkerView) -> tuple[int, int, str]:
+
+def prefill_load_key(w: WorkerView) -> tuple[int, int, str]:
     return (w.num_queued_tokens, w.num_waiting, w.worker_id)
 
 
@@ -121,6 +166,7 @@ class RoundRobinPolicy:
     """Cycles through the workers in worker_id order, ignoring load and caches."""
 
     name = "round_robin"
+    reads_prefill_overlap = False
 
     def __init__(self) -> None:
         self._turn = 0
@@ -139,11 +185,25 @@ class RoundRobinPolicy:
         self._turn += 1
         return choice
 
+    def pick_from(
+        self,
+        candidates: PrefillCandidates,
+        prompt_len: int,
+        overlap_blocks: Mapping[str, float],
+        block_size: int,
+    ) -> WorkerView | None:
+        if not len(candidates):
+            return None
+        choice = candidates.by_id(self._turn % len(candidates))
+        self._turn += 1
+        return choice
+
 
 class LeastLoadedPolicy:
     """Fewest queued prompt tokens, then fewest waiting requests, then worker_id."""
 
     name = "least_loaded"
+    reads_prefill_overlap = False
 
     def pick(
         self,
@@ -152,7 +212,16 @@ class LeastLoadedPolicy:
         overlap_blocks: Mapping[str, float],
         block_size: int,
     ) -> WorkerView | None:
-        return min(workers, key=_prefill_load_key, default=None)
+        return min(workers, key=prefill_load_key, default=None)
+
+    def pick_from(
+        self,
+        candidates: PrefillCandidates,
+        prompt_len: int,
+        overlap_blocks: Mapping[str, float],
+        block_size: int,
+    ) -> WorkerView | None:
+        return next(candidates.by_load(), None)
 
 
 class KvAwarePolicy:
@@ -161,6 +230,7 @@ class KvAwarePolicy:
     """
 
     name = "kv_aware"
+    reads_prefill_overlap = True
 
     def pick(
         self,
@@ -171,9 +241,36 @@ class KvAwarePolicy:
     ) -> WorkerView | None:
         def cost(w: WorkerView) -> tuple[float, int, int, str]:
             cached = cached_tokens(overlap_blocks.get(w.worker_id, 0), block_size, prompt_len)
-            return (prompt_len - cached + w.num_queued_tokens, *_prefill_load_key(w))
+            return (prompt_len - cached + w.num_queued_tokens, *prefill_load_key(w))
 
         return min(workers, key=cost, default=None)
+
+    def pick_from(
+        self,
+        candidates: PrefillCandidates,
+        prompt_len: int,
+        overlap_blocks: Mapping[str, float],
+        block_size: int,
+    ) -> WorkerView | None:
+        """The workers that cache some of the prompt, costed one by one; of the others
+        (cost: prompt_len + queued tokens) the first in load order is the cheapest."""
+        best: WorkerView | None = None
+        best_cost = 0.0  # (best_cost, *prefill_load_key(best)) is pick's key of best
+        for w in candidates.among(overlap_blocks):
+            cached = min(overlap_blocks[w.worker_id] * block_size, prompt_len)
+            cost = prompt_len - cached + w.num_queued_tokens
+            if best is None or cost < best_cost or (
+                    cost == best_cost and prefill_load_key(w) < prefill_load_key(best)):
+                best, best_cost = w, cost
+        for w in candidates.by_load():
+            if w.worker_id in overlap_blocks:
+                continue
+            cost = prompt_len + w.num_queued_tokens
+            if best is None or cost < best_cost or (
+                    cost == best_cost and prefill_load_key(w) < prefill_load_key(best)):
+                best = w
+            break
+        return best
 
 
 def make_prefill_policy(name: str) -> PrefillPolicy:
@@ -239,3 +336,29 @@ def plan_route(
     ):
         return Route(decode, None)
     return Route(decode, policy.pick(others, prompt_len, overlap_blocks, rules.block_size))
+
+
+def plan_route_from(
+    decode: WorkerView,
+    candidates: PrefillCandidates | None,
+    prompt_len: int,
+    overlap_blocks: Mapping[str, float],
+    rules: RoutingRules,
+    policy: PrefillPolicy,
+) -> Route:
+    """plan_route over indexed candidates (which leave out `decode` itself; None: no
+    prefill worker may be used)."""
+    decode_cached = cached_tokens(
+        overlap_blocks.get(decode.worker_id, 0), rules.block_size, prompt_len
+    )
+    if should_prefill_locally(
+        prompt_len,
+        decode_cached,
+        candidates is not None and len(candidates) > 0,
+        rules.local_prefill_threshold,
+        rules.local_prefix_fraction,
+    ):
+        return Route(decode, None)
+    assert candidates is not None
+    return Route(decode, policy.pick_from(candidates, prompt_len, overlap_blocks,
+                                          rules.block_size))

@@ -5,6 +5,11 @@ lag. Requests this router sent to a worker after that worker's last report are a
 top (`assign` / `release`), so a burst of requests arriving between two reports spreads
 over the workers instead of piling onto the one that looked least loaded.
 
+The usable workers' views live in one RoleIndex per role (router.worker_index), changed a
+worker at a time: a store read re-indexes only the workers whose registration or load
+report changed (and drops those gone), `assign` / `release` re-index their one worker. A
+snapshot() is O(1) plus a store read every `refresh_s`, not a view per worker per request.
+
 Cluster state unreachable (Redis down): the router keeps routing on its last view of the
 workers for up to `stale_s` (`degraded` says why), then answers UNAVAILABLE. A refresh
 never holds a request longer than _REFRESH_WAIT_S: requests use the last view meanwhile.
@@ -28,17 +33,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerRole
 from splitserve.common.grpc_guard import aio_channel
 from splitserve.common.grpc_util import ServiceError
 from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.policy import WorkerView
+from splitserve.router.worker_index import (
+    Assignment,
+    ClusterSnapshot,
+    RoleIndex,
+    build_view,
+    decode_index,
+    prefill_index,
+    reference_views,
+)
 from splitserve.v1 import worker_pb2_grpc
+
+__all__ = ["Assignment", "ClusterSnapshot", "WorkerDirectory"]
 
 log = logging.getLogger(__name__)
 # A worker whose connection failed (restarted at the same address, unreachable for a while)
@@ -58,44 +74,6 @@ class _Ejection:
     until: float  # monotonic
 
 
-@dataclass(eq=False)
-class Assignment:
-    """Work this router sent to a worker that its load report may not show yet."""
-
-    worker_id: str
-    running: int = 0  # requests (decode side)
-    blocks: int = 0  # KV blocks the request will hold
-    queued_tokens: int = 0  # prompt tokens to prefill (prefill side)
-    started_at: float = field(default_factory=time.time)  # wall clock, like load reports
-
-
-@dataclass(frozen=True)
-class ClusterSnapshot:
-    """Usable live workers: serving our model with our block size."""
-
-    decode: list[WorkerView]  # DECODE and BOTH workers
-    prefill: list[WorkerView]  # PREFILL and BOTH workers
-    num_ignored: int = 0  # live workers skipped for another model or block size
-
-
-def _view(info: WorkerInfo, load: WorkerLoadReport | None, pending: list[Assignment]) -> WorkerView:
-    """The worker as last reported, plus the work sent to it since."""
-    if load is None:  # never reported: an idle worker with an empty cache
-        load = WorkerLoadReport(num_free_blocks=info.num_total_blocks, updated_at=float("-inf"))
-    unseen = [a for a in pending if a.started_at >= load.updated_at]
-    return WorkerView(
-        worker_id=info.worker_id,
-        address=info.address,
-        kv_endpoint=info.kv_endpoint,
-        num_waiting=load.num_waiting,
-        num_running=load.num_running + sum(a.running for a in unseen),
-        num_free_blocks=max(0, load.num_free_blocks - sum(a.blocks for a in unseen)),
-        num_total_blocks=info.num_total_blocks,
-        num_queued_tokens=load.num_queued_tokens + sum(a.queued_tokens for a in unseen),
-        step_model=load.step_model,
-    )
-
-
 class WorkerDirectory:
     def __init__(self, store: AsyncStore, model_id: str, block_size: int, refresh_s: float,
                  cluster_token: str | None = None, stale_s: float = 30.0) -> None:
@@ -106,6 +84,11 @@ class WorkerDirectory:
         self._refresh_s = refresh_s
         self._stale_s = stale_s
         self._live: list[LiveWorker] = []
+        self._known: dict[str, LiveWorker] = {}  # worker_id -> its entry of the last read
+        self._homes: dict[str, tuple[RoleIndex, ...]] = {}  # ... -> the indexes it is in
+        self._ignored: set[str] = set()  # live workers' ids, of another model or block size
+        self._decode = decode_index()
+        self._prefill = prefill_index()
         self._fetched_at = float("-inf")  # monotonic time of the last successful read
         self._attempted_at = float("-inf")  # ... of the last read started
         self._refreshing: asyncio.Task[None] | None = None
@@ -148,23 +131,12 @@ class WorkerDirectory:
                 f"cluster state unreachable for {self.view_age_s:.0f} s (longer than the "
                 f"{self._stale_s:g} s the router routes on its last view): {self.store_error}",
             )
-        decode: list[WorkerView] = []
-        prefill: list[WorkerView] = []
-        ignored = 0
-        for info, load in self._live:
-            if not self._usable(info):
-                ignored += 1
-                continue
-            view = _view(info, load, self._pending.get(info.worker_id, []))
-            if info.role.can_serve(WorkerRole.DECODE):
-                decode.append(view)
-            if info.role.can_serve(WorkerRole.PREFILL):
-                prefill.append(view)
-        if self._ejected:
-            out = self.ejected()
-            prefill = [w for w in prefill if w.address not in out]
-            decode = [w for w in decode if w.address not in out] or decode
-        return ClusterSnapshot(decode, prefill, ignored)
+        out = frozenset(self.ejected()) if self._ejected else frozenset()
+        snapshot = ClusterSnapshot(self._decode, self._prefill, out, out, len(self._ignored))
+        if out and not snapshot.has_decode():  # every decode worker is out: offer them all
+            snapshot = ClusterSnapshot(self._decode, self._prefill, frozenset(), out,
+                                       len(self._ignored))
+        return snapshot
 
     # ---- outlier ejection ---------------------------------------------------------------
 
@@ -213,7 +185,56 @@ class WorkerDirectory:
         if self.store_error is not None:
             log.info("cluster state reachable again")
         self._live, self._fetched_at, self.store_error = live, time.monotonic(), None
+        self._reindex_changed(live)
         self._retire_channels()
+        await self._store.sync_prefixes()
+
+    def _reindex_changed(self, live: list[LiveWorker]) -> None:
+        """Re-index the workers whose registration or load changed; drop the vanished."""
+        seen = set()
+        for entry in live:
+            wid = entry[0].worker_id
+            seen.add(wid)
+            known = self._known.get(wid)
+            if known is not None and known[0] is entry[0] and known[1] is entry[1]:
+                continue  # the same objects (an in-process store): nothing changed
+            self._known[wid] = entry
+            if known is None or known[0] != entry[0]:
+                self._place(wid)
+            elif known[1] != entry[1]:
+                self._reindex(wid)
+        for wid in [wid for wid in self._known if wid not in seen]:
+            del self._known[wid]
+            self._homes.pop(wid, None)
+            self._ignored.discard(wid)
+            self._decode.remove(wid)
+            self._prefill.remove(wid)
+
+    def _place(self, worker_id: str) -> None:
+        """Put a worker with a new registration in the indexes of the roles it plays."""
+        info = self._known[worker_id][0]
+        homes: tuple[RoleIndex, ...] = ()
+        if self._usable(info):
+            self._ignored.discard(worker_id)
+            homes = tuple(index for role, index in ((WorkerRole.DECODE, self._decode),
+                                                     (WorkerRole.PREFILL, self._prefill))
+                          if info.role.can_serve(role))
+        else:
+            self._ignored.add(worker_id)
+        for index in (self._decode, self._prefill):
+            if index not in homes:
+                index.remove(worker_id)
+        self._homes[worker_id] = homes
+        self._reindex(worker_id)
+
+    def _reindex(self, worker_id: str) -> None:
+        """Rebuild a worker's view from its last report and pending work."""
+        homes = self._homes.get(worker_id)
+        if homes:
+            info, load = self._known[worker_id]
+            view = build_view(info, load, self._pending.get(worker_id, []))
+            for index in homes:
+                index.put(view)
 
     def _usable(self, info: WorkerInfo) -> bool:
         problem = ""
@@ -226,6 +247,11 @@ class WorkerDirectory:
             log.warning("ignoring worker %s at %s: it %s", info.worker_id, info.address, problem)
         return not problem
 
+    def reference_views(self) -> tuple[list[WorkerView], list[WorkerView]]:
+        """(decode, prefill) views rebuilt from the last read, ejections ignored: what the
+        index holds, built the slow way (as every request did before the index)."""
+        return reference_views(self._live, self._pending, self._usable)
+
     # ---- work sent but not yet reported ------------------------------------------------
 
     def assign(
@@ -233,16 +259,19 @@ class WorkerDirectory:
     ) -> Assignment:
         assignment = Assignment(worker_id, running, blocks, queued_tokens)
         self._pending.setdefault(worker_id, []).append(assignment)
+        self._reindex(worker_id)
         return assignment
 
     def release(self, assignment: Assignment | None) -> None:
         if assignment is None:
             return
         pending = self._pending.get(assignment.worker_id, [])
-        if assignment in pending:
-            pending.remove(assignment)
+        if assignment not in pending:
+            return
+        pending.remove(assignment)
         if not pending:
             self._pending.pop(assignment.worker_id, None)
+        self._reindex(assignment.worker_id)
 
     # ---- channels ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from splitserve.cluster.store import (
+    LiveWorker,
     RequestLedgerEntry,
     RequestPhase,
     WorkerInfo,
@@ -17,6 +18,8 @@ from splitserve.cluster.store import (
 )
 from splitserve.common.step_time import StepTimeModel
 
+_INFO_FIELDS = ("worker_id", "role", "address", "model", "block_size", "num_total_blocks",
+                "kv_endpoint", "started_at")
 _LOAD_PREFIX = "load."
 _LOAD_INTS = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens")
 _ENTRY_INTS = (
@@ -101,3 +104,36 @@ def decode_entry(fields: Mapping[str, str]) -> RequestLedgerEntry:
         updated_at=float(fields["updated_at"]),
         **{name: int(fields[name]) for name in _ENTRY_INTS},
     )
+
+
+class WorkerDecoder:
+    """Decodes worker hashes read again and again (every read of the live workers), each
+    only when it changed: a hash equal to its last read gives the same (info, load)
+    objects, and an unchanged registration the same info. Not thread-safe."""
+
+    def __init__(self) -> None:
+        # worker_id -> (its hash as read: field, value, ...; its info fields; the decoded)
+        self._last: dict[str, tuple[list[str], tuple[str, ...], LiveWorker]] = {}
+
+    def decode(self, hashes: list[tuple[str, list[str]]]) -> tuple[list[LiveWorker], list[str]]:
+        """(worker_id, its hash flattened) pairs -> the live workers, in the given order,
+        and the ids whose hash is gone or has no registration."""
+        live: list[LiveWorker] = []
+        gone: list[str] = []
+        last, self._last = self._last, {}
+        for wid, flat in hashes:
+            seen = last.get(wid)
+            if seen is not None and seen[0] == flat:
+                self._last[wid] = seen
+                live.append(seen[2])
+                continue
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            if "worker_id" not in fields:
+                gone.append(wid)
+                continue
+            info_fields = tuple(fields.get(name, "") for name in _INFO_FIELDS)
+            same = seen is not None and seen[1] == info_fields
+            entry = (seen[2][0] if same and seen else decode_info(fields), decode_load(fields))
+            self._last[wid] = (flat, info_fields, entry)
+            live.append(entry)
+        return live, gone

@@ -1,8 +1,9 @@
 """In-process ClusterStore: the single-machine stand-in for Redis.
 
-One lock guards everything; every method is O(size of its arguments + live workers), so
-contention is not a concern at the rates routers and workers call it. TTLs run on an
-injectable monotonic clock so tests can expire workers without sleeping.
+One lock guards everything; a prefix lookup costs O(blocks x holders of the prompt's first
+block) (cluster.prefix_index), and live_workers O(live workers). TTLs run on an injectable
+monotonic clock so tests can expire workers without sleeping; expired workers are looked
+for only once the earliest expiry may have passed, not on every call.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 
+from splitserve.cluster.prefix_index import PrefixIndex
 from splitserve.cluster.store import (
-    KV_TIERS,
     ClusterStore,
     LiveWorker,
     PrefixOverlap,
@@ -25,8 +27,6 @@ from splitserve.cluster.store import (
     check_service_deltas,
     check_tier,
     check_ttl,
-    leading_run,
-    tiered_run,
 )
 
 
@@ -35,8 +35,6 @@ class _Worker:
     info: WorkerInfo
     expires_at: float  # on the store's clock
     load: WorkerLoadReport | None = None
-    # tier -> block hashes it holds there ("device": its prefix cache)
-    tiers: dict[str, set[int]] = field(default_factory=lambda: {t: set() for t in KV_TIERS})
 
 
 class InMemoryClusterStore(ClusterStore):
@@ -50,8 +48,8 @@ class InMemoryClusterStore(ClusterStore):
         self._clock = clock
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        # tier -> block hash -> ids of workers holding it there (live or not yet purged)
-        self._holders: dict[str, dict[int, set[str]]] = {t: {} for t in KV_TIERS}
+        self._prefixes = PrefixIndex()  # of workers live or not yet purged
+        self._next_expiry = float("inf")  # no worker expires before this (a lower bound)
         self._ledger: dict[str, RequestLedgerEntry] = {}
         self._service: dict[str, float] = {}
 
@@ -61,7 +59,9 @@ class InMemoryClusterStore(ClusterStore):
         check_ttl(ttl_s)
         with self._lock:
             self._drop_worker(info.worker_id)
-            self._workers[info.worker_id] = _Worker(info, self._clock() + ttl_s)
+            expires_at = self._clock() + ttl_s
+            self._workers[info.worker_id] = _Worker(info, expires_at)
+            self._next_expiry = min(self._next_expiry, expires_at)
 
     def heartbeat(self, worker_id: str, load: WorkerLoadReport | None, ttl_s: float) -> bool:
         check_ttl(ttl_s)
@@ -100,38 +100,20 @@ class InMemoryClusterStore(ClusterStore):
             worker = self._live(worker_id)
             if worker is None:
                 return  # a dead worker's cache is forgotten; it republishes on register
-            holds, holders = worker.tiers[tier], self._holders[tier]
-            for h in stored_hashes:
-                holds.add(h)
-                holders.setdefault(h, set()).add(worker_id)
-            for h in evicted_hashes:
-                holds.discard(h)
-                self._discard_holder(tier, h, worker_id)
+            self._prefixes.apply(worker_id, tier, stored_hashes, evicted_hashes)
 
     def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
         check_block_hashes(block_hashes)
         with self._lock:
             self._purge_expired()
-            if not block_hashes:
-                return {}
-            # Only workers holding the first block can have a non-empty leading run.
-            candidates = self._holders["device"].get(block_hashes[0], set())
-            overlap = {
-                wid: leading_run(block_hashes, self._workers[wid].tiers["device"])
-                for wid in candidates
-            }
-            return dict(sorted(overlap.items()))
+            return self._prefixes.overlap(block_hashes)
 
-    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+    def prefix_overlap_tiers(self, block_hashes: list[int], among: AbstractSet[str] | None = None
+                             ) -> dict[str, PrefixOverlap]:
         check_block_hashes(block_hashes)
         with self._lock:
             self._purge_expired()
-            if not block_hashes:
-                return {}
-            candidates = set().union(*(self._holders[t].get(block_hashes[0], set())
-                                       for t in KV_TIERS))
-            return {wid: tiered_run(block_hashes, self._workers[wid].tiers)
-                    for wid in sorted(candidates)}
+            return self._prefixes.overlap_tiers(block_hashes, among)
 
     # ---- request ledger ---------------------------------------------------------------
 
@@ -169,19 +151,13 @@ class InMemoryClusterStore(ClusterStore):
 
     def _purge_expired(self) -> None:
         now = self._clock()
+        if now < self._next_expiry:
+            return
         for wid in [wid for wid, w in self._workers.items() if w.expires_at <= now]:
             self._drop_worker(wid)
+        self._next_expiry = min((w.expires_at for w in self._workers.values()),
+                                default=float("inf"))
 
     def _drop_worker(self, worker_id: str) -> None:
-        worker = self._workers.pop(worker_id, None)
-        if worker is not None:
-            for tier, hashes in worker.tiers.items():
-                for h in hashes:
-                    self._discard_holder(tier, h, worker_id)
-
-    def _discard_holder(self, tier: str, block_hash: int, worker_id: str) -> None:
-        holders = self._holders[tier].get(block_hash)
-        if holders is not None:
-            holders.discard(worker_id)
-            if not holders:
-                del self._holders[tier][block_hash]
+        if self._workers.pop(worker_id, None) is not None:
+            self._prefixes.drop(worker_id)

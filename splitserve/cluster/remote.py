@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -238,16 +239,19 @@ class RemoteClusterStore(ClusterStore):
         response = self._call(self._stub.PrefixOverlap, request)
         return dict(sorted(response.num_cached_blocks.items()))
 
-    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+    def prefix_overlap_tiers(self, block_hashes: list[int], among: AbstractSet[str] | None = None
+                             ) -> dict[str, PrefixOverlap]:
         check_block_hashes(block_hashes)
         request = pb.PrefixOverlapRequest(block_hashes=block_hashes, with_tiers=True)
         response = self._call(self._stub.PrefixOverlap, request)
         if not response.tier_runs and response.num_cached_blocks:
             # A cluster-state server from before the tiers: its runs are device blocks.
             return {wid: PrefixOverlap(n, 0, 0)
-                    for wid, n in sorted(response.num_cached_blocks.items())}
+                    for wid, n in sorted(response.num_cached_blocks.items())
+                    if among is None or wid in among}
         return {wid: PrefixOverlap(run.device_blocks, run.host_blocks, run.disk_blocks)
-                for wid, run in sorted(response.tier_runs.items())}
+                for wid, run in sorted(response.tier_runs.items())
+                if among is None or wid in among}
 
     def ledger_put(self, entry: RequestLedgerEntry) -> None:
         self._call(self._stub.LedgerPut, pb.LedgerPutRequest(entry=convert.entry_to_proto(entry)))

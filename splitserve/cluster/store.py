@@ -21,7 +21,10 @@ built the object; TTLs are measured on the store's own clock.
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING
 
 from splitserve.common.cluster_types import (
     KV_TIERS,
@@ -32,6 +35,9 @@ from splitserve.common.cluster_types import (
     WorkerLoadReport,
     WorkerRole,
 )
+
+if TYPE_CHECKING:
+    from splitserve.cluster.prefix_mirror import PrefixMirror
 
 __all__ = [
     "KV_TIERS",
@@ -64,6 +70,9 @@ def ttl_to_ms(ttl_s: float) -> int:
 
 
 def check_block_hashes(hashes: list[int]) -> None:
+    if not hashes or (all(map(isinstance, hashes, itertools.repeat(int)))
+                      and 0 <= min(hashes) and max(hashes) <= MAX_BLOCK_HASH):
+        return  # the common case, checked in C
     for h in hashes:
         if not isinstance(h, int) or not 0 <= h <= MAX_BLOCK_HASH:
             raise ValueError(f"block hash must be an int in [0, 2**64), got {h!r}")
@@ -144,10 +153,12 @@ class ClusterStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def prefix_overlap_tiers(self, block_hashes: list[int]) -> dict[str, PrefixOverlap]:
+    def prefix_overlap_tiers(self, block_hashes: list[int], among: AbstractSet[str] | None = None
+                             ) -> dict[str, PrefixOverlap]:
         """worker_id -> its leading run of `block_hashes` held in any tier, each block
         counted in the fastest tier that holds it (`tiered_run`). Only live workers with a
-        run of at least one block appear."""
+        run of at least one block appear; only those in `among` when given (a caller that
+        reads a few workers' runs: the others are not computed)."""
 
     @abc.abstractmethod
     def ledger_put(self, entry: RequestLedgerEntry) -> None:
@@ -170,6 +181,12 @@ class ClusterStore(abc.ABC):
         """Add each client's fair-share service (weighted tokens, >= 0; router.fairness) to
         the deployment's totals and return every client's total, so that the routers of a
         deployment share one set of counters. Empty `deltas`: only read."""
+
+    def prefix_mirror(self) -> PrefixMirror | None:
+        """A copy of the prefix index in this process, for a reader that looks it up on
+        every request (the router): its overlap_tiers answers as of its last sync(). None
+        where lookups are local already (in-memory) or the backend has no change log."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for in-process stores
         """Release connections; the store is unusable afterwards."""

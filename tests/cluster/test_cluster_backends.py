@@ -135,6 +135,8 @@ def test_redis_keys_are_namespaced_plain_strings_with_ttl(redis_url: str) -> Non
             "ns-check:prefix:5",
             "ns-check:ledger:r1",
             "ns-check:ledger_worker:d0",
+            "ns-check:prefix_log",  # the prefix index's change log (cluster.prefix_mirror)
+            "ns-check:prefix_seq",
         }
         worker = raw.hgetall("ns-check:worker:d0")
         assert worker["role"] == "decode" and worker["load.num_free_blocks"] == "3"
@@ -143,12 +145,55 @@ def test_redis_keys_are_namespaced_plain_strings_with_ttl(redis_url: str) -> Non
         assert raw.smembers("ns-check:prefix:5") == {"d0"}
         store.deregister_worker("d0")
         store.ledger_delete("r1")
-        assert raw.keys("ns-check:*") == []  # nothing stranded (empty sets vanish)
+        # Nothing stranded (empty sets vanish); the log is bounded (prefix_log_len).
+        assert sorted(raw.keys("ns-check:*")) == ["ns-check:prefix_log", "ns-check:prefix_seq"]
+        entries = raw.xrange("ns-check:prefix_log")
+        assert [e[1] for e in entries] == [
+            {"n": "1", "w": "d0", "drop": "1"},  # register: whatever d0 held is gone
+            {"n": "2", "w": "d0", "t": "device", "s": "18446744073709551615 5", "e": ""},
+            {"n": "3", "w": "d0", "drop": "1"},
+        ]
     finally:
         for key in raw.keys("ns-check:*"):
             raw.delete(key)
         raw.close()
         store.close()
+
+
+def test_redis_live_workers_decodes_only_what_changed(redis_url: str) -> None:
+    """A read of the live workers decodes a worker's hash only when it changed since the
+    last read: the same objects otherwise (the router re-indexes only changed workers)."""
+    import dataclasses
+
+    store = RedisClusterStore(redis_url, namespace="ns-decode:")
+    other = dataclasses.replace(INFO, worker_id="d1", address="127.0.0.1:2")
+    try:
+        store.register_worker(INFO, 30.0)
+        store.register_worker(other, 30.0)
+        store.heartbeat("d1", WorkerLoadReport(1, 2, 3, 4, updated_at=9.25), 30.0)
+        first = store.live_workers()
+        again = store.live_workers()
+        assert [w for w, _ in first] == [INFO, other] and first[1][1] is not None
+        assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(first, again, strict=True))
+        store.heartbeat("d1", WorkerLoadReport(5, 2, 3, 4, updated_at=9.5), 30.0)
+        d0, d1 = store.live_workers()
+        assert d0[0] is first[0][0] and d0[1] is first[0][1]  # untouched
+        assert d1[0] is first[1][0]  # the same registration: the same info
+        assert d1[1] is not None and d1[1].num_waiting == 5
+        store.register_worker(dataclasses.replace(other, address="127.0.0.1:3"), 30.0)
+        assert store.live_workers()[1][0].address == "127.0.0.1:3"
+        store.deregister_worker("d0")
+        assert [w.worker_id for w, _ in store.live_workers(WorkerRole.DECODE)] == ["d1"]
+    finally:
+        store.deregister_worker("d0")
+        store.deregister_worker("d1")
+        store.close()
+        import redis
+
+        raw = redis.Redis.from_url(redis_url)
+        for key in raw.keys("ns-decode:*"):
+            raw.delete(key)
+        raw.close()
 
 
 def test_tier_runs_fall_back_to_device_runs_of_an_older_server() -> None:

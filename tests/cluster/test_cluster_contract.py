@@ -159,6 +159,12 @@ def test_prefix_overlap_tiers_counts_each_block_in_its_fastest_tier(backend: Any
         "b": PrefixOverlap(host_blocks=3),
     }
     assert store.prefix_overlap(chain) == {"a": 2}  # the device alone, as before
+    # Only the workers asked about (a set, or a dict's keys), the others not computed.
+    assert store.prefix_overlap_tiers(chain, frozenset({"b", "c", "z"})) == {
+        "b": PrefixOverlap(host_blocks=3)}
+    assert store.prefix_overlap_tiers(chain, {"a": None}.keys()) == {
+        "a": PrefixOverlap(device_blocks=2, host_blocks=2, disk_blocks=1)}
+    assert store.prefix_overlap_tiers(chain, set()) == {}
     store.publish_prefix_events("a", [], [3], tier="host")  # the run breaks at block 3
     store.publish_prefix_events("b", [3], [1], tier="host")
     assert store.prefix_overlap_tiers(chain) == {"a": PrefixOverlap(device_blocks=2)}

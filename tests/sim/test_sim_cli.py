@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,20 @@ def test_plan_prints_ranked_configurations(tiny_profile: Path,
 
 
 def test_route_bench_runs_on_a_small_cluster(capsys: pytest.CaptureFixture[str]) -> None:
-    assert route_bench.main(["--num-workers", "20", "--decisions", "50"]) == 0
-    out = capsys.readouterr().out
-    assert "policy only" in out and "router, in-memory" in out and "x the target" in out
+    assert route_bench.main(["--num-workers", "20", "--decisions", "50",
+                             "--reference-decisions", "20", "--concurrency", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "router/target" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:2] for row in rows] == [["memory", p] for p in route_bench.POLICIES]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
+def test_route_bench_runs_on_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    assert route_bench.main(["--num-workers", "20", "--decisions", "50", "--policy", "kv_aware",
+                             "--reference-decisions", "0", "--heartbeat-s", "0.01",
+                             "--redis"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["memory", "kv_aware"], ["redis", "kv_aware"]]
+    assert float(rows[1][3]) > 0

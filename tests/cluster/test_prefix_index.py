@@ -1,0 +1,73 @@
+"""PrefixIndex's set-at-a-time lookups equal the worker-by-worker reference (store.tiered_run,
+store.leading_run) on random caches: runs broken anywhere, blocks in several tiers or in the
+device's alone, holes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from splitserve.cluster.prefix_index import PrefixIndex
+from splitserve.cluster.store import KV_TIERS, leading_run, tiered_run
+
+
+def _random_index(rng: random.Random, num_workers: int, prompts: list[list[int]],
+                  tiers: tuple[str, ...]) -> tuple[PrefixIndex, dict[str, dict[str, set[int]]]]:
+    index = PrefixIndex()
+    truth: dict[str, dict[str, set[int]]] = {}
+    for w in range(num_workers):
+        wid = f"w{w:03d}"
+        truth[wid] = {t: set() for t in KV_TIERS}
+        for prompt in rng.sample(prompts, k=rng.randrange(len(prompts) + 1)):
+            cut = rng.randrange(len(prompt) + 1)
+            for h in prompt[:cut]:
+                tier = rng.choice(tiers)
+                index.apply(wid, tier, [h], [])
+                truth[wid][tier].add(h)
+            holes = rng.sample(prompt, k=min(len(prompt), rng.randrange(3)))  # evicted
+            tier = rng.choice(tiers)
+            index.apply(wid, tier, [], holes)
+            truth[wid][tier] -= set(holes)
+    return index, truth
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_lookups_equal_the_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    prompts = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 12))] for _ in range(5)]
+    tiers = ("device",) if seed % 3 == 0 else ("device", "device", "host", "disk")
+    index, truth = _random_index(rng, rng.randrange(1, 40), prompts, tiers)
+    dropped = rng.sample(sorted(truth), k=len(truth) // 4)
+    for wid in dropped:
+        index.drop(wid)
+        del truth[wid]
+    live = set(rng.sample(sorted(truth), k=len(truth) // 2))
+    queries = [*prompts, [p[0] for p in prompts], [], [rng.getrandbits(64)]]
+    for query in queries:
+        tiers = {w: tiered_run(query, holds) for w, holds in sorted(truth.items())}
+        expect_tiers = {w: run for w, run in tiers.items() if run.num_blocks}
+        assert index.overlap_tiers(query) == expect_tiers
+        assert list(index.overlap_tiers(query)) == sorted(expect_tiers)
+        assert index.overlap_tiers(query, frozenset(live)) == {
+            w: r for w, r in expect_tiers.items() if w in live}
+        device = {w: leading_run(query, holds["device"]) for w, holds in sorted(truth.items())}
+        expect = {w: n for w, n in device.items() if n}
+        assert index.overlap(query) == expect
+        assert index.overlap(query, frozenset(live)) == {w: n for w, n in expect.items() if w in live}
+    for wid in truth:
+        for tier in KV_TIERS:
+            assert index.held(wid, tier) == truth[wid][tier]
+    assert not set(dropped) & set(index.workers())
+
+
+def test_drop_forgets_every_tier() -> None:
+    index = PrefixIndex()
+    index.apply("a", "device", [1, 2], [])
+    index.apply("a", "disk", [3], [])
+    index.apply("b", "device", [1], [])
+    index.drop("a")
+    index.drop("nobody")
+    assert "a" not in index and "b" in index
+    assert index.overlap_tiers([1, 2, 3]) == {"b": tiered_run([1, 2, 3], {"device": {1}})}
+    assert index._holders["disk"] == {}  # no empty holder sets left behind

@@ -1,0 +1,237 @@
+"""The router's indexed decision path (WorkerDirectory's index, the policies' pick_from,
+best_routes_from, the prefix overlap looked up only for the workers a decision reads) picks
+exactly what the reference does: views built from the store's live workers plus pending
+assignments, every worker's overlap, then rank_decode_workers / plan_route / best_routes
+over lists. Random states of up to 1,000 workers with many ties (small load
+ranges), workers of all roles coming, going, changing load and being ejected, assignments
+made and released between store reads, requests excluding workers; and the freshness
+rule: a worker gone from the store is never picked once the view has refreshed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from splitserve.cluster import InMemoryClusterStore
+from splitserve.cluster.store import WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.common.step_time import StepTimeModel
+from splitserve.router.cluster_io import AsyncStore
+from splitserve.router.latency import best_routes, best_routes_from
+from splitserve.router.policy import (
+    RoutingRules,
+    WorkerView,
+    make_prefill_policy,
+    plan_route,
+    plan_route_from,
+    rank_decode_workers,
+)
+from splitserve.router.worker_index import Assignment, build_view
+from splitserve.router.workers import WorkerDirectory
+
+MODEL, BS = "m", 16
+POLICIES = ("kv_aware", "least_loaded", "round_robin")
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 120))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _step_model(rng: random.Random) -> StepTimeModel | None:
+    if rng.random() < 0.02:
+        return None
+    return StepTimeModel(base_ms=rng.choice((0.0, 2.0, 2.5)), per_seq_ms=rng.choice((0.5, 1.0)),
+                         per_prompt_token_ms=rng.choice((0.01, 0.1, 1 / 3)),
+                         token_budget=rng.choice((0, 64, 100, 512)))
+
+
+def _load(rng: random.Random, with_models: bool) -> WorkerLoadReport:
+    return WorkerLoadReport(num_waiting=rng.randrange(3), num_running=rng.randrange(4),
+                            num_free_blocks=rng.randrange(40), num_queued_tokens=rng.randrange(3) * 64,
+                            updated_at=time.time() + rng.uniform(-1, 1),
+                            step_model=_step_model(rng) if with_models else None)
+
+
+def _register(store: InMemoryClusterStore, rng: random.Random, i: int) -> None:
+    role = rng.choice((WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.BOTH))
+    model = MODEL if rng.random() > 0.03 else "other"
+    store.register_worker(WorkerInfo(f"w{i:04d}", role, f"10.0.0.{i % 300}:{i // 300}", model,
+                                     BS, 40), ttl_s=60)
+
+
+def _reference(store: InMemoryClusterStore, pending: dict[str, list[Assignment]],
+               ejected: set[str]) -> tuple[list[WorkerView], list[WorkerView]]:
+    """The old WorkerDirectory.snapshot(): views rebuilt from the last read."""
+    decode, prefill = [], []
+    for info, load in store.live_workers():
+        if info.model != MODEL:
+            continue
+        view = build_view(info, load, pending.get(info.worker_id, []))
+        if info.role.can_serve(WorkerRole.DECODE):
+            decode.append(view)
+        if info.role.can_serve(WorkerRole.PREFILL):
+            prefill.append(view)
+    prefill = [w for w in prefill if w.address not in ejected]
+    decode = [w for w in decode if w.address not in ejected] or decode
+    return decode, prefill
+
+
+def _overlap(rng: random.Random, ids: list[str]) -> dict[str, float]:
+    chosen = rng.sample(ids, k=min(len(ids), rng.randrange(12)))
+    return {wid: rng.choice((0.0, 0.5, 1.0, 2.75, 4.0, 40.0)) for wid in chosen}
+
+
+async def _compare(seed: int, num_workers: int, rounds: int, with_models: bool) -> None:
+    rng = random.Random(seed)
+    clock = FakeClock()
+    store = InMemoryClusterStore(clock=clock)
+    for i in range(num_workers):
+        _register(store, rng, i)
+        store.heartbeat(f"w{i:04d}", _load(rng, with_models), ttl_s=60)
+    directory = WorkerDirectory(AsyncStore(store), MODEL, BS, refresh_s=3600.0)
+    held: list[Assignment] = []
+    fast = {name: make_prefill_policy(name) for name in POLICIES}
+    slow = {name: make_prefill_policy(name) for name in POLICIES}
+    next_id = num_workers
+    for _ in range(rounds):
+        for _ in range(rng.randrange(num_workers // 4 + 2)):  # the store changes
+            wid = f"w{rng.randrange(next_id):04d}"
+            action = rng.random()
+            if action < 0.7:
+                store.heartbeat(wid, _load(rng, with_models), ttl_s=60)
+            elif action < 0.8:
+                store.deregister_worker(wid)
+            elif action < 0.9:
+                _register(store, rng, next_id)
+                next_id += 1
+            else:
+                _register(store, rng, rng.randrange(next_id))  # again, maybe another role
+        snapshot = await directory.snapshot(force=True)
+        ids = [info.worker_id for info, _ in store.live_workers()]
+        for _ in range(rng.randrange(6)):  # work sent and finished between reads
+            if held and rng.random() < 0.4:
+                directory.release(held.pop(rng.randrange(len(held))))
+            elif ids:
+                held.append(directory.assign(rng.choice(ids), running=rng.randrange(2),
+                                             blocks=rng.randrange(20),
+                                             queued_tokens=rng.randrange(2) * 64))
+        if ids and rng.random() < 0.3:
+            victim = rng.choice(snapshot.decode + snapshot.prefill)
+            directory.eject(victim, "test")
+        snapshot = await directory.snapshot()
+        decode, prefill = _reference(store, directory._pending, directory.ejected())
+        assert snapshot.decode == decode and snapshot.prefill == prefill
+        for _ in range(8):
+            await _compare_request(rng, snapshot, decode, prefill, ids, fast, slow)
+    await directory.close()
+
+
+async def _compare_request(rng: random.Random, snapshot: Any, decode: list[WorkerView],
+                           prefill: list[WorkerView], ids: list[str],
+                           fast: dict[str, Any], slow: dict[str, Any]) -> None:
+    addresses = sorted({w.address for w in decode + prefill})
+    exclude = set(rng.sample(addresses, k=min(len(addresses), rng.randrange(4))))
+    snap = snapshot.without(exclude)
+    ref_decode = [w for w in decode if w.address not in exclude]
+    ref_prefill = [w for w in prefill if w.address not in exclude]
+    assert snap.has_decode() == bool(ref_decode)
+    num_blocks, limit = rng.randrange(45), rng.choice((1, 3, 8, 1000))
+    ranked = snap.rank_decode(num_blocks, limit)
+    assert ranked == rank_decode_workers(ref_decode, num_blocks)[:limit]
+    overlap = _overlap(rng, ids)
+    prompt_len = rng.choice((1, 20, 64, 100, 513))
+    rules = RoutingRules(block_size=BS, local_prefill_threshold=rng.choice((0, 32)))
+    def scoped(prefill: bool) -> dict[str, float]:  # the overlap the router looks up
+        scope = snap.overlap_scope(ranked, prefill)
+        return {wid: blocks for wid, blocks in overlap.items() if wid in scope}
+
+    for decode_view in ranked:
+        local = rng.random() < 0.1
+        for name in POLICIES:
+            candidates = None if local else snap.prefill_candidates(decode_view.worker_id)
+            got = plan_route_from(decode_view, candidates, prompt_len,
+                                  scoped(fast[name].reads_prefill_overlap), rules, fast[name])
+            want = plan_route(decode_view, [] if local else ref_prefill, prompt_len, overlap,
+                              rules, slow[name])
+            assert got == want, name
+    for local_only in (False, True):
+        got_routes = best_routes_from(ranked, snap.prefill_candidates(), prompt_len,
+                                      scoped(True), BS, local_only)
+        assert got_routes == best_routes(ranked, ref_prefill, prompt_len, overlap, BS, local_only)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_small_clusters_pick_as_the_reference(seed: int) -> None:
+    run(_compare(seed, num_workers=random.Random(seed).randrange(1, 40), rounds=25,
+                 with_models=seed % 3 != 0))
+
+
+@pytest.mark.parametrize("with_models", [True, False])
+def test_a_thousand_workers_pick_as_the_reference(with_models: bool) -> None:
+    run(_compare(7, num_workers=1000, rounds=6, with_models=with_models))
+
+
+def _info(wid: str, role: WorkerRole) -> WorkerInfo:
+    return WorkerInfo(wid, role, f"{wid}:1", MODEL, BS, 100)
+
+
+def test_a_worker_gone_from_the_store_is_not_picked_once_the_view_refreshes() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        store = InMemoryClusterStore(clock=clock)
+        for wid, running in (("a", 0), ("b", 1), ("c", 2)):
+            store.register_worker(_info(wid, WorkerRole.BOTH), ttl_s=10)
+            store.heartbeat(wid, WorkerLoadReport(num_running=running, num_free_blocks=100),
+                            ttl_s=10)
+        directory = WorkerDirectory(AsyncStore(store), MODEL, BS, refresh_s=3600.0)
+        snap = await directory.snapshot()
+        kv_aware = make_prefill_policy("kv_aware")
+        assert [w.worker_id for w in snap.rank_decode(1, 3)] == ["a", "b", "c"]
+
+        store.deregister_worker("a")
+        snap = await directory.snapshot()  # not refreshed yet: the last read
+        assert snap.rank_decode(1, 1)[0].worker_id == "a"
+        snap = await directory.snapshot(force=True)
+        assert [w.worker_id for w in snap.rank_decode(1, 3)] == ["b", "c"]
+        caches_all = {"a": 8.0, "b": 1.0}  # a stale hint naming the gone worker
+        assert kv_aware.pick_from(snap.prefill_candidates("c"), 128, caches_all, BS).worker_id == "b"
+        assert snap.prefill_candidates().get("a") is None
+
+        clock.now += 6
+        store.heartbeat("c", None, ttl_s=10)  # b misses its heartbeats and expires
+        clock.now += 5
+        snap = await directory.snapshot(force=True)
+        assert [w.worker_id for w in snap.rank_decode(1, 3)] == ["c"]
+        assert [w.worker_id for w in snap.prefill] == ["c"]
+        assert kv_aware.pick_from(snap.prefill_candidates("c"), 128, caches_all, BS) is None
+        await directory.close()
+
+    run(body())
+
+
+def test_a_worker_that_changes_role_moves_between_the_indexes() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        store.register_worker(_info("a", WorkerRole.PREFILL), ttl_s=60)
+        directory = WorkerDirectory(AsyncStore(store), MODEL, BS, refresh_s=0.0)
+        snap = await directory.snapshot()
+        assert (snap.decode, [w.worker_id for w in snap.prefill]) == ([], ["a"])
+        store.register_worker(_info("a", WorkerRole.DECODE), ttl_s=60)
+        snap = await directory.snapshot()
+        assert ([w.worker_id for w in snap.decode], snap.prefill) == (["a"], [])
+        await directory.close()
+
+    run(body())
