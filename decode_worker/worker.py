@@ -43,7 +43,7 @@ import grpc
 from splitserve.cluster.store import ClusterStore, WorkerRole
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.kv_layout import KVLayout, check_compatible
-from splitserve.common.outputs import StepOutput
+from splitserve.common.outputs import KV_RECEIVE_FAILED, PREFILL_TIMED_OUT, StepOutput
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.common.stream_pace import check_stream_pace
 from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
@@ -223,13 +223,13 @@ class DecodeWorker(WorkerRuntime):
         assert request.transfer is not None
         state = request.transfer.poll()
         if state is TransferState.FAILED:
-            self._end_waiting(engine, request, f"KV receive failed: {request.transfer.error}")
+            self._end_waiting(engine, request, f"{KV_RECEIVE_FAILED}: {request.transfer.error}")
             return False
         if state is TransferState.DONE and request.kv_done_at is None:
             request.kv_done_at = time.monotonic()
         if request.first_token_id is None or state is not TransferState.DONE:
             if time.monotonic() > request.prefill_deadline:
-                self._end_waiting(engine, request, "timed out waiting for the prefill")
+                self._end_waiting(engine, request, PREFILL_TIMED_OUT)
                 return False
             return True
         del self._waiting_kv[request.request_id]

@@ -51,6 +51,7 @@ from grpc_health.v1 import health_pb2
 from splitserve.cluster.store import RequestPhase
 from splitserve.common.convert.common import FINISH_REASONS, sampling_to_proto
 from splitserve.common.grpc_util import ServiceError
+from splitserve.common.outputs import is_prefill_kv_failure
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router.cluster_io import RequestLedger
 from splitserve.router.dispatch import Admitted, admit_request
@@ -443,6 +444,14 @@ class RequestRun:
             if output.token_ids:
                 self._ledger.progress(RequestPhase.DECODING, self._relay.num_tokens)
             worker_reason = output.finish_reason
+            if (worker_reason == common_pb2.FINISH_REASON_ERROR and self._route.prefill
+                    and is_prefill_kv_failure(output.error_message)):
+                # D is fine: the KV never came from P (a cut link, P died mid-send). D has
+                # already freed the request; resume it without that prefill worker.
+                self._decode_done = True
+                raise WorkerLost("prefill", self._route.prefill,
+                                 f"decode worker {decode_id}: {output.error_message}",
+                                 grpc.StatusCode.UNAVAILABLE)
             if worker_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                 self._decode_done = True
                 self._trace.add_decode(output.timings)

@@ -40,3 +40,15 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# How a decode worker words the end of a request whose KV never came from its prefill
+# worker (a broken or cut link, a prefill worker that died mid-send): the router reads it as
+# the prefill side's failure and resumes the request elsewhere instead of failing it.
+KV_RECEIVE_FAILED = "KV receive failed"
+PREFILL_TIMED_OUT = "timed out waiting for the prefill"
+
+
+def is_prefill_kv_failure(error_message: str) -> bool:
+    """Whether a decode worker's error says the request's KV never arrived from P."""
+    return error_message.startswith((KV_RECEIVE_FAILED, PREFILL_TIMED_OUT))

@@ -14,10 +14,12 @@ from the deployment's settings (_deployment.py):
     P's last layer was in its kernel's hands) but before D got it: P answered the router,
     the client has the first token, and D gives up on the message at D's --kv-timeout
     (10 s after it began) or on the KV at --prefill-timeout-ms (12 s after admitting the
-    request), whichever comes first; the request ends failed closed: a last chunk with
-    finish_reason "error" and D's reason.
+    request), whichever comes first, and ends the request with its reason; the router reads
+    that as P's failure (common.outputs.is_prefill_kv_failure), leaves P out and resumes
+    the request after the token already sent, the decode worker prefilling it itself.
 Either way nothing waits longer, D frees the blocks it reserved for the KV, and once healed
-the deployment sends KV from P to D again.
+the deployment sends KV from P to D again. (A request that cannot resume, its resumes used
+up, fails closed: a last chunk with finish_reason "error" and D's reason.)
 
 Delay and loss: random loss (and netem delay where the kernel has it) on both directions of
 the P-D path: TCP retransmits, requests still complete over the same route with the
@@ -132,10 +134,10 @@ def check_the_cut_ended_cleanly(hosts: netns.TestHosts, result: dict[str, Any],
                                 ended_s: float, before: dict[str, Metrics],
                                 want: list[list[int]], healed: list[list[int]]) -> str:
     """The request resumed with the colocated tokens (`want[0]`) or failed closed with its
-    reason, within the bound of the way it went (the module's docstring); D's receive
-    failed and every block the request held is free again; after the heal the deployment
-    serves the `healed` prompts (their tokens `want[1:]`) until one goes with its KV across
-    the P-D path. Returns how the request ended."""
+    reason; D's receive failed and every block the request held is free again; after the
+    heal the deployment serves the `healed` prompts (their tokens `want[1:]`) until one goes
+    with its KV across the P-D path. Returns how the request ended (the caller checks
+    `ended_s` against its bound: the module's docstring)."""
     decode = worker_metrics(hosts)["decode"]
     assert decode[TRANSFERS] == before["decode"][TRANSFERS], decode  # D never got the KV
     assert decode[FAILURES] == before["decode"][FAILURES] + 1, decode
@@ -143,15 +145,12 @@ def check_the_cut_ended_cleanly(hosts: netns.TestHosts, result: dict[str, Any],
         outcome = "resumed"  # P lost: the decode worker prefilled the prompt itself
         assert result["tokens"] == want[0], result
         assert result["resumes"] == 1 and result["local"], result
-        assert ended_s < KV_TIMEOUT_S["prefill"] + 5, ended_s
     else:
         outcome = "failed closed"
         tokens = result.get("tokens") or []  # P's first token may have gone out
         assert tokens == want[0][:len(tokens)], result
         message = str(result.get("error") or result.get("error_message"))
         assert "KV" in message or "prefill" in message, result
-        bound_s = min(KV_TIMEOUT_S["decode"], PREFILL_TIMEOUT_MS / 1000)
-        assert ended_s < bound_s + 5, ended_s
     wait_for("the blocks freed", partial(_blocks_used_are, hosts, before), 10)
     assert worker_metrics(hosts)["decode"][WAITING] == 0
     # Healed, the same deployment serves again: P's ejection (if any) ends, the KV path
@@ -178,9 +177,10 @@ def test_a_cut_between_prefill_and_decode_mid_transfer_resumes_the_request(
     outcome = check_the_cut_ended_cleanly(cluster, result, ended_s, before,
                                           want[:1 + HEALED_TRIES], healed)
     assert outcome == "resumed"
+    assert ended_s < KV_TIMEOUT_S["prefill"] + 5, ended_s
 
 
-def test_a_cut_after_the_prefill_worker_sent_the_kv_fails_the_request_closed(
+def test_a_cut_after_the_prefill_worker_sent_the_kv_resumes_once_the_decode_worker_gives_up(
         cluster: netns.TestHosts, tiny_llama: Path) -> None:
     warm, healed = healed_prompts(40_000), healed_prompts(20_000)
     want = expected(tiny_llama, [SHORT_PROMPT, *healed, *warm])
@@ -192,10 +192,11 @@ def test_a_cut_after_the_prefill_worker_sent_the_kv_fails_the_request_closed(
                 and now["decode"][TRANSFERS] == before["decode"][TRANSFERS])
 
     result, ended_s, before = cut_during(cluster, SHORT_PROMPT, CRAWL_KBIT, sent)
-    # P answered the router; D gives up waiting for the KV at its prefill deadline.
+    # P answered the router; D gives up waiting for the KV, the router resumes without P.
     outcome = check_the_cut_ended_cleanly(cluster, result, ended_s, before,
                                           want[:1 + HEALED_TRIES], healed)
-    assert outcome == "failed closed"
+    assert outcome == "resumed"
+    assert ended_s < min(KV_TIMEOUT_S["decode"], PREFILL_TIMEOUT_MS / 1000) + 5, ended_s
 
 
 def test_loss_and_delay_on_the_kv_path_keep_tokens_exact(
