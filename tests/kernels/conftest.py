@@ -117,3 +117,38 @@ def make_batch(gen: torch.Generator) -> Callable[..., tuple[torch.Tensor, PagedK
         return q, kv
 
     return make
+
+
+# ---- bit-level comparisons (the fused-op tests of both backends) ------------------------
+
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise count of representable values between a and b (same dtype; -0 == +0)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    bits = torch.finfo(a.dtype).bits
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:  # sign-magnitude -> a monotonic integer
+        i = t.contiguous().view(_INT_VIEW[t.dtype]).to(torch.int64)
+        return torch.where(i < 0, -(i + (1 << (bits - 1))), i)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    mismatch = got.contiguous().view(torch.uint8) != expected.contiguous().view(torch.uint8)
+    assert not bool(mismatch.any()), f"{int(mismatch.sum())} bytes differ in their bits"
+
+
+def assert_close_ulps(got: torch.Tensor, expected: torch.Tensor, equal_share: float,
+                      max_ulps: int = 1) -> None:
+    """fp32: relative 1e-6; half types: at most `max_ulps` apart, `equal_share` bit-equal."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-30)
+        return
+    distance = ulp_distance(got, expected)
+    assert int(distance.max()) <= max_ulps, f"max ulp distance {int(distance.max())}"
+    share = float((distance == 0).float().mean())
+    assert share >= equal_share, f"only {share:.4f} of the elements are bit-equal"

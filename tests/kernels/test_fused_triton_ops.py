@@ -21,39 +21,11 @@ import torch.nn.functional as F
 from splitserve.engine.model import RMSNorm, apply_rope
 from splitserve.kernels import fused_ops, kv_ops, reference
 from splitserve.kernels.backend import get_attention_ops
-from tests.kernels.conftest import KERNEL_DEVICE
-
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise count of representable values between a and b (same dtype; -0 == +0)."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    bits = torch.finfo(a.dtype).bits
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:  # sign-magnitude -> a monotonic integer
-        i = t.contiguous().view(_INT_VIEW[t.dtype]).to(torch.int64)
-        return torch.where(i < 0, -(i + (1 << (bits - 1))), i)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    mismatch = got.contiguous().view(torch.uint8) != expected.contiguous().view(torch.uint8)
-    assert not bool(mismatch.any()), f"{int(mismatch.sum())} bytes differ"
-
-
-def assert_close_ulps(got: torch.Tensor, expected: torch.Tensor, equal_share: float) -> None:
-    """fp32: relative 1e-6; half types: at most one ulp apart, `equal_share` bit-equal."""
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-30)
-        return
-    distance = ulp_distance(got, expected)
-    assert int(distance.max()) <= 1, f"max ulp distance {int(distance.max())}"
-    share = float((distance == 0).float().mean())
-    assert share >= equal_share, f"only {share:.4f} of the elements are bit-equal"
-
+from tests.kernels.conftest import (
+    KERNEL_DEVICE,
+    assert_bits_equal,
+    assert_close_ulps,
+)
 
 # ---- rope + KV store ------------------------------------------------------------------
 
