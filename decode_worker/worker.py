@@ -25,7 +25,9 @@ between steps keeps its KV here for _PARK_S (migrate_kv_tokens says how much): t
 admits its continuation on the next worker naming this one as the KV source, and ShipKV
 sends the blocks over kvtransfer, so nothing is recomputed (live migration). Unclaimed,
 the blocks are freed when the hold expires. Alone, or in a plain drain (the Drain RPC, a
-whole deployment stopping), requests finish here.
+whole deployment stopping), requests finish here. A role switch (worker.flip) drains with
+migration too; whatever is left when its timeout runs out is handed back without its KV
+(abort_in_flight), so the router recomputes it elsewhere.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from splitserve.common.stream_pace import check_stream_pace
 from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.worker.core import WorkerCore
 from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,9 @@ class DecodeRequest:
 class DecodeWorker(WorkerRuntime):
     role = "decode"
 
-    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None) -> None:
-        super().__init__(options, store)
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None,
+                 core: WorkerCore | None = None) -> None:
+        super().__init__(options, store, core)
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
         self._in_engine: dict[str, DecodeRequest] = {}  # engine thread only
@@ -125,6 +129,11 @@ class DecodeWorker(WorkerRuntime):
 
     def num_pending(self) -> int:
         return self._num_waiting_kv + self._num_parked + self._num_shipping
+
+    def in_flight(self) -> int:
+        """This role's requests (not the engine's others: during a role switch the next
+        role shares the engine)."""
+        return len(self._in_engine) + self.num_pending()
 
     # ---- called from RPC threads ----------------------------------------------------------
     def admit(
@@ -392,7 +401,10 @@ class DecodeWorker(WorkerRuntime):
                                f"KV transfer to {dst_worker} failed: {transfer.error}")
         return transfer.bytes, (time.monotonic() - started) * 1000.0
 
-    def _end_waiting(self, engine: LLMEngine, request: DecodeRequest, error: str, abort: bool = False) -> None:
+    def _end_waiting(self, engine: LLMEngine, request: DecodeRequest, error: str,
+                     abort: bool = False, event: DecodeEvent | None = None) -> None:
+        """Drop a request waiting for its KV; its stream ends with an abort, `error`, or
+        `event` (a hand-back)."""
         self._waiting_kv.pop(request.request_id, None)
         self._num_waiting_kv = len(self._waiting_kv)
         self.loop.remove_poller(request.request_id)
@@ -400,11 +412,38 @@ class DecodeWorker(WorkerRuntime):
         self.kv.abort(request.request_id, error)
         engine.release_blocks(request.block_ids)
         request.block_ids = []
-        self.loop.count_finished("abort" if abort else "error")
-        if abort:
+        if event is not None:
+            self.loop.count_finished("migrated")
+            request.events.put(event)
+        elif abort:
+            self.loop.count_finished("abort")
             request.events.put(DecodeEvent(StepOutput(request.request_id, [], "", True, "abort")))
         else:
+            self.loop.count_finished("error")
             request.events.put(DecodeEvent(error=error))
+
+    # ---- a role switch (worker.flip) ------------------------------------------------------
+    def abort_in_flight(self) -> int:
+        """After a drain that ran out of time: hand every request left back to the router
+        without its KV (it recomputes them elsewhere) and free held KV; how many."""
+        return self.loop.call(self._hand_back_all)
+
+    def _hand_back_all(self, engine: LLMEngine) -> int:
+        count = len(self._parked)
+        for request_id in list(self._parked):
+            self._unpark(engine, request_id)
+        for request in list(self._waiting_kv.values()):
+            self._end_waiting(engine, request, "the worker is switching role",
+                              event=DecodeEvent(migrate=True))
+            count += 1
+        for request_id, request in list(self._in_engine.items()):
+            self._in_engine.pop(request_id)
+            self.loop.drop_sink(request_id)
+            if engine.abort(request_id):
+                self.loop.count_finished("migrated")
+            request.events.put(DecodeEvent(migrate=True))
+            count += 1
+        return count
 
 
 def _park_key(request_id: str) -> str:

@@ -33,6 +33,7 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.model import LayerHook
 from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.worker.core import WorkerCore
 from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
 
 _NO_DEADLINE_S = 86400.0 * 365  # a caller's time left beyond this means "no deadline"
@@ -74,11 +75,16 @@ class PrefillResult:
 
 class PrefillWorker(WorkerRuntime):
     role = "prefill"
+    # A Prefill refused while draining makes the router resume the request elsewhere and
+    # leave this worker's address out for a while (the new role's too): after leaving the
+    # cluster in a role switch, keep taking prefills until every router's view (refreshed
+    # every 0.25 s by default) has dropped this role.
+    switch_grace_s = 1.0
 
-    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None) -> None:
-        super().__init__(options, store)
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None,
+                 core: WorkerCore | None = None) -> None:
+        super().__init__(options, store, core)
         self._jobs: dict[str, PrefillJob] = {}  # touched on the engine thread only
-        self._num_jobs = 0
         self.engine.layer_hook_builder = self._layer_hook
 
     def _register(self, server: grpc.Server) -> list[str]:
@@ -129,6 +135,28 @@ class PrefillWorker(WorkerRuntime):
 
     def abort(self, request_id: str) -> bool:
         return self.loop.call(lambda e: self._abort(e, request_id))
+
+    def in_flight(self) -> int:
+        """Prefills still computing here (not counting the engine's other requests: during
+        a role switch the next role shares the engine)."""
+        return len(self._jobs)
+
+    # ---- a role switch (worker.flip) ------------------------------------------------------
+    def abort_in_flight(self) -> int:
+        """After a drain that ran out of time: abort every prefill still here (their
+        callers see ABORTED and move on); how many."""
+        def on_loop(engine: LLMEngine) -> int:
+            ids = list(self._jobs)
+            for request_id in ids:
+                self._abort(engine, request_id)
+            return len(ids)
+
+        return self.loop.call(on_loop)
+
+    def release(self) -> None:
+        super().release()
+        if self.engine.layer_hook_builder == self._layer_hook:  # (no step runs: drained)
+            self.engine.layer_hook_builder = None
 
     # ---- on the engine thread -------------------------------------------------------------
     def _add(self, engine: LLMEngine, job: PrefillJob, prompt: list[int], params: SamplingParams,

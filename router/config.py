@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from splitserve.common import envs
 from splitserve.router.fairness import FairShareConfig
+from splitserve.router.pd_decide import PDControlConfig
 
 PREFILL_POLICIES = ("kv_aware", "round_robin", "least_loaded")
 
@@ -87,6 +88,9 @@ class RouterConfig:
     # With one, the ClusterState service and every call to a worker need it, so only
     # members register, heartbeat, read cluster state or receive requests.
     cluster_token: str | None = None
+    # Closed-loop P:D control (router.pd_control): move workers started --flippable
+    # between the roles to meet these objectives. None: off.
+    pd_control: PDControlConfig | None = None
 
     @property
     def resolved_cluster_token(self) -> str | None:

@@ -14,6 +14,9 @@ callback with it), so both front ends feed the same series:
 - counters: requests by finish reason, admission rejections by reason, prompt /
   generation / cached tokens, KV bytes moved for routed requests, prefills by location;
 - gauges: requests in flight and queued in admission.
+
+Besides the series, `recent_ttft` / `recent_tpot` keep the last minutes' samples (seconds)
+for percentiles over a sliding window (router.pd_control).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from splitserve.common.metrics import (
     TTFT_BUCKETS_S,
 )
 from splitserve.router.admission import AdmissionController
+from splitserve.router.latency_window import LatencyWindow
 from splitserve.router.relay import RequestTrace
 from splitserve.v1 import common_pb2, router_pb2
 
@@ -118,6 +122,8 @@ class RouterMetrics:
                               "slot.", registry=r)
         self.queued = Gauge(PREFIX + "requests_queued", "Requests waiting for an admission "
                             "slot.", registry=r)
+        self.recent_ttft = LatencyWindow()
+        self.recent_tpot = LatencyWindow()
         if admission is not None:
             self.inflight.set_function(lambda: admission.num_inflight)
             self.queued.set_function(lambda: admission.num_queued)
@@ -157,6 +163,7 @@ class RequestObserver:
             if self._last_token is None:
                 self._first_token = now
                 self._m.ttft.observe(now - self._trace.arrival)
+                self._m.recent_ttft.add(now - self._trace.arrival, now)
                 gaps = [0.0] * (k - 1)  # tokens that came with the first one
             else:
                 gaps = [(now - self._last_token) / k] * k
@@ -176,7 +183,9 @@ class RequestObserver:
         m.e2e.observe(timings.e2e_ms / 1000.0)
         if self._num_tokens > 1 and self._first_token is not None:
             assert self._last_token is not None
-            m.tpot.observe((self._last_token - self._first_token) / (self._num_tokens - 1))
+            tpot = (self._last_token - self._first_token) / (self._num_tokens - 1)
+            m.tpot.observe(tpot)
+            m.recent_tpot.add(tpot)
         for field, phase in PHASES.items():
             if phase == "kv_transfer" and timings.prefill_local:
                 continue

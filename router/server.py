@@ -11,6 +11,9 @@ serves it as splitserve.v1.ClusterState on its own port: workers open
 With `RouterConfig.http_port` not None the router also serves the OpenAI-compatible HTTP
 API and GET /metrics on the same loop (router.http_api), sharing the gRPC path's
 RequestPipeline, admission and metrics.
+
+With `RouterConfig.pd_control` the router also runs the P:D controller on its loop
+(router.pd_control): it moves workers started --flippable between the two roles.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from splitserve.router.fairness import FairShare
 from splitserve.router.http_api import HttpApi
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.model import ServedModel, load_served_model
+from splitserve.router.pd_control import PDController
 from splitserve.router.service import RequestPipeline, SplitServeServicer
 from splitserve.router.state import RouterState
 from splitserve.v1 import cluster_pb2, router_pb2, router_pb2_grpc
@@ -81,6 +85,8 @@ class RouterServer:
         self.metrics = RouterMetrics(self.admission)
         self._http: HttpApi | None = None
         self._fair_sync: asyncio.Task[None] | None = None
+        self.pd_controller: PDController | None = None  # with config.pd_control
+        self._pd_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None  # bound HTTP port; None while not serving HTTP
 
     @property
@@ -141,6 +147,10 @@ class RouterServer:
         await server.start()
         self._server = server
         self._fair_sync = asyncio.get_running_loop().create_task(self._sync_fair_share())
+        if config.pd_control is not None:
+            self.pd_controller = PDController(config.pd_control, self._state, self.metrics,
+                                              self.admission)
+            self._pd_task = asyncio.get_running_loop().create_task(self.pd_controller.run())
         if config.http_port is not None:
             self._http = HttpApi(pipeline, self.metrics, config.max_request_bytes, api_keys,
                                  public_metrics=config.public_metrics)
@@ -175,9 +185,10 @@ class RouterServer:
         """Stop serving: calls still running after `grace_s` are cancelled (their requests
         are aborted on the workers), then channels and an owned store are closed."""
         self.admission.close()
-        if self._fair_sync is not None:
-            self._fair_sync.cancel()
-            self._fair_sync = None
+        for task in (self._fair_sync, self._pd_task):
+            if task is not None:
+                task.cancel()
+        self._fair_sync = self._pd_task = None
         if self._http is not None:
             await self._http.stop()
             self._http = None
@@ -246,6 +257,11 @@ class RunningRouter:
     @property
     def cluster_url(self) -> str:
         return self._router.cluster_url
+
+    @property
+    def pd_controller(self) -> PDController | None:
+        """The P:D controller (RouterConfig.pd_control), None when off."""
+        return self._router.pd_controller
 
     @property
     def store(self) -> ClusterStore:

@@ -141,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, prefill_resource=args.prefill_resource,
         decode_resource=args.decode_resource,
         router_options={"local_prefill_threshold": args.local_prefill_threshold,
-                        **_router_security(args)},
+                        **_router_security(args), **_pd_control(args)},
+        flippable=args.pd_control,
     )
     if args.ray_address is None:
         # The local actors log nowhere visible: prepare the model here, where a one-time
@@ -244,6 +245,44 @@ def _add_priority_aging_arg(p: argparse.ArgumentParser) -> None:
                         "by one, in the router's queue and in the workers' (0: never)")
 
 
+def _add_pd_control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pd-control", action="store_true",
+                   help="closed-loop P:D control: move workers started --flippable between "
+                        "the prefill and decode roles to meet --pd-slo (router.pd_control)")
+    p.add_argument("--pd-slo", default="ttft_ms=2000,tpot_ms=100",
+                   help="the controller's objectives, met by the --pd-percentile of the "
+                        "last --pd-window seconds' requests")
+    p.add_argument("--pd-percentile", type=float, default=90.0)
+    p.add_argument("--pd-period", type=float, default=2.0, help="seconds between decisions")
+    p.add_argument("--pd-window", type=float, default=10.0)
+    p.add_argument("--pd-consecutive", type=int, default=3,
+                   help="periods in a row a role must be short before a switch")
+    p.add_argument("--pd-cooldown", type=float, default=20.0,
+                   help="seconds after a switch before the next")
+    p.add_argument("--pd-headroom", type=float, default=0.8,
+                   help="a role gives a worker only while its own latency is under this "
+                        "fraction of its objective")
+    p.add_argument("--pd-prefill-queue-tokens", type=int, default=0,
+                   help="queued prompt tokens per prefill worker that make prefill short "
+                        "by themselves (0: latency only)")
+
+
+def _pd_control(args: argparse.Namespace) -> dict[str, Any]:
+    """{"pd_control": PDControlConfig} with --pd-control, else {}."""
+    if not args.pd_control:
+        return {}
+    from splitserve.bench.metrics import parse_slo
+    from splitserve.router.pd_decide import PDControlConfig
+
+    slo = parse_slo(args.pd_slo)
+    return {"pd_control": PDControlConfig(
+        ttft_slo_ms=slo.get("ttft_ms", 2000.0), tpot_slo_ms=slo.get("tpot_ms", 100.0),
+        percentile=args.pd_percentile,
+        period_s=args.pd_period, window_s=args.pd_window, consecutive=args.pd_consecutive,
+        cooldown_s=args.pd_cooldown, headroom=args.pd_headroom,
+        prefill_queue_tokens=args.pd_prefill_queue_tokens)}
+
+
 def cmd_router(args: argparse.Namespace) -> int:
     from splitserve.router.config import RouterConfig
     from splitserve.router.server import start_router
@@ -254,7 +293,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         block_size=args.block_size, local_prefill_threshold=args.local_prefill_threshold,
         prefill_timeout_ms=args.prefill_timeout_ms, prefill_policy=args.prefill_policy,
         max_inflight=args.max_inflight, max_queued=args.max_queued,
-        max_resumes=args.max_resumes, **_router_security(args),
+        max_resumes=args.max_resumes, **_router_security(args), **_pd_control(args),
     ))
     print(f"READY router {router.address} cluster {router.cluster_url} http "
           f"{router.http_address}", flush=True)
@@ -276,11 +315,9 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             lease_s=args.lease_timeout, kv_migration=not args.no_kv_migration,
             metrics_port=args.metrics_port, max_output_backlog=args.max_output_backlog,
         )
-        if role == "prefill":
-            from splitserve.prefill_worker.worker import PrefillWorker as cls
-        else:
-            from splitserve.decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
-        worker = cls(options).start()
+        from splitserve.launcher import build_worker
+
+        worker = build_worker(role, options, flippable=args.flippable).start()
         print(f"READY {role} {worker.worker_id} {worker.address} metrics "
               f"{worker.metrics_port}", flush=True)
         _wait_for_signal()
@@ -355,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after-demo", action="store_true")
     _add_router_security_args(p)
     _add_fair_share_args(p)
+    _add_pd_control_args(p)
     _add_tls_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -378,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0)
     _add_router_security_args(p)
     _add_fair_share_args(p)
+    _add_pd_control_args(p)
     _add_tls_arg(p)
     p.set_defaults(func=cmd_router)
 
@@ -409,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "cut off and its request aborted")
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
+        p.add_argument("--flippable", action="store_true",
+                       help="start in this role but accept WorkerControl.SwitchRole: switch "
+                            "to the other role at runtime, same process and weights (the "
+                            "router's --pd-control asks for it)")
         _add_tls_arg(p)
         p.set_defaults(func=_cmd_worker(role))
 

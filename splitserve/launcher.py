@@ -35,6 +35,9 @@ class ServeOptions:
     decode_resource: str | None = None
     router_options: dict[str, Any] = field(default_factory=dict)  # extra RouterConfig fields
     kv_timeout_s: float = 30.0
+    # Workers accept WorkerControl.SwitchRole (worker.flip): the router's P:D control
+    # (router_options["pd_control"]) moves them between the roles.
+    flippable: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_workers < 0 or self.decode_workers < 1:
@@ -77,14 +80,24 @@ class _RouterActor:
         self.router.stop(2.0)
 
 
+def build_worker(role: str, options: Any, flippable: bool = False) -> Any:
+    """A PrefillWorker or DecodeWorker (not started), or with `flippable` a FlippableWorker
+    playing `role` first (`splitserve prefill|decode --flippable`)."""
+    from splitserve.decode_worker.worker import DecodeWorker
+    from splitserve.prefill_worker.worker import PrefillWorker
+
+    roles = {"prefill": PrefillWorker, "decode": DecodeWorker}
+    if flippable:
+        from splitserve.worker.flip import FlippableWorker
+
+        return FlippableWorker(options, roles, role)
+    return roles[role](options)
+
+
 class _WorkerActor:
-    def __init__(self, role: str, options: Any):
-        if role == "prefill":
-            from splitserve.prefill_worker.worker import PrefillWorker as cls
-        else:
-            from splitserve.decode_worker.worker import DecodeWorker as cls  # type: ignore[assignment]
+    def __init__(self, role: str, options: Any, flippable: bool = False):
         options = replace(options, host=_own_node_host(options.host or None))
-        self.worker = cls(options).start()
+        self.worker = build_worker(role, options, flippable).start()
 
     def address(self) -> str:
         return self.worker.address
@@ -203,6 +216,7 @@ def serve(options: ServeOptions) -> Deployment:
                 actor_opts["num_gpus"] = 1
             if resource:
                 actor_opts["resources"] = {resource: 1}
-            actors.append(ray.remote(**actor_opts)(_WorkerActor).remote(role, worker_options))
+            actors.append(ray.remote(**actor_opts)(_WorkerActor).remote(
+                role, worker_options, options.flippable))
     ray.get([a.address.remote() for a in actors[1:]], timeout=600)
     return Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address)

@@ -27,6 +27,8 @@ BENCHMARKS = {
                 "of later turns without and with the host KV tier, tokens identical"),
     "peer": ("splitserve.bench.peer", "served throughput vs llama.cpp's llama-server (optional, "
              "by path) and vs the engine offline, same workload, same threads"),
+    "pd-control": ("splitserve.bench.pd_control", "closed-loop P:D control (role switches) "
+                   "vs static 1:2 and 2:1 splits on a mix that shifts halfway: goodput per half"),
     "simulate": ("splitserve.sim.sweep", "the disagg sweep in the calibrated simulator, "
                  "predicted beside measured (--measured-dir)"),
     "route": ("splitserve.sim.route_bench", "routing decisions/s over 1,000 simulated "

@@ -294,3 +294,31 @@ class DecodeDrainResponse(_message.Message):
     NUM_IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     num_in_flight_requests: int
     def __init__(self, num_in_flight_requests: _Optional[int] = ...) -> None: ...
+
+class SwitchRoleRequest(_message.Message):
+    __slots__ = ("target_role", "drain_timeout_ms", "allow_last_of_role")
+    TARGET_ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LAST_OF_ROLE_FIELD_NUMBER: _ClassVar[int]
+    target_role: _common_pb2.WorkerRole
+    drain_timeout_ms: int
+    allow_last_of_role: bool
+    def __init__(self, target_role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., drain_timeout_ms: _Optional[int] = ..., allow_last_of_role: _Optional[bool] = ...) -> None: ...
+
+class SwitchRoleResponse(_message.Message):
+    __slots__ = ("worker_id", "previous_role", "role", "switched", "drain_ms", "rebuild_ms", "num_aborted_requests")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SWITCHED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_MS_FIELD_NUMBER: _ClassVar[int]
+    REBUILD_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ABORTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    previous_role: _common_pb2.WorkerRole
+    role: _common_pb2.WorkerRole
+    switched: bool
+    drain_ms: float
+    rebuild_ms: float
+    num_aborted_requests: int
+    def __init__(self, worker_id: _Optional[str] = ..., previous_role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., switched: _Optional[bool] = ..., drain_ms: _Optional[float] = ..., rebuild_ms: _Optional[float] = ..., num_aborted_requests: _Optional[int] = ...) -> None: ...

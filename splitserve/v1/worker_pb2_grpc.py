@@ -540,3 +540,94 @@ class DecodeWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerControlStub:
+    """Role control of a worker started flippable (`splitserve prefill|decode --flippable`):
+    moves it between the prefill and decode roles at runtime in the same process, keeping
+    its model weights and KV pool. Needs the cluster token like the role services.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SwitchRole = channel.unary_unary(
+                '/splitserve.v1.WorkerControl/SwitchRole',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.SwitchRoleRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.SwitchRoleResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerControlServicer:
+    """Role control of a worker started flippable (`splitserve prefill|decode --flippable`):
+    moves it between the prefill and decode roles at runtime in the same process, keeping
+    its model weights and KV pool. Needs the cluster token like the role services.
+    """
+
+    def SwitchRole(self, request, context):
+        """Switches the worker to target_role: the current role deregisters from cluster state,
+        the role layer is rebuilt around the same engine and registers in the new role, which
+        serves from then on. Meanwhile the previous role finishes its work: it drains (no new
+        work; a decode role hands its running requests to the other decode workers with their
+        KV, as on SIGTERM) for up to drain_timeout_ms, then aborts what is left; only then are
+        calls to its service refused with UNAVAILABLE and does the call return.
+        Errors: INVALID_ARGUMENT (target not PREFILL or DECODE), ABORTED (a switch is already
+        in progress), FAILED_PRECONDITION (no other live worker plays the current role and
+        allow_last_of_role is false), INTERNAL (the new role failed to start; the worker is
+        back in its old role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SwitchRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchRole,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.SwitchRoleRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.SwitchRoleResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitserve.v1.WorkerControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitserve.v1.WorkerControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerControl:
+    """Role control of a worker started flippable (`splitserve prefill|decode --flippable`):
+    moves it between the prefill and decode roles at runtime in the same process, keeping
+    its model weights and KV pool. Needs the cluster token like the role services.
+    """
+
+    @staticmethod
+    def SwitchRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.WorkerControl/SwitchRole',
+            splitserve_dot_v1_dot_worker__pb2.SwitchRoleRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.SwitchRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,5 +1,5 @@
-"""What prefill and decode workers share: the engine on its loop thread, the KV transfer
-backend, the cluster presence, and the gRPC server's life cycle.
+"""One worker role played on a WorkerCore (worker.core): the cluster presence, drain,
+load reports, stats and metrics both roles share.
 
 A worker is a plain class that also runs as a plain process (`splitserve prefill|decode`)
 or inside a Ray actor; nothing here imports ray.
@@ -11,205 +11,122 @@ import logging
 import threading
 import time
 import uuid
-from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from splitserve.cluster import open_store
 from splitserve.cluster.presence import WorkerPresence
-from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport, WorkerRole
-from splitserve.common import envs
-from splitserve.common.auth import ApiKeys
+from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport
 from splitserve.common.convert.common import layout_to_proto
-from splitserve.common.grpc_guard import SyncGuardInterceptor
-from splitserve.common.grpc_util import add_health_and_reflection, bind, service_name
-from splitserve.common.kv_layout import KVLayout
-from splitserve.common.metrics import MetricsServer, WorkerStatsSnapshot, worker_registry
-from splitserve.engine.config import EngineConfig
-from splitserve.engine.engine_loop import EngineLoop
-from splitserve.engine.llm_engine import LLMEngine
+from splitserve.common.grpc_util import HealthStatus
+from splitserve.common.metrics import WorkerStatsSnapshot, worker_registry
 from splitserve.engine.model_files import model_name
-from splitserve.kvtransfer.base import KVBackend
-from splitserve.v1 import common_pb2, worker_pb2
+from splitserve.v1 import common_pb2
+from splitserve.worker.core import (
+    ROLE_PROTO,
+    ROLES,
+    WORKER_SERVICES,
+    WorkerCore,
+    WorkerOptions,
+    build_kv_backend,
+    engine_layout,
+    lease_options,
+)
+
+__all__ = ["WORKER_SERVICES", "WorkerOptions", "WorkerRuntime", "build_kv_backend",
+           "engine_layout", "lease_options"]
 
 log = logging.getLogger(__name__)
 
-_ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
-WORKER_SERVICES = (service_name(worker_pb2, "PrefillWorker"),
-                   service_name(worker_pb2, "DecodeWorker"))
-_ROLE_PROTO = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    worker_id: str | None = None  # None: "<role>-<random>"
-    host: str = "127.0.0.1"  # the gRPC server binds here (loopback on one machine)
-    port: int = 0  # 0: an ephemeral port
-    cluster_url: str | None = None  # grpc://router:port (embedded store), redis://..., None: memory
-    kv_backend: str = "torch_dist"  # torch_dist (gloo / NCCL) or inproc (one process)
-    # host:port of a KV rendezvous TCPStore the deployment shares (torch_dist); None: this
-    # worker hosts its own on `host` (no other process needed to receive KV).
-    kv_store: str | None = None
-    serve_kv_store: bool = False  # host that shared TCPStore in this process
-    kv_timeout_s: float = 30.0  # deadline of one request's KV transfer
-    heartbeat_ttl_s: float = 3.0
-    # The lease of a caller's calls: a router that stops answering HTTP/2 pings for this long
-    # (frozen, partitioned; a dead one closes its sockets at once) has its calls here
-    # cancelled, which frees what they reserved (an Admit's KV blocks, a prefill).
-    lease_s: float = 20.0
-    # Decode workers draining with migration ship running requests' KV to the next worker
-    # (False: the next worker recomputes it).
-    kv_migration: bool = True
-    max_concurrent_rpcs: int = 1024
-    # A decode worker's per-request output buffer: a stream whose reader (the router) lets
-    # more step outputs than this pile up is cut off and its request aborted, so a stuck
-    # reader costs memory and a batch slot for a bounded time only; the engine never waits.
-    max_output_backlog: int = 4096
-    # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
-    metrics_port: int | None = None
-    # The deployment's shared secret (None: SPLITSERVE_CLUSTER_TOKEN; unset or empty: none):
-    # required on every call to this worker's RPCs, sent to the cluster-state server.
-    cluster_token: str | None = None
-
-    @property
-    def resolved_cluster_token(self) -> str | None:
-        return envs.cluster_token(self.cluster_token)
-
-    def __post_init__(self) -> None:
-        if self.kv_backend not in ("torch_dist", "inproc"):
-            raise ValueError(f"kv_backend must be torch_dist or inproc, got {self.kv_backend!r}")
-        if self.serve_kv_store and not self.kv_store:
-            raise ValueError("serve_kv_store needs kv_store (the host:port to serve it on)")
-        if self.kv_timeout_s <= 0 or self.heartbeat_ttl_s <= 0 or self.lease_s < 0.2:
-            raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive, lease_s >= 0.2")
-        if self.max_output_backlog < 1:
-            raise ValueError(f"max_output_backlog must be >= 1, got {self.max_output_backlog}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
-
-
-def lease_options(lease_s: float) -> list[tuple[str, int]]:
-    """Server options that end a silent caller's calls within ~lease_s: ping each connection
-    that has calls every lease/2 and close it when a ping goes unanswered for lease/2."""
-    half_ms = max(100, int(lease_s * 500))
-    return [
-        ("grpc.keepalive_time_ms", half_ms),
-        ("grpc.keepalive_timeout_ms", half_ms),
-        ("grpc.http2.ping_timeout_ms", half_ms),  # grpc >= 1.5x times pings out by this one
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.http2.max_pings_without_data", 0),  # a quiet stream still gets pinged
-    ]
-
-
-def engine_layout(engine: LLMEngine) -> KVLayout:
-    arch = engine.arch
-    return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size,
-                    engine.runner.kv_layout_dtype)
-
-
-def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,
-                     device: str) -> tuple[KVBackend, Any]:
-    """The KV backend, and the rendezvous store when this process hosts it (keep it alive)."""
-    if options.kv_backend == "inproc":
-        from splitserve.kvtransfer.inproc import InProcBackend
-
-        return InProcBackend(worker_id, layout, default_timeout_s=options.kv_timeout_s), None
-    from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous_store
-
-    if options.kv_store:
-        host, _, port_text = options.kv_store.rpartition(":")
-        port = int(port_text)
-        hosted = create_rendezvous_store(host, port) if options.serve_kv_store else None
-    else:  # this worker's own store, on the address its gRPC server binds
-        host = options.host or "127.0.0.1"
-        hosted = create_rendezvous_store(host, 0)
-        port = hosted.port
-    # gloo listens on the address this worker serves on (with no address given, gloo's own
-    # choice: the host name's address, which in a container or namespace may be loopback).
-    bind_host = options.host if options.host not in ("", "0.0.0.0", "::") else None
-    backend = TorchDistBackend(
-        worker_id, layout, host, port, device, bind_host=bind_host,
-        default_timeout_s=options.kv_timeout_s, op_timeout_s=options.kv_timeout_s,
-        auth_token=options.resolved_cluster_token,
-    )
-    return backend, hosted
-
 
 class WorkerRuntime:
-    """Base of PrefillWorker and DecodeWorker. Subclasses add their servicer in _register."""
+    """Base of PrefillWorker and DecodeWorker: one role played on a WorkerCore. Subclasses
+    add their servicer in _register.
+
+    Without `core` the worker builds and owns one (a plain worker: its servicer is the
+    server's). With one (a flippable worker, worker.flip) it plays its role on that core
+    until it is drained and released, and the owner routes the role's calls to it."""
 
     role = "prefill"
+    # A role switch (worker.flip): how long this role keeps taking work after leaving the
+    # cluster, for routers whose view still has it (see the roles).
+    switch_grace_s = 0.0
 
-    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None):
+    def __init__(self, options: WorkerOptions, store: ClusterStore | None = None,
+                 core: WorkerCore | None = None) -> None:
         self.options = options
-        self.worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
-        # The engine is built on the thread that steps it (EngineLoop.build says why).
-        self.loop = EngineLoop.build(lambda: LLMEngine(options.engine))
-        self.engine = self.loop.engine
-        self.layout = engine_layout(self.engine)
-        self.kv, self._kv_store_host = build_kv_backend(
-            options, self.worker_id, self.layout, str(self.engine.runner.device)
-        )
-        token = options.resolved_cluster_token
-        self.store = (store if store is not None
-                      else open_store(options.cluster_url, token=token))
-        self._owns_store = store is None
+        self._owns_core = core is None
+        if core is None:
+            worker_id = options.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+            core = WorkerCore(options, worker_id, store, self.role)
+        self.core = core
+        self.worker_id = core.worker_id
+        self.loop = core.loop
+        self.engine = core.engine
+        self.layout = core.layout
+        self.kv = core.kv
+        self.store = core.store
         self.draining = threading.Event()
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs,
-                                       thread_name_prefix=f"{self.role}-rpc"),
-            options=[("grpc.so_reuseport", 0), *lease_options(options.lease_s)],
-            # Calls need the cluster token (if set); undecodable ones get INVALID_ARGUMENT.
-            interceptors=[SyncGuardInterceptor(
-                [(ApiKeys.single("cluster", token, "the cluster token"), WORKER_SERVICES)])],
-        )
-        service_names = self._register(self.server)
-        self.health = add_health_and_reflection(self.server, service_names)
-        self.port = bind(self.server, f"{options.host}:{options.port}")
-        self.address = f"{options.host}:{self.port}"
         self.presence: WorkerPresence | None = None
-        self.started_at = time.time()
         self.metrics_registry = worker_registry(self)
-        self._metrics_server: MetricsServer | None = None
+        if self._owns_core:
+            core.bind(self._register(core.server))
 
     def _register(self, server: grpc.Server) -> list[str]:
+        """Add the role's servicer to `server`; the names of the services added."""
         raise NotImplementedError
+
+    def register_servicer(self, server: grpc.Server) -> list[str]:
+        """Add this role's servicer to a server the core's owner routes (worker.flip)."""
+        return self._register(server)
+
+    @property
+    def server(self) -> grpc.Server:
+        return self.core.server
+
+    @property
+    def health(self) -> HealthStatus | None:
+        return self.core.health
+
+    @property
+    def port(self) -> int:
+        return self.core.port
+
+    @property
+    def address(self) -> str:
+        return self.core.address
+
+    @property
+    def started_at(self) -> float:
+        return self.core.started_at
 
     @property
     def kv_endpoint(self) -> str:
-        from splitserve.kvtransfer.torch_dist import TorchDistBackend
-
-        if isinstance(self.kv, TorchDistBackend):
-            return self.kv.endpoint
-        return f"inproc://{self.worker_id}"
+        return self.core.kv_endpoint
 
     @property
     def metrics_port(self) -> int | None:
         """The bound metrics port; None while metrics are not served."""
-        return None if self._metrics_server is None else self._metrics_server.port
+        return self.core.metrics_port
 
     def serve_metrics(self, port: int = 0) -> int:
         """Serve metrics_registry over HTTP on options.host (idempotent); the bound port."""
-        if self._metrics_server is None:
-            self._metrics_server = MetricsServer(self.metrics_registry, self.options.host, port)
-        return self._metrics_server.port
+        return self.core.serve_metrics(self.metrics_registry, port)
 
     def start(self) -> WorkerRuntime:
-        if self.options.metrics_port is not None:  # first: a taken port fails before serving
-            self.serve_metrics(self.options.metrics_port)
-        self.loop.start()
-        self.server.start()
+        if self._owns_core:
+            if self.options.metrics_port is not None:  # first: a taken port fails first
+                self.serve_metrics(self.options.metrics_port)
+            self.core.start()
         info = WorkerInfo(
             worker_id=self.worker_id,
-            role=_ROLES[self.role],
+            role=ROLES[self.role],
             address=self.address,
             model=model_name(self.options.engine.model),
             block_size=self.engine.block_size,
             num_total_blocks=self.engine.num_blocks,
             kv_endpoint=self.kv_endpoint,
+            started_at=self.started_at,
         )
         self.presence = WorkerPresence(
             self.store, info, self.load_report, self.loop.drain_prefix_events,
@@ -247,7 +164,7 @@ class WorkerRuntime:
         """The fields PrefillStatsResponse and DecodeStatsResponse share."""
         return {
             "worker_id": self.worker_id,
-            "role": _ROLE_PROTO[self.role],
+            "role": ROLE_PROTO[self.role],
             "load": self.load_proto(),
             "counters": self.counters_proto(),
             "kv_layout": layout_to_proto(self.layout),
@@ -299,9 +216,7 @@ class WorkerRuntime:
         being replaced: SIGTERM on its process). Not when the whole deployment drains:
         the others are leaving too."""
         self.draining.set()
-        if self.presence is not None:
-            self.presence.stop(deregister=True)
-            self.presence = None
+        self.leave_cluster()
         deadline = time.monotonic() + wait_timeout_s
         while self.in_flight() and time.monotonic() < deadline:
             if migrate:
@@ -312,18 +227,27 @@ class WorkerRuntime:
     def _drain_step(self) -> None:
         """Called while draining with `migrate`, every 50 ms until nothing is in flight."""
 
-    def stop(self, grace_s: float = 1.0) -> None:
+    def abort_in_flight(self) -> int:
+        """Abort every request still here (a role switch whose drain ran out of time);
+        how many there were. Subclasses override."""
+        return 0
+
+    def leave_cluster(self) -> None:
+        """Deregister from cluster state (routers stop sending work within their view's
+        refresh); work already sent is still taken until `draining` is set."""
         if self.presence is not None:
             self.presence.stop(deregister=True)
             self.presence = None
-        self.server.stop(grace_s).wait(grace_s + 1)
-        self.loop.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
-            self._metrics_server = None
-        self.kv.close()
-        if self._owns_store:
-            self.store.close()
+
+    def release(self) -> None:
+        """Leave the core for the next role: deregister and undo what this role set on
+        the shared engine. Subclasses extend it."""
+        self.leave_cluster()
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self.release()
+        if self._owns_core:
+            self.core.stop(grace_s)
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self.core.server.wait_for_termination()
