@@ -17,8 +17,8 @@ half's arrival span, and overall; the controller's goodput is printed as a ratio
 best and to the worse static split of each half. In a whole run a split that is wrong
 for the first half carries its backlog into the second; --isolated-halves also runs each
 static split on each half alone (fresh processes, that half's requests from t = 0).
-The P:D counts are sampled every 0.5 s from the router's metrics, and the controller's
-switches are printed with the time each took.
+The P:D counts are sampled every 0.5 s from the router's cluster state, and the
+controller's switches are printed with the time each took (from the router's metrics).
 """
 
 from __future__ import annotations
@@ -61,9 +61,14 @@ def schedule(args: argparse.Namespace) -> list[tuple[float, BenchRequest]]:
     return out
 
 
-async def drive(address: str, plan: list[tuple[float, BenchRequest]], metrics_url: str
+async def drive(address: str, plan: list[tuple[float, BenchRequest]]
                 ) -> tuple[list[RequestRecord], list[tuple[float, int, int]]]:
-    """Send `plan` open loop; the records, and (t, prefill, decode) counts every 0.5 s."""
+    """Send `plan` open loop; the records, and (t, prefill, decode) workers registered in
+    the router's cluster state every 0.5 s."""
+    from splitserve.cluster.remote import RemoteClusterStore
+    from splitserve.cluster.store import WorkerRole
+    from splitserve.common import envs
+
     target = GrpcTarget(TargetConfig(url=f"grpc://{address}", request_timeout_s=_GRACE_S))
     await target.open()
     t0 = time.perf_counter()
@@ -80,10 +85,14 @@ async def drive(address: str, plan: list[tuple[float, BenchRequest]], metrics_ur
         except Exception as exc:  # noqa: BLE001 - a failure is a result
             record.fail(clock(), f"{type(exc).__name__}: {exc}")
 
+    store = RemoteClusterStore(address, token=envs.cluster_token())
+
     async def sample_roles() -> None:
         while True:
-            counts = await asyncio.to_thread(_scrape, metrics_url)
-            timeline.append((clock(), counts.get("prefill", -1), counts.get("decode", -1)))
+            live = await asyncio.to_thread(store.live_workers)
+            roles = [info.role for info, _ in live]
+            timeline.append((clock(), roles.count(WorkerRole.PREFILL),
+                             roles.count(WorkerRole.DECODE)))
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample_roles())
@@ -99,6 +108,7 @@ async def drive(address: str, plan: list[tuple[float, BenchRequest]], metrics_ur
     finally:
         sampler.cancel()
         await target.close()
+        store.close()
     return records, timeline
 
 
@@ -179,7 +189,7 @@ def run_config(name: str, args: argparse.Namespace, plan: list[tuple[float, Benc
         _warm_up(addrs["router"], args)
         time.sleep(args.pd_window if name == "control" else 0.0)  # warm-up out of the window
         metrics_url = f"http://127.0.0.1:{http_port}/metrics"
-        records, timeline = asyncio.run(drive(addrs["router"], plan, metrics_url))
+        records, timeline = asyncio.run(drive(addrs["router"], plan))
         final = _scrape(metrics_url)
     result = {"name": name, "summary": summarize(records, slo, args.phase_s),
               "timeline": timeline, "controller": final,
@@ -225,7 +235,7 @@ def _print_config(result: dict[str, Any]) -> None:
 def _changes(timeline: list[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
     out: list[tuple[float, int, int]] = []
     for t, p, d in timeline:
-        if p >= 0 and (not out or (out[-1][1], out[-1][2]) != (p, d)):
+        if not out or (out[-1][1], out[-1][2]) != (p, d):
             out.append((t, p, d))
     return out
 
