@@ -16,8 +16,8 @@ included, so the better class's first token is not shared with their work (their
 they resume the step after; after _MAX_DEFERRED_STEPS such steps in a row, one step takes
 everyone, so a long or endless run of better prompts never starves them). Aging
 (SchedulerConfig.priority_aging_s): a waiting sequence's class improves by one per that many
-seconds waited, so a stream of better classes delays a worse one by a bounded time. With one
-class all of this is the FCFS behaviour above.
+seconds waited, up to the best class present, so a stream of better classes delays a worse
+one by a bounded time. With one class all of this is the FCFS behaviour above.
 
 Fair share (Sequence.client, engine/fair_share.py; SchedulerConfig.fair_share): within a
 class, the waiting sequence admitted next is the least-served client's, and a client below
@@ -118,19 +118,23 @@ class Scheduler:
 
     def _age_waiting(self) -> None:
         """Aging: a waiting sequence's class improves by one per priority_aging_s since it
-        was first queued (the gain is kept while it runs and if it is preempted), so a
-        steady stream of better classes delays a worse one by a bounded time, not forever.
+        was first queued, up to the best class of the sequences here (their own classes,
+        before aging), so a steady stream of better classes delays a worse one by a bounded
+        time, while one class stays FCFS (an aged sequence never outranks, or preempts, one
+        of the class it came up to). The gain is kept while it runs and if it is preempted.
         The queue is re-sorted, stably, when a class changed."""
         aging = self.config.priority_aging_s
         if aging <= 0 or not self.waiting:
             return
+        best = min(s.priority + s.aged_classes for s in (*self.waiting, *self.running))
         now = self.clock()
         changed = False
         for seq in self.waiting:
             since = now if seq.queued_since is None else seq.queued_since
-            earned = int((now - since) // aging)
+            own = seq.priority + seq.aged_classes
+            earned = min(int((now - since) // aging), own - best)
             if earned > seq.aged_classes:
-                seq.priority -= earned - seq.aged_classes
+                seq.priority = own - earned
                 seq.aged_classes = earned
                 changed = True
         if changed:

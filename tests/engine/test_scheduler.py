@@ -470,13 +470,31 @@ def test_aging_counts_waiting_time_only_and_keeps_what_was_earned() -> None:
     run = sim.add("run", prompt(0, 3), max_tokens=40, priority=3)
     sim.step()
     clock.now = 6.0  # run waited 0 s (admitted at once), then ran 6 s
-    vip = sim.add("vip", prompt(100, 3), max_tokens=1, priority=0)
+    vip = sim.add("vip", prompt(100, 3), max_tokens=10, priority=0)
     out = sim.step()
     assert out.preempted == [run] and run.aged_classes == 0 and run.priority == 3
     clock.now = 11.5  # 5.5 s back in the queue: one class earned, none for the running time
     sim.step()
     assert run.aged_classes == 1 and run.priority == 2
-    assert vip.is_finished
+    sim.run()
+    assert vip.is_finished and run.is_finished
+
+
+def test_one_class_stays_fcfs_however_long_the_queue_waits() -> None:
+    """Aging lifts a sequence only up to the best class present: in one class nothing
+    moves, so nothing running is preempted for a long-waiting head."""
+    clock = FakeClock()
+    sim = Sim(num_blocks=64, max_num_seqs=1, max_num_batched_tokens=32,
+              priority_aging_s=1.0, clock=clock)
+    first = sim.add("first", prompt(0, 3), max_tokens=5, priority=1)
+    second = sim.add("second", prompt(100, 3), max_tokens=5, priority=1)
+    sim.step()
+    clock.now = 50.0
+    out = sim.step()
+    assert out.preempted == [] and second.aged_classes == 0 and second.priority == 1
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["first", "second"]
+    assert first.num_preemptions == 0
 
 
 def test_priority_aging_must_be_finite_and_non_negative() -> None:
