@@ -19,6 +19,7 @@ gact and iptables' statistic match, so loss does not rely on them).
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -105,11 +106,16 @@ def loss_filter_bytecode(loss_pct: float, dst: str | None = None) -> str:
     return ",".join([str(len(program)), *(f"{op} {jt} {jf} {k}" for op, jt, jf, k in program)])
 
 
+_HOST_SETS = itertools.count(random.randrange(100))
+
+
 class TestHosts:
     """Namespaced hosts on one bridge; a context manager that removes them on exit."""
 
     def __init__(self, names: Sequence[str]) -> None:
-        self.tag = f"{os.getpid() % 10000}{random.randrange(100):02d}"
+        # Unique among the hosts of this process (a counter, not a random draw: two sets
+        # alive at once in one test session once drew the same names), and of others (pid).
+        self.tag = f"{os.getpid() % 10000}{next(_HOST_SETS) % 100:02d}"
         self.subnet = f"{SUBNET}.{random.randrange(1, 255)}"
         self.switch = f"ss-sw-{self.tag}"
         self.names = list(names)
