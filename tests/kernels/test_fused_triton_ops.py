@@ -76,18 +76,25 @@ def rope_case(num_tokens: int, layout: tuple[int, int, int], block_size: int,
 LAYOUTS = [(6, 2, 64), (2, 2, 32), (4, 1, 80)]
 
 
+def assert_rotary_store_matches_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                      k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      slots: torch.Tensor, layout: tuple[int, int, int]) -> None:
+    """The fused rope + store equals torch's rope then the reference store, bit for bit
+    (slots never written keep their garbage)."""
+    expected, k, v = torch_rope(qkv, cos, sin, *layout)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    reference.store_kv(k, v, k_expected, v_expected, slots)
+    fused_ops.rotary_store_kv_(qkv, cos, sin, k_cache, v_cache, slots, *layout)
+    assert_bits_equal(qkv, expected)
+    assert_bits_equal(k_cache, k_expected)
+    assert_bits_equal(v_cache, v_expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rotary_store_kv_is_bit_exact(dtype: torch.dtype, layout: tuple[int, int, int]) -> None:
     qkv, cos, sin, k_cache, v_cache, slots = rope_case(5, layout, 2, dtype)
-    expected, k, v = torch_rope(qkv, cos, sin, *layout)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    reference.store_kv(k, v, k_expected, v_expected, slots)
-
-    fused_ops.rotary_store_kv_(qkv, cos, sin, k_cache, v_cache, slots, *layout)
-    assert_bits_equal(qkv, expected)
-    assert_bits_equal(k_cache, k_expected)  # also: slots never written kept their garbage
-    assert_bits_equal(v_cache, v_expected)
+    assert_rotary_store_matches_torch(qkv, cos, sin, k_cache, v_cache, slots, layout)
 
 
 def test_rotary_store_kv_tokens_across_programs() -> None:
@@ -96,13 +103,7 @@ def test_rotary_store_kv_tokens_across_programs() -> None:
     layout = (12, 10, 128)
     assert fused_ops.rotary_rows_per_program(128) == 32
     qkv, cos, sin, k_cache, v_cache, slots = rope_case(3, layout, 4, torch.bfloat16, seed=1)
-    expected, k, v = torch_rope(qkv, cos, sin, *layout)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    reference.store_kv(k, v, k_expected, v_expected, slots)
-    fused_ops.rotary_store_kv_(qkv, cos, sin, k_cache, v_cache, slots, *layout)
-    assert_bits_equal(qkv, expected)
-    assert_bits_equal(k_cache, k_expected)
-    assert_bits_equal(v_cache, v_expected)
+    assert_rotary_store_matches_torch(qkv, cos, sin, k_cache, v_cache, slots, layout)
 
 
 def test_rotary_store_kv_two_dim_tables_int32_slots_and_all_padding() -> None:
@@ -261,13 +262,7 @@ def test_cuda_ops_match_torch_on_cuda(dtype: torch.dtype) -> None:
     IEEE-exact, so norm and silu are checked within an ulp)."""
     layout = (32, 8, 128)
     qkv, cos, sin, k_cache, v_cache, slots = rope_case(7, layout, 16, dtype, seed=4)
-    expected, k, v = torch_rope(qkv, cos, sin, *layout)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    reference.store_kv(k, v, k_expected, v_expected, slots)
-    fused_ops.rotary_store_kv_(qkv, cos, sin, k_cache, v_cache, slots, *layout)
-    assert_bits_equal(qkv, expected)
-    assert_bits_equal(k_cache, k_expected)
-    assert_bits_equal(v_cache, v_expected)
+    assert_rotary_store_matches_torch(qkv, cos, sin, k_cache, v_cache, slots, layout)
 
     gate_up = gate_up_case(7, 14336, dtype, seed=5)
     gate, up = gate_up.split(14336, dim=-1)
