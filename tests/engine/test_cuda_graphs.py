@@ -97,7 +97,7 @@ def test_static_triton_path_matches_transformers(tiny_qwen2: Path) -> None:
         assert_greedy_equal(tiny_qwen2, prompt, got, hf_greedy(tiny_qwen2, prompt, n))
 
 
-def test_graphs_are_off_on_cpu_and_with_enforce_eager(tiny_llama: Path) -> None:
+def test_graphs_are_off_on_cpu(tiny_llama: Path) -> None:
     assert LLM(model=str(tiny_llama), **_CONFIG).engine.runner.graphs is None
 
 
