@@ -4,8 +4,9 @@ A router (API keys `flood` and `light`, `--max-inflight` slots) and one decode w
 as plain processes on 127.0.0.1. Over gRPC, `flood` keeps --flood-concurrency requests
 outstanding and `light` --light-concurrency (both backlogged: each client sends its next
 request as soon as one ends; flood keeps ten times as many outstanding; with light at
---max-inflight, both stay backlogged in the router's queue). Three
-phases of --seconds each, in one invocation:
+--max-inflight, both stay backlogged in the router's queue). The flood starts
+--flood-lead-seconds first: the light client joins a service the flood already saturates,
+and the window of --seconds opens when it does. Three phases in one invocation:
 
 1. `light` alone (its unloaded TTFT: the baseline);
 2. both clients, `--admission-policy fcfs` (arrival order);
@@ -49,6 +50,7 @@ class ClientTally:
     output_tokens: int = 0
     requests: int = 0
     ttft_s: list[float] = field(default_factory=list)
+    sent_s: list[float] = field(default_factory=list)  # each TTFT's send time in the window
 
     def row(self, seconds: float) -> dict[str, Any]:
         ttft = sorted(self.ttft_s)
@@ -56,41 +58,56 @@ class ClientTally:
         return {"requests": self.requests, "output_tokens": self.output_tokens,
                 "tokens_per_s": self.output_tokens / seconds,
                 "ttft_p50_s": pick(0.50) if pick else None,
-                "ttft_p99_s": pick(0.99) if pick else None}
+                "ttft_p99_s": pick(0.99) if pick else None,
+                "ttft_by_send_s": [[round(t, 3), round(f, 4)]
+                                   for t, f in zip(self.sent_s, self.ttft_s, strict=True)]}
 
 
 def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seconds: float,
            prompt_len: int, output_len: int, seed: int,
-           priorities: dict[str, int] | None = None) -> dict[str, ClientTally]:
-    """Each client keeps its concurrency of requests outstanding for `seconds` (in its
-    priority class, default 0); what finished inside the window counts."""
+           priorities: dict[str, int] | None = None,
+           lead_s: float = 0.0) -> dict[str, ClientTally]:
+    """Each client keeps its concurrency of requests outstanding (in its priority class,
+    default 0). `flood` starts `lead_s` before the others (so they join a service it
+    already saturates, not a cold start where every client's first requests arrive in the
+    same millisecond); the measurement window is the `seconds` after that. Service is the
+    output tokens that arrived inside the window (a request queued for longer than the
+    window is long still counts what it got in it); requests and TTFTs are those sent and
+    finished inside it."""
     from splitserve.client import Client
 
     tallies = {name: ClientTally() for name in concurrency}
     lock = threading.Lock()
-    end = time.monotonic() + seconds
+    lead_s = lead_s if "flood" in concurrency else 0.0
+    start = time.monotonic() + lead_s  # the window: [start, end]
+    end = start + seconds
 
     def loop(name: str, index: int) -> None:
         rng = random.Random(seed * 1000 + index + (0 if name == "flood" else 500))
+        if name != "flood":
+            time.sleep(max(0.0, start - time.monotonic()))
         with Client(address, token=keys[name], timeout=600) as client:
             while time.monotonic() < end:
                 prompt = [rng.randrange(100, 40000) for _ in range(prompt_len)]
                 started = time.monotonic()
                 first: float | None = None
-                count = 0
+                in_window = 0  # tokens that arrived inside the window, whenever sent
                 for chunk in client.stream(prompt, max_tokens=output_len, temperature=0.0,
                                            ignore_eos=True,
                                            priority=(priorities or {}).get(name, 0)):
+                    now = time.monotonic()
                     if chunk.token_ids and first is None:
-                        first = time.monotonic() - started
-                    count += len(chunk.token_ids)
-                if time.monotonic() <= end:
-                    with lock:
-                        tally = tallies[name]
+                        first = now - started
+                    if start <= now <= end:
+                        in_window += len(chunk.token_ids)
+                with lock:
+                    tally = tallies[name]
+                    tally.output_tokens += in_window
+                    if started >= start and time.monotonic() <= end:
                         tally.requests += 1
-                        tally.output_tokens += count
                         if first is not None:
                             tally.ttft_s.append(first)
+                            tally.sent_s.append(started - start)
 
     jobs = [(name, i) for name, n in concurrency.items() for i in range(n)]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -109,7 +126,7 @@ def _phase(args: argparse.Namespace, keys: dict[str, str], policy: str,
         _drive(addrs["router"], keys, {"light": 1}, args.warmup_seconds, args.input_len,
                args.output_len, args.seed + 99)
         tallies = _drive(addrs["router"], keys, concurrency, args.seconds, args.input_len,
-                         args.output_len, args.seed, priorities)
+                         args.output_len, args.seed, priorities, args.flood_lead_seconds)
     return {name: tally.row(args.seconds) for name, tally in tallies.items()}
 
 
@@ -131,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup-seconds", type=float, default=5.0)
+    ap.add_argument("--flood-lead-seconds", type=float, default=5.0,
+                    help="the flood runs this long before the light client joins and the "
+                         "measurement window opens (0: both start at once)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)

@@ -20,8 +20,9 @@ seconds waited, up to the best class present, so a stream of better classes dela
 one by a bounded time. With one class all of this is the FCFS behaviour above.
 
 Fair share (Sequence.client, engine/fair_share.py; SchedulerConfig.fair_share): within a
-class, the waiting sequence admitted next is the least-served client's, and a client below
-its share of a full batch takes a place from one above it. With one client, FCFS as above.
+class, the waiting sequence admitted next is a client's below its share of the batch, else
+the least-served client's; a client below its share of a full batch takes places from those
+above theirs at once (every place it is short, in one step). With one client, FCFS as above.
 
 Paced streams (Sequence.pace, engine/pacing.py): a decoding sequence that is more than its
 buffer of tokens ahead of its reader sits out the step. It keeps its blocks and its place
@@ -106,7 +107,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order; the last is the newest
         self._deferred_steps = 0  # steps in a row in which worse classes sat out
-        self.shares = ClientShares(dict(config.client_weights))
+        self.shares = ClientShares(dict(config.client_weights), clock=clock)
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -232,56 +233,83 @@ class Scheduler:
 
     def _next_waiting(self) -> Sequence:
         """The waiting sequence to admit next: the head of the queue, or with fair share
-        among several clients, the first one of the best class's least-served client (of
-        equally served ones, the one running fewer sequences: a client that just joined)."""
+        among several clients, within the head's class the first one of a client below its
+        share of the batch if there is one, else of the least-served client (of equally
+        served ones, the one running fewer sequences: a client that just joined)."""
         head = self.waiting[0]
         if not (self.config.fair_share and self.shares.contended):
             return head
         running = Counter(s.client for s in self.running)
+        places = self.config.max_num_seqs
 
-        def key(seq: Sequence) -> tuple[float, int]:
-            return self.shares.service(seq.client), running[seq.client]
+        def key(seq: Sequence) -> tuple[bool, float, int]:
+            below = running[seq.client] + 1 <= self.shares.share(seq.client, places)
+            return not below, self.shares.service(seq.client), running[seq.client]
 
         chosen, best = head, key(head)
-        seen: set[str] = set()  # clients whose first waiting sequence was looked at
+        for seq in self._first_of_each_client():
+            if (k := key(seq)) < best:
+                chosen, best = seq, k
+        return chosen
+
+    def _first_of_each_client(self) -> list[Sequence]:
+        """Each client's first waiting sequence of the head's class (within the first
+        _MAX_FAIR_SCAN of the queue), in queue order."""
+        head = self.waiting[0]
+        firsts: list[Sequence] = []
+        seen: set[str] = set()
         for index, seq in enumerate(self.waiting):
             if seq.priority != head.priority or index >= _MAX_FAIR_SCAN:
                 break
-            if seq.client in seen:
-                continue
-            seen.add(seq.client)
-            if (k := key(seq)) < best:
-                chosen, best = seq, k
-            if len(seen) == len(self.shares.active):
-                break  # every client's first in line was seen
-        return chosen
+            if seq.client not in seen:
+                seen.add(seq.client)
+                firsts.append(seq)
+                if len(seen) == len(self.shares.active):
+                    break  # every client's first in line was seen
+        return firsts
 
     def _make_room_for_a_client(self, out: SchedulerOutput) -> None:
-        """The batch is full and the next waiting sequence's client runs fewer than its
-        share of it while another runs more: that one's newest sequence (of the same or a
-        worse class) is preempted for it."""
+        """The batch is full and clients with sequences waiting run fewer than their share
+        of it while others run more: for each place below a share (as many as those clients
+        have waiting), the newest sequence of the client most above its share (of the same
+        or a worse class) is preempted, all in this step. Admission then takes the clients
+        below their share first (_next_waiting), and a preempted client stays at or above
+        its own, so it never takes the place back: the batch does not thrash."""
         if not (self.config.fair_share and self.shares.contended and self.waiting):
             return
-        if len(self.running) < self.config.max_num_seqs:
-            return
-        candidate = self._next_waiting()
-        running = Counter(s.client for s in self.running)
         places = self.config.max_num_seqs
-        share = {c: self.shares.share(c, places) for c in {*running, candidate.client}}
-        if running[candidate.client] + 1 > share[candidate.client]:
+        if len(self.running) < places:
             return
-        # Only a client served at least as much as the candidate's gives a place: then the
-        # candidate, not the preempted sequence back in the queue, is admitted next.
-        served = self.shares.service(candidate.client)
-        over = [s for s in self.running
-                if running[s.client] > share[s.client] and s.priority >= candidate.priority
-                and self.shares.service(s.client) >= served]
-        if not over:
-            return
-        victim = max(over, key=lambda s: (running[s.client], self.shares.service(s.client),
-                                          s.arrival_index))
-        self._preempt(victim)
-        out.preempted.append(victim)
+        head = self.waiting[0]
+        running = Counter(s.client for s in self.running)
+        waiting = Counter(s.client for s in self.waiting if s.priority == head.priority)
+        share = {c: self.shares.share(c, places) for c in {*running, *waiting}}
+        deficit = sum(min(n, math.floor(share[c] - running[c] + 1e-9))
+                      for c, n in waiting.items() if running[c] + 1 <= share[c])
+        for _ in range(deficit):
+            over = [s for s in self.running
+                    if running[s.client] > share[s.client] and s.priority >= head.priority]
+            if not over:
+                return
+            victim = max(over, key=lambda s: (running[s.client] - share[s.client],
+                                              self.shares.service(s.client), s.arrival_index))
+            running[victim.client] -= 1
+            self._preempt(victim)
+            out.preempted.append(victim)
+
+    def _place_held_for_another(self, seq: Sequence) -> bool:
+        """Fair share: `seq`'s client is at or above its share and the places left are
+        held for clients that released them a moment ago (ClientShares.held_places)."""
+        if not (self.config.fair_share and self.shares.contended):
+            return False
+        places = self.config.max_num_seqs
+        held = self.shares.held_places(places)
+        if not held:
+            return False
+        running = sum(1 for s in self.running if s.client == seq.client)
+        if running + 1 <= self.shares.share(seq.client, places):
+            return False  # within its own share
+        return len(self.running) + 1 + held > places
 
     def _prefilling_class(self) -> int | None:
         """The best class with prompt tokens to compute this step: a running prompt, or the
@@ -350,6 +378,8 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self._next_waiting()
+            if self._place_held_for_another(seq):
+                break
             computed = self.block_manager.match_prefix(seq)
             num_cached = len(computed) * self.block_manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)

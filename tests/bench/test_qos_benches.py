@@ -32,13 +32,17 @@ def test_fairness_bench_runs_all_three_phases(
     out = tmp_path / "fair.json"
     rc = fairness.main(["--model", str(tiny_llama), "--dtype", "float32", "--threads", "1",
                         "--num-kv-blocks", "256", "--seconds", "3", "--warmup-seconds", "1",
-                        "--out", str(out)])
+                        "--flood-lead-seconds", "1", "--out", str(out)])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert rc == 0
     assert set(data["results"]) == {"alone", "fcfs", "vtc"}
     assert set(data["results"]["vtc"]) == {"flood", "light"}
     assert data["results"]["alone"]["light"]["requests"] > 0
+    for phase in ("fcfs", "vtc"):  # only what was sent inside the window counts
+        for client in ("flood", "light"):
+            sends = [t for t, _ in data["results"][phase][client]["ttft_by_send_s"]]
+            assert sends and min(sends) >= 0.0 and max(sends) < 3.0, (phase, client, sends)
     for phase in ("fcfs", "vtc"):
         ratio = data["summary"][phase]["flood_over_light_tokens"]
         assert f"{phase}: tokens served flood/light = {ratio}" in printed
@@ -53,6 +57,7 @@ def test_fairness_bench_priority_scenario(tiny_llama: Path, tmp_path: Path,
     out = tmp_path / "prio.json"
     rc = fairness.main(["--model", str(tiny_llama), "--dtype", "float32", "--threads", "1",
                         "--num-kv-blocks", "256", "--seconds", "3", "--warmup-seconds", "1",
+                        "--flood-lead-seconds", "1",
                         "--scenario", "priority", "--max-inflight", "64", "--max-num-seqs",
                         "2", "--light-concurrency", "1", "--out", str(out)])
     data = json.loads(out.read_text())

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.fair_share import LINGER_S, ClientShares
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
@@ -523,12 +524,10 @@ def test_a_light_client_takes_its_share_of_a_full_batch_at_once() -> None:
     sim.step()
     assert _running_by_client(sim) == {"flood": 4}
     light = [_add_client(sim, f"l{i}", "light", 5000 + 100 * i) for i in range(3)]
-    # Its share of 4 between 2 clients is 2: a place from flood's newest at once, then
-    # the next one a step later (one preemption per step).
+    # Its share of 4 between 2 clients is 2: both places from flood's newest at once.
     out = sim.step()
-    assert [s.request_id for s in out.preempted] == ["f3"] and ("l0", 3) in plan(out)
-    out = sim.step()
-    assert [s.request_id for s in out.preempted] == ["f2"] and ("l1", 3) in plan(out)
+    assert [s.request_id for s in out.preempted] == ["f3", "f2"]
+    assert ("l0", 3) in plan(out) and ("l1", 3) in plan(out)
     assert _running_by_client(sim) == {"flood": 2, "light": 2}
     sim.step()
     assert _running_by_client(sim) == {"flood": 2, "light": 2}  # never past its share
@@ -536,6 +535,55 @@ def test_a_light_client_takes_its_share_of_a_full_batch_at_once() -> None:
     assert all(s.is_finished for s in flood + light)
     # Recomputed, not lost: the preempted ones produced all their tokens.
     assert all(s.num_output_tokens == 20 for s in flood)
+
+
+def test_a_client_below_its_share_is_admitted_before_a_less_served_one() -> None:
+    """Places up to a share come first, counters second: a client that got more service
+    but runs below its share of the batch still takes a place that frees before a client
+    at its share, however little that one was served (else it would wait, preempting
+    nothing, until the counters crossed)."""
+    sim = Sim(num_blocks=256, max_num_seqs=4, max_num_batched_tokens=64)
+    light = [_add_client(sim, f"l{i}", "light", 100 * i, max_tokens=3) for i in range(2)]
+    sim.step()  # light runs 2 and is charged; flood joins at light's counter
+    flood = [_add_client(sim, f"f{i}", "flood", 1000 + 100 * i, max_tokens=30)
+             for i in range(6)]
+    sim.step()
+    assert _running_by_client(sim) == {"light": 2, "flood": 2}
+    for i in range(2, 4):
+        _add_client(sim, f"l{i}", "light", 100 * i, max_tokens=3)
+    sim.sched.shares.charge("light", 1000, 0)  # light far more served than flood
+    while not all(s.is_finished for s in light):
+        sim.step()
+    sim.step()  # light's places freed: its next two, not flood's waiting ones, take them
+    assert _running_by_client(sim) == {"light": 2, "flood": 2}
+    sim.run()
+    assert all(s.is_finished for s in flood)
+
+
+def test_a_released_place_is_held_for_its_client_for_the_linger() -> None:
+    """A client's sequence finishes; its next request comes a moment later. Within the
+    linger the place waits for it (nobody preempted); after it, the place is anybody's."""
+    clock = FakeClock()
+    sim = Sim(num_blocks=256, max_num_seqs=4, max_num_batched_tokens=64, clock=clock)
+    flood = [_add_client(sim, f"f{i}", "flood", 1000 + 100 * i, max_tokens=40)
+             for i in range(8)]
+    light = [_add_client(sim, f"l{i}", "light", 100 * i, max_tokens=3) for i in range(2)]
+    sim.step()
+    assert _running_by_client(sim) == {"flood": 2, "light": 2}
+    while not all(s.is_finished for s in light):
+        sim.step()
+    out = sim.step()  # light's two places are held: flood waits, nothing preempted
+    assert _running_by_client(sim) == {"flood": 2} and out.preempted == []
+    clock.now += 0.05
+    _add_client(sim, "l2", "light", 500, max_tokens=3)
+    out = sim.step()
+    assert _running_by_client(sim) == {"flood": 2, "light": 1} and out.preempted == []
+    clock.now += LINGER_S  # the other held place expires: flood may take it
+    sim.step()
+    assert _running_by_client(sim) == {"flood": 3, "light": 1}
+    sim.run()
+    assert all(s.is_finished for s in flood)
+    assert sim.bm.num_free_blocks == 256
 
 
 def test_client_weights_set_the_shares_of_the_batch_and_of_the_service() -> None:
@@ -560,8 +608,6 @@ def test_client_weights_set_the_shares_of_the_batch_and_of_the_service() -> None
 
 
 def test_weighted_shares_split_places_by_weight() -> None:
-    from splitserve.engine.fair_share import ClientShares
-
     shares = ClientShares({"a": 2.0})
     shares.join("a")
     shares.join("b")
