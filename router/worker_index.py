@@ -178,7 +178,8 @@ class RoleIndex:
             self._row_fn = row_fn
             self._row_of = {wid: i for i, wid in enumerate(self._ids)}
             rows = [row_fn(self.views[wid]) for wid in self._ids]
-            self._table = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+            self._table = (np.array(rows, dtype=np.float64) if rows
+                           else np.zeros((0, 0), dtype=np.float64))  # (no worker: no row)
         return self._table, self._row_of
 
 

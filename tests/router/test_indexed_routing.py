@@ -65,8 +65,12 @@ def _load(rng: random.Random, with_models: bool) -> WorkerLoadReport:
                             step_model=_step_model(rng) if with_models else None)
 
 
-def _register(store: InMemoryClusterStore, rng: random.Random, i: int) -> None:
-    role = rng.choice((WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.BOTH))
+ALL_ROLES = (WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.BOTH)
+
+
+def _register(store: InMemoryClusterStore, rng: random.Random, i: int,
+              roles: tuple[WorkerRole, ...] = ALL_ROLES) -> None:
+    role = rng.choice(roles)
     model = MODEL if rng.random() > 0.03 else "other"
     store.register_worker(WorkerInfo(f"w{i:04d}", role, f"10.0.0.{i % 300}:{i // 300}", model,
                                      BS, 40), ttl_s=60)
@@ -94,12 +98,13 @@ def _overlap(rng: random.Random, ids: list[str]) -> dict[str, float]:
     return {wid: rng.choice((0.0, 0.5, 1.0, 2.75, 4.0, 40.0)) for wid in chosen}
 
 
-async def _compare(seed: int, num_workers: int, rounds: int, with_models: bool) -> None:
+async def _compare(seed: int, num_workers: int, rounds: int, with_models: bool,
+                   roles: tuple[WorkerRole, ...] = ALL_ROLES) -> None:
     rng = random.Random(seed)
     clock = FakeClock()
     store = InMemoryClusterStore(clock=clock)
     for i in range(num_workers):
-        _register(store, rng, i)
+        _register(store, rng, i, roles)
         store.heartbeat(f"w{i:04d}", _load(rng, with_models), ttl_s=60)
     directory = WorkerDirectory(AsyncStore(store), MODEL, BS, refresh_s=3600.0)
     held: list[Assignment] = []
@@ -115,10 +120,10 @@ async def _compare(seed: int, num_workers: int, rounds: int, with_models: bool) 
             elif action < 0.8:
                 store.deregister_worker(wid)
             elif action < 0.9:
-                _register(store, rng, next_id)
+                _register(store, rng, next_id, roles)
                 next_id += 1
             else:
-                _register(store, rng, rng.randrange(next_id))  # again, maybe another role
+                _register(store, rng, rng.randrange(next_id), roles)  # again, maybe another role
         snapshot = await directory.snapshot(force=True)
         ids = [info.worker_id for info, _ in store.live_workers()]
         for _ in range(rng.randrange(6)):  # work sent and finished between reads
@@ -177,6 +182,14 @@ async def _compare_request(rng: random.Random, snapshot: Any, decode: list[Worke
 def test_small_clusters_pick_as_the_reference(seed: int) -> None:
     run(_compare(seed, num_workers=random.Random(seed).randrange(1, 40), rounds=25,
                  with_models=seed % 3 != 0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_only_clusters_pick_as_the_reference(seed: int) -> None:
+    """No prefill worker at all (colocated replicas): the latency policy's prefill table is
+    empty (it once failed to build one: 'cannot reshape array of size 0')."""
+    run(_compare(seed, num_workers=random.Random(seed).randrange(1, 6), rounds=10,
+                 with_models=True, roles=(WorkerRole.DECODE,)))
 
 
 @pytest.mark.parametrize("with_models", [True, False])
