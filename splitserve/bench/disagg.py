@@ -2,13 +2,15 @@
 
     splitserve bench disagg [--model smollm2-135m] [--rates 0.25,0.5,1,1.5] [--num-requests 40]
                             [--slo tpot_ms=120,ttft_ms=3000] [--out-dir results/disagg]
+                            [--route-policy load|latency]
 
 The same cores, two ways, behind the same router, one CPU thread per worker:
   disaggregated: 1 prefill worker + 1 decode worker (every prompt prefilled remotely)
   colocated:     2 decode workers that prefill their own prompts (2 colocated replicas)
 Each gets the same seeded Poisson sweep of a mixed workload (mostly short prompts, some
 long ones) through `splitserve bench serve`; results, plots and the comparison land in
---out-dir.
+--out-dir. `--route-policy latency` runs the router's latency-aware routing (each request to
+the worker, or P/D pair, with the best predicted TTFT) instead of routing by load.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=list(CONFIGS), default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--route-policy", default="load", choices=["load", "latency"],
+                    help="the router's --route-policy")
     ap.add_argument("--workload-args", default="--long-input-len 1000 --long-fraction 0.2 "
                     "--input-len 64 --output-len 96",
                     help="extra `bench serve` workload flags (one string)")
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== {name}: {config}", flush=True)
         worker_args = ("--no-prefix-caching", "--num-kv-blocks", "512", "--dtype", args.dtype)
         with local_deployment(args.model, threads=1, worker_args=worker_args,
+                              router_args=("--route-policy", args.route_policy),
                               **config) as addrs:  # type: ignore[arg-type]
             result = out_dir / f"{name}.json"
             code = serve.main([

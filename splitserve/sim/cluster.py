@@ -16,7 +16,10 @@ Life cycle of a simulated request (times in seconds from the run's start):
 3. Every step's sampled tokens reach the client when the step ends; a sequence with
    max_tokens outputs finishes and frees its blocks.
 Each worker runs one step at a time; a step's length is the ProfiledStepTimes's, plus the
-profile's per-step serving overhead. Nothing is random here: the trace carries all chance.
+profile's per-step serving overhead. With `Deployment.shared_host` (workers on one machine's
+cores) a step's compute is multiplied by the profile's co-run factor for the kinds of step
+the other workers are running when it starts (sim.corun measures them). Nothing is random
+here: the trace carries all chance.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Deployment:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_policy: str = "kv_aware"
+    # Every worker on one host's cores (bench disagg on one machine): steps slow each other
+    # by the profile's corun factors. False: one device per worker (the planner's case).
+    shared_host: bool = False
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
@@ -84,6 +90,7 @@ class _Worker:
     busy: bool = False
     step: SimStep | None = None
     step_prefill_ms: float = 0.0
+    step_kind: str = "decode"  # of the step running: "prefill" (prompt tokens) | "decode"
     busy_s: float = 0.0  # time spent in steps, for utilization
     # decode side: remote-prefilled sequences whose KV has not arrived (they hold blocks)
     incoming: set[int] = field(default_factory=set)
@@ -188,7 +195,12 @@ class Simulation:
         context = (sum(s.num_computed_tokens for s in decodes) / len(decodes)) if decodes else 0.0
         prefill_tokens = step.num_prefill_tokens
         compute_ms = self.model.step_ms(prefill_tokens, len(decodes), context)
+        kind = "prefill" if prefill_tokens else "decode"
+        if self.deployment.shared_host:
+            others = [w.step_kind for w in self.decode + self.prefill if w.busy and w is not worker]
+            compute_ms *= self.model.corun_factor(kind, others)
         worker.busy, worker.step, worker.step_prefill_ms = True, step, compute_ms
+        worker.step_kind = kind
         duration_s = (compute_ms + self.model.profile.serving.decode_step_ms) / 1e3
         worker.busy_s += duration_s
         self.at(now + duration_s, partial(self._end_step, worker))

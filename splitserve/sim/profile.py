@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+STEP_KINDS = ("prefill", "decode")  # a step with prompt tokens in it, or decodes only
 PROFILE_KIND = "splitserve-profile"
 PROFILE_VERSION = 1
 
@@ -67,6 +68,10 @@ class Profile:
     kv_bytes_per_token: int  # K and V of every layer for one token, as sent
     kv_bandwidth_bytes_per_s: float  # measured between two workers
     serving: ServingOverheads = field(default_factory=ServingOverheads)
+    # factor[kind][other kind]: a step of `kind` ("prefill" | "decode") while another
+    # worker on the same host runs steps of `other kind`, over the same step alone
+    # (sim.corun; empty: not measured, no interference)
+    corun: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens", "decode_batches", "decode_contexts"):
@@ -80,6 +85,11 @@ class Profile:
             raise ValueError("decode_ms must be [len(decode_batches)][len(decode_contexts)]")
         if self.kv_bytes_per_token < 1 or not self.kv_bandwidth_bytes_per_s > 0:
             raise ValueError("kv_bytes_per_token and kv_bandwidth_bytes_per_s must be > 0")
+        for kind, row in self.corun.items():
+            if kind not in STEP_KINDS or any(k not in STEP_KINDS or not f > 0
+                                             for k, f in row.items()):
+                raise ValueError(f"corun factors are {{kind: {{kind: factor > 0}}}} with kinds "
+                                 f"{STEP_KINDS}, got {self.corun}")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": PROFILE_KIND, "version": PROFILE_VERSION, **asdict(self)}
@@ -126,6 +136,12 @@ class ProfiledStepTimes:
             return decode
         attention = decode - self.decode_ms(num_decodes, self._context_x[0])
         return self.prefill_ms(num_prefill_tokens + num_decodes) + max(0.0, attention)
+
+    def corun_factor(self, kind: str, others: list[str]) -> float:
+        """A step of `kind` starting while other workers of its host run steps of the kinds
+        `others`: its time's factor (the most any one of them causes; 1 alone)."""
+        row = self.profile.corun.get(kind, {})
+        return max((row.get(other, 1.0) for other in others), default=1.0)
 
     def transfer_ms(self, num_tokens: int) -> float:
         """Moving `num_tokens` tokens' KV at the measured bandwidth."""

@@ -10,6 +10,8 @@ Measures, with the engine in this process (no prefix caching, one step per point
     decode_step_ms, median of 8 steps);
   - KV transfer: gloo loopback bandwidth between two processes (kvtransfer.bench, batched
     per-layer messages, median), and the KV bytes per token of this model's layout;
+  - co-run factors (unless --no-corun): each step kind's time while a second engine
+    process on the same cores runs steps of each kind, over its time alone (sim.corun);
   - serving overheads (unless --no-serving): a local deployment (router + workers as
     processes, --threads each) serves short prompts one at a time, colocated and then
     disaggregated; what TTFT and TPOT hold beyond the engine's own step times.
@@ -118,6 +120,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-kv", action="store_true",
                     help="skip the gloo measurement (--kv-bandwidth is recorded instead)")
     ap.add_argument("--kv-bandwidth", type=float, default=1e9, help="bytes/s with --no-kv")
+    ap.add_argument("--no-corun", action="store_true",
+                    help="skip the co-run factors (steps slowed by another worker on the "
+                         "same host's cores; sim.corun): recorded as none")
     ap.add_argument("--out", required=True)
 
 
@@ -167,6 +172,14 @@ def run(args: argparse.Namespace) -> int:
                       decode_batches=batches, decode_contexts=contexts, decode_ms=decode_ms,
                       kv_bytes_per_token=bytes_per_token, kv_bandwidth_bytes_per_s=bandwidth)
     del engine
+    if not args.no_corun:
+        from splitserve.sim.corun import measure_factors
+
+        corun = measure_factors(args.model, args.dtype, args.threads, args.repeats, args.seed)
+        profile = replace(profile, corun=corun)
+        print("co-run factors (step kind under another worker's kind): " + ", ".join(
+            f"{k} under {o} {f:.3f}" for k, row in corun.items() for o, f in row.items()),
+              flush=True)
     if not args.no_serving:
         serving = measure_serving(args, ProfiledStepTimes(profile))
         profile = replace(profile, serving=serving)

@@ -34,7 +34,8 @@ FIGURES = (("goodput", None), ("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms"
 
 
 def deployment_of(config_name: str, base: Deployment | None = None) -> Deployment:
-    """bench disagg's named configuration as a simulated Deployment."""
+    """bench disagg's named configuration as a simulated Deployment (its workers share
+    one machine's cores: the profile's co-run factors apply)."""
     c = disagg.CONFIGS[config_name]
     base = base or Deployment()
     return Deployment(num_prefill=c["num_prefill"], num_decode=c["num_decode"],
@@ -42,7 +43,7 @@ def deployment_of(config_name: str, base: Deployment | None = None) -> Deploymen
                       block_size=base.block_size, num_kv_blocks=base.num_kv_blocks,
                       max_num_seqs=base.max_num_seqs,
                       max_num_batched_tokens=base.max_num_batched_tokens,
-                      prefill_policy=base.prefill_policy)
+                      prefill_policy=base.prefill_policy, shared_host=True)
 
 
 def parse_workload(workload_args: str, seed: int, kind: str = "mixed") -> WorkloadConfig:

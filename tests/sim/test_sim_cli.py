@@ -34,6 +34,10 @@ def test_profile_records_the_grid_and_the_machine(tiny_profile: Path) -> None:
     assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert profile.kv_bandwidth_bytes_per_s == 5e8
     assert profile.hardware["cpu_count"] >= 1 and profile.threads == 1
+    # co-run factors measured against real second engines (values depend on the machine)
+    assert set(profile.corun) == {"prefill", "decode"}
+    assert all(set(row) == {"prefill", "decode"} and all(f > 0 for f in row.values())
+               for row in profile.corun.values())
 
 
 def test_simulate_prints_predicted_beside_measured(tiny_profile: Path, tmp_path: Path,

@@ -41,6 +41,25 @@ def test_a_lone_disaggregated_request_pays_the_exposed_transfer() -> None:
     assert record.tpot_ms == pytest.approx(10.0)
 
 
+def test_workers_on_one_host_slow_each_other_by_the_corun_factors() -> None:
+    corun = {"prefill": {"prefill": 1.5, "decode": 1.1}, "decode": {"prefill": 1.3,
+                                                                   "decode": 1.2}}
+    model = ProfiledStepTimes(make_profile(
+        prefill_tokens=[1, 10_000], prefill_ms=[40.0, 40.0], decode_batches=[1, 64],
+        decode_contexts=[1, 10_000], decode_ms=[[10.0, 10.0], [10.0, 10.0]], corun=corun))
+    # Request 0 starts its prompt step on one worker at 0 ms, request 1 on the other at 1 ms.
+    trace = [SimRequest(0, 0.0, 64, 3), SimRequest(1, 0.001, 64, 3)]
+    alone = simulate(Deployment(num_decode=2), model, trace)  # one device per worker
+    assert [r.ttft_ms for r in alone] == pytest.approx([40.0, 40.0])
+    assert [r.tpot_ms for r in alone] == pytest.approx([10.0, 10.0])
+    first, second = simulate(Deployment(num_decode=2, shared_host=True), model, trace)
+    # 0: prompt 0-40 alone; decodes 40-53 and 53-66 under the other's prompt (x1.3).
+    assert (first.ttft_ms, first.tpot_ms) == pytest.approx((40.0, 13.0))
+    # 1: prompt 1-61 under the other's prompt (x1.5); decode 61-73 under the other's
+    # decode (x1.2), then 73-83 alone (the other finished at 66).
+    assert (second.ttft_ms, second.tpot_ms) == pytest.approx((60.0, 11.0))
+
+
 def test_short_prompts_stay_local_under_the_threshold() -> None:
     model = flat_model()
     deployment = Deployment(num_prefill=1, num_decode=1, local_prefill_threshold=64)

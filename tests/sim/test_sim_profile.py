@@ -48,12 +48,23 @@ def test_step_time_of_prompt_only_decode_only_and_mixed_steps() -> None:
     assert model.step_ms(200, 3, 300) == pytest.approx(20.0 + 3 * 40 / 200 + 6.0)
 
 
+def test_corun_factor_is_the_worst_other_step_and_one_without_factors() -> None:
+    plain = ProfiledStepTimes(make_profile())
+    assert plain.corun_factor("decode", ["prefill", "decode"]) == 1.0
+    model = ProfiledStepTimes(make_profile(corun={"decode": {"prefill": 1.4, "decode": 1.1}}))
+    assert model.corun_factor("decode", []) == 1.0
+    assert model.corun_factor("decode", ["decode"]) == 1.1
+    assert model.corun_factor("decode", ["decode", "prefill"]) == 1.4
+    assert model.corun_factor("prefill", ["decode"]) == 1.0  # not measured: no slowdown
+
+
 def test_transfer_time_is_bytes_over_bandwidth() -> None:
     assert ProfiledStepTimes(make_profile()).transfer_ms(500) == pytest.approx(500.0)
 
 
 def test_json_round_trip(tmp_path: Path) -> None:
-    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5))
+    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5),
+                           corun={"prefill": {"decode": 1.25}, "decode": {"prefill": 1.5}})
     profile.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == profile
 
@@ -64,6 +75,8 @@ def test_json_round_trip(tmp_path: Path) -> None:
     {"decode_ms": [[5.0, 7.0]]},
     {"decode_ms": [[5.0], [8.0]]},
     {"kv_bandwidth_bytes_per_s": 0.0},
+    {"corun": {"verify": {"decode": 1.1}}},
+    {"corun": {"decode": {"prefill": 0.0}}},
 ])
 def test_malformed_profiles_are_refused(changes: dict[str, object]) -> None:
     with pytest.raises(ValueError):
