@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.common.grpc_util import ServiceError
-from splitserve.router.latency import RoutePrediction, TtftUnmetError, best_routes_from
+from splitserve.router.latency import (
+    RoutePrediction,
+    TtftUnmetError,
+    best_routes_from,
+    expected_e2e_ms,
+)
 from splitserve.router.policy import (
     Route,
     WorkerView,
@@ -177,20 +182,24 @@ def _latency_routes(
     ranked: list[WorkerView], snapshot: ClusterSnapshot, overlap: dict[str, float],
     num_blocks: int, local: bool,
 ) -> dict[str, RoutePrediction]:
-    """The decode workers' best predicted routes in the order to try them (those with
-    room for the request first); {} while some worker's step times are unknown.
-    TtftUnmetError when the request has a TTFT SLO that even the best would miss."""
+    """The decode workers' best predicted routes in the order to try them: those with
+    room for the request first, then those meeting its TTFT SLO, then by expected
+    end-to-end time; {} while some worker's step times are unknown. TtftUnmetError when the
+    request has a TTFT SLO that even the best would miss."""
     routes = best_routes_from(ranked, snapshot.prefill_candidates(), request.prompt_len,
                               overlap, state.rules.block_size, local_only=local)
     if not routes:
         return {}
-    routes.sort(key=lambda p: (p.route.decode.num_free_blocks < num_blocks, *p.key))
     best = min(routes, key=lambda p: p.key)
     waited_s = time.monotonic() - trace.arrival
     slo_s = request.ttft_slo_ms / 1e3
     # Only a request's first attempt: a resumed one has streamed already and must finish.
     if slo_s and not trace.resumed and waited_s + best.ttft_ms / 1e3 > slo_s:
         raise TtftUnmetError(waited_s + best.ttft_ms / 1e3, slo_s)
+    max_tokens = request.params.max_tokens
+    routes.sort(key=lambda p: (p.route.decode.num_free_blocks < num_blocks,
+                               bool(slo_s) and waited_s + p.ttft_ms / 1e3 > slo_s,
+                               expected_e2e_ms(p, max_tokens), *p.key))
     return {p.route.decode.worker_id: p for p in routes}
 
 

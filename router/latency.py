@@ -9,9 +9,11 @@ For a route, with the candidate workers' queued prompt tokens and running batche
   the prefilling worker, so a remote prefill's TTFT does not include the KV transfer.
 - TPOT: one step of the decode worker with one more sequence in its batch and the prompt
   tokens it has queued (up to its budget) in the same step.
-Routes are ranked by (TTFT, TPOT); a request with a TTFT SLO that even the best route would
-miss is refused at once (RESOURCE_EXHAUSTED naming the prediction), before any worker is
-called. Workers whose step times are not known yet (just started) fall back to the load
+Each decode worker's routes are ranked by (TTFT, TPOT); the decode workers are tried in the
+order of their best route's expected end-to-end time (expected_e2e_ms: TTFT + the request's
+decode steps there), those whose TTFT meets the request's SLO first. A request with a TTFT
+SLO that even the best route would miss is refused at once (RESOURCE_EXHAUSTED naming the
+prediction), before any worker is called. Workers whose step times are not known yet (just started) fall back to the load
 policy's route. Pure functions, unit-tested with exact numbers.
 
 `best_routes` is the reference; the router runs `best_routes_from`, the same routes read
@@ -158,6 +160,20 @@ def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mappi
         skip.add(candidates.skip_id)
     ttft[[row_of[wid] for wid in skip]] = np.inf
     return ttft
+
+
+def expected_e2e_ms(prediction: RoutePrediction, max_tokens: int) -> float:
+    """The request's predicted time to its last token on this route: its TTFT, then
+    max_tokens - 1 decode steps of its decode worker with it in the batch. Ranking decode
+    workers by this, not by TTFT alone, charges a busy worker for the steps every token will
+    take there: ranked by TTFT, the worker whose online fit came out a little faster per
+    prompt token won every prompt however many sequences it already ran (measured:
+    BENCHMARKS.md, "Latency-aware routing against load routing")."""
+    decode = prediction.route.decode
+    model = decode.step_model
+    per_token = (model.step_ms(decode.num_running + 1) if model is not None
+                 else prediction.tpot_ms)
+    return prediction.ttft_ms + max(0, max_tokens - 1) * per_token
 
 
 class TtftUnmetError(Exception):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from splitserve.common.step_time import StepTimeModel
-from splitserve.router.latency import best_routes, candidate_routes, predict_route
+from splitserve.router.latency import (
+    best_routes,
+    candidate_routes,
+    expected_e2e_ms,
+    predict_route,
+)
 from splitserve.router.policy import Route, WorkerView
 
 FAST = StepTimeModel(base_ms=2.0, per_seq_ms=1.0, per_prompt_token_ms=0.1, token_budget=100)
@@ -76,3 +81,26 @@ def test_decode_workers_ordered_by_ttft_then_tpot() -> None:
     assert [(r.route.decode.worker_id, r.route.prefill.worker_id if r.route.prefill else "")
             for r in ranked] == [("d1", "p0"), ("d0", "p0")]
     assert ranked[0].ttft_ms == ranked[1].ttft_ms and ranked[0].tpot_ms < ranked[1].tpot_ms
+
+
+def test_expected_e2e_charges_a_busy_worker_for_every_decode_step() -> None:
+    """Two colocated workers whose online fits differ a little: ranked by TTFT the one
+    that looks faster per prompt token wins however busy it is (it took 26-30 of 30
+    requests in the measured sweep); by expected end-to-end time the idle one wins once
+    its decode steps outweigh the prompt's difference."""
+    slightly_faster = StepTimeModel(base_ms=26.0, per_seq_ms=1.0, per_prompt_token_ms=2.0,
+                                    token_budget=2048)
+    slightly_slower = StepTimeModel(base_ms=26.0, per_seq_ms=1.0, per_prompt_token_ms=2.2,
+                                    token_budget=2048)
+    busy = worker("d0", model=slightly_faster, running=6)
+    idle = worker("d1", model=slightly_slower, running=0)
+    ranked = best_routes([busy, idle], [], 64, {}, 16)
+    assert ranked is not None and [p.route.decode.worker_id for p in ranked] == ["d0", "d1"]
+    by_busy, by_idle = ranked
+    # TTFT: 26 + 7 x 1 + 64 x 2.0 = 161 ms busy, 26 + 1 + 64 x 2.2 = 167.8 ms idle.
+    assert (by_busy.ttft_ms, by_idle.ttft_ms) == pytest.approx((161.0, 167.8))
+    # + 95 decode steps: of 7 sequences (33 ms) busy, of 1 (27 ms) idle.
+    assert expected_e2e_ms(by_busy, 96) == pytest.approx(161.0 + 95 * 33.0)
+    assert expected_e2e_ms(by_idle, 96) == pytest.approx(167.8 + 95 * 27.0)
+    assert expected_e2e_ms(by_idle, 96) < expected_e2e_ms(by_busy, 96)
+    assert expected_e2e_ms(by_busy, 1) < expected_e2e_ms(by_idle, 1)  # one token: TTFT decides
