@@ -1,0 +1,106 @@
+"""CPU time per streamed token of every process of a served lone stream, and its busiest
+threads: what the serving path (client, router, the decode worker's relay) costs beside
+the engine's own step.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_per_token.py [--dtype bfloat16]
+        [--threads 2] [--requests 8] [--output-len 128]
+
+A router and one decode worker (prefilling its own prompts) as processes on 127.0.0.1,
+`splitserve bench serve` at concurrency 1 (256 words in, --output-len tokens out, EOS
+ignored), after a 2-request warm-up. CPU time is read from /proc (utime + stime of every
+thread) before and after the run; the client's from this process's waited children. The
+engine threads spin between parallel regions, so their CPU time is wall time, not work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from splitserve.bench.procs import local_deployment
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """tid -> (thread name, CPU seconds so far) of every thread of `pid`."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+    return out
+
+
+def deployment_processes() -> dict[int, str]:
+    """pid -> role of this process's `splitserve.cli` children."""
+    me, found = os.getpid(), {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid == me and b"splitserve.cli" in argv:
+            found[int(proc.name)] = argv[argv.index(b"splitserve.cli") + 1].decode()
+    return found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--output-len", type=int, default=128)
+    args = ap.parse_args()
+    worker_args = ("--dtype", args.dtype, "--max-num-seqs", "16", "--num-kv-blocks", "2048")
+    with tempfile.TemporaryDirectory() as tmp, local_deployment(
+            args.model, num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
+            threads=args.threads, worker_args=worker_args) as addrs:
+        result = Path(tmp) / "serve.json"
+
+        def bench(num_requests: int) -> list[str]:
+            return [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--target",
+                    f"grpc://{addrs['router']}", "--workload", "fixed", "--input-len", "256",
+                    "--output-len", str(args.output_len), "--concurrency", "1",
+                    "--num-requests", str(num_requests), "--no-progress", "--out", str(result)]
+
+        subprocess.run(bench(2), check=True, capture_output=True)  # warm-up
+        procs = deployment_processes()
+        before = {pid: thread_cpu_s(pid) for pid in procs}
+        client_before, start = os.times(), time.monotonic()
+        subprocess.run(bench(args.requests), check=True, stdout=subprocess.DEVNULL)
+        client_after, wall = os.times(), time.monotonic() - start
+        after = {pid: thread_cpu_s(pid) for pid in procs}
+        summary = json.loads(result.read_text())["summary"]
+    tokens = args.requests * args.output_len
+    client_s = (client_after.children_user + client_after.children_system
+                - client_before.children_user - client_before.children_system)
+    print(f"{tokens} tokens in {wall:.1f} s, TPOT p50 {summary['tpot_ms']['p50']:.2f} ms")
+    print(f"client (bench serve): {client_s * 1e3 / tokens:.3f} ms CPU per token")
+    for pid, role in procs.items():
+        rows = sorted(((cpu_s - before[pid].get(tid, (name, 0.0))[1], tid, name)
+                       for tid, (name, cpu_s) in after[pid].items()), reverse=True)
+        print(f"{role} (pid {pid}): {sum(r[0] for r in rows) * 1e3 / tokens:.3f} ms CPU per token")
+        for cpu_s, tid, name in rows[:6]:
+            if cpu_s > 0:
+                print(f"    thread {tid} {name}: {cpu_s * 1e3 / tokens:.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
