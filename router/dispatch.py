@@ -24,6 +24,7 @@ from splitserve.router.latency import (
     TtftUnmetError,
     best_routes_from,
     expected_e2e_ms,
+    pooled_step_model,
 )
 from splitserve.router.policy import (
     Route,
@@ -197,9 +198,10 @@ def _latency_routes(
     if slo_s and not trace.resumed and waited_s + best.ttft_ms / 1e3 > slo_s:
         raise TtftUnmetError(waited_s + best.ttft_ms / 1e3, slo_s)
     max_tokens = request.params.max_tokens
+    pooled = pooled_step_model([p.route.decode.step_model for p in routes])
     routes.sort(key=lambda p: (p.route.decode.num_free_blocks < num_blocks,
                                bool(slo_s) and waited_s + p.ttft_ms / 1e3 > slo_s,
-                               expected_e2e_ms(p, max_tokens), *p.key))
+                               expected_e2e_ms(p, max_tokens, pooled), *p.key))
     return {p.route.decode.worker_id: p for p in routes}
 
 

@@ -11,7 +11,8 @@ For a route, with the candidate workers' queued prompt tokens and running batche
   tokens it has queued (up to its budget) in the same step.
 Each decode worker's routes are ranked by (TTFT, TPOT); the decode workers are tried in the
 order of their best route's expected end-to-end time (expected_e2e_ms: TTFT + the request's
-decode steps there), those whose TTFT meets the request's SLO first. A request with a TTFT
+decode steps there, timed by the candidates' median fit), those whose TTFT meets the
+request's SLO first. A request with a TTFT
 SLO that even the best route would miss is refused at once (RESOURCE_EXHAUSTED naming the
 prediction), before any worker is called. Workers whose step times are not known yet (just started) fall back to the load
 policy's route. Pure functions, unit-tested with exact numbers.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splitserve.common.step_time import StepTimeModel
 from splitserve.router.policy import Route, WorkerView, cached_tokens
 from splitserve.router.worker_index import Candidates
 
@@ -162,15 +164,31 @@ def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mappi
     return ttft
 
 
-def expected_e2e_ms(prediction: RoutePrediction, max_tokens: int) -> float:
+def pooled_step_model(models: Sequence[StepTimeModel | None]) -> StepTimeModel | None:
+    """The median of the known fits, field by field (None when none is known)."""
+    known = [m for m in models if m is not None]
+    if not known:
+        return None
+    return StepTimeModel(
+        base_ms=float(np.median([m.base_ms for m in known])),
+        per_seq_ms=float(np.median([m.per_seq_ms for m in known])),
+        per_prompt_token_ms=float(np.median([m.per_prompt_token_ms for m in known])),
+        token_budget=int(np.median([m.token_budget for m in known])))
+
+
+def expected_e2e_ms(prediction: RoutePrediction, max_tokens: int,
+                    decode_model: StepTimeModel | None = None) -> float:
     """The request's predicted time to its last token on this route: its TTFT, then
-    max_tokens - 1 decode steps of its decode worker with it in the batch. Ranking decode
-    workers by this, not by TTFT alone, charges a busy worker for the steps every token will
-    take there: ranked by TTFT, the worker whose online fit came out a little faster per
-    prompt token won every prompt however many sequences it already ran (measured:
-    BENCHMARKS.md, "Latency-aware routing against load routing")."""
+    max_tokens - 1 decode steps of its decode worker with it in the batch, each timed by
+    `decode_model` (default: the worker's own fit). Ranking decode workers by this, not by
+    TTFT alone, charges a busy worker for the steps every token will take there: ranked by
+    TTFT, the worker whose online fit came out a little faster per prompt token won every
+    prompt however many sequences it already ran (BENCHMARKS.md, "Latency-aware routing
+    against load routing"). The router passes the candidates' pooled fit (median): a
+    worker's own fit comes only from the steps it ran, so one that got no requests keeps a
+    stale fit that kept it idle."""
     decode = prediction.route.decode
-    model = decode.step_model
+    model = decode_model or decode.step_model
     per_token = (model.step_ms(decode.num_running + 1) if model is not None
                  else prediction.tpot_ms)
     return prediction.ttft_ms + max(0, max_tokens - 1) * per_token

@@ -9,6 +9,7 @@ from splitserve.router.latency import (
     best_routes,
     candidate_routes,
     expected_e2e_ms,
+    pooled_step_model,
     predict_route,
 )
 from splitserve.router.policy import Route, WorkerView
@@ -104,3 +105,27 @@ def test_expected_e2e_charges_a_busy_worker_for_every_decode_step() -> None:
     assert expected_e2e_ms(by_idle, 96) == pytest.approx(167.8 + 95 * 27.0)
     assert expected_e2e_ms(by_idle, 96) < expected_e2e_ms(by_busy, 96)
     assert expected_e2e_ms(by_busy, 1) < expected_e2e_ms(by_idle, 1)  # one token: TTFT decides
+
+
+def test_a_stale_fit_does_not_keep_an_idle_worker_idle() -> None:
+    """An idle worker whose fit came from a few early steps (slow) against a busy one:
+    by its own fits the busy one looks better however much it runs; with the decode steps
+    timed by the candidates' pooled fit the idle one wins."""
+    fresh = StepTimeModel(base_ms=26.0, per_seq_ms=1.0, per_prompt_token_ms=2.0,
+                          token_budget=2048)
+    stale = StepTimeModel(base_ms=40.0, per_seq_ms=1.0, per_prompt_token_ms=2.3,
+                          token_budget=2048)
+    busy, idle = worker("d0", model=fresh, running=5), worker("d1", model=stale)
+    ranked = best_routes([busy, idle], [], 64, {}, 16)
+    assert ranked is not None
+    by_id = {p.route.decode.worker_id: p for p in ranked}
+    own = {wid: expected_e2e_ms(p, 96) for wid, p in by_id.items()}
+    assert own["d0"] < own["d1"]  # 26 + 6 = 32 ms a step busy, 41 idle: busy wins
+    pooled = pooled_step_model([fresh, stale, None])
+    assert pooled == StepTimeModel(33.0, 1.0, 2.15, 2048)
+    shared = {wid: expected_e2e_ms(p, 96, pooled) for wid, p in by_id.items()}
+    # TTFT by its own fits (160 vs 188.2 ms), decode steps by the pool's: 39 vs 34 ms.
+    assert shared["d0"] == pytest.approx(160.0 + 95 * 39.0)
+    assert shared["d1"] == pytest.approx(188.2 + 95 * 34.0)
+    assert shared["d1"] < shared["d0"]
+    assert pooled_step_model([None]) is None
