@@ -77,18 +77,25 @@ class ClientShares:
         total = sum(self.weight(c) for c in self.present())
         return places * self.weight(client) / total if total else float(places)
 
+    def shares(self, places: int) -> dict[str, float]:
+        """Every present client's share of `places` (one pass: a step asks for many)."""
+        present = self.present()
+        total = sum(self.weight(c) for c in present)
+        return {c: places * self.weight(c) / total for c in present}
+
     def held_places(self, places: int) -> int:
         """Places kept free for clients that released them less than linger_s ago, each
         client's up to its share (what it holds counted)."""
-        self._prune()
-        return sum(min(len(ts), max(0, math.floor(self.share(c, places) + 1e-9)
-                                    - self.active[c]))
+        if not self._released:
+            return 0
+        share = self.shares(places)  # (prunes what expired)
+        return sum(min(len(ts), max(0, math.floor(share[c] + 1e-9) - self.active[c]))
                    for c, ts in self._released.items())
 
     @property
     def contended(self) -> bool:
         """More than one client is present: fair share has something to decide."""
-        return len(self.present()) > 1
+        return len(self.active) > 1 or (bool(self._released) and len(self.present()) > 1)
 
     def join(self, client: str) -> None:
         """A sequence of `client` arrives (not one coming back from a preemption): it takes

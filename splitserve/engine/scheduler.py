@@ -231,19 +231,19 @@ class Scheduler:
                                    0 if prompt else item.num_tokens)
         return out
 
-    def _next_waiting(self) -> Sequence:
+    def _next_waiting(self, share: dict[str, float]) -> Sequence:
         """The waiting sequence to admit next: the head of the queue, or with fair share
-        among several clients, within the head's class the first one of a client below its
-        share of the batch if there is one, else of the least-served client (of equally
-        served ones, the one running fewer sequences: a client that just joined)."""
+        among several clients (`share`: each present client's share of the batch; empty
+        without fair share), within the head's class the first one of a client below its
+        share if there is one, else of the least-served client (of equally served ones,
+        the one running fewer sequences: a client that just joined)."""
         head = self.waiting[0]
-        if not (self.config.fair_share and self.shares.contended):
+        if not share:
             return head
         running = Counter(s.client for s in self.running)
-        places = self.config.max_num_seqs
 
         def key(seq: Sequence) -> tuple[bool, float, int]:
-            below = running[seq.client] + 1 <= self.shares.share(seq.client, places)
+            below = running[seq.client] + 1 <= share[seq.client]
             return not below, self.shares.service(seq.client), running[seq.client]
 
         chosen, best = head, key(head)
@@ -283,7 +283,7 @@ class Scheduler:
         head = self.waiting[0]
         running = Counter(s.client for s in self.running)
         waiting = Counter(s.client for s in self.waiting if s.priority == head.priority)
-        share = {c: self.shares.share(c, places) for c in {*running, *waiting}}
+        share = self.shares.shares(places)
         deficit = sum(min(n, math.floor(share[c] - running[c] + 1e-9))
                       for c, n in waiting.items() if running[c] + 1 <= share[c])
         for _ in range(deficit):
@@ -297,19 +297,17 @@ class Scheduler:
             self._preempt(victim)
             out.preempted.append(victim)
 
-    def _place_held_for_another(self, seq: Sequence) -> bool:
+    def _place_held_for_another(self, seq: Sequence, share: dict[str, float],
+                                held: int) -> bool:
         """Fair share: `seq`'s client is at or above its share and the places left are
-        held for clients that released them a moment ago (ClientShares.held_places)."""
-        if not (self.config.fair_share and self.shares.contended):
-            return False
-        places = self.config.max_num_seqs
-        held = self.shares.held_places(places)
+        the `held` ones, kept for clients that released them a moment ago
+        (ClientShares.held_places)."""
         if not held:
             return False
         running = sum(1 for s in self.running if s.client == seq.client)
-        if running + 1 <= self.shares.share(seq.client, places):
+        if running + 1 <= share[seq.client]:
             return False  # within its own share
-        return len(self.running) + 1 + held > places
+        return len(self.running) + 1 + held > self.config.max_num_seqs
 
     def _prefilling_class(self) -> int | None:
         """The best class with prompt tokens to compute this step: a running prompt, or the
@@ -376,9 +374,16 @@ class Scheduler:
         self._enqueue(seq, front_of_class=True)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        # Shares and held places stay as they are while this step admits (they move with
+        # clients arriving and leaving, and with time), so they are worked out once.
+        share: dict[str, float] = {}
+        held = 0
+        if self.waiting and self.config.fair_share and self.shares.contended:
+            share = self.shares.shares(self.config.max_num_seqs)
+            held = self.shares.held_places(self.config.max_num_seqs)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self._next_waiting()
-            if self._place_held_for_another(seq):
+            seq = self._next_waiting(share)
+            if self._place_held_for_another(seq, share, held):
                 break
             computed = self.block_manager.match_prefix(seq)
             num_cached = len(computed) * self.block_manager.block_size
