@@ -12,10 +12,10 @@ For a route, with the candidate workers' queued prompt tokens and running batche
 Each decode worker's routes are ranked by (TTFT, TPOT); the decode workers are tried in the
 order of their best route's expected end-to-end time (expected_e2e_ms: TTFT + the request's
 decode steps there, timed by the candidates' median fit), those whose TTFT meets the
-request's SLO first. A request with a TTFT
-SLO that even the best route would miss is refused at once (RESOURCE_EXHAUSTED naming the
-prediction), before any worker is called. Workers whose step times are not known yet (just started) fall back to the load
-policy's route. Pure functions, unit-tested with exact numbers.
+request's SLO first. A request with a TTFT SLO that even the best route would miss is
+refused at once (RESOURCE_EXHAUSTED naming the prediction), before any worker is called.
+Workers whose step times are not known yet (just started) fall back to the load policy's
+route. Pure functions, unit-tested with exact numbers.
 
 `best_routes` is the reference; the router runs `best_routes_from`, the same routes read
 from the prefill workers' index. A prefill worker's TTFT depends only on its own row (queued
