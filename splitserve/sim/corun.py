@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 PREFILL_TOKENS = 256
 DECODE_BATCH = 4
 DECODE_CONTEXT = 512
+LOAD_DECODE_STEPS = 4096
 
 
 def _prefill_step_ms(engine: LLMEngine, seed: int) -> float:
@@ -65,11 +66,14 @@ def measure_kind(engine: LLMEngine, kind: str, repeats: int, seed: int) -> float
     return statistics.median(_decode_steps_ms(engine, max(repeats, 8)))
 
 
-def _make_engine(model: str, dtype: str, threads: int) -> LLMEngine:
+def _make_engine(model: str, dtype: str, threads: int, decode_steps: int = 64) -> LLMEngine:
+    """An engine with KV room for the decode batch to run `decode_steps` steps (beyond
+    that its sequences would be preempted and recomputed: prompt steps, not decodes)."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
-    blocks = -(-(DECODE_BATCH * (DECODE_CONTEXT + 64)) // 16) + PREFILL_TOKENS // 16 + 32
+    blocks = (-(-(DECODE_BATCH * (DECODE_CONTEXT + decode_steps)) // 16)
+              + PREFILL_TOKENS // 16 + 32)
     return LLMEngine(EngineConfig(model=model, dtype=dtype, num_threads=threads,
                                   enable_prefix_caching=False, num_kv_blocks=blocks,
                                   max_num_batched_tokens=max(PREFILL_TOKENS, 512)))
@@ -155,7 +159,9 @@ def _run_load(kind: str, model: str, dtype: str, threads: int) -> int:
 
     from splitserve.bench.offline import running_batch
 
-    engine = _make_engine(model, dtype, threads)
+    # The decode load keeps one batch decoding for the whole measurement: KV room for
+    # LOAD_DECODE_STEPS steps of it (a minute or more of a CPU engine's steps).
+    engine = _make_engine(model, dtype, threads, LOAD_DECODE_STEPS)
     measure_kind(engine, kind, 1, 0)  # warm-up before the measurements start
 
     def reply(byte: bytes) -> None:
