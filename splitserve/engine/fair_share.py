@@ -72,13 +72,9 @@ class ClientShares:
         self._prune()
         return [*self.active, *(c for c in self._released if c not in self.active)]
 
-    def share(self, client: str, places: int) -> float:
-        """`client`'s share of `places` among the present clients, by weight."""
-        total = sum(self.weight(c) for c in self.present())
-        return places * self.weight(client) / total if total else float(places)
-
     def shares(self, places: int) -> dict[str, float]:
-        """Every present client's share of `places` (one pass: a step asks for many)."""
+        """Every present client's share of `places`, by weight (one pass: a step asks for
+        many)."""
         present = self.present()
         total = sum(self.weight(c) for c in present)
         return {c: places * self.weight(c) / total for c in present}
@@ -101,8 +97,9 @@ class ClientShares:
         """A sequence of `client` arrives (not one coming back from a preemption): it takes
         a place its client released, if one is held; a client that was not present is
         lifted to the least counter among those present."""
-        if client not in self.present():
-            others = [self.counters.get(c, 0.0) for c in self.present()]
+        present = self.present()
+        if client not in present:
+            others = [self.counters.get(c, 0.0) for c in present]
             self.counters[client] = max(self.counters.get(client, 0.0),
                                         min(others, default=0.0))
         held = self._released.get(client)

@@ -611,7 +611,7 @@ def test_weighted_shares_split_places_by_weight() -> None:
     shares = ClientShares({"a": 2.0})
     shares.join("a")
     shares.join("b")
-    assert shares.share("a", 6) == 4.0 and shares.share("b", 6) == 2.0
+    assert shares.shares(6) == {"a": 4.0, "b": 2.0}
     shares.charge("a", 10, 0)
     shares.charge("b", 10, 0)
     assert shares.service("a") == 5.0 and shares.service("b") == 10.0
