@@ -148,6 +148,9 @@ class RequestObserver:
         self._last_token: float | None = None
         self._num_tokens = 0
         self._ended = False
+        # Per chunk, so looked up once: prometheus_client's labels() takes a lock and
+        # builds a key on every call.
+        self._output_tokens = metrics.client_tokens.labels(client, "output")
 
     def wrap(self, emit: Emit) -> Emit:
         async def observed(chunk: router_pb2.GenerateResponse) -> None:
@@ -172,7 +175,7 @@ class RequestObserver:
             self._last_token = now
             self._num_tokens += k
             self._m.generation_tokens.inc(k)
-            self._m.client_tokens.labels(self._client, "output").inc(k)
+            self._output_tokens.inc(k)
         if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self._finished(chunk)
 

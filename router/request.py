@@ -170,6 +170,7 @@ class RequestRun:
         self._route: Route | None = None
         self._admit_call: grpc.aio.UnaryStreamCall | None = None
         self._decode_done = False  # D ended the Admit stream by itself
+        self._decode_watch: _SilenceWatch | None = None  # D's Admit stream, while relayed
         self._prefill_call: grpc.aio.UnaryUnaryCall | None = None  # in flight on P
         self._assignments: list[Assignment] = []
         self._num_chunks = 0
@@ -489,11 +490,31 @@ class RequestRun:
         return steps
 
     async def _read_decode(self, decoder: WorkerView) -> worker_pb2.AdmitResponse:
-        """The Admit stream's next message, with D watched while it is quiet."""
+        """The Admit stream's next message, with D watched while it is quiet.
+
+        One message per engine step comes here, so the watch is one timer task per stream
+        (`_SilenceWatch`), not a task and a timer per read as `_watched` makes: a lost D
+        is declared by the watch cancelling the call, which ends this read."""
         assert self._admit_call is not None
-        return await _watched(  # type: ignore[no-any-return]
-            self._admit_call.read(), "decode", decoder, self._prober(decoder),
-            self._state.directory)
+        watch = self._decode_watch
+        if watch is None:
+            watch = self._decode_watch = _SilenceWatch(
+                self._admit_call, "decode", decoder, self._prober(decoder),
+                self._state.directory)
+        try:
+            message = await self._admit_call.read()
+        except asyncio.CancelledError:
+            if watch.lost is not None and not _being_cancelled():
+                raise watch.lost from None
+            raise
+        except grpc.aio.AioRpcError:
+            if watch.lost is not None:
+                raise watch.lost from None
+            raise
+        if watch.lost is not None:
+            raise watch.lost
+        watch.heard()
+        return message  # type: ignore[no-any-return]
 
     def _prober(self, worker: WorkerView) -> Callable[[], Awaitable[object]]:
         stub = self._state.directory.health_stub(worker)
@@ -579,6 +600,9 @@ class RequestRun:
                          result.code().name, result.details())
             elif isinstance(result, BaseException):
                 log.warning("abort of request %s failed: %r", self._rid, result)
+        if self._decode_watch is not None:
+            self._decode_watch.stop()
+            self._decode_watch = None
         if self._admit_call is not None:
             self._admit_call.cancel()  # frees D's blocks too; a no-op once D ended it
         for assignment in self._assignments:
@@ -620,6 +644,59 @@ async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
     finally:
         if not task.done():
             task.cancel()  # (cancels the RPC too: the request is leaving this worker)
+
+
+class _SilenceWatch:
+    """`_watched` for a stream read message by message: one task per stream sleeps until
+    the stream has been quiet for _STALL_PROBE_S, then probes the worker as `_watched`
+    does (every _STALL_PROBE_S while the quiet lasts). When the worker is judged lost it
+    sets `lost` and cancels the call; the reader turns the read's end into `lost`."""
+
+    def __init__(self, call: grpc.aio.Call, role: str, worker: WorkerView,
+                 probe: Callable[[], Awaitable[object]], directory: WorkerDirectory) -> None:
+        self.lost: WorkerLost | None = None
+        self._call, self._role, self._worker = call, role, worker
+        self._probe, self._directory = probe, directory
+        self._quiet_since = time.monotonic()  # the last message, or the last probe's end
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def heard(self) -> None:
+        """A message came on the stream."""
+        self._quiet_since = time.monotonic()
+        self._directory.heard_from(self._worker)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        failed = 0
+        while True:
+            wait = self._quiet_since + _STALL_PROBE_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            try:
+                await self._probe()
+                failed = 0
+            except grpc.aio.AioRpcError as exc:
+                failed += 1
+                if self._directory.silent_for(self._worker) < _STALL_PROBE_S + _PROBE_TIMEOUT_S:
+                    failed = 0  # other calls still get answers: slow, not gone
+                if failed >= _PROBES_TO_LOSE and not self._call.done():
+                    worker, role = self._worker, self._role
+                    self.lost = WorkerLost(
+                        role, worker, f"{role} worker {worker.worker_id} stopped answering "
+                        f"({failed} health probes failed, the last with {exc.code().name})",
+                        grpc.StatusCode.UNAVAILABLE)
+                    self._call.cancel()
+                    return
+            self._quiet_since = max(self._quiet_since, time.monotonic())
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (not only a call it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _min_timeout(a: float | None, b: float | None) -> float | None:
