@@ -64,6 +64,7 @@ _WORKER_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500),
 
 _CHANNEL_LINGER_S = 60.0  # keep a vanished worker's channel this long
 _REFRESH_WAIT_S = 0.5  # longest a request waits for a store read it started
+_FIRST_READ_WAIT_S = 5.0  # ... for the first read, when the router has no view at all
 _EJECT_BASE_S = 5.0  # first cooldown of an ejected worker; doubles per repeated failure
 _EJECT_MAX_S = 60.0
 
@@ -116,15 +117,23 @@ class WorkerDirectory:
         While the store is unreachable: the last view, up to `stale_s` old; after that
         ServiceError(UNAVAILABLE)."""
         now = time.monotonic()
+        # No view yet (the router has just started): an empty one would tell the caller
+        # "no workers" while the first read is still on its way. Wait for it (longer).
+        first = self._fetched_at == float("-inf") and self.store_error is None
+        wait = False
         if force or now - max(self._fetched_at, self._attempted_at) > self._refresh_s:
             started = self._refreshing is None or self._refreshing.done()
             if started:
                 self._attempted_at = now
                 self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
-            if started or force:
-                assert self._refreshing is not None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._refreshing), _REFRESH_WAIT_S)
+            wait = started or force or first
+        elif first:
+            wait = self._refreshing is not None and not self._refreshing.done()
+        if wait:
+            assert self._refreshing is not None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._refreshing),
+                                       _FIRST_READ_WAIT_S if first else _REFRESH_WAIT_S)
         if self.store_error is not None and self.view_age_s > self._stale_s:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,

@@ -70,6 +70,41 @@ def test_snapshot_is_cached_for_refresh_s_unless_forced() -> None:
     run(body())
 
 
+class _SlowStore:
+    """The in-memory store behind reads that take `delay_s` (a store across a busy host);
+    not an InMemoryClusterStore itself, so AsyncStore calls it off the loop, as it calls
+    Redis or a remote store."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.inner = InMemoryClusterStore()
+        self.delay_s = delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def live_workers(self) -> Any:
+        time.sleep(self.delay_s)
+        return self.inner.live_workers()
+
+
+@pytest.mark.parametrize("refresh_s", [0.0, 3600.0])
+def test_a_router_without_a_view_waits_for_its_first_read(refresh_s: float) -> None:
+    """A first store read slower than the usual wait (0.5 s): every caller meanwhile, the
+    one that started the read and the ones that found it in flight, gets its result, not
+    an empty view that says "no workers"."""
+    async def body() -> None:
+        store = _SlowStore(delay_s=1.0)
+        store.register_worker(info("d0", WorkerRole.DECODE), TTL_S)
+        directory = WorkerDirectory(AsyncStore(store), "m", 16,  # type: ignore[arg-type]
+                                    refresh_s=refresh_s)
+        snaps = await asyncio.gather(*(directory.snapshot() for _ in range(3)))
+        assert [[w.worker_id for w in snap.decode] for snap in snaps] == [["d0"]] * 3
+        store.delay_s = 0.0
+        await directory.close()
+
+    run(body())
+
+
 def test_work_sent_after_the_last_report_is_added_to_it() -> None:
     async def body() -> None:
         store = InMemoryClusterStore()
