@@ -23,8 +23,7 @@ from splitserve.router.latency import (
     RoutePrediction,
     TtftUnmetError,
     best_routes_from,
-    expected_e2e_ms,
-    pooled_step_model,
+    order_routes,
 )
 from splitserve.router.policy import (
     Route,
@@ -197,12 +196,8 @@ def _latency_routes(
     # Only a request's first attempt: a resumed one has streamed already and must finish.
     if slo_s and not trace.resumed and waited_s + best.ttft_ms / 1e3 > slo_s:
         raise TtftUnmetError(waited_s + best.ttft_ms / 1e3, slo_s)
-    max_tokens = request.params.max_tokens
-    pooled = pooled_step_model([p.route.decode.step_model for p in routes])
-    routes.sort(key=lambda p: (p.route.decode.num_free_blocks < num_blocks,
-                               bool(slo_s) and waited_s + p.ttft_ms / 1e3 > slo_s,
-                               expected_e2e_ms(p, max_tokens, pooled), *p.key))
-    return {p.route.decode.worker_id: p for p in routes}
+    ordered = order_routes(routes, num_blocks, request.params.max_tokens, waited_s, slo_s)
+    return {p.route.decode.worker_id: p for p in ordered}
 
 
 def admit_error(failures: list[str], refusals: list[int]) -> ServiceError:

@@ -51,7 +51,12 @@ from splitserve.cluster.memory import InMemoryClusterStore
 from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport, WorkerRole
 from splitserve.common.step_time import StepTimeModel
 from splitserve.router.cluster_io import AsyncStore
-from splitserve.router.latency import RoutePrediction, best_routes, best_routes_from
+from splitserve.router.latency import (
+    RoutePrediction,
+    best_routes,
+    best_routes_from,
+    order_routes,
+)
 from splitserve.router.policy import (
     PrefillPolicy,
     Route,
@@ -176,9 +181,8 @@ class _Decider:
         return plan_route(ranked[0], prefill, self.prompt_len, overlap, self.rules, self.policy)
 
     def _first(self, routes: list[RoutePrediction]) -> RoutePrediction:
-        """The one dispatch._latency_routes tries first."""
-        return min(routes, key=lambda p: (p.route.decode.num_free_blocks < self.num_blocks,
-                                          *p.key))
+        """The one dispatch._latency_routes tries first (a request without a TTFT SLO)."""
+        return order_routes(routes, self.num_blocks, _MAX_TOKENS)[0]
 
 
 async def bench_router(store: ClusterStore, worker_ids: list[str], requests: list[list[int]],

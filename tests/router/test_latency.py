@@ -9,6 +9,7 @@ from splitserve.router.latency import (
     best_routes,
     candidate_routes,
     expected_e2e_ms,
+    order_routes,
     pooled_step_model,
     predict_route,
 )
@@ -129,3 +130,33 @@ def test_a_stale_fit_does_not_keep_an_idle_worker_idle() -> None:
     assert shared["d1"] == pytest.approx(188.2 + 95 * 34.0)
     assert shared["d1"] < shared["d0"]
     assert pooled_step_model([None]) is None
+
+
+def test_order_routes_room_then_slo_then_expected_e2e() -> None:
+    """The order dispatch tries decode workers in (and bench route's first pick): room for
+    the request, then the TTFT SLO, then expected end-to-end time with the pooled fit."""
+    fastest_but_full = worker("d0", free=3)
+    late = worker("d1", running=0, queued=5000)  # 5,000 prompt tokens ahead: a late TTFT
+    busy = worker("d2", running=30)
+    idle = worker("d3", running=0)
+    ranked = best_routes([fastest_but_full, late, busy, idle], [], 64, {}, 16)
+    assert ranked is not None
+    # TTFT: d3 2 + 1 + 6.4 = 9.4 ms; d2 2 + 31 + 6.4 = 39.4 ms; d1 51 chunks of 3 ms +
+    # 506.4 = 659.4 ms. End to end over 96 tokens (95 steps of the pooled FAST fit, the
+    # request in the batch): d3 9.4 + 95 x 3 = 294.4; d2 39.4 + 95 x 33 = 3174.4; d1 944.4.
+    order = order_routes(ranked, num_blocks=10, max_tokens=96, waited_s=0.0, ttft_slo_s=0.2)
+    assert [p.route.decode.worker_id for p in order] == ["d3", "d2", "d1", "d0"]  # d1 late
+    no_slo = order_routes(ranked, num_blocks=10, max_tokens=96)
+    assert [p.route.decode.worker_id for p in no_slo] == ["d3", "d1", "d2", "d0"]
+    # The time already waited counts against the SLO: after 0.19 s only d3 meets 0.2 s.
+    waited = order_routes(ranked, num_blocks=10, max_tokens=96, waited_s=0.19, ttft_slo_s=0.2)
+    assert [p.route.decode.worker_id for p in waited] == ["d3", "d1", "d2", "d0"]
+    # One token: TTFT alone decides among the workers with room.
+    one = order_routes(ranked, num_blocks=10, max_tokens=1)
+    assert [p.route.decode.worker_id for p in one] == ["d3", "d2", "d1", "d0"]
+
+
+def test_pooled_fit_of_an_even_count_is_the_mean_of_the_middle_two() -> None:
+    fits = [StepTimeModel(float(b), 1.0, 0.5, budget)
+            for b, budget in ((10, 100), (40, 300), (20, 200), (30, 201))]
+    assert pooled_step_model(fits) == StepTimeModel(25.0, 1.0, 0.5, 200)  # int(200.5)
