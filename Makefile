@@ -25,7 +25,8 @@ test-fast: setup
 # yet mypy-clean as a whole); the worker roles pull in the engine modules they use.
 MYPY_PACKAGES := -p splitserve.common -p splitserve.cluster -p splitserve.router \
 	-p splitserve.worker -p splitserve.prefill_worker -p splitserve.decode_worker \
-	-p splitserve.kvtransfer -p splitserve.client -p splitserve._client_common
+	-p splitserve.kvtransfer -p splitserve.client -p splitserve._client_common \
+	-m splitserve.scaling
 
 lint: setup
 	$(VENV)/bin/ruff check splitserve kernels kvtransfer router prefill_worker decode_worker \

@@ -153,9 +153,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         resolve_model(args.model)
     print(f"starting SplitServe: {options.prefill_workers} prefill + {options.decode_workers} "
           f"decode worker(s), model {args.model} ...", flush=True)
+    policy = _scale_policy(args)  # (a bad flag fails before anything starts)
     deployment = serve(options)
     print(f"SplitServe ready at {deployment.address} (cluster state {deployment.cluster_url}, "
           f"OpenAI API http://{deployment.http_address}/v1)", flush=True)
+    autoscaler = None
+    if policy is not None and deployment.http_address:
+        from splitserve.scaling import Autoscaler, metrics_reader
+
+        reader = metrics_reader(deployment.http_address,
+                                envs.get("SPLITSERVE_API_KEY") or None)
+        autoscaler = Autoscaler(deployment, reader, policy).start()
+        print(f"autoscaling up to {dict(policy.max_workers)} workers", flush=True)
     try:
         if args.demo:
             _demo(deployment.address, args.demo_prompt)
@@ -163,9 +172,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("serving; Ctrl-C to stop", flush=True)
             _wait_for_signal()
     finally:
+        if autoscaler is not None:
+            autoscaler.stop()
         print("draining and stopping ...", flush=True)
         deployment.shutdown()
     return 0
+
+
+def _scale_policy(args: argparse.Namespace) -> Any:
+    """The ScalePolicy of --max-*-workers (None: no autoscaling); SystemExit on bad flags."""
+    maxima = {"prefill": args.max_prefill_workers, "decode": args.max_decode_workers}
+    if all(m is None for m in maxima.values()):
+        return None
+    if not args.pd_control:
+        raise SystemExit("splitserve serve: --max-prefill-workers/--max-decode-workers need "
+                         "--pd-control (its scale hints say when to add a worker)")
+    if args.http_port is None:
+        raise SystemExit("splitserve serve: autoscaling reads the router's /metrics: it needs "
+                         "--http-port")
+    start = {"prefill": args.prefill_workers, "decode": args.decode_workers}
+    for role, most in maxima.items():
+        if most is not None and most < start[role]:
+            raise SystemExit(f"splitserve serve: --max-{role}-workers {most} is below "
+                             f"--{role}-workers {start[role]}")
+    from splitserve.scaling import ScalePolicy
+
+    try:
+        return ScalePolicy({r: m if m is not None else start[r] for r, m in maxima.items()},
+                           hold_s=args.scale_hold, cooldown_s=args.scale_cooldown)
+    except ValueError as exc:
+        raise SystemExit(f"splitserve serve: {exc}") from None
 
 
 def _demo(address: str, prompt: str) -> None:
@@ -393,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_security_args(p)
     _add_fair_share_args(p)
     _add_pd_control_args(p)
+    p.add_argument("--max-prefill-workers", type=int, default=None, metavar="N",
+                   help="with --pd-control: add prefill workers up to N while the router "
+                        "finds prefill short and no worker can move to it (splitserve.scaling)")
+    p.add_argument("--max-decode-workers", type=int, default=None, metavar="N",
+                   help="the same for decode workers")
+    p.add_argument("--scale-hold", type=float, default=30.0,
+                   help="seconds a role must stay short before a worker is added")
+    p.add_argument("--scale-cooldown", type=float, default=120.0,
+                   help="seconds after an addition before the next decision")
     _add_tls_arg(p)
     p.set_defaults(func=cmd_serve)
 

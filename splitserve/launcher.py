@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -109,14 +110,105 @@ class _WorkerActor:
         self.worker.stop(1.0)
 
 
+@dataclass(frozen=True)
+class _WorkerLaunch:
+    """What a worker actor of this deployment is started with (at serve() and by
+    Deployment.add_worker later)."""
+
+    engine: EngineConfig
+    actor_host: str  # "" on a cluster: each actor binds its own node's address
+    cluster_url: str
+    kv_store: str  # the driver's rendezvous store, host:port
+    kv_timeout_s: float
+    cluster_token: str
+    resources: dict[str, str | None]  # role -> the custom Ray resource that pins it
+    env_opts: dict[str, Any]
+    flippable: bool
+
+    def start(self, role: str, index: int) -> Any:
+        import ray
+
+        from splitserve.worker.runtime import WorkerOptions
+
+        engine = self.engine
+        if engine.disk_kv_cache_dir:  # a disk tier of its own (its own LRU and budget)
+            engine = replace(engine, disk_kv_cache_dir=os.path.join(
+                engine.disk_kv_cache_dir, f"{role}-{index}"))
+        options = WorkerOptions(
+            engine=engine, worker_id=f"{role}-{index}", host=self.actor_host,
+            cluster_url=self.cluster_url, kv_backend="torch_dist", kv_store=self.kv_store,
+            kv_timeout_s=self.kv_timeout_s, cluster_token=self.cluster_token,
+        )
+        actor_opts: dict[str, Any] = {"num_cpus": 0, **self.env_opts}
+        if engine.resolved_device.startswith("cuda"):
+            actor_opts["num_gpus"] = 1
+        resource = self.resources.get(role)
+        if resource:
+            actor_opts["resources"] = {resource: 1}
+        return ray.remote(**actor_opts)(_WorkerActor).remote(role, options, self.flippable)
+
+
 @dataclass
 class Deployment:
     address: str  # the router's gRPC endpoint
     cluster_url: str
-    actors: list[Any]
+    actors: list[Any]  # the router's, then the workers' (in worker_roles' order)
     kv_store: Any  # the rendezvous TCPStore hosted by this process
     owns_ray: bool
     http_address: str | None = None  # the router's OpenAI-compatible API (host:port)
+    worker_roles: list[str] = field(default_factory=list)
+    launch: _WorkerLaunch | None = None
+    _started: dict[str, int] = field(default_factory=dict)  # role -> workers ever started
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def counts(self) -> dict[str, int]:
+        """Workers of each role this deployment runs now."""
+        with self._lock:
+            return {role: self.worker_roles.count(role) for role in ("prefill", "decode")}
+
+    def add_worker(self, role: str, timeout_s: float = 600.0) -> str:
+        """Start one more worker of `role` (same engine settings and placement rules as the
+        first ones) and wait until it serves; its gRPC address. It registers in cluster
+        state like any worker, so the router routes to it within its refresh period."""
+        import ray
+
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', not {role!r}")
+        if self.launch is None:
+            raise RuntimeError("this deployment was not started by serve(): cannot add workers")
+        with self._lock:
+            index = self._started.get(role, self.worker_roles.count(role))
+            self._started[role] = index + 1
+        actor = self.launch.start(role, index)
+        try:
+            address = str(ray.get(actor.address.remote(), timeout=timeout_s))
+        except BaseException:
+            ray.kill(actor)
+            raise
+        with self._lock:
+            self.actors.append(actor)
+            self.worker_roles.append(role)
+        return address
+
+    def remove_worker(self, role: str, drain_timeout_s: float = 30.0) -> bool:
+        """Drain and stop the most recently added worker of `role` (its running requests
+        finish first; False when it runs none of that role)."""
+        import ray
+
+        with self._lock:
+            positions = [i for i, r in enumerate(self.worker_roles) if r == role]
+            if not positions:
+                return False
+            i = positions[-1]
+            actor = self.actors[1 + i]
+            del self.actors[1 + i], self.worker_roles[i]
+        try:
+            ray.get(actor.drain.remote(drain_timeout_s), timeout=drain_timeout_s + 5)
+            ray.get(actor.stop.remote(), timeout=10)
+        except Exception as exc:  # the worker is leaving either way
+            log.warning("removing a %s worker: %s", role, exc)
+        ray.kill(actor)
+        return True
 
     def shutdown(self, drain_timeout_s: float = 5.0) -> None:
         import ray
@@ -170,7 +262,6 @@ def serve(options: ServeOptions) -> Deployment:
     import ray
 
     from splitserve.kvtransfer.torch_dist import create_rendezvous_store
-    from splitserve.worker.runtime import WorkerOptions
 
     owns_ray = init_ray(options.ray_address)
     local = options.ray_address is None
@@ -198,25 +289,16 @@ def serve(options: ServeOptions) -> Deployment:
     engine = options.engine
     if engine.num_threads is None and options.ray_address is None:
         engine = replace(engine, num_threads=default_threads_per_worker(num_workers))
+    launch = _WorkerLaunch(
+        engine=engine, actor_host=actor_host or "", cluster_url=cluster_url,
+        kv_store=f"{driver_host}:{kv_port}", kv_timeout_s=options.kv_timeout_s,
+        cluster_token=token,
+        resources={"prefill": options.prefill_resource, "decode": options.decode_resource},
+        env_opts=env_opts, flippable=options.flippable)
+    roles = ["prefill"] * options.prefill_workers + ["decode"] * options.decode_workers
     actors: list[Any] = [router]
-    for role, count, resource in (("prefill", options.prefill_workers, options.prefill_resource),
-                                  ("decode", options.decode_workers, options.decode_resource)):
-        for index in range(count):
-            worker_engine = engine
-            if engine.disk_kv_cache_dir:  # a disk tier of its own (its own LRU and budget)
-                worker_engine = replace(engine, disk_kv_cache_dir=os.path.join(
-                    engine.disk_kv_cache_dir, f"{role}-{index}"))
-            worker_options = WorkerOptions(
-                engine=worker_engine, worker_id=f"{role}-{index}", host=actor_host or "",
-                cluster_url=cluster_url, kv_backend="torch_dist", kv_store=f"{driver_host}:{kv_port}",
-                kv_timeout_s=options.kv_timeout_s, cluster_token=token,
-            )
-            actor_opts: dict[str, Any] = {"num_cpus": 0, **env_opts}
-            if engine.resolved_device.startswith("cuda"):
-                actor_opts["num_gpus"] = 1
-            if resource:
-                actor_opts["resources"] = {resource: 1}
-            actors.append(ray.remote(**actor_opts)(_WorkerActor).remote(
-                role, worker_options, options.flippable))
+    for role in ("prefill", "decode"):
+        actors += [launch.start(role, index) for index in range(roles.count(role))]
     ray.get([a.address.remote() for a in actors[1:]], timeout=600)
-    return Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address)
+    return Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address,
+                      worker_roles=roles, launch=launch)

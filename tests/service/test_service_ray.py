@@ -110,3 +110,46 @@ def test_ray_1p1d_smollm2(ray_session, smollm2_dir: Path) -> None:  # type: igno
         assert got == expected
     finally:
         deployment.shutdown()
+
+
+def test_workers_added_and_removed_while_serving(ray_session, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
+    """Deployment.add_worker (what the autoscaler calls): a second decode worker started
+    into a running deployment registers, the router routes to it, tokens stay exact; its
+    removal drains it and the deployment goes on with the first."""
+    import time
+
+    prompts = _prompts(8, seed=3)
+    expected = _expected(str(tiny_llama), prompts, **ENGINE)
+    deployment = serve(ServeOptions(
+        engine=EngineConfig(model=str(tiny_llama), **ENGINE), prefill_workers=1,
+        decode_workers=1, port=0, http_port=0,
+        router_options={"local_prefill_threshold": 8, "worker_refresh_s": 0.2},
+    ))
+    try:
+        address = deployment.add_worker("decode")
+        assert deployment.counts() == {"prefill": 1, "decode": 2}
+        with Client(deployment.address, timeout=60) as client:
+            deadline = time.monotonic() + 30
+            while client.list_models()[0].num_decode_workers < 2:
+                assert time.monotonic() < deadline, "the router never saw the added worker"
+                time.sleep(0.2)
+        # Decoded on both: the router spreads 8 concurrent streams by load.
+        results = []
+
+        def one(prompt: list[int]) -> tuple[list[int], str]:
+            with Client(deployment.address, timeout=120) as c:
+                out = c.generate(prompt, **GREEDY)
+                assert out.timings is not None
+                return out.token_ids, out.timings.decode_worker_id
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(one, prompts))
+        assert [tokens for tokens, _ in results] == expected
+        assert {"decode-0", "decode-1"} <= {worker for _, worker in results}, results
+        assert address and deployment.remove_worker("decode")
+        assert deployment.counts() == {"prefill": 1, "decode": 1}
+        assert _run(deployment.address, prompts[:2]) == expected[:2]
+        with pytest.raises(ValueError, match="role must be"):
+            deployment.add_worker("router")
+    finally:
+        deployment.shutdown()
