@@ -162,7 +162,7 @@ class Deployment:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def counts(self) -> dict[str, int]:
-        """Workers of each role this deployment runs now."""
+        """Workers this deployment runs, by the role each was launched in."""
         with self._lock:
             return {role: self.worker_roles.count(role) for role in ("prefill", "decode")}
 
@@ -191,8 +191,9 @@ class Deployment:
         return address
 
     def remove_worker(self, role: str, drain_timeout_s: float = 30.0) -> bool:
-        """Drain and stop the most recently added worker of `role` (its running requests
-        finish first; False when it runs none of that role)."""
+        """Drain and stop the most recently started worker launched as `role` (its running
+        requests finish first; False when none was). A worker the P:D control switched
+        since still counts in the role it was launched in here."""
         import ray
 
         with self._lock:

@@ -8,7 +8,8 @@ flippable) it exports splitserve_pd_scale_hint{role} = 1. The Autoscaler, a thre
 `splitserve serve` driver, reads the router's /metrics every period_s and runs a
 ScaleDecider:
 - a hint held for hold_s adds one worker of that role (Deployment.add_worker), unless the
-  role is at its maximum;
+  role is at its maximum, counted live as the router counts it
+  (splitserve_pd_workers{role}: a worker the controller switched counts in its new role);
 - after an addition it decides nothing for cooldown_s. The new worker loads its weights
   first, and the router's latency window still holds the time before it served.
 - A hint that drops restarts its hold.
@@ -35,21 +36,34 @@ from splitserve.common.metrics import PREFIX
 log = logging.getLogger(__name__)
 
 HINT_METRIC = PREFIX + "pd_scale_hint"
+WORKERS_METRIC = PREFIX + "pd_workers"
 ROLES = ("prefill", "decode")
+
+
+def _by_role(text: str, metric: str) -> dict[str, float]:
+    """role -> the value of `metric`{role} in a Prometheus text exposition (absent roles
+    and NaN values left out)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != metric:
+            continue
+        for sample in family.samples:
+            role = sample.labels.get("role")
+            if role in ROLES and not math.isnan(sample.value):
+                values[role] = sample.value
+    return values
 
 
 def parse_scale_hints(text: str) -> dict[str, bool]:
     """role -> whether the router asks for a worker of it, from a Prometheus text
     exposition (roles the router does not export are absent)."""
-    hints: dict[str, bool] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != HINT_METRIC:
-            continue
-        for sample in family.samples:
-            role = sample.labels.get("role")
-            if role in ROLES and not math.isnan(sample.value):
-                hints[role] = sample.value >= 1.0
-    return hints
+    return {role: value >= 1.0 for role, value in _by_role(text, HINT_METRIC).items()}
+
+
+def parse_worker_counts(text: str) -> dict[str, int]:
+    """role -> live workers as the router's P:D control last counted them (a flipped
+    worker counts in its new role)."""
+    return {role: int(value) for role, value in _by_role(text, WORKERS_METRIC).items()}
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,9 @@ class Autoscaler:
     def step(self) -> str | None:
         """One read and decision; the role of the worker added, if one was."""
         try:
-            hints = parse_scale_hints(self._read())
+            text = self._read()
+            hints = parse_scale_hints(text)
+            live = parse_worker_counts(text)
         except Exception as exc:  # noqa: BLE001 - the router may be busy or restarting
             if not self._failing:
                 log.warning("autoscaler: cannot read the router's metrics: %s", exc)
@@ -150,7 +166,10 @@ class Autoscaler:
         if self._failing:
             log.info("autoscaler: reading the router's metrics again")
             self._failing = False
-        role = self._decider.decide(self._clock(), hints, self._deployment.counts())
+        # Live counts as the router sees them (workers switch roles); what this driver
+        # launched for a role the router does not count yet.
+        counts = {**self._deployment.counts(), **live}
+        role = self._decider.decide(self._clock(), hints, counts)
         if role is None:
             return None
         log.warning("autoscaler: the router's P:D control asks for a %s worker; adding one",

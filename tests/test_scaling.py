@@ -14,17 +14,22 @@ from splitserve.scaling import (
     ScaleDecider,
     ScalePolicy,
     parse_scale_hints,
+    parse_worker_counts,
 )
 
 
-def _exposition(prefill: float | None, decode: float | None) -> str:
-    """The router's /metrics text with the P:D controller's hint gauge (as pd_control
-    registers it) and an unrelated metric."""
+def _exposition(prefill: float | None, decode: float | None,
+                workers: dict[str, int] | None = None) -> str:
+    """The router's /metrics text with the P:D controller's hint and worker gauges (as
+    pd_control registers them) and an unrelated metric."""
     registry = CollectorRegistry()
     hint = Gauge(HINT_METRIC, "1 while the role is short and no worker can move to it.",
                  ["role"], registry=registry)
     other = Gauge("splitserve_pd_short_role", "short", ["role"], registry=registry)
     other.labels("decode").set(1.0)
+    live = Gauge("splitserve_pd_workers", "Live workers by role.", ["role"], registry=registry)
+    for role, count in (workers or {}).items():
+        live.labels(role).set(count)
     for role, value in (("prefill", prefill), ("decode", decode)):
         if value is not None:
             hint.labels(role).set(value)
@@ -36,6 +41,9 @@ def test_parse_scale_hints() -> None:
     assert parse_scale_hints(_exposition(None, 0.0)) == {"decode": False}
     assert parse_scale_hints(_exposition(float("nan"), None)) == {}
     assert parse_scale_hints("") == {}
+    text = _exposition(0.0, 1.0, {"prefill": 2, "decode": 1})
+    assert parse_worker_counts(text) == {"prefill": 2, "decode": 1}
+    assert parse_worker_counts(_exposition(0.0, 1.0)) == {}
 
 
 def test_a_hint_must_hold_before_a_worker_is_added() -> None:
@@ -107,6 +115,17 @@ def test_autoscaler_adds_the_hinted_role_up_to_its_maximum() -> None:
         steps.append(scaler.step())
     assert steps.count("decode") == 1 and steps.index("decode") == 3
     assert deployment.workers == {"prefill": 1, "decode": 2} and scaler.added == ["decode"]
+
+
+def test_autoscaler_counts_workers_as_the_router_does() -> None:
+    """Launched as 1 prefill + 1 decode; the P:D control then switched the prefill worker
+    to decode, so the router counts 0 + 2. Decode is at its maximum of 2 by that live
+    count (one worker only was launched as decode): nothing is added."""
+    deployment, now = _Deployment(), [0.0]
+    text = _exposition(0.0, 1.0, {"prefill": 0, "decode": 2})
+    scaler = Autoscaler(deployment, lambda: text, ScalePolicy({"decode": 2}, hold_s=0),
+                        clock=lambda: now[0])
+    assert scaler.step() is None and deployment.workers == {"prefill": 1, "decode": 1}
 
 
 def test_autoscaler_survives_an_unreadable_router() -> None:
