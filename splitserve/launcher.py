@@ -9,6 +9,7 @@ On one machine (no ray_address) everything binds 127.0.0.1, Ray's head included.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -160,6 +161,7 @@ class Deployment:
     launch: _WorkerLaunch | None = None
     _started: dict[str, int] = field(default_factory=dict)  # role -> workers ever started
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False  # shutdown() began: an addition still under way is undone
 
     def counts(self) -> dict[str, int]:
         """Workers this deployment runs, by the role each was launched in."""
@@ -177,6 +179,8 @@ class Deployment:
         if self.launch is None:
             raise RuntimeError("this deployment was not started by serve(): cannot add workers")
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the deployment is shutting down")
             index = self._started.get(role, self.worker_roles.count(role))
             self._started[role] = index + 1
         actor = self.launch.start(role, index)
@@ -186,8 +190,15 @@ class Deployment:
             ray.kill(actor)
             raise
         with self._lock:
-            self.actors.append(actor)
-            self.worker_roles.append(role)
+            closed = self._closed
+            if not closed:
+                self.actors.append(actor)
+                self.worker_roles.append(role)
+        if closed:  # shutdown() did not see it: stop it here
+            with contextlib.suppress(Exception):
+                ray.get(actor.stop.remote(), timeout=10)
+            ray.kill(actor)
+            raise RuntimeError("the deployment shut down while a worker was being added")
         return address
 
     def remove_worker(self, role: str, drain_timeout_s: float = 30.0) -> bool:
@@ -198,7 +209,7 @@ class Deployment:
 
         with self._lock:
             positions = [i for i, r in enumerate(self.worker_roles) if r == role]
-            if not positions:
+            if not positions or self._closed:
                 return False
             i = positions[-1]
             actor = self.actors[1 + i]
@@ -214,7 +225,9 @@ class Deployment:
     def shutdown(self, drain_timeout_s: float = 5.0) -> None:
         import ray
 
-        router, workers = self.actors[0], self.actors[1:]
+        with self._lock:
+            self._closed = True
+            router, workers = self.actors[0], self.actors[1:]
         try:
             ray.get([w.drain.remote(drain_timeout_s) for w in workers], timeout=drain_timeout_s + 5)
         except Exception as exc:  # drain is best effort; stopping must go on

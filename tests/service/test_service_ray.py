@@ -153,3 +153,6 @@ def test_workers_added_and_removed_while_serving(ray_session, tiny_llama: Path) 
             deployment.add_worker("router")
     finally:
         deployment.shutdown()
+    with pytest.raises(RuntimeError, match="shutting down"):  # (the autoscaler's late call)
+        deployment.add_worker("decode")
+    assert not deployment.remove_worker("decode")
