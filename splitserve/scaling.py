@@ -1,6 +1,6 @@
 """Adding workers of the role the router's P:D control finds short (`splitserve serve
---max-prefill-workers N --max-decode-workers N`): the Ray launcher's answer to the signal a
-Kubernetes HPA would read from the same metric.
+--max-prefill-workers N --max-decode-workers N`): the Ray launcher acting on the scale hint
+the router exports (on Kubernetes an external scaler would have to read it).
 
 The router's controller (router.pd_control) moves capacity by flipping a worker to the
 other role. When it cannot (the other role is at its floor, or no worker there is
