@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
@@ -68,8 +69,16 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _log_unexpected(method: Callable[..., Any], exc: BaseException) -> None:
-    if not isinstance(exc, (ServiceError, ValueError)):
-        log.exception("%s failed", getattr(method, "__qualname__", method), exc_info=exc)
+    name = getattr(method, "__qualname__", method)
+    if isinstance(exc, ValueError):
+        # INVALID_ARGUMENT: the caller's error, as a rule. Where it was raised tells a
+        # validation apart from an internal bug that happened to raise a ValueError
+        # (visible with --log-level info; every bad request would make a line at warning).
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
+        log.info("%s: INVALID_ARGUMENT, a ValueError raised at %s: %s", name, where, exc)
+    elif not isinstance(exc, ServiceError):
+        log.exception("%s failed", name, exc_info=exc)
 
 
 def map_errors(method: _Handler) -> _Handler:

@@ -77,6 +77,22 @@ def test_map_errors_sets_codes_and_messages(served: tuple[grpc.Channel, HealthSt
     stub.DeregisterWorker(cluster_pb2.DeregisterWorkerRequest(worker_id="fine"), timeout=5)
 
 
+def test_invalid_argument_is_logged_with_where_it_was_raised(
+        served: tuple[grpc.Channel, HealthStatus, int], caplog: pytest.LogCaptureFixture) -> None:
+    """A ValueError becomes INVALID_ARGUMENT; at INFO the log names the line that raised it,
+    so an internal bug that raises one can be told from a validation."""
+    stub = cluster_pb2_grpc.ClusterStateStub(served[0])
+    with caplog.at_level("INFO", logger="splitserve.common.grpc_util"):
+        with pytest.raises(grpc.RpcError):
+            stub.DeregisterWorker(cluster_pb2.DeregisterWorkerRequest(worker_id="value"),
+                                  timeout=5)
+    lines = [r.getMessage() for r in caplog.records if "INVALID_ARGUMENT" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert "DeregisterWorker" in lines[0] and "no such worker" in lines[0]
+    assert __file__.rsplit("/", 1)[-1] in lines[0]  # raised in _Failing, in this file
+    assert all(r.levelname == "INFO" for r in caplog.records if "INVALID_ARGUMENT" in r.getMessage())
+
+
 def test_health_flips_to_not_serving(served: tuple[grpc.Channel, HealthStatus, int]) -> None:
     channel, health, _ = served
     stub = health_pb2_grpc.HealthStub(channel)
