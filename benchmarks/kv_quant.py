@@ -17,11 +17,16 @@ C++ kernel and through the unfused torch path (gather, dequantize, SDPA), and un
 Bytes: what a 1,000-token prompt's KV transfer moves (the layout's bytes for its blocks).
 --fp8-rotation-study: fp8 accuracy with and without the Hadamard rotation, both through the
 torch path (the only one that reads kv_quant.ROTATED at run time), instead of the above.
+--precision-ladder: how much precision the greedy-identity target needs, instead of the above:
+the unquantized cache (torch path) whose stored K/V are first rounded like an int8 row with
+more bits (rotated, one scale per row: 8 = the int8 codec's rounding, 9, 10, 12) or to bf16 or
+fp16; the step's own fresh K/V stay exact, as with the real quantized store.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -127,6 +132,43 @@ def rotation_study(dtype: str, prompts: int, tokens: int) -> dict[str, Any]:
     return report
 
 
+LADDER = ("int8", "int9", "int10", "int12", "bfloat16", "float16")
+
+
+def round_like(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """x rounded as a cache of `rounding` would keep it: "int<b>" = b-bit signed integers times
+    one fp16 scale per rotated row (int8: kv_quant's own rounding), or a float dtype."""
+    if not rounding.startswith("int"):
+        return x.to(getattr(torch, rounding)).to(x.dtype)
+    qmax = 2.0 ** (int(rounding[3:]) - 1) - 1
+    y = kv_quant.hadamard(x)
+    scale = (y.abs().amax(dim=-1, keepdim=True) / qmax).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return kv_quant.hadamard(torch.round(y / scale).clamp_(-qmax, qmax) * scale).to(x.dtype)
+
+
+def precision_ladder(dtype: str, prompts: int, tokens: int) -> dict[str, Any]:
+    """Greedy agreement with the unquantized cache when its stored K/V are rounded first."""
+    sample = torch.randn(256, 3, 64) * torch.rand(256, 3, 1) * 10
+    codec = kv_quant.dequantize_rows(kv_quant.quantize_rows(sample, "int8"), torch.float32)
+    assert torch.equal(round_like(sample, "int8"), codec), "int8 rung != the int8 codec"
+    base = _engine(dtype, "auto", "torch")
+    report: dict[str, Any] = {}
+    for rounding in LADDER:
+        llm = _engine(dtype, "auto", "torch")
+        runner = llm.engine.runner
+        store = runner.ops.store_kv
+
+        def rounded_store(k: torch.Tensor, v: torch.Tensor, *rest: Any,
+                          _rounding: str = rounding, _store: Any = store) -> None:
+            _store(round_like(k, _rounding), round_like(v, _rounding), *rest)
+
+        runner.ops = dataclasses.replace(runner.ops, store_kv=rounded_store)
+        report[rounding] = agreement(base, llm, prompts, tokens)
+        print(rounding, report[rounding], flush=True)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -135,7 +177,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--codecs", default="int8,fp8", help="comma-separated KV cache dtypes")
     ap.add_argument("--fp8-rotation-study", action="store_true")
+    ap.add_argument("--precision-ladder", action="store_true")
     args = ap.parse_args()
+    if args.precision_ladder:
+        print(json.dumps(precision_ladder(args.dtype, args.prompts, args.tokens), indent=1))
+        return
     if args.fp8_rotation_study:
         print(json.dumps(rotation_study(args.dtype, args.prompts, args.tokens), indent=1))
         return
