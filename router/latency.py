@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from statistics import median
 
 import numpy as np
 
@@ -123,25 +122,36 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
     ttft = None if local_only or not len(index) else _prefill_ttft(
         candidates, prompt_len, overlap_blocks, block_size)
     ids, row_of = index.ids(), index.table(prefill_row)[1]
+    least = int(np.argmin(ttft)) if ttft is not None else -1  # the first least: least id
     best: list[RoutePrediction] = []
     for decode in decode_workers:
         local = predict_route(Route(decode, None), prompt_len, overlap_blocks, block_size)
         assert local is not None  # step times known
         if ttft is not None:
-            row = row_of.get(decode.worker_id)
-            if row is not None:  # not its own prefill worker
-                own, ttft[row] = ttft[row], np.inf
-            i = int(np.argmin(ttft))  # the first least: the least worker_id
+            i = least
+            if row_of.get(decode.worker_id) == least:  # its own prefill row: the next least
+                own, ttft[least] = ttft[least], np.inf
+                i = int(np.argmin(ttft))
+                ttft[least] = own
+            remote_ttft = float(ttft[i])
             # The key is (ttft, tpot, ...): a remote prefill slower to the first token loses.
-            if np.inf > ttft[i] <= local.ttft_ms:
-                remote = predict_route(Route(decode, index.views[ids[i]]), prompt_len,
-                                       overlap_blocks, block_size)
-                if remote is not None and remote.key < local.key:
+            if remote_ttft != np.inf and remote_ttft <= local.ttft_ms:
+                remote = _remote_prediction(decode, index.views[ids[i]], remote_ttft)
+                if remote.key < local.key:
                     local = remote
-            if row is not None:
-                ttft[row] = own
         best.append(local)
     return sorted(best, key=lambda p: p.key)
+
+
+def _remote_prediction(decode: WorkerView, prefill: WorkerView,
+                       ttft_ms: float) -> RoutePrediction:
+    """predict_route(Route(decode, prefill), ...) given the prefill's TTFT from the table
+    (the same double): the decode worker's step with one more sequence and its own queue."""
+    decoder = decode.step_model
+    assert decoder is not None  # best_routes_from checked
+    tpot = decoder.step_ms(decode.num_running + 1,
+                           min(decode.num_queued_tokens, decoder.token_budget))
+    return RoutePrediction(Route(decode, prefill), ttft_ms, tpot)
 
 
 def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mapping[str, float],
@@ -151,17 +161,27 @@ def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mappi
     table, row_of = candidates.index.table(prefill_row)
     queued, step_ms, per_token, budget = table.T
     ahead = queued + max(1, prompt_len)  # its cache holds none of the prompt
-    cached = [(row_of[wid], blocks) for wid, blocks in overlap_blocks.items() if wid in row_of]
-    if cached:
-        pairs = np.array(cached)  # [workers caching some of the prompt, (row, blocks)]
-        rows = pairs[:, 0].astype(np.intp)
-        cached_tokens = np.minimum(pairs[:, 1] * block_size, prompt_len)
-        ahead[rows] = queued[rows] + np.maximum(1, np.round(prompt_len - cached_tokens))
-    ttft = np.ceil(ahead / budget) * step_ms + per_token * ahead
-    skip = candidates.index.ids_at(candidates.out)
+    rows: list[int] = []  # the rows of the workers caching some of the prompt
+    blocks: list[float] = []
+    for wid, num_blocks in overlap_blocks.items():
+        row = row_of.get(wid)
+        if row is not None:
+            rows.append(row)
+            blocks.append(num_blocks)
+    if rows:
+        at = np.array(rows, dtype=np.intp)
+        cached_tokens = np.minimum(np.array(blocks, dtype=np.float64) * block_size, prompt_len)
+        # np.rint rounds half to even like round() and np.round, without their overhead.
+        ahead[at] = queued[at] + np.maximum(1, np.rint(prompt_len - cached_tokens))
+    ttft = ahead / budget  # then ceil(ahead / budget) * step_ms + per_token * ahead, in place
+    np.ceil(ttft, out=ttft)
+    ttft *= step_ms
+    ttft += per_token * ahead
+    skip = candidates.index.ids_at(candidates.out) if candidates.out else set()
     if candidates.skip_id in row_of:
         skip.add(candidates.skip_id)
-    ttft[[row_of[wid] for wid in skip]] = np.inf
+    if skip:
+        ttft[[row_of[wid] for wid in skip]] = np.inf
     return ttft
 
 
@@ -182,17 +202,24 @@ def order_routes(routes: Sequence[RoutePrediction], num_blocks: int, max_tokens:
 
 
 def pooled_step_model(models: Sequence[StepTimeModel | None]) -> StepTimeModel | None:
-    """The median of the known fits, field by field (None when none is known).
-    statistics.median, not np.median: a handful of fits per request, where numpy's call
-    costs about 11 us each (four per routing decision)."""
+    """The median of the known fits, field by field (None when none is known)."""
     known = [m for m in models if m is not None]
     if not known:
         return None
     return StepTimeModel(
-        base_ms=float(median(m.base_ms for m in known)),
-        per_seq_ms=float(median(m.per_seq_ms for m in known)),
-        per_prompt_token_ms=float(median(m.per_prompt_token_ms for m in known)),
-        token_budget=int(median(m.token_budget for m in known)))
+        base_ms=_median([m.base_ms for m in known]),
+        per_seq_ms=_median([m.per_seq_ms for m in known]),
+        per_prompt_token_ms=_median([m.per_prompt_token_ms for m in known]),
+        token_budget=int(_median([m.token_budget for m in known])))
+
+
+def _median(values: list[float] | list[int]) -> float:
+    """statistics.median's value (the middle one, or the mean of the middle two) without
+    its checks and conversions: a handful of fits per request, four medians per decision
+    (numpy's median costs about 11 us a call, statistics.median ~1 us)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def expected_e2e_ms(prediction: RoutePrediction, max_tokens: int,

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from splitserve.cluster.store import LiveWorker, WorkerInfo, WorkerLoadReport, WorkerRole
+from splitserve.common.cluster_types import WorkerIdUnion
 from splitserve.router.policy import (
     WorkerView,
     decode_load_key,
@@ -102,6 +103,7 @@ class RoleIndex:
         self._orders: list[list[tuple[Any, ...]]] = [[] for _ in orders]
         self._keys: dict[str, list[tuple[Any, ...]]] = {}  # worker_id -> its key in each order
         self._ids: list[str] = []  # sorted
+        self._id_set: frozenset[str] | None = None  # the same ids (built on first use)
         self._by_address: dict[str, set[str]] = {}
         self.unknown_step_times: set[str] = set()  # ids whose view has no step_model
         self._row_fn: RowFn | None = None
@@ -120,6 +122,7 @@ class RoleIndex:
         else:
             bisect.insort(self._ids, wid)
             self._table = None  # rows moved
+            self._id_set = None
         self.views[wid] = view
         if old is None or old.address != view.address:
             self._by_address.setdefault(view.address, set()).add(wid)
@@ -140,6 +143,7 @@ class RoleIndex:
         self._unsort(worker_id, old, None)
         del self._keys[worker_id]
         del self._ids[bisect.bisect_left(self._ids, worker_id)]
+        self._id_set = None
         self.unknown_step_times.discard(worker_id)
         self._table = None
 
@@ -162,6 +166,12 @@ class RoleIndex:
     def ids(self) -> list[str]:
         """Worker ids, sorted (the index's own list: do not change it)."""
         return self._ids
+
+    def id_set(self) -> frozenset[str]:
+        """Worker ids as a frozenset (kept until a worker comes or goes)."""
+        if self._id_set is None:
+            self._id_set = frozenset(self._ids)
+        return self._id_set
 
     def ids_at(self, addresses: Collection[str]) -> set[str]:
         """Ids of the workers at any of `addresses`."""
@@ -303,7 +313,7 @@ class ClusterSnapshot:
         (whether to prefill locally), and the prefill workers when the policy weighs their
         caches (kv_aware, latency)."""
         ids = {w.worker_id for w in ranked}
-        return self.prefill_index.views.keys() | ids if prefill else ids
+        return WorkerIdUnion(self.prefill_index.id_set(), ids) if prefill else ids
 
     def prefill_candidates(self, decode_id: str = "") -> Candidates:
         """The prefill workers a request decoded on `decode_id` may use."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
 
-from splitserve.common.cluster_types import KV_TIERS, PrefixOverlap
+from splitserve.common.cluster_types import KV_TIERS, PrefixOverlap, ids_within
 
 _NONE: frozenset[str] = frozenset()
 
@@ -73,7 +73,7 @@ class PrefixIndex:
         per_block = list(map(self._holders["device"].get, block_hashes))
         running = set(per_block[0] or ()) if per_block else set()
         if among is not None:
-            running = running & among
+            running = ids_within(running, among)
         ends: dict[str, int] = {}
         if not running:
             return ends
@@ -107,7 +107,7 @@ class PrefixIndex:
         running = set().union(device.get(first, _NONE), host.get(first, _NONE),
                               disk.get(first, _NONE))
         if among is not None:
-            running = running & among
+            running = ids_within(running, among)
         if not running:
             return {}
         ends: dict[str, int] = {}

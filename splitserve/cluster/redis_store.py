@@ -61,6 +61,7 @@ from splitserve.cluster.store import (
     tiered_run,
     ttl_to_ms,
 )
+from splitserve.common.cluster_types import ids_within
 
 
 def _tier_part(tier: str) -> str:
@@ -319,7 +320,7 @@ class RedisClusterStore(ClusterStore):
         per_tier = self._holders(block_hashes, KV_TIERS)
         candidates = set().union(*(blocks[0] for blocks in per_tier)) & live
         if among is not None:
-            candidates = {wid for wid in candidates if wid in among}
+            candidates = ids_within(candidates, among)
         result = {}
         for wid in sorted(candidates):
             holds = {tier: {h for h, holders in zip(block_hashes, blocks, strict=True)

@@ -9,6 +9,8 @@ Times are seconds since the Unix epoch, stamped by whoever built the object.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -25,6 +27,36 @@ class WorkerRole(str, Enum):
     def can_serve(self, wanted: WorkerRole) -> bool:
         """True when a worker of this role can play `wanted` (a BOTH worker plays either)."""
         return self is wanted or (self is WorkerRole.BOTH and wanted is not WorkerRole.BOTH)
+
+
+class WorkerIdUnion(AbstractSet[str]):
+    """The worker ids in any of a few sets, kept apart: the scope of a prefix-overlap lookup
+    (the router's prefill workers and the decode workers it ranked) without copying the
+    large set into a new one for every lookup. The parts are read, never changed."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: AbstractSet[str]) -> None:
+        self.parts = parts
+
+    def __contains__(self, worker_id: object) -> bool:
+        return any(worker_id in part for part in self.parts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set().union(*self.parts))
+
+    def __len__(self) -> int:
+        return len(set().union(*self.parts))
+
+
+def ids_within(worker_ids: set[str], among: AbstractSet[str]) -> set[str]:
+    """`worker_ids & among`, in C set operations for a set, a frozenset or a WorkerIdUnion of
+    them (else by asking `among` about each id)."""
+    if isinstance(among, WorkerIdUnion):
+        return set().union(*(ids_within(worker_ids, part) for part in among.parts))
+    if isinstance(among, (set, frozenset)):
+        return worker_ids & among
+    return {wid for wid in worker_ids if wid in among}
 
 
 class RequestPhase(str, Enum):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import statistics
+
 import pytest
 
 from splitserve.common.step_time import StepTimeModel
@@ -160,3 +163,15 @@ def test_pooled_fit_of_an_even_count_is_the_mean_of_the_middle_two() -> None:
     fits = [StepTimeModel(float(b), 1.0, 0.5, budget)
             for b, budget in ((10, 100), (40, 300), (20, 200), (30, 201))]
     assert pooled_step_model(fits) == StepTimeModel(25.0, 1.0, 0.5, 200)  # int(200.5)
+
+
+def test_pooled_fit_is_statistics_median_field_by_field() -> None:
+    rng = random.Random(5)
+    for count in range(1, 9):
+        fits = [StepTimeModel(rng.uniform(1, 9), rng.uniform(0, 1), rng.uniform(0, 0.1),
+                              rng.randrange(1, 4096)) for _ in range(count)]
+        assert pooled_step_model(fits) == StepTimeModel(
+            statistics.median(m.base_ms for m in fits),
+            statistics.median(m.per_seq_ms for m in fits),
+            statistics.median(m.per_prompt_token_ms for m in fits),
+            int(statistics.median(m.token_budget for m in fits)))
