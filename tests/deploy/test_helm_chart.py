@@ -197,7 +197,19 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
              "router": {"env": [{"name": "X", "value": "1"}]}},
     "tls": {"auth": {"tlsSecret": "certs"}, "extraVolumes": [{"name": "m", "emptyDir": {}}],
             "extraVolumeMounts": [{"name": "m", "mountPath": "/models"}]},
+    "autoscaling": {"router": {"pdControl": {"enabled": True}, "publicMetrics": True},
+                    "decode": {"autoscaling": {"enabled": True, "maxReplicas": 6}},
+                    "prefill": {"autoscaling": {"enabled": True, "stabilizationSeconds": 45}}},
 }
+
+
+def rendered_docs(case: str | dict[str, Any]) -> list[dict[str, Any]]:
+    """Every object the chart renders for `case` (a RENDER_CASES name, or values)."""
+    values = RENDER_CASES[case] if isinstance(case, str) else case
+    with helm_python.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name="t", namespace="ns")
+    return [doc for path, text in out.items() if Path(path).suffix == ".yaml"
+            for doc in yaml.safe_load_all(text) if doc]
 
 
 def rendered_pods(case: str) -> dict[str, dict[str, Any]]:
@@ -280,3 +292,59 @@ def test_tls_secret_reaches_every_pod_and_probes_speak_tls() -> None:
         assert container["livenessProbe"]["grpc"]["port"] == container["ports"][0][
             "containerPort"], role
         assert "SPLITSERVE_TLS_DIR" not in {e["name"] for e in container.get("env", [])}
+
+
+@pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
+def test_autoscaling_adds_workers_on_the_routers_scale_hint() -> None:
+    docs = rendered_docs("autoscaling")
+    hpas = {d["spec"]["scaleTargetRef"]["name"]: d["spec"] for d in docs
+            if d["kind"] == "HorizontalPodAutoscaler"}
+    assert set(hpas) == {"t-splitserve-prefill", "t-splitserve-decode"}
+    for role, spec in (("prefill", hpas["t-splitserve-prefill"]),
+                       ("decode", hpas["t-splitserve-decode"])):
+        (metric,) = spec["metrics"]
+        assert metric["object"]["describedObject"] == {"apiVersion": "v1", "kind": "Service",
+                                                       "name": "t-splitserve-router"}
+        # The name and label the router's P:D control exports (router/pd_control.py).
+        assert metric["object"]["metric"] == {"name": "splitserve_pd_scale_hint",
+                                              "selector": {"matchLabels": {"role": role}}}
+        assert metric["object"]["target"] == {"type": "Value", "value": "500m"}
+        assert spec["behavior"]["scaleDown"] == {"selectPolicy": "Disabled"}
+        assert spec["behavior"]["scaleUp"]["policies"] == [
+            {"type": "Pods", "value": 1, "periodSeconds": 120}]
+    assert (hpas["t-splitserve-decode"]["minReplicas"], hpas["t-splitserve-decode"]["maxReplicas"]) == (2, 6)
+    assert hpas["t-splitserve-prefill"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 45
+    deployments = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Deployment"}
+    # The HPA owns the replica count: a helm upgrade must not reset it.
+    assert "replicas" not in deployments["t-splitserve-decode"]
+    assert "replicas" not in deployments["t-splitserve-prefill"]
+    router = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "t-splitserve-router")
+    assert {p["name"]: p["port"] for p in router["spec"]["ports"]} == {"grpc": 50051, "http": 8000}
+    (args,) = [parse(c["args"])
+               for c in deployments["t-splitserve-router"]["template"]["spec"]["containers"]]
+    assert args.pd_control and args.public_metrics and args.http_port == 8000
+    assert "replicas" in deployments["t-splitserve-router"]
+
+
+@pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
+@pytest.mark.parametrize("values, message", [
+    ({"decode": {"autoscaling": {"enabled": True}}}, "needs router.pdControl.enabled"),
+    ({"router": {"pdControl": {"enabled": True}, "httpPort": None},
+      "prefill": {"autoscaling": {"enabled": True}}}, "needs router.pdControl.enabled"),
+    ({"router": {"pdControl": {"enabled": True}},
+      "decode": {"autoscaling": {"enabled": True, "maxReplicas": 1}}}, "maxReplicas must be"),
+])
+def test_autoscaling_without_what_it_needs_is_refused(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        rendered_docs(values)
+
+
+@pytest.mark.skipif(helm_python is None, reason="helm_python (helm-python-sdk) not installed")
+def test_default_chart_has_no_autoscaler_and_serves_http() -> None:
+    docs = rendered_docs("default")
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    deployments = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Deployment"}
+    assert deployments["t-splitserve-decode"]["replicas"] == 2
+    (container,) = deployments["t-splitserve-router"]["template"]["spec"]["containers"]
+    args = parse(container["args"])
+    assert args.http_port == 8000 and not args.pd_control and not args.public_metrics

@@ -117,6 +117,14 @@ grpc://{{ include "splitserve.fullname" . }}-router:{{ .Values.router.service.po
 {{- if le (int $cfg.terminationGracePeriodSeconds) (int $cfg.drainTimeoutSeconds) }}
 {{- fail (printf "%s.terminationGracePeriodSeconds must exceed %s.drainTimeoutSeconds" $role $role) }}
 {{- end }}
+{{- if $cfg.autoscaling.enabled }}
+{{- if not (and $.Values.router.pdControl.enabled $.Values.router.httpPort) }}
+{{- fail (printf "%s.autoscaling scales on the router's P:D hint: it needs router.pdControl.enabled and router.httpPort" $role) }}
+{{- end }}
+{{- if lt (int $cfg.autoscaling.maxReplicas) (int $cfg.replicas) }}
+{{- fail (printf "%s.autoscaling.maxReplicas must be at least %s.replicas" $role $role) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
