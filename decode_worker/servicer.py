@@ -21,7 +21,7 @@ from splitserve.common.grpc_util import ServiceError
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
-    from splitserve.decode_worker.worker import DecodeRequest, DecodeWorker
+    from splitserve.decode_worker.worker import DecodeEvent, DecodeRequest, DecodeWorker
 
 _REFUSALS = {
     "no_free_blocks": worker_pb2.ADMIT_REFUSAL_NO_FREE_BLOCKS,
@@ -31,6 +31,9 @@ _REFUSALS = {
 }
 _DEFAULT_PREFILL_TIMEOUT_S = 60.0
 _MAX_TOKENS_PER_MESSAGE = 64
+# The longest a partial group of --stream-interval tokens is held before it is sent anyway
+# (a slow step, a preempted request): what a stream interval may add to a token's arrival.
+STREAM_HOLD_S = 0.1
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -99,7 +102,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             kv_layout=layout_to_proto(worker.layout),
             kv_endpoint=worker.kv_endpoint,
         ))
-        for message in _relay(admitted, context):
+        for message in _relay(admitted, context, worker.options.stream_interval):
             if message.output.finish_reason:
                 with lock:
                     stream["finished"] = True
@@ -143,19 +146,23 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.DecodeDrainResponse(num_in_flight_requests=left)
 
 
-def _relay(request: DecodeRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.AdmitResponse]:
-    """Stream the request's events, coalescing whatever queued up since the last message."""
+def _relay(request: DecodeRequest, context: grpc.ServicerContext, stream_interval: int = 1,
+           hold_s: float = STREAM_HOLD_S) -> Iterator[worker_pb2.AdmitResponse]:
+    """Stream the request's events, coalescing whatever queued up since the last message;
+    with `stream_interval` > 1, after the first message, waiting up to `hold_s` for that
+    many tokens (an event that ends the stream is sent at once). A paced stream is never
+    grouped: its pace already sets when each token leaves."""
+    if request.stream_pace_tokens_per_s > 0:
+        stream_interval = 1
     generated = 0
     while context.is_active():
         try:
             events = [request.events.get(timeout=0.5)]
         except queue.Empty:
             continue
-        while len(events) < _MAX_TOKENS_PER_MESSAGE:
-            try:
-                events.append(request.events.get_nowait())
-            except queue.Empty:
-                break
+        _take_queued(request.events, events)
+        if stream_interval > 1 and generated:
+            _hold_for_interval(request.events, events, stream_interval, hold_s)
         output = worker_pb2.DecodeOutput()
         for event in events:
             if event.migrate:  # draining: the router resumes the request elsewhere
@@ -183,6 +190,37 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext) -> Iterator[wo
             yield worker_pb2.AdmitResponse(output=output)
             return
         yield worker_pb2.AdmitResponse(output=output)
+
+
+def _take_queued(events_queue: queue.Queue[DecodeEvent], events: list[DecodeEvent]) -> None:
+    """Append what is queued now, up to _MAX_TOKENS_PER_MESSAGE events in all."""
+    while len(events) < _MAX_TOKENS_PER_MESSAGE:
+        try:
+            events.append(events_queue.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _ends_stream(event: DecodeEvent) -> bool:
+    return (event.migrate or event.error is not None
+            or (event.output is not None and event.output.finished))
+
+
+def _hold_for_interval(events_queue: queue.Queue[DecodeEvent], events: list[DecodeEvent],
+                       stream_interval: int, hold_s: float) -> None:
+    """Add queued events to `events` until they carry `stream_interval` tokens, one ends the
+    stream, the message is full, or `hold_s` passed."""
+    deadline = time.monotonic() + hold_s
+    while (len(events) < _MAX_TOKENS_PER_MESSAGE and not any(map(_ends_stream, events))
+           and sum(len(e.output.new_token_ids) for e in events if e.output) < stream_interval):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            events.append(events_queue.get(timeout=left))
+        except queue.Empty:
+            return
+        _take_queued(events_queue, events)
 
 
 def _timings(request: DecodeRequest) -> worker_pb2.DecodeTimings:

@@ -350,6 +350,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             kv_timeout_s=args.kv_timeout, heartbeat_ttl_s=args.heartbeat_ttl,
             lease_s=args.lease_timeout, kv_migration=not args.no_kv_migration,
             metrics_port=args.metrics_port, max_output_backlog=args.max_output_backlog,
+            stream_interval=args.stream_interval,
         )
         from splitserve.launcher import build_worker
 
@@ -491,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-output-backlog", type=int, default=4096,
                        help="decode: step outputs a stream may leave unread before it is "
                             "cut off and its request aborted")
+        p.add_argument("--stream-interval", type=int, default=1,
+                       help="decode: send a request's tokens this many at a time (the first "
+                            "and last at once, a partial group after 0.1 s): fewer messages "
+                            "for the router and client, burstier arrival")
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         p.add_argument("--flippable", action="store_true",

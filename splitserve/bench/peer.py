@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="SplitServe's prefill chunk budget (default: the engine's)")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="SplitServe's decode worker sends tokens this many at a time "
+                         "(`splitserve decode --stream-interval`; 1: every step)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline engine run")
     ap.add_argument("--single-stream", type=int, default=0, metavar="N",
                     help="also N requests at concurrency 1 per server, against the engine's "
@@ -129,6 +132,8 @@ def run_splitserve(dtype: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
                    "--num-kv-blocks", "2048"]
     if ns.max_num_batched_tokens:
         worker_args += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
+    if ns.stream_interval != 1:
+        worker_args += ["--stream-interval", str(ns.stream_interval)]
     with local_deployment(ns.model, num_prefill=0, num_decode=1,
                           local_prefill_threshold=1 << 20, threads=ns.threads,
                           worker_args=tuple(worker_args)) as addrs:
@@ -216,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(peer)
             rows += [_row(f"{peer_name}, c=1", run) for run in peer_runs[1:]]
         our_runs = run_splitserve(dtype, ns)
-        ours = _row(f"SplitServe colocated, {precision}", our_runs[0])
+        name = f"SplitServe colocated, {precision}" + (
+            f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
+        ours = _row(name, our_runs[0])
         rows.append(ours)
-        lone = [_row(f"SplitServe colocated, {precision}, c=1", run) for run in our_runs[1:]]
+        lone = [_row(f"{name}, c=1", run) for run in our_runs[1:]]
         rows += lone
         if peer is not None and peer["output_tok_s"] and ours["output_tok_s"]:
             ours.setdefault("ratios", {})["vs llama.cpp"] = ours["output_tok_s"] / peer["output_tok_s"]

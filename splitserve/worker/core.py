@@ -66,6 +66,11 @@ class WorkerOptions:
     # more step outputs than this pile up is cut off and its request aborted, so a stuck
     # reader costs memory and a batch slot for a bounded time only; the engine never waits.
     max_output_backlog: int = 4096
+    # A decode worker's Admit stream sends a request's tokens this many at a time (the
+    # stream's first message, and its last, at once; a partial group after
+    # STREAM_HOLD_S): fewer, larger messages for the router and the client to handle, at
+    # the cost of burstier inter-token arrival (vLLM's --stream-interval). 1: every step.
+    stream_interval: int = 1
     # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
     metrics_port: int | None = None
     # The deployment's shared secret (None: SPLITSERVE_CLUSTER_TOKEN; unset or empty: none):
@@ -85,6 +90,8 @@ class WorkerOptions:
             raise ValueError("kv_timeout_s and heartbeat_ttl_s must be positive, lease_s >= 0.2")
         if self.max_output_backlog < 1:
             raise ValueError(f"max_output_backlog must be >= 1, got {self.max_output_backlog}")
+        if not 1 <= self.stream_interval <= 64:
+            raise ValueError(f"stream_interval must be in [1, 64], got {self.stream_interval}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
 

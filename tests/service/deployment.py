@@ -64,6 +64,7 @@ def start_deployment(
     kv_timeout_s: float = 10.0,
     cluster_token: str | None = None,
     engine_overrides: dict[str, dict[str, Any]] | None = None,  # worker id -> engine fields
+    worker_options: dict[str, Any] | None = None,  # more WorkerOptions fields, every worker
 ) -> Deployment:
     engine_cfg = EngineConfig(model=model, **(engine or {}))
     router_kwargs = {"model": model, "block_size": engine_cfg.block_size,
@@ -79,7 +80,7 @@ def start_deployment(
                              worker_id=worker_id,
                              cluster_url=running.cluster_url, kv_store=kv_store,
                              kv_timeout_s=kv_timeout_s, heartbeat_ttl_s=2.0,
-                             cluster_token=cluster_token)
+                             cluster_token=cluster_token, **(worker_options or {}))
 
     prefill = [PrefillWorker(options("prefill", i)).start() for i in range(num_prefill)]
     decode = [DecodeWorker(options("decode", i)).start() for i in range(num_decode)]
