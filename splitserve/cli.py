@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         decode_resource=args.decode_resource,
         router_options={"local_prefill_threshold": args.local_prefill_threshold,
                         **_router_security(args), **_pd_control(args)},
-        flippable=args.pd_control,
+        flippable=args.pd_control, stream_interval=args.stream_interval,
     )
     if args.ray_address is None:
         # The local actors log nowhere visible: prepare the model here, where a one-time
@@ -339,6 +339,14 @@ def cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stream_interval_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="decode workers send a request's tokens this many at a time (the "
+                        "first and last at once, a partial group after 0.1 s; paced streams "
+                        "never grouped): fewer messages for the router and client, burstier "
+                        "arrival")
+
+
 def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from splitserve.worker.runtime import WorkerOptions
@@ -424,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-resource", default=None, help="custom Ray resource for prefill")
     p.add_argument("--decode-resource", default=None, help="custom Ray resource for decode")
     p.add_argument("--local-prefill-threshold", type=int, default=32)
+    _add_stream_interval_arg(p)
     p.add_argument("--demo", action="store_true", help="stream one chat answer once ready")
     p.add_argument("--demo-prompt", default=DEMO_PROMPT)
     p.add_argument("--exit-after-demo", action="store_true")
@@ -492,10 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-output-backlog", type=int, default=4096,
                        help="decode: step outputs a stream may leave unread before it is "
                             "cut off and its request aborted")
-        p.add_argument("--stream-interval", type=int, default=1,
-                       help="decode: send a request's tokens this many at a time (the first "
-                            "and last at once, a partial group after 0.1 s): fewer messages "
-                            "for the router and client, burstier arrival")
+        _add_stream_interval_arg(p)
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         p.add_argument("--flippable", action="store_true",

@@ -40,6 +40,7 @@ class ServeOptions:
     # Workers accept WorkerControl.SwitchRole (worker.flip): the router's P:D control
     # (router_options["pd_control"]) moves them between the roles.
     flippable: bool = False
+    stream_interval: int = 1  # decode workers send tokens this many at a time (WorkerOptions)
 
     def __post_init__(self) -> None:
         if self.prefill_workers < 0 or self.decode_workers < 1:
@@ -125,6 +126,7 @@ class _WorkerLaunch:
     resources: dict[str, str | None]  # role -> the custom Ray resource that pins it
     env_opts: dict[str, Any]
     flippable: bool
+    stream_interval: int = 1
 
     def start(self, role: str, index: int) -> Any:
         import ray
@@ -139,6 +141,7 @@ class _WorkerLaunch:
             engine=engine, worker_id=f"{role}-{index}", host=self.actor_host,
             cluster_url=self.cluster_url, kv_backend="torch_dist", kv_store=self.kv_store,
             kv_timeout_s=self.kv_timeout_s, cluster_token=self.cluster_token,
+            stream_interval=self.stream_interval,
         )
         actor_opts: dict[str, Any] = {"num_cpus": 0, **self.env_opts}
         if engine.resolved_device.startswith("cuda"):
@@ -308,7 +311,7 @@ def serve(options: ServeOptions) -> Deployment:
         kv_store=f"{driver_host}:{kv_port}", kv_timeout_s=options.kv_timeout_s,
         cluster_token=token,
         resources={"prefill": options.prefill_resource, "decode": options.decode_resource},
-        env_opts=env_opts, flippable=options.flippable)
+        env_opts=env_opts, flippable=options.flippable, stream_interval=options.stream_interval)
     roles = ["prefill"] * options.prefill_workers + ["decode"] * options.decode_workers
     actors: list[Any] = [router]
     for role in ("prefill", "decode"):

@@ -124,6 +124,7 @@ def test_workers_added_and_removed_while_serving(ray_session, tiny_llama: Path) 
         engine=EngineConfig(model=str(tiny_llama), **ENGINE), prefill_workers=1,
         decode_workers=1, port=0, http_port=0,
         router_options={"local_prefill_threshold": 8, "worker_refresh_s": 0.2},
+        stream_interval=4,
     ))
     try:
         address = deployment.add_worker("decode")
@@ -146,6 +147,13 @@ def test_workers_added_and_removed_while_serving(ray_session, tiny_llama: Path) 
             results = list(pool.map(one, prompts))
         assert [tokens for tokens, _ in results] == expected
         assert {"decode-0", "decode-1"} <= {worker for _, worker in results}, results
+        # serve(stream_interval=4): the decode workers send tokens in groups (an added one
+        # is started with the same settings as the first).
+        for _ in range(4):
+            with Client(deployment.address, timeout=60) as c:
+                sizes = [len(ch.token_ids) for ch in c.stream(prompts[0], **GREEDY)
+                         if ch.token_ids]
+            assert sum(sizes) == len(expected[0]) and len(sizes) < len(expected[0]) / 2, sizes
         assert address and deployment.remove_worker("decode")
         assert deployment.counts() == {"prefill": 1, "decode": 1}
         assert _run(deployment.address, prompts[:2]) == expected[:2]
