@@ -14,7 +14,6 @@ engine threads spin between parallel regions, so their CPU time is wall time, no
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from engine_args import engine_parser
 
 from splitserve.bench.procs import local_deployment
 
@@ -59,11 +60,7 @@ def deployment_processes() -> dict[int, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = engine_parser(__doc__)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=128)
     args = ap.parse_args()

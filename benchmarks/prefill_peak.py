@@ -11,13 +11,13 @@ random tokens (median of 5 after a warm-up) as GFLOP/s: the linear layers' 2 x
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
 import time
 
 import torch
+from engine_args import engine_parser
 
 
 def mm_gflops(m: int, n: int, k: int, dtype: torch.dtype, reps: int = 10) -> float:
@@ -33,11 +33,7 @@ def mm_gflops(m: int, n: int, k: int, dtype: torch.dtype, reps: int = 10) -> flo
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = engine_parser(__doc__, dtype="float32")
     args = ap.parse_args()
 
     from splitserve.common.sampling_params import SamplingParams

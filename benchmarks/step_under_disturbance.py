@@ -14,11 +14,12 @@ preemption: a thread the OS takes away holds every other at the next barrier.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
 import time
+
+from engine_args import engine_parser
 
 _SPIN = r"""
 import sys, time
@@ -32,11 +33,7 @@ while True:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = engine_parser(__doc__)
     ap.add_argument("--busy-ms", type=float, default=1.5)
     ap.add_argument("--period-ms", type=float, default=13.0)
     ap.add_argument("--rounds", type=int, default=5)
