@@ -31,7 +31,8 @@ PROFILE_VERSION = 1
 
 def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     """Piecewise-linear through (xs, ys), xs strictly increasing; past either end the
-    nearest segment continues (one point: a constant). Never below 0."""
+    nearest segment continues if it rises, and a falling one (timing noise: more work never
+    takes less time) stays at its end point (one point: a constant). Never below 0."""
     if len(xs) != len(ys) or not xs:
         raise ValueError("interpolate needs equally many xs and ys, at least one")
     if len(xs) == 1:
@@ -39,6 +40,10 @@ def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     i = bisect.bisect_right(xs, x) - 1
     i = min(max(i, 0), len(xs) - 2)
     x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    if y1 < y0 and x < x0:
+        return max(0.0, y0)
+    if y1 < y0 and x > x1:
+        return max(0.0, y1)
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 

@@ -30,6 +30,16 @@ def test_interpolate_hits_points_midpoints_and_extends_the_end_segments() -> Non
     assert interpolate([4.0], [7.0], 100.0) == 7.0
 
 
+def test_interpolate_never_extends_a_falling_end_segment() -> None:
+    # One noisy repeat can time the larger point faster; extending that slope would predict
+    # steps that shrink with more work, down to 0 ms (a zero TPOT once seen in CI).
+    xs, ys = [8.0, 24.0], [0.30, 0.25]
+    assert interpolate(xs, ys, 500.0) == 0.25
+    assert interpolate(xs, ys, 0.0) == 0.30
+    assert interpolate(xs, ys, 16.0) == pytest.approx(0.275)  # inside: still the line
+    assert interpolate([0.0, 10.0, 20.0], [1.0, 3.0, 2.0], 40.0) == 2.0
+
+
 def test_decode_is_bilinear_over_batch_and_context() -> None:
     model = ProfiledStepTimes(make_profile())
     assert model.decode_ms(1, 100) == 5.0
