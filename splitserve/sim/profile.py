@@ -55,6 +55,15 @@ class ServingOverheads:
     ttft_local_ms: float = 0.0  # TTFT - prefill compute, prompt prefilled on its decode worker
     ttft_remote_ms: float = 0.0  # TTFT - prefill compute - KV transfer, prefill worker
     decode_step_ms: float = 0.0  # served TPOT at batch 1 - the engine's batch-1 decode step
+    # A remote prefill's compute while its decode worker decodes another stream, over the
+    # same prefill with that worker idle, in the deployment (0: not measured). The
+    # deployment slows a prefill more than a bare second engine does (BENCHMARKS.md).
+    prefill_under_decode: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.prefill_under_decode >= 0:
+            raise ValueError(f"prefill_under_decode must be >= 0 (0: not measured), got "
+                             f"{self.prefill_under_decode!r}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,9 @@ class ProfiledStepTimes:
     def corun_factor(self, kind: str, others: list[str]) -> float:
         """A step of `kind` starting while other workers of its host run steps of the kinds
         `others`: its time's factor (the most any one of them causes; 1 alone)."""
-        row = self.profile.corun.get(kind, {})
+        row = dict(self.profile.corun.get(kind, {}))
+        if kind == "prefill" and self.profile.serving.prefill_under_decode > 0:
+            row["decode"] = self.profile.serving.prefill_under_decode  # measured in situ
         return max((row.get(other, 1.0) for other in others), default=1.0)
 
     def transfer_ms(self, num_tokens: int) -> float:

@@ -14,7 +14,10 @@ Measures, with the engine in this process (no prefix caching, one step per point
     process on the same cores runs steps of each kind, over its time alone (sim.corun);
   - serving overheads (unless --no-serving): a local deployment (router + workers as
     processes, --threads each) serves short prompts one at a time, colocated and then
-    disaggregated; what TTFT and TPOT hold beyond the engine's own step times.
+    disaggregated; what TTFT and TPOT hold beyond the engine's own step times; and the
+    remote prefills again while the decode worker decodes a long stream: their compute
+    over the idle one is the prefill-under-decode factor the simulator uses (it replaces
+    the bare engines' co-run factor, which misses part of the deployment's slowdown).
 The machine and settings are recorded beside the points. Run it on an idle machine.
 """
 
@@ -28,6 +31,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -36,6 +40,10 @@ from splitserve.sim.profile import Profile, ProfiledStepTimes, ServingOverheads
 
 if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
+
+# The stream that keeps the decode worker decoding while remote prefills are timed (cut
+# off once they are: its length only has to outlast them).
+_BACKGROUND_TOKENS = 2048
 
 
 def _ints(text: str) -> list[int]:
@@ -90,12 +98,15 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
     prompts = [[rng.randrange(100, 30000) for _ in range(prompt_len)] for _ in range(5)]
     worker_args = ("--no-prefix-caching", "--num-kv-blocks", "512", "--dtype", args.dtype)
     rows = {}
+    under_decode = 0.0
     for mode, num_prefill, threshold in (("local", 0, 10**9), ("remote", 1, 0)):
         with local_deployment(args.model, num_prefill=num_prefill, num_decode=1,
                               local_prefill_threshold=threshold, threads=args.threads,
                               worker_args=worker_args) as addrs:
             measure_requests(addrs["router"], prompts[:1], 4)  # warm-up
             rows[mode] = measure_requests(addrs["router"], prompts, max_tokens)
+            if mode == "remote":
+                under_decode = prefill_under_decode(addrs["router"], prompts, rows[mode])
     med = statistics.median
     compute = model.prefill_ms(prompt_len)
     step = model.decode_ms(1, prompt_len + max_tokens / 2)
@@ -103,7 +114,58 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
     remote = med(r["ttft_ms"] - r["kv_transfer_ms"] for r in rows["remote"]) - compute
     tpot = med(r["tpot_ms"] for r in rows["local"] + rows["remote"])
     return ServingOverheads(ttft_local_ms=max(0.0, local), ttft_remote_ms=max(0.0, remote),
-                            decode_step_ms=max(0.0, tpot - step))
+                            decode_step_ms=max(0.0, tpot - step),
+                            prefill_under_decode=under_decode)
+
+
+def prefill_under_decode(router: str, prompts: list[list[int]],
+                         idle_rows: list[dict[str, float]]) -> float:
+    """The remote prefill's compute while the decode worker decodes another stream, over
+    `idle_rows`' (the same prompts, measured one at a time: that worker idle meanwhile), as
+    medians: how much the deployment's decoding slows its prefill worker on shared cores
+    (0.0 when the background stream ended before the measurement did: not measured)."""
+    from splitserve.bench.kv import measure_requests
+    from splitserve.client import Client
+
+    decoding, stop = threading.Event(), threading.Event()
+    outlived: list[bool] = []
+    failed: list[BaseException] = []
+    prompt = prompts[0][::-1]  # not one of the timed prompts
+
+    def background() -> None:
+        try:
+            with Client(router, timeout=600) as client:
+                room = client.list_models()[0].max_model_len - len(prompt) - 1
+                chunks = client.stream(prompt, max_tokens=min(_BACKGROUND_TOKENS, room),
+                                       temperature=0.0, ignore_eos=True)
+                try:
+                    for _ in chunks:
+                        decoding.set()
+                        if stop.is_set():
+                            outlived.append(True)
+                            break
+                finally:
+                    chunks.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the measuring thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=background, name="profile-decode-load", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not decoding.wait(0.05):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the background stream never decoded: {failed or 'timeout'}")
+        time.sleep(0.2)  # into its steady decode steps
+        loaded = measure_requests(router, prompts, 1)
+    finally:
+        stop.set()
+        thread.join(120)
+    if not outlived:
+        return 0.0
+    med = statistics.median
+    return (med(r["prefill_compute_ms"] for r in loaded)
+            / med(r["prefill_compute_ms"] for r in idle_rows))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -40,6 +40,19 @@ def test_profile_records_the_grid_and_the_machine(tiny_profile: Path) -> None:
                for row in profile.corun.values())
 
 
+def test_profile_measures_the_serving_overheads_on_a_local_deployment(
+        tiny_llama: Path, tmp_path: Path) -> None:
+    # Router + workers as processes: the serving overheads, and the remote prefills timed
+    # again while the decode worker decodes a long stream (a ratio of two medians).
+    out = tmp_path / "serving.json"
+    assert cli.main(["profile", "--model", str(tiny_llama), "--prefill-tokens", "8,64",
+                     "--decode-batches", "1", "--decode-contexts", "8,96", "--repeats", "1",
+                     "--no-corun", "--no-kv", "--out", str(out)]) == 0
+    serving = Profile.load(out).serving
+    assert serving.prefill_under_decode > 0
+    assert serving.ttft_local_ms >= 0 and serving.ttft_remote_ms >= 0
+
+
 def test_simulate_prints_predicted_beside_measured(tiny_profile: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # A "measured" sweep that is the simulation itself, with goodput doubled: errors are

@@ -72,8 +72,25 @@ def test_transfer_time_is_bytes_over_bandwidth() -> None:
     assert ProfiledStepTimes(make_profile()).transfer_ms(500) == pytest.approx(500.0)
 
 
+def test_the_deployments_prefill_under_decode_factor_replaces_the_bare_engines() -> None:
+    corun = {"prefill": {"decode": 1.05, "prefill": 1.02}, "decode": {"prefill": 1.1}}
+    bare = ProfiledStepTimes(make_profile(corun=corun))
+    assert bare.corun_factor("prefill", ["decode"]) == 1.05
+    measured = ProfiledStepTimes(make_profile(
+        corun=corun, serving=ServingOverheads(prefill_under_decode=1.3)))
+    assert measured.corun_factor("prefill", ["decode"]) == 1.3
+    assert measured.corun_factor("prefill", ["prefill"]) == 1.02  # only prefill under decode
+    assert measured.corun_factor("decode", ["prefill"]) == 1.1
+    assert measured.corun_factor("prefill", []) == 1.0
+    # measured without co-run factors at all: the deployment's factor still applies
+    only = ProfiledStepTimes(make_profile(serving=ServingOverheads(prefill_under_decode=1.3)))
+    assert only.corun_factor("prefill", ["decode", "prefill"]) == 1.3
+    with pytest.raises(ValueError, match="prefill_under_decode"):
+        ServingOverheads(prefill_under_decode=-1.0)
+
+
 def test_json_round_trip(tmp_path: Path) -> None:
-    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5),
+    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5, 1.25),
                            corun={"prefill": {"decode": 1.25}, "decode": {"prefill": 1.5}})
     profile.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == profile
