@@ -7,7 +7,11 @@ Life cycle of a request:
    prefill and reuse this worker's prefix cache.
 3. On the step that computes the prompt's last chunk, the layer hook starts the KV send
    and, as each layer finishes, packs that layer's blocks (prefix-cached ones included) into
-   one buffer that a background thread sends to D while the next layers compute.
+   one buffer that a background thread sends to D while the next layers compute
+   (WorkerOptions.kv_send "layer", and "auto" on a GPU). With "whole" ("auto" on CPU for
+   short prompts) the hook packs every layer into one message once the last layer is
+   computed: over gloo's TCP sockets a message per layer costs more CPU than its overlap
+   saves for them.
 4. The step samples the first token and the request finishes here: its blocks go back to
    the pool at once (full blocks stay in the prefix cache). That is safe because every
    layer was copied out before the step ended.
@@ -60,6 +64,15 @@ class PrefillJob:
     output: StepOutput | None = None
     error: PrefillError | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+
+
+# kv_send "auto" on CPU: a prompt's KV goes a layer at a time only where each layer's
+# message is at least this big. Over gloo's TCP sockets each message costs the sending and
+# the receiving process about a millisecond of CPU beside the prompt's compute; below this
+# size that costs more than overlapping the transfer saves (measured on a 2-core host,
+# SmolLM2-135M fp32, 1,536 bytes per token and layer: 64- and 256-token prompts 3-15%
+# sooner whole, 512- and 1,000-token ones 1-7% sooner per layer; BENCHMARKS.md).
+KV_LAYER_MESSAGE_MIN_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,14 +221,32 @@ class PrefillWorker(WorkerRuntime):
         if not sending:
             return None
         caches = self.engine.runner.kv_caches
+        last = len(caches) - 1
+        per_layer = [job for job in sending if self._sends_per_layer(len(job.dst_block_ids))]
+        whole = [job for job in sending if job not in per_layer]
 
-        def send_layer(layer: int) -> None:
+        def send(layer: int) -> None:
             k_cache, v_cache = caches[layer]
-            for job in sending:
+            for job in per_layer:
                 if job.transfer is not None:
                     self.kv.send_layer(job.transfer, layer, k_cache, v_cache)
+            if layer == last and whole:
+                k_caches, v_caches = [k for k, _ in caches], [v for _, v in caches]
+                for job in whole:
+                    if job.transfer is not None:
+                        self.kv.send_all_layers(job.transfer, k_caches, v_caches)
 
-        return send_layer
+        return send
+
+    def _sends_per_layer(self, num_blocks: int) -> bool:
+        """WorkerOptions.kv_send for a prompt of `num_blocks` KV blocks ("auto": per layer on a
+        GPU; on CPU only where each layer's message reaches KV_LAYER_MESSAGE_MIN_BYTES)."""
+        mode = self.options.kv_send
+        if mode == "auto":
+            if self.engine.runner.device.type != "cpu":
+                return True
+            return num_blocks * self.layout.bytes_per_block_per_layer >= KV_LAYER_MESSAGE_MIN_BYTES
+        return mode == "layer"
 
     # ---- waiting for the result (RPC thread) ----------------------------------------------
     def _await(self, job: PrefillJob, timeout_s: float) -> PrefillResult:

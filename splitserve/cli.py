@@ -358,7 +358,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             kv_timeout_s=args.kv_timeout, heartbeat_ttl_s=args.heartbeat_ttl,
             lease_s=args.lease_timeout, kv_migration=not args.no_kv_migration,
             metrics_port=args.metrics_port, max_output_backlog=args.max_output_backlog,
-            stream_interval=args.stream_interval,
+            stream_interval=args.stream_interval, kv_send=args.kv_send,
         )
         from splitserve.launcher import build_worker
 
@@ -502,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode: step outputs a stream may leave unread before it is "
                             "cut off and its request aborted")
         _add_stream_interval_arg(p)
+        p.add_argument("--kv-send", default="auto", choices=["auto", "layer", "whole"],
+                       help="prefill: send a prompt's KV a layer at a time as it is computed "
+                            "(layer), or all layers in one message at the end (whole); auto: "
+                            "layer on a GPU, whole on CPU")
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         p.add_argument("--flippable", action="store_true",

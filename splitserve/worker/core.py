@@ -38,6 +38,7 @@ ROLE_SERVICES = {"prefill": service_name(worker_pb2, "PrefillWorker"),
                  "decode": service_name(worker_pb2, "DecodeWorker")}
 CONTROL_SERVICE = service_name(worker_pb2, "WorkerControl")
 WORKER_SERVICES = (*ROLE_SERVICES.values(), CONTROL_SERVICE)  # all need the cluster token
+KV_SEND_MODES = ("auto", "layer", "whole")  # WorkerOptions.kv_send
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,13 @@ class WorkerOptions:
     # STREAM_HOLD_S): fewer, larger messages for the router and the client to handle, at
     # the cost of burstier inter-token arrival (vLLM's --stream-interval). 1: every step.
     stream_interval: int = 1
+    # How a prefill worker sends a prompt's KV: "layer" (each layer's blocks as soon as the
+    # layer is computed, overlapping the transfer with the rest of the prompt's compute),
+    # "whole" (every layer in one message once the last layer is computed), "auto"
+    # ("layer" on a GPU; on CPU "layer" only for prompts whose per-layer messages reach
+    # prefill_worker.worker.KV_LAYER_MESSAGE_MIN_BYTES: over gloo's TCP sockets each
+    # message costs CPU that the prompt's compute and the decode worker need).
+    kv_send: str = "auto"
     # Prometheus metrics over HTTP on `host`: 0 an ephemeral port, None not served.
     metrics_port: int | None = None
     # The deployment's shared secret (None: SPLITSERVE_CLUSTER_TOKEN; unset or empty: none):
@@ -92,6 +100,8 @@ class WorkerOptions:
             raise ValueError(f"max_output_backlog must be >= 1, got {self.max_output_backlog}")
         if not 1 <= self.stream_interval <= 64:
             raise ValueError(f"stream_interval must be in [1, 64], got {self.stream_interval}")
+        if self.kv_send not in KV_SEND_MODES:
+            raise ValueError(f"kv_send must be one of {KV_SEND_MODES}, got {self.kv_send!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
 

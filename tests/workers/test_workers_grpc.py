@@ -9,31 +9,63 @@ from pathlib import Path
 import grpc
 import pytest
 
+from splitserve.cli import build_parser
 from splitserve.cluster.memory import InMemoryClusterStore
 from splitserve.common.convert.common import sampling_to_proto
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.engine.config import EngineConfig
 from splitserve.llm import LLM
+from splitserve.prefill_worker import worker as prefill_worker_module
 from splitserve.prefill_worker.worker import PrefillWorker
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from splitserve.worker.core import KV_SEND_MODES
 from splitserve.worker.runtime import WorkerOptions
 
 PROMPTS = [[5, 6, 7], list(range(300, 341)), [11] * 17, list(range(1000, 1064))]
 
 
-@pytest.fixture(scope="module")
-def workers(tiny_llama: Path) -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
+# How the prefill worker sends the KV (WorkerOptions.kv_send): every layer as it is computed,
+# all layers at the end, and "auto" with a threshold that sends the prompts of 4 blocks or
+# more per layer and the shorter ones whole (on CPU; the real threshold is far above this
+# tiny model's prompts).
+KV_SEND_CASES = ("layer", "whole", "auto")
+
+
+@pytest.fixture(scope="module", params=KV_SEND_CASES)
+def workers(request: pytest.FixtureRequest, tiny_llama: Path
+            ) -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
     store = InMemoryClusterStore()
     engine = EngineConfig(model=str(tiny_llama), num_kv_blocks=64, block_size=8,
                           max_num_batched_tokens=32)
-    p = PrefillWorker(WorkerOptions(engine=engine, kv_backend="inproc", worker_id="p0"), store)
+    p = PrefillWorker(WorkerOptions(engine=engine, kv_backend="inproc", worker_id="p0",
+                                    kv_send=request.param), store)
     d = DecodeWorker(WorkerOptions(engine=engine, kv_backend="inproc", worker_id="d0"), store)
+    threshold = prefill_worker_module.KV_LAYER_MESSAGE_MIN_BYTES
+    prefill_worker_module.KV_LAYER_MESSAGE_MIN_BYTES = 4 * p.layout.bytes_per_block_per_layer
     p.start()
     d.start()
     yield p, d
     p.stop()
     d.stop()
+    prefill_worker_module.KV_LAYER_MESSAGE_MIN_BYTES = threshold
+
+
+def test_kv_send_must_be_a_known_mode() -> None:
+    with pytest.raises(ValueError, match="kv_send must be one of"):
+        WorkerOptions(kv_send="per-block")
+    parser = build_parser()
+    for mode in KV_SEND_MODES:  # the CLI offers exactly the modes WorkerOptions takes
+        assert parser.parse_args(["prefill", "--cluster", "grpc://r:1", "--kv-send", mode]).kv_send == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prefill", "--cluster", "grpc://r:1", "--kv-send", "per-block"])
+
+
+def test_kv_send_modes_pick_per_layer_or_whole(workers) -> None:  # type: ignore[no-untyped-def]
+    p, _ = workers
+    per_layer = {n: p._sends_per_layer(n) for n in (1, 3, 4, 9)}
+    expected = {"layer": [True] * 4, "whole": [False] * 4, "auto": [False, False, True, True]}
+    assert list(per_layer.values()) == expected[p.options.kv_send]
 
 
 def _generate(p: PrefillWorker, d: DecodeWorker, prompt: list[int], rid: str,
