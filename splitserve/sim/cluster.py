@@ -8,8 +8,10 @@ Life cycle of a simulated request (times in seconds from the run's start):
    not modelled).
 2. Local prefill: after `ttft_local_ms` (router, Admit and relay costs) it joins its decode
    worker's queue and is prefilled there in chunks beside the running decodes.
-   Remote prefill: the decode worker reserves the prompt's blocks at once; after
-   `ttft_remote_ms` the prompt joins the prefill worker's queue (max_tokens 1). When the
+   Remote prefill: the decode worker reserves the prompt's blocks at once, but answers
+   the router's Admit only between its steps (its engine thread runs the admission), so
+   the prompt joins the prefill worker's queue (max_tokens 1) `ttft_remote_ms` after the
+   decode worker's running step ends (after arrival when it is idle). When the
    step computing its last chunk ends, the KV transfer's exposed part (transfer time
    beyond that step's compute: layer-wise overlap) passes, then the first token reaches
    the client and the sequence joins the decode worker's running batch.
@@ -92,6 +94,7 @@ class _Worker:
     step_prefill_ms: float = 0.0
     step_kind: str = "decode"  # of the step running: "prefill" (prompt tokens) | "decode"
     busy_s: float = 0.0  # time spent in steps, for utilization
+    step_end_s: float = 0.0  # when the step running (if busy) ends
     # decode side: remote-prefilled sequences whose KV has not arrived (they hold blocks)
     incoming: set[int] = field(default_factory=set)
 
@@ -174,8 +177,9 @@ class Simulation:
                 flight = _Flight(request, record, seq, decode, prefill)
                 prompt = SimSequence(seq.request_id, request.prompt_tokens, 1,
                                      arrival_index=request.index)
+                admitted = max(now, decode.step_end_s) if decode.busy else now
                 delay = self.model.profile.serving.ttft_remote_ms / 1e3
-                self.at(now + delay, partial(self._enqueue, prefill, prompt))
+                self.at(admitted + delay, partial(self._enqueue, prefill, prompt))
             self._flights[seq.request_id] = flight
             return
         record.fail(now, "no decode worker admitted the request")
@@ -203,7 +207,8 @@ class Simulation:
         worker.step_kind = kind
         duration_s = (compute_ms + self.model.profile.serving.decode_step_ms) / 1e3
         worker.busy_s += duration_s
-        self.at(now + duration_s, partial(self._end_step, worker))
+        worker.step_end_s = now + duration_s
+        self.at(worker.step_end_s, partial(self._end_step, worker))
 
     def _end_step(self, worker: _Worker, now: float) -> None:
         step = worker.step

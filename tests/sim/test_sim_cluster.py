@@ -41,6 +41,19 @@ def test_a_lone_disaggregated_request_pays_the_exposed_transfer() -> None:
     assert record.tpot_ms == pytest.approx(10.0)
 
 
+def test_a_remote_prefill_waits_for_its_busy_decode_workers_step_to_end() -> None:
+    # The decode worker admits between steps: request 1 arrives 3 ms into a decode step of
+    # request 0, so its prompt reaches the prefill worker only after that step ends.
+    model = flat_model(serving=ServingOverheads(ttft_remote_ms=20.0))
+    deployment = Deployment(num_prefill=1, num_decode=1, local_prefill_threshold=0)
+    trace = [SimRequest(0, 0.0, 10, 5), SimRequest(1, 0.063, 10, 2)]
+    first, second = simulate(deployment, model, trace)
+    # 0: admitted at once, prompt 20-60 ms, KV (10 ms, hidden) -> first token at 60 ms;
+    # decodes 60-70, 70-80, ... 1 arrives at 63 ms, admitted at 70, prefilled 90-130.
+    assert first.ttft_ms == pytest.approx(60.0)
+    assert second.ttft_ms == pytest.approx((0.070 - 0.063) * 1e3 + 20.0 + 40.0)
+
+
 def test_workers_on_one_host_slow_each_other_by_the_corun_factors() -> None:
     corun = {"prefill": {"prefill": 1.5, "decode": 1.1}, "decode": {"prefill": 1.3,
                                                                    "decode": 1.2}}
