@@ -20,6 +20,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from splitserve.bench.procs import local_deployment
@@ -56,6 +57,48 @@ def measure_requests(router: str, prompts: list[list[int]], max_tokens: int) -> 
                 "kv_transfer_ms": t.kv_transfer_ms,
             })
     return rows
+
+
+def requests_while_decoding(router: str, prompts: list[list[int]], background_tokens: int,
+                            max_tokens: int = 1) -> list[dict[str, float]] | None:
+    """measure_requests(router, prompts, max_tokens) while another stream (up to
+    `background_tokens` long, cut off once the measurement ends) keeps a decode worker
+    decoding; None when that stream ended first (the measurement did not run under load)."""
+    decoding, stop = threading.Event(), threading.Event()
+    outlived: list[bool] = []
+    failed: list[BaseException] = []
+    prompt = prompts[0][::-1]  # not one of the timed prompts
+
+    def background() -> None:
+        try:
+            with Client(router, timeout=600) as client:
+                room = client.list_models()[0].max_model_len - len(prompt) - 1
+                chunks = client.stream(prompt, max_tokens=min(background_tokens, room),
+                                       temperature=0.0, ignore_eos=True)
+                try:
+                    for _ in chunks:
+                        decoding.set()
+                        if stop.is_set():
+                            outlived.append(True)
+                            break
+                finally:
+                    chunks.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the measuring thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=background, name="decode-load", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not decoding.wait(0.05):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the background stream never decoded: {failed or 'timeout'}")
+        time.sleep(0.2)  # into its steady decode steps
+        rows = measure_requests(router, prompts, max_tokens)
+    finally:
+        stop.set()
+        thread.join(120)
+    return rows if outlived else None
 
 
 def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float:

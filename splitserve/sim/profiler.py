@@ -31,7 +31,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -124,44 +123,10 @@ def prefill_under_decode(router: str, prompts: list[list[int]],
     `idle_rows`' (the same prompts, measured one at a time: that worker idle meanwhile), as
     medians: how much the deployment's decoding slows its prefill worker on shared cores
     (0.0 when the background stream ended before the measurement did: not measured)."""
-    from splitserve.bench.kv import measure_requests
-    from splitserve.client import Client
+    from splitserve.bench.kv import requests_while_decoding
 
-    decoding, stop = threading.Event(), threading.Event()
-    outlived: list[bool] = []
-    failed: list[BaseException] = []
-    prompt = prompts[0][::-1]  # not one of the timed prompts
-
-    def background() -> None:
-        try:
-            with Client(router, timeout=600) as client:
-                room = client.list_models()[0].max_model_len - len(prompt) - 1
-                chunks = client.stream(prompt, max_tokens=min(_BACKGROUND_TOKENS, room),
-                                       temperature=0.0, ignore_eos=True)
-                try:
-                    for _ in chunks:
-                        decoding.set()
-                        if stop.is_set():
-                            outlived.append(True)
-                            break
-                finally:
-                    chunks.close()
-        except BaseException as exc:  # noqa: BLE001 - reported by the measuring thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=background, name="profile-decode-load", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not decoding.wait(0.05):
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the background stream never decoded: {failed or 'timeout'}")
-        time.sleep(0.2)  # into its steady decode steps
-        loaded = measure_requests(router, prompts, 1)
-    finally:
-        stop.set()
-        thread.join(120)
-    if not outlived:
+    loaded = requests_while_decoding(router, prompts, _BACKGROUND_TOKENS)
+    if loaded is None:
         return 0.0
     med = statistics.median
     return (med(r["prefill_compute_ms"] for r in loaded)
