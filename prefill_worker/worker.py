@@ -222,8 +222,10 @@ class PrefillWorker(WorkerRuntime):
             return None
         caches = self.engine.runner.kv_caches
         last = len(caches) - 1
-        per_layer = [job for job in sending if self._sends_per_layer(len(job.dst_block_ids))]
-        whole = [job for job in sending if job not in per_layer]
+        per_layer: list[PrefillJob] = []
+        whole: list[PrefillJob] = []
+        for job in sending:
+            (per_layer if self._sends_per_layer(len(job.dst_block_ids)) else whole).append(job)
 
         def send(layer: int) -> None:
             k_cache, v_cache = caches[layer]
