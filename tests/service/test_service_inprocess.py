@@ -34,10 +34,13 @@ def expected(tiny_llama: Path) -> dict[int, list[int]]:
     return {i: o.token_ids for i, o in enumerate(outs)}
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_llama: Path) -> Iterator[Deployment]:
+# The prefill workers' KV over gloo: "auto" sends this tiny model's prompts whole (one
+# message after the last layer), "layer" a message per layer as each is computed.
+@pytest.fixture(scope="module", params=["auto", "layer"])
+def deployment(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[Deployment]:
     d = start_deployment(str(tiny_llama), 2, 2, engine=ENGINE,
-                         router={"local_prefill_threshold": 8})
+                         router={"local_prefill_threshold": 8},
+                         worker_options={"kv_send": request.param})
     yield d
     d.stop()
 
