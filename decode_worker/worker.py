@@ -187,7 +187,9 @@ class DecodeWorker(WorkerRuntime):
             self._num_waiting_kv = len(self._waiting_kv)
             self.loop.add_poller(request_id, lambda: self._poll_kv(engine, request))
 
-        self.loop.call(admit_on_loop)
+        # A remote prefill's reservation runs between two layers of a step in flight (the
+        # prefill worker starts sooner); a local prefill's joins the scheduler between steps.
+        self.loop.call(admit_on_loop, urgent=not prefill_locally)
         return request
 
     def prefill_done(self, request_id: str, first_token_id: int) -> bool:

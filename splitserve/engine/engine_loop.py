@@ -2,7 +2,8 @@
 
 The engine is single-threaded: only the loop thread touches it. Other threads hand it
 work with submit(fn) (fn runs on the loop thread between steps and its result comes back
-as a Future), and receive StepOutputs through per-request sinks called on the loop thread
+as a Future; an urgent fn also runs between two layers of a step's forward, so it need not
+wait for the rest of a long step: see submit), and receive StepOutputs through per-request sinks called on the loop thread
 (a sink must be quick: typically queue.put). Pollers (e.g. KV transfers to watch) run every
 iteration; while any exist the loop wakes at least every `poll_interval_s`. When the only
 unfinished requests are paced streams ahead of their readers (engine.idle_until), the loop
@@ -61,6 +62,8 @@ class EngineLoop:
         self.load = LoadSnapshot(num_total_blocks=engine.num_blocks,
                                  num_free_blocks=engine.block_manager.num_free_blocks)
         self._commands: deque[tuple[Callable[[LLMEngine], Any], Future[Any]]] = deque()
+        self._urgent: deque[tuple[Callable[[LLMEngine], Any], Future[Any]]] = deque()
+        engine.between_layers = self._run_urgent
         self._sinks: dict[str, Sink] = {}
         self._pollers: dict[str, Callable[[], bool]] = {}  # key -> poll(); False removes it
         self._wake = threading.Condition()
@@ -116,18 +119,26 @@ class EngineLoop:
         if not self._thread.is_alive():
             self.engine.grammars.close()  # the structured-output mask thread
 
-    def submit(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+    def submit(self, fn: Callable[[LLMEngine], T], urgent: bool = False) -> Future[T]:
+        """Run fn(engine) on the loop thread between steps, in submission order. `urgent`:
+        also between two layers of a running step's forward (where the engine runs layer
+        hooks: not inside a CUDA graph), ahead of the queued commands that are not. Only
+        for a fn that touches nothing the step in flight uses: the free blocks and the
+        worker's own bookkeeping, never a scheduled sequence or the scheduler's queues
+        (a decode worker reserving blocks for a remote prefill, which would otherwise wait
+        for the rest of a decode step)."""
         future: Future[T] = Future()
         with self._wake:
             if self._stopping:
                 future.set_exception(RuntimeError("engine loop is stopped"))
                 return future
-            self._commands.append((fn, future))
+            (self._urgent if urgent else self._commands).append((fn, future))
             self._wake.notify()
         return future
 
-    def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 60.0) -> T:
-        return self.submit(fn).result(timeout_s)
+    def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 60.0,
+             urgent: bool = False) -> T:
+        return self.submit(fn, urgent).result(timeout_s)
 
     def finished_counts(self) -> dict[str, int]:
         """Requests finished since start, by finish reason (monotonic)."""
@@ -165,13 +176,15 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._commands or self._has_work()):
+                while not (self._stopping or self._commands or self._urgent
+                           or self._has_work()):
                     self._wake.wait(self._wait_s())
                     if self._pollers:
                         break
                 if self._stopping:
                     break
-                commands = list(self._commands)
+                commands = [*self._urgent, *self._commands]
+                self._urgent.clear()
                 self._commands.clear()
             for fn, future in commands:
                 self._run_command(fn, future)
@@ -212,6 +225,16 @@ class EngineLoop:
             future.set_result(fn(self.engine))
         except BaseException as exc:  # the caller sees it; the loop goes on
             future.set_exception(exc)
+
+    def _run_urgent(self) -> None:
+        """The urgent commands submitted so far (the engine calls this between layers)."""
+        if not self._urgent:  # the common case: one deque check per layer
+            return
+        with self._wake:
+            urgent = list(self._urgent)
+            self._urgent.clear()
+        for fn, future in urgent:
+            self._run_command(fn, future)
 
     def _run_pollers(self) -> None:
         for key, poll in list(self._pollers.items()):
@@ -270,7 +293,8 @@ class EngineLoop:
 
     def _fail_pending_commands(self) -> None:
         with self._wake:
-            commands = list(self._commands)
+            commands = [*self._urgent, *self._commands]
+            self._urgent.clear()
             self._commands.clear()
         for _, future in commands:
             if future.set_running_or_notify_cancel():

@@ -92,6 +92,9 @@ class LLMEngine:
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         # Set by a prefill worker: builds the per-layer hook for a step (streams KV out).
         self.layer_hook_builder: Callable[[SchedulerOutput], LayerHook | None] | None = None
+        # Called after every layer of a step's forward (not in a CUDA graph, which runs
+        # no hooks): the engine loop runs urgent commands there (EngineLoop.submit).
+        self.between_layers: Callable[[], None] | None = None
         # Set by step(): nothing ran because every runnable sequence is paced and ahead of
         # its reader; the time the first of them resumes. Cleared by any new request,
         # abort or detach (they change what can run).
@@ -292,6 +295,8 @@ class LLMEngine:
             return []
         self.idle_until = None
         hook = self.layer_hook_builder(plan) if self.layer_hook_builder else None
+        if self.between_layers is not None and self.runner.graphs is None:
+            hook = _then(hook, self.between_layers)
         masks = self._start_masks(plan)
         prompt_tokens = sum(item.num_tokens for item in plan.scheduled if item.seq.is_prefilling)
         started = time.perf_counter()
@@ -355,3 +360,15 @@ def _grammar_finish(matcher: Any, token_id: int) -> str | None:
     if not matcher.consume_token(token_id):
         return "error"
     return "stop" if matcher.is_stopped() else None
+
+
+def _then(hook: LayerHook | None, after: Callable[[], None]) -> LayerHook:
+    """A layer hook that runs `hook` (if any), then `after`."""
+    if hook is None:
+        return lambda _layer: after()
+
+    def both(layer: int) -> None:
+        hook(layer)
+        after()
+
+    return both
