@@ -8,10 +8,11 @@ Life cycle of a simulated request (times in seconds from the run's start):
    not modelled).
 2. Local prefill: after `ttft_local_ms` (router, Admit and relay costs) it joins its decode
    worker's queue and is prefilled there in chunks beside the running decodes.
-   Remote prefill: the decode worker reserves the prompt's blocks at once, but answers
-   the router's Admit only between its steps (its engine thread runs the admission), so
-   the prompt joins the prefill worker's queue (max_tokens 1) `ttft_remote_ms` after the
-   decode worker's running step ends (after arrival when it is idle). When the
+   Remote prefill: the decode worker reserves the prompt's blocks at once, and the
+   prompt joins the prefill worker's queue (max_tokens 1) `ttft_remote_ms` later; with
+   `Deployment.admit_between_steps` only after the decode worker's running step ends (its
+   engine thread runs the admission between steps: inside a CUDA graph it cannot stop
+   between layers as it does otherwise). When the
    step computing its last chunk ends, the KV transfer's exposed part (transfer time
    beyond that step's compute: layer-wise overlap) passes, then the first token reaches
    the client and the sequence joins the decode worker's running batch.
@@ -69,6 +70,9 @@ class Deployment:
     # Every worker on one host's cores (bench disagg on one machine): steps slow each other
     # by the profile's corun factors. False: one device per worker (the planner's case).
     shared_host: bool = False
+    # The decode workers admit a remote prefill only between steps (their steps run as
+    # CUDA graphs); False: between two layers of the step in flight, at once here.
+    admit_between_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
@@ -177,7 +181,8 @@ class Simulation:
                 flight = _Flight(request, record, seq, decode, prefill)
                 prompt = SimSequence(seq.request_id, request.prompt_tokens, 1,
                                      arrival_index=request.index)
-                admitted = max(now, decode.step_end_s) if decode.busy else now
+                waits = decode.busy and self.deployment.admit_between_steps
+                admitted = max(now, decode.step_end_s) if waits else now
                 delay = self.model.profile.serving.ttft_remote_ms / 1e3
                 self.at(admitted + delay, partial(self._enqueue, prefill, prompt))
             self._flights[seq.request_id] = flight

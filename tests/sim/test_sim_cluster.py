@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -45,13 +46,18 @@ def test_a_remote_prefill_waits_for_its_busy_decode_workers_step_to_end() -> Non
     # The decode worker admits between steps: request 1 arrives 3 ms into a decode step of
     # request 0, so its prompt reaches the prefill worker only after that step ends.
     model = flat_model(serving=ServingOverheads(ttft_remote_ms=20.0))
-    deployment = Deployment(num_prefill=1, num_decode=1, local_prefill_threshold=0)
+    deployment = Deployment(num_prefill=1, num_decode=1, local_prefill_threshold=0,
+                            admit_between_steps=True)
     trace = [SimRequest(0, 0.0, 10, 5), SimRequest(1, 0.063, 10, 2)]
     first, second = simulate(deployment, model, trace)
     # 0: admitted at once, prompt 20-60 ms, KV (10 ms, hidden) -> first token at 60 ms;
     # decodes 60-70, 70-80, ... 1 arrives at 63 ms, admitted at 70, prefilled 90-130.
     assert first.ttft_ms == pytest.approx(60.0)
     assert second.ttft_ms == pytest.approx((0.070 - 0.063) * 1e3 + 20.0 + 40.0)
+    # Admitting between layers (no CUDA graphs), 1 goes to the prefill worker at once.
+    _, at_once = simulate(dataclasses.replace(deployment, admit_between_steps=False), model,
+                          trace)
+    assert at_once.ttft_ms == pytest.approx(20.0 + 40.0)
 
 
 def test_workers_on_one_host_slow_each_other_by_the_corun_factors() -> None:
