@@ -4,10 +4,11 @@ The engine is single-threaded: only the loop thread touches it. Other threads ha
 work with submit(fn) (fn runs on the loop thread between steps and its result comes back
 as a Future; an urgent fn also runs between two layers of a step's forward, so it need not
 wait for the rest of a long step: see submit), and receive StepOutputs through per-request
-sinks called on the loop thread (a sink must be quick: typically queue.put). Pollers (e.g. KV transfers to watch) run every
-iteration; while any exist the loop wakes at least every `poll_interval_s`. When the only
-unfinished requests are paced streams ahead of their readers (engine.idle_until), the loop
-sleeps until the first of them resumes, or until a command arrives, never spinning.
+sinks called on the loop thread (a sink must be quick: typically queue.put). Pollers (e.g.
+KV transfers to watch) run every iteration; while any exist the loop wakes at least every
+`poll_interval_s`. When the only unfinished requests are paced streams ahead of their
+readers (engine.idle_until), the loop sleeps until the first of them resumes, or until a
+command arrives, never spinning.
 
 EngineLoop.build(make_engine) builds the engine on the loop's own thread. Workers use it:
 OpenMP keeps a thread pool per thread that has run parallel torch ops, and with more pool
