@@ -71,7 +71,7 @@ class PrefillJob:
 # the receiving process about a millisecond of CPU beside the prompt's compute; below this
 # size that costs more than overlapping the transfer saves (measured on a 2-core host,
 # SmolLM2-135M fp32, 1,536 bytes per token and layer: 64- and 256-token prompts 3-15%
-# sooner whole, 512- and 1,000-token ones 1-7% sooner per layer; BENCHMARKS.md).
+# sooner whole; from 512 tokens on per layer as fast or up to 7% sooner; BENCHMARKS.md).
 KV_LAYER_MESSAGE_MIN_BYTES = 512 * 1024
 
 
