@@ -245,6 +245,9 @@ class Deployment:
             ray.shutdown()
 
 
+_LOCAL_HEAD_ATTEMPTS = 2  # init_ray: starts of a local Ray head whose node timed out
+
+
 def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
     """Join `ray_address`, or start a local head bound to loopback. True if we started it."""
     import ray
@@ -266,13 +269,23 @@ def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
     # checks it); RAY_AUTH_MODE=disabled is the user's explicit choice.
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         log.warning("RAY_AUTH_MODE=disabled: this Ray head accepts unauthenticated callers")
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    return True
+    for attempt in range(1, _LOCAL_HEAD_ATTEMPTS + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            return True
+        except Exception as exc:
+            # Ray gives its raylet 30 s to register with the GCS; on a loaded small host it
+            # once never came up at all (no raylet log). A fresh head usually does.
+            if "timed out during startup" not in str(exc) or attempt == _LOCAL_HEAD_ATTEMPTS:
+                raise
+            log.warning("the local Ray head did not start (%s); starting it again", exc)
+            ray.shutdown()
+    raise AssertionError("unreachable")
 
 
 def serve(options: ServeOptions) -> Deployment:
