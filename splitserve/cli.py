@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kv-send", default="auto", choices=["auto", "layer", "whole"],
                        help="prefill: send a prompt's KV a layer at a time as it is computed "
                             "(layer), or all layers in one message at the end (whole); auto: "
-                            "layer on a GPU, whole on CPU")
+                            "per layer on a GPU, and on CPU only for prompts whose per-layer "
+                            "messages reach 512 KiB (whole below)")
         p.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on --host at this port (0: ephemeral)")
         p.add_argument("--flippable", action="store_true",
