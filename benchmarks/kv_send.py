@@ -30,12 +30,11 @@ import time
 import torch
 from cpu_per_token import thread_cpu_s
 
-from splitserve.common.kv_layout import KVLayout
 from splitserve.kvtransfer._rendezvous import create_rendezvous_store
-from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.kvtransfer.bench import smollm2_layout, wait_all
 from splitserve.kvtransfer.torch_dist import TorchDistBackend
 
-LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="float32")
+LAYOUT = smollm2_layout("float32")
 
 
 def _cpu_ms_by_name() -> dict[str, float]:
@@ -50,13 +49,6 @@ def _per_request(before: dict[str, float], after: dict[str, float], n: int) -> s
     spent = {k: (after[k] - before.get(k, 0.0)) / n for k in after}
     return ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
                      if v >= 0.5)
-
-
-def _wait(handles: list[KVTransfer]) -> None:
-    while not all(h.poll().finished for h in handles):
-        time.sleep(0.0005)
-    if any(h.state is not TransferState.DONE for h in handles):
-        raise RuntimeError(f"transfer failed: {[h.error for h in handles]}")
 
 
 def _backend(worker: str, port: int, blocks: int) -> tuple[TorchDistBackend, list[torch.Tensor]]:
@@ -86,7 +78,7 @@ def _sender(port: int, mode: str, busy: bool, args: argparse.Namespace) -> None:
                     time.sleep(max(0.0, end - time.perf_counter()))
         if mode == "whole":
             backend.send_all_layers(handle, pool, pool)
-        _wait([handle])
+        wait_all([handle])
     wall_ms = (time.perf_counter() - start) * 1e3 / args.requests
     spent = _per_request(before, _cpu_ms_by_name(), args.requests)
     print(f"  sender ({wall_ms:.1f} ms a request): {spent}", flush=True)
@@ -110,7 +102,7 @@ def sockets(args: argparse.Namespace) -> None:
         for r in range(args.requests + 1):
             if r == 1:
                 before = _cpu_ms_by_name()
-            _wait([backend.expect(f"r{r}", "bench-P", ids, pool, pool)])
+            wait_all([backend.expect(f"r{r}", "bench-P", ids, pool, pool)])
         after = _cpu_ms_by_name()
         child.wait(timeout=120)
         print(f"  receiver: {_per_request(before, after, args.requests)}", flush=True)

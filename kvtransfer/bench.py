@@ -29,7 +29,8 @@ from splitserve.kvtransfer.torch_dist import TorchDistBackend, create_rendezvous
 Plan = list[tuple[str, list[int]]]  # (request id, block ids); the same ids on both sides
 
 
-def _layout(dtype: str) -> KVLayout:
+def smollm2_layout(dtype: str) -> KVLayout:
+    """SmolLM2-135M's KV layout (30 layers, 3 KV heads, head_dim 64, block 16)."""
     return KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype)
 
 
@@ -46,7 +47,8 @@ def _rounds(args: argparse.Namespace) -> list[tuple[str, Plan]]:
     return rounds + [("per-block", per_block)]
 
 
-def _wait(handles: list[KVTransfer]) -> None:
+def wait_all(handles: list[KVTransfer]) -> None:
+    """Poll until every handle finished; RuntimeError if any failed."""
     while not all(h.poll().finished for h in handles):
         time.sleep(0.0005)
     bad = [h.error for h in handles if h.state is not TransferState.DONE]
@@ -57,7 +59,7 @@ def _wait(handles: list[KVTransfer]) -> None:
 def _setup(
     args: argparse.Namespace, worker: str, port: int
 ) -> tuple[TorchDistBackend, list[torch.Tensor]]:
-    layout = _layout(args.dtype)
+    layout = smollm2_layout(args.dtype)
     device = args.device
     if device.startswith("cuda") and worker == "bench-P":
         device = "cuda:1"  # NCCL needs the two ranks on different GPUs
@@ -75,7 +77,7 @@ def _send(args: argparse.Namespace) -> None:
         for layer in range(backend.layout.num_layers):
             for h in handles:
                 backend.send_layer(h, layer, pool[layer], pool[layer])
-        _wait(handles)
+        wait_all(handles)
     backend.close()
 
 
@@ -96,7 +98,7 @@ def _receive(args: argparse.Namespace) -> None:
     for name, plan in _rounds(args):
         start = time.perf_counter()
         handles = [backend.expect(f"{name}/{rid}", "bench-P", ids, pool, pool) for rid, ids in plan]
-        _wait(handles)
+        wait_all(handles)
         seconds = time.perf_counter() - start
         megabytes = sum(h.bytes for h in handles) / 1e6
         kind = name.rsplit("-", 1)[0] if name.startswith("batched") else name

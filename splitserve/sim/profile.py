@@ -132,6 +132,11 @@ class ProfiledStepTimes:
         self._prefill_x = [float(t) for t in profile.prefill_tokens]
         self._batch_x = [float(b) for b in profile.decode_batches]
         self._context_x = [float(c) for c in profile.decode_contexts]
+        # corun_factor's rows: the bare engines' factors, with prefill under decode as
+        # measured in the deployment where the profile has it
+        self._corun = {kind: dict(row) for kind, row in profile.corun.items()}
+        if profile.serving.prefill_under_decode > 0:
+            self._corun.setdefault("prefill", {})["decode"] = profile.serving.prefill_under_decode
 
     def prefill_ms(self, num_tokens: int) -> float:
         return interpolate(self._prefill_x, self.profile.prefill_ms, num_tokens)
@@ -154,9 +159,7 @@ class ProfiledStepTimes:
     def corun_factor(self, kind: str, others: list[str]) -> float:
         """A step of `kind` starting while other workers of its host run steps of the kinds
         `others`: its time's factor (the most any one of them causes; 1 alone)."""
-        row = dict(self.profile.corun.get(kind, {}))
-        if kind == "prefill" and self.profile.serving.prefill_under_decode > 0:
-            row["decode"] = self.profile.serving.prefill_under_decode  # measured in situ
+        row = self._corun.get(kind, {})
         return max((row.get(other, 1.0) for other in others), default=1.0)
 
     def transfer_ms(self, num_tokens: int) -> float:
