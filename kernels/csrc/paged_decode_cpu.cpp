@@ -146,6 +146,91 @@ constexpr int64_t kPrefetchAhead = 8;  // K rows requested ahead of the dot prod
 
 // Slots per run of the online softmax (scores of one run are kept, then folded in).
 constexpr int64_t kChunk = 64;
+
+#if defined(__AVX512F__)
+// Register-blocked loops for unquantized caches whose head_dim is kVecs x 16 (64, 128): one
+// query head's q (for the scores) or output row (for the V sum) stays in kVecs zmm registers
+// across a run of slots, instead of a load and store per slot. Each loop also asks for
+// `ahead_count` rows of `ahead_elems` elements of the same cache at ahead_offset[i], one per
+// slot: the next run's rows, so the requests spread over the computation that hides them
+// (asked for all at once, they overflow the core's queue of outstanding misses).
+
+// s[i] = q . K[row_offset[i]] for the run's `count` slots; q: kVecs x 16 floats.
+template <int kVecs, typename cache_t>
+inline void run_scores(const float* q, const cache_t* k_ptr, const int64_t* row_offset,
+                       int64_t count, float* s, const int64_t* ahead_offset, int64_t ahead_count, int64_t ahead_elems) {
+  __m512 qv[kVecs];
+  for (int j = 0; j < kVecs; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j);
+  for (int64_t i = 0; i < count; ++i) {
+    if (i < ahead_count) prefetch_row<2>(k_ptr + ahead_offset[i], ahead_elems);
+    const cache_t* row = k_ptr + row_offset[i];
+    __m512 t = _mm512_mul_ps(qv[0], load16(row));
+    for (int j = 1; j < kVecs; ++j) t = _mm512_fmadd_ps(qv[j], load16(row + 16 * j), t);
+    s[i] = _mm512_reduce_add_ps(t);
+  }
+}
+
+// acc += sum_i p[i] * V[row_offset[i]] over the run; acc: kVecs x 16 floats.
+template <int kVecs, typename cache_t>
+inline void run_values(float* acc, const float* p, const cache_t* v_ptr,
+                       const int64_t* row_offset, int64_t count, const int64_t* ahead_offset, int64_t ahead_count, int64_t ahead_elems) {
+  __m512 av[kVecs];
+  for (int j = 0; j < kVecs; ++j) av[j] = _mm512_loadu_ps(acc + 16 * j);
+  for (int64_t i = 0; i < count; ++i) {
+    if (i < ahead_count) prefetch_row<2>(v_ptr + ahead_offset[i], ahead_elems);
+    const cache_t* row = v_ptr + row_offset[i];
+    const __m512 pi = _mm512_set1_ps(p[i]);
+    for (int j = 0; j < kVecs; ++j) av[j] = _mm512_fmadd_ps(pi, load16(row + 16 * j), av[j]);
+  }
+  for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(acc + 16 * j, av[j]);
+}
+#endif
+
+// Cache types the register loops read (load16 has them; quantized rows carry scales).
+template <typename cache_t>
+constexpr bool kRegisterLoops = !kQuantized<cache_t> && !std::is_same_v<cache_t, double>;
+
+// The register loops' kVecs for this cache type and head_dim, or 0 where they do not apply.
+template <typename cache_t>
+inline int register_vecs(int64_t head_dim) {
+#if defined(__AVX512F__)
+  if constexpr (kRegisterLoops<cache_t>) {
+    if (head_dim == 64) return 4;
+    if (head_dim == 128) return 8;
+  }
+#endif
+  return 0;
+}
+
+// run_scores / run_values for vecs = register_vecs(head_dim) (> 0).
+template <typename cache_t>
+inline void register_scores(int vecs, const float* q, const cache_t* k_ptr,
+                            const int64_t* row_offset, int64_t count, float* s,
+                            const int64_t* ahead_offset, int64_t ahead_count, int64_t elems) {
+#if defined(__AVX512F__)
+  if constexpr (kRegisterLoops<cache_t>) {
+    if (vecs == 4)
+      run_scores<4>(q, k_ptr, row_offset, count, s, ahead_offset, ahead_count, elems);
+    else
+      run_scores<8>(q, k_ptr, row_offset, count, s, ahead_offset, ahead_count, elems);
+  }
+#endif
+}
+
+template <typename cache_t>
+inline void register_values(int vecs, float* acc, const float* p, const cache_t* v_ptr,
+                            const int64_t* row_offset, int64_t count,
+                            const int64_t* ahead_offset, int64_t ahead_count, int64_t elems) {
+#if defined(__AVX512F__)
+  if constexpr (kRegisterLoops<cache_t>) {
+    if (vecs == 4)
+      run_values<4>(acc, p, v_ptr, row_offset, count, ahead_offset, ahead_count, elems);
+    else
+      run_values<8>(acc, p, v_ptr, row_offset, count, ahead_offset, ahead_count, elems);
+  }
+#endif
+}
+
 // Largest query-head group and head_dim served from stack scratch.
 constexpr int64_t kStackGroup = 16;
 constexpr int64_t kStackHeadDim = 256;
@@ -169,6 +254,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t row_width = k_cache.size(3);  // head_dim, or head_dim + scale bytes
   const int64_t token_stride = num_kv_heads * row_width;  // one slot of one cache
   const float fscale = static_cast<float>(scale);
+  const int vecs = register_vecs<cache_t>(row_width);
   const bool rotated = splitserve_cpu::kv_rotates(head_dim) &&
                        (std::is_same_v<cache_t, int8_t> ||
                         (std::is_same_v<cache_t, E4M3> && splitserve_cpu::kFp8Rotated));
@@ -191,8 +277,10 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
     float* acc = kOnStack ? acc_stack : acc_heap.data();
     float* scores = kOnStack ? score_stack : score_heap.data();
     std::vector<float> running_max(group), running_sum(group);
-    int64_t row_offset[kChunk];
+    int64_t row_offset[kChunk], next_offset[kChunk];
+    int64_t next_count = 0;  // rows of next_offset asked for (by the previous run or task)
     for (int64_t task = begin; task < end; ++task) {
+      const bool asked_ahead = task > begin && next_count > 0;
       const int64_t seq = task / num_kv_heads, kv_head = task % num_kv_heads;
       const int64_t length = lens[seq];
       for (int64_t g = 0; g < group; ++g) {
@@ -213,9 +301,34 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
         for (int64_t i = 0; i < count; ++i) {
           row_offset[i] = (table[block_index] * block_size + slot) * token_stride + head_offset;
           if (++slot == block_size) slot = 0, ++block_index;
-          if (i < kPrefetchAhead) prefetch_row<3>(k_ptr + row_offset[i], head_dim);
+          if (!vecs && i < kPrefetchAhead) prefetch_row<3>(k_ptr + row_offset[i], head_dim);
         }
-        for (int64_t i = 0; i < count; ++i) {
+        if (vecs) {
+          if (t0 == 0 && !asked_ahead)  // nothing asked for the task's first run yet
+            for (int64_t i = 0; i < count; ++i) {
+              prefetch_row<3>(k_ptr + row_offset[i], head_dim);
+              prefetch_row<2>(v_ptr + row_offset[i], head_dim);
+            }
+          // The rows of the next run, or of the next task's first run, to ask for meanwhile.
+          next_count = std::max<int64_t>(0, std::min(kChunk, length - t0 - kChunk));
+          int64_t next_block = block_index, next_slot = slot;
+          for (int64_t i = 0; i < next_count; ++i) {
+            next_offset[i] = (table[next_block] * block_size + next_slot) * token_stride + head_offset;
+            if (++next_slot == block_size) next_slot = 0, ++next_block;
+          }
+          if (next_count == 0 && task + 1 < end) {
+            const int64_t next_seq = (task + 1) / num_kv_heads;
+            const int64_t next_head = ((task + 1) % num_kv_heads) * row_width;
+            const int32_t* next_table = tables + next_seq * max_blocks;
+            next_count = std::min<int64_t>(kChunk, lens[next_seq]);
+            for (int64_t i = 0; i < next_count; ++i)
+              next_offset[i] = (next_table[i / block_size] * block_size + i % block_size) *
+                                   token_stride + next_head;
+          }
+          for (int64_t g = 0; g < group; ++g)
+            register_scores(vecs, qf + g * head_dim, k_ptr, row_offset, count,
+                            scores + g * kChunk, next_offset, g == 0 ? next_count : 0, head_dim);
+        } else for (int64_t i = 0; i < count; ++i) {
           const cache_t* krow = k_ptr + row_offset[i];
           if (i + kPrefetchAhead < count)
             prefetch_row<3>(k_ptr + row_offset[i + kPrefetchAhead], head_dim);
@@ -243,7 +356,11 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
             for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
           }
         }
-        for (int64_t i = 0; i < count; ++i) {
+        if (vecs) {
+          for (int64_t g = 0; g < group; ++g)
+            register_values(vecs, acc + g * head_dim, scores + g * kChunk, v_ptr, row_offset,
+                            count, next_offset, g == 0 ? next_count : 0, head_dim);
+        } else for (int64_t i = 0; i < count; ++i) {
           const cache_t* vrow = v_ptr + row_offset[i];
           const float vscale = row_scale(vrow, head_dim);
           for (int64_t g = 0; g < group; ++g)

@@ -81,3 +81,17 @@ def test_empty_context_gives_zeros_like_the_reference() -> None:
     got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_many_sequences_of_mixed_lengths_per_thread(dtype: torch.dtype, head_dim: int) -> None:
+    # The register-blocked path (head_dim 64 and 128) asks for the next run's rows, and after
+    # a task's last run for the next task's first; empty and one-slot contexts sit between
+    # long ones, so those requests cross sequences, kv heads and empty tasks.
+    lens = [0, 1, 200, 64, 129, 3, 0, 77, 300]
+    q, k, v, tables, ctx = _case(len(lens), 12, 3, head_dim, 16, lens, dtype, seed=11)
+    expected = reference.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
+    got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
