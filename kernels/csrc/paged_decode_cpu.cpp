@@ -202,33 +202,13 @@ inline int register_vecs(int64_t head_dim) {
   return 0;
 }
 
-// run_scores / run_values for vecs = register_vecs(head_dim) (> 0).
-template <typename cache_t>
-inline void register_scores(int vecs, const float* q, const cache_t* k_ptr,
-                            const int64_t* row_offset, int64_t count, float* s,
-                            const int64_t* ahead_offset, int64_t ahead_count, int64_t elems) {
-#if defined(__AVX512F__)
-  if constexpr (kRegisterLoops<cache_t>) {
-    if (vecs == 4)
-      run_scores<4>(q, k_ptr, row_offset, count, s, ahead_offset, ahead_count, elems);
-    else
-      run_scores<8>(q, k_ptr, row_offset, count, s, ahead_offset, ahead_count, elems);
-  }
-#endif
-}
-
-template <typename cache_t>
-inline void register_values(int vecs, float* acc, const float* p, const cache_t* v_ptr,
-                            const int64_t* row_offset, int64_t count,
-                            const int64_t* ahead_offset, int64_t ahead_count, int64_t elems) {
-#if defined(__AVX512F__)
-  if constexpr (kRegisterLoops<cache_t>) {
-    if (vecs == 4)
-      run_values<4>(acc, p, v_ptr, row_offset, count, ahead_offset, ahead_count, elems);
-    else
-      run_values<8>(acc, p, v_ptr, row_offset, count, ahead_offset, ahead_count, elems);
-  }
-#endif
+// f(std::integral_constant<int, kVecs>{}) for vecs = register_vecs(head_dim) (4 or 8).
+template <typename F>
+inline void with_vecs(int vecs, F&& f) {
+  if (vecs == 4)
+    f(std::integral_constant<int, 4>{});
+  else
+    f(std::integral_constant<int, 8>{});
 }
 
 // Largest query-head group and head_dim served from stack scratch.
@@ -325,9 +305,15 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
               next_offset[i] = (next_table[i / block_size] * block_size + i % block_size) *
                                    token_stride + next_head;
           }
-          for (int64_t g = 0; g < group; ++g)
-            register_scores(vecs, qf + g * head_dim, k_ptr, row_offset, count,
-                            scores + g * kChunk, next_offset, g == 0 ? next_count : 0, head_dim);
+#if defined(__AVX512F__)
+          if constexpr (kRegisterLoops<cache_t>)
+            for (int64_t g = 0; g < group; ++g)
+              with_vecs(vecs, [&](auto v) {
+                run_scores<decltype(v)::value>(qf + g * head_dim, k_ptr, row_offset, count,
+                                               scores + g * kChunk, next_offset,
+                                               g == 0 ? next_count : 0, head_dim);
+              });
+#endif
         } else for (int64_t i = 0; i < count; ++i) {
           const cache_t* krow = k_ptr + row_offset[i];
           if (i + kPrefetchAhead < count)
@@ -357,9 +343,15 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
           }
         }
         if (vecs) {
-          for (int64_t g = 0; g < group; ++g)
-            register_values(vecs, acc + g * head_dim, scores + g * kChunk, v_ptr, row_offset,
-                            count, next_offset, g == 0 ? next_count : 0, head_dim);
+#if defined(__AVX512F__)
+          if constexpr (kRegisterLoops<cache_t>)
+            for (int64_t g = 0; g < group; ++g)
+              with_vecs(vecs, [&](auto v) {
+                run_values<decltype(v)::value>(acc + g * head_dim, scores + g * kChunk, v_ptr,
+                                               row_offset, count, next_offset,
+                                               g == 0 ? next_count : 0, head_dim);
+              });
+#endif
         } else for (int64_t i = 0; i < count; ++i) {
           const cache_t* vrow = v_ptr + row_offset[i];
           const float vscale = row_scale(vrow, head_dim);
