@@ -29,6 +29,7 @@ from splitserve.router.policy import (
     Route,
     WorkerView,
     blocks_needed,
+    cached_tokens,
     plan_route_from,
     weighted_overlap,
 )
@@ -115,7 +116,13 @@ async def admit_request(
             trace.dispatched = time.monotonic()
         # Counted before the Admit is awaited: a burst of requests ranking the workers
         # meanwhile sees this one and spreads out instead of piling onto one worker.
-        assignment = state.directory.assign(decode.worker_id, running=1, blocks=num_blocks)
+        # A local prefill's prompt tokens queue on D: counted at once too, so that the
+        # next prompt is not sent behind a long one (policy.QUEUED_TOKENS_PER_RANK).
+        queued = 0 if route.prefill is not None else request.prompt_len - round(
+            cached_tokens(overlap.get(decode.worker_id, 0), state.rules.block_size,
+                          request.prompt_len))
+        assignment = state.directory.assign(decode.worker_id, running=1, blocks=num_blocks,
+                                            queued_tokens=queued)
         try:
             admitted = await _try_admit(state, request, route, remaining(), failures, refusals)
         except BaseException:

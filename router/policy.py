@@ -59,21 +59,30 @@ def weighted_overlap(overlap: Mapping[str, PrefixOverlap],
 # ---- decode worker -----------------------------------------------------------------------
 
 
-def decode_load_key(w: WorkerView) -> tuple[int, int, int, str]:
-    return (w.num_running, w.num_waiting, w.num_queued_tokens, w.worker_id)
+# Prompt tokens queued on a decode worker (its local prefills not yet computed) rank it
+# one step down per this many: a request sent there waits for them before its own prefill
+# (or, prefilled elsewhere, decodes beside their chunks), while one more sequence in its
+# decode batch costs it little. Below one step, running sequences decide.
+QUEUED_TOKENS_PER_RANK = 256
 
 
-def decode_room_key(w: WorkerView) -> tuple[int, int, int, int, str]:
+def decode_load_key(w: WorkerView) -> tuple[int, int, int, int, str]:
+    return (w.num_queued_tokens // QUEUED_TOKENS_PER_RANK, w.num_running, w.num_waiting,
+            w.num_queued_tokens, w.worker_id)
+
+
+def decode_room_key(w: WorkerView) -> tuple[int, int, int, int, int, str]:
     """Most free blocks first, then decode_load_key."""
-    return (-w.num_free_blocks, w.num_running, w.num_waiting, w.num_queued_tokens, w.worker_id)
+    return (-w.num_free_blocks, *decode_load_key(w))
 
 
 def rank_decode_workers(workers: Sequence[WorkerView], num_blocks: int) -> list[WorkerView]:
     """Decode workers in the order to try them for a request needing `num_blocks` blocks.
 
     Workers with at least `num_blocks` free blocks come first, least loaded first
-    (num_running, then num_waiting, then num_queued_tokens); then the others, most free
-    blocks first (their free count may be stale, or preemption may make room).
+    (fewest steps of queued prompt tokens, see QUEUED_TOKENS_PER_RANK; then num_running,
+    num_waiting, num_queued_tokens); then the others, most free blocks first (their free
+    count may be stale, or preemption may make room).
     """
     fits = [w for w in workers if w.num_free_blocks >= num_blocks]
     short = [w for w in workers if w.num_free_blocks < num_blocks]

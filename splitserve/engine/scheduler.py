@@ -186,7 +186,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def num_queued_tokens(self) -> int:
-        return sum(s.num_uncomputed_tokens for s in self.waiting)
+        """Prompt tokens still to compute: the waiting sequences', and those of running
+        sequences part way through a chunked prefill (a decoding sequence's newest token
+        is not one)."""
+        return (sum(s.num_uncomputed_tokens for s in self.waiting)
+                + sum(s.num_uncomputed_tokens for s in self.running if s.is_prefilling))
 
     # ---- the step plan -------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -281,6 +281,17 @@ def test_num_queued_tokens() -> None:
     assert sim.sched.num_queued_tokens() == 7
 
 
+def test_num_queued_tokens_counts_a_prefill_part_way_through_its_chunks() -> None:
+    sim = Sim(num_blocks=16, block_size=4, max_num_batched_tokens=8)
+    sim.add("a", prompt(0, 20), max_tokens=2)
+    assert sim.sched.num_queued_tokens() == 20
+    sim.step()  # the first chunk of 8: a runs with 12 prompt tokens to go
+    assert sim.sched.num_running == 1 and sim.sched.num_queued_tokens() == 12
+    sim.step()
+    sim.step()  # the last chunk of 4, and a's first token
+    assert sim.sched.num_queued_tokens() == 0  # decoding: its newest token is not counted
+
+
 def test_a_blocked_request_is_counted_once_in_prefix_stats() -> None:
     sim = Sim(num_blocks=4, block_size=4, max_num_batched_tokens=32)
     sim.add("a", prompt(0, 8), max_tokens=3)

@@ -60,7 +60,8 @@ def _step_model(rng: random.Random) -> StepTimeModel | None:
 
 def _load(rng: random.Random, with_models: bool) -> WorkerLoadReport:
     return WorkerLoadReport(num_waiting=rng.randrange(3), num_running=rng.randrange(4),
-                            num_free_blocks=rng.randrange(40), num_queued_tokens=rng.randrange(3) * 64,
+                            num_free_blocks=rng.randrange(40),
+                            num_queued_tokens=rng.randrange(6) * 128,  # to 2 ranks and a half
                             updated_at=time.time() + rng.uniform(-1, 1),
                             step_model=_step_model(rng) if with_models else None)
 
@@ -132,7 +133,7 @@ async def _compare(seed: int, num_workers: int, rounds: int, with_models: bool,
             elif ids:
                 held.append(directory.assign(rng.choice(ids), running=rng.randrange(2),
                                              blocks=rng.randrange(20),
-                                             queued_tokens=rng.randrange(2) * 64))
+                                             queued_tokens=rng.randrange(3) * 128))
         if ids and rng.random() < 0.3:
             victim = rng.choice(snapshot.decode + snapshot.prefill)
             directory.eject(victim, "test")

@@ -6,6 +6,7 @@ import pytest
 
 from splitserve.common.cluster_types import PrefixOverlap
 from splitserve.router.policy import (
+    QUEUED_TOKENS_PER_RANK,
     KvAwarePolicy,
     LeastLoadedPolicy,
     RoundRobinPolicy,
@@ -48,6 +49,24 @@ def test_decode_ranking_least_running_then_waiting_then_id() -> None:
         w("d0", num_running=1, num_waiting=0, num_free_blocks=50),
     ]
     assert ids(rank_decode_workers(workers, 10)) == ["d0", "d2", "d1", "d3"]
+
+
+def test_decode_ranking_puts_a_worker_with_a_long_prompt_queued_behind_busier_ones() -> None:
+    per = QUEUED_TOKENS_PER_RANK
+    workers = [
+        w("long-queue", num_running=1, num_queued_tokens=4 * per, num_free_blocks=50),
+        w("queue", num_running=1, num_queued_tokens=per, num_free_blocks=50),
+        w("busy", num_running=6, num_queued_tokens=per - 1, num_free_blocks=50),
+        w("busier", num_running=7, num_free_blocks=50),
+        w("short-queue", num_running=1, num_queued_tokens=40, num_free_blocks=50),
+    ]
+    # Under one rank of queued tokens the running count decides; then each rank is a step.
+    assert ids(rank_decode_workers(workers, 10)) == [
+        "short-queue", "busy", "busier", "queue", "long-queue"]
+    # Without room, most free blocks first still; equal room ranks by load as above.
+    workers[4] = w("short-queue", num_running=1, num_queued_tokens=40, num_free_blocks=5)
+    assert ids(rank_decode_workers(workers, 60)) == [
+        "busy", "busier", "queue", "long-queue", "short-queue"]
 
 
 def test_decode_ranking_skips_workers_without_room_then_most_free_blocks() -> None:

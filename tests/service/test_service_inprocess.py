@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,6 +90,52 @@ def test_local_prefill_and_no_prefill_worker_give_same_tokens(tiny_llama: Path, 
                 assert d.prefill[0].kv.stats().bytes_sent == 0  # everything prefilled on D
         finally:
             d.stop()
+
+
+def test_a_short_prompt_is_not_sent_behind_a_long_local_prefill(tiny_llama: Path) -> None:
+    """Two colocated workers (no prefill worker). decode-0 is part way through a 1,500-token
+    prompt in 4-token chunks; decode-1 decodes two short streams. A third short prompt goes
+    to decode-1, the busier one: on decode-0 it would wait for the whole long prefill
+    (router.policy.QUEUED_TOKENS_PER_RANK; the router counts the long prompt's tokens from
+    the moment it sends it, and the worker reports its chunked prefill's remaining ones)."""
+    d = start_deployment(str(tiny_llama), 0, 2, engine={**ENGINE, "max_num_batched_tokens": 4})
+    try:
+        def queued(i: int) -> int:  # prompt tokens decode-i has still to compute
+            return d.decode[i].loop.call(lambda e: sum(
+                s.num_uncomputed_tokens for s in [*e.scheduler.waiting, *e.scheduler.running]
+                if s.is_prefilling))
+
+        def running(i: int) -> int:
+            return d.decode[i].loop.call(lambda e: e.scheduler.num_running)
+
+        with Client(d.address, timeout=60) as long_client, Client(d.address, timeout=60) as client:
+            long_prompt = [random.Random(7).randrange(100, 40000) for _ in range(1500)]
+            done: list[list[int]] = []
+            thread = threading.Thread(target=lambda: done.append(long_client.generate(
+                long_prompt, max_tokens=2, temperature=0.0, ignore_eos=True).token_ids))
+            thread.start()
+            deadline = time.monotonic() + 30
+            while queued(0) < 1000:  # decode-0 (first by id) took it and is prefilling it
+                assert time.monotonic() < deadline, "the long prompt never queued on decode-0"
+                time.sleep(0.005)
+            streams = []
+            for i in range(3):
+                stream = client.stream([11 + i, 12, 13, 14, 15], max_tokens=200,
+                                       temperature=0.0, ignore_eos=True)
+                next(iter(stream))  # admitted, first token out
+                streams.append(stream)
+            still_prefilling = queued(0)
+            placed = (running(0), running(1))
+            for stream in streams:
+                stream.close()
+            thread.join(60)
+        assert placed == (1, 3), f"running on (decode-0, decode-1): {placed}"
+        assert still_prefilling > 0, "the long prefill ended before the short ones were placed"
+        assert len(done) == 1 and len(done[0]) == 2
+        state = d.wait_all_blocks_free()
+        assert all(free == total for free, total in state.values()), state
+    finally:
+        d.stop()
 
 
 def test_over_capacity_is_resource_exhausted(tiny_llama: Path) -> None:
