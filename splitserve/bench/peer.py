@@ -10,9 +10,11 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    processes), driven by the same `bench serve` arguments;
 3. the engine offline on the same prompts (the workload's texts tokenized as the router
    does), `max_num_seqs` = the concurrency, every prompt submitted at once.
-4. with `--single-stream N`: N requests one at a time (concurrency 1) to each server, and
-   the engine's batch-1 decode step at the prompt's length, so the served TPOT of a lone
-   stream is set against the step it is made of.
+4. with `--single-stream N`: N requests one at a time (concurrency 1) to each server; after
+   each of SplitServe's, the engine's batch-1 decode step at the prompt's length, measured
+   in this process while the server idles, so the served TPOT of a lone stream is set
+   against the step it is made of, measured seconds apart (the ratio is the median of the
+   N pairs: this VM's speed drifts by tens of percent over minutes).
 It prints one table (output tok/s, TTFT p50, TPOT p50, failed) with the ratios the issue
 asks for (SplitServe / llama.cpp at the same precision; served / offline; lone-stream TPOT
 / batch-1 step) and writes it as JSON with `--out`.
@@ -25,17 +27,22 @@ import itertools
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.bench import serve as serve_bench
 from splitserve.bench.procs import free_port, local_deployment
 from splitserve.bench.workloads import WorkloadConfig, make_workload
+
+if TYPE_CHECKING:
+    from splitserve.engine.llm_engine import LLMEngine
 
 PRECISIONS = {"bf16": ("bfloat16", "BF16"), "fp32": ("float32", "F32")}
 
@@ -75,15 +82,53 @@ def _workload_args(ns: argparse.Namespace) -> list[str]:
             str(ns.num_requests), "--seed", str(ns.seed), "--no-progress"]
 
 
-def _serve(target: str, label: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
+def _serve(target: str, label: str, ns: argparse.Namespace,
+           between: Callable[[], float] | None = None) -> list[dict[str, Any]]:
     """The `bench serve` runs against one server: the workload, then (--single-stream)
-    the lone-stream run; their summaries."""
+    the lone-stream requests (_serve_lone); their summaries."""
     summaries = [_serve_once(target, label, ns)]
     if ns.single_stream:
-        lone = argparse.Namespace(**{**vars(ns), "concurrency": 1,
-                                     "num_requests": ns.single_stream})
-        summaries.append(_serve_once(target, f"{label} c=1", lone))
+        summaries.append(_serve_lone(target, f"{label} c=1", ns, between))
     return summaries
+
+
+def _serve_lone(target: str, label: str, ns: argparse.Namespace,
+                between: Callable[[], float] | None) -> dict[str, Any]:
+    """--single-stream N requests, one `bench serve` run of one request each (seeds seed,
+    seed+1, ...: N different prompts, the same for every server), `between()` measured after
+    each; one summary of them all, with the N measurements as "paired_step_ms"."""
+    runs, steps = [], []
+    for i in range(ns.single_stream):
+        one = argparse.Namespace(**{**vars(ns), "concurrency": 1, "num_requests": 1,
+                                    "seed": ns.seed + i})
+        runs.append(_serve_once(target, label, one))
+        if between is not None:
+            steps.append(between())
+    return lone_summary(runs, steps)
+
+
+def lone_summary(runs: list[dict[str, Any]], steps: list[float]) -> dict[str, Any]:
+    """The one-request summaries `runs` as one: output tok/s over their summed durations,
+    TTFT and TPOT p50 over the requests; with `steps` (one per run), "tpot_over_step": the
+    median of each request's TPOT over the step measured right after it."""
+    def p50(metric: str) -> float | None:
+        values = [run[metric]["p50"] for run in runs if (run.get(metric) or {}).get("p50")]
+        return statistics.median(values) if values else None
+
+    duration = sum(run["duration_s"] for run in runs)
+    out: dict[str, Any] = {
+        "output_throughput": (sum(run["total_output_tokens"] for run in runs) / duration
+                              if duration > 0 else 0.0),
+        "ttft_ms": {"p50": p50("ttft_ms")}, "tpot_ms": {"p50": p50("tpot_ms")},
+        "failed": sum(run["failed"] for run in runs),
+        "connection_retries": sum(run.get("connection_retries", 0) for run in runs),
+    }
+    if steps:
+        out["paired_step_ms"] = steps
+        pairs = [run["tpot_ms"]["p50"] / step for run, step in zip(runs, steps, strict=True)
+                 if (run.get("tpot_ms") or {}).get("p50") and step > 0]
+        out["tpot_over_step"] = statistics.median(pairs) if pairs else None
+    return out
 
 
 def _serve_once(target: str, label: str, ns: argparse.Namespace) -> dict[str, Any]:
@@ -127,7 +172,8 @@ def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> list[dic
             proc.kill()
 
 
-def run_splitserve(dtype: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
+def run_splitserve(dtype: str, ns: argparse.Namespace,
+                   between: Callable[[], float] | None = None) -> list[dict[str, Any]]:
     worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
                    "--num-kv-blocks", "2048"]
     if ns.max_num_batched_tokens:
@@ -137,12 +183,12 @@ def run_splitserve(dtype: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
     with local_deployment(ns.model, num_prefill=0, num_decode=1,
                           local_prefill_threshold=1 << 20, threads=ns.threads,
                           worker_args=tuple(worker_args)) as addrs:
-        return _serve(f"grpc://{addrs['router']}", "splitserve", ns)
+        return _serve(f"grpc://{addrs['router']}", "splitserve", ns, between)
 
 
-def run_offline(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
-    """The engine alone on the workload's prompts (tokenized as the router tokenizes)."""
-    from splitserve.bench.offline import decode_step_ms, run_engine
+def _offline_engine(dtype: str, ns: argparse.Namespace) -> tuple[LLMEngine, list[list[int]]]:
+    """The engine as the worker runs it, and the workload's prompts tokenized as the router
+    tokenizes them."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
@@ -155,16 +201,29 @@ def run_offline(dtype: str, ns: argparse.Namespace) -> dict[str, Any]:
                               output_len=ns.output_len)
     prompts = [engine.tokenizer.encode(request.as_prompt(), add_special_tokens=True)
                for request in itertools.islice(make_workload(workload), ns.num_requests)]
+    return engine, prompts
+
+
+def step_meter(engine: LLMEngine, prompts: list[list[int]], output_len: int
+               ) -> Callable[[], float]:
+    """A function timing `engine`'s batch-1 decode step (median of 16) at a lone stream's
+    mean context: the prompts' mean length plus half the output."""
+    from splitserve.bench.offline import decode_step_ms
+
+    context = int(sum(map(len, prompts)) / len(prompts)) + output_len // 2
+    return lambda: decode_step_ms(engine, 1, context, steps=16)
+
+
+def run_offline(engine: LLMEngine, prompts: list[list[int]],
+                ns: argparse.Namespace) -> dict[str, Any]:
+    """The engine alone on the workload's prompts, every one submitted at once."""
+    from splitserve.bench.offline import run_engine
+
     run_engine(engine, prompts[:2], 4)  # warm-up (first-call costs)
     result = run_engine(engine, prompts, ns.output_len)
-    mean_input = sum(map(len, prompts)) / len(prompts)
-    out = {"output_throughput": result.output_tokens / result.seconds,
-           "completed": len(prompts), "failed": 0, "seconds": result.seconds,
-           "mean_input_tokens": mean_input}
-    if ns.single_stream:
-        out["batch1_step_ms"] = decode_step_ms(engine, 1, int(mean_input) + ns.output_len // 2,
-                                               steps=16)
-    return out
+    return {"output_throughput": result.output_tokens / result.seconds,
+            "completed": len(prompts), "failed": 0, "seconds": result.seconds,
+            "mean_input_tokens": sum(map(len, prompts)) / len(prompts)}
 
 
 def _row(name: str, summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -220,34 +279,43 @@ def main(argv: list[str] | None = None) -> int:
             peer = _row(peer_name, peer_runs[0])
             rows.append(peer)
             rows += [_row(f"{peer_name}, c=1", run) for run in peer_runs[1:]]
-        our_runs = run_splitserve(dtype, ns)
+        # Built before SplitServe serves, so that its batch-1 step can be timed beside each
+        # lone-stream request; idle (no thread of its own) while the server runs.
+        engine, prompts = (_offline_engine(dtype, ns) if not ns.skip_offline
+                           else (None, []))
+        between = (step_meter(engine, prompts, ns.output_len)
+                   if engine is not None and ns.single_stream else None)
+        our_runs = run_splitserve(dtype, ns, between)
         name = f"SplitServe colocated, {precision}" + (
             f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
         ours = _row(name, our_runs[0])
         rows.append(ours)
-        lone = [_row(f"{name}, c=1", run) for run in our_runs[1:]]
-        rows += lone
+        for run in our_runs[1:]:
+            lone = _row(f"{name}, c=1", run)
+            if run.get("tpot_over_step"):
+                lone["ratios"] = {"TPOT/batch-1 step": run["tpot_over_step"]}
+                lone["paired_step_ms"] = run["paired_step_ms"]
+            rows.append(lone)
         if peer is not None and peer["output_tok_s"] and ours["output_tok_s"]:
             ours.setdefault("ratios", {})["vs llama.cpp"] = ours["output_tok_s"] / peer["output_tok_s"]
-        if not ns.skip_offline:
-            offline = run_offline(dtype, ns)
+        if engine is not None:
+            offline = run_offline(engine, prompts, ns)
+            del engine
             rows.append({"server": f"SplitServe engine offline, {precision}",
-                         "output_tok_s": offline["output_throughput"], "failed": 0,
-                         "batch1_step_ms": offline.get("batch1_step_ms")})
+                         "output_tok_s": offline["output_throughput"], "failed": 0})
             if ours["output_tok_s"]:
                 ours.setdefault("ratios", {})["served/offline"] = (
                     ours["output_tok_s"] / offline["output_throughput"])
-            step = offline.get("batch1_step_ms")
-            for row in lone:
-                if step and row.get("tpot_p50_ms"):
-                    row.setdefault("ratios", {})["TPOT/batch-1 step"] = row["tpot_p50_ms"] / step
     print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
           f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
           f"seed {ns.seed}")
     print(format_table(rows))
     for row in rows:
-        if row.get("batch1_step_ms"):
-            print(f"{row['server']}: batch-1 decode step {row['batch1_step_ms']:.1f} ms")
+        if row.get("paired_step_ms"):
+            steps = row["paired_step_ms"]
+            print(f"{row['server']}: the engine's batch-1 decode step after each request "
+                  f"{statistics.median(steps):.1f} ms median ({min(steps):.1f}-"
+                  f"{max(steps):.1f}); the ratio is the median of the pairs")
     if ns.out:
         Path(ns.out).write_text(json.dumps({"argv": argv, "rows": rows}, indent=2))
         print(f"results: {ns.out}", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitserve.bench import main as bench_main
+from splitserve.bench.peer import lone_summary
 
 
 def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
@@ -32,11 +33,31 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     assert served["ratios"]["served/offline"] == pytest.approx(
         served["output_tok_s"] / offline["output_tok_s"])
     lone = rows["SplitServe colocated, fp32, c=1"]
-    assert lone["failed"] == 0 and offline["batch1_step_ms"] > 0
-    assert lone["ratios"]["TPOT/batch-1 step"] == pytest.approx(
-        lone["tpot_p50_ms"] / offline["batch1_step_ms"])
+    steps = lone["paired_step_ms"]  # one after each of the 2 lone requests
+    assert lone["failed"] == 0 and len(steps) == 2 and min(steps) > 0
+    assert lone["tpot_p50_ms"] / max(steps) * 0.999 <= lone["ratios"]["TPOT/batch-1 step"]
     assert "skipped: no --llama-server binary" in printed
+    assert "batch-1 decode step after each request" in printed
     assert f"served/offline {served['ratios']['served/offline']:.2f}x" in printed
+
+
+def _one_request(duration_s: float, output_tokens: int, ttft_ms: float, tpot_ms: float,
+                 failed: int = 0) -> dict[str, object]:
+    return {"duration_s": duration_s, "total_output_tokens": output_tokens, "failed": failed,
+            "ttft_ms": {"p50": ttft_ms}, "tpot_ms": {"p50": tpot_ms}}
+
+
+def test_lone_summary_pairs_each_request_with_the_step_after_it() -> None:
+    runs = [_one_request(2.0, 100, 40.0, 20.0), _one_request(3.0, 100, 50.0, 30.0),
+            _one_request(1.0, 0, 60.0, 0.0, failed=1)]
+    out = lone_summary(runs, [10.0, 30.0, 12.0])
+    assert out["output_throughput"] == pytest.approx(200 / 6.0)
+    assert out["ttft_ms"]["p50"] == 50.0 and out["tpot_ms"]["p50"] == 25.0
+    assert out["failed"] == 1 and out["paired_step_ms"] == [10.0, 30.0, 12.0]
+    # Pairs 20/10 and 30/30 (the failed request has no TPOT): median 1.5, where the
+    # unpaired medians would give 25/12 = 2.08.
+    assert out["tpot_over_step"] == pytest.approx(1.5)
+    assert "tpot_over_step" not in lone_summary(runs, [])
 
 
 def test_peer_bench_refuses_unknown_precisions(capsys: pytest.CaptureFixture[str]) -> None:
