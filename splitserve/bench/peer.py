@@ -15,14 +15,19 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    in this process while the server idles, so the served TPOT of a lone stream is set
    against the step it is made of, measured seconds apart (the ratio is the median of the
    N pairs: this VM's speed drifts by tens of percent over minutes).
-It prints one table (output tok/s, TTFT p50, TPOT p50, failed) with the ratios the issue
-asks for (SplitServe / llama.cpp at the same precision; served / offline; lone-stream TPOT
-/ batch-1 step) and writes it as JSON with `--out`.
+All of one precision's servers are up together and take turns, so `--rounds K` runs the
+workload K times on each, interleaved (llama.cpp, SplitServe, offline; again), and each
+ratio is the median of the K rounds' ratios: this VM's speed drifts by tens of percent over
+minutes, and a ratio of two runs minutes apart measures the drift as much as the servers.
+It prints one table (output tok/s, TTFT p50, TPOT p50, failed: medians over the rounds)
+with the ratios the issue asks for (SplitServe / llama.cpp at the same precision; served /
+offline; lone-stream TPOT / batch-1 step) and writes it as JSON with `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -33,7 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SplitServe's decode worker sends tokens this many at a time "
                          "(`splitserve decode --stream-interval`; 1: every step)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline engine run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the workload on every server this many times, interleaved "
+                         "(llama.cpp, SplitServe, offline; again): medians, and ratios "
+                         "paired by round")
     ap.add_argument("--single-stream", type=int, default=0, metavar="N",
                     help="also N requests at concurrency 1 per server, against the engine's "
                          "batch-1 decode step (0: skip)")
@@ -80,16 +89,6 @@ def _workload_args(ns: argparse.Namespace) -> list[str]:
     return ["--workload", "fixed", "--input-len", str(ns.input_len), "--output-len",
             str(ns.output_len), "--concurrency", str(ns.concurrency), "--num-requests",
             str(ns.num_requests), "--seed", str(ns.seed), "--no-progress"]
-
-
-def _serve(target: str, label: str, ns: argparse.Namespace,
-           between: Callable[[], float] | None = None) -> list[dict[str, Any]]:
-    """The `bench serve` runs against one server: the workload, then (--single-stream)
-    the lone-stream requests (_serve_lone); their summaries."""
-    summaries = [_serve_once(target, label, ns)]
-    if ns.single_stream:
-        summaries.append(_serve_lone(target, f"{label} c=1", ns, between))
-    return summaries
 
 
 def _serve_lone(target: str, label: str, ns: argparse.Namespace,
@@ -154,7 +153,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0
     raise RuntimeError(f"llama-server did not answer {url}")
 
 
-def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> Iterator[str]:
+    """A llama-server on `gguf` while the block runs; yields its target URL."""
     port = free_port()
     context = ns.concurrency * (ns.input_len * 2 + ns.output_len + 64)  # words -> tokens
     command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
@@ -163,7 +164,7 @@ def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> list[dic
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
-        return _serve(f"http://127.0.0.1:{port}", "llama.cpp", ns)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -172,8 +173,10 @@ def run_llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> list[dic
             proc.kill()
 
 
-def run_splitserve(dtype: str, ns: argparse.Namespace,
-                   between: Callable[[], float] | None = None) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def splitserve_colocated(dtype: str, ns: argparse.Namespace) -> Iterator[str]:
+    """A router and one decode worker that prefills its own prompts, as processes, while
+    the block runs; yields the router's target."""
     worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
                    "--num-kv-blocks", "2048"]
     if ns.max_num_batched_tokens:
@@ -183,7 +186,31 @@ def run_splitserve(dtype: str, ns: argparse.Namespace,
     with local_deployment(ns.model, num_prefill=0, num_decode=1,
                           local_prefill_threshold=1 << 20, threads=ns.threads,
                           worker_args=tuple(worker_args)) as addrs:
-        return _serve(f"grpc://{addrs['router']}", "splitserve", ns, between)
+        yield f"grpc://{addrs['router']}"
+
+
+def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one server's workload run as one summary: the medians of output tok/s and
+    of the TTFT and TPOT p50s, failures and connection retries summed, each round's tok/s
+    in "rounds"."""
+    def p50(metric: str) -> float | None:
+        values = [run[metric]["p50"] for run in runs if (run.get(metric) or {}).get("p50")]
+        return statistics.median(values) if values else None
+
+    return {"output_throughput": statistics.median(r["output_throughput"] for r in runs),
+            "ttft_ms": {"p50": p50("ttft_ms")}, "tpot_ms": {"p50": p50("tpot_ms")},
+            "failed": sum(r["failed"] for r in runs),
+            "connection_retries": sum(r.get("connection_retries", 0) for r in runs),
+            "rounds": [r["output_throughput"] for r in runs]}
+
+
+def paired_ratio(numerators: list[dict[str, Any]], denominators: list[dict[str, Any]]
+                 ) -> float | None:
+    """The median over rounds of one run's output tok/s over the other's in that round."""
+    ratios = [n["output_throughput"] / d["output_throughput"]
+              for n, d in zip(numerators, denominators, strict=True)
+              if n["output_throughput"] and d["output_throughput"]]
+    return statistics.median(ratios) if ratios else None
 
 
 def _offline_engine(dtype: str, ns: argparse.Namespace) -> tuple[LLMEngine, list[list[int]]]:
@@ -256,10 +283,47 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _precision_rows(peer_name: str, name: str, precision: str,
+                    runs: dict[str, list[dict[str, Any]]],
+                    lone: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One precision's table rows: each server's rounds as one row, then its lone stream,
+    with the ratios paired by round (and, for the lone stream, by request)."""
+    rows = []
+    if runs["peer"]:
+        rows.append(_row(peer_name, median_summary(runs["peer"])))
+        if "peer" in lone:
+            rows.append(_row(f"{peer_name}, c=1", lone["peer"]))
+    ours = _row(name, median_summary(runs["ours"]))
+    ours["rounds_tok_s"] = [r["output_throughput"] for r in runs["ours"]]
+    rows.append(ours)
+    ratios: dict[str, float] = {}
+    if runs["peer"] and (vs := paired_ratio(runs["ours"], runs["peer"])):
+        ratios["vs llama.cpp"] = vs
+    if runs["offline"] and (served := paired_ratio(runs["ours"], runs["offline"])):
+        ratios["served/offline"] = served
+    if ratios:
+        ours["ratios"] = ratios
+    if "ours" in lone:
+        row = _row(f"{name}, c=1", lone["ours"])
+        if lone["ours"].get("tpot_over_step"):
+            row["ratios"] = {"TPOT/batch-1 step": lone["ours"]["tpot_over_step"]}
+            row["paired_step_ms"] = lone["ours"]["paired_step_ms"]
+        rows.append(row)
+    if runs["offline"]:
+        rows.append({"server": f"SplitServe engine offline, {precision}", "failed": 0,
+                     "output_tok_s": statistics.median(r["output_throughput"]
+                                                       for r in runs["offline"]),
+                     "rounds_tok_s": [r["output_throughput"] for r in runs["offline"]]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     precisions = [p.strip() for p in ns.precisions.split(",") if p.strip()]
     unknown = [p for p in precisions if p not in PRECISIONS]
+    if ns.rounds < 1:
+        print("splitserve bench peer: error: --rounds must be >= 1", file=sys.stderr)
+        return 2
     if unknown or not precisions:
         print(f"splitserve bench peer: error: precisions are {', '.join(PRECISIONS)}",
               file=sys.stderr)
@@ -269,46 +333,40 @@ def main(argv: list[str] | None = None) -> int:
         dtype, gguf_kind = PRECISIONS[precision]
         gguf = getattr(ns, f"gguf_{precision}")
         peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF"
-        peer: dict[str, Any] | None = None
-        if not ns.llama_server or not os.access(ns.llama_server, os.X_OK):
-            rows.append({**_row(peer_name, None), "why": "no --llama-server binary"})
-        elif not gguf or not Path(gguf).is_file():
-            rows.append({**_row(peer_name, None), "why": f"no --gguf-{precision} file"})
-        else:
-            peer_runs = run_llama_server(ns.llama_server, gguf, ns)
-            peer = _row(peer_name, peer_runs[0])
-            rows.append(peer)
-            rows += [_row(f"{peer_name}, c=1", run) for run in peer_runs[1:]]
-        # Built before SplitServe serves, so that its batch-1 step can be timed beside each
-        # lone-stream request; idle (no thread of its own) while the server runs.
-        engine, prompts = (_offline_engine(dtype, ns) if not ns.skip_offline
-                           else (None, []))
-        between = (step_meter(engine, prompts, ns.output_len)
-                   if engine is not None and ns.single_stream else None)
-        our_runs = run_splitserve(dtype, ns, between)
         name = f"SplitServe colocated, {precision}" + (
             f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
-        ours = _row(name, our_runs[0])
-        rows.append(ours)
-        for run in our_runs[1:]:
-            lone = _row(f"{name}, c=1", run)
-            if run.get("tpot_over_step"):
-                lone["ratios"] = {"TPOT/batch-1 step": run["tpot_over_step"]}
-                lone["paired_step_ms"] = run["paired_step_ms"]
-            rows.append(lone)
-        if peer is not None and peer["output_tok_s"] and ours["output_tok_s"]:
-            ours.setdefault("ratios", {})["vs llama.cpp"] = ours["output_tok_s"] / peer["output_tok_s"]
-        if engine is not None:
-            offline = run_offline(engine, prompts, ns)
+        with contextlib.ExitStack() as stack:
+            peer = None
+            if not ns.llama_server or not os.access(ns.llama_server, os.X_OK):
+                rows.append({**_row(peer_name, None), "why": "no --llama-server binary"})
+            elif not gguf or not Path(gguf).is_file():
+                rows.append({**_row(peer_name, None), "why": f"no --gguf-{precision} file"})
+            else:
+                peer = stack.enter_context(llama_server(ns.llama_server, gguf, ns))
+            ours = stack.enter_context(splitserve_colocated(dtype, ns))
+            # The offline engine is built before the rounds, so that its batch-1 step can be
+            # timed beside each lone-stream request; idle (no thread of its own) meanwhile.
+            engine, prompts = (_offline_engine(dtype, ns) if not ns.skip_offline
+                               else (None, []))
+            runs: dict[str, list[dict[str, Any]]] = {"peer": [], "ours": [], "offline": []}
+            for _ in range(ns.rounds):  # each round: every server, one after the other
+                if peer is not None:
+                    runs["peer"].append(_serve_once(peer, "llama.cpp", ns))
+                runs["ours"].append(_serve_once(ours, "splitserve", ns))
+                if engine is not None:
+                    runs["offline"].append(run_offline(engine, prompts, ns))
+            lone: dict[str, dict[str, Any]] = {}
+            if ns.single_stream:
+                if peer is not None:
+                    lone["peer"] = _serve_lone(peer, "llama.cpp c=1", ns, None)
+                between = (step_meter(engine, prompts, ns.output_len)
+                           if engine is not None else None)
+                lone["ours"] = _serve_lone(ours, "splitserve c=1", ns, between)
             del engine
-            rows.append({"server": f"SplitServe engine offline, {precision}",
-                         "output_tok_s": offline["output_throughput"], "failed": 0})
-            if ours["output_tok_s"]:
-                ours.setdefault("ratios", {})["served/offline"] = (
-                    ours["output_tok_s"] / offline["output_throughput"])
+        rows += _precision_rows(peer_name, name, precision, runs, lone)
     print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
           f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
-          f"seed {ns.seed}")
+          f"seed {ns.seed}, {ns.rounds} round(s)")
     print(format_table(rows))
     for row in rows:
         if row.get("paired_step_ms"):

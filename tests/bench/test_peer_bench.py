@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitserve.bench import main as bench_main
-from splitserve.bench.peer import lone_summary
+from splitserve.bench.peer import lone_summary, median_summary, paired_ratio
 
 
 def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
@@ -20,6 +20,7 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     rc = bench_main(["peer", "--model", str(tiny_llama), "--precisions", "fp32",
                      "--threads", "1", "--input-len", "8", "--output-len", "6",
                      "--concurrency", "2", "--num-requests", "4", "--single-stream", "2",
+                     "--rounds", "2",
                      "--llama-server", str(tmp_path / "absent"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -30,8 +31,11 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     served = rows["SplitServe colocated, fp32"]
     offline = rows["SplitServe engine offline, fp32"]
     assert served["failed"] == 0 and served["output_tok_s"] > 0 and offline["output_tok_s"] > 0
-    assert served["ratios"]["served/offline"] == pytest.approx(
-        served["output_tok_s"] / offline["output_tok_s"])
+    # Two rounds each, paired: the ratio is the median (here the mean) of the two rounds'.
+    assert len(served["rounds_tok_s"]) == 2 and len(offline["rounds_tok_s"]) == 2
+    assert served["ratios"]["served/offline"] == pytest.approx(sum(
+        s / o for s, o in zip(served["rounds_tok_s"], offline["rounds_tok_s"], strict=True)) / 2)
+    assert served["output_tok_s"] == pytest.approx(sum(served["rounds_tok_s"]) / 2)
     lone = rows["SplitServe colocated, fp32, c=1"]
     steps = lone["paired_step_ms"]  # one after each of the 2 lone requests
     assert lone["failed"] == 0 and len(steps) == 2 and min(steps) > 0
@@ -60,6 +64,26 @@ def test_lone_summary_pairs_each_request_with_the_step_after_it() -> None:
     assert "tpot_over_step" not in lone_summary(runs, [])
 
 
+def _run(tok_s: float, ttft_ms: float = 100.0, tpot_ms: float = 10.0,
+         failed: int = 0) -> dict[str, object]:
+    return {"output_throughput": tok_s, "failed": failed, "connection_retries": 1,
+            "ttft_ms": {"p50": ttft_ms}, "tpot_ms": {"p50": tpot_ms}}
+
+
+def test_rounds_give_medians_and_ratios_paired_by_round() -> None:
+    ours = [_run(100.0, 300.0, 30.0), _run(80.0, 200.0, 20.0, failed=1), _run(120.0)]
+    peer = [_run(50.0), _run(80.0), _run(60.0)]
+    summary = median_summary(ours)
+    assert summary["output_throughput"] == 100.0 and summary["rounds"] == [100.0, 80.0, 120.0]
+    assert summary["ttft_ms"]["p50"] == 200.0 and summary["tpot_ms"]["p50"] == 20.0
+    assert summary["failed"] == 1 and summary["connection_retries"] == 3
+    # Round ratios 2.0, 1.0, 2.0: median 2.0 (the medians' ratio would be 100/60 = 1.67).
+    assert paired_ratio(ours, peer) == 2.0
+    assert paired_ratio([_run(0.0)], [_run(5.0)]) is None
+
+
 def test_peer_bench_refuses_unknown_precisions(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main(["peer", "--precisions", "fp8"]) == 2
     assert "precisions are bf16, fp32" in capsys.readouterr().err
+    assert bench_main(["peer", "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
