@@ -16,7 +16,8 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    against the step it is made of, measured seconds apart (the ratio is the median of the
    N pairs: this VM's speed drifts by tens of percent over minutes).
 All of one precision's servers are up together and take turns, so `--rounds K` runs the
-workload K times on each, interleaved (llama.cpp, SplitServe, offline; again), and each
+workload K times on each, interleaved (llama.cpp, SplitServe, offline; again; round r on
+seed+r's prompts, so that no server serves a prompt it has cached), and each
 ratio is the median of the K rounds' ratios: this VM's speed drifts by tens of percent over
 minutes, and a ratio of two runs minutes apart measures the drift as much as the servers.
 It prints one table (output tok/s, TTFT p50, TPOT p50, failed: medians over the rounds)
@@ -93,13 +94,14 @@ def _workload_args(ns: argparse.Namespace) -> list[str]:
 
 def _serve_lone(target: str, label: str, ns: argparse.Namespace,
                 between: Callable[[], float] | None) -> dict[str, Any]:
-    """--single-stream N requests, one `bench serve` run of one request each (seeds seed,
-    seed+1, ...: N different prompts, the same for every server), `between()` measured after
+    """--single-stream N requests, one `bench serve` run of one request each (seeds after
+    the rounds', seed+rounds, seed+rounds+1, ...: N prompts no server has cached, the same
+    for every server), `between()` measured after
     each; one summary of them all, with the N measurements as "paired_step_ms"."""
     runs, steps = [], []
     for i in range(ns.single_stream):
         one = argparse.Namespace(**{**vars(ns), "concurrency": 1, "num_requests": 1,
-                                    "seed": ns.seed + i})
+                                    "seed": ns.seed + ns.rounds + i})
         runs.append(_serve_once(target, label, one))
         if between is not None:
             steps.append(between())
@@ -213,22 +215,24 @@ def paired_ratio(numerators: list[dict[str, Any]], denominators: list[dict[str, 
     return statistics.median(ratios) if ratios else None
 
 
-def _offline_engine(dtype: str, ns: argparse.Namespace) -> tuple[LLMEngine, list[list[int]]]:
-    """The engine as the worker runs it, and the workload's prompts tokenized as the router
-    tokenizes them."""
+def _offline_engine(dtype: str, ns: argparse.Namespace) -> LLMEngine:
+    """The engine as the worker runs it."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(
+    return LLMEngine(EngineConfig(
         model=ns.model, dtype=dtype, num_threads=ns.threads, num_kv_blocks=2048,
         max_num_seqs=ns.concurrency,
         **({"max_num_batched_tokens": ns.max_num_batched_tokens}
            if ns.max_num_batched_tokens else {})))
-    workload = WorkloadConfig(kind="fixed", seed=ns.seed, input_len=ns.input_len,
+
+
+def workload_prompts(engine: LLMEngine, ns: argparse.Namespace, seed: int) -> list[list[int]]:
+    """The workload's prompts for `seed`, tokenized as the router tokenizes them."""
+    workload = WorkloadConfig(kind="fixed", seed=seed, input_len=ns.input_len,
                               output_len=ns.output_len)
-    prompts = [engine.tokenizer.encode(request.as_prompt(), add_special_tokens=True)
-               for request in itertools.islice(make_workload(workload), ns.num_requests)]
-    return engine, prompts
+    return [engine.tokenizer.encode(request.as_prompt(), add_special_tokens=True)
+            for request in itertools.islice(make_workload(workload), ns.num_requests)]
 
 
 def step_meter(engine: LLMEngine, prompts: list[list[int]], output_len: int
@@ -246,7 +250,7 @@ def run_offline(engine: LLMEngine, prompts: list[list[int]],
     """The engine alone on the workload's prompts, every one submitted at once."""
     from splitserve.bench.offline import run_engine
 
-    run_engine(engine, prompts[:2], 4)  # warm-up (first-call costs)
+    run_engine(engine, [p[len(p) // 2:] for p in prompts[:2]], 4)  # first-call costs
     result = run_engine(engine, prompts, ns.output_len)
     return {"output_throughput": result.output_tokens / result.seconds,
             "completed": len(prompts), "failed": 0, "seconds": result.seconds,
@@ -346,14 +350,18 @@ def main(argv: list[str] | None = None) -> int:
             ours = stack.enter_context(splitserve_colocated(dtype, ns))
             # The offline engine is built before the rounds, so that its batch-1 step can be
             # timed beside each lone-stream request; idle (no thread of its own) meanwhile.
-            engine, prompts = (_offline_engine(dtype, ns) if not ns.skip_offline
-                               else (None, []))
+            engine = None if ns.skip_offline else _offline_engine(dtype, ns)
             runs: dict[str, list[dict[str, Any]]] = {"peer": [], "ours": [], "offline": []}
-            for _ in range(ns.rounds):  # each round: every server, one after the other
+            prompts: list[list[int]] = []
+            for r in range(ns.rounds):  # each round: every server, one after the other
+                # Round r's workload is seed+r's: prompts no server has cached (each
+                # caches prefixes), the same for all of them within the round.
+                one = argparse.Namespace(**{**vars(ns), "seed": ns.seed + r})
                 if peer is not None:
-                    runs["peer"].append(_serve_once(peer, "llama.cpp", ns))
-                runs["ours"].append(_serve_once(ours, "splitserve", ns))
+                    runs["peer"].append(_serve_once(peer, "llama.cpp", one))
+                runs["ours"].append(_serve_once(ours, "splitserve", one))
                 if engine is not None:
+                    prompts = workload_prompts(engine, ns, ns.seed + r)
                     runs["offline"].append(run_offline(engine, prompts, ns))
             lone: dict[str, dict[str, Any]] = {}
             if ns.single_stream:
