@@ -294,7 +294,9 @@ def _precision_rows(peer_name: str, name: str, precision: str,
     with the ratios paired by round (and, for the lone stream, by request)."""
     rows = []
     if runs["peer"]:
-        rows.append(_row(peer_name, median_summary(runs["peer"])))
+        peer = _row(peer_name, median_summary(runs["peer"]))
+        peer["rounds_tok_s"] = [r["output_throughput"] for r in runs["peer"]]
+        rows.append(peer)
         if "peer" in lone:
             rows.append(_row(f"{peer_name}, c=1", lone["peer"]))
     ours = _row(name, median_summary(runs["ours"]))

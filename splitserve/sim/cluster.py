@@ -21,7 +21,9 @@ Life cycle of a simulated request (times in seconds from the run's start):
 Each worker runs one step at a time; a step's length is the ProfiledStepTimes's, plus the
 profile's per-step serving overhead. With `Deployment.shared_host` (workers on one machine's
 cores) a step's compute is multiplied by the profile's co-run factor for the kinds of step
-the other workers are running when it starts (sim.corun measures them). Nothing is random
+the other workers are running when it starts (sim.corun measures them between bare
+engines; a decode or prefill step under another worker's decode step takes the factor
+measured in the served deployments instead, when the profile has it). Nothing is random
 here: the trace carries all chance.
 """
 

@@ -59,11 +59,17 @@ class ServingOverheads:
     # same prefill with that worker idle, in the deployment (0: not measured). The
     # deployment slows a prefill more than a bare second engine does (BENCHMARKS.md).
     prefill_under_decode: float = 0.0
+    # The served TPOT of a stream on one worker of a colocated pair while the other worker
+    # decodes a stream too, over a lone stream's (0: not measured). It holds the router's
+    # and the client's work for both streams on cores both workers use, which the bare
+    # engines' co-run factor does not see (BENCHMARKS.md, thirteenth session).
+    decode_under_decode: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.prefill_under_decode >= 0:
-            raise ValueError(f"prefill_under_decode must be >= 0 (0: not measured), got "
-                             f"{self.prefill_under_decode!r}")
+        for name in ("prefill_under_decode", "decode_under_decode"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: not measured), got "
+                                 f"{getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -132,11 +138,14 @@ class ProfiledStepTimes:
         self._prefill_x = [float(t) for t in profile.prefill_tokens]
         self._batch_x = [float(b) for b in profile.decode_batches]
         self._context_x = [float(c) for c in profile.decode_contexts]
-        # corun_factor's rows: the bare engines' factors, with prefill under decode as
-        # measured in the deployment where the profile has it
+        # corun_factor's rows: the bare engines' factors, with prefill under decode and
+        # decode under decode as measured in the deployments where the profile has them
         self._corun = {kind: dict(row) for kind, row in profile.corun.items()}
-        if profile.serving.prefill_under_decode > 0:
-            self._corun.setdefault("prefill", {})["decode"] = profile.serving.prefill_under_decode
+        serving = profile.serving
+        for kind, factor in (("prefill", serving.prefill_under_decode),
+                             ("decode", serving.decode_under_decode)):
+            if factor > 0:
+                self._corun.setdefault(kind, {})["decode"] = factor
 
     def prefill_ms(self, num_tokens: int) -> float:
         return interpolate(self._prefill_x, self.profile.prefill_ms, num_tokens)

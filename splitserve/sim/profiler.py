@@ -17,7 +17,10 @@ Measures, with the engine in this process (no prefix caching, one step per point
     disaggregated; what TTFT and TPOT hold beyond the engine's own step times; and the
     remote prefills again while the decode worker decodes a long stream: their compute
     over the idle one is the prefill-under-decode factor the simulator uses (it replaces
-    the bare engines' co-run factor, which misses part of the deployment's slowdown).
+    the bare engines' co-run factor, which misses part of the deployment's slowdown); and
+    a colocated pair (two decode workers prefilling their own prompts) serving one stream,
+    then two at once, one per worker: the TPOT ratio is the decode-under-decode factor
+    (the router's and client's work for both streams shares the workers' cores).
 The machine and settings are recorded beside the points. Run it on an idle machine.
 """
 
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -106,6 +110,7 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
             rows[mode] = measure_requests(addrs["router"], prompts, max_tokens)
             if mode == "remote":
                 under_decode = prefill_under_decode(addrs["router"], prompts, rows[mode])
+    pair = decode_under_decode(args, prompts, max_tokens, worker_args)
     med = statistics.median
     compute = model.prefill_ms(prompt_len)
     step = model.decode_ms(1, prompt_len + max_tokens / 2)
@@ -114,7 +119,32 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
     tpot = med(r["tpot_ms"] for r in rows["local"] + rows["remote"])
     return ServingOverheads(ttft_local_ms=max(0.0, local), ttft_remote_ms=max(0.0, remote),
                             decode_step_ms=max(0.0, tpot - step),
-                            prefill_under_decode=under_decode)
+                            prefill_under_decode=under_decode, decode_under_decode=pair)
+
+
+def decode_under_decode(args: argparse.Namespace, prompts: list[list[int]], max_tokens: int,
+                        worker_args: tuple[str, ...]) -> float:
+    """In a colocated pair (two decode workers, --threads each, prefilling their own
+    prompts): per prompt, a lone stream, then two streams at once (the router sends the
+    second to the other worker); the median over prompts of the pair's mean TPOT over the
+    lone stream's."""
+    from splitserve.bench.kv import measure_requests
+    from splitserve.bench.procs import local_deployment
+
+    ratios = []
+    with local_deployment(args.model, num_prefill=0, num_decode=2,
+                          local_prefill_threshold=10**9, threads=args.threads,
+                          worker_args=worker_args) as addrs:
+        router = addrs["router"]
+        measure_requests(router, prompts[:1], 4)  # warm-up
+        for i, prompt in enumerate(prompts):
+            alone = measure_requests(router, [prompt], max_tokens)[0]["tpot_ms"]
+            other = prompts[(i + 1) % len(prompts)]
+            with ThreadPoolExecutor(2) as pool:
+                both = list(pool.map(lambda p: measure_requests(router, [p], max_tokens)[0],
+                                     [prompt, other]))  # (no prefix caching)
+            ratios.append(statistics.mean(r["tpot_ms"] for r in both) / alone)
+    return statistics.median(ratios)
 
 
 def prefill_under_decode(router: str, prompts: list[list[int]],

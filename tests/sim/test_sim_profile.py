@@ -89,8 +89,22 @@ def test_the_deployments_prefill_under_decode_factor_replaces_the_bare_engines()
         ServingOverheads(prefill_under_decode=-1.0)
 
 
+def test_the_colocated_pairs_decode_under_decode_factor_replaces_the_bare_engines() -> None:
+    corun = {"prefill": {"decode": 1.05}, "decode": {"prefill": 1.1, "decode": 1.02}}
+    measured = ProfiledStepTimes(make_profile(corun=corun, serving=ServingOverheads(
+        prefill_under_decode=1.3, decode_under_decode=1.35)))
+    assert measured.corun_factor("decode", ["decode"]) == 1.35
+    assert measured.corun_factor("decode", ["prefill"]) == 1.1
+    assert measured.corun_factor("decode", ["prefill", "decode"]) == 1.35
+    assert measured.corun_factor("prefill", ["decode"]) == 1.3
+    unmeasured = ProfiledStepTimes(make_profile(corun=corun))
+    assert unmeasured.corun_factor("decode", ["decode"]) == 1.02
+    with pytest.raises(ValueError, match="decode_under_decode"):
+        ServingOverheads(decode_under_decode=-0.5)
+
+
 def test_json_round_trip(tmp_path: Path) -> None:
-    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5, 1.25),
+    profile = make_profile(serving=ServingOverheads(12.5, 30.0, 1.5, 1.25, 1.4),
                            corun={"prefill": {"decode": 1.25}, "decode": {"prefill": 1.5}})
     profile.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == profile
