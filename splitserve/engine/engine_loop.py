@@ -54,6 +54,9 @@ class LoadSnapshot:
     prefix_tier_hit_tokens: int = 0  # of those, loaded from the KV tier
     kv_tiers: Mapping[str, TierStats] = field(default_factory=dict)  # "host", "disk"
     step_model: StepTimeModel | None = None  # the engine's step times as fitted so far
+    # When it was taken (wall clock): a report of it says nothing of what came after, for
+    # as long as a step runs (the router counts what it sent since, router.worker_index).
+    taken_at: float = field(default_factory=time.time)
 
 
 class EngineLoop:

@@ -144,6 +144,9 @@ class WorkerRuntime:
             num_free_blocks=load.num_free_blocks,
             num_queued_tokens=load.num_queued_tokens,
             step_model=load.step_model,
+            # The engine's time, not the heartbeat's: during a long step the snapshot is
+            # older than the requests the router sent meanwhile, which it must keep counting.
+            updated_at=load.taken_at,
         )
 
     def num_pending(self) -> int:

@@ -138,6 +138,33 @@ def test_a_short_prompt_is_not_sent_behind_a_long_local_prefill(tiny_llama: Path
         d.stop()
 
 
+def test_a_load_report_is_dated_when_the_engine_took_it(tiny_llama: Path) -> None:
+    """While the engine thread is busy (a long step; here a command that sleeps), the
+    worker's heartbeats carry its last snapshot dated when it was taken, so the router keeps
+    counting the requests it sent since (router.worker_index.build_view)."""
+    d = start_deployment(str(tiny_llama), 0, 1, engine=ENGINE)
+    try:
+        worker = d.decode[0]
+        holding = threading.Event()
+
+        def hold(_engine: object) -> None:
+            holding.set()
+            time.sleep(0.6)
+
+        thread = threading.Thread(target=lambda: worker.loop.call(hold))
+        thread.start()
+        assert holding.wait(10)
+        held_from = time.time()
+        time.sleep(0.3)
+        stale = worker.load_report()
+        thread.join(10)
+        time.sleep(0.1)
+        fresh = worker.load_report()
+        assert stale.updated_at <= held_from < fresh.updated_at <= time.time()
+    finally:
+        d.stop()
+
+
 def test_over_capacity_is_resource_exhausted(tiny_llama: Path) -> None:
     d = start_deployment(str(tiny_llama), 1, 1, engine=ENGINE,
                          router={"max_inflight": 1, "max_queued": 0})
