@@ -130,6 +130,7 @@ async def admit_request(
             raise
         if admitted is not None:
             admission, call = admitted
+            state.directory.delivered(assignment)
             return Admitted(route, admission, call, num_blocks, assignment)
         state.directory.release(assignment)
     raise admit_error(failures, refusals)

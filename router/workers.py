@@ -271,6 +271,15 @@ class WorkerDirectory:
         self._reindex(worker_id)
         return assignment
 
+    def delivered(self, assignment: Assignment) -> None:
+        """`assignment`'s worker holds the work now (it answered for it): a load report it
+        takes from now on shows the work, one it took before may not. So the work counts
+        until a report newer than this moment arrives (build_view), however late the
+        worker's snapshot is, e.g. through a long prefill step."""
+        if assignment in self._pending.get(assignment.worker_id, []):
+            assignment.started_at = time.time()
+            self._reindex(assignment.worker_id)
+
     def release(self, assignment: Assignment | None) -> None:
         if assignment is None:
             return

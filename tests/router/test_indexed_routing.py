@@ -249,3 +249,33 @@ def test_a_worker_that_changes_role_moves_between_the_indexes() -> None:
         await directory.close()
 
     run(body())
+
+
+def test_work_counts_until_a_report_taken_after_the_worker_answered_for_it() -> None:
+    async def body() -> None:
+        store = InMemoryClusterStore()
+        store.register_worker(_info("d", WorkerRole.DECODE), ttl_s=60)
+        directory = WorkerDirectory(AsyncStore(store), MODEL, BS, refresh_s=0.0)
+        assignment = directory.assign("d", running=1, queued_tokens=900)
+        # A report the worker took after the router sent the request, before the request
+        # reached its engine (it is stepping): it does not show the request.
+        store.heartbeat("d", WorkerLoadReport(num_free_blocks=40, updated_at=time.time()),
+                        ttl_s=60)
+        view = (await directory.snapshot(force=True)).decode[0]
+        assert (view.num_running, view.num_queued_tokens) == (0, 0)
+        directory.delivered(assignment)  # the worker admitted it
+        view = (await directory.snapshot()).decode[0]
+        assert (view.num_running, view.num_queued_tokens) == (1, 900)
+        # Its next report is taken after that, and shows the request itself.
+        time.sleep(0.002)
+        store.heartbeat("d", WorkerLoadReport(num_running=1, num_queued_tokens=900,
+                                              num_free_blocks=40, updated_at=time.time()),
+                        ttl_s=60)
+        view = (await directory.snapshot(force=True)).decode[0]
+        assert (view.num_running, view.num_queued_tokens) == (1, 900)
+        directory.release(assignment)
+        directory.delivered(assignment)  # released: nothing to count any more
+        assert (await directory.snapshot()).decode[0].num_running == 1
+        await directory.close()
+
+    run(body())
