@@ -94,10 +94,10 @@ def _workload_args(ns: argparse.Namespace) -> list[str]:
 
 def _serve_lone(target: str, label: str, ns: argparse.Namespace,
                 between: Callable[[], float] | None) -> dict[str, Any]:
-    """--single-stream N requests, one `bench serve` run of one request each (seeds after
-    the rounds', seed+rounds, seed+rounds+1, ...: N prompts no server has cached, the same
-    for every server), `between()` measured after
-    each; one summary of them all, with the N measurements as "paired_step_ms"."""
+    """--single-stream N requests, one `bench serve` run of one request each, `between()`
+    measured after each; one summary of them all, with the N measurements as
+    "paired_step_ms". Their seeds follow the rounds' (seed+rounds, seed+rounds+1, ...):
+    N prompts no server has cached, the same for every server."""
     runs, steps = [], []
     for i in range(ns.single_stream):
         one = argparse.Namespace(**{**vars(ns), "concurrency": 1, "num_requests": 1,
@@ -108,19 +108,22 @@ def _serve_lone(target: str, label: str, ns: argparse.Namespace,
     return lone_summary(runs, steps)
 
 
+def _median_p50(runs: list[dict[str, Any]], metric: str) -> float | None:
+    """The median of the runs' p50s of `metric` (runs without one left out)."""
+    values = [run[metric]["p50"] for run in runs if (run.get(metric) or {}).get("p50")]
+    return statistics.median(values) if values else None
+
+
 def lone_summary(runs: list[dict[str, Any]], steps: list[float]) -> dict[str, Any]:
     """The one-request summaries `runs` as one: output tok/s over their summed durations,
     TTFT and TPOT p50 over the requests; with `steps` (one per run), "tpot_over_step": the
     median of each request's TPOT over the step measured right after it."""
-    def p50(metric: str) -> float | None:
-        values = [run[metric]["p50"] for run in runs if (run.get(metric) or {}).get("p50")]
-        return statistics.median(values) if values else None
-
     duration = sum(run["duration_s"] for run in runs)
     out: dict[str, Any] = {
         "output_throughput": (sum(run["total_output_tokens"] for run in runs) / duration
                               if duration > 0 else 0.0),
-        "ttft_ms": {"p50": p50("ttft_ms")}, "tpot_ms": {"p50": p50("tpot_ms")},
+        "ttft_ms": {"p50": _median_p50(runs, "ttft_ms")},
+        "tpot_ms": {"p50": _median_p50(runs, "tpot_ms")},
         "failed": sum(run["failed"] for run in runs),
         "connection_retries": sum(run.get("connection_retries", 0) for run in runs),
     }
@@ -195,12 +198,9 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Rounds of one server's workload run as one summary: the medians of output tok/s and
     of the TTFT and TPOT p50s, failures and connection retries summed, each round's tok/s
     in "rounds"."""
-    def p50(metric: str) -> float | None:
-        values = [run[metric]["p50"] for run in runs if (run.get(metric) or {}).get("p50")]
-        return statistics.median(values) if values else None
-
     return {"output_throughput": statistics.median(r["output_throughput"] for r in runs),
-            "ttft_ms": {"p50": p50("ttft_ms")}, "tpot_ms": {"p50": p50("tpot_ms")},
+            "ttft_ms": {"p50": _median_p50(runs, "ttft_ms")},
+            "tpot_ms": {"p50": _median_p50(runs, "tpot_ms")},
             "failed": sum(r["failed"] for r in runs),
             "connection_retries": sum(r.get("connection_retries", 0) for r in runs),
             "rounds": [r["output_throughput"] for r in runs]}
