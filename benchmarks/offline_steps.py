@@ -12,16 +12,13 @@ decode step or to prefill shows where it lands.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 from collections import defaultdict
 from typing import Any
 
 from splitserve.bench.offline import run_engine
-from splitserve.bench.workloads import WorkloadConfig, make_workload
-from splitserve.engine.config import EngineConfig
-from splitserve.engine.llm_engine import LLMEngine
+from splitserve.bench.peer import offline_engine, warm_up, workload_prompts
 
 
 def main() -> None:
@@ -34,14 +31,11 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
     ns = p.parse_args()
-    engine = LLMEngine(EngineConfig(model=ns.model, dtype=ns.dtype, num_threads=ns.threads,
-                                    num_kv_blocks=2048, max_num_seqs=ns.concurrency))
-    workload = WorkloadConfig(kind="fixed", seed=0, input_len=ns.input_len,
-                              output_len=ns.output_len)
-    prompts = [engine.tokenizer.encode(r.as_prompt(), add_special_tokens=True)
-               for r in itertools.islice(make_workload(workload), ns.num_requests)]
-    run_engine(engine, prompts[:2], 4)  # warm-up (first-call costs)
+    engine = offline_engine(ns.dtype, ns)
+    prompts = workload_prompts(engine, ns, seed=0)
+    warm_up(engine, prompts)
 
     steps: list[tuple[float, int, int]] = []  # seconds, prompt tokens, decode rows
     execute = engine.runner.execute

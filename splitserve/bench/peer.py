@@ -215,8 +215,9 @@ def paired_ratio(numerators: list[dict[str, Any]], denominators: list[dict[str, 
     return statistics.median(ratios) if ratios else None
 
 
-def _offline_engine(dtype: str, ns: argparse.Namespace) -> LLMEngine:
-    """The engine as the worker runs it."""
+def offline_engine(dtype: str, ns: argparse.Namespace) -> LLMEngine:
+    """The engine as the worker runs it (`ns`: model, threads, concurrency,
+    max_num_batched_tokens)."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
@@ -245,12 +246,20 @@ def step_meter(engine: LLMEngine, prompts: list[list[int]], output_len: int
     return lambda: decode_step_ms(engine, 1, context, steps=16)
 
 
+def warm_up(engine: LLMEngine, prompts: list[list[int]]) -> None:
+    """First-call costs paid on the second halves of two prompts: not prefixes of any, so
+    nothing of the workload lands in the prefix cache."""
+    from splitserve.bench.offline import run_engine
+
+    run_engine(engine, [p[len(p) // 2:] for p in prompts[:2]], 4)
+
+
 def run_offline(engine: LLMEngine, prompts: list[list[int]],
                 ns: argparse.Namespace) -> dict[str, Any]:
     """The engine alone on the workload's prompts, every one submitted at once."""
     from splitserve.bench.offline import run_engine
 
-    run_engine(engine, [p[len(p) // 2:] for p in prompts[:2]], 4)  # first-call costs
+    warm_up(engine, prompts)
     result = run_engine(engine, prompts, ns.output_len)
     return {"output_throughput": result.output_tokens / result.seconds,
             "completed": len(prompts), "failed": 0, "seconds": result.seconds,
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = stack.enter_context(splitserve_colocated(dtype, ns))
             # The offline engine is built before the rounds, so that its batch-1 step can be
             # timed beside each lone-stream request; idle (no thread of its own) meanwhile.
-            engine = None if ns.skip_offline else _offline_engine(dtype, ns)
+            engine = None if ns.skip_offline else offline_engine(dtype, ns)
             runs: dict[str, list[dict[str, Any]]] = {"peer": [], "ours": [], "offline": []}
             prompts: list[list[int]] = []
             for r in range(ns.rounds):  # each round: every server, one after the other
