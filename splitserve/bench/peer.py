@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--single-stream", type=int, default=0, metavar="N",
                     help="also N requests at concurrency 1 per server, against the engine's "
                          "batch-1 decode step (0: skip)")
+    ap.add_argument("--step-trace", metavar="DIR", default=None,
+                    help="every engine (the worker's, the offline one) records its steps "
+                         "under DIR/<precision> (SPLITSERVE_STEP_TRACE), and each round's "
+                         "steps are summarized: where the served time goes")
     ap.add_argument("--out", help="results JSON")
     return ap
 
@@ -136,11 +140,13 @@ def lone_summary(runs: list[dict[str, Any]], steps: list[float]) -> dict[str, An
 
 
 def _serve_once(target: str, label: str, ns: argparse.Namespace) -> dict[str, Any]:
+    """One `bench serve` run's summary, with its wall-clock "window" (start, end)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         argv = ["--target", target, "--label", label, *_workload_args(ns), "--out", str(out)]
+        started = time.time()
         serve_bench.main(argv)
-        return dict(json.loads(out.read_text())["summary"])
+        return {**json.loads(out.read_text())["summary"], "window": (started, time.time())}
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> None:
@@ -260,10 +266,65 @@ def run_offline(engine: LLMEngine, prompts: list[list[int]],
     from splitserve.bench.offline import run_engine
 
     warm_up(engine, prompts)
+    started = time.time()
     result = run_engine(engine, prompts, ns.output_len)
     return {"output_throughput": result.output_tokens / result.seconds,
             "completed": len(prompts), "failed": 0, "seconds": result.seconds,
-            "mean_input_tokens": sum(map(len, prompts)) / len(prompts)}
+            "mean_input_tokens": sum(map(len, prompts)) / len(prompts),
+            "window": (started, time.time())}
+
+
+@contextlib.contextmanager
+def step_traces(folder: Path | None) -> Iterator[None]:
+    """SPLITSERVE_STEP_TRACE=`folder` for the engines built in the block (this process's
+    and the processes it starts); nothing when `folder` is None."""
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("SPLITSERVE_STEP_TRACE")
+    os.environ["SPLITSERVE_STEP_TRACE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPLITSERVE_STEP_TRACE"]
+        else:
+            os.environ["SPLITSERVE_STEP_TRACE"] = before
+
+
+def round_steps(folder: Path, runs: dict[str, list[dict[str, Any]]]
+                ) -> dict[str, list[dict[str, Any] | None]]:
+    """Each round's step summary (engine.step_trace.summarize within the run's window) of
+    the served worker's engine ("ours") and of the offline engine (this process's)."""
+    from splitserve.engine.step_trace import read, summarize
+
+    mine = f"steps-{os.getpid()}-"
+    records: dict[str, list[dict[str, Any]]] = {"ours": [], "offline": []}
+    for path in sorted(folder.glob("steps-*.jsonl")):
+        records["offline" if path.name.startswith(mine) else "ours"] += read(path)
+    found: dict[str, list[dict[str, Any] | None]] = {}
+    for kind, recs in records.items():
+        recs.sort(key=lambda r: r["t"])
+        summaries = [summarize(recs, *run["window"]) for run in runs[kind]]
+        found[kind] = [s.as_dict() if s is not None else None for s in summaries]
+    return found
+
+
+def format_steps(name: str, summaries: list[dict[str, Any] | None]) -> str:
+    """One line per round: where the engine's wall time went."""
+    lines = []
+    for r, s in enumerate(summaries):
+        if s is None:
+            lines.append(f"{name} round {r}: no step recorded")
+            continue
+        lines.append(
+            f"{name} round {r}: {s['steps']} steps from the first to the last "
+            f"{s['wall_s']:.1f} s of the run's {s['window_s']:.1f} s, stepping "
+            f"{100 * s['stepping_share']:.0f}% of it; decode-only {s['decode_steps']} x "
+            f"{s['decode_step_ms']:.1f} ms at batch {s['decode_batch']:.1f}; with prompt "
+            f"tokens {s['prompt_steps']} x {s['prompt_step_ms']:.1f} ms "
+            f"({s['prompt_tokens_per_step']:.0f} tokens); gap {s['gap_ms']:.2f} ms")
+    return "\n".join(lines)
 
 
 def _row(name: str, summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -344,13 +405,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows: list[dict[str, Any]] = []
+    traced: list[tuple[str, list[dict[str, Any] | None]]] = []
     for precision in precisions:
         dtype, gguf_kind = PRECISIONS[precision]
         gguf = getattr(ns, f"gguf_{precision}")
         peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF"
         name = f"SplitServe colocated, {precision}" + (
             f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
+        trace_dir = Path(ns.step_trace) / precision if ns.step_trace else None
         with contextlib.ExitStack() as stack:
+            stack.enter_context(step_traces(trace_dir))
             peer = None
             if not ns.llama_server or not os.access(ns.llama_server, os.X_OK):
                 rows.append({**_row(peer_name, None), "why": "no --llama-server binary"})
@@ -383,10 +447,16 @@ def main(argv: list[str] | None = None) -> int:
                 lone["ours"] = _serve_lone(ours, "splitserve c=1", ns, between)
             del engine
         rows += _precision_rows(peer_name, name, precision, runs, lone)
+        if trace_dir is not None:
+            steps = round_steps(trace_dir, runs)
+            traced.append((name, steps["ours"]))
+            traced.append((f"SplitServe engine offline, {precision}", steps["offline"]))
     print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
           f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
           f"seed {ns.seed}, {ns.rounds} round(s)")
     print(format_table(rows))
+    for name, summaries in traced:
+        print(format_steps(name, summaries))
     for row in rows:
         if row.get("paired_step_ms"):
             steps = row["paired_step_ms"]
@@ -394,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(steps):.1f} ms median ({min(steps):.1f}-"
                   f"{max(steps):.1f}); the ratio is the median of the pairs")
     if ns.out:
-        Path(ns.out).write_text(json.dumps({"argv": argv, "rows": rows}, indent=2))
+        Path(ns.out).write_text(json.dumps({"argv": argv, "rows": rows,
+                                            "step_summaries": dict(traced)}, indent=2))
         print(f"results: {ns.out}", file=sys.stderr)
     return 0

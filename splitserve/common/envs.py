@@ -141,6 +141,12 @@ _VARS: tuple[EnvVar[Any], ...] = (
         lambda: 900,
         "Longest wait, in seconds, for another process building the C++ kernels.",
     ),
+    EnvVar(
+        "SPLITSERVE_STEP_TRACE",
+        parse_path,
+        lambda: None,
+        "Folder where each engine appends one JSON line per step (engine.step_trace); unset: none.",
+    ),
 )
 
 REGISTRY: dict[str, EnvVar[Any]] = {var.name: var for var in _VARS}
@@ -186,6 +192,10 @@ def tls_dir(given: str | None = None) -> str | None:
     """The folder of this process's TLS files: `given` if set, else SPLITSERVE_TLS_DIR; None
     when neither is (plaintext gRPC)."""
     return given or get("SPLITSERVE_TLS_DIR") or None
+
+
+def step_trace_dir() -> Path | None:
+    return get("SPLITSERVE_STEP_TRACE")  # type: ignore[no-any-return]
 
 
 def log_level() -> str:

@@ -25,6 +25,7 @@ import torch
 from splitserve.common.outputs import StepOutput, TokenLogprobs
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.common.step_time import StepTimeFit
+from splitserve.engine import step_trace
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.grammar import GrammarCompiler, StepMasks
@@ -89,6 +90,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size)
         # Step times by what the step held: the worker publishes the fit (routing).
         self.step_times = StepTimeFit(self.config.max_num_batched_tokens)
+        self.step_trace = step_trace.from_env()  # SPLITSERVE_STEP_TRACE: a line per step
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         # Set by a prefill worker: builds the per-layer hook for a step (streams KV out).
         self.layer_hook_builder: Callable[[SchedulerOutput], LayerHook | None] | None = None
@@ -299,10 +301,13 @@ class LLMEngine:
             hook = _then(hook, self.between_layers)
         masks = self._start_masks(plan)
         prompt_tokens = sum(item.num_tokens for item in plan.scheduled if item.seq.is_prefilling)
-        started = time.perf_counter()
+        wall_start, started = time.time(), time.perf_counter()
         sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook, masks)
-        self.step_times.observe(time.perf_counter() - started, len(plan.scheduled),
-                                prompt_tokens)
+        seconds = time.perf_counter() - started
+        self.step_times.observe(seconds, len(plan.scheduled), prompt_tokens)
+        if self.step_trace is not None:
+            self.step_trace.record(wall_start, seconds, len(plan.scheduled), prompt_tokens,
+                                   sum(not item.seq.is_prefilling for item in plan.scheduled))
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
             if item.seq.first_scheduled_time is None:

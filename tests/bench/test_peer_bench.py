@@ -6,6 +6,7 @@ and decode worker processes, then the engine in process) with the served/offline
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     rc = bench_main(["peer", "--model", str(tiny_llama), "--precisions", "fp32",
                      "--threads", "1", "--input-len", "8", "--output-len", "6",
                      "--concurrency", "2", "--num-requests", "4", "--single-stream", "2",
-                     "--rounds", "2",
+                     "--rounds", "2", "--step-trace", str(tmp_path / "steps"),
                      "--llama-server", str(tmp_path / "absent"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -43,6 +44,20 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     assert "skipped: no --llama-server binary" in printed
     assert "batch-1 decode step after each request" in printed
     assert f"served/offline {served['ratios']['served/offline']:.2f}x" in printed
+    # --step-trace: each round's steps, of the worker's engine and of the offline one, from
+    # traces the engines wrote (the worker: a process of its own) under steps/fp32.
+    assert len(list((tmp_path / "steps" / "fp32").glob("steps-*.jsonl"))) == 2
+    assert "SPLITSERVE_STEP_TRACE" not in os.environ
+    traced = json.loads(out.read_text())["step_summaries"]
+    for name in ("SplitServe colocated, fp32", "SplitServe engine offline, fp32"):
+        assert len(traced[name]) == 2
+        for r, summary in enumerate(traced[name]):
+            # 4 requests of 6 tokens, 2 at a time: each samples its first token in a prompt
+            # step and 5 by decoding, at most one of them beside another's prompt tokens.
+            decoded_alone = summary["decode_steps"] * summary["decode_batch"]
+            assert summary["prompt_steps"] >= 2 and 16 - 1e-6 <= decoded_alone <= 20 + 1e-6
+            assert 0 < summary["stepping_share"] <= 1.0
+            assert f"{name} round {r}: {summary['steps']} steps" in printed
 
 
 def _one_request(duration_s: float, output_tokens: int, ttft_ms: float, tpot_ms: float,
