@@ -65,17 +65,40 @@ class Assignment:
 def build_view(info: WorkerInfo, load: WorkerLoadReport | None,
                pending: list[Assignment]) -> WorkerView:
     """The worker as last reported, plus the work sent to it since."""
+    return view_with(info, load, PendingWork(load, pending))
+
+
+class PendingWork:
+    """The work of a worker's pending assignments that its load report `load` does not show
+    yet (those started at or after the report's time), summed; kept up to date with
+    add() as assignments come, go or change their start, so that a view costs O(1) however
+    many requests the router has sent the worker since its report."""
+
+    __slots__ = ("load", "_since", "running", "blocks", "queued_tokens")
+
+    def __init__(self, load: WorkerLoadReport | None, pending: list[Assignment]) -> None:
+        self.load = load
+        self._since = float("-inf") if load is None else load.updated_at
+        self.running = self.blocks = self.queued_tokens = 0
+        for a in pending:
+            self.add(a, 1)
+
+    def add(self, assignment: Assignment, sign: int) -> None:
+        """Count (sign 1) or stop counting (-1) `assignment`, if the report does not show it."""
+        if assignment.started_at >= self._since:  # not in the report yet
+            self.running += sign * assignment.running
+            self.blocks += sign * assignment.blocks
+            self.queued_tokens += sign * assignment.queued_tokens
+
+
+def view_with(info: WorkerInfo, load: WorkerLoadReport | None, work: PendingWork) -> WorkerView:
+    """The worker's view: its report `load` plus `work` (made for that report)."""
     if load is None:  # never reported: an idle worker with an empty cache
         load = WorkerLoadReport(num_free_blocks=info.num_total_blocks, updated_at=float("-inf"))
-    running, blocks, queued_tokens = load.num_running, 0, load.num_queued_tokens
-    for a in pending:
-        if a.started_at >= load.updated_at:  # not in the report yet
-            running += a.running
-            blocks += a.blocks
-            queued_tokens += a.queued_tokens
-    return WorkerView(info.worker_id, info.address, info.kv_endpoint, load.num_waiting, running,
-                      max(0, load.num_free_blocks - blocks), info.num_total_blocks,
-                      queued_tokens, load.step_model)
+    return WorkerView(info.worker_id, info.address, info.kv_endpoint, load.num_waiting,
+                      load.num_running + work.running,
+                      max(0, load.num_free_blocks - work.blocks), info.num_total_blocks,
+                      load.num_queued_tokens + work.queued_tokens, load.step_model)
 
 
 def reference_views(live: list[LiveWorker], pending: Mapping[str, list[Assignment]],

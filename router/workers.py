@@ -46,11 +46,12 @@ from splitserve.router.policy import WorkerView
 from splitserve.router.worker_index import (
     Assignment,
     ClusterSnapshot,
+    PendingWork,
     RoleIndex,
-    build_view,
     decode_index,
     prefill_index,
     reference_views,
+    view_with,
 )
 from splitserve.v1 import worker_pb2_grpc
 
@@ -95,6 +96,7 @@ class WorkerDirectory:
         self._refreshing: asyncio.Task[None] | None = None
         self.store_error: str | None = None  # why the last read failed; None: it worked
         self._pending: dict[str, list[Assignment]] = {}
+        self._work: dict[str, PendingWork] = {}  # worker_id -> its pending work, summed
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._last_seen: dict[str, float] = {}  # address -> monotonic time it was last live
         self._started_at: dict[str, float] = {}  # address -> its live worker's started_at
@@ -215,6 +217,7 @@ class WorkerDirectory:
         for wid in [wid for wid in self._known if wid not in seen]:
             del self._known[wid]
             self._homes.pop(wid, None)
+            self._work.pop(wid, None)
             self._ignored.discard(wid)
             self._decode.remove(wid)
             self._prefill.remove(wid)
@@ -241,7 +244,11 @@ class WorkerDirectory:
         homes = self._homes.get(worker_id)
         if homes:
             info, load = self._known[worker_id]
-            view = build_view(info, load, self._pending.get(worker_id, []))
+            work = self._work.get(worker_id)
+            if work is None or work.load is not load:  # a new report: sum its work afresh
+                work = self._work[worker_id] = PendingWork(load,
+                                                           self._pending.get(worker_id, []))
+            view = view_with(info, load, work)
             for index in homes:
                 index.put(view)
 
@@ -268,16 +275,26 @@ class WorkerDirectory:
     ) -> Assignment:
         assignment = Assignment(worker_id, running, blocks, queued_tokens)
         self._pending.setdefault(worker_id, []).append(assignment)
+        self._count(assignment, 1)
         self._reindex(worker_id)
         return assignment
+
+    def _count(self, assignment: Assignment, sign: int) -> None:
+        """Add `assignment` to its worker's summed pending work, or take it out (-1).
+        (Sums made for an older report are summed afresh by _reindex.)"""
+        work = self._work.get(assignment.worker_id)
+        if work is not None:
+            work.add(assignment, sign)
 
     def delivered(self, assignment: Assignment) -> None:
         """`assignment`'s worker holds the work now (it answered for it): a load report it
         takes from now on shows the work, one it took before may not. So the work counts
-        until a report newer than this moment arrives (build_view), however late the
+        until a report newer than this moment arrives (PendingWork), however late the
         worker's snapshot is, e.g. through a long prefill step."""
         if assignment in self._pending.get(assignment.worker_id, []):
+            self._count(assignment, -1)
             assignment.started_at = time.time()
+            self._count(assignment, 1)
             self._reindex(assignment.worker_id)
 
     def release(self, assignment: Assignment | None) -> None:
@@ -287,6 +304,7 @@ class WorkerDirectory:
         if assignment not in pending:
             return
         pending.remove(assignment)
+        self._count(assignment, -1)
         if not pending:
             self._pending.pop(assignment.worker_id, None)
         self._reindex(assignment.worker_id)

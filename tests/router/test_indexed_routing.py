@@ -127,8 +127,10 @@ async def _compare(seed: int, num_workers: int, rounds: int, with_models: bool,
                 _register(store, rng, rng.randrange(next_id), roles)  # again, maybe another role
         snapshot = await directory.snapshot(force=True)
         ids = [info.worker_id for info, _ in store.live_workers()]
-        for _ in range(rng.randrange(6)):  # work sent and finished between reads
-            if held and rng.random() < 0.4:
+        for _ in range(rng.randrange(6)):  # work sent, answered for, finished between reads
+            if held and rng.random() < 0.2:  # counted from now on (its start moves later)
+                directory.delivered(rng.choice(held))
+            elif held and rng.random() < 0.4:
                 directory.release(held.pop(rng.randrange(len(held))))
             elif ids:
                 held.append(directory.assign(rng.choice(ids), running=rng.randrange(2),
@@ -196,6 +198,50 @@ def test_decode_only_clusters_pick_as_the_reference(seed: int) -> None:
 @pytest.mark.parametrize("with_models", [True, False])
 def test_a_thousand_workers_pick_as_the_reference(with_models: bool) -> None:
     run(_compare(7, num_workers=1000, rounds=6, with_models=with_models))
+
+
+async def _latency_decisions_under_changing_work(seed: int) -> None:
+    """Latency decisions for prompts of one length, each followed by work sent to the
+    prefill worker it picked (or finished), each compared with the reference's."""
+    rng = random.Random(seed)
+    store = InMemoryClusterStore(clock=FakeClock())
+    for i in range(40):
+        role = WorkerRole.PREFILL if i < 24 else rng.choice((WorkerRole.DECODE, WorkerRole.BOTH))
+        store.register_worker(WorkerInfo(f"w{i:04d}", role, f"10.0.0.{i}:1", MODEL, BS, 40),
+                              ttl_s=60)
+        model = StepTimeModel(base_ms=rng.choice((2.0, 2.5)), per_seq_ms=0.5,
+                              per_prompt_token_ms=rng.choice((0.01, 0.1)),
+                              token_budget=rng.choice((64, 512)))
+        store.heartbeat(f"w{i:04d}", WorkerLoadReport(
+            num_running=rng.randrange(4), num_free_blocks=40, step_model=model,
+            num_queued_tokens=rng.randrange(4) * 128), ttl_s=60)
+    directory = WorkerDirectory(AsyncStore(store), MODEL, BS, refresh_s=3600.0)
+    snapshot = await directory.snapshot(force=True)
+    held: list[Assignment] = []
+    changed = 0
+    for _ in range(60):
+        decode, prefill = _reference(store, directory._pending, directory.ejected())
+        ranked = snapshot.rank_decode(1, 3)
+        overlap = _overlap(rng, [w.worker_id for w in prefill])
+        got = best_routes_from(ranked, snapshot.prefill_candidates(), 100, overlap, BS)
+        want = best_routes(ranked, prefill, 100, overlap, BS)
+        assert got is not None and got == want
+        picked = [p.route.prefill.worker_id for p in got if p.route.prefill is not None]
+        if held and rng.random() < 0.3:
+            directory.release(held.pop(rng.randrange(len(held))))
+        elif picked:  # the next decision must see this worker's new queue
+            held.append(directory.assign(picked[0], queued_tokens=rng.randrange(1, 5) * 300))
+            changed += 1
+    assert changed > 20
+    await directory.close()
+
+
+def test_latency_decisions_follow_the_work_sent_between_them() -> None:
+    """The index's latency table follows each worker's queue from one decision to the next
+    (RoleIndex.put rewrites the worker's row), as the reference's views rebuilt per
+    request do."""
+    for seed in range(3):
+        run(_latency_decisions_under_changing_work(seed))
 
 
 def _info(wid: str, role: WorkerRole) -> WorkerInfo:
