@@ -11,6 +11,7 @@ from splitserve.common.convert.common import (
     logprobs_to_proto,
     sampling_from_proto,
 )
+from splitserve.common.grpc_util import PREFILL_ADMITTED
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 list(request.decode_block_ids), layout,
                 timeout_s=context.time_remaining(), num_sampled=request.num_sampled,
                 dst_endpoint=request.decode_kv_endpoint, priority=request.priority,
+                on_admitted=lambda: context.send_initial_metadata((PREFILL_ADMITTED,)),
             )
         except PrefillError as exc:
             context.abort(exc.code, str(exc))

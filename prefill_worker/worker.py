@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -118,6 +119,7 @@ class PrefillWorker(WorkerRuntime):
         num_sampled: int = 0,  # the prompt ends with this much of the request's own output
         dst_endpoint: str | None = None,
         priority: int = 0,  # scheduling class, lower first
+        on_admitted: Callable[[], None] | None = None,  # called once the prompt is queued
     ) -> PrefillResult:
         if self.draining.is_set():
             raise PrefillError(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is draining")
@@ -141,6 +143,8 @@ class PrefillWorker(WorkerRuntime):
                                                priority))
         except ValueError as exc:
             raise PrefillError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if on_admitted is not None:  # every load snapshot from now on shows the prompt
+            on_admitted()
         if not timeout_s or timeout_s > _NO_DEADLINE_S:
             # No deadline: gRPC's time_remaining() is then ~1e18 s, too long for a wait.
             timeout_s = self.options.kv_timeout_s * 2

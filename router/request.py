@@ -50,7 +50,7 @@ from grpc_health.v1 import health_pb2
 
 from splitserve.cluster.store import RequestPhase
 from splitserve.common.convert.common import FINISH_REASONS, sampling_to_proto
-from splitserve.common.grpc_util import ServiceError
+from splitserve.common.grpc_util import PREFILL_ADMITTED, ServiceError
 from splitserve.common.outputs import is_prefill_kv_failure
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router.cluster_io import RequestLedger
@@ -171,7 +171,7 @@ class RequestRun:
         self._admit_call: grpc.aio.UnaryStreamCall | None = None
         self._decode_done = False  # D ended the Admit stream by itself
         self._decode_watch: _SilenceWatch | None = None  # D's Admit stream, while relayed
-        self._prefill_call: grpc.aio.UnaryUnaryCall | None = None  # in flight on P
+        self._prefill_call: grpc.aio.UnaryStreamCall | None = None  # in flight on P
         self._assignments: list[Assignment] = []
         self._num_chunks = 0
         self._final_sent = False
@@ -349,13 +349,13 @@ class RequestRun:
             prefill_worker_id=prefill.worker_id,
             num_prefill_blocks=blocks_needed(req.prompt_len, state.rules.block_size),
         )
-        stub = state.directory.prefill_stub(prefill)
-        self._prefill_call = stub.Prefill(
-            request, timeout=_min_timeout(self._remaining(), state.prefill_timeout_s)
-        )
+        self._prefill_call = state.directory.prefill_call(
+            prefill, request, _min_timeout(self._remaining(), state.prefill_timeout_s))
+        admitted = asyncio.ensure_future(
+            _when_admitted(self._prefill_call, state.directory, queued))
         try:
-            response = await _watched(self._prefill_call, "prefill", prefill,
-                                      self._prober(prefill), state.directory)
+            response = await _watched(_only_answer(self._prefill_call, prefill), "prefill",
+                                      prefill, self._prober(prefill), state.directory)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             message = (f"prefill on worker {prefill.worker_id} failed: "
@@ -370,6 +370,7 @@ class RequestRun:
                 raise WorkerLost("decode", self._route.decode, message, code) from exc
             raise WorkerLost("prefill", prefill, message, code) from exc
         finally:
+            admitted.cancel()
             state.directory.release(queued)
         self._prefill_call = None
         state.directory.succeeded(prefill)
@@ -610,6 +611,36 @@ class RequestRun:
         self._assignments.clear()
         self._route, self._admit_call, self._prefill_call = None, None, None
         self._decode_done = False
+
+
+async def _only_answer(call: grpc.aio.UnaryStreamCall, worker: WorkerView
+                       ) -> worker_pb2.PrefillResponse:
+    """The one answer of a Prefill call (WorkerDirectory.prefill_call); a failed call
+    raises its AioRpcError, as a unary call's await does. Cancelled: the call too."""
+    try:
+        response = await call.read()
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    if response is grpc.aio.EOF:  # ended with OK but no answer: not a prefill worker's way
+        raise ServiceError(grpc.StatusCode.INTERNAL,
+                           f"prefill worker {worker.worker_id} ended the call without an answer")
+    assert isinstance(response, worker_pb2.PrefillResponse)
+    return response
+
+
+async def _when_admitted(call: grpc.aio.UnaryStreamCall, directory: WorkerDirectory,
+                         assignment: Assignment) -> None:
+    """The prefill worker queued the prompt (its initial metadata says so, before its
+    answer): a load report it takes from now on shows the prompt, one taken before may
+    not, so the router counts the prompt until a newer one (WorkerDirectory.delivered)."""
+    try:
+        metadata = await call.initial_metadata()
+    except (grpc.aio.AioRpcError, grpc.RpcError):  # the call failed: its error is handled
+        return
+    key, value = PREFILL_ADMITTED
+    if metadata is not None and value in metadata.get_all(key):
+        directory.delivered(assignment)
 
 
 async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,

@@ -53,9 +53,12 @@ from splitserve.router.worker_index import (
     reference_views,
     view_with,
 )
-from splitserve.v1 import worker_pb2_grpc
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 __all__ = ["Assignment", "ClusterSnapshot", "WorkerDirectory"]
+
+_PREFILL_METHOD = (f"/{worker_pb2.DESCRIPTOR.services_by_name['PrefillWorker'].full_name}"
+                   "/Prefill")
 
 log = logging.getLogger(__name__)
 # A worker whose connection failed (restarted at the same address, unreachable for a while)
@@ -325,6 +328,17 @@ class WorkerDirectory:
 
     def prefill_stub(self, worker: WorkerView) -> worker_pb2_grpc.PrefillWorkerStub:
         return worker_pb2_grpc.PrefillWorkerStub(self._channel(worker.address))
+
+    def prefill_call(self, worker: WorkerView, request: worker_pb2.PrefillRequest,
+                     timeout: float | None) -> grpc.aio.UnaryStreamCall:
+        """P.Prefill, called as a server stream of its one answer. The wire is the same as a
+        unary call's, but the call's initial metadata (grpc_util.PREFILL_ADMITTED: the
+        prompt is queued) arrives as soon as P sends it; a unary call receives it only with
+        the answer."""
+        method = self._channel(worker.address).unary_stream(
+            _PREFILL_METHOD, request_serializer=worker_pb2.PrefillRequest.SerializeToString,
+            response_deserializer=worker_pb2.PrefillResponse.FromString)
+        return method(request, timeout=timeout)
 
     def health_stub(self, worker: WorkerView) -> health_pb2_grpc.HealthStub:
         return health_pb2_grpc.HealthStub(self._channel(worker.address))

@@ -52,6 +52,12 @@ class ServiceError(Exception):
         return f"ServiceError({self.code.name}, {self.message!r})"
 
 
+# Initial metadata a prefill worker sends once the prompt is in its engine's queue, long
+# before its answer: the router counts the prompt on that worker until a load report taken
+# after this moment (router.workers.WorkerDirectory.delivered).
+PREFILL_ADMITTED = ("splitserve-admitted", "1")
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a handler's exception maps to."""
     if isinstance(exc, ServiceError):

@@ -165,6 +165,54 @@ def test_a_load_report_is_dated_when_the_engine_took_it(tiny_llama: Path) -> Non
         d.stop()
 
 
+def test_a_remote_prefill_counts_from_when_the_prefill_worker_queued_it(
+        tiny_llama: Path) -> None:
+    """The router counts a prompt sent to a prefill worker until a load report that worker
+    took after it queued the prompt, not merely after the router sent it: the worker says
+    so in the Prefill call's initial metadata (grpc_util.PREFILL_ADMITTED). Here the prefill
+    worker's engine thread is held when the prompt arrives, so it queues the prompt
+    only once the hold ends; the router's count for it must start no earlier."""
+    d = start_deployment(str(tiny_llama), 1, 1,
+                         engine={**ENGINE, "max_num_batched_tokens": 4},
+                         router={"local_prefill_threshold": 1})
+    try:
+        prefill = d.prefill[0]
+        state = d.router._router._state
+        assert state is not None
+        holding, released_at = threading.Event(), []
+
+        def hold(_engine: object) -> None:
+            holding.set()
+            time.sleep(0.5)
+            released_at.append(time.time())
+
+        holder = threading.Thread(target=lambda: prefill.loop.call(hold))
+        holder.start()
+        assert holding.wait(10)
+        done: list[list[int]] = []
+        long_prompt = [random.Random(3).randrange(100, 40000) for _ in range(1500)]
+        with Client(d.address, timeout=60) as client:
+            thread = threading.Thread(target=lambda: done.append(client.generate(
+                long_prompt, max_tokens=2, temperature=0.0, ignore_eos=True).token_ids))
+            thread.start()
+            holder.join(10)
+            counted_from = None
+            deadline = time.monotonic() + 30
+            while counted_from is None or counted_from < released_at[0]:
+                assert time.monotonic() < deadline and thread.is_alive(), (
+                    f"never counted from the moment it was queued ({counted_from} < "
+                    f"{released_at})")
+                pending = list(state.directory._pending.get("prefill-0", []))
+                counted_from = max((a.started_at for a in pending), default=None)
+                time.sleep(0.002)
+            thread.join(60)
+        assert len(done) == 1 and len(done[0]) == 2
+        state_after = d.wait_all_blocks_free()
+        assert all(free == total for free, total in state_after.values()), state_after
+    finally:
+        d.stop()
+
+
 def test_over_capacity_is_resource_exhausted(tiny_llama: Path) -> None:
     d = start_deployment(str(tiny_llama), 1, 1, engine=ENGINE,
                          router={"max_inflight": 1, "max_queued": 0})
