@@ -636,7 +636,7 @@ async def _when_admitted(call: grpc.aio.UnaryStreamCall, directory: WorkerDirect
     not, so the router counts the prompt until a newer one (WorkerDirectory.delivered)."""
     try:
         metadata = await call.initial_metadata()
-    except (grpc.aio.AioRpcError, grpc.RpcError):  # the call failed: its error is handled
+    except grpc.RpcError:  # the call failed: its error is handled where it is awaited
         return
     key, value = PREFILL_ADMITTED
     if metadata is not None and value in metadata.get_all(key):

@@ -301,13 +301,15 @@ class LLMEngine:
             hook = _then(hook, self.between_layers)
         masks = self._start_masks(plan)
         prompt_tokens = sum(item.num_tokens for item in plan.scheduled if item.seq.is_prefilling)
-        wall_start, started = time.time(), time.perf_counter()
+        trace = self.step_trace
+        wall_start = time.time() if trace is not None else 0.0
+        started = time.perf_counter()
         sampled, result = self.runner.execute(plan.scheduled, self._generator_of, hook, masks)
         seconds = time.perf_counter() - started
         self.step_times.observe(seconds, len(plan.scheduled), prompt_tokens)
-        if self.step_trace is not None:
-            self.step_trace.record(wall_start, seconds, len(plan.scheduled), prompt_tokens,
-                                   sum(not item.seq.is_prefilling for item in plan.scheduled))
+        if trace is not None:
+            trace.record(wall_start, seconds, len(plan.scheduled), prompt_tokens,
+                         sum(not item.seq.is_prefilling for item in plan.scheduled))
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
             if item.seq.first_scheduled_time is None:
