@@ -31,26 +31,14 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels import kv_ops
-from splitserve.kernels.kv_quant import is_quantized
+from splitserve.kernels.kv_quant import HALF_CACHE_DTYPES, is_quantized
 
 __all__ = ["rotary_store_kv_", "silu_and_mul", "rms_norm", "add_rms_norm_"]
 
-# ROUND constexpr: how an fp32 result is rounded to the model's dtype.
-_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# ROUND constexpr: how an fp32 result is rounded to the model's dtype (kv_ops.round_to).
+_ROUND = kv_ops.ROUND_CODES
 _MAX_NORM_BLOCK = 1 << 16  # RMSNorm keeps a whole row in one tile
-
-
-@triton.jit
-def _round(x, ROUND: tl.constexpr):
-    """fp32 -> the fp32 value of x rounded to the dtype (0 fp32, 1 bf16, 2 fp16)."""
-    if ROUND == 1:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    elif ROUND == 2:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
+_round = kv_ops.round_to
 
 
 @triton.jit
@@ -62,6 +50,7 @@ def _rotary_store_kv_kernel(
     NUM_ROWS: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, STORE: tl.constexpr, ROUND: tl.constexpr,
+    CACHE_ROUND: tl.constexpr,
 ):
     # A row is one head of one token: rows t * NUM_ROWS + h, h over qkv's q | k | v heads
     # (without STORE only the q and k heads); program a takes rows [a * BLOCK_R, ...). Each
@@ -104,10 +93,14 @@ def _rotary_store_kv_kernel(
         v_row = block * stride_vcb + offset * stride_vcs + v_head * stride_vch
         k_dst = kc_ptr + k_row[:, None] + j[None, :]
         v_dst = vc_ptr + v_row[:, None] + j[None, :]
-        tl.store(k_dst, o1.to(dtype), mask=is_k)
-        tl.store(k_dst + HALF, o2.to(dtype), mask=is_k)
-        tl.store(v_dst, o1.to(dtype), mask=is_v)
-        tl.store(v_dst + HALF, o2.to(dtype), mask=is_v)
+        # o1, o2 hold values of qkv's dtype: a bf16 / fp16 cache under a wider qkv rounds
+        # them once more (CACHE_ROUND), as Tensor.to does in the reference store.
+        cache_dtype = kc_ptr.dtype.element_ty
+        c1, c2 = _round(o1, CACHE_ROUND).to(cache_dtype), _round(o2, CACHE_ROUND).to(cache_dtype)
+        tl.store(k_dst, c1, mask=is_k)
+        tl.store(k_dst + HALF, c2, mask=is_k)
+        tl.store(v_dst, c1, mask=is_v)
+        tl.store(v_dst + HALF, c2, mask=is_v)
 
 
 @triton.jit
@@ -192,7 +185,7 @@ def rotary_store_kv_(
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert k_cache.dtype == v_cache.dtype and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     quantized = is_quantized(k_cache)
-    assert quantized or k_cache.dtype == qkv.dtype, (k_cache.dtype, qkv.dtype)
+    assert quantized or k_cache.dtype in (qkv.dtype, *HALF_CACHE_DTYPES), (k_cache.dtype, qkv.dtype)
     assert slot_mapping.shape == (num_tokens,), (slot_mapping.shape, num_tokens)
     assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
     assert qkv.device == cos.device == sin.device == k_cache.device == slot_mapping.device
@@ -210,7 +203,7 @@ def rotary_store_kv_(
         NUM_ROWS=num_rows, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_R=block_r,
         BLOCK_SIZE=k_cache.shape[1], STORE=not quantized, ROUND=_ROUND[qkv.dtype],
-        enable_fp_fusion=False,
+        CACHE_ROUND=kv_ops.cache_round(qkv.dtype, k_cache.dtype), enable_fp_fusion=False,
     )
     if quantized:  # the rotated k and v heads, as views of qkv
         k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)

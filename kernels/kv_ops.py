@@ -10,7 +10,8 @@ Every program moves one token's [num_kv_heads, head_dim] tile of K and of V, add
 cache through its strides, so caches that are views of a larger pool work unchanged. An
 int8 or fp8 cache (kernels.kv_quant: rows of head_dim int8 values or e4m3 codes, stored as
 uint8, and an fp16 scale) is quantized by the store; pack/unpack copy its rows, scales
-included, as bytes. The e4m3 codes are computed arithmetically (exact round-to-nearest-even,
+included, as bytes; a bf16 or fp16 cache under wider K/V gets them rounded to nearest even
+(round_to). The e4m3 codes are computed arithmetically (exact round-to-nearest-even,
 as torch's conversion): the Triton interpreter's fp32 -> float8e4nv cast rounds wrongly
 where the mantissa carries into the next exponent (124.2 -> 64, not 128).
 References: `kernels.reference.store_kv / pack_kv / unpack_kv`.
@@ -28,7 +29,33 @@ from splitserve.kernels.kv_quant import hadamard_matrix, kernel_codec, rotates, 
 _FP8_MAX = tl.constexpr(kv_quant.FP8_MAX)
 _FP8_ROW_LIMIT = tl.constexpr(kv_quant.FP8_ROW_LIMIT)
 
-__all__ = ["store_kv", "pack_kv", "unpack_kv"]
+__all__ = ["ROUND_CODES", "cache_round", "pack_kv", "round_to", "store_kv", "unpack_kv"]
+
+# How an fp32 value is rounded to a dtype (round_to's ROUND): 0 fp32 (not at all), 1 bf16,
+# 2 fp16.
+ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def round_to(x, ROUND: tl.constexpr):
+    """fp32 -> the fp32 value of x rounded to nearest even in the dtype (ROUND_CODES).
+    bf16 by its bits: the Triton interpreter's fp32 -> bf16 cast truncates."""
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif ROUND == 2:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+def cache_round(dtype: torch.dtype, cache_dtype: torch.dtype) -> int:
+    """The ROUND code for values of `dtype` stored into a float cache of `cache_dtype`: 0
+    where the cast is exact (same dtype, or a quantized cache: its own codec)."""
+    if cache_dtype == dtype or cache_dtype not in ROUND_CODES:
+        return 0
+    return ROUND_CODES[cache_dtype]
 
 
 @triton.jit
@@ -39,6 +66,7 @@ def _store_kv_kernel(
     stride_vcb, stride_vcs, stride_vch,
     BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CODEC: tl.constexpr, ROTATE: tl.constexpr,
+    CACHE_ROUND: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -68,6 +96,9 @@ def _store_kv_kernel(
         h_ok = h < NUM_HEADS
         tl.store(kcs_ptr + (k_row + HEAD_DIM) // 2, k_scale, mask=h_ok)
         tl.store(vcs_ptr + (v_row + HEAD_DIM) // 2, v_scale, mask=h_ok)
+    elif CACHE_ROUND != 0:  # a bf16 / fp16 cache under wider (or other half) K/V
+        k = round_to(k.to(tl.float32), CACHE_ROUND)
+        v = round_to(v.to(tl.float32), CACHE_ROUND)
     tl.store(kc_ptr + k_row[:, None] + d[None, :], k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + v_row[:, None] + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=mask)
 
@@ -192,7 +223,8 @@ def store_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], CODEC=codec, ROTATE=rotate, **meta,
+        BLOCK_SIZE=k_cache.shape[1], CODEC=codec, ROTATE=rotate,
+        CACHE_ROUND=cache_round(k.dtype, k_cache.dtype), **meta,
     )
 
 

@@ -46,6 +46,9 @@ FP8_MAX = 448.0  # e4m3fn's largest finite value
 # The largest |y| an fp8 row holds: FP8_MAX times fp16's largest scale (exact in fp32).
 FP8_ROW_LIMIT = FP8_MAX * 65504.0
 
+# Float caches that may differ from the model's dtype (--kv-cache-dtype bfloat16 /
+# float16): K/V rounded to them as they are stored, read back exactly; no scales.
+HALF_CACHE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 # --kv-cache-dtype name -> the pool's storage dtype.
 STORAGE_DTYPES: dict[str, torch.dtype] = {"int8": torch.int8, "fp8": torch.uint8}
 _CODECS = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
@@ -55,8 +58,8 @@ _CODECS = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 # mean |dlogprob| 0.036 vs 0.037 (benchmarks/kv_quant.py --fp8-rotation-study).
 ROTATED: dict[str, bool] = {"int8": True, "fp8": True}
 
-__all__ = ["FP8_MAX", "SCALE_BYTES", "STORAGE_DTYPES", "check_device", "codec_of", "dequantize_rows",
-           "e4m3_bits", "e4m3_values", "hadamard", "hadamard_matrix", "is_quantized",
+__all__ = ["FP8_MAX", "HALF_CACHE_DTYPES", "SCALE_BYTES", "STORAGE_DTYPES", "check_device",
+           "codec_of", "dequantize_rows", "e4m3_bits", "e4m3_values", "hadamard", "hadamard_matrix", "is_quantized",
            "kernel_codec", "quantize_rows", "rotates", "row_width"]
 
 

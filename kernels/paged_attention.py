@@ -34,7 +34,13 @@ from splitserve.kernels.attention_plan import (
     choose_block_n,
     choose_num_splits,
 )
-from splitserve.kernels.kv_quant import hadamard_matrix, kernel_codec, rotates, row_width
+from splitserve.kernels.kv_quant import (
+    HALF_CACHE_DTYPES,
+    hadamard_matrix,
+    kernel_codec,
+    rotates,
+    row_width,
+)
 
 __all__ = [
     "MAX_SPLITS",
@@ -189,7 +195,8 @@ def _check_args(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     assert q.dim() == 3 and k_cache.dim() == 4, (q.shape, k_cache.shape)
     assert k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     quant = kernel_codec(k_cache.dtype) != 0
-    assert k_cache.dtype == v_cache.dtype and (quant or q.dtype == k_cache.dtype), (
+    float_cache = k_cache.dtype in (q.dtype, *HALF_CACHE_DTYPES)
+    assert k_cache.dtype == v_cache.dtype and (quant or float_cache), (
         q.dtype, k_cache.dtype, v_cache.dtype)
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
     width = row_width(q.shape[2]) if quant else q.shape[2]  # quantized rows end with a scale
@@ -206,10 +213,13 @@ def _check_args(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     assert len(devices) == 1, devices
 
 
-def _dot_in_fp32(q: torch.Tensor) -> bool:
-    """fp32 caches take exact (non-TF32) fp32 dots. On CPU (the Triton interpreter, whose
-    bf16 tl.dot is wrong) half-precision tiles are upcast too; on GPU they stay half."""
-    return q.dtype == torch.float32 or q.device.type != "cuda"
+def _dot_in_fp32(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """fp32 queries take exact (non-TF32) fp32 dots, over an fp32 cache or a bf16 / fp16
+    one. On CPU (the Triton interpreter, whose bf16 tl.dot is wrong) half-precision tiles
+    are upcast too, and on GPU where the cache is the other half type (no exact cast
+    between them); otherwise they stay half."""
+    other_half = k_cache.dtype in HALF_CACHE_DTYPES and k_cache.dtype != q.dtype
+    return q.dtype == torch.float32 or q.device.type != "cuda" or other_half
 
 
 def _num_sms(device: torch.device) -> int:
@@ -296,7 +306,7 @@ def paged_decode_attention(
         num_splits,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q), CODEC=codec, ROTATE=rotate,
+        SINGLE_SPLIT=single, DOT_FP32=_dot_in_fp32(q, k_cache), CODEC=codec, ROTATE=rotate,
     )
     if not single:
         _reduce_splits_kernel[(num_seqs, num_heads)](

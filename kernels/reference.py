@@ -123,6 +123,8 @@ def paged_decode_attention(
     v = _gather(v_cache, plan.gather_index, num_seqs, plan.num_blocks_used)
     if quantized:  # only the gathered blocks are dequantized
         k, v = dequantize_rows(k, q.dtype), dequantize_rows(v, q.dtype)
+    else:  # a bf16 / fp16 cache under a wider q: its values, exactly, in q's dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     # SDPA accumulates in fp32 for half types and shares each kv head among its group of
     # query heads (enable_gqa); on CPU it is ~2x faster than explicit bmm + softmax.

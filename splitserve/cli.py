@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from splitserve.common import envs
+from splitserve.engine.config import KV_CACHE_DTYPES  # standard library only
 
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 
@@ -40,10 +41,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fair-share", action="store_true",
                    help="admit to the running batch first come, first served within a "
                         "priority class, not by fair share across clients")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                   help="KV cache storage: the model's dtype, or int8 / fp8 (e4m3; CUDA "
-                        "8.9+ or CPU) with a scale per token and head (about half of bf16's "
-                        "bytes); P and D must agree")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV cache storage: the model's dtype; bfloat16 / float16 (an fp32 "
+                        "model's K/V in half the bytes, like llama.cpp's default f16 cache); "
+                        "or int8 / fp8 (e4m3; CUDA 8.9+ or CPU) with a scale per token and "
+                        "head (about half of bf16's bytes); P and D must agree")
     g.add_argument("--host-kv-cache-bytes", type=_byte_size, default=0,
                    help="host-memory tier for KV blocks the prefix cache evicts (e.g. 4GiB; "
                         "0: none)")

@@ -5,7 +5,8 @@
 // Math is fp32 for every dtype. Layouts:
 //   qkv:               [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], q | k | v heads
 //   cos, sin:          [num_tokens, head_dim] or [num_tokens, 1, head_dim] (rope table rows)
-//   k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] (contiguous)
+//   k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] (contiguous): qkv's
+//                      dtype, bf16 / fp16 (K/V rounded to it), or quantized (kv_quant.h)
 //   slot_mapping:      int64 [num_tokens], block_id * block_size + offset, negative = skip
 //   gate_up:           [num_tokens, 2 * intermediate] -> out [num_tokens, intermediate]
 //   x, residual, out:  [num_tokens, hidden]; weight: [hidden]
@@ -100,12 +101,25 @@ void store_quantized_row(const typename IO::storage* src, uint8_t* dst, int64_t 
   std::memcpy(dst + head_dim, &bits, sizeof(bits));
 }
 
-template <typename IO>
+// n values of one element type as another (round to nearest even), like Tensor.to.
+template <typename From, typename To>
+void convert_row(const typename From::storage* src, typename To::storage* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef SPLITSERVE_AVX512
+  for (; i + 16 <= n; i += 16) To::store16(dst + i, From::load16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = To::store(From::load(src[i]));
+}
+
+// CacheIO: the element type of a float cache (IO's own, or bf16 / fp16 under a wider qkv:
+// the rows rounded to it as they are stored); unused for a quantized cache.
+template <typename IO, typename CacheIO>
 void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
                          const torch::Tensor& sin, const torch::Tensor& k_cache,
                          const torch::Tensor& v_cache, const int64_t* slots,
                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
   using T = typename IO::storage;
+  using C = typename CacheIO::storage;
   T* qkv_ptr = ptr<IO>(qkv);
   const T* cos_ptr = ptr<IO>(cos);
   const T* sin_ptr = ptr<IO>(sin);
@@ -113,8 +127,8 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
   // bytes (values, fp16 scale).
   const bool fp8 = k_cache.scalar_type() == torch::kByte;
   const bool quantized = fp8 || k_cache.scalar_type() == torch::kChar;
-  T* k_ptr = quantized ? nullptr : ptr<IO>(k_cache);
-  T* v_ptr = quantized ? nullptr : ptr<IO>(v_cache);
+  C* k_ptr = quantized ? nullptr : ptr<CacheIO>(k_cache);
+  C* v_ptr = quantized ? nullptr : ptr<CacheIO>(v_cache);
   uint8_t* kq_ptr = quantized ? static_cast<uint8_t*>(k_cache.data_ptr()) : nullptr;
   uint8_t* vq_ptr = quantized ? static_cast<uint8_t*>(v_cache.data_ptr()) : nullptr;
   const auto store_row = fp8 ? store_quantized_row<IO, true> : store_quantized_row<IO, false>;
@@ -147,8 +161,13 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
         }
         continue;
       }
-      std::memcpy(k_ptr + slots[t] * kv_size, row + q_size, kv_size * sizeof(T));
-      std::memcpy(v_ptr + slots[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
+      if constexpr (std::is_same_v<IO, CacheIO>) {
+        std::memcpy(k_ptr + slots[t] * kv_size, row + q_size, kv_size * sizeof(T));
+        std::memcpy(v_ptr + slots[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
+      } else {
+        convert_row<IO, CacheIO>(row + q_size, k_ptr + slots[t] * kv_size, kv_size);
+        convert_row<IO, CacheIO>(row + q_size + kv_size, v_ptr + slots[t] * kv_size, kv_size);
+      }
     }
   });
 }
@@ -369,9 +388,11 @@ void rotary_store_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                   k_cache.size(3) == head_dim + (quantized ? 2 : 0),
               "cache heads/head_dim do not match (int8/fp8 rows are head_dim + 2 wide)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const bool half_cache = k_cache.scalar_type() == torch::kBFloat16 ||
+                         k_cache.scalar_type() == torch::kHalf;
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
-                  (quantized || k_cache.scalar_type() == qkv.scalar_type()),
-              "cache dtype must match qkv (or be int8, or uint8 for fp8)");
+                  (quantized || half_cache || k_cache.scalar_type() == qkv.scalar_type()),
+              "cache dtype must match qkv (or be bfloat16 / float16, int8, or uint8 for fp8)");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == num_tokens && slot_mapping.is_contiguous(),
               "slot_mapping must be contiguous int64 [num_tokens]");
@@ -381,8 +402,14 @@ void rotary_store_kv_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
     TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " out of range [0, ", num_slots, ")");
   if (num_tokens == 0) return;
   dispatch(qkv.scalar_type(), "rotary_store_kv_", [&](auto io) {
-    rotary_store_kernel<decltype(io)>(qkv, cos, sin, k_cache, v_cache, slots, num_heads,
-                                      num_kv_heads, head_dim);
+    using IO = decltype(io);
+    if (quantized || k_cache.scalar_type() == qkv.scalar_type())
+      return rotary_store_kernel<IO, IO>(qkv, cos, sin, k_cache, v_cache, slots, num_heads,
+                                         num_kv_heads, head_dim);
+    dispatch(k_cache.scalar_type(), "rotary_store_kv_ (cache)", [&](auto cache_io) {
+      rotary_store_kernel<IO, decltype(cache_io)>(qkv, cos, sin, k_cache, v_cache, slots,
+                                                  num_heads, num_kv_heads, head_dim);
+    });
   });
 }
 

@@ -8,11 +8,12 @@
 // is read once per kv head, in one pass with an online softmax (runs of up to kChunk slots:
 // scores, rescale the running max and sum, add the V rows). Scores, softmax and
 // accumulation are fp32 for every input type; AVX-512 builds use intrinsics for the dot
-// products and V updates, others the scalar loops. An int8 or fp8 cache (kernels/kv_quant.py:
-// rows of head_dim int8 values or e4m3 codes, then an fp16 scale) is dequantized as it is
-// read: the dot product and the V update run on the decoded values and the row's scale
-// multiplies the score and the softmax weight; rows stored rotated (H x, kv_quant.h) are
-// met by rotating the query in and the output back.
+// products and V updates, others the scalar loops. A bf16 or fp16 cache under an fp32 query
+// (a half-width cache for a full-precision model) is read as fp32 the same way. An int8 or
+// fp8 cache (kernels/kv_quant.py: rows of head_dim int8 values or e4m3 codes, then an fp16
+// scale) is dequantized as it is read: the dot product and the V update run on the decoded
+// values and the row's scale multiplies the score and the softmax weight; rows stored
+// rotated (H x, kv_quant.h) are met by rotating the query in and the output back.
 #include "ops.h"
 #include "kv_quant.h"
 
@@ -377,6 +378,19 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
 
 }  // namespace
 
+// decode_kernel with its scratch on the stack where the group and head_dim fit.
+template <typename scalar_t, typename cache_t>
+void run_decode(bool on_stack, const torch::Tensor& q, const torch::Tensor& k_cache,
+                const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                const torch::Tensor& context_lens, double scale, torch::Tensor& out) {
+  if (on_stack)
+    decode_kernel<scalar_t, cache_t, true>(q, k_cache, v_cache, block_tables, context_lens,
+                                           scale, out);
+  else
+    decode_kernel<scalar_t, cache_t, false>(q, k_cache, v_cache, block_tables, context_lens,
+                                            scale, out);
+}
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
                                      torch::Tensor context_lens, double scale,
@@ -389,33 +403,37 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads % num_kv_heads != 0");
   TORCH_CHECK(q.scalar_type() == out.scalar_type(), "out dtype must match q");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches differ in dtype");
-  // int8 rows (kChar) or fp8 rows (kByte: e4m3 codes), each followed by an fp16 scale.
-  const bool int8 = k_cache.scalar_type() == torch::kChar;
-  const bool fp8 = k_cache.scalar_type() == torch::kByte;
-  TORCH_CHECK(int8 || fp8 || k_cache.scalar_type() == q.scalar_type(),
-              "cache dtype must match q (or be int8, or uint8 for fp8)");
+  // int8 rows (kChar) or fp8 rows (kByte: e4m3 codes), each followed by an fp16 scale; or
+  // a float cache: q's dtype, or bf16 / fp16 under a wider (or other half) q, whose rows are
+  // read as fp32 like q's own dtype.
+  const auto cache_type = k_cache.scalar_type();
+  const bool int8 = cache_type == torch::kChar;
+  const bool fp8 = cache_type == torch::kByte;
+  const bool same = cache_type == q.scalar_type();
+  const bool half_cache = !same && (cache_type == at::kBFloat16 || cache_type == at::kHalf);
+  TORCH_CHECK(int8 || fp8 || same || (half_cache && q.scalar_type() != at::kDouble),
+              "cache dtype must match q (or be bfloat16 / float16 under a float q, int8, or "
+              "uint8 for fp8)");
   TORCH_CHECK(k_cache.size(3) == q.size(2) + (int8 || fp8 ? kScaleBytes : 0),
               "cache rows must be head_dim wide (head_dim + 2 for int8 and fp8)");
   const bool on_stack = q.size(1) / k_cache.size(2) <= kStackGroup && q.size(2) <= kStackHeadDim;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    if (int8 && on_stack)
-      decode_kernel<scalar_t, int8_t, true>(q, k_cache, v_cache, block_tables, context_lens,
-                                            scale, out);
-    else if (int8)
-      decode_kernel<scalar_t, int8_t, false>(q, k_cache, v_cache, block_tables, context_lens,
-                                             scale, out);
-    else if (fp8 && on_stack)
-      decode_kernel<scalar_t, E4M3, true>(q, k_cache, v_cache, block_tables, context_lens,
-                                          scale, out);
-    else if (fp8)
-      decode_kernel<scalar_t, E4M3, false>(q, k_cache, v_cache, block_tables, context_lens,
-                                           scale, out);
-    else if (on_stack)
-      decode_kernel<scalar_t, scalar_t, true>(q, k_cache, v_cache, block_tables, context_lens,
-                                              scale, out);
-    else
-      decode_kernel<scalar_t, scalar_t, false>(q, k_cache, v_cache, block_tables, context_lens,
-                                               scale, out);
+    const auto run = [&](auto cache_tag) {
+      run_decode<scalar_t, decltype(cache_tag)>(on_stack, q, k_cache, v_cache, block_tables,
+                                                context_lens, scale, out);
+    };
+    if (int8) {
+      run(int8_t{});
+    } else if (fp8) {
+      run(E4M3{});
+    } else if (same) {
+      run(scalar_t{});
+    } else if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (cache_type == at::kBFloat16)
+        run(c10::BFloat16{});
+      else
+        run(c10::Half{});
+    }
   });
   return out;
 }

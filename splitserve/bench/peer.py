@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="SplitServe's decode worker sends tokens this many at a time "
                          "(`splitserve decode --stream-interval`; 1: every step)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16"],
+                    help="SplitServe's KV cache (worker and offline engine) at every precision: "
+                         "auto is the model's dtype; float16 under fp32 is what llama.cpp "
+                         "keeps by default (an f16 cache)")
+    ap.add_argument("--llama-cache-type", default=None, metavar="TYPE",
+                    help="llama-server's K and V cache type (-ctk/-ctv: f32, f16, bf16; "
+                         "default: its own, f16)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline engine run")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the workload on every server this many times, interleaved "
@@ -172,6 +179,8 @@ def llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> Iterator[str
     command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
                "-t", str(ns.threads), "-tb", str(ns.threads), "-np", str(ns.concurrency),
                "-c", str(context), "--no-webui"]
+    if ns.llama_cache_type:
+        command += ["-ctk", ns.llama_cache_type, "-ctv", ns.llama_cache_type]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
@@ -189,7 +198,7 @@ def splitserve_colocated(dtype: str, ns: argparse.Namespace) -> Iterator[str]:
     """A router and one decode worker that prefills its own prompts, as processes, while
     the block runs; yields the router's target."""
     worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
-                   "--num-kv-blocks", "2048"]
+                   "--num-kv-blocks", "2048", "--kv-cache-dtype", ns.kv_cache_dtype]
     if ns.max_num_batched_tokens:
         worker_args += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
     if ns.stream_interval != 1:
@@ -222,14 +231,14 @@ def paired_ratio(numerators: list[dict[str, Any]], denominators: list[dict[str, 
 
 
 def offline_engine(dtype: str, ns: argparse.Namespace) -> LLMEngine:
-    """The engine as the worker runs it (`ns`: model, threads, concurrency,
+    """The engine as the worker runs it (`ns`: model, threads, concurrency, kv_cache_dtype,
     max_num_batched_tokens)."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(
         model=ns.model, dtype=dtype, num_threads=ns.threads, num_kv_blocks=2048,
-        max_num_seqs=ns.concurrency,
+        max_num_seqs=ns.concurrency, kv_cache_dtype=ns.kv_cache_dtype,
         **({"max_num_batched_tokens": ns.max_num_batched_tokens}
            if ns.max_num_batched_tokens else {})))
 
@@ -409,8 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     for precision in precisions:
         dtype, gguf_kind = PRECISIONS[precision]
         gguf = getattr(ns, f"gguf_{precision}")
-        peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF"
-        name = f"SplitServe colocated, {precision}" + (
+        peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF" + (
+            f", KV {ns.llama_cache_type}" if ns.llama_cache_type else "")
+        kv = f", KV {ns.kv_cache_dtype}" if ns.kv_cache_dtype != "auto" else ""
+        name = f"SplitServe colocated, {precision}{kv}" + (
             f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
         trace_dir = Path(ns.step_trace) / precision if ns.step_trace else None
         with contextlib.ExitStack() as stack:
@@ -446,11 +457,11 @@ def main(argv: list[str] | None = None) -> int:
                            if engine is not None else None)
                 lone["ours"] = _serve_lone(ours, "splitserve c=1", ns, between)
             del engine
-        rows += _precision_rows(peer_name, name, precision, runs, lone)
+        rows += _precision_rows(peer_name, name, f"{precision}{kv}", runs, lone)
         if trace_dir is not None:
             steps = round_steps(trace_dir, runs)
             traced.append((name, steps["ours"]))
-            traced.append((f"SplitServe engine offline, {precision}", steps["offline"]))
+            traced.append((f"SplitServe engine offline, {precision}{kv}", steps["offline"]))
     print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
           f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
           f"seed {ns.seed}, {ns.rounds} round(s)")

@@ -101,10 +101,10 @@ def attend_stored(
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, length: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """[num_blocks, block_size, kv_heads, d] -> the first `length` slots of the given blocks
-    (an int8 cache: dequantized to `dtype`, only those slots)."""
+    as `dtype` (a quantized cache: dequantized, only those slots)."""
     blocks = cache.index_select(0, block_ids)
     rows = blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
-    return dequantize_rows(rows, dtype) if is_quantized(cache) else rows
+    return dequantize_rows(rows, dtype) if is_quantized(cache) else rows.to(dtype)
 
 
 def _causal_attention(

@@ -15,7 +15,10 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _ROLES = ("both", "prefill", "decode")
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+# auto: the model's dtype; bfloat16 / float16: a half-width float cache (for an fp32 model:
+# half the bytes, like llama.cpp's default f16 cache); int8 / fp8: quantized (kv_quant.py).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "int8", "fp8")
+FLOAT_KV_CACHE_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,11 @@ class EngineConfig:
     # A waiting request's priority class improves by one per this many seconds (0: never),
     # so better classes delay worse ones by a bounded time (engine/scheduler.py).
     priority_aging_s: float = 10.0
-    # KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3), both with
-    # per-token-per-head fp16 scales (kernels/kv_quant.py: about half the bytes of bf16, a
-    # quarter of fp32). fp8 needs a CUDA device of compute capability 8.9+, or the CPU.
+    # KV cache storage: auto (the model's dtype); bfloat16 or float16 (K/V rounded to it as
+    # they are stored, read back as the model's dtype: half of fp32's bytes); int8 or fp8
+    # (e4m3), both with per-token-per-head fp16 scales (kernels/kv_quant.py: about half the
+    # bytes of bf16, a quarter of fp32). fp8 needs a CUDA device of compute capability 8.9+,
+    # or the CPU.
     kv_cache_dtype: str = "auto"
     # KV tiers below the pool (engine/kv_tier.py): evicted prefix-cache blocks go to host
     # memory (0: no host tier), then to one file per block under disk_kv_cache_dir (None:

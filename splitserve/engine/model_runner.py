@@ -3,7 +3,8 @@
 The only engine module that turns bookkeeping (block tables, token counts) into tensors.
 It owns the model weights and the KV pool:
   kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-           (int8 or fp8 KV cache: head_dim + 2 bytes per row, kernels.kv_quant)
+           (the model's dtype, or a bf16 / fp16 cache's; int8 or fp8 KV cache: head_dim
+           + 2 bytes per row, kernels.kv_quant)
   (index 0 of the second dim is K, 1 is V).
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from splitserve.engine.attention import AttentionMetadata, PrefillSpan
-from splitserve.engine.config import EngineConfig
+from splitserve.engine.config import FLOAT_KV_CACHE_DTYPES, EngineConfig
 from splitserve.engine.cpu_linear import prepack_linears, prepack_supported
 from splitserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from splitserve.engine.grammar import StepMasks
@@ -62,7 +63,7 @@ class ModelRunner:
         self.model = build_model(arch, model_dir, self.dtype, str(self.device), max_positions)
         if config.cpu_weight_prepack and prepack_supported(self.dtype, self.device):
             prepack_linears(self.model, self.dtype)
-        if config.kv_cache_dtype != "auto":
+        if config.kv_cache_dtype in STORAGE_DTYPES:
             check_device(config.kv_cache_dtype, self.device)
         self.ops = get_attention_ops(config.attention_backend, self.device)
         self.num_blocks = self._num_kv_blocks()
@@ -81,22 +82,31 @@ class ModelRunner:
     # ---- sizing --------------------------------------------------------------------------
     @property
     def kv_dtype(self) -> torch.dtype:
-        """The pool's storage dtype: the model's, or a quantized codec's (int8; uint8 for
-        fp8: the bytes of e4m3 values, kernels.kv_quant)."""
-        return STORAGE_DTYPES.get(self.config.kv_cache_dtype, self.dtype)
+        """The pool's storage dtype: the model's, a half-width float's (bfloat16, float16), or
+        a quantized codec's (int8; uint8 for fp8: the bytes of e4m3 values, kernels.kv_quant)."""
+        name = self.config.kv_cache_dtype
+        if name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        return _DTYPES[name] if name in FLOAT_KV_CACHE_DTYPES else self.dtype
+
+    @property
+    def kv_quantized(self) -> bool:
+        return self.config.kv_cache_dtype in STORAGE_DTYPES
 
     @property
     def kv_layout_dtype(self) -> str:
-        """The KV layout's dtype name (common.kv_layout): "int8", "fp8", or the model's."""
-        if self.config.kv_cache_dtype != "auto":
+        """The KV layout's dtype name (common.kv_layout): "int8", "fp8", or the float
+        cache's ("bfloat16" for a bf16 model's own cache and for an fp32 model's bf16 one:
+        the same bytes)."""
+        if self.kv_quantized:
             return self.config.kv_cache_dtype
-        return str(self.dtype).removeprefix("torch.")
+        return str(self.kv_dtype).removeprefix("torch.")
 
     @property
     def kv_row_width(self) -> int:
         """Elements of one (token, kv head) row: head_dim, or its quantized values + scale."""
         head_dim = self.arch.head_dim
-        return head_dim if self.config.kv_cache_dtype == "auto" else row_width(head_dim)
+        return row_width(head_dim) if self.kv_quantized else head_dim
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -22,6 +22,7 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
                      "--threads", "1", "--input-len", "8", "--output-len", "6",
                      "--concurrency", "2", "--num-requests", "4", "--single-stream", "2",
                      "--rounds", "2", "--step-trace", str(tmp_path / "steps"),
+                     "--kv-cache-dtype", "bfloat16",
                      "--llama-server", str(tmp_path / "absent"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -29,15 +30,15 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     assert rows["llama.cpp llama-server, F32 GGUF"] == {
         "server": "llama.cpp llama-server, F32 GGUF", "skipped": True,
         "why": "no --llama-server binary"}
-    served = rows["SplitServe colocated, fp32"]
-    offline = rows["SplitServe engine offline, fp32"]
+    served = rows["SplitServe colocated, fp32, KV bfloat16"]
+    offline = rows["SplitServe engine offline, fp32, KV bfloat16"]
     assert served["failed"] == 0 and served["output_tok_s"] > 0 and offline["output_tok_s"] > 0
     # Two rounds each, paired: the ratio is the median (here the mean) of the two rounds'.
     assert len(served["rounds_tok_s"]) == 2 and len(offline["rounds_tok_s"]) == 2
     assert served["ratios"]["served/offline"] == pytest.approx(sum(
         s / o for s, o in zip(served["rounds_tok_s"], offline["rounds_tok_s"], strict=True)) / 2)
     assert served["output_tok_s"] == pytest.approx(sum(served["rounds_tok_s"]) / 2)
-    lone = rows["SplitServe colocated, fp32, c=1"]
+    lone = rows["SplitServe colocated, fp32, KV bfloat16, c=1"]
     steps = lone["paired_step_ms"]  # one after each of the 2 lone requests
     assert lone["failed"] == 0 and len(steps) == 2 and min(steps) > 0
     assert lone["tpot_p50_ms"] / max(steps) * 0.999 <= lone["ratios"]["TPOT/batch-1 step"]
@@ -49,7 +50,8 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
     assert len(list((tmp_path / "steps" / "fp32").glob("steps-*.jsonl"))) == 2
     assert "SPLITSERVE_STEP_TRACE" not in os.environ
     traced = json.loads(out.read_text())["step_summaries"]
-    for name in ("SplitServe colocated, fp32", "SplitServe engine offline, fp32"):
+    for name in ("SplitServe colocated, fp32, KV bfloat16",
+                 "SplitServe engine offline, fp32, KV bfloat16"):
         assert len(traced[name]) == 2
         for r, summary in enumerate(traced[name]):
             # 4 requests of 6 tokens, 2 at a time: each samples its first token in a prompt

@@ -89,6 +89,26 @@ def test_rotary_store_kv_is_bit_exact(dtype: torch.dtype, layout: tuple[int, int
     assert_bits_equal(v_cache, v_expected)
 
 
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("layout", [(9, 3, 64), (6, 2, 80)])
+@pytest.mark.parametrize("num_tokens", [1, 64])
+def test_rotary_store_kv_into_a_cache_of_another_float_type(
+        dtype: torch.dtype, cache_dtype: torch.dtype, layout: tuple[int, int, int],
+        num_tokens: int) -> None:
+    qkv, cos, sin, k_cache, v_cache, slots = _rope_case(num_tokens, layout, 16, dtype, seed=3)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    # The reference store rounds the rotated K (of qkv's dtype) and V to the cache's type.
+    qkv_expected = torch_rope_store(qkv, cos, sin, k_expected, v_expected, slots, *layout)
+
+    cpu_ext.rotary_store_kv_(qkv, cos, sin, k_cache, v_cache, slots, *layout)
+    assert_bits_equal(qkv, qkv_expected)
+    assert_bits_equal(k_cache, k_expected)
+    assert_bits_equal(v_cache, v_expected)
+
+
 def test_rotary_store_kv_two_dim_tables_and_int32_slots() -> None:
     layout = (9, 3, 64)
     qkv, cos, sin, k_cache, v_cache, slots = _rope_case(7, layout, 16, torch.bfloat16, seed=1)

@@ -38,6 +38,38 @@ def test_matches_reference(dtype: torch.dtype, num_heads: int, num_kv_heads: int
     torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
 
 
+# (query dtype, cache dtype): a half-width cache under an fp32 model, and each half type's
+# cache under the other half type.
+MIXED = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+         (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("q_dtype", "cache_dtype"), MIXED)
+@pytest.mark.parametrize("head_dim", [64, 80])  # the register loops; the generic loops
+def test_a_half_width_cache_under_a_wider_query(q_dtype: torch.dtype, cache_dtype: torch.dtype,
+                                                head_dim: int) -> None:
+    lens = [1, 15, 16, 17, 37, 130]
+    q, k, v, tables, ctx = _case(len(lens), 9, 3, head_dim, 16, lens, cache_dtype)
+    q = q.to(q_dtype)
+    got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    assert got.dtype == q_dtype
+    # The cache's values read exactly, then fp32 math: like the reference on the same
+    # values widened to q's dtype (the bf16 <-> fp16 cases: the reference rounds K/V to q's
+    # half type, the kernel does not; their tolerance is q's).
+    expected = reference.paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=TOLERANCE[q_dtype][0],
+                               atol=TOLERANCE[q_dtype][1])
+    if q_dtype == torch.float32:
+        widened = reference.paged_decode_attention(q, k.float(), v.float(), tables, ctx, 0.125)
+        torch.testing.assert_close(got, widened, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_of_another_width_is_refused() -> None:
+    q, k, v, tables, ctx = _case(2, 4, 4, 64, 16, [3, 9], torch.float32)
+    with pytest.raises(RuntimeError, match="cache dtype must match q"):
+        cpu_ext.paged_decode_attention(q.to(torch.bfloat16), k, v, tables, ctx, 0.125)
+
+
 @pytest.mark.parametrize("head_dim", [80, 128])
 def test_other_head_dims_and_strided_out(head_dim: int) -> None:
     q, k, v, tables, ctx = _case(3, 6, 2, head_dim, 16, [5, 33, 64], torch.float32, seed=2)

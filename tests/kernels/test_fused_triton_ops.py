@@ -97,6 +97,16 @@ def test_rotary_store_kv_is_bit_exact(dtype: torch.dtype, layout: tuple[int, int
     assert_rotary_store_matches_torch(qkv, cos, sin, k_cache, v_cache, slots, layout)
 
 
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.bfloat16),
+                                                    (torch.float32, torch.float16),
+                                                    (torch.bfloat16, torch.float16)])
+def test_rotary_store_kv_into_a_cache_of_another_float_type(dtype: torch.dtype,
+                                                            cache_dtype: torch.dtype) -> None:
+    qkv, cos, sin, k_cache, v_cache, slots = rope_case(5, (6, 2, 64), 2, dtype, seed=4)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    assert_rotary_store_matches_torch(qkv, cos, sin, k_cache, v_cache, slots, (6, 2, 64))
+
+
 def test_rotary_store_kv_tokens_across_programs() -> None:
     """head_dim 128 puts 32 (token, head) rows in a program: 3 tokens of 12 + 2 * 10 heads
     take three, the second token split between two of them."""

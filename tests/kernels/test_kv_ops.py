@@ -65,6 +65,23 @@ def test_store_kv_skips_negative_slots_bit_exact(gen, impl, dtype):
     assert torch.equal(v_cache.view(-1, num_kv_heads, head_dim), expected_v)
 
 
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.bfloat16),
+                                                    (torch.float32, torch.float16),
+                                                    (torch.bfloat16, torch.float16)])
+def test_triton_store_rounds_into_a_half_width_cache_like_the_reference(gen, dtype, cache_dtype):
+    block_size, num_kv_heads, head_dim = 8, 2, 80
+    k_cache, v_cache = _caches(gen, 5, block_size, num_kv_heads, head_dim, cache_dtype)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    # Values between two bf16 neighbours, where truncating and rounding differ.
+    k = (torch.randn(6, num_kv_heads, head_dim, generator=gen) * 3).to(dtype=dtype, device=_device())
+    v = (torch.randn(6, num_kv_heads, head_dim, generator=gen) * 3).to(dtype=dtype, device=_device())
+    slots = torch.tensor([0, -1, 13, 39, -5, 20], device=_device())
+    ref.store_kv(k, v, expected_k, expected_v, slots)
+    kv_ops.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(torch.int16), expected_k.view(torch.int16))
+    assert torch.equal(v_cache.view(torch.int16), expected_v.view(torch.int16))
+
+
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 def test_triton_store_matches_reference_into_a_strided_pool(gen, slot_dtype):
     """Caches that are views of a [num_blocks, 2, block_size, kv_heads, d] pool (not

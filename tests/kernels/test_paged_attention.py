@@ -68,6 +68,18 @@ def test_half_precision(make_batch, dtype):
         torch.testing.assert_close(got, expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize(("q_dtype", "cache_dtype"), [(torch.float32, torch.bfloat16),
+                                                      (torch.float32, torch.float16),
+                                                      (torch.bfloat16, torch.float16)])
+def test_a_half_width_cache_under_a_wider_query(make_batch, q_dtype, cache_dtype):
+    q, kv = make_batch([1, 17, 100], 8, 2, 64, 16, dtype=cache_dtype)
+    q = q.to(q_dtype)
+    for splits in (1, 3):
+        got, expected = run_both(q, kv, num_splits=splits)
+        assert got.dtype == q_dtype
+        torch.testing.assert_close(got, expected, **TOL[q_dtype])
+
+
 def test_batch_mixing_very_different_lengths(make_batch):
     # Short sequences beside a long one: with several splits the short ones leave splits empty.
     q, kv = make_batch([1, 300, 2, 65, 9], 4, 1, 64, 16)

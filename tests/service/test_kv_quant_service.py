@@ -1,8 +1,9 @@
-"""Quantized KV caches (int8, fp8) through the disaggregated service: the prefill worker
-stores quantized rows, ships them with their scales over gloo, and the decode worker
-continues from them; tokens equal the colocated engine's with the same cache, the transfer
-moves the quantized bytes, and a prefill worker whose KV dtype differs from the decode
-worker's is refused with a message naming them."""
+"""KV caches narrower than the model's fp32 through the disaggregated service: quantized
+(int8, fp8: the prefill worker stores quantized rows and ships them with their scales over
+gloo) and half-width (bfloat16); the decode worker continues from them. Tokens equal the
+colocated engine's with the same cache, the transfer moves the narrow bytes, and a prefill
+worker whose KV dtype differs from the decode worker's is refused with a message naming
+them."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _engine(kv_cache_dtype: str) -> dict[str, Any]:
             "kv_cache_dtype": kv_cache_dtype}
 
 
-@pytest.fixture(scope="module", params=["int8", "fp8"])
+@pytest.fixture(scope="module", params=["int8", "fp8", "bfloat16"])
 def deployment(request: pytest.FixtureRequest, tiny_llama: Path
                ) -> Iterator[tuple[str, Deployment]]:
     dep = start_deployment(str(tiny_llama), 1, 1, engine=_engine(request.param),
@@ -41,7 +42,8 @@ def test_remote_prefill_equals_the_colocated_engine(deployment: tuple[str, Deplo
     llm = LLM(model=str(tiny_llama), **_engine(kv_cache_dtype))
     config = load_config(tiny_llama)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    row = config["num_hidden_layers"] * 2 * 8 * config["num_key_value_heads"] * (head_dim + 2)
+    row_bytes = head_dim * 2 if kv_cache_dtype == "bfloat16" else head_dim + 2  # + fp16 scale
+    row = config["num_hidden_layers"] * 2 * 8 * config["num_key_value_heads"] * row_bytes
     with Client(dep.address, timeout=60) as client:
         for base in PROMPTS:
             for j, sampling in enumerate(({"temperature": 0.0},
@@ -59,6 +61,7 @@ def test_remote_prefill_equals_the_colocated_engine(deployment: tuple[str, Deplo
 @pytest.mark.parametrize(("prefill", "decode", "message"), [
     ("int8", "auto", "dtype"),
     ("fp8", "int8", "dtype: 'fp8' != 'int8'|dtype: 'int8' != 'fp8'"),
+    ("bfloat16", "auto", "dtype: 'bfloat16' != 'float32'|dtype: 'float32' != 'bfloat16'"),
 ])
 def test_kv_dtypes_that_differ_are_refused_by_name(tiny_llama: Path, prefill: str,
                                                    decode: str, message: str) -> None:
