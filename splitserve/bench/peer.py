@@ -7,7 +7,8 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    --allow-requantize IN OUT BF16|F32`, so they hold the values our converted weights hold),
    driven by `bench serve`; skipped with a message when the binary or the file is absent;
 2. SplitServe colocated (a router and one decode worker that prefills its own prompts, as
-   processes), driven by the same `bench serve` arguments;
+   processes), driven by the same `bench serve` arguments (`--fp32-kv-cache-dtype float16`:
+   the fp32 runs keep an f16 KV cache, as llama.cpp does by default);
 3. the engine offline on the same prompts (the workload's texts tokenized as the router
    does), `max_num_seqs` = the concurrency, every prompt submitted at once.
 4. with `--single-stream N`: N requests one at a time (concurrency 1) to each server; after
@@ -74,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="SplitServe's decode worker sends tokens this many at a time "
                          "(`splitserve decode --stream-interval`; 1: every step)")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16"],
-                    help="SplitServe's KV cache (worker and offline engine) at every precision: "
-                         "auto is the model's dtype; float16 under fp32 is what llama.cpp "
-                         "keeps by default (an f16 cache)")
+    ap.add_argument("--fp32-kv-cache-dtype", default="auto",
+                    choices=["auto", "bfloat16", "float16"],
+                    help="SplitServe's KV cache (worker and offline engine) in the fp32 runs: "
+                         "auto is fp32; float16 is what llama.cpp keeps by default for an F32 "
+                         "model (an f16 cache). bf16 runs keep the model's bf16 cache")
     ap.add_argument("--llama-cache-type", default=None, metavar="TYPE",
                     help="llama-server's K and V cache type (-ctk/-ctv: f32, f16, bf16; "
                          "default: its own, f16)")
@@ -193,12 +195,17 @@ def llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> Iterator[str
             proc.kill()
 
 
+def kv_cache_dtype(dtype: str, ns: argparse.Namespace) -> str:
+    """The engine's --kv-cache-dtype for a run of model dtype `dtype`."""
+    return ns.fp32_kv_cache_dtype if dtype == "float32" else "auto"
+
+
 @contextlib.contextmanager
 def splitserve_colocated(dtype: str, ns: argparse.Namespace) -> Iterator[str]:
     """A router and one decode worker that prefills its own prompts, as processes, while
     the block runs; yields the router's target."""
     worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
-                   "--num-kv-blocks", "2048", "--kv-cache-dtype", ns.kv_cache_dtype]
+                   "--num-kv-blocks", "2048", "--kv-cache-dtype", kv_cache_dtype(dtype, ns)]
     if ns.max_num_batched_tokens:
         worker_args += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
     if ns.stream_interval != 1:
@@ -231,14 +238,14 @@ def paired_ratio(numerators: list[dict[str, Any]], denominators: list[dict[str, 
 
 
 def offline_engine(dtype: str, ns: argparse.Namespace) -> LLMEngine:
-    """The engine as the worker runs it (`ns`: model, threads, concurrency, kv_cache_dtype,
-    max_num_batched_tokens)."""
+    """The engine as the worker runs it (`ns`: model, threads, concurrency,
+    fp32_kv_cache_dtype, max_num_batched_tokens)."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(
         model=ns.model, dtype=dtype, num_threads=ns.threads, num_kv_blocks=2048,
-        max_num_seqs=ns.concurrency, kv_cache_dtype=ns.kv_cache_dtype,
+        max_num_seqs=ns.concurrency, kv_cache_dtype=kv_cache_dtype(dtype, ns),
         **({"max_num_batched_tokens": ns.max_num_batched_tokens}
            if ns.max_num_batched_tokens else {})))
 
@@ -420,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         gguf = getattr(ns, f"gguf_{precision}")
         peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF" + (
             f", KV {ns.llama_cache_type}" if ns.llama_cache_type else "")
-        kv = f", KV {ns.kv_cache_dtype}" if ns.kv_cache_dtype != "auto" else ""
+        kv = f", KV {kv_cache_dtype(dtype, ns)}" if kv_cache_dtype(dtype, ns) != "auto" else ""
         name = f"SplitServe colocated, {precision}{kv}" + (
             f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
         trace_dir = Path(ns.step_trace) / precision if ns.step_trace else None

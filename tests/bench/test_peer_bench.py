@@ -22,7 +22,7 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
                      "--threads", "1", "--input-len", "8", "--output-len", "6",
                      "--concurrency", "2", "--num-requests", "4", "--single-stream", "2",
                      "--rounds", "2", "--step-trace", str(tmp_path / "steps"),
-                     "--kv-cache-dtype", "bfloat16",
+                     "--fp32-kv-cache-dtype", "bfloat16",
                      "--llama-server", str(tmp_path / "absent"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
