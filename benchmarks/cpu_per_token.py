@@ -1,13 +1,13 @@
-"""CPU time per streamed token of every process of a served lone stream, and its busiest
-threads: what the serving path (client, router, the decode worker's relay) costs beside
-the engine's own step.
+"""CPU time per streamed token of every process of a served run (a lone stream by default),
+and its busiest threads: what the serving path (client, router, the decode worker's relay)
+costs beside the engine's own step.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_per_token.py [--dtype bfloat16]
-        [--threads 2] [--requests 8] [--output-len 128]
+        [--threads 2] [--requests 8] [--output-len 128] [--concurrency 1]
 
 A router and one decode worker (prefilling its own prompts) as processes on 127.0.0.1,
-`splitserve bench serve` at concurrency 1 (256 words in, --output-len tokens out, EOS
-ignored), after a 2-request warm-up. CPU time is read from /proc (utime + stime of every
+`splitserve bench serve` at --concurrency (256 words in, --output-len tokens out, EOS
+ignored), after a warm-up of 2 requests (or --concurrency, if more). CPU time is read from /proc (utime + stime of every
 thread) before and after the run; the client's from this process's waited children. The
 engine threads spin between parallel regions, so their CPU time is wall time, not work.
 """
@@ -63,6 +63,7 @@ def main() -> int:
     ap = engine_parser(__doc__)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=1)
     args = ap.parse_args()
     worker_args = ("--dtype", args.dtype, "--max-num-seqs", "16", "--num-kv-blocks", "2048")
     with tempfile.TemporaryDirectory() as tmp, local_deployment(
@@ -73,10 +74,10 @@ def main() -> int:
         def bench(num_requests: int) -> list[str]:
             return [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--target",
                     f"grpc://{addrs['router']}", "--workload", "fixed", "--input-len", "256",
-                    "--output-len", str(args.output_len), "--concurrency", "1",
+                    "--output-len", str(args.output_len), "--concurrency", str(args.concurrency),
                     "--num-requests", str(num_requests), "--no-progress", "--out", str(result)]
 
-        subprocess.run(bench(2), check=True, capture_output=True)  # warm-up
+        subprocess.run(bench(max(2, args.concurrency)), check=True, capture_output=True)
         procs = deployment_processes()
         before = {pid: thread_cpu_s(pid) for pid in procs}
         client_before, start = os.times(), time.monotonic()
@@ -85,9 +86,12 @@ def main() -> int:
         after = {pid: thread_cpu_s(pid) for pid in procs}
         summary = json.loads(result.read_text())["summary"]
     tokens = args.requests * args.output_len
+    cores = os.cpu_count() or 1
     client_s = (client_after.children_user + client_after.children_system
                 - client_before.children_user - client_before.children_system)
-    print(f"{tokens} tokens in {wall:.1f} s, TPOT p50 {summary['tpot_ms']['p50']:.2f} ms")
+    print(f"{tokens} tokens in {wall:.1f} s at concurrency {args.concurrency}, TPOT p50 "
+          f"{summary['tpot_ms']['p50']:.2f} ms; the {cores} cores' time: "
+          f"{cores * wall * 1e3 / tokens:.3f} ms per token")
     print(f"client (bench serve): {client_s * 1e3 / tokens:.3f} ms CPU per token")
     for pid, role in procs.items():
         rows = sorted(((cpu_s - before[pid].get(tid, (name, 0.0))[1], tid, name)
