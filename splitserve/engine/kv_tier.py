@@ -252,11 +252,12 @@ def build_kv_tier(config: EngineConfig, kv_pool: torch.Tensor, model_id: str) ->
     if config.disk_kv_cache_dir:
         shape = (kv_pool.shape[0], kv_pool.shape[1], *kv_pool.shape[3:])
         dtype = codec_of(kv_pool.dtype) or str(kv_pool.dtype).removeprefix("torch.")
-        # The KV format's version and the weights' identity keep stale files out: a file
-        # of an older int8 format, of another codec (int8 vs fp8), or of other weights at
-        # the same path, is never loaded.
-        layout = (f"v{FORMAT_VERSION}|{dtype}|{','.join(map(str, shape))}|{model_id}|"
-                  f"{_weights_fingerprint(model_id)}")
+        # The KV format's version, the model's dtype and the weights' identity keep stale
+        # files out: a file of an older int8 format, of another codec (int8 vs fp8), of
+        # other weights at the same path, or computed by the model in another dtype (a bf16
+        # model's bf16 cache is not an fp32 model's bf16 cache), is never loaded.
+        layout = (f"v{FORMAT_VERSION}|{dtype}|model {config.resolved_dtype}|"
+                  f"{','.join(map(str, shape))}|{model_id}|{_weights_fingerprint(model_id)}")
         disk = DiskKVStore(config.disk_kv_cache_dir, layout, tuple(shape), kv_pool.dtype,
                            config.disk_kv_cache_bytes)
     return KVTierStore(kv_pool, config.host_kv_cache_bytes, disk)

@@ -16,8 +16,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.engine.block_manager import BlockManager, PrefixMatch
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_disk import DiskKVStore
-from splitserve.engine.kv_tier import KVTierStore
+from splitserve.engine.kv_tier import KVTierStore, build_kv_tier
 from splitserve.engine.sequence import Sequence
 from splitserve.llm import LLM
 
@@ -171,6 +172,22 @@ def test_disk_entries_reload_exactly_and_survive_a_restart(tmp_path: Path) -> No
         got = again.get(1000 + i)
         assert got is not None and torch.equal(got, kv[:, :, i])
     assert disk_store(tmp_path, layout="another model").num_entries == 0
+
+
+def test_a_disk_entry_of_the_model_in_another_dtype_is_never_loaded(tiny_llama: Path,
+                                                                      tmp_path: Path) -> None:
+    # A bf16 model's own (bf16) cache and an fp32 model's bf16 cache hold bytes of one
+    # layout, but not the same K/V: each finds only its own entries.
+    def disk(dtype: str, kv_cache_dtype: str) -> DiskKVStore:
+        config = EngineConfig(model=str(tiny_llama), dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                              disk_kv_cache_dir=str(tmp_path))
+        built = build_kv_tier(config, pool().to(torch.bfloat16), str(tiny_llama))
+        assert built is not None and built.disk is not None
+        return built.disk
+
+    assert disk("bfloat16", "auto").put(7, pool()[:, :, 0].bfloat16())
+    assert disk("bfloat16", "auto").num_entries == 1
+    assert disk("float32", "bfloat16").num_entries == 0
 
 
 def test_disk_tier_is_lru_within_its_byte_budget(tmp_path: Path) -> None:
