@@ -59,8 +59,9 @@ _CODECS = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 ROTATED: dict[str, bool] = {"int8": True, "fp8": True}
 
 __all__ = ["FP8_MAX", "HALF_CACHE_DTYPES", "SCALE_BYTES", "STORAGE_DTYPES", "check_device",
-           "codec_of", "dequantize_rows", "e4m3_bits", "e4m3_values", "hadamard", "hadamard_matrix", "is_quantized",
-           "kernel_codec", "quantize_rows", "rotates", "row_width"]
+           "codec_of", "dequantize_rows", "e4m3_bits", "e4m3_values", "hadamard",
+           "hadamard_matrix", "is_quantized", "kernel_codec", "quantize_rows", "rotates",
+           "row_width"]
 
 
 def codec_of(dtype: torch.dtype) -> str | None:

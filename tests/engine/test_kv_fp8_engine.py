@@ -5,7 +5,6 @@ without e4m3 support is refused by name."""
 
 from __future__ import annotations
 
-import random
 import statistics
 from pathlib import Path
 
@@ -17,18 +16,11 @@ from splitserve.kernels import cpu_ext
 from splitserve.kernels.backend import triton_available
 from splitserve.kernels.kv_quant import check_device, row_width
 from splitserve.llm import LLM
+from tests.engine.kv_cache_cases import assert_backends_agree, divergence, first_divergence
+from tests.engine.kv_cache_cases import prompts as _prompts
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
 CONFIG = {"num_kv_blocks": 128, "block_size": 16}
-
-
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(49152) for _ in range(n)] for n in lengths]
-
-
-def _first_divergence(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_llama_mha_tied", "tiny_qwen2"])
@@ -41,10 +33,7 @@ def test_greedy_tokens_stay_close_to_the_unquantized_cache(model: str,
     runner = fp8.engine.runner
     assert runner.kv_pool.dtype == torch.uint8 and runner.kv_layout_dtype == "fp8"
     assert runner.kv_pool.shape[-1] == row_width(fp8.engine.arch.head_dim)
-    got = fp8.generate(prompts, PARAMS)
-    diverged = [_first_divergence(w.token_ids, g.token_ids) for w, g in zip(base, got, strict=True)]
-    diffs = [abs(a.logprob - b.logprob) for w, g, n in zip(base, got, diverged, strict=True)
-             for a, b in zip(w.logprobs[:n], g.logprobs[:n], strict=True)]
+    diverged, diffs = divergence(base, fp8.generate(prompts, PARAMS))
     # Random tiny models have near-tied logits, so tokens part early under fp8's ~2% row
     # error: measured (llama, qwen2) the median first divergence is 4 of 16 tokens and the
     # mean |dlogprob| before it 0.044-0.047; rows read with their scale 30% off part at
@@ -57,15 +46,7 @@ def test_greedy_tokens_stay_close_to_the_unquantized_cache(model: str,
 @pytest.mark.skipif(not triton_available(torch.device("cpu")), reason="triton is not importable")
 @pytest.mark.skipif(cpu_ext.load() is None, reason="CPU kernels could not be built")
 def test_every_backend_gives_the_same_tokens(tiny_qwen2: Path) -> None:
-    prompts = _prompts(1, [3, 23, 11, 40])
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    config = {"num_kv_blocks": 64, "block_size": 4, "max_num_batched_tokens": 16}
-    tokens = {}
-    for backend in ("torch", "cpu", "triton"):
-        llm = LLM(model=str(tiny_qwen2), attention_backend=backend, kv_cache_dtype="fp8", **config)
-        assert llm.engine.runner.ops.name == backend
-        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
-    assert tokens["cpu"] == tokens["torch"] and tokens["triton"] == tokens["torch"]
+    assert_backends_agree(tiny_qwen2, "fp8")
 
 
 def test_prefix_cache_hits_and_preemption_run_on_fp8_blocks(tiny_llama: Path) -> None:
@@ -91,7 +72,7 @@ def test_prefix_cache_hits_and_preemption_run_on_fp8_blocks(tiny_llama: Path) ->
     assert roomy.engine.block_manager.stats.hits >= 7 * 16  # the shared prefix, 7 times
     # A recomputed sequence attends to its own fresh K/V where the first pass read cached
     # rows, so it may part late; most tokens stay equal.
-    same = sum(_first_divergence(w, g) for w, g in zip(want, got, strict=True))
+    same = sum(first_divergence(w, g) for w, g in zip(want, got, strict=True))
     assert same >= 0.75 * sum(len(w) for w in want), (want, got)
     tight.engine.block_manager.check_invariants([])
     assert tight.engine.block_manager.num_free_blocks == 12

@@ -6,7 +6,6 @@ the narrow rows back."""
 
 from __future__ import annotations
 
-import random
 import statistics
 from pathlib import Path
 
@@ -18,24 +17,15 @@ from splitserve.engine.config import EngineConfig
 from splitserve.kernels import cpu_ext
 from splitserve.kernels.backend import triton_available
 from splitserve.llm import LLM
+from tests.engine.kv_cache_cases import assert_backends_agree, divergence, first_divergence, prompts
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
 CONFIG = {"num_kv_blocks": 128, "block_size": 16}
 
 
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(49152) for _ in range(n)] for n in lengths]
-
-
-def _first_divergence(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-
-
 @pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float16"])
 def test_the_pool_holds_half_width_rows_and_tokens_stay_close(kv_cache_dtype: str,
                                                               tiny_llama: Path) -> None:
-    prompts = _prompts(0, [1, 5, 17, 33, 64, 40, 9, 25])
     base = LLM(model=str(tiny_llama), **CONFIG)
     half = LLM(model=str(tiny_llama), kv_cache_dtype=kv_cache_dtype, **CONFIG)
     full_runner, runner = base.engine.runner, half.engine.runner
@@ -44,11 +34,9 @@ def test_the_pool_holds_half_width_rows_and_tokens_stay_close(kv_cache_dtype: st
     assert runner.kv_layout_dtype == kv_cache_dtype
     assert runner.kv_pool.shape == full_runner.kv_pool.shape  # rows stay head_dim wide
     assert 2 * runner.kv_bytes_per_block == full_runner.kv_bytes_per_block
-    want = base.generate(prompts, PARAMS)
-    got = half.generate(prompts, PARAMS)
-    diverged = [_first_divergence(w.token_ids, g.token_ids) for w, g in zip(want, got, strict=True)]
-    diffs = [abs(a.logprob - b.logprob) for w, g, n in zip(want, got, diverged, strict=True)
-             for a, b in zip(w.logprobs[:n], g.logprobs[:n], strict=True)]
+    prompt_ids = prompts(0, [1, 5, 17, 33, 64, 40, 9, 25])
+    diverged, diffs = divergence(base.generate(prompt_ids, PARAMS),
+                                 half.generate(prompt_ids, PARAMS))
     # Measured on tiny_llama: bf16 and fp16 never part in 16 tokens (mean |dlogprob| 0.004
     # and 0.0005), where an fp8 cache parts at token 4 (median) with 0.047.
     assert statistics.median(diverged) >= 8, diverged
@@ -59,35 +47,24 @@ def test_the_pool_holds_half_width_rows_and_tokens_stay_close(kv_cache_dtype: st
 @pytest.mark.skipif(not triton_available(torch.device("cpu")), reason="triton is not importable")
 @pytest.mark.skipif(cpu_ext.load() is None, reason="CPU kernels could not be built")
 def test_every_backend_gives_the_same_tokens(tiny_qwen2: Path) -> None:
-    # max_num_batched_tokens 16: the longer prompts prefill in chunks, whose later chunks
-    # attend to the earlier ones' rows read back from the bf16 cache.
-    prompts = _prompts(1, [3, 23, 11, 40])
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    config = {"num_kv_blocks": 64, "block_size": 4, "max_num_batched_tokens": 16}
-    tokens = {}
-    for backend in ("torch", "cpu", "triton"):
-        llm = LLM(model=str(tiny_qwen2), attention_backend=backend, kv_cache_dtype="bfloat16",
-                  **config)
-        assert llm.engine.runner.ops.name == backend
-        assert llm.engine.runner.kv_pool.dtype == torch.bfloat16
-        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
-    assert tokens["cpu"] == tokens["torch"] and tokens["triton"] == tokens["torch"]
+    assert_backends_agree(tiny_qwen2, "bfloat16")
 
 
 def test_prefix_cache_hits_read_the_half_width_rows(tiny_llama: Path) -> None:
-    shared = _prompts(2, [32])[0]
-    prompts = [shared + tail for tail in _prompts(3, [5, 9, 3])]
+    shared = prompts(2, [32])[0]
+    prompt_ids = [shared + tail for tail in prompts(3, [5, 9, 3])]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     cold = LLM(model=str(tiny_llama), kv_cache_dtype="bfloat16", enable_prefix_caching=False,
                **CONFIG)
     warm = LLM(model=str(tiny_llama), kv_cache_dtype="bfloat16", **CONFIG)
-    warm.generate(prompts[:1], params)
-    got = [o.token_ids for o in warm.generate(prompts[1:], params)]
+    assert warm.engine.runner.kv_pool.dtype == torch.bfloat16
+    warm.generate(prompt_ids[:1], params)
+    got = [o.token_ids for o in warm.generate(prompt_ids[1:], params)]
     assert warm.engine.block_manager.stats.hits >= 2 * 32
-    want = [o.token_ids for o in cold.generate(prompts[1:], params)]
+    want = [o.token_ids for o in cold.generate(prompt_ids[1:], params)]
     # A hit attends to the prefix's bf16 rows where the cold run used its fresh fp32 K/V,
     # so a sequence may part late; most tokens stay equal.
-    same = sum(_first_divergence(w, g) for w, g in zip(want, got, strict=True))
+    same = sum(first_divergence(w, g) for w, g in zip(want, got, strict=True))
     assert same >= 0.75 * sum(len(w) for w in want), (want, got)
 
 
