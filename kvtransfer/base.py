@@ -285,9 +285,9 @@ class KVBackend(abc.ABC):
             guarded=direction is Direction.RECV,
         )
 
-    def _count(self, handle: KVTransfer) -> None:
+    def _count(self, handle: KVTransfer, state: TransferState) -> None:
         with self._lock:
-            if handle.state is TransferState.DONE:
+            if state is TransferState.DONE:
                 self._stats.transfers_ok += 1
                 self._stats.seconds += handle.seconds
                 if handle.direction is Direction.SEND:

@@ -99,6 +99,7 @@ class KVTransfer:
         "_created",
         "_finished_at",
         "_on_finish",
+        "_settling",
         "_guard",
         "_finished",
     )
@@ -111,7 +112,7 @@ class KVTransfer:
         num_layers: int,
         num_blocks: int,
         timeout_s: float,
-        on_finish: Callable[[KVTransfer], None] | None = None,
+        on_finish: Callable[[KVTransfer, TransferState], None] | None = None,
         guarded: bool = False,
     ) -> None:
         if timeout_s <= 0:
@@ -130,7 +131,10 @@ class KVTransfer:
         self._layers: set[int] = set()
         self._bytes = 0
         self._finished_at: float | None = None
+        # Called with the terminal state before anyone can see it (poll, state, wait): the
+        # backend's statistics then count every transfer its owner saw finish.
         self._on_finish = on_finish
+        self._settling = False  # terminal, being published (_settle)
         self._finished = threading.Event()  # set once DONE or FAILED
         # Receivers: held by the backend while it writes a layer into the dst blocks, and by
         # _fail, so a FAILED transfer never has a write in progress (its blocks may be freed).
@@ -212,18 +216,16 @@ class KVTransfer:
     def _record_layer(self, layer: int, nbytes: int) -> bool:
         """Mark `layer` moved. Returns False (and records nothing) if already terminal."""
         with self._lock:
-            if self._state.finished or layer in self._layers:
+            if self._state.finished or self._settling or layer in self._layers:
                 return False
             self._layers.add(layer)
             self._bytes += nbytes
-            done = len(self._layers) == self.num_layers
-            self._state = TransferState.DONE if done else TransferState.TRANSFERRING
-            if done:
-                self._finished_at = time.monotonic()
-        if done:
-            self._finished.set()
-            if self._on_finish is not None:
-                self._on_finish(self)
+            if len(self._layers) < self.num_layers:
+                self._state = TransferState.TRANSFERRING
+                return True
+            self._settling = True
+            self._finished_at = time.monotonic()
+        self._settle(TransferState.DONE)
         return True
 
     def _fail(self, message: str) -> bool:
@@ -235,15 +237,26 @@ class KVTransfer:
 
     def _fail_unguarded(self, message: str) -> bool:
         with self._lock:
-            if self._state.finished:
+            if self._state.finished or self._settling:
                 return False
-            self._state = TransferState.FAILED
+            self._settling = True
             self._error = message
             self._finished_at = time.monotonic()
-        self._finished.set()
-        if self._on_finish is not None:
-            self._on_finish(self)
+        self._settle(TransferState.FAILED)
         return True
+
+    def _settle(self, state: TransferState) -> None:
+        """Publish a terminal state decided under the lock: first the backend's callback
+        (its statistics), outside the lock, then the state and the waiters, so that whoever
+        sees the transfer finished also sees it counted; they see it even if the callback
+        raised."""
+        try:
+            if self._on_finish is not None:
+                self._on_finish(self, state)
+        finally:
+            with self._lock:
+                self._state = state
+            self._finished.set()
 
 
 TransferHandle = KVTransfer  # the name the design notes use

@@ -14,7 +14,13 @@ import torch
 
 from splitserve.common.kv_layout import KVLayout, KVLayoutMismatch, check_compatible
 from splitserve.kvtransfer._wire import MAGIC, Header
-from splitserve.kvtransfer.state import block_ids_digest, request_key
+from splitserve.kvtransfer.state import (
+    Direction,
+    KVTransfer,
+    TransferState,
+    block_ids_digest,
+    request_key,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16")
@@ -123,3 +129,27 @@ def test_header_round_trip_and_rejects_garbage() -> None:
         Header.decode(buf)
     with pytest.raises(ValueError, match="bad kvtransfer header"):
         Header.decode(Header(9, 1).encode(buf))
+
+
+def test_a_finished_transfer_is_counted_before_its_waiters_wake() -> None:
+    # The backend's statistics come from the finish callback: a waiter that sees the
+    # transfer done (and frees the request) must find it counted.
+    seen: list[tuple[TransferState, TransferState, bool]] = []
+
+    def count(h: KVTransfer, state: TransferState) -> None:
+        seen.append((state, h.poll(), h._finished.is_set()))
+
+    handle = KVTransfer("r1", "peer", Direction.RECV, 2, 1, 10.0, on_finish=count)
+    assert handle._record_layer(0, 100) and handle._record_layer(1, 100)
+    # Told DONE while the handle still reads as transferring, and no waiter woken yet.
+    assert seen == [(TransferState.DONE, TransferState.TRANSFERRING, False)]
+    assert handle.wait(0) is TransferState.DONE and handle.bytes == 200
+    assert not handle._fail("late") and not handle._record_layer(1, 100)
+
+    def boom(h: KVTransfer, state: TransferState) -> None:  # still wakes the waiters
+        raise RuntimeError("stats broke")
+
+    failing = KVTransfer("r2", "peer", Direction.SEND, 1, 1, 10.0, on_finish=boom)
+    with pytest.raises(RuntimeError, match="stats broke"):
+        failing._fail("cut")
+    assert failing.wait(0) is TransferState.FAILED
