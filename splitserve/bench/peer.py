@@ -204,16 +204,21 @@ def kv_cache_dtype(dtype: str, ns: argparse.Namespace) -> str:
 def splitserve_colocated(dtype: str, ns: argparse.Namespace) -> Iterator[str]:
     """A router and one decode worker that prefills its own prompts, as processes, while
     the block runs; yields the router's target."""
-    worker_args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
-                   "--num-kv-blocks", "2048", "--kv-cache-dtype", kv_cache_dtype(dtype, ns)]
-    if ns.max_num_batched_tokens:
-        worker_args += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
-    if ns.stream_interval != 1:
-        worker_args += ["--stream-interval", str(ns.stream_interval)]
     with local_deployment(ns.model, num_prefill=0, num_decode=1,
                           local_prefill_threshold=1 << 20, threads=ns.threads,
-                          worker_args=tuple(worker_args)) as addrs:
+                          worker_args=colocated_worker_args(dtype, ns)) as addrs:
         yield f"grpc://{addrs['router']}"
+
+
+def colocated_worker_args(dtype: str, ns: argparse.Namespace) -> tuple[str, ...]:
+    """The decode worker's engine options: those offline_engine builds its engine with."""
+    args = ["--dtype", dtype, "--max-num-seqs", str(max(ns.concurrency, 1)),
+            "--num-kv-blocks", "2048", "--kv-cache-dtype", kv_cache_dtype(dtype, ns)]
+    if ns.max_num_batched_tokens:
+        args += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
+    if ns.stream_interval != 1:
+        args += ["--stream-interval", str(ns.stream_interval)]
+    return tuple(args)
 
 
 def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -427,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         gguf = getattr(ns, f"gguf_{precision}")
         peer_name = f"llama.cpp llama-server, {gguf_kind} GGUF" + (
             f", KV {ns.llama_cache_type}" if ns.llama_cache_type else "")
-        kv = f", KV {kv_cache_dtype(dtype, ns)}" if kv_cache_dtype(dtype, ns) != "auto" else ""
+        kv_dtype = kv_cache_dtype(dtype, ns)
+        kv = f", KV {kv_dtype}" if kv_dtype != "auto" else ""
         name = f"SplitServe colocated, {precision}{kv}" + (
             f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
         trace_dir = Path(ns.step_trace) / precision if ns.step_trace else None

@@ -10,9 +10,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from splitserve.bench import main as bench_main
-from splitserve.bench.peer import lone_summary, median_summary, paired_ratio
+from splitserve.bench.peer import (
+    build_parser,
+    colocated_worker_args,
+    lone_summary,
+    median_summary,
+    offline_engine,
+    paired_ratio,
+)
 
 
 def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
@@ -104,3 +112,14 @@ def test_peer_bench_refuses_unknown_precisions(capsys: pytest.CaptureFixture[str
     assert "precisions are bf16, fp32" in capsys.readouterr().err
     assert bench_main(["peer", "--rounds", "0"]) == 2
     assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_the_fp32_kv_cache_dtype_reaches_the_worker_and_the_offline_engine(tiny_llama: Path
+                                                                          ) -> None:
+    ns = build_parser().parse_args(["--model", str(tiny_llama), "--threads", "1",
+                                    "--fp32-kv-cache-dtype", "float16"])
+    fp32_args, bf16_args = colocated_worker_args("float32", ns), colocated_worker_args("bfloat16", ns)
+    assert fp32_args[fp32_args.index("--kv-cache-dtype") + 1] == "float16"
+    assert bf16_args[bf16_args.index("--kv-cache-dtype") + 1] == "auto"  # bf16 keeps its own
+    assert offline_engine("float32", ns).runner.kv_pool.dtype == torch.float16
+    assert offline_engine("bfloat16", ns).runner.kv_pool.dtype == torch.bfloat16
