@@ -71,3 +71,50 @@ def test_drop_forgets_every_tier() -> None:
     assert "a" not in index and "b" in index
     assert index.overlap_tiers([1, 2, 3]) == {"b": tiered_run([1, 2, 3], {"device": {1}})}
     assert index._holders["disk"] == {}  # no empty holder sets left behind
+
+
+def test_a_cached_scope_follows_workers_joining_and_slots_reused() -> None:
+    """The device lookups keep a frozenset scope's bitmask: a worker of the scope that joins
+    later is found, and a newcomer reusing a dropped worker's slot is not in the scope."""
+    index = PrefixIndex()
+    scope = frozenset({"a", "b"})
+    index.apply("a", "device", [1, 2], [])
+    assert index.overlap([1, 2], scope) == {"a": 2}
+    index.apply("b", "device", [1], [])
+    assert index.overlap([1, 2], scope) == {"a": 2, "b": 1}
+    index.drop("a")
+    index.apply("c", "device", [1, 2], [])  # takes the slot "a" had
+    assert index.overlap([1, 2], scope) == {"b": 1}
+    assert index.overlap([1, 2]) == {"b": 1, "c": 2}
+    assert index.overlap([1, 2], {"c"}) == {"c": 2}  # a plain set is read afresh
+    index.apply("c", "device", [], [1, 2])
+    assert index.overlap([1, 2], frozenset({"c"})) == {}
+    assert index._device_masks == {1: index._bit["b"]}  # no empty masks left behind
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_lookups_after_churn_equal_the_reference(seed: int) -> None:
+    """Workers leave and others join (reusing their slots) between lookups over the same
+    cached scopes."""
+    rng = random.Random(1000 + seed)
+    prompts = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 12))] for _ in range(5)]
+    index = PrefixIndex()
+    truth: dict[str, set[int]] = {}
+    scopes = [frozenset(f"w{w:03d}" for w in rng.sample(range(60), 30)) for _ in range(2)]
+    for _ in range(40):
+        wid = f"w{rng.randrange(60):03d}"
+        if wid in truth and rng.random() < 0.4:
+            index.drop(wid)
+            del truth[wid]
+        else:
+            prompt = rng.choice(prompts)
+            cut = rng.randrange(len(prompt) + 1)
+            index.apply(wid, "device", prompt[:cut], [])
+            truth.setdefault(wid, set()).update(prompt[:cut])
+        for query in prompts:
+            expect = {w: n for w, holds in sorted(truth.items())
+                      if (n := leading_run(query, holds))}
+            assert index.overlap(query) == expect
+            for scope in scopes:
+                assert index.overlap(query, scope) == {
+                    w: n for w, n in expect.items() if w in scope}
