@@ -10,6 +10,7 @@ import pytest
 
 from splitserve.cluster.prefix_index import PrefixIndex
 from splitserve.cluster.store import KV_TIERS, leading_run, tiered_run
+from splitserve.common.cluster_types import WorkerIdUnion
 
 
 def _random_index(rng: random.Random, num_workers: int, prompts: list[list[int]],
@@ -49,8 +50,12 @@ def test_lookups_equal_the_reference(seed: int) -> None:
         expect_tiers = {w: run for w, run in tiers.items() if run.num_blocks}
         assert index.overlap_tiers(query) == expect_tiers
         assert list(index.overlap_tiers(query)) == sorted(expect_tiers)
-        assert index.overlap_tiers(query, frozenset(live)) == {
-            w: r for w, r in expect_tiers.items() if w in live}
+        in_live = {w: r for w, r in expect_tiers.items() if w in live}
+        assert index.overlap_tiers(query, frozenset(live)) == in_live
+        assert index.overlap_tiers(query, set(live)) == in_live  # not cached: read afresh
+        halves = sorted(live)[::2], sorted(live)[1::2]
+        assert index.overlap_tiers(query, WorkerIdUnion(frozenset(halves[0]), set(halves[1]))
+                                   ) == in_live
         device = {w: leading_run(query, holds["device"]) for w, holds in sorted(truth.items())}
         expect = {w: n for w, n in device.items() if n}
         assert index.overlap(query) == expect
@@ -70,7 +75,7 @@ def test_drop_forgets_every_tier() -> None:
     index.drop("nobody")
     assert "a" not in index and "b" in index
     assert index.overlap_tiers([1, 2, 3]) == {"b": tiered_run([1, 2, 3], {"device": {1}})}
-    assert index._holders["disk"] == {}  # no empty holder sets left behind
+    assert index._masks["disk"] == {}  # no empty holder masks left behind
 
 
 def test_a_cached_scope_follows_workers_joining_and_slots_reused() -> None:
@@ -89,7 +94,7 @@ def test_a_cached_scope_follows_workers_joining_and_slots_reused() -> None:
     assert index.overlap([1, 2], {"c"}) == {"c": 2}  # a plain set is read afresh
     index.apply("c", "device", [], [1, 2])
     assert index.overlap([1, 2], frozenset({"c"})) == {}
-    assert index._device_masks == {1: index._bit["b"]}  # no empty masks left behind
+    assert index._masks["device"] == {1: index._bit["b"]}  # no empty masks left behind
 
 
 @pytest.mark.parametrize("seed", range(10))
