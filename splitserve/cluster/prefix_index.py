@@ -175,11 +175,17 @@ class PrefixIndex:
                 del self._scope_masks[next(iter(self._scope_masks))]
             self._scope_masks[id(among)] = (among, self._slots_version, mask)
             return mask
-        # Any other set may change between lookups: ask it about the candidates only.
+        # Any other set may change between lookups: read it afresh, or (when it is the
+        # larger) ask it about the candidates only.
+        bit = self._bit
         mask = 0
-        for wid in _ids_of(self._slot_ids, candidates):
-            if wid in among:
-                mask |= self._bit[wid]
+        if len(among) <= candidates.bit_count():
+            for wid in among:
+                mask |= bit.get(wid, 0)
+        else:
+            for wid in _ids_of(self._slot_ids, candidates):
+                if wid in among:
+                    mask |= bit[wid]
         return mask
 
 
