@@ -32,6 +32,8 @@ _DTYPE_BYTES: dict[str, int] = {
 _SCALE_BYTES: dict[str, int] = {"int8": 2, "fp8": 2}
 # Layout dtype names that are not torch attribute names -> the torch dtype that stores them.
 _STORAGE: dict[str, str] = {"fp8": "uint8"}
+# The dtypes a model computes in ("": not stated).
+_MODEL_DTYPES = frozenset({"", "float32", "float16", "bfloat16"})
 
 
 class KVLayoutMismatch(ValueError):
@@ -48,6 +50,10 @@ class KVLayout:
     head_dim: int
     block_size: int
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    # The dtype the model computes in, which the values come from ("" : not stated). Two
+    # layouts that both state it must agree: an fp32 model's bf16 cache holds other values
+    # than a bf16 model's, though the bytes look alike.
+    model_dtype: str = ""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -58,6 +64,9 @@ class KVLayout:
             raise ValueError(
                 f"KVLayout.dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}"
             )
+        if self.model_dtype not in _MODEL_DTYPES:
+            raise ValueError(f"KVLayout.model_dtype must be one of {sorted(_MODEL_DTYPES)} "
+                             f"(or empty), got {self.model_dtype!r}")
 
     @property
     def element_size(self) -> int:
@@ -98,26 +107,29 @@ class KVLayout:
             raise ValueError(f"KVLayout JSON must be an object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - {"model_dtype"})  # optional: not stated
         if unknown or missing:
             raise ValueError(f"KVLayout JSON: unknown fields {unknown}, missing fields {missing}")
         return cls(**data)
 
     def describe(self) -> str:
+        model = f" model_dtype={self.model_dtype}" if self.model_dtype else ""
         return (
             f"layers={self.num_layers} kv_heads={self.num_kv_heads} head_dim={self.head_dim} "
-            f"block_size={self.block_size} dtype={self.dtype}"
+            f"block_size={self.block_size} dtype={self.dtype}{model}"
         )
 
 
 def check_compatible(
     local: KVLayout, remote: KVLayout, local_name: str = "local", remote_name: str = "remote"
 ) -> None:
-    """Raise KVLayoutMismatch naming both sides and every differing field."""
+    """Raise KVLayoutMismatch naming both sides and every differing field (model_dtype only
+    where both state it)."""
     diffs = [
         f"{f.name}: {getattr(local, f.name)!r} != {getattr(remote, f.name)!r}"
         for f in fields(KVLayout)
         if getattr(local, f.name) != getattr(remote, f.name)
+        and (f.name != "model_dtype" or (local.model_dtype and remote.model_dtype))
     ]
     if diffs:
         raise KVLayoutMismatch(

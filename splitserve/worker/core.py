@@ -122,7 +122,7 @@ def lease_options(lease_s: float) -> list[tuple[str, int]]:
 def engine_layout(engine: LLMEngine) -> KVLayout:
     arch = engine.arch
     return KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.block_size,
-                    engine.runner.kv_layout_dtype)
+                    engine.runner.kv_layout_dtype, engine.config.resolved_dtype)
 
 
 def build_kv_backend(options: WorkerOptions, worker_id: str, layout: KVLayout,

@@ -36,9 +36,12 @@ def test_json_round_trip(dtype: str) -> None:
         "head_dim": 64,
         "block_size": 16,
         "dtype": dtype,
+        "model_dtype": "",
     }
     assert KVLayout.from_json(text) == layout
     assert KVLayout.from_json(text.encode()) == layout
+    stated = replace(layout, model_dtype="float32")
+    assert KVLayout.from_json(stated.to_json()) == stated
 
 
 def test_from_json_rejects_unknown_missing_and_bad_fields() -> None:
@@ -53,6 +56,24 @@ def test_from_json_rejects_unknown_missing_and_bad_fields() -> None:
         KVLayout(30, 3, 64, 0, "float32")
     with pytest.raises(ValueError, match="num_layers"):
         KVLayout.from_json(json.dumps({**good, "num_layers": 2.5}))
+    with pytest.raises(ValueError, match="model_dtype"):
+        KVLayout.from_json(json.dumps({**good, "model_dtype": "int8"}))
+    # A peer that does not state its model's dtype: the field is optional.
+    assert KVLayout.from_json(json.dumps({k: v for k, v in good.items()
+                                          if k != "model_dtype"})) == SMOLLM2
+
+
+def test_the_model_dtype_is_compared_where_both_ends_state_it() -> None:
+    """An fp32 model's bf16 cache and a bf16 model's hold alike bytes, other values."""
+    fp32_model = replace(SMOLLM2, model_dtype="float32")
+    bf16_model = replace(SMOLLM2, model_dtype="bfloat16")
+    with pytest.raises(KVLayoutMismatch, match="model_dtype: 'float32' != 'bfloat16'") as info:
+        check_compatible(fp32_model, bf16_model, "prefill-0", "decode-0")
+    assert "prefill-0 (layers=30 kv_heads=3 head_dim=64 block_size=16 dtype=bfloat16 " \
+           "model_dtype=float32)" in str(info.value)
+    check_compatible(fp32_model, replace(SMOLLM2, model_dtype="float32"))
+    check_compatible(fp32_model, SMOLLM2)  # not stated on one end
+    check_compatible(SMOLLM2, bf16_model)
 
 
 def test_sizes() -> None:

@@ -2,8 +2,8 @@
 (int8, fp8: the prefill worker stores quantized rows and ships them with their scales over
 gloo) and half-width (bfloat16); the decode worker continues from them. Tokens equal the
 colocated engine's with the same cache, the transfer moves the narrow bytes, and a prefill
-worker whose KV dtype differs from the decode worker's is refused with a message naming
-them."""
+worker whose KV dtype differs from the decode worker's, or whose model computes in another
+dtype, is refused with a message naming them."""
 
 from __future__ import annotations
 
@@ -59,15 +59,19 @@ def test_remote_prefill_equals_the_colocated_engine(deployment: tuple[str, Deplo
 
 
 @pytest.mark.parametrize(("prefill", "decode", "message"), [
-    ("int8", "auto", "dtype"),
-    ("fp8", "int8", "dtype: 'fp8' != 'int8'|dtype: 'int8' != 'fp8'"),
-    ("bfloat16", "auto", "dtype: 'bfloat16' != 'float32'|dtype: 'float32' != 'bfloat16'"),
+    ("int8", {"kv_cache_dtype": "auto"}, "dtype"),
+    ("fp8", {"kv_cache_dtype": "int8"}, "dtype: 'fp8' != 'int8'|dtype: 'int8' != 'fp8'"),
+    ("bfloat16", {"kv_cache_dtype": "auto"},
+     "dtype: 'bfloat16' != 'float32'|dtype: 'float32' != 'bfloat16'"),
+    # The same bf16 bytes, from an fp32 model on P and a bf16 model on D.
+    ("bfloat16", {"kv_cache_dtype": "auto", "dtype": "bfloat16"},
+     "model_dtype: 'float32' != 'bfloat16'|model_dtype: 'bfloat16' != 'float32'"),
 ])
 def test_kv_dtypes_that_differ_are_refused_by_name(tiny_llama: Path, prefill: str,
-                                                   decode: str, message: str) -> None:
+                                                   decode: dict[str, str], message: str) -> None:
     dep = start_deployment(str(tiny_llama), 1, 1, engine=_engine(prefill),
                            router={"local_prefill_threshold": 4, "max_resumes": 0},
-                           engine_overrides={"decode-0": {"kv_cache_dtype": decode}})
+                           engine_overrides={"decode-0": decode})
     try:
         with Client(dep.address, timeout=60) as client:
             with pytest.raises(SplitServeError, match=message):

@@ -153,9 +153,11 @@ def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
         head_dim=layout.head_dim,
         block_size=layout.block_size,
         dtype=layout.dtype,
+        model_dtype=layout.model_dtype,
     )
 
 
 def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
     """Validated KVLayout (ValueError with a message on bad values)."""
-    return KVLayout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.block_size, msg.dtype)
+    return KVLayout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.block_size, msg.dtype,
+                    msg.model_dtype)
