@@ -23,8 +23,10 @@ profile's per-step serving overhead. With `Deployment.shared_host` (workers on o
 cores) a step's compute is multiplied by the profile's co-run factor for the kinds of step
 the other workers are running when it starts (sim.corun measures them between bare
 engines; a decode or prefill step under another worker's decode step takes the factor
-measured in the served deployments instead, when the profile has it). Nothing is random
-here: the trace carries all chance.
+measured in the served deployments instead, when the profile has it). Chance comes from
+the trace and, when a HostSpeed is given, from the host's drifting speed (sim.speed), which
+multiplies every step's compute by the factor of the period it starts in; without one the
+simulation is deterministic.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from splitserve.router.policy import (
 )
 from splitserve.sim.profile import ProfiledStepTimes
 from splitserve.sim.scheduler import SimScheduler, SimSequence, SimStep
+from splitserve.sim.speed import HostSpeed
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,11 @@ class _Flight:
 
 
 class Simulation:
-    def __init__(self, deployment: Deployment, model: ProfiledStepTimes) -> None:
+    def __init__(self, deployment: Deployment, model: ProfiledStepTimes,
+                 speed: HostSpeed | None = None) -> None:
         self.deployment = deployment
         self.model = model
+        self.speed = speed
         self.rules = RoutingRules(block_size=deployment.block_size,
                                   local_prefill_threshold=deployment.local_prefill_threshold)
         self.policy = make_prefill_policy(deployment.prefill_policy)
@@ -210,6 +215,8 @@ class Simulation:
         if self.deployment.shared_host:
             others = [w.step_kind for w in self.decode + self.prefill if w.busy and w is not worker]
             compute_ms *= self.model.corun_factor(kind, others)
+        if self.speed is not None:
+            compute_ms *= self.speed.factor(now)
         worker.busy, worker.step, worker.step_prefill_ms = True, step, compute_ms
         worker.step_kind = kind
         duration_s = (compute_ms + self.model.profile.serving.decode_step_ms) / 1e3
@@ -273,6 +280,6 @@ class Simulation:
         return sum(w.busy_s for w in workers) / (len(workers) * end)
 
 
-def simulate(deployment: Deployment, model: ProfiledStepTimes, trace: list[SimRequest]
-             ) -> list[RequestRecord]:
-    return Simulation(deployment, model).run(trace)
+def simulate(deployment: Deployment, model: ProfiledStepTimes, trace: list[SimRequest],
+             speed: HostSpeed | None = None) -> list[RequestRecord]:
+    return Simulation(deployment, model, speed).run(trace)

@@ -92,6 +92,10 @@ class Profile:
     # worker on the same host runs steps of `other kind`, over the same step alone
     # (sim.corun; empty: not measured, no interference)
     corun: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The host's speed drift (sim.speed): the standard deviation of log(step time) between
+    # periods of speed_period_s (0: not measured; the simulation is then deterministic)
+    speed_sigma: float = 0.0
+    speed_period_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens", "decode_batches", "decode_contexts"):
@@ -105,6 +109,9 @@ class Profile:
             raise ValueError("decode_ms must be [len(decode_batches)][len(decode_contexts)]")
         if self.kv_bytes_per_token < 1 or not self.kv_bandwidth_bytes_per_s > 0:
             raise ValueError("kv_bytes_per_token and kv_bandwidth_bytes_per_s must be > 0")
+        if not self.speed_sigma >= 0 or not self.speed_period_s > 0:
+            raise ValueError(f"speed_sigma must be >= 0 and speed_period_s > 0, got "
+                             f"{self.speed_sigma!r}, {self.speed_period_s!r}")
         for kind, row in self.corun.items():
             if kind not in STEP_KINDS or any(k not in STEP_KINDS or not f > 0
                                              for k, f in row.items()):

@@ -3,6 +3,7 @@
     splitserve bench simulate --profile P.json [--rates 0.5,1,1.5,2] [--num-requests 30]
                               [--slo tpot_ms=90,ttft_ms=5000] [--seed 0]
                               [--workload-args "..."] [--measured-dir results/disagg]
+                              [--replicates N] [--speed-sigma S] [--speed-period-s T]
 
 The same deployments as `bench disagg` (bench/disagg.py's CONFIGS: 2 colocated replicas, and
 1 prefill + 1 decode worker), the same seeded workload and arrivals (bench/workloads.py,
@@ -10,6 +11,12 @@ bench/arrivals.py, parsed from the same `bench serve` flags) and the same metric
 (bench/metrics.summarize). With --measured-dir (a `bench disagg --out-dir`, holding
 colocated.json and disaggregated.json) every predicted figure is printed beside the
 measured one with the relative error; rates default to the measured ones.
+
+Replicates: where the profile measured the host's speed drift (sim.speed; or with
+--speed-sigma), each rate is simulated --replicates times (default 21), each run under its
+own drift (seeds 0..N-1), and a figure is the median over the runs, printed with the band
+from their 10th to their 90th percentile: a tail over 30 requests turns on a few routing
+ties, which one deterministic run decides one way. Without a drift: one deterministic run.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ from splitserve.bench.metrics import parse_slo, summarize
 from splitserve.bench.workloads import WorkloadConfig, make_workload
 from splitserve.sim.cluster import Deployment, SimRequest, simulate
 from splitserve.sim.profile import Profile, ProfiledStepTimes
+from splitserve.sim.speed import HostSpeed
 
 DEFAULT_WORKLOAD_ARGS = "--long-input-len 1000 --long-fraction 0.2 --input-len 64 --output-len 96"
 # (summary key, statistic) pairs compared per rate
@@ -62,9 +71,28 @@ def make_trace(workload: WorkloadConfig, rate: float, num_requests: int,
             for i, (r, due) in enumerate(itertools.islice(pairs, num_requests))]
 
 
+DEFAULT_REPLICATES = 21  # with a speed drift
+
+
 def simulate_summary(deployment: Deployment, model: ProfiledStepTimes, trace: list[SimRequest],
-                     slo: dict[str, float]) -> dict[str, Any]:
-    return summarize(simulate(deployment, model, trace), slo)
+                     slo: dict[str, float], speed: HostSpeed | None = None) -> dict[str, Any]:
+    return summarize(simulate(deployment, model, trace, speed), slo)
+
+
+def replicate_summaries(deployment: Deployment, model: ProfiledStepTimes,
+                        trace: list[SimRequest], slo: dict[str, float], replicates: int,
+                        sigma: float, period_s: float) -> list[dict[str, Any]]:
+    """One summary per run: `replicates` runs under drifts of seeds 0.. (sigma > 0), or
+    the one deterministic run."""
+    if replicates < 1:
+        raise ValueError(f"replicates must be >= 1, got {replicates}")
+    if replicates > 1 and sigma <= 0:
+        raise ValueError("replicates differ only under a speed drift: the profile has none "
+                         "measured (speed_sigma 0); give --speed-sigma")
+    if replicates == 1:
+        return [simulate_summary(deployment, model, trace, slo)]
+    return [simulate_summary(deployment, model, trace, slo, HostSpeed(sigma, period_s, seed))
+            for seed in range(replicates)]
 
 
 def figure(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
@@ -72,17 +100,28 @@ def figure(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def comparison_rows(predicted: dict[float, dict[str, Any]],
+def _band(values: list[float]) -> tuple[float, float]:
+    """(10th, 90th) percentile of the runs' values (the value itself for one run)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
+
+
+def comparison_rows(predicted: dict[float, list[dict[str, Any]]],
                     measured: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per rate and figure: predicted, measured and (predicted - measured) / measured."""
+    """Per rate and figure: predicted (the median over the runs' summaries) with the runs'
+    band, measured, and (predicted - measured) / measured."""
     rows = []
     for rate in sorted(predicted):
         for key, stat in FIGURES:
-            p = figure(predicted[rate], key, stat)
+            values = [v for run in predicted[rate] if (v := figure(run, key, stat)) is not None]
+            p = statistics.median(values) if values else None
             m = figure(measured[rate], key, stat) if rate in measured else None
             error = (p - m) / m if p is not None and m else None
             rows.append({"rate": rate, "figure": key if stat is None else f"{key} {stat}",
-                         "predicted": p, "measured": m, "error": error})
+                         "predicted": p, "band": _band(values) if values else None,
+                         "runs": len(values), "measured": m, "error": error})
     return rows
 
 
@@ -102,7 +141,10 @@ def print_table(name: str, rows: list[dict[str, Any]]) -> None:
         cells = []
         for row in group:
             err = f"{row['error'] * 100:+.0f}%" if row["error"] is not None else "-"
-            cells.append(f"{row['figure']} {_fmt(row['predicted'], 0)} / "
+            band = row.get("band")
+            spread = (f" [{_fmt(band[0], 0)}-{_fmt(band[1], 0)}]"
+                      if band is not None and row.get("runs", 1) > 1 else "")
+            cells.append(f"{row['figure']} {_fmt(row['predicted'], 0)}{spread} / "
                          f"{_fmt(row['measured'], 0)} ({err})")
         print(f"  rate {rate:g}: " + "; ".join(cells))
 
@@ -118,8 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload-args", default=DEFAULT_WORKLOAD_ARGS)
     ap.add_argument("--measured-dir", default=None, help="a `bench disagg --out-dir`")
     ap.add_argument("--out", default=None, help="write predictions (and errors) as JSON")
+    ap.add_argument("--replicates", type=int, default=None,
+                    help=f"runs per rate under the speed drift (default {DEFAULT_REPLICATES} "
+                         "with one, else 1)")
+    ap.add_argument("--speed-sigma", type=float, default=None,
+                    help="the drift's sigma (default: the profile's speed_sigma)")
+    ap.add_argument("--speed-period-s", type=float, default=None,
+                    help="the drift's period (default: the profile's speed_period_s)")
     args = ap.parse_args(argv)
-    model = ProfiledStepTimes(Profile.load(args.profile))
+    profile = Profile.load(args.profile)
+    model = ProfiledStepTimes(profile)
+    sigma = profile.speed_sigma if args.speed_sigma is None else args.speed_sigma
+    period_s = profile.speed_period_s if args.speed_period_s is None else args.speed_period_s
+    replicates = args.replicates or (DEFAULT_REPLICATES if sigma > 0 else 1)
+    if replicates > 1:
+        print(f"{replicates} runs per rate under a speed drift of sigma {sigma:.3f} per "
+              f"{period_s:g} s: medians [10th-90th percentile]")
     workload = parse_workload(args.workload_args, args.seed)
     slo = parse_slo(args.slo)
     measured: dict[str, dict[float, dict[str, Any]]] = {}
@@ -130,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                 measured[name] = _measured_runs(path)
     rates = ([float(r) for r in args.rates.split(",")] if args.rates else
              sorted({r for runs in measured.values() for r in runs}) or [0.5, 1.0, 1.5, 2.0])
-    out: dict[str, Any] = {"profile": args.profile, "slo": slo, "rates": rates, "configs": {}}
+    out: dict[str, Any] = {"profile": args.profile, "slo": slo, "rates": rates,
+                           "replicates": replicates, "speed_sigma": sigma,
+                           "speed_period_s": period_s, "configs": {}}
     for name in disagg.CONFIGS:
         deployment = deployment_of(name)
-        predicted = {rate: simulate_summary(deployment, model,
-                                            make_trace(workload, rate, args.num_requests), slo)
+        predicted = {rate: replicate_summaries(deployment, model,
+                                               make_trace(workload, rate, args.num_requests),
+                                               slo, replicates, sigma, period_s)
                      for rate in rates}
         rows = comparison_rows(predicted, measured.get(name, {}))
         print_table(f"{name} ({deployment.name})", rows)

@@ -21,6 +21,7 @@ def tiny_profile(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert cli.main(["profile", "--model", str(tiny_llama), "--prefill-tokens", "8,32",
                      "--decode-batches", "1,2", "--decode-contexts", "8,24", "--repeats", "1",
                      "--no-serving", "--no-kv", "--kv-bandwidth", "5e8",
+                     "--speed-probe-s", "1", "--speed-period-s", "0.25",
                      "--out", str(out)]) == 0
     return out
 
@@ -34,6 +35,8 @@ def test_profile_records_the_grid_and_the_machine(tiny_profile: Path) -> None:
     assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert profile.kv_bandwidth_bytes_per_s == 5e8
     assert profile.hardware["cpu_count"] >= 1 and profile.threads == 1
+    # the speed drift over 1 s of batch-1 decode steps, in periods of 0.25 s
+    assert profile.speed_period_s == 0.25 and 0.0 <= profile.speed_sigma < 1.0
     # co-run factors measured against real second engines (values depend on the machine)
     assert set(profile.corun) == {"prefill", "decode"}
     assert all(set(row) == {"prefill", "decode"} and all(f > 0 for f in row.values())
@@ -71,7 +74,8 @@ def test_simulate_prints_predicted_beside_measured(tiny_profile: Path, tmp_path:
         report.save(tmp_path / f"{name}.json", report.sweep_json(name, {}, runs))
     out = tmp_path / "sim.json"
     assert cli.main(["bench", "simulate", "--profile", str(tiny_profile), "--num-requests", "12",
-                     "--measured-dir", str(tmp_path), "--out", str(out)]) == 0
+                     "--measured-dir", str(tmp_path), "--out", str(out),
+                     "--replicates", "1"]) == 0
     text = capsys.readouterr().out
     assert "=== colocated (colocated x2)" in text and "=== disaggregated (1P+1D)" in text
     rows = json.loads(out.read_text())["configs"]["disaggregated"]
@@ -79,6 +83,18 @@ def test_simulate_prints_predicted_beside_measured(tiny_profile: Path, tmp_path:
     errors = {r["figure"]: r["error"] for r in rows if r["rate"] == 3.0}
     assert errors["goodput"] == pytest.approx(-0.5)
     assert errors["ttft_ms p99"] == pytest.approx(0.0) and errors["tpot_ms p50"] == 0.0
+    # Replicates under a drift: each figure the median of the runs, printed with its band.
+    assert cli.main(["bench", "simulate", "--profile", str(tiny_profile), "--num-requests", "12",
+                     "--measured-dir", str(tmp_path), "--out", str(out),
+                     "--speed-sigma", "0.2", "--speed-period-s", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert f"{sweep.DEFAULT_REPLICATES} runs per rate under a speed drift of sigma 0.200" in text
+    assert "tpot_ms p99 " in text and "] / " in text  # "median [p10-p90] / measured"
+    data = json.loads(out.read_text())
+    assert data["replicates"] == sweep.DEFAULT_REPLICATES and data["speed_sigma"] == 0.2
+    rows = data["configs"]["colocated"]
+    assert all(r["runs"] == sweep.DEFAULT_REPLICATES and r["band"][0] <= r["predicted"]
+               <= r["band"][1] for r in rows)
 
 
 def test_plan_prints_ranked_configurations(tiny_profile: Path,

@@ -1,0 +1,71 @@
+"""The host's speed as it drifts: the simulator's one source of chance beyond the trace.
+
+A shared or virtual machine does not run at one speed: on the 2-vCPU VM of BENCHMARKS.md
+the same step takes 20-30% more or less from one minute to the next. A deterministic
+simulation of a served run is chaotic where it matters most for the tails: a request that
+ends 50 ms earlier or later flips a routing tie, and a long prompt then lands on a busy
+worker or an idle one (BENCHMARKS.md, sixteenth session). So the simulator can run a trace
+several times, each under its own drift, and report every figure's median and spread
+across the runs (`bench simulate --replicates N`).
+
+The drift model: time is cut into periods of `period_s`; in each, every step that starts
+runs `factor` times its modelled length, a factor drawn independently per period from a
+lognormal of mean 1 whose log has standard deviation `sigma`. `splitserve profile`
+measures sigma on the machine (`measure_speed_sigma`: batch-1 decode steps timed over a
+while, the spread of their per-period medians).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+
+class HostSpeed:
+    """Piecewise-constant slowdown factors, reproducible from (seed, period index)."""
+
+    def __init__(self, sigma: float, period_s: float, seed: int) -> None:
+        if not sigma >= 0 or not period_s > 0:
+            raise ValueError(f"HostSpeed needs sigma >= 0 and period_s > 0, got {sigma!r}, "
+                             f"{period_s!r}")
+        self.sigma = sigma
+        self.period_s = period_s
+        self.seed = seed
+        self._factors: dict[int, float] = {}
+
+    def factor(self, now_s: float) -> float:
+        """The step-length factor of a step starting at `now_s` (1.0 when sigma is 0)."""
+        if self.sigma == 0:
+            return 1.0
+        period = math.floor(now_s / self.period_s)
+        found = self._factors.get(period)
+        if found is None:
+            # Its own generator per period: the factor never depends on the order of queries.
+            rng = random.Random(self.seed * 1_000_003 + period)
+            found = math.exp(rng.gauss(-self.sigma ** 2 / 2, self.sigma))  # mean 1
+            self._factors[period] = found
+        return found
+
+
+def speed_sigma(samples: list[tuple[float, float]], period_s: float) -> float:
+    """The standard deviation of log(median step time) across periods of `period_s`, from
+    (time, step milliseconds) samples; 0.0 with fewer than two periods sampled."""
+    by_period: dict[int, list[float]] = {}
+    for at_s, ms in samples:
+        by_period.setdefault(math.floor(at_s / period_s), []).append(ms)
+    logs = [math.log(statistics.median(v)) for v in by_period.values() if v]
+    return statistics.stdev(logs) if len(logs) >= 2 else 0.0
+
+
+def measure_speed_sigma(step_ms: Callable[[], float], duration_s: float,
+                        period_s: float) -> float:
+    """Time `step_ms()` (one measurement's milliseconds) again and again for `duration_s`,
+    and return speed_sigma of the samples at `period_s`."""
+    start = time.monotonic()
+    samples = []
+    while (now := time.monotonic() - start) < duration_s:
+        samples.append((now, step_ms()))
+    return speed_sigma(samples, period_s)
