@@ -172,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     model = ProfiledStepTimes(profile)
     sigma = profile.speed_sigma if args.speed_sigma is None else args.speed_sigma
     period_s = profile.speed_period_s if args.speed_period_s is None else args.speed_period_s
-    replicates = args.replicates or (DEFAULT_REPLICATES if sigma > 0 else 1)
+    if not sigma >= 0 or not period_s > 0:
+        ap.error(f"the speed drift needs sigma >= 0 and a period > 0, got {sigma}, {period_s}")
+    replicates = (args.replicates if args.replicates is not None
+                  else DEFAULT_REPLICATES if sigma > 0 else 1)
+    if replicates < 1 or (replicates > 1 and sigma == 0):
+        ap.error(f"--replicates {replicates}: give 1, or more with a speed drift (the "
+                 f"profile's speed_sigma is {profile.speed_sigma}; see --speed-sigma)")
     if replicates > 1:
         print(f"{replicates} runs per rate under a speed drift of sigma {sigma:.3f} per "
               f"{period_s:g} s: medians [10th-90th percentile]")

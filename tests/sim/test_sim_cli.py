@@ -92,6 +92,11 @@ def test_simulate_prints_predicted_beside_measured(tiny_profile: Path, tmp_path:
     assert "tpot_ms p99 " in text and "] / " in text  # "median [p10-p90] / measured"
     data = json.loads(out.read_text())
     assert data["replicates"] == sweep.DEFAULT_REPLICATES and data["speed_sigma"] == 0.2
+    for bad in (["--replicates", "0"], ["--replicates", "3", "--speed-sigma", "0"],
+                ["--speed-sigma", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "simulate", "--profile", str(tiny_profile), *bad])
+    assert "--replicates" in capsys.readouterr().err
     rows = data["configs"]["colocated"]
     assert all(r["runs"] == sweep.DEFAULT_REPLICATES and r["band"][0] <= r["predicted"]
                <= r["band"][1] for r in rows)
