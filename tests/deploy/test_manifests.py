@@ -1,9 +1,11 @@
 """Every YAML file under deploy/ parses; the KubeRay and Ray-launcher clusters advertise the
-custom resources their `splitserve serve` command pins actors with; every `splitserve`
-command line in the manifests and deploy/README.md parses with the real CLI parser."""
+custom resources their `splitserve serve` command pins actors with (the RayCluster also as
+Ray's own KubeRay reader derives its node types); every `splitserve` command line in the
+manifests and deploy/README.md parses with the real CLI parser."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import re
@@ -99,6 +101,34 @@ def test_kuberay_worker_groups_carry_the_resources_serve_pins_actors_with() -> N
                                            "ray.io/node-type": "head"}
     assert f"{cluster['metadata']['name']}-head-svc:8265" in " ".join(
         job["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_kuberay_cluster_reads_as_the_ray_autoscaler_reads_it() -> None:
+    """The RayCluster through Ray's own reader of KubeRay custom resources (what the KubeRay
+    autoscaler sidecar runs in the cluster), which validates the node types it derives
+    against Ray's autoscaler schema: the groups' replica bounds, requests and
+    rayStartParams (a JSON object inside a quoted string) all parse, and each role's group
+    offers one GPU and one unit of its role's resource per pod."""
+    reader = pytest.importorskip("ray.autoscaler._private.kuberay.autoscaling_config")
+    docs = kuberay_docs()
+    cluster = copy.deepcopy(docs["RayCluster"])
+    cluster["metadata"].setdefault("namespace", "default")  # set by `kubectl apply -n`
+    config = reader._derive_autoscaling_config_from_ray_cr(cluster)
+    types = config["available_node_types"]
+    args = serve_invocation([docs["Job"]])
+    head = types.pop(config["head_node_type"])
+    assert head["max_workers"] == 0 and "GPU" not in head["resources"]
+    assert not {args.prefill_resource, args.decode_resource} & set(head["resources"])
+    by_role = {resource: [name for name, t in types.items() if resource in t["resources"]]
+               for resource in (args.prefill_resource, args.decode_resource)}
+    for resource, count in ((args.prefill_resource, args.prefill_workers),
+                            (args.decode_resource, args.decode_workers)):
+        [name] = by_role[resource]
+        node = types[name]
+        assert node["resources"][resource] == node["resources"]["GPU"] == 1
+        assert 1 <= node["min_workers"] <= node["max_workers"]
+        assert count <= node["max_workers"]
+    assert config["max_workers"] == sum(t["max_workers"] for t in types.values())
 
 
 def test_ray_launcher_node_types_carry_the_resources_serve_pins_actors_with() -> None:
