@@ -8,8 +8,12 @@ costs beside the engine's own step.
 A router and one decode worker (prefilling its own prompts) as processes on 127.0.0.1,
 `splitserve bench serve` at --concurrency (256 words in, --output-len tokens out, EOS
 ignored), after a warm-up of 2 requests (or --concurrency, if more). CPU time is read from /proc (utime + stime of every
-thread) before and after the run; the client's from this process's waited children. The
-engine threads spin between parallel regions, so their CPU time is wall time, not work.
+thread) before and after the run. The client's is that of its process (a waited child)
+less the warm-up's, over the tokens the run has beyond the warm-up's: a `bench serve`
+process costs ~0.4 s of CPU besides its tokens (its start, imports and the workload's
+tokenizer), which the first version of this script counted per token (a third of the
+client's figure at 8 requests). The engine threads spin between parallel regions, so their
+CPU time is wall time, not work.
 """
 
 from __future__ import annotations
@@ -59,12 +63,24 @@ def deployment_processes() -> dict[int, str]:
     return found
 
 
+def client_cpu_s(argv: list[str]) -> float:
+    """CPU seconds of the child process `argv` (run to its end)."""
+    before = os.times()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = os.times()
+    return (after.children_user + after.children_system
+            - before.children_user - before.children_system)
+
+
 def main() -> int:
     ap = engine_parser(__doc__)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1)
     args = ap.parse_args()
+    warmup = max(2, args.concurrency)
+    if args.requests <= warmup:
+        ap.error(f"--requests must exceed the warm-up's {warmup} requests")
     worker_args = ("--dtype", args.dtype, "--max-num-seqs", "16", "--num-kv-blocks", "2048")
     with tempfile.TemporaryDirectory() as tmp, local_deployment(
             args.model, num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
@@ -77,22 +93,22 @@ def main() -> int:
                     "--output-len", str(args.output_len), "--concurrency", str(args.concurrency),
                     "--num-requests", str(num_requests), "--no-progress", "--out", str(result)]
 
-        subprocess.run(bench(max(2, args.concurrency)), check=True, capture_output=True)
+        warmup_s = client_cpu_s(bench(warmup))
         procs = deployment_processes()
         before = {pid: thread_cpu_s(pid) for pid in procs}
-        client_before, start = os.times(), time.monotonic()
-        subprocess.run(bench(args.requests), check=True, stdout=subprocess.DEVNULL)
-        client_after, wall = os.times(), time.monotonic() - start
+        start = time.monotonic()
+        client_s = client_cpu_s(bench(args.requests)) - warmup_s
+        wall = time.monotonic() - start
         after = {pid: thread_cpu_s(pid) for pid in procs}
         summary = json.loads(result.read_text())["summary"]
     tokens = args.requests * args.output_len
     cores = os.cpu_count() or 1
-    client_s = (client_after.children_user + client_after.children_system
-                - client_before.children_user - client_before.children_system)
     print(f"{tokens} tokens in {wall:.1f} s at concurrency {args.concurrency}, TPOT p50 "
           f"{summary['tpot_ms']['p50']:.2f} ms; the {cores} cores' time: "
           f"{cores * wall * 1e3 / tokens:.3f} ms per token")
-    print(f"client (bench serve): {client_s * 1e3 / tokens:.3f} ms CPU per token")
+    client_tokens = (args.requests - warmup) * args.output_len
+    print(f"client (bench serve): {client_s * 1e3 / client_tokens:.3f} ms CPU per token "
+          f"(beyond its {warmup}-request warm-up's)")
     for pid, role in procs.items():
         rows = sorted(((cpu_s - before[pid].get(tid, (name, 0.0))[1], tid, name)
                        for tid, (name, cpu_s) in after[pid].items()), reverse=True)
