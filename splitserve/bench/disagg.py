@@ -11,15 +11,22 @@ Each gets the same seeded Poisson sweep of a mixed workload (mostly short prompt
 long ones) through `splitserve bench serve`; results, plots and the comparison land in
 --out-dir. `--route-policy latency` runs the router's latency-aware routing (each request to
 the worker, or P/D pair, with the best predicted TTFT) instead of routing by load.
+`--speed-probe-s S` measures the host's speed before every run and after the last (sim.probe:
+batch-1 decode steps for S seconds in an engine of the workers' model, dtype and one thread,
+in a process of its own, while no request is in flight); each run records them under
+"host_probe", and `bench simulate` runs that rate at the speed they saw.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import Any
 
 from splitserve.bench import compare, serve
 from splitserve.bench.procs import local_deployment
+from splitserve.sim.probe import SpeedProbe
 
 CONFIGS = {
     "colocated": {"num_prefill": 0, "num_decode": 2, "local_prefill_threshold": 10**9},
@@ -42,9 +49,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload-args", default="--long-input-len 1000 --long-fraction 0.2 "
                     "--input-len 64 --output-len 96",
                     help="extra `bench serve` workload flags (one string)")
+    ap.add_argument("--speed-probe-s", type=float, default=0.0,
+                    help="seconds of speed probe before every run and after the last "
+                         "(0: none)")
     args = ap.parse_args(argv)
+    if args.speed_probe_s < 0:
+        ap.error(f"--speed-probe-s must be >= 0, got {args.speed_probe_s}")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        probe_host = None
+        if args.speed_probe_s:
+            probe = stack.enter_context(SpeedProbe(args.model, args.dtype, threads=1))
+
+            def probe_host() -> dict[str, Any]:
+                return {"speed_probe_ms": probe.measure(args.speed_probe_s)}
+
+        files = _sweep_configs(args, out_dir, probe_host)
+    if len(files) == 2:
+        compare.main([*files, "--plot-dir", str(out_dir / "compare")])
+        print(f"sweep plot: {plot_sweeps(files, out_dir / 'sweep.png')}")
+    return 0
+
+
+def _sweep_configs(args: argparse.Namespace, out_dir: Path,
+                   probe_host: serve.HostProbe | None) -> list[str]:
+    """`bench serve`'s sweep of every configuration (or --only's), in turn: their files."""
     files = []
     for name, config in CONFIGS.items():
         if args.only and name != args.only:
@@ -61,14 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--sweep-rates", args.rates, "--num-requests", str(args.num_requests),
                 "--seed", str(args.seed), "--slo", args.slo, "--out", str(result),
                 "--plot-dir", str(out_dir / name), "--no-progress", "--warmup", "2",
-            ])
+            ], probe_host=probe_host)
             if code != 0:
                 print(f"{name}: bench serve exited {code}")
             files.append(str(result))
-    if len(files) == 2:
-        compare.main([*files, "--plot-dir", str(out_dir / "compare")])
-        print(f"sweep plot: {plot_sweeps(files, out_dir / 'sweep.png')}")
-    return 0
+    return files
 
 
 def plot_sweeps(files: list[str], out: Path) -> Path:

@@ -26,6 +26,7 @@ import math
 import platform
 import secrets
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from splitserve.bench import clients as multi
@@ -34,6 +35,8 @@ from splitserve.bench.metrics import parse_slo, summarize, summarize_by_tag
 from splitserve.bench.runner import RunConfig, RunResult, run
 from splitserve.bench.targets import API_MODES, Target, TargetConfig, make_target
 from splitserve.bench.workloads import KINDS, WorkloadConfig, make_workload
+
+HostProbe = Callable[[], dict[str, Any]]  # a measurement of the host between runs
 
 _DEFAULT_NUM_REQUESTS = 100  # when neither --num-requests nor --duration is given
 
@@ -189,17 +192,21 @@ async def _warmup(target: Target, args: ServeArgs, progress: bool) -> None:
     print(f"warm-up: {ok}/{len(result.records)} requests completed", file=sys.stderr)
 
 
-async def _bench(args: ServeArgs, argv: list[str], progress: bool
-                 ) -> tuple[dict[str, Any], list[tuple[float, RunResult]]]:
+async def _bench(args: ServeArgs, argv: list[str], progress: bool,
+                 probe_host: HostProbe | None = None,
+                 ) -> tuple[dict[str, Any], list[tuple[float, RunResult]], list[dict[str, Any]]]:
     target = make_target(args.target)
     await target.open()
     try:
         if args.warmup:
             await _warmup(target, args, progress)
         results = []
+        probes = []  # probe_host() before each run and after the last (none without it)
         if args.sweep:
             print(report.sweep_header(), flush=True)
         for cfg in args.runs:
+            if probe_host is not None:
+                probes.append(probe_host())
             if args.clients:
                 result = await multi.run_clients(args.target, args.workload, cfg,
                                                  list(args.clients), progress)
@@ -209,16 +216,18 @@ async def _bench(args: ServeArgs, argv: list[str], progress: bool
             if args.sweep:
                 summary = summarize(result.records, args.slo, percentiles=args.percentiles)
                 print(report.sweep_row(cfg.request_rate, summary), flush=True)
-        return _config_json(args, target, argv), results
+        if probe_host is not None:
+            probes.append(probe_host())
+        return _config_json(args, target, argv), results, probes
     finally:
         await target.close()
 
 
-def _run_json(args: ServeArgs, config: dict[str, Any], cfg: RunConfig, result: RunResult
-              ) -> dict[str, Any]:
+def _run_json(args: ServeArgs, config: dict[str, Any], cfg: RunConfig, result: RunResult,
+              host_probe: dict[str, Any] | None = None) -> dict[str, Any]:
     summary = summarize(result.records, args.slo, percentiles=args.percentiles)
     by_tag = summarize_by_tag(result.records, args.slo)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {} if host_probe is None else {"host_probe": host_probe}
     if args.clients:  # a summary per client (its records are tagged with its name)
         by_tag = {c.name: summarize([r for r in result.records
                                      if multi.client_of(r.tag) == c.name],
@@ -234,7 +243,10 @@ def _run_json(args: ServeArgs, config: dict[str, Any], cfg: RunConfig, result: R
         peak_in_flight=result.peak_in_flight, **extra)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, probe_host: HostProbe | None = None) -> int:
+    """`probe_host` (a caller's, e.g. bench disagg's speed probe): called before each run
+    and after the last, with no request in flight; each run records the calls around it as
+    {"before": ..., "after": ...} under "host_probe"."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, ns = parse_args(argv)
@@ -242,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitserve bench serve: error: {err}", file=sys.stderr)
         return 2
     try:
-        config, results = asyncio.run(_bench(args, argv, progress=not ns.no_progress))
+        config, results, probes = asyncio.run(
+            _bench(args, argv, progress=not ns.no_progress, probe_host=probe_host))
     except KeyboardInterrupt:
         print("interrupted: no results", file=sys.stderr)
         return 130
-    runs = [_run_json(args, config, cfg, result)
-            for cfg, (_, result) in zip(args.runs, results, strict=True)]
+    runs = [_run_json(args, config, cfg, result,
+                      {"before": probes[i], "after": probes[i + 1]} if probes else None)
+            for i, (cfg, (_, result)) in enumerate(zip(args.runs, results, strict=True))]
     if args.sweep:
         data = report.sweep_json(args.label, config, runs)
     else:

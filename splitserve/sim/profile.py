@@ -96,6 +96,9 @@ class Profile:
     # periods of speed_period_s (0: not measured; the simulation is then deterministic)
     speed_sigma: float = 0.0
     speed_period_s: float = 2.0
+    # The median of the same probe measurement (sim.probe: a batch-1 decode step at
+    # PROBE_CONTEXT tokens): what a sweep's probes are compared with (0: not measured)
+    speed_probe_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens", "decode_batches", "decode_contexts"):
@@ -112,6 +115,9 @@ class Profile:
         if not self.speed_sigma >= 0 or not self.speed_period_s > 0:
             raise ValueError(f"speed_sigma must be >= 0 and speed_period_s > 0, got "
                              f"{self.speed_sigma!r}, {self.speed_period_s!r}")
+        if not self.speed_probe_ms >= 0:
+            raise ValueError(f"speed_probe_ms must be >= 0 (0: not measured), got "
+                             f"{self.speed_probe_ms!r}")
         for kind, row in self.corun.items():
             if kind not in STEP_KINDS or any(k not in STEP_KINDS or not f > 0
                                              for k, f in row.items()):

@@ -12,9 +12,10 @@ Measures, with the engine in this process (no prefix caching, one step per point
     per-layer messages, median), and the KV bytes per token of this model's layout;
   - co-run factors (unless --no-corun): each step kind's time while a second engine
     process on the same cores runs steps of each kind, over its time alone (sim.corun);
-  - the host's speed drift (unless --speed-probe-s 0): batch-1 decode steps timed for
-    --speed-probe-s seconds; the spread of log(median step) across periods of
-    --speed-period-s is the drift's sigma (sim.speed), what `bench simulate` replicates under;
+  - the host's speed drift (unless --speed-probe-s 0): the speed probe (sim.probe: batch-1
+    decode steps) timed for --speed-probe-s seconds; the spread of log(median step) across
+    periods of --speed-period-s is the drift's sigma (sim.speed), what `bench simulate`
+    replicates under, and their median is the speed level a sweep's probes compare with;
   - serving overheads (unless --no-serving): a local deployment (router + workers as
     processes, --threads each) serves short prompts one at a time, colocated and then
     disaggregated; what TTFT and TPOT hold beyond the engine's own step times; and the
@@ -43,8 +44,9 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
+from splitserve.sim.probe import probe_step_ms
 from splitserve.sim.profile import Profile, ProfiledStepTimes, ServingOverheads
-from splitserve.sim.speed import measure_speed_sigma
+from splitserve.sim.speed import measure_speed
 
 if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
@@ -226,13 +228,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"decode batch {b:3d}: " + ", ".join(
             f"ctx {c}: {t:.1f} ms" for c, t in zip(contexts, decode_ms[-1], strict=True)),
               flush=True)
-    speed_sigma = 0.0
+    speed_sigma = speed_probe_ms = 0.0
     if args.speed_probe_s > 0:
-        speed_sigma = measure_speed_sigma(
-            partial(decode_step_ms, engine, 1, contexts[0], steps=4), args.speed_probe_s,
-            args.speed_period_s)
+        speed_sigma, speed_probe_ms = measure_speed(
+            partial(probe_step_ms, engine), args.speed_probe_s, args.speed_period_s)
         print(f"speed drift: sigma {speed_sigma:.3f} per {args.speed_period_s:g} s "
-              f"({args.speed_probe_s:g} s of batch-1 decode steps)", flush=True)
+              f"({args.speed_probe_s:g} s of batch-1 decode steps, median "
+              f"{speed_probe_ms:.2f} ms)", flush=True)
     layout = engine_layout(engine)
     bytes_per_token = layout.bytes_for(1) // layout.block_size
     bandwidth = args.kv_bandwidth if args.no_kv else measure_kv_bandwidth(
@@ -245,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
                       hardware=hardware, prefill_tokens=prefill_tokens, prefill_ms=prefill_ms,
                       decode_batches=batches, decode_contexts=contexts, decode_ms=decode_ms,
                       kv_bytes_per_token=bytes_per_token, kv_bandwidth_bytes_per_s=bandwidth,
-                      speed_sigma=speed_sigma, speed_period_s=args.speed_period_s)
+                      speed_sigma=speed_sigma, speed_period_s=args.speed_period_s,
+                      speed_probe_ms=speed_probe_ms)
     del engine
     if not args.no_corun:
         from splitserve.sim.corun import measure_factors

@@ -11,8 +11,10 @@ across the runs (`bench simulate --replicates N`).
 The drift model: time is cut into periods of `period_s`; in each, every step that starts
 runs `factor` times its modelled length, a factor drawn independently per period from a
 lognormal of mean 1 whose log has standard deviation `sigma`. `splitserve profile`
-measures sigma on the machine (`measure_speed_sigma`: batch-1 decode steps timed over a
-while, the spread of their per-period medians).
+measures sigma on the machine (`measure_speed`: batch-1 decode steps timed over a while,
+the spread of their per-period medians). On top of the drift, a `level`: how much slower
+(> 1) or faster the host ran during the simulated run than while the profile was taken,
+from the speed probes both took (sim.probe).
 """
 
 from __future__ import annotations
@@ -27,26 +29,28 @@ from collections.abc import Callable
 class HostSpeed:
     """Piecewise-constant slowdown factors, reproducible from (seed, period index)."""
 
-    def __init__(self, sigma: float, period_s: float, seed: int) -> None:
-        if not sigma >= 0 or not period_s > 0:
-            raise ValueError(f"HostSpeed needs sigma >= 0 and period_s > 0, got {sigma!r}, "
-                             f"{period_s!r}")
+    def __init__(self, sigma: float, period_s: float, seed: int, level: float = 1.0) -> None:
+        if not sigma >= 0 or not period_s > 0 or not level > 0:
+            raise ValueError(f"HostSpeed needs sigma >= 0, period_s > 0 and level > 0, got "
+                             f"{sigma!r}, {period_s!r}, {level!r}")
         self.sigma = sigma
         self.period_s = period_s
         self.seed = seed
+        self.level = level
         self._factors: dict[int, float] = {}
 
     def factor(self, now_s: float) -> float:
-        """The step-length factor of a step starting at `now_s` (1.0 when sigma is 0)."""
+        """The step-length factor of a step starting at `now_s`: the level times the
+        period's drift (the level alone when sigma is 0)."""
         if self.sigma == 0:
-            return 1.0
+            return self.level
         period = math.floor(now_s / self.period_s)
         found = self._factors.get(period)
         if found is None:
             # Its own generator per period: the factor never depends on the order of queries.
             rng = random.Random(self.seed * 1_000_003 + period)
-            found = math.exp(rng.gauss(-self.sigma ** 2 / 2, self.sigma))  # mean 1
-            self._factors[period] = found
+            found = self.level * math.exp(rng.gauss(-self.sigma ** 2 / 2, self.sigma))
+            self._factors[period] = found  # (the drift has mean 1)
         return found
 
 
@@ -60,12 +64,12 @@ def speed_sigma(samples: list[tuple[float, float]], period_s: float) -> float:
     return statistics.stdev(logs) if len(logs) >= 2 else 0.0
 
 
-def measure_speed_sigma(step_ms: Callable[[], float], duration_s: float,
-                        period_s: float) -> float:
-    """Time `step_ms()` (one measurement's milliseconds) again and again for `duration_s`,
-    and return speed_sigma of the samples at `period_s`."""
+def measure_speed(step_ms: Callable[[], float], duration_s: float,
+                  period_s: float) -> tuple[float, float]:
+    """Time `step_ms()` (one measurement's milliseconds) again and again for `duration_s`
+    (at least once): (speed_sigma of the samples at `period_s`, their median)."""
     start = time.monotonic()
-    samples = []
+    samples = [(0.0, step_ms())]
     while (now := time.monotonic() - start) < duration_s:
         samples.append((now, step_ms()))
-    return speed_sigma(samples, period_s)
+    return speed_sigma(samples, period_s), statistics.median(ms for _, ms in samples)

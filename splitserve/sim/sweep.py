@@ -17,6 +17,14 @@ Replicates: where the profile measured the host's speed drift (sim.speed; or wit
 own drift (seeds 0..N-1), and a figure is the median over the runs, printed with the band
 from their 10th to their 90th percentile: a tail over 30 requests turns on a few routing
 ties, which one deterministic run decides one way. Without a drift: one deterministic run.
+
+Speed level: where the measured sweep probed the host between its runs (`bench disagg
+--speed-probe-s`) and the profile holds the same probe's median (speed_probe_ms), each rate
+runs at the level the probes around its run saw, relative to the profile's (the geometric
+mean of the probe before it and the one after, over the profile's): every step's compute
+is multiplied by it, on top of the drift. The profile's step times hold the speed of the
+minutes it was taken in; the sweep may run 20% faster or slower (BENCHMARKS.md, sixteenth
+session). `--no-speed-level` ignores the probes.
 """
 
 from __future__ import annotations
@@ -81,18 +89,36 @@ def simulate_summary(deployment: Deployment, model: ProfiledStepTimes, trace: li
 
 def replicate_summaries(deployment: Deployment, model: ProfiledStepTimes,
                         trace: list[SimRequest], slo: dict[str, float], replicates: int,
-                        sigma: float, period_s: float) -> list[dict[str, Any]]:
+                        sigma: float, period_s: float, level: float = 1.0
+                        ) -> list[dict[str, Any]]:
     """One summary per run: `replicates` runs under drifts of seeds 0.. (sigma > 0), or
-    the one deterministic run."""
+    the one deterministic run; every step at the speed `level` besides."""
     if replicates < 1:
         raise ValueError(f"replicates must be >= 1, got {replicates}")
     if replicates > 1 and sigma <= 0:
         raise ValueError("replicates differ only under a speed drift: the profile has none "
                          "measured (speed_sigma 0); give --speed-sigma")
     if replicates == 1:
-        return [simulate_summary(deployment, model, trace, slo)]
-    return [simulate_summary(deployment, model, trace, slo, HostSpeed(sigma, period_s, seed))
+        speed = None if level == 1.0 else HostSpeed(0.0, period_s, 0, level)
+        return [simulate_summary(deployment, model, trace, slo, speed)]
+    return [simulate_summary(deployment, model, trace, slo,
+                             HostSpeed(sigma, period_s, seed, level))
             for seed in range(replicates)]
+
+
+def speed_level(run: dict[str, Any], profile: Profile) -> float | None:
+    """The speed level of a measured run: the geometric mean of the speed probes before
+    and after it over the profile's probe (None where either has no probe)."""
+    probe = run.get("host_probe")
+    if not profile.speed_probe_ms or not probe:
+        return None
+    try:
+        before, after = (float(probe[k]["speed_probe_ms"]) for k in ("before", "after"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not before > 0 or not after > 0:
+        return None
+    return float((before * after) ** 0.5 / profile.speed_probe_ms)
 
 
 def figure(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
@@ -126,8 +152,9 @@ def comparison_rows(predicted: dict[float, list[dict[str, Any]]],
 
 
 def _measured_runs(path: Path) -> dict[float, dict[str, Any]]:
+    """A sweep's runs by rate."""
     data = report.load(path)
-    return {float(r["request_rate"]): r["summary"] for r in data["runs"]
+    return {float(r["request_rate"]): r for r in data["runs"]
             if isinstance(r["request_rate"], (int, float))}
 
 
@@ -167,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the drift's sigma (default: the profile's speed_sigma)")
     ap.add_argument("--speed-period-s", type=float, default=None,
                     help="the drift's period (default: the profile's speed_period_s)")
+    ap.add_argument("--no-speed-level", action="store_true",
+                    help="every rate at the profile's speed, whatever the sweep's probes saw")
     args = ap.parse_args(argv)
     profile = Profile.load(args.profile)
     model = ProfiledStepTimes(profile)
@@ -197,16 +226,25 @@ def main(argv: list[str] | None = None) -> int:
                            "speed_period_s": period_s, "configs": {}}
     for name in disagg.CONFIGS:
         deployment = deployment_of(name)
+        runs = measured.get(name, {})
+        levels = {rate: level for rate in rates if rate in runs and not args.no_speed_level
+                  and (level := speed_level(runs[rate], profile)) is not None}
         predicted = {rate: replicate_summaries(deployment, model,
                                                make_trace(workload, rate, args.num_requests),
-                                               slo, replicates, sigma, period_s)
+                                               slo, replicates, sigma, period_s,
+                                               levels.get(rate, 1.0))
                      for rate in rates}
-        rows = comparison_rows(predicted, measured.get(name, {}))
+        rows = comparison_rows(predicted, {rate: run["summary"] for rate, run in runs.items()})
         print_table(f"{name} ({deployment.name})", rows)
+        if levels:
+            print(f"  speed level (the sweep's probes over the profile's "
+                  f"{profile.speed_probe_ms:.2f} ms): " + ", ".join(
+                      f"rate {rate:g} {level:.3f}" for rate, level in sorted(levels.items())))
         errors = [abs(r["error"]) for r in rows if r["error"] is not None]
         if errors:
             print(f"  largest |error| {max(errors) * 100:.0f}% over {len(errors)} figures")
         out["configs"][name] = rows
+        out.setdefault("speed_levels", {})[name] = {str(r): v for r, v in levels.items()}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -37,6 +37,7 @@ def test_profile_records_the_grid_and_the_machine(tiny_profile: Path) -> None:
     assert profile.hardware["cpu_count"] >= 1 and profile.threads == 1
     # the speed drift over 1 s of batch-1 decode steps, in periods of 0.25 s
     assert profile.speed_period_s == 0.25 and 0.0 <= profile.speed_sigma < 1.0
+    assert profile.speed_probe_ms > 0  # the probe's median, what a sweep's probes compare with
     # co-run factors measured against real second engines (values depend on the machine)
     assert set(profile.corun) == {"prefill", "decode"}
     assert all(set(row) == {"prefill", "decode"} and all(f > 0 for f in row.values())

@@ -12,7 +12,7 @@ import pytest
 from splitserve.bench.metrics import parse_slo
 from splitserve.sim import sweep
 from splitserve.sim.cluster import Deployment, SimRequest, simulate
-from splitserve.sim.speed import HostSpeed, measure_speed_sigma, speed_sigma
+from splitserve.sim.speed import HostSpeed, measure_speed, speed_sigma
 from tests.sim.test_sim_cluster import flat_model
 
 
@@ -38,16 +38,18 @@ def test_sigma_is_the_spread_of_the_periods_medians() -> None:
     samples = [(0.1, 10.0), (0.5, 11.0), (0.9, 9.0), (1.2, 20.0), (2.5, 40.0), (2.6, 40.0)]
     assert speed_sigma(samples, 1.0) == pytest.approx(math.log(2))
     assert speed_sigma([(0.1, 10.0), (0.2, 30.0)], 1.0) == 0.0  # one period: no spread
-    steady = measure_speed_sigma(lambda: 5.0, duration_s=0.05, period_s=0.01)
-    assert steady == 0.0
+    assert measure_speed(lambda: 5.0, duration_s=0.05, period_s=0.01) == (0.0, 5.0)
     # A host that runs at one speed for 10 ms, then at a quarter of it, and so on.
     start = time.monotonic()
 
     def step_ms() -> float:
         return 10.0 if int((time.monotonic() - start) / 0.01) % 2 == 0 else 40.0
 
-    drifting = measure_speed_sigma(step_ms, duration_s=0.06, period_s=0.01)
+    drifting, median = measure_speed(step_ms, duration_s=0.06, period_s=0.01)
     assert drifting > 0.5 * math.log(4)
+    assert 10.0 <= median <= 40.0
+    # However short the probe, one measurement is taken.
+    assert measure_speed(lambda: 7.0, duration_s=0.0, period_s=1.0) == (0.0, 7.0)
 
 
 def test_the_simulation_under_a_drift() -> None:
@@ -65,6 +67,21 @@ def test_the_simulation_under_a_drift() -> None:
     [lone] = simulate(Deployment(num_decode=1), model, [SimRequest(0, 0.0, 64, 4)],
                       HostSpeed(0.3, 10.0, seed=4))
     assert lone.tpot_ms == pytest.approx(10.0 * factor)
+
+
+def test_the_level_scales_every_step_with_or_without_a_drift() -> None:
+    assert HostSpeed(0.0, 1.0, seed=3, level=1.25).factor(50.0) == 1.25
+    drift = HostSpeed(0.3, 2.0, seed=5)
+    slower = HostSpeed(0.3, 2.0, seed=5, level=1.25)
+    for t in (0.0, 1.9, 2.0, 7.5, 100.0):
+        assert slower.factor(t) == pytest.approx(1.25 * drift.factor(t))
+    model = flat_model()  # decode steps of 10 ms
+    [lone] = simulate(Deployment(num_decode=1), model, [SimRequest(0, 0.0, 64, 4)],
+                      HostSpeed(0.0, 1.0, seed=0, level=0.8))
+    assert lone.tpot_ms == pytest.approx(8.0)
+    for level in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="level"):
+            HostSpeed(0.1, 1.0, seed=0, level=level)
 
 
 def test_replicates_report_the_median_and_band_of_the_runs() -> None:

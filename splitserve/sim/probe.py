@@ -1,0 +1,121 @@
+"""The host's speed at a given moment: one measurement both a profile and a sweep take.
+
+A profile's step times hold the speed of the minutes it was taken in; on a VM whose speed
+moves 20% between one quarter of an hour and the next (BENCHMARKS.md, sixteenth session),
+a sweep measured later runs at another one, and the simulator, which knows only the
+profile, misses by that much. So both measure the same probe: the median of batch-1 decode
+steps at PROBE_CONTEXT tokens, in an engine of the profile's model, dtype and threads.
+`splitserve profile` records its probe's median with the points (Profile.speed_probe_ms);
+`bench disagg --speed-probe-s S` probes for S seconds between the sweep's runs (a
+`SpeedProbe`: an engine in a process of its own, loaded once, idle while the runs go); and
+`bench simulate` runs each rate at the speed level its probes saw, relative to the
+profile's (sim.speed.HostSpeed's level).
+
+    python -m splitserve.sim.probe --model M --dtype D --threads T
+        reads seconds on stdin, one per line; answers each with {"median_ms": ...,
+        "samples": n} on stdout, after a first line {"ready": true}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splitserve.engine.llm_engine import LLMEngine
+
+PROBE_CONTEXT = 64  # tokens each probe sequence holds
+PROBE_STEPS = 4  # decode steps per measurement (bench.offline.decode_step_ms's median)
+
+
+def probe_engine(model: str, dtype: str, threads: int) -> LLMEngine:
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=model, dtype=dtype, num_threads=threads,
+                                  enable_prefix_caching=False, num_kv_blocks=64))
+
+
+def probe_step_ms(engine: LLMEngine) -> float:
+    """One probe measurement: a batch-1 decode step at PROBE_CONTEXT tokens (median of
+    PROBE_STEPS steps), milliseconds."""
+    from splitserve.bench.offline import decode_step_ms
+
+    return decode_step_ms(engine, 1, PROBE_CONTEXT, steps=PROBE_STEPS)
+
+
+def probe_for(engine: LLMEngine, seconds: float) -> list[float]:
+    """Probe measurements taken one after another for `seconds` (at least one)."""
+    start, samples = time.monotonic(), [probe_step_ms(engine)]
+    while time.monotonic() - start < seconds:
+        samples.append(probe_step_ms(engine))
+    return samples
+
+
+class SpeedProbe:
+    """A probe engine in a child process: `measure(seconds)` -> median ms. Use as a context
+    manager (the child exits with it)."""
+
+    def __init__(self, model: str, dtype: str, threads: int) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "splitserve.sim.probe", "--model", model, "--dtype", dtype,
+             "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._answer()  # {"ready": true} once the engine is loaded
+
+    def _answer(self) -> dict[str, Any]:
+        """The child's next JSON line (other lines on its stdout are skipped)."""
+        assert self._proc.stdout is not None
+        while line := self._proc.stdout.readline():
+            if line.startswith("{"):
+                answer: dict[str, Any] = json.loads(line)
+                return answer
+        raise RuntimeError(f"the speed probe exited (code {self._proc.wait()})")
+
+    def measure(self, seconds: float) -> float:
+        """The median probe measurement over `seconds` of probing, milliseconds."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"{seconds}\n")
+        self._proc.stdin.flush()
+        return float(self._answer()["median_ms"])
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()  # the child's loop ends at end of input
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> SpeedProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m splitserve.sim.probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    engine = probe_engine(args.model, args.dtype, args.threads)
+    probe_step_ms(engine)  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        samples = probe_for(engine, float(line))
+        print(json.dumps({"median_ms": statistics.median(samples), "samples": len(samples)}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The speed probe (sim.probe) a profile and a sweep both take, `bench serve`'s hook that
+runs it between a sweep's runs, and `bench simulate` at the speed level the probes saw."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitserve import cli
+from splitserve.bench import report, serve
+from splitserve.bench.metrics import parse_slo
+from splitserve.sim import sweep
+from splitserve.sim.probe import SpeedProbe
+from splitserve.sim.profile import Profile, ProfiledStepTimes
+from tests.bench.fake_openai import FakeOpenAI
+from tests.sim.test_sim_cluster import flat_model
+
+
+def test_a_probe_process_answers_each_measurement_and_exits_with_its_owner(
+        tiny_llama: Path) -> None:
+    with SpeedProbe(str(tiny_llama), "float32", threads=1) as probe:
+        first, second = probe.measure(0.2), probe.measure(0.0)
+        process = probe._proc
+    assert first > 0 and second > 0
+    assert process.poll() == 0  # the end of its input ended it
+
+
+def test_a_probe_of_a_model_that_does_not_load_says_so(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="the speed probe exited"):
+        SpeedProbe(str(tmp_path / "no-such-model"), "float32", threads=1)
+
+
+@pytest.fixture
+def fake() -> Iterator[str]:
+    server = FakeOpenAI(token_delay_s=0.001)
+    yield server.start()
+    server.stop()
+
+
+def test_bench_serve_records_the_hosts_probes_around_each_run(fake: str, tmp_path: Path
+                                                               ) -> None:
+    calls: list[int] = []
+
+    def probe_host() -> dict[str, Any]:
+        calls.append(len(calls))
+        return {"speed_probe_ms": 10.0 + len(calls)}
+
+    out = tmp_path / "sweep.json"
+    assert serve.main(["--target", fake, "--workload", "fixed", "--input-len", "8",
+                       "--output-len", "3", "--num-requests", "4", "--sweep-rates", "50,100",
+                       "--no-progress", "--out", str(out)], probe_host=probe_host) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert len(calls) == 3  # before each of the 2 runs and after the last
+    assert [r["host_probe"] for r in runs] == [
+        {"before": {"speed_probe_ms": 11.0}, "after": {"speed_probe_ms": 12.0}},
+        {"before": {"speed_probe_ms": 12.0}, "after": {"speed_probe_ms": 13.0}}]
+    plain = tmp_path / "plain.json"
+    assert serve.main(["--target", fake, "--workload", "fixed", "--input-len", "8",
+                       "--output-len", "3", "--num-requests", "2", "--no-progress",
+                       "--out", str(plain)]) == 0
+    assert "host_probe" not in json.loads(plain.read_text())
+
+
+def _probed(before: float, after: float) -> dict[str, Any]:
+    return {"host_probe": {"before": {"speed_probe_ms": before},
+                           "after": {"speed_probe_ms": after}}}
+
+
+def test_the_speed_level_is_the_runs_probes_over_the_profiles() -> None:
+    profile = dataclasses.replace(flat_model().profile, speed_probe_ms=20.0)
+    assert sweep.speed_level(_probed(20.0, 45.0), profile) == pytest.approx(1.5)  # sqrt(900)
+    assert sweep.speed_level(_probed(16.0, 16.0), profile) == pytest.approx(0.8)
+    assert sweep.speed_level({}, profile) is None  # a sweep without probes
+    assert sweep.speed_level(_probed(0.0, 16.0), profile) is None
+    assert sweep.speed_level({"host_probe": {"before": {}}}, profile) is None
+    assert sweep.speed_level(_probed(20.0, 20.0), flat_model().profile) is None  # no probe
+    with pytest.raises(ValueError, match="speed_probe_ms"):
+        dataclasses.replace(profile, speed_probe_ms=-1.0)
+
+
+def test_simulate_runs_each_rate_at_its_probes_level(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The measured sweep is the simulation at the profile's speed, its runs probed at 1.25x
+    # the profile's probe: with the level, every figure of a slower host is predicted
+    # slower; --no-speed-level reproduces the measurement exactly.
+    profile = dataclasses.replace(flat_model().profile, speed_probe_ms=8.0)
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    assert Profile.load(path).speed_probe_ms == 8.0
+    model = ProfiledStepTimes(profile)
+    workload = sweep.parse_workload(sweep.DEFAULT_WORKLOAD_ARGS, seed=0)
+    slo = parse_slo("tpot_ms=90,ttft_ms=5000")
+    for name in ("colocated", "disaggregated"):
+        runs = [{"request_rate": rate, "requests": [], **_probed(10.0, 10.0),
+                 "summary": sweep.simulate_summary(sweep.deployment_of(name), model,
+                                                   sweep.make_trace(workload, rate, 12), slo)}
+                for rate in (1.0, 2.0)]
+        report.save(tmp_path / f"{name}.json", report.sweep_json(name, {}, runs))
+    out = tmp_path / "sim.json"
+    base = ["bench", "simulate", "--profile", str(path), "--num-requests", "12",
+            "--measured-dir", str(tmp_path), "--out", str(out), "--replicates", "1"]
+    assert cli.main(base) == 0
+    assert "speed level (the sweep's probes over the profile's 8.00 ms): rate 1 1.250" in (
+        capsys.readouterr().out)
+    data = json.loads(out.read_text())
+    assert data["speed_levels"]["colocated"] == {"1.0": 1.25, "2.0": 1.25}
+    tpot = {r["rate"]: r for r in data["configs"]["colocated"] if r["figure"] == "tpot_ms p50"}
+    assert tpot[1.0]["error"] == pytest.approx(0.25)  # 10 ms decode steps, run at 12.5
+    assert cli.main([*base, "--no-speed-level"]) == 0
+    assert "speed level" not in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert all(r["error"] == pytest.approx(0.0) for r in data["configs"]["colocated"]
+               if r["error"] is not None)
