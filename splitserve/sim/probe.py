@@ -5,7 +5,8 @@ moves 20% between one quarter of an hour and the next (BENCHMARKS.md, sixteenth 
 a sweep measured later runs at another one, and the simulator, which knows only the
 profile, misses by that much. So both measure the same probe: the median of batch-1 decode
 steps at PROBE_CONTEXT tokens, in an engine of the profile's model, dtype and threads.
-`splitserve profile` records its probe's median with the points (Profile.speed_probe_ms);
+`splitserve profile` records its probe's median with the points (Profile.speed_probe_ms;
+its probe runs in a `SpeedProbe` too: the same process, engine and code as a sweep's);
 `bench disagg --speed-probe-s S` probes for S seconds between the sweep's runs (a
 `SpeedProbe`: an engine in a process of its own, loaded once, idle while the runs go); and
 `bench simulate` runs each rate at the speed level its probes saw, relative to the

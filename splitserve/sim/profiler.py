@@ -13,7 +13,8 @@ Measures, with the engine in this process (no prefix caching, one step per point
   - co-run factors (unless --no-corun): each step kind's time while a second engine
     process on the same cores runs steps of each kind, over its time alone (sim.corun);
   - the host's speed drift (unless --speed-probe-s 0): the speed probe (sim.probe: batch-1
-    decode steps) timed for --speed-probe-s seconds; the spread of log(median step) across
+    decode steps in an engine process of its own, as a sweep's probes run) timed for
+    --speed-probe-s seconds; the spread of log(median step) across
     periods of --speed-period-s is the drift's sigma (sim.speed), what `bench simulate`
     replicates under, and their median is the speed level a sweep's probes compare with;
   - serving overheads (unless --no-serving): a local deployment (router + workers as
@@ -44,7 +45,7 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
-from splitserve.sim.probe import probe_step_ms
+from splitserve.sim.probe import SpeedProbe
 from splitserve.sim.profile import Profile, ProfiledStepTimes, ServingOverheads
 from splitserve.sim.speed import measure_speed
 
@@ -230,8 +231,11 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
     speed_sigma = speed_probe_ms = 0.0
     if args.speed_probe_s > 0:
-        speed_sigma, speed_probe_ms = measure_speed(
-            partial(probe_step_ms, engine), args.speed_probe_s, args.speed_period_s)
+        # In the probe's own process and engine, as a sweep's probes run (sim.probe): one
+        # measurement per call.
+        with SpeedProbe(args.model, args.dtype, args.threads) as probe:
+            speed_sigma, speed_probe_ms = measure_speed(
+                partial(probe.measure, 0.0), args.speed_probe_s, args.speed_period_s)
         print(f"speed drift: sigma {speed_sigma:.3f} per {args.speed_period_s:g} s "
               f"({args.speed_probe_s:g} s of batch-1 decode steps, median "
               f"{speed_probe_ms:.2f} ms)", flush=True)
