@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from splitserve import cli
-from splitserve.bench import report, serve
+from splitserve.bench import disagg, report, serve
 from splitserve.bench.metrics import parse_slo
 from splitserve.sim import sweep
 from splitserve.sim.probe import SpeedProbe
@@ -116,3 +116,19 @@ def test_simulate_runs_each_rate_at_its_probes_level(
     data = json.loads(out.read_text())
     assert all(r["error"] == pytest.approx(0.0) for r in data["configs"]["colocated"]
                if r["error"] is not None)
+
+
+def test_bench_disagg_probes_the_host_around_each_run(tiny_llama: Path, tmp_path: Path) -> None:
+    # A real colocated deployment (router + 2 decode workers as processes) and a probe process.
+    assert disagg.main(["--model", str(tiny_llama), "--only", "colocated", "--rates", "8,16",
+                        "--num-requests", "3", "--speed-probe-s", "0.1",
+                        "--workload-args", "--input-len 8 --output-len 4 --long-fraction 0",
+                        "--out-dir", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "colocated.json").read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [8.0, 16.0]
+    assert all(r["summary"]["completed"] == 3 for r in runs)
+    probes = [r["host_probe"] for r in runs]
+    assert all(p[k]["speed_probe_ms"] > 0 for p in probes for k in ("before", "after"))
+    assert probes[0]["after"] == probes[1]["before"]  # one probe between the two runs
+    with pytest.raises(SystemExit):
+        disagg.main(["--speed-probe-s", "-1"])
