@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             probe = stack.enter_context(SpeedProbe(args.model, args.dtype, threads=1))
 
             def probe_host() -> dict[str, Any]:
-                return {"speed_probe_ms": probe.measure(args.speed_probe_s)}
+                return {"speed_probe_ms": probe.measure(args.speed_probe_s),
+                        "model": args.model, "dtype": args.dtype, "threads": 1}
 
         files = _sweep_configs(args, out_dir, probe_host)
     if len(files) == 2:

@@ -108,13 +108,18 @@ def replicate_summaries(deployment: Deployment, model: ProfiledStepTimes,
 
 def speed_level(run: dict[str, Any], profile: Profile) -> float | None:
     """The speed level of a measured run: the geometric mean of the speed probes before
-    and after it over the profile's probe (None where either has no probe)."""
+    and after it over the profile's probe (None where either has no probe, or the run's
+    probes ran another model, dtype or thread count than the profile's)."""
     probe = run.get("host_probe")
     if not profile.speed_probe_ms or not probe:
         return None
+    ours = {"model": profile.model, "dtype": profile.dtype, "threads": profile.threads}
     try:
         before, after = (float(probe[k]["speed_probe_ms"]) for k in ("before", "after"))
-    except (KeyError, TypeError, ValueError):
+        if any(probe[k].get(key, value) != value
+               for k in ("before", "after") for key, value in ours.items()):
+            return None
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
     if not before > 0 or not after > 0:
         return None

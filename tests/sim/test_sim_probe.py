@@ -79,6 +79,14 @@ def test_the_speed_level_is_the_runs_probes_over_the_profiles() -> None:
     assert sweep.speed_level(_probed(0.0, 16.0), profile) is None
     assert sweep.speed_level({"host_probe": {"before": {}}}, profile) is None
     assert sweep.speed_level(_probed(20.0, 20.0), flat_model().profile) is None  # no probe
+    # Probes of another engine setting than the profile's are not its speed.
+    same = {"model": profile.model, "dtype": profile.dtype, "threads": profile.threads}
+    run = _probed(20.0, 45.0)
+    for probe in run["host_probe"].values():
+        probe.update(same)
+    assert sweep.speed_level(run, profile) == pytest.approx(1.5)
+    run["host_probe"]["after"]["threads"] = profile.threads + 1
+    assert sweep.speed_level(run, profile) is None
     with pytest.raises(ValueError, match="speed_probe_ms"):
         dataclasses.replace(profile, speed_probe_ms=-1.0)
 
@@ -128,7 +136,8 @@ def test_bench_disagg_probes_the_host_around_each_run(tiny_llama: Path, tmp_path
     assert [r["request_rate"] for r in runs] == [8.0, 16.0]
     assert all(r["summary"]["completed"] == 3 for r in runs)
     probes = [r["host_probe"] for r in runs]
-    assert all(p[k]["speed_probe_ms"] > 0 for p in probes for k in ("before", "after"))
+    assert all(p[k]["speed_probe_ms"] > 0 and p[k]["threads"] == 1
+               and p[k]["model"] == str(tiny_llama) for p in probes for k in ("before", "after"))
     assert probes[0]["after"] == probes[1]["before"]  # one probe between the two runs
     with pytest.raises(SystemExit):
         disagg.main(["--speed-probe-s", "-1"])
