@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  speed level (the sweep's probes over the profile's "
                   f"{profile.speed_probe_ms:.2f} ms): " + ", ".join(
                       f"rate {rate:g} {level:.3f}" for rate, level in sorted(levels.items())))
+        elif runs and not args.no_speed_level:
+            why = ("the profile has no speed probe (speed_probe_ms 0)"
+                   if not profile.speed_probe_ms else
+                   "the sweep has no speed probes of the profile's engine setting "
+                   "(bench disagg --speed-probe-s)")
+            print(f"  every rate at the profile's speed: {why}")
         errors = [abs(r["error"]) for r in rows if r["error"] is not None]
         if errors:
             print(f"  largest |error| {max(errors) * 100:.0f}% over {len(errors)} figures")

@@ -120,7 +120,8 @@ def test_simulate_runs_each_rate_at_its_probes_level(
     tpot = {r["rate"]: r for r in data["configs"]["colocated"] if r["figure"] == "tpot_ms p50"}
     assert tpot[1.0]["error"] == pytest.approx(0.25)  # 10 ms decode steps, run at 12.5
     assert cli.main([*base, "--no-speed-level"]) == 0
-    assert "speed level" not in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "speed level" not in text and "every rate at the profile's speed" not in text
     data = json.loads(out.read_text())
     assert all(r["error"] == pytest.approx(0.0) for r in data["configs"]["colocated"]
                if r["error"] is not None)
@@ -141,3 +142,26 @@ def test_bench_disagg_probes_the_host_around_each_run(tiny_llama: Path, tmp_path
     assert probes[0]["after"] == probes[1]["before"]  # one probe between the two runs
     with pytest.raises(SystemExit):
         disagg.main(["--speed-probe-s", "-1"])
+
+
+def test_simulate_says_why_it_runs_every_rate_at_the_profiles_speed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = flat_model()
+    workload = sweep.parse_workload(sweep.DEFAULT_WORKLOAD_ARGS, seed=0)
+    slo = parse_slo("tpot_ms=90,ttft_ms=5000")
+    summary = sweep.simulate_summary(sweep.deployment_of("colocated"), model,
+                                     sweep.make_trace(workload, 1.0, 6), slo)
+    run = {"request_rate": 1.0, "requests": [], "summary": summary}
+    report.save(tmp_path / "colocated.json", report.sweep_json("colocated", {}, [run]))
+    base = ["bench", "simulate", "--num-requests", "6", "--measured-dir", str(tmp_path),
+            "--replicates", "1"]
+    unprobed = tmp_path / "unprobed.json"
+    model.profile.save(unprobed)
+    assert cli.main([*base, "--profile", str(unprobed)]) == 0
+    assert "every rate at the profile's speed: the profile has no speed probe" in (
+        capsys.readouterr().out)
+    probed = tmp_path / "probed.json"
+    dataclasses.replace(model.profile, speed_probe_ms=8.0).save(probed)
+    assert cli.main([*base, "--profile", str(probed)]) == 0
+    assert "the sweep has no speed probes of the profile's engine setting" in (
+        capsys.readouterr().out)
