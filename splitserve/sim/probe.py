@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import statistics
 import subprocess
 import sys
@@ -60,20 +62,48 @@ def probe_for(engine: LLMEngine, seconds: float) -> list[float]:
 
 class SpeedProbe:
     """A probe engine in a child process: `measure(seconds)` -> median ms. Use as a context
-    manager (the child exits with it)."""
+    manager (the child exits with it). A child that does not answer in time (the engine's
+    load within `load_timeout_s`, a measurement within its seconds plus `answer_slack_s`)
+    is killed and the call raises TimeoutError: a sweep never waits on a hung probe."""
 
-    def __init__(self, model: str, dtype: str, threads: int) -> None:
+    def __init__(self, model: str, dtype: str, threads: int, load_timeout_s: float = 600.0,
+                 answer_slack_s: float = 120.0,
+                 command: list[str] | None = None) -> None:
+        # `command` replaces the probe's own (tests: a child that never answers)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "splitserve.sim.probe", "--model", model, "--dtype", dtype,
-             "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._answer()  # {"ready": true} once the engine is loaded
+            command or [sys.executable, "-m", "splitserve.sim.probe", "--model", model,
+                        "--dtype", dtype, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._pending = b""  # read from the child's stdout, not yet a whole line
+        self._answer_slack_s = answer_slack_s
+        try:
+            self._answer(load_timeout_s)  # {"ready": true} once the engine is loaded
+        except BaseException:
+            self.close()
+            raise
 
-    def _answer(self) -> dict[str, Any]:
-        """The child's next JSON line (other lines on its stdout are skipped)."""
+    def _line(self, deadline: float) -> bytes:
+        """The child's next line (b"" once it has exited), waiting until `deadline`."""
         assert self._proc.stdout is not None
-        while line := self._proc.stdout.readline():
-            if line.startswith("{"):
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                self._proc.kill()
+                raise TimeoutError(f"the speed probe (pid {self._proc.pid}) did not answer "
+                                   "in time; killed")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b""
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line + b"\n"
+
+    def _answer(self, timeout_s: float) -> dict[str, Any]:
+        """The child's next JSON line (other lines on its stdout are skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while line := self._line(deadline):
+            if line.startswith(b"{"):
                 answer: dict[str, Any] = json.loads(line)
                 return answer
         raise RuntimeError(f"the speed probe exited (code {self._proc.wait()})")
@@ -81,9 +111,9 @@ class SpeedProbe:
     def measure(self, seconds: float) -> float:
         """The median probe measurement over `seconds` of probing, milliseconds."""
         assert self._proc.stdin is not None
-        self._proc.stdin.write(f"{seconds}\n")
+        self._proc.stdin.write(f"{seconds}\n".encode())
         self._proc.stdin.flush()
-        return float(self._answer()["median_ms"])
+        return float(self._answer(seconds + self._answer_slack_s)["median_ms"])
 
     def close(self) -> None:
         if self._proc.stdin is not None and not self._proc.stdin.closed:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,43 @@ def test_a_probe_process_answers_each_measurement_and_exits_with_its_owner(
 def test_a_probe_of_a_model_that_does_not_load_says_so(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="the speed probe exited"):
         SpeedProbe(str(tmp_path / "no-such-model"), "float32", threads=1)
+
+
+# Stand-ins for the probe child, to test the pipe's reading and deadlines only.
+_SILENT = "import time; time.sleep(60)"
+_READY_THEN_SILENT = 'print("{\\"ready\\": true}", flush=True); import time; time.sleep(60)'
+_SPLIT_LINES = """
+import sys, time
+sys.stdout.write('loading...\\n{"rea'); sys.stdout.flush(); time.sleep(0.2)
+print('dy": true}', flush=True)
+for line in sys.stdin:
+    print('{"median_ms": %s}' % (float(line) + 1.5), flush=True)
+"""
+
+
+def _stand_in(code: str, **timeouts: float) -> SpeedProbe:
+    return SpeedProbe("unused", "float32", 1, command=[sys.executable, "-c", code], **timeouts)
+
+
+def test_a_probe_that_never_loads_is_killed_at_its_deadline() -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not answer in time"):
+        _stand_in(_SILENT, load_timeout_s=0.5)
+    assert time.monotonic() - start < 30
+
+
+def test_a_probe_that_hangs_in_a_measurement_is_killed_and_the_call_raises() -> None:
+    probe = _stand_in(_READY_THEN_SILENT, answer_slack_s=0.5)
+    with pytest.raises(TimeoutError):
+        probe.measure(0.0)
+    assert probe._proc.wait(10) != 0  # killed, not left behind
+    probe.close()
+
+
+def test_the_probes_answers_are_read_whole_across_partial_writes() -> None:
+    with _stand_in(_SPLIT_LINES) as probe:
+        assert probe.measure(2.0) == 3.5
+        assert probe.measure(0.5) == 2.0
 
 
 @pytest.fixture
