@@ -21,12 +21,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests
 
-# mypy: every package but the engine, kernels and entry points (torch-heavy; typed, not
-# yet mypy-clean as a whole); the worker roles pull in the engine modules they use.
-MYPY_PACKAGES := -p splitserve.common -p splitserve.cluster -p splitserve.router \
-	-p splitserve.worker -p splitserve.prefill_worker -p splitserve.decode_worker \
-	-p splitserve.kvtransfer -p splitserve.client -p splitserve._client_common \
-	-m splitserve.scaling
+# mypy: the whole package (the engine, kernels and entry points included).
+MYPY_PACKAGES := -p splitserve
 
 lint: setup
 	$(VENV)/bin/ruff check splitserve kernels kvtransfer router prefill_worker decode_worker \

@@ -314,7 +314,8 @@ def serve(options: ServeOptions) -> Deployment:
     env_opts: dict[str, Any] = (
         {"runtime_env": {"env_vars": {"SPLITSERVE_TLS_DIR": tls_dir}}} if tls_dir else {})
     router = ray.remote(num_cpus=0, **env_opts)(_RouterActor).remote(router_cfg)
-    address, cluster_url, http_address = ray.get(router.info.remote(), timeout=120)
+    address, cluster_url, http_address = ray.get(
+        router.info.remote(), timeout=120)  # type: ignore[attr-defined]  # an actor method
     num_workers = options.prefill_workers + options.decode_workers
     engine = options.engine
     if engine.num_threads is None and options.ray_address is None:

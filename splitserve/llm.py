@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from splitserve.common.outputs import RequestOutput
 from splitserve.common.sampling_params import SamplingParams
@@ -54,9 +54,10 @@ class LLM:
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template (with the assistant prompt) and generate."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
-        prompts = [self.tokenizer.apply_chat_template(list(c)) for c in conversations]
+        batch = cast("Sequence[Conversation]", [conversations]
+                     if conversations and isinstance(conversations[0], dict)
+                     else conversations)  # one conversation, or several
+        prompts = [self.tokenizer.apply_chat_template(list(c)) for c in batch]
         return self.generate(prompts, params, use_tqdm)
 
     def _tokens(self, prompt: Prompt) -> list[int]:

@@ -226,7 +226,7 @@ def _run_one(router: str, prompt: list[int], sampling: dict[str, Any],
                     out.error = chunk.error_message
                     out.num_resumes = chunk.timings.num_resumes if chunk.timings else 0
     except SplitServeError as exc:
-        out.error = f"{exc.code.name}: {exc}"
+        out.error = f"{exc.code.name if exc.code is not None else 'UNKNOWN'}: {exc}"
     return out
 
 
@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                      else _pass(cluster, requests, args.concurrency, {}))
         print(f"chaos pass: faults {faults}", flush=True)
         before = _resumes(cluster)
-        stop, log = threading.Event(), []  # type: ignore[var-annotated]
+        stop = threading.Event()
+        log: list[dict[str, Any]] = []
         progress = Progress(needed=max(1, min(args.concurrency, len(requests)) // 2))
         injector = threading.Thread(
             target=_inject, args=(cluster, faults, stop, rng, log, args.max_faults, progress))
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             failures.append(f"request {i}: {got.finish_reason or 'status'} {got.error}")
     pauses = [o.longest_gap_s for o in chaos if o.num_resumes and not o.cancelled]
-    figures = {
+    figures: dict[str, Any] = {
         "model": args.model, "requests": len(requests), "concurrency": args.concurrency,
         "max_resumes": args.max_resumes,
         "max_tokens": args.max_tokens, "seconds": round(took, 1),
