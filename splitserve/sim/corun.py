@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
+from splitserve.sim.child import AnsweringChild
 from splitserve.sim.profile import STEP_KINDS
 
 if TYPE_CHECKING:
@@ -81,43 +81,37 @@ def _make_engine(model: str, dtype: str, threads: int, decode_steps: int = 64) -
 
 class _Load:
     """A second process that runs steps of one kind back to back while told to (its own
-    engine, started once): `go()` starts it, `stop()` pauses it (its sequences stay)."""
+    engine, started once): `go()` starts it, `stop()` pauses it (its sequences stay). A
+    process that does not answer in time is killed (TimeoutError)."""
 
-    def __init__(self, kind: str, model: str, dtype: str, threads: int) -> None:
-        self.proc = subprocess.Popen(
+    def __init__(self, kind: str, model: str, dtype: str, threads: int,
+                 load_timeout_s: float = 600.0, answer_timeout_s: float = 300.0) -> None:
+        self._child = AnsweringChild(
             [sys.executable, "-m", "splitserve.sim.corun", "--load", kind, "--model", model,
-             "--dtype", dtype, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._expect(b"r")
+             "--dtype", dtype, "--threads", str(threads)], f"the co-run {kind} load")
+        self._answer_timeout_s = answer_timeout_s
+        self._expect(b"r", load_timeout_s)
 
-    def _expect(self, byte: bytes) -> None:
-        assert self.proc.stdout is not None
-        got = self.proc.stdout.read(1)
+    def _expect(self, byte: bytes, timeout_s: float) -> None:
+        try:
+            got = self._child.read_bytes(1, timeout_s)
+        except BaseException:
+            self.close()
+            raise
         if got != byte:
             self.close()
             raise RuntimeError(f"co-run load process: expected {byte!r}, got {got!r}")
 
-    def _send(self, byte: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(byte)
-        self.proc.stdin.flush()
-
     def go(self) -> None:
-        self._send(b"g")
-        self._expect(b"g")
+        self._child.send(b"g")
+        self._expect(b"g", self._answer_timeout_s)
 
     def stop(self) -> None:
-        self._send(b"s")
-        self._expect(b"s")
+        self._child.send(b"s")  # it answers once its running step has ended
+        self._expect(b"s", self._answer_timeout_s)
 
     def close(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self._child.close()
 
 
 def measure_factors(model: str, dtype: str, threads: int, repeats: int = 5,

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
 import statistics
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any
+
+from splitserve.sim.child import AnsweringChild
 
 if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
@@ -70,11 +70,9 @@ class SpeedProbe:
                  answer_slack_s: float = 120.0,
                  command: list[str] | None = None) -> None:
         # `command` replaces the probe's own (tests: a child that never answers)
-        self._proc = subprocess.Popen(
+        self._child = AnsweringChild(
             command or [sys.executable, "-m", "splitserve.sim.probe", "--model", model,
-                        "--dtype", dtype, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._pending = b""  # read from the child's stdout, not yet a whole line
+                        "--dtype", dtype, "--threads", str(threads)], "the speed probe")
         self._answer_slack_s = answer_slack_s
         try:
             self._answer(load_timeout_s)  # {"ready": true} once the engine is loaded
@@ -82,47 +80,26 @@ class SpeedProbe:
             self.close()
             raise
 
-    def _line(self, deadline: float) -> bytes:
-        """The child's next line (b"" once it has exited), waiting until `deadline`."""
-        assert self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        while b"\n" not in self._pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                self._proc.kill()
-                raise TimeoutError(f"the speed probe (pid {self._proc.pid}) did not answer "
-                                   "in time; killed")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b""
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line + b"\n"
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self._child.proc
 
     def _answer(self, timeout_s: float) -> dict[str, Any]:
         """The child's next JSON line (other lines on its stdout are skipped)."""
         deadline = time.monotonic() + timeout_s
-        while line := self._line(deadline):
+        while line := self._child.read_line(max(0.0, deadline - time.monotonic())):
             if line.startswith(b"{"):
                 answer: dict[str, Any] = json.loads(line)
                 return answer
-        raise RuntimeError(f"the speed probe exited (code {self._proc.wait()})")
+        raise RuntimeError(f"the speed probe exited (code {self._child.proc.wait()})")
 
     def measure(self, seconds: float) -> float:
         """The median probe measurement over `seconds` of probing, milliseconds."""
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(f"{seconds}\n".encode())
-        self._proc.stdin.flush()
+        self._child.send(f"{seconds}\n".encode())
         return float(self._answer(seconds + self._answer_slack_s)["median_ms"])
 
     def close(self) -> None:
-        if self._proc.stdin is not None and not self._proc.stdin.closed:
-            self._proc.stdin.close()  # the child's loop ends at end of input
-        try:
-            self._proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        self._child.close()
 
     def __enter__(self) -> SpeedProbe:
         return self

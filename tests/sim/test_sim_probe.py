@@ -27,7 +27,7 @@ def test_a_probe_process_answers_each_measurement_and_exits_with_its_owner(
         tiny_llama: Path) -> None:
     with SpeedProbe(str(tiny_llama), "float32", threads=1) as probe:
         first, second = probe.measure(0.2), probe.measure(0.0)
-        process = probe._proc
+        process = probe.process
     assert first > 0 and second > 0
     assert process.poll() == 0  # the end of its input ended it
 
@@ -64,7 +64,7 @@ def test_a_probe_that_hangs_in_a_measurement_is_killed_and_the_call_raises() -> 
     probe = _stand_in(_READY_THEN_SILENT, answer_slack_s=0.5)
     with pytest.raises(TimeoutError):
         probe.measure(0.0)
-    assert probe._proc.wait(10) != 0  # killed, not left behind
+    assert probe.process.wait(10) != 0  # killed, not left behind
     probe.close()
 
 
