@@ -111,7 +111,11 @@ def test_router_and_worker_metrics_match_the_requests(deployment: Deployment) ->
     assert value(r, "splitserve_generation_tokens_total") == tokens
     assert value(r, "splitserve_prompt_tokens_total") == sum(x["prompt_tokens"] for x in results)
     remote = value(r, "splitserve_prefills_total", location="remote")
-    assert remote == 4 and value(r, "splitserve_prefills_total", location="local") == 2
+    local = value(r, "splitserve_prefills_total", location="local")
+    # The two short prompts are prefilled on the decode worker, the first long one on the
+    # prefill worker; a repeat of it goes either way, by whether the decode worker's cached
+    # prefix (published asynchronously) has reached the router's view when it arrives.
+    assert remote >= 1 and local >= 2 and remote + local == n, (remote, local)
     for phase in ("router_queue", "prefill_queue", "prefill_compute", "decode_queue"):
         assert value(r, "splitserve_request_phase_seconds_count", phase=phase) == n
     assert value(r, "splitserve_request_phase_seconds_count", phase="kv_transfer") == remote
