@@ -4,7 +4,9 @@ same invocation (DESIGN: measure, then claim). Each module has a main(argv) -> i
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+from types import FrameType
 
 BENCHMARKS = {
     "offline": ("splitserve.bench.offline", "engine vs transformers generate (tokens/s)"),
@@ -44,7 +46,15 @@ def main(argv: list[str]) -> int:
             print(f"  {name:10s} {doc}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return int(module.main(argv[1:]) or 0)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (`timeout`, `kill`) ends a benchmark like Ctrl-C does: by an exception, so
+    the deployments and servers it started are stopped on the way out (Python's default
+    SIGTERM ends the process at once and leaves its workers running)."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
