@@ -15,8 +15,13 @@ callback with it), so both front ends feed the same series:
   generation / cached tokens, KV bytes moved for routed requests, prefills by location;
 - gauges: requests in flight and queued in admission.
 
-Besides the series, `recent_ttft` / `recent_tpot` keep the last minutes' samples (seconds)
-for percentiles over a sliding window (router.pd_control).
+Besides the series, three windows keep the last minutes' samples (seconds) for
+percentiles over a sliding window (router.pd_control): `recent_ttft` (a sample per first
+token), `recent_tpot` (a sample per finished request: its whole TPOT) and
+`recent_live_tpot` (a sample per LIVE_TPOT_SEGMENT_S of each request's decoding: the mean
+gap between its tokens in that stretch, and one for the stretch it finished in). A long
+request's TPOT is known only at its end and averages its whole life; the live samples say
+how fast the requests decode now.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from splitserve.common.metrics import (
 )
 from splitserve.router.admission import AdmissionController
 from splitserve.router.latency_window import LatencyWindow
+
+# A decoding request adds a live TPOT sample this often (router clock).
+LIVE_TPOT_SEGMENT_S = 1.0
 from splitserve.router.relay import RequestTrace
 from splitserve.v1 import common_pb2, router_pb2
 
@@ -124,6 +132,7 @@ class RouterMetrics:
                             "slot.", registry=r)
         self.recent_ttft = LatencyWindow()
         self.recent_tpot = LatencyWindow()
+        self.recent_live_tpot = LatencyWindow()
         if admission is not None:
             self.inflight.set_function(lambda: admission.num_inflight)
             self.queued.set_function(lambda: admission.num_queued)
@@ -147,6 +156,9 @@ class RequestObserver:
         self._first_token: float | None = None
         self._last_token: float | None = None
         self._num_tokens = 0
+        # The live TPOT stretch so far: when it began (a token's time) and the tokens then.
+        self._segment_at = 0.0
+        self._segment_tokens = 0
         self._ended = False
         # Per chunk, so looked up once: prometheus_client's labels() takes a lock and
         # builds a key on every call.
@@ -168,19 +180,33 @@ class RequestObserver:
                 self._m.ttft.observe(now - self._trace.arrival)
                 self._m.recent_ttft.add(now - self._trace.arrival, now)
                 gaps = [0.0] * (k - 1)  # tokens that came with the first one
+                self._segment_at, self._segment_tokens = now, k
             else:
                 gaps = [(now - self._last_token) / k] * k
             for gap in gaps:
                 self._m.itl.observe(gap)
             self._last_token = now
             self._num_tokens += k
+            if now - self._segment_at >= LIVE_TPOT_SEGMENT_S:
+                self._live_sample(now)
             self._m.generation_tokens.inc(k)
             self._output_tokens.inc(k)
         if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self._finished(chunk)
 
+    def _live_sample(self, now: float) -> None:
+        """The mean gap between this request's tokens since the stretch began, as a live TPOT
+        sample taken at `now`; the next stretch begins at the last token."""
+        assert self._last_token is not None
+        tokens = self._num_tokens - self._segment_tokens
+        if tokens > 0:
+            self._m.recent_live_tpot.add((self._last_token - self._segment_at) / tokens, now)
+        self._segment_at, self._segment_tokens = self._last_token, self._num_tokens
+
     def _finished(self, chunk: router_pb2.GenerateResponse) -> None:
         m = self._m
+        if self._last_token is not None:
+            self._live_sample(time.monotonic())  # the stretch it finished in
         self.end(FINISH_REASON_NAMES.get(chunk.finish_reason, "error"))
         timings = chunk.timings
         m.e2e.observe(timings.e2e_ms / 1000.0)

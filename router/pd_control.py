@@ -1,7 +1,8 @@
 """Closed-loop P:D control inside the router (RouterConfig.pd_control, `--pd-control`).
 
 Every `period_s` the controller reads what the router already knows: TTFT and TPOT
-percentiles over the last `window_s` (RouterMetrics.recent_ttft / recent_tpot), the
+percentiles over the last `window_s` (RouterMetrics.recent_ttft, and recent_live_tpot or
+recent_tpot as `tpot_signal` says), the
 live workers and their load reports from cluster state, the admission queue. The pure
 `pd_decide.decide` says whether a role is short of capacity long enough to move a worker;
 if so the controller asks the least loaded worker of the other role to switch
@@ -139,7 +140,9 @@ class PDController:
     def signals(self, live: list[LiveWorker]) -> Signals:
         cfg = self.config
         ttft, num_ttft = self._metrics.recent_ttft.percentile(cfg.percentile, cfg.window_s)
-        tpot, num_tpot = self._metrics.recent_tpot.percentile(cfg.percentile, cfg.window_s)
+        tpot_window = (self._metrics.recent_live_tpot if cfg.tpot_signal == "live"
+                       else self._metrics.recent_tpot)
+        tpot, num_tpot = tpot_window.percentile(cfg.percentile, cfg.window_s)
         prefill = [(i, load) for i, load in live if i.role is WorkerRole.PREFILL]
         return Signals(
             num_prefill=len(prefill),

@@ -2,7 +2,10 @@
 
 Every period the controller reads the signals (TTFT and TPOT percentiles over a sliding
 window, prompt tokens queued on the prefill workers, the P and D counts) and asks `decide`
-whether to move a worker from one role to the other:
+whether to move a worker from one role to the other. The TPOT signal is, by default
+(`tpot_signal="live"`), the decoding requests' token gaps of the last second or so
+(RouterMetrics.recent_live_tpot); "finished" reads the finished requests' whole TPOTs,
+which lag a long request's life behind the decode load of now.
 
 - A role is *short* when its objective is missed while the other role has room to give a
   worker: TTFT over its objective (or the prefill queue over `prefill_queue_tokens` per
@@ -28,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 PREFILL, DECODE = "prefill", "decode"
+TPOT_SIGNALS = ("live", "finished")
 _OTHER = {PREFILL: DECODE, DECODE: PREFILL}
 
 
@@ -38,6 +42,9 @@ class PDControlConfig:
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
     percentile: float = 90.0  # of the window's TTFT and TPOT samples
+    # TPOT samples: "live" (each decoding request's recent token gaps, RouterMetrics.
+    # recent_live_tpot) or "finished" (each finished request's whole TPOT, recent_tpot).
+    tpot_signal: str = "live"
     period_s: float = 2.0  # signals read and a decision taken this often
     window_s: float = 10.0  # latency samples of the last window_s seconds count
     min_samples: int = 4  # fewer in the window: that latency is unknown
@@ -55,6 +62,9 @@ class PDControlConfig:
         for name in ("ttft_slo_ms", "tpot_slo_ms", "period_s", "window_s", "drain_timeout_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.tpot_signal not in TPOT_SIGNALS:
+            raise ValueError(f"tpot_signal must be one of {TPOT_SIGNALS}, "
+                             f"got {self.tpot_signal!r}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if not 0 < self.headroom <= 1:

@@ -300,6 +300,9 @@ def _add_pd_control_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pd-headroom", type=float, default=0.8,
                    help="a role gives a worker only while its own latency is under this "
                         "fraction of its objective")
+    p.add_argument("--pd-tpot-signal", default="live", choices=["live", "finished"],
+                   help="the TPOT the controller reads: live (decoding requests' token gaps "
+                        "of the last second) or finished (finished requests' whole TPOTs)")
     p.add_argument("--pd-prefill-queue-tokens", type=int, default=0,
                    help="queued prompt tokens per prefill worker that make prefill short "
                         "by themselves (0: latency only)")
@@ -315,7 +318,7 @@ def _pd_control(args: argparse.Namespace) -> dict[str, Any]:
     slo = parse_slo(args.pd_slo)
     return {"pd_control": PDControlConfig(
         ttft_slo_ms=slo.get("ttft_ms", 2000.0), tpot_slo_ms=slo.get("tpot_ms", 100.0),
-        percentile=args.pd_percentile,
+        percentile=args.pd_percentile, tpot_signal=args.pd_tpot_signal,
         period_s=args.pd_period, window_s=args.pd_window, consecutive=args.pd_consecutive,
         cooldown_s=args.pd_cooldown, headroom=args.pd_headroom,
         prefill_queue_tokens=args.pd_prefill_queue_tokens)}

@@ -2,7 +2,8 @@
 
     splitserve bench pd-control [--model smollm2-135m] [--dtype bfloat16] [--phase-s 60]
         [--rate-a 4.5] [--rate-b 1.3] [--slo ttft_ms=3000,tpot_ms=100]
-        [--configs control,1:2,2:1] [--control-start 1:2] [--seed 0] [--out f.json]
+        [--configs control,1:2,2:1] [--control-start 1:2] [--pd-tpot-signal live|finished]
+        [--seed 0] [--out f.json]
 
 Three workers as plain processes (one CPU thread each, all started --flippable) behind
 one router, in each configuration of the same invocation:
@@ -176,7 +177,8 @@ def run_config(name: str, args: argparse.Namespace, plan: list[tuple[float, Benc
                         "--pd-window", str(args.pd_window), "--pd-consecutive",
                         str(args.pd_consecutive), "--pd-cooldown", str(args.pd_cooldown),
                         "--pd-headroom", str(args.pd_headroom), "--pd-prefill-queue-tokens",
-                        str(args.pd_prefill_queue_tokens)]
+                        str(args.pd_prefill_queue_tokens), "--pd-tpot-signal",
+                        args.pd_tpot_signal]
     # One long prompt per prefill step: its TTFT is its own compute plus its wait, and a
     # backlog shows as queued prompt tokens (2048 batched four prompts into one slow step).
     worker_args = ("--flippable", "--no-prefix-caching", "--num-kv-blocks", "1024",
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pd-prefill-queue-tokens", type=int, default=512,
                     help="the controller's backlog signal: a long prompt waiting per prefill "
                          "worker")
+    ap.add_argument("--pd-tpot-signal", default="live", choices=["live", "finished"],
+                    help="the controller's TPOT signal (serve --pd-tpot-signal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write every result here (JSON)")
     args = ap.parse_args(argv)

@@ -110,7 +110,8 @@ def test_never_below_the_minimum_of_a_role() -> None:
 
 def test_config_validation() -> None:
     for bad in ({"ttft_slo_ms": 0}, {"period_s": float("inf")}, {"percentile": 0},
-                {"headroom": 1.5}, {"cooldown_s": -1}, {"consecutive": 0}):
+                {"headroom": 1.5}, {"cooldown_s": -1}, {"consecutive": 0},
+                {"tpot_signal": "recent"}):
         with pytest.raises(ValueError):
             PDControlConfig(**bad)  # type: ignore[arg-type]
 
