@@ -43,14 +43,13 @@ from splitserve.common.metrics import (
 )
 from splitserve.router.admission import AdmissionController
 from splitserve.router.latency_window import LatencyWindow
-
-# A decoding request adds a live TPOT sample this often (router clock).
-LIVE_TPOT_SEGMENT_S = 1.0
 from splitserve.router.relay import RequestTrace
 from splitserve.v1 import common_pb2, router_pb2
 
 Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+# A decoding request adds a live TPOT sample this often (router clock).
+LIVE_TPOT_SEGMENT_S = 1.0
 
 # RequestTimings field (milliseconds) -> `phase` label.
 PHASES = {
