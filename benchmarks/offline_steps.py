@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--fp32-kv-cache-dtype", default="auto",
+                   choices=["auto", "bfloat16", "float16"], help="as bench peer's")
     ns = p.parse_args()
     engine = offline_engine(ns.dtype, ns)
     prompts = workload_prompts(engine, ns, seed=0)

@@ -209,15 +209,23 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def gemm_supported() -> bool:
-    """Whether this build has linear_packed (it needs AVX-512)."""
+    """Whether this build has linear_packed (it needs AVX-512, or AVX2 with FMA)."""
     module = load()
     return module is not None and bool(module.gemm_supported())
 
 
 def gemm_bf16_supported() -> bool:
-    """Whether this build's linear_packed takes bf16 weights (it needs AVX512-BF16)."""
+    """Whether this build's linear_packed takes bf16 weights (AVX512-BF16, or AVX2 with FMA
+    widening them to fp32 as they are read)."""
     module = load()
     return module is not None and bool(module.gemm_bf16_supported())
+
+
+def gemm_isa(dtype: torch.dtype) -> str:
+    """What linear_packed runs on for weights of `dtype` in this build: "avx512" (fp32),
+    "avx512_bf16" (bf16), "avx2", or "none" (also without the extension)."""
+    module = load()
+    return str(module.gemm_isa(dtype == torch.bfloat16)) if module is not None else "none"
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:

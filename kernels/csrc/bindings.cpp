@@ -25,7 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "residual += x, then x = RMSNorm(residual) * weight, in place");
   m.def("gemm_supported", &gemm_supported, "whether linear_packed works in this build");
   m.def("gemm_bf16_supported", &gemm_bf16_supported,
-        "whether linear_packed takes bf16 weights in this build (AVX512-BF16)");
+        "whether linear_packed takes bf16 weights in this build (AVX512-BF16 or AVX2)");
+  m.def("gemm_isa", &gemm_isa,
+        "the instructions linear_packed runs on for fp32 (false) or bf16 (true) weights: "
+        "avx512, avx512_bf16, avx2, or none");
   m.def("pack_linear_weight", &pack_linear_weight,
         "fp32 [N, K] -> panels [ceil(N/16), K, 16]; bf16 -> [ceil(N/16), K/2, 16, 2]");
   m.def("linear_packed", &linear_packed, "out = x @ W^T (+ bias) on a packed fp32 weight");

@@ -7,8 +7,9 @@
 // takes whole groups of 3 panels and walks every 8-row tile of x over a group while its
 // ~110-300 KB stay in L2. The weight is read from memory once per call whatever the row
 // count, so at 1-32 rows this is bandwidth-bound where library GEMMs (tuned for large M)
-// are not. Accumulation is fp32 in k order. Needs AVX-512F; gemm_supported() says whether
-// this build has it (the engine falls back to library GEMMs otherwise).
+// are not. Accumulation is fp32 in k order. Needs AVX-512F, or AVX2 with FMA (below);
+// gemm_supported() says whether this build has one (the engine falls back to library GEMMs
+// otherwise).
 //
 // bf16 (AVX512-BF16, gemm_bf16_supported()): the same tiling on panels of k pairs,
 // [ceil(N / 16), K / 2, 16, 2]: one 64-byte line holds W[16p + j, 2k'] and W[16p + j, 2k' + 1]
@@ -17,17 +18,30 @@
 // added in fp32 first). Half the bytes of the fp32 weight, so a decode step reads half as
 // much: measured on a Zen 4 (2 threads), oneDNN's packed bf16 linear reached half the
 // bandwidth the fp32 panels reach.
+//
+// AVX2 with FMA (no AVX-512: e.g. Zen 2/3, Intel before Skylake-SP): the same panels and the
+// same thread split, a panel's 16 columns held as two ymm and register tiles of up to 4 rows
+// x one panel (8 accumulators of the 16 ymm registers). bf16 panels are widened to fp32 as
+// they are read (a k pair's two values are the low and high halves of one 32-bit word) and
+// x is widened once per call; accumulation is fp32 in k order, rounded to bf16 once.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
+#define SPLITSERVE_GEMM_AVX2 1  // also in AVX-512 builds: their bf16 path without AVX512-BF16
+#endif
+#if defined(__AVX512F__) || defined(SPLITSERVE_GEMM_AVX2)
 #include <immintrin.h>
 #endif
+
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -87,26 +101,150 @@ void tile_rows(int64_t rows, const float* x, int64_t ldx, const float* w, int64_
 }
 #endif
 
-// tile_rows<P> (fp32) and tile_rows_bf16<P>: `rows` rows of x against P panels; k_steps is K
-// (fp32) or K / 2 (bf16 k pairs).
-template <typename T>
-using TileRowsFn = void (*)(int64_t rows, const T* x, int64_t ldx, const T* w,
-                            int64_t panel_stride, int64_t k_steps, const T* bias, T* y,
+#if defined(SPLITSERVE_GEMM_AVX2)
+constexpr int64_t kAvx2Rows = 6;  // rows of x per AVX2 register tile (12 ymm accumulators)
+constexpr int64_t kAvx2TileRows = 24;  // rows per call: each panel is walked by 4 register tiles
+#define SPLITSERVE_INLINE inline __attribute__((always_inline))
+
+// Lanes h*8..h*8+7 of a panel with `valid` real columns, as a maskload/maskstore mask.
+SPLITSERVE_INLINE __m256i half_mask(int64_t valid, int h) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - 8 * h)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The bias of a panel's columns (zero without one), as two ymm.
+SPLITSERVE_INLINE void load_bias(const float* bias, int64_t valid, __m256 (&b)[2]) {
+  for (int h = 0; h < 2; ++h)
+    b[h] = bias ? _mm256_maskload_ps(bias + 8 * h, half_mask(valid, h)) : _mm256_setzero_ps();
+}
+
+// acc[r][h] (+)= sum over k of x[r, k] * panel[k, 8h..8h+7]: R rows against one fp32 panel.
+template <int R>
+SPLITSERVE_INLINE void panel_fp32_avx2(const float* x, int64_t ldx, const float* w, int64_t k_dim,
+                            __m256 (&acc)[kAvx2Rows][2]) {
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * kLanes), w1 = _mm256_loadu_ps(w + k * kLanes + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + kPrefetchRows) * kLanes), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+}
+
+// The same for a bf16 panel of k pairs, x already widened to fp32 (its row stride ldx).
+template <int R>
+SPLITSERVE_INLINE void panel_bf16_avx2(const float* x, int64_t ldx, const uint16_t* w, int64_t k_pairs,
+                            __m256 (&acc)[kAvx2Rows][2]) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t kp = 0; kp < k_pairs; ++kp) {
+    const uint16_t* line = w + kp * 2 * kLanes;
+    _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchRows * 2 * kLanes), _MM_HINT_T0);
+    __m256 even[2], odd[2];  // W[16p + 8h + j, 2kp] and W[16p + 8h + j, 2kp + 1] as fp32
+    for (int h = 0; h < 2; ++h) {
+      const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 16 * h));
+      even[h] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+      odd[h] = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 xe = _mm256_broadcast_ss(x + r * ldx + 2 * kp);
+      const __m256 xo = _mm256_broadcast_ss(x + r * ldx + 2 * kp + 1);
+      for (int h = 0; h < 2; ++h) {
+        acc[r][h] = _mm256_fmadd_ps(xe, even[h], acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(xo, odd[h], acc[r][h]);
+      }
+    }
+  }
+}
+
+// bf16 bits of 8 fp32 lanes (round to nearest even; NaN -> 0x7FC0), in 32-bit lanes.
+SPLITSERVE_INLINE __m256i bf16_bits_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// One panel's R rows: accumulators from the bias, the k loop, then the stores (the valid
+// columns only). x is fp32 (bf16 x widened by the caller); y is T.
+template <int R, typename W, typename T>
+SPLITSERVE_INLINE void panel_avx2(const float* x, int64_t ldx, const W* w, int64_t k_steps,
+                       const float* bias, T* y, int64_t ldy, int64_t valid) {
+  __m256 acc[kAvx2Rows][2];
+  __m256 b[2];
+  load_bias(bias, valid, b);
+  for (int r = 0; r < R; ++r) acc[r][0] = b[0], acc[r][1] = b[1];
+  if constexpr (std::is_same_v<W, float>) {
+    panel_fp32_avx2<R>(x, ldx, w, k_steps, acc);
+  } else {
+    panel_bf16_avx2<R>(x, ldx, w, k_steps, acc);
+  }
+  for (int r = 0; r < R; ++r) {
+    if constexpr (std::is_same_v<T, float>) {
+      for (int h = 0; h < 2; ++h) _mm256_maskstore_ps(y + r * ldy + 8 * h, half_mask(valid, h), acc[r][h]);
+    } else {
+      // packus interleaves 128-bit halves: [lo0-3, hi0-3, lo4-7, hi4-7] -> permute to order.
+      const __m256i packed = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(bf16_bits_avx2(acc[r][0]), bf16_bits_avx2(acc[r][1])), 0xD8);
+      if (valid >= kLanes) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), packed);
+      } else {
+        alignas(32) uint16_t row[kLanes];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(row), packed);
+        std::memcpy(y + r * ldy, row, static_cast<size_t>(valid) * sizeof(uint16_t));
+      }
+    }
+  }
+}
+
+// `rows` (<= kAvx2TileRows) rows of x against P panels, kAvx2Rows rows at a time per panel.
+template <int P, typename W, typename T>
+void tile_rows_avx2(int64_t rows, const float* x, int64_t ldx, const W* w, int64_t panel_stride,
+                    int64_t k_steps, const float* bias, T* y, int64_t ldy, int64_t columns_left) {
+  for (int p = 0; p < P; ++p) {
+    const int64_t valid = std::min(kLanes, columns_left - p * kLanes);
+    const W* wp = w + p * panel_stride;
+    const float* bp = bias ? bias + p * kLanes : nullptr;
+    for (int64_t r0 = 0; r0 < rows; r0 += kAvx2Rows) {
+      const float* xr = x + r0 * ldx;
+      T* yr = y + r0 * ldy + p * kLanes;
+      switch (std::min(kAvx2Rows, rows - r0)) {
+        case 1: panel_avx2<1>(xr, ldx, wp, k_steps, bp, yr, ldy, valid); break;
+        case 2: panel_avx2<2>(xr, ldx, wp, k_steps, bp, yr, ldy, valid); break;
+        case 3: panel_avx2<3>(xr, ldx, wp, k_steps, bp, yr, ldy, valid); break;
+        case 4: panel_avx2<4>(xr, ldx, wp, k_steps, bp, yr, ldy, valid); break;
+        case 5: panel_avx2<5>(xr, ldx, wp, k_steps, bp, yr, ldy, valid); break;
+        default: panel_avx2<6>(xr, ldx, wp, k_steps, bp, yr, ldy, valid); break;
+      }
+    }
+  }
+}
+#endif
+
+// tile_rows<P>, tile_rows_bf16<P>, tile_rows_avx2<P, W, Y>: `rows` rows of x against P
+// panels; k_steps is K (fp32) or K / 2 (bf16 k pairs). x and the bias are X (fp32, or bf16
+// for AVX512-BF16), the weight W, the output Y.
+template <typename X, typename W, typename Y>
+using TileRowsFn = void (*)(int64_t rows, const X* x, int64_t ldx, const W* w,
+                            int64_t panel_stride, int64_t k_steps, const X* bias, Y* y,
                             int64_t ldy, int64_t columns_left);
 
 // y = x W^T (+ bias): each task takes a group of kPanels panels (the last may hold fewer) and
-// walks every kTileRows-row tile of x over it, so the group's weights stay in L2.
-template <typename T>
-void over_panel_groups(const TileRowsFn<T> (&tiles)[kPanels], int64_t rows, int64_t n_dim,
-                       int64_t panels, int64_t panel_stride, int64_t k_steps, const T* x,
-                       int64_t ldx, const T* w, const T* bias, T* y, int64_t ldy) {
+// walks every TileRows-row tile of x over it, so the group's weights stay in L2.
+template <int64_t TileRows = kTileRows, typename X, typename W, typename Y>
+void over_panel_groups(const TileRowsFn<X, W, Y> (&tiles)[kPanels], int64_t rows, int64_t n_dim,
+                       int64_t panels, int64_t panel_stride, int64_t k_steps, const X* x,
+                       int64_t ldx, const W* w, const X* bias, Y* y, int64_t ldy) {
   const int64_t groups = (panels + kPanels - 1) / kPanels;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * kPanels, count = std::min(kPanels, panels - first);
       const int64_t column = first * kLanes;
-      for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-        tiles[count - 1](std::min(kTileRows, rows - r0), x + r0 * ldx, ldx,
+      for (int64_t r0 = 0; r0 < rows; r0 += TileRows) {
+        tiles[count - 1](std::min(TileRows, rows - r0), x + r0 * ldx, ldx,
                          w + first * panel_stride, panel_stride, k_steps,
                          bias ? bias + column : nullptr, y + r0 * ldy + column, ldy,
                          n_dim - column);
@@ -177,7 +315,7 @@ void tile_rows_bf16(int64_t rows, const uint16_t* x, int64_t ldx, const uint16_t
 }  // namespace
 
 bool gemm_bf16_supported() {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(SPLITSERVE_GEMM_AVX2)
   return true;
 #else
   return false;
@@ -185,10 +323,24 @@ bool gemm_bf16_supported() {
 }
 
 bool gemm_supported() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SPLITSERVE_GEMM_AVX2)
   return true;
 #else
   return false;
+#endif
+}
+
+std::string gemm_isa(bool bf16) {
+#if defined(__AVX512BF16__)
+  if (bf16) return "avx512_bf16";
+#endif
+#if defined(__AVX512F__)
+  if (!bf16) return "avx512";
+#endif
+#if defined(SPLITSERVE_GEMM_AVX2)
+  return "avx2";
+#else
+  return "none";
 #endif
 }
 
@@ -219,7 +371,7 @@ namespace {
 
 void linear_packed_bf16(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias,
                         torch::Tensor out) {
-  TORCH_CHECK(gemm_bf16_supported(), "a bf16 linear_packed needs an AVX512-BF16 build");
+  TORCH_CHECK(gemm_bf16_supported(), "a bf16 linear_packed needs an AVX512-BF16 or AVX2 build");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 4, "x [M, K], out [M, N]");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && out.scalar_type() == torch::kBFloat16,
               "bf16 x and out");
@@ -241,10 +393,29 @@ void linear_packed_bf16(torch::Tensor x, torch::Tensor packed, std::optional<tor
   const auto* w_ptr = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   auto* y_ptr = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  static constexpr TileRowsFn<uint16_t> kTiles[kPanels] = {
+  static constexpr TileRowsFn<uint16_t, uint16_t, uint16_t> kTiles[kPanels] = {
       tile_rows_bf16<1>, tile_rows_bf16<2>, tile_rows_bf16<3>};
   over_panel_groups(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim / 2, x_ptr, ldx,
                     w_ptr, bias_ptr, y_ptr, ldy);
+#elif defined(SPLITSERVE_GEMM_AVX2)
+  // x (and the bias) widened to fp32 once: every panel reads all of x.
+  const auto widen = [](const uint16_t* src, int64_t count, int64_t stride, int64_t n,
+                        std::vector<float>& dst) {
+    dst.resize(static_cast<size_t>(count * n));
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t k = 0; k < n; ++k)
+        dst[r * n + k] = std::bit_cast<float>(uint32_t{src[r * stride + k]} << 16);
+  };
+  std::vector<float> x_fp32, bias_fp32;
+  widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), rows, x.stride(0), k_dim, x_fp32);
+  if (bias_ptr) widen(bias_ptr, 1, n_dim, n_dim, bias_fp32);
+  static constexpr TileRowsFn<float, uint16_t, uint16_t> kTiles[kPanels] = {
+      tile_rows_avx2<1, uint16_t, uint16_t>, tile_rows_avx2<2, uint16_t, uint16_t>,
+      tile_rows_avx2<3, uint16_t, uint16_t>};
+  over_panel_groups<kAvx2TileRows>(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim / 2,
+                    x_fp32.data(), k_dim, reinterpret_cast<const uint16_t*>(packed.data_ptr()),
+                    bias_ptr ? bias_fp32.data() : nullptr,
+                    reinterpret_cast<uint16_t*>(out.data_ptr()), out.stride(0));
 #endif
 }
 
@@ -253,7 +424,7 @@ void linear_packed_bf16(torch::Tensor x, torch::Tensor packed, std::optional<tor
 void linear_packed(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias,
                    torch::Tensor out) {
   if (packed.scalar_type() == torch::kBFloat16) return linear_packed_bf16(x, packed, bias, out);
-  TORCH_CHECK(gemm_supported(), "linear_packed needs an AVX-512 build");
+  TORCH_CHECK(gemm_supported(), "linear_packed needs an AVX-512 or AVX2 (with FMA) build");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 3, "x [M, K], out [M, N]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
               packed.scalar_type() == torch::kFloat32, "fp32 only");
@@ -274,8 +445,16 @@ void linear_packed(torch::Tensor x, torch::Tensor packed, std::optional<torch::T
   const float* w_ptr = packed.data_ptr<float>();
   float* y_ptr = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  static constexpr TileRowsFn<float> kTiles[kPanels] = {tile_rows<1>, tile_rows<2>, tile_rows<3>};
+  static constexpr TileRowsFn<float, float, float> kTiles[kPanels] = {
+      tile_rows<1>, tile_rows<2>, tile_rows<3>};
   over_panel_groups(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim, x_ptr, ldx, w_ptr,
                     bias_ptr, y_ptr, ldy);
+#elif defined(SPLITSERVE_GEMM_AVX2)
+  static constexpr TileRowsFn<float, float, float> kTiles[kPanels] = {
+      tile_rows_avx2<1, float, float>, tile_rows_avx2<2, float, float>,
+      tile_rows_avx2<3, float, float>};
+  over_panel_groups<kAvx2TileRows>(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim,
+                    x.data_ptr<float>(), x.stride(0), packed.data_ptr<float>(), bias_ptr,
+                    out.data_ptr<float>(), out.stride(0));
 #endif
 }

@@ -18,9 +18,10 @@ void rms_norm(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor o
 void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 
 // gemm_cpu.cpp: fp32 linear on a weight repacked into 16-column panels [ceil(N/16), K, 16];
-// bf16 on panels of k pairs [ceil(N/16), K/2, 16, 2] (AVX512-BF16)
+// bf16 on panels of k pairs [ceil(N/16), K/2, 16, 2] (AVX512-BF16, or AVX2 widening to fp32)
 bool gemm_supported();
 bool gemm_bf16_supported();
+std::string gemm_isa(bool bf16);
 torch::Tensor pack_linear_weight(torch::Tensor weight);
 void linear_packed(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias,
                    torch::Tensor out);

@@ -7,8 +7,9 @@
 // One task per (sequence, kv head) handles all query heads of that group, so each K/V row
 // is read once per kv head, in one pass with an online softmax (runs of up to kChunk slots:
 // scores, rescale the running max and sum, add the V rows). Scores, softmax and
-// accumulation are fp32 for every input type; AVX-512 builds use intrinsics for the dot
-// products and V updates, others the scalar loops. A bf16 or fp16 cache under an fp32 query
+// accumulation are fp32 for every input type; AVX-512 builds (16 lanes) and AVX2 builds with
+// FMA (8 lanes: same loops, twice the registers per row) use intrinsics for the dot products
+// and V updates, others the scalar loops. A bf16 or fp16 cache under an fp32 query
 // (a half-width cache for a full-precision model) is read as fp32 the same way. An int8 or
 // fp8 cache (kernels/kv_quant.py: rows of head_dim int8 values or e4m3 codes, then an fp16
 // scale) is dequantized as it is read: the dot product and the V update run on the decoded
@@ -21,6 +22,11 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#define SPLITSERVE_ATTN_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SPLITSERVE_ATTN_SIMD 1
+#define SPLITSERVE_ATTN_AVX2 1
 #endif
 
 #include <algorithm>
@@ -62,23 +68,59 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// Loads 16 elements as fp32 (AVX-512 builds only).
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
+// One vector of fp32 lanes (kVecLanes: 16 with AVX-512, 8 with AVX2) and its operations;
+// vload reads kVecLanes elements of any cache type as fp32.
+#if defined(SPLITSERVE_ATTN_AVX2)
+using VecF = __m256;
+constexpr int64_t kVecLanes = 8;
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vload(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline VecF vload(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline VecF vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// e4m3 codes as fp16 bits, as in the AVX-512 version below.
+inline VecF vload(const E4M3* p) {
+  const __m128i raw = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(raw, _mm_set1_epi16(0x7F)), 7);
+  const __m128i sign = _mm_slli_epi16(_mm_and_si128(raw, _mm_set1_epi16(0x80)), 8);
+  return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(magnitude, sign)), _mm256_set1_ps(256.0f));
+}
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF vset1(float v) { return _mm256_set1_ps(v); }
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline float vsum(VecF v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+#elif defined(__AVX512F__)
+using VecF = __m512;
+constexpr int64_t kVecLanes = 16;
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vload(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-inline __m512 load16(const c10::Half* p) {
+inline VecF vload(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline __m512 load16(const int8_t* p) {
+inline VecF vload(const int8_t* p) {
   return _mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 // e4m3 codes as fp16 bits (sign to bit 15, exponent and mantissa shifted up by 7): the same
 // value divided by 2^8 (the biases differ by 8), subnormals included; then * 2^8 (exact).
-inline __m512 load16(const E4M3* p) {
+inline VecF vload(const E4M3* p) {
   const __m256i raw =
       _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x7F)), 7);
@@ -86,6 +128,12 @@ inline __m512 load16(const E4M3* p) {
   return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(magnitude, sign)),
                        _mm512_set1_ps(256.0f));
 }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF vset1(float v) { return _mm512_set1_ps(v); }
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline float vsum(VecF v) { return _mm512_reduce_add_ps(v); }
 #endif
 
 // Bytes after the int8 values of a quantized row: its fp16 scale.
@@ -108,12 +156,11 @@ template <typename scalar_t>
 inline float dot(const float* a, const scalar_t* b, int64_t n) {
   int64_t d = 0;
   float total = 0.0f;
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_ATTN_SIMD)
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    __m512 acc = _mm512_setzero_ps();
-    for (; d + 16 <= n; d += 16)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), acc);
-    total = _mm512_reduce_add_ps(acc);
+    VecF acc = vzero();
+    for (; d + kVecLanes <= n; d += kVecLanes) acc = vfmadd(vload(a + d), vload(b + d), acc);
+    total = vsum(acc);
   }
 #endif
   for (; d < n; ++d) total += a[d] * static_cast<float>(b[d]);
@@ -124,11 +171,10 @@ inline float dot(const float* a, const scalar_t* b, int64_t n) {
 template <typename scalar_t>
 inline void axpy(float* a, float p, const scalar_t* b, int64_t n) {
   int64_t d = 0;
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_ATTN_SIMD)
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (; d + 16 <= n; d += 16)
-      _mm512_storeu_ps(a + d, _mm512_fmadd_ps(pv, load16(b + d), _mm512_loadu_ps(a + d)));
+    const VecF pv = vset1(p);
+    for (; d + kVecLanes <= n; d += kVecLanes) vstore(a + d, vfmadd(pv, vload(b + d), vload(a + d)));
   }
 #endif
   for (; d < n; ++d) a[d] += p * static_cast<float>(b[d]);
@@ -148,71 +194,74 @@ constexpr int64_t kPrefetchAhead = 8;  // K rows requested ahead of the dot prod
 // Slots per run of the online softmax (scores of one run are kept, then folded in).
 constexpr int64_t kChunk = 64;
 
-#if defined(__AVX512F__)
-// Register-blocked loops for unquantized caches whose head_dim is kVecs x 16 (64, 128): one
-// query head's q (for the scores) or output row (for the V sum) stays in kVecs zmm registers
+#if defined(SPLITSERVE_ATTN_SIMD)
+// Register-blocked loops for unquantized caches whose head_dim is kVecs x kVecLanes (64,
+// 128): one query head's q (for the scores) or output row (for the V sum) stays in kVecs
+// vector registers (with AVX2 at head_dim 128 the compiler spills some)
 // across a run of slots, instead of a load and store per slot. Each loop also asks for
 // `ahead_count` rows of `ahead_elems` elements of the same cache at ahead_offset[i], one per
 // slot: the next run's rows, so the requests spread over the computation that hides them
 // (asked for all at once at the start of each run instead, the attention of a SmolLM2
 // batch-16 decode step, 30 layers, took 14.0 ms against 11.8 on a 2-core Zen 4).
 
-// s[i] = q . K[row_offset[i]] for the run's `count` slots; q: kVecs x 16 floats.
+// s[i] = q . K[row_offset[i]] for the run's `count` slots; q: kVecs x kVecLanes floats.
 template <int kVecs, typename cache_t>
 inline void run_scores(const float* q, const cache_t* k_ptr, const int64_t* row_offset,
                        int64_t count, float* s, const int64_t* ahead_offset,
                        int64_t ahead_count, int64_t ahead_elems) {
-  __m512 qv[kVecs];
-  for (int j = 0; j < kVecs; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j);
+  VecF qv[kVecs];
+  for (int j = 0; j < kVecs; ++j) qv[j] = vload(q + kVecLanes * j);
   for (int64_t i = 0; i < count; ++i) {
     if (i < ahead_count) prefetch_row<2>(k_ptr + ahead_offset[i], ahead_elems);
     const cache_t* row = k_ptr + row_offset[i];
-    __m512 t = _mm512_mul_ps(qv[0], load16(row));
-    for (int j = 1; j < kVecs; ++j) t = _mm512_fmadd_ps(qv[j], load16(row + 16 * j), t);
-    s[i] = _mm512_reduce_add_ps(t);
+    VecF t = vmul(qv[0], vload(row));
+    for (int j = 1; j < kVecs; ++j) t = vfmadd(qv[j], vload(row + kVecLanes * j), t);
+    s[i] = vsum(t);
   }
 }
 
-// acc += sum_i p[i] * V[row_offset[i]] over the run; acc: kVecs x 16 floats.
+// acc += sum_i p[i] * V[row_offset[i]] over the run; acc: kVecs x kVecLanes floats.
 template <int kVecs, typename cache_t>
 inline void run_values(float* acc, const float* p, const cache_t* v_ptr,
                        const int64_t* row_offset, int64_t count, const int64_t* ahead_offset,
                        int64_t ahead_count, int64_t ahead_elems) {
-  __m512 av[kVecs];
-  for (int j = 0; j < kVecs; ++j) av[j] = _mm512_loadu_ps(acc + 16 * j);
+  VecF av[kVecs];
+  for (int j = 0; j < kVecs; ++j) av[j] = vload(acc + kVecLanes * j);
   for (int64_t i = 0; i < count; ++i) {
     if (i < ahead_count) prefetch_row<2>(v_ptr + ahead_offset[i], ahead_elems);
     const cache_t* row = v_ptr + row_offset[i];
-    const __m512 pi = _mm512_set1_ps(p[i]);
-    for (int j = 0; j < kVecs; ++j) av[j] = _mm512_fmadd_ps(pi, load16(row + 16 * j), av[j]);
+    const VecF pi = vset1(p[i]);
+    for (int j = 0; j < kVecs; ++j) av[j] = vfmadd(pi, vload(row + kVecLanes * j), av[j]);
   }
-  for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(acc + 16 * j, av[j]);
+  for (int j = 0; j < kVecs; ++j) vstore(acc + kVecLanes * j, av[j]);
 }
 #endif
 
-// Cache types the register loops read (load16 has them; quantized rows carry scales).
+// Cache types the register loops read (vload has them; quantized rows carry scales).
 template <typename cache_t>
 constexpr bool kRegisterLoops = !kQuantized<cache_t> && !std::is_same_v<cache_t, double>;
 
 // The register loops' kVecs for this cache type and head_dim, or 0 where they do not apply.
 template <typename cache_t>
 inline int register_vecs(int64_t head_dim) {
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_ATTN_SIMD)
   if constexpr (kRegisterLoops<cache_t>) {
-    if (head_dim == 64) return 4;
-    if (head_dim == 128) return 8;
+    if (head_dim == 64 || head_dim == 128) return static_cast<int>(head_dim / kVecLanes);
   }
 #endif
   return 0;
 }
 
-// f(std::integral_constant<int, kVecs>{}) for vecs = register_vecs(head_dim) (4 or 8).
+// f(std::integral_constant<int, kVecs>{}) for vecs = register_vecs(head_dim): 4 or 8 (AVX-512),
+// 8 or 16 (AVX2).
 template <typename F>
 inline void with_vecs(int vecs, F&& f) {
   if (vecs == 4)
     f(std::integral_constant<int, 4>{});
-  else
+  else if (vecs == 8)
     f(std::integral_constant<int, 8>{});
+  else
+    f(std::integral_constant<int, 16>{});
 }
 
 // Largest query-head group and head_dim served from stack scratch.
@@ -310,7 +359,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
               next_offset[i] = (next_table[i / block_size] * block_size + i % block_size) *
                                    token_stride + next_head;
           }
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_ATTN_SIMD)
           if constexpr (kRegisterLoops<cache_t>)
             for (int64_t g = 0; g < group; ++g)
               with_vecs(vecs, [&](auto v) {
@@ -348,7 +397,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
           }
         }
         if (vecs) {
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_ATTN_SIMD)
           if constexpr (kRegisterLoops<cache_t>)
             for (int64_t g = 0; g < group; ++g)
               with_vecs(vecs, [&](auto v) {

@@ -3,9 +3,11 @@
 Library GEMMs are tuned for large row counts; a decode step has one row per running
 sequence. Each layer keeps the plain weight (for large prefill chunks, where the library
 wins) and a packed copy made once at load time, and picks by row count:
-- fp32: our panel GEMM (kernels/csrc/gemm_cpu.cpp, AVX-512), else oneDNN's blocked layout;
-- bf16: our panels of k pairs where the CPU has AVX512-BF16 (gemm_cpu.cpp, vdpbf16ps),
-  else oneDNN's blocked layout (AMX where the CPU has it).
+- fp32: our panel GEMM (kernels/csrc/gemm_cpu.cpp; AVX-512, or AVX2 with FMA), else
+  oneDNN's blocked layout;
+- bf16: our panels of k pairs (gemm_cpu.cpp: vdpbf16ps where the CPU has AVX512-BF16, else
+  widened to fp32 as read with AVX2), else oneDNN's blocked layout (AMX where the CPU has
+  it; a layer whose input width is odd, which the k pairs cannot hold, too).
 Measured on the 2-core AMX Xeon this project is developed on, SmolLM2's 30 layers plus
 lm_head, one call each: fp32 at 1 row 18.9 ms (F.linear 21-23, oneDNN packed 30), 8 rows
 25.5 (F.linear 50, oneDNN 36), 32 rows 46.3 (67, 59), 256 rows 232 (253); bf16 at 1 row
@@ -16,6 +18,11 @@ On a 2-core Zen 4 (AVX512-BF16, no AMX), the same 121 layers in bf16, one call e
 rows 15.0 / 18.6 / 28.2; 64 rows 43.9 / 48.4 / 59.4; 256 rows 162.7 / 166.2 / 175.1; even
 at 512 rows (342 / 335 / 341). At 1 row that reads the weights at 29.6 GB/s, the fp32
 panels' bandwidth; oneDNN's bf16 reached about half of it.
+
+On a 2-core Zen 3 (AVX2 and FMA, no AVX-512; benchmarks/linear_paths.py), the 121 layers
+with the AVX2 panels against oneDNN packed and F.linear: fp32 1 row 20.3 ms / 26.4 / 26.5,
+16 rows 42.3 / 56.2 / 88.6, 64 rows 138 / 156 / 207; bf16 (no oneDNN bf16 there) 1 row
+11.1 against 17.1, 16 rows 36.6 against 236.
 
 The price is memory: every packed weight is a copy (the model's weights twice). Off with
 EngineConfig(cpu_weight_prepack=False).
@@ -50,7 +57,18 @@ _PACKED_ROWS = {
     "onednn_bf16": PackedRows(min_rows=1, max_rows=384),
     "panel_bf16": PackedRows(min_rows=1, max_rows=384),  # AVX512-BF16, gemm_cpu.cpp
 }
+# AVX2 builds (no AVX-512): on a 2-core Zen 3 the panels matched or beat F.linear at every
+# row count measured (fp32: 1.0x at 1 row, 3x at 4, 1.1-1.3x at 16-1,024; bf16 1.6-7x,
+# torch's bf16 matmul having no fast path there), so they take every step up to this.
+_AVX2_PANEL_ROWS = PackedRows(min_rows=1, max_rows=8192)
 _ONEDNN_HINT_ROWS = 32  # the row count oneDNN tunes its blocked layout for
+
+
+def packed_rows(packing: str, dtype: torch.dtype) -> PackedRows:
+    """The row counts for which `packing` of a `dtype` weight beats F.linear in this build."""
+    if packing in ("panel", "panel_bf16") and cpu_ext.gemm_isa(dtype) == "avx2":
+        return _AVX2_PANEL_ROWS
+    return _PACKED_ROWS[packing]
 
 
 def packing_for(dtype: torch.dtype) -> str:
@@ -71,7 +89,7 @@ class PackedLinear(nn.Module):
         if packing == "panel_bf16" and linear.in_features % 2:
             packing = "onednn_bf16"  # the bf16 panels hold k pairs
         self.packing = packing
-        self.rows = _PACKED_ROWS[packing]
+        self.rows = packed_rows(packing, linear.weight.dtype)
         weight = self.weight.detach()
         if packing in ("panel", "panel_bf16"):
             self.packed = cpu_ext.pack_linear_weight(weight)
@@ -91,9 +109,14 @@ class PackedLinear(nn.Module):
 def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if dtype == torch.bfloat16:  # oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.bfloat16:
+        return cpu_ext.gemm_bf16_supported() or _onednn_bf16()
     return dtype == torch.float32
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN's bf16 path runs here (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def prepack_linears(model: nn.Module, dtype: torch.dtype) -> int:
@@ -103,7 +126,8 @@ def prepack_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """
     packing = packing_for(dtype)
     targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is nn.Linear]
+               for name, child in parent.named_children() if type(child) is nn.Linear
+               and (packing != "panel_bf16" or child.in_features % 2 == 0 or _onednn_bf16())]
     try:
         packed = [(parent, name, PackedLinear(child, packing)) for parent, name, child in targets]
     except RuntimeError as exc:  # e.g. a torch build whose oneDNN lacks the op or the dtype

@@ -10,8 +10,9 @@ from torch import nn
 
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.cpu_linear import (
-    _PACKED_ROWS,
     PackedLinear,
+    _onednn_bf16,
+    packed_rows,
     packing_for,
     prepack_linears,
     prepack_supported,
@@ -24,13 +25,12 @@ pytestmark = pytest.mark.skipif(
 )
 _PACKINGS = [
     pytest.param("panel", torch.float32, 1e-5, marks=pytest.mark.skipif(
-        not cpu_ext.gemm_supported(), reason="the panel GEMM needs AVX-512")),
+        not cpu_ext.gemm_supported(), reason="the panel GEMM needs AVX-512 or AVX2")),
     pytest.param("onednn_fp32", torch.float32, 1e-5),
     pytest.param("onednn_bf16", torch.bfloat16, 1e-2, marks=pytest.mark.skipif(
-        not prepack_supported(torch.bfloat16, torch.device("cpu")),
-        reason="this CPU's oneDNN has no bf16 path")),
+        not _onednn_bf16(), reason="this CPU's oneDNN has no bf16 path")),
     pytest.param("panel_bf16", torch.bfloat16, 1e-2, marks=pytest.mark.skipif(
-        not cpu_ext.gemm_bf16_supported(), reason="the bf16 panels need AVX512-BF16")),
+        not cpu_ext.gemm_bf16_supported(), reason="the bf16 panels need AVX512-BF16 or AVX2")),
 ]
 
 
@@ -41,10 +41,12 @@ def test_matches_linear_inside_and_outside_the_packed_rows(
     packing: str, dtype: torch.dtype, tolerance: float, bias: bool, in_features: int,
     out_features: int,
 ) -> None:
+    if packing == "panel_bf16" and in_features % 2 and not _onednn_bf16():
+        pytest.skip("an odd K falls back to oneDNN's bf16 path, which this CPU lacks")
     torch.manual_seed(0)
     plain = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     packed = PackedLinear(plain, packing)
-    rows = _PACKED_ROWS[packing]
+    rows = packed_rows(packing, dtype)
     for num_rows in sorted({1, 2, rows.min_rows, 7, 9, 32, rows.max_rows, rows.max_rows + 1}):
         x = torch.randn(num_rows, in_features).to(dtype)
         with torch.inference_mode():
@@ -55,7 +57,7 @@ def test_matches_linear_inside_and_outside_the_packed_rows(
 @pytest.mark.parametrize("packing", ["panel", "onednn_fp32"])
 def test_packed_path_is_taken_only_inside_the_range(packing: str) -> None:
     if packing == "panel" and not cpu_ext.gemm_supported():
-        pytest.skip("the panel GEMM needs AVX-512")
+        pytest.skip("the panel GEMM needs AVX-512 or AVX2")
     plain = nn.Linear(16, 8)
     poisoned = nn.Linear(16, 8)
     with torch.no_grad():
@@ -63,7 +65,7 @@ def test_packed_path_is_taken_only_inside_the_range(packing: str) -> None:
         poisoned.bias.copy_(plain.bias)
     packed = PackedLinear(plain, packing)
     packed.packed = PackedLinear(poisoned, packing).packed  # packed copy now computes bias only
-    rows = _PACKED_ROWS[packing]
+    rows = packed_rows(packing, torch.float32)
     with torch.inference_mode():
         inside = packed(torch.ones(rows.min_rows, 16))
         outside = packed(torch.ones(rows.max_rows + 1, 16))
@@ -73,7 +75,7 @@ def test_packed_path_is_taken_only_inside_the_range(packing: str) -> None:
 
 def test_panel_linear_writes_strided_rows_and_skips_empty_input() -> None:
     if not cpu_ext.gemm_supported():
-        pytest.skip("the panel GEMM needs AVX-512")
+        pytest.skip("the panel GEMM needs AVX-512 or AVX2")
     weight, bias = torch.randn(40, 24), torch.randn(40)
     packed = cpu_ext.pack_linear_weight(weight)
     assert packed.shape == (3, 24, 16)
@@ -87,7 +89,7 @@ def test_panel_linear_writes_strided_rows_and_skips_empty_input() -> None:
     assert cpu_ext.linear_packed(torch.empty(0, 24), packed, None, 40).shape == (0, 40)
 
 
-@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16")
+@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16 or AVX2")
 @pytest.mark.parametrize(("rows", "in_features", "out_features"),
                          [(1, 576, 960), (3, 64, 50), (8, 96, 1536), (13, 2, 33), (20, 576, 49)])
 def test_bf16_panels_round_the_fp32_sum_once(rows: int, in_features: int, out_features: int
@@ -113,12 +115,18 @@ def test_bf16_panels_round_the_fp32_sum_once(rows: int, in_features: int, out_fe
         assert (got == rounded).float().mean() > 0.9
 
 
-@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16")
+@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16 or AVX2")
 def test_bf16_panels_refuse_an_odd_k_and_the_layer_falls_back() -> None:
     with pytest.raises(RuntimeError, match="even K"):
         cpu_ext.pack_linear_weight(torch.randn(8, 7).to(torch.bfloat16))
-    layer = PackedLinear(nn.Linear(7, 8).to(torch.bfloat16), "panel_bf16")
-    assert layer.packing == "onednn_bf16"
+    odd, even = nn.Linear(7, 8).to(torch.bfloat16), nn.Linear(8, 8).to(torch.bfloat16)
+    model = nn.Sequential(odd, even)
+    assert prepack_linears(model, torch.bfloat16) == (2 if _onednn_bf16() else 1)
+    assert isinstance(model[1], PackedLinear) and model[1].packing == "panel_bf16"
+    if _onednn_bf16():  # the odd layer on oneDNN's bf16 layout
+        assert isinstance(model[0], PackedLinear) and model[0].packing == "onednn_bf16"
+    else:  # nothing here packs it: it stays a plain layer
+        assert model[0] is odd
 
 
 def test_engine_packs_every_linear_and_keeps_tied_embeddings(tiny_llama_mha_tied: Path) -> None:
