@@ -40,8 +40,8 @@
 #include <immintrin.h>
 #endif
 
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 namespace {
 
@@ -398,23 +398,28 @@ void linear_packed_bf16(torch::Tensor x, torch::Tensor packed, std::optional<tor
   over_panel_groups(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim / 2, x_ptr, ldx,
                     w_ptr, bias_ptr, y_ptr, ldy);
 #elif defined(SPLITSERVE_GEMM_AVX2)
-  // x (and the bias) widened to fp32 once: every panel reads all of x.
+  // x (and the bias) widened to fp32 once: every panel reads all of x. Rows in parallel (a
+  // prefill chunk's x is megabytes).
   const auto widen = [](const uint16_t* src, int64_t count, int64_t stride, int64_t n,
-                        std::vector<float>& dst) {
-    dst.resize(static_cast<size_t>(count * n));
-    for (int64_t r = 0; r < count; ++r)
-      for (int64_t k = 0; k < n; ++k)
-        dst[r * n + k] = std::bit_cast<float>(uint32_t{src[r * stride + k]} << 16);
+                        float* dst) {
+    at::parallel_for(0, count, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t k = 0; k < n; ++k)
+          dst[r * n + k] = std::bit_cast<float>(uint32_t{src[r * stride + k]} << 16);
+    });
   };
-  std::vector<float> x_fp32, bias_fp32;
-  widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), rows, x.stride(0), k_dim, x_fp32);
-  if (bias_ptr) widen(bias_ptr, 1, n_dim, n_dim, bias_fp32);
+  // Uninitialized (new float[]): every element is written by widen.
+  const std::unique_ptr<float[]> x_fp32(new float[rows * k_dim]);
+  const std::unique_ptr<float[]> bias_fp32(bias_ptr ? new float[n_dim] : nullptr);
+  widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), rows, x.stride(0), k_dim, x_fp32.get());
+  if (bias_ptr) widen(bias_ptr, 1, n_dim, n_dim, bias_fp32.get());
   static constexpr TileRowsFn<float, uint16_t, uint16_t> kTiles[kPanels] = {
       tile_rows_avx2<1, uint16_t, uint16_t>, tile_rows_avx2<2, uint16_t, uint16_t>,
       tile_rows_avx2<3, uint16_t, uint16_t>};
   over_panel_groups<kAvx2TileRows>(kTiles, rows, n_dim, packed.size(0), k_dim * kLanes, k_dim / 2,
-                    x_fp32.data(), k_dim, reinterpret_cast<const uint16_t*>(packed.data_ptr()),
-                    bias_ptr ? bias_fp32.data() : nullptr,
+                    x_fp32.get(), k_dim, reinterpret_cast<const uint16_t*>(packed.data_ptr()),
+                    bias_fp32.get(),
                     reinterpret_cast<uint16_t*>(out.data_ptr()), out.stride(0));
 #endif
 }

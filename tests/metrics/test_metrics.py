@@ -124,7 +124,11 @@ def test_router_and_worker_metrics_match_the_requests(deployment: Deployment) ->
 
     (p,), (dw,) = d.prefill, d.decode
     sent, received = p.kv.stats().bytes_sent, dw.kv.stats().bytes_received
-    assert sent > 0 and sent == received
+    # (Seen once in a full run on a loaded 2-core VM: sent one transfer more than received;
+    # the message says which transfers and resumes there were, to find out why.)
+    assert sent > 0 and sent == received, (
+        p.kv.stats(), dw.kv.stats(), remote, local,
+        {k: v for k, v in r.items() if k[0] == "splitserve_request_resumes_total"})
     assert value(r, "splitserve_routed_kv_transfer_bytes_total") == sent
 
     pm = scrape(f"127.0.0.1:{p.metrics_port}")
