@@ -3,9 +3,10 @@
 Every period the controller reads the signals (TTFT and TPOT percentiles over a sliding
 window, prompt tokens queued on the prefill workers, the P and D counts) and asks `decide`
 whether to move a worker from one role to the other. The TPOT signal is, by default
-(`tpot_signal="live"`), the decoding requests' token gaps of the last second or so
-(RouterMetrics.recent_live_tpot); "finished" reads the finished requests' whole TPOTs,
-which lag a long request's life behind the decode load of now.
+(`tpot_signal="finished"`), the finished requests' whole TPOTs, which lag a long request's
+life behind the decode load of now; "live" reads the decoding requests' token gaps of the
+last second or so instead (RouterMetrics.recent_live_tpot; not yet measured against it in
+`splitserve bench pd-control`, hence not the default).
 
 - A role is *short* when its objective is missed while the other role has room to give a
   worker: TTFT over its objective (or the prefill queue over `prefill_queue_tokens` per
@@ -44,7 +45,7 @@ class PDControlConfig:
     percentile: float = 90.0  # of the window's TTFT and TPOT samples
     # TPOT samples: "live" (each decoding request's recent token gaps, RouterMetrics.
     # recent_live_tpot) or "finished" (each finished request's whole TPOT, recent_tpot).
-    tpot_signal: str = "live"
+    tpot_signal: str = "finished"
     period_s: float = 2.0  # signals read and a decision taken this often
     window_s: float = 10.0  # latency samples of the last window_s seconds count
     min_samples: int = 4  # fewer in the window: that latency is unknown

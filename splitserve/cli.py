@@ -300,9 +300,9 @@ def _add_pd_control_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pd-headroom", type=float, default=0.8,
                    help="a role gives a worker only while its own latency is under this "
                         "fraction of its objective")
-    p.add_argument("--pd-tpot-signal", default="live", choices=["live", "finished"],
-                   help="the TPOT the controller reads: live (decoding requests' token gaps "
-                        "of the last second) or finished (finished requests' whole TPOTs)")
+    p.add_argument("--pd-tpot-signal", default="finished", choices=["live", "finished"],
+                   help="the TPOT the controller reads: finished (finished requests' whole "
+                        "TPOTs) or live (decoding requests' token gaps of the last second)")
     p.add_argument("--pd-prefill-queue-tokens", type=int, default=0,
                    help="queued prompt tokens per prefill worker that make prefill short "
                         "by themselves (0: latency only)")

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pd-prefill-queue-tokens", type=int, default=512,
                     help="the controller's backlog signal: a long prompt waiting per prefill "
                          "worker")
-    ap.add_argument("--pd-tpot-signal", default="live", choices=["live", "finished"],
+    ap.add_argument("--pd-tpot-signal", default="finished", choices=["live", "finished"],
                     help="the controller's TPOT signal (serve --pd-tpot-signal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write every result here (JSON)")
