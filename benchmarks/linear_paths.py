@@ -1,7 +1,8 @@
 """SmolLM2-135M's 121 linear layers (30 x qkv, o, gate_up, down, and lm_head), one call each,
 at decode-sized row counts, by every path this CPU has: our panels (kernels/csrc/gemm_cpu.cpp:
 AVX-512, AVX512-BF16 or AVX2), oneDNN's packed layout, and F.linear; per dtype, the median
-of 7 passes, with the weights' bytes read per second and each path's ratio to F.linear.
+of 7 passes, with the weights' bytes read per second, GFLOP/s and each path's ratio to
+F.linear.
 Says which instruction sets the CPU has, since the panels' code path depends on them.
 
     PYTHONPATH=. .venv/bin/python benchmarks/linear_paths.py [--dtypes float32,bfloat16]
@@ -78,6 +79,7 @@ def main() -> None:
         weights = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in SHAPES] * 30
         weights.append((torch.randn(VOCAB, 576) * 0.02).to(dtype))
         weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        flop_per_row = sum(2 * w.numel() for w in weights)
         by_path = paths(dtype, weights)
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, w.shape[1]).to(dtype) for w in weights]
@@ -86,6 +88,7 @@ def main() -> None:
                 for path, fn in by_path.items():
                     times[path] = median_s(lambda fn=fn, xs=xs: fn(xs))
             line = "  ".join(f"{p} {t * 1e3:7.2f} ms ({weight_bytes / t / 1e9:5.1f} GB/s, "
+                             f"{flop_per_row * rows / t / 1e9:4.0f} GFLOP/s, "
                              f"{times['F.linear'] / t:4.2f}x)" for p, t in times.items())
             print(f"{name:8s} {rows:3d} rows: {line}", flush=True)
 
