@@ -58,8 +58,9 @@ _PACKED_ROWS = {
     "panel_bf16": PackedRows(min_rows=1, max_rows=384),  # AVX512-BF16, gemm_cpu.cpp
 }
 # AVX2 builds (no AVX-512): on a 2-core Zen 3 the panels matched or beat F.linear at every
-# row count measured (fp32: 1.0x at 1 row, 3x at 4, 1.1-1.3x at 16-1,024; bf16 1.6-7x,
-# torch's bf16 matmul having no fast path there), so they take every step up to this.
+# row count measured (fp32: 1.0-1.3x at 1 row, 3-3.9x at 4, 1.05-2.1x at 16-1,024; bf16
+# 1.5-7x, torch's bf16 matmul having no fast path there), so they take every step up to
+# this.
 _AVX2_PANEL_ROWS = PackedRows(min_rows=1, max_rows=8192)
 _ONEDNN_HINT_ROWS = 32  # the row count oneDNN tunes its blocked layout for
 
