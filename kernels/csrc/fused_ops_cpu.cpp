@@ -50,15 +50,15 @@ template <typename IO>
 void rotate_head(typename IO::storage* __restrict lo, typename IO::storage* __restrict hi,
                  const float* __restrict cos, const float* __restrict sin, int64_t half) {
   int64_t j = 0;
-#ifdef SPLITSERVE_AVX512
-  for (; j + 16 <= half; j += 16) {
-    const Vec x1 = IO::load16(lo + j), x2 = IO::load16(hi + j);
-    const Vec a1 = IO::round16(_mm512_mul_ps(x1, _mm512_loadu_ps(cos + j)));
-    const Vec b1 = IO::round16(_mm512_mul_ps(x2, _mm512_loadu_ps(sin + j)));
-    const Vec a2 = IO::round16(_mm512_mul_ps(x2, _mm512_loadu_ps(cos + half + j)));
-    const Vec b2 = IO::round16(_mm512_mul_ps(x1, _mm512_loadu_ps(sin + half + j)));
-    IO::store16(lo + j, _mm512_sub_ps(a1, b1));
-    IO::store16(hi + j, _mm512_add_ps(a2, b2));
+#ifdef SPLITSERVE_SIMD
+  for (; j + kLanes <= half; j += kLanes) {
+    const Vec x1 = IO::loadv(lo + j), x2 = IO::loadv(hi + j);
+    const Vec a1 = IO::roundv(vmul(x1, vload(cos + j)));
+    const Vec b1 = IO::roundv(vmul(x2, vload(sin + j)));
+    const Vec a2 = IO::roundv(vmul(x2, vload(cos + half + j)));
+    const Vec b2 = IO::roundv(vmul(x1, vload(sin + half + j)));
+    IO::storev(lo + j, vsub(a1, b1));
+    IO::storev(hi + j, vadd(a2, b2));
   }
 #endif
   for (; j < half; ++j) {
@@ -105,8 +105,8 @@ void store_quantized_row(const typename IO::storage* src, uint8_t* dst, int64_t 
 template <typename From, typename To>
 void convert_row(const typename From::storage* src, typename To::storage* dst, int64_t n) {
   int64_t i = 0;
-#ifdef SPLITSERVE_AVX512
-  for (; i + 16 <= n; i += 16) To::store16(dst + i, From::load16(src + i));
+#ifdef SPLITSERVE_SIMD
+  for (; i + kLanes <= n; i += kLanes) To::storev(dst + i, From::loadv(src + i));
 #endif
   for (; i < n; ++i) dst[i] = To::store(From::load(src[i]));
 }
@@ -176,8 +176,7 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
 
 // exp(x) for sigmoid's 1 + exp(x): n = round(x / ln2), r = x - n ln2 in two parts (the
 // first exact), exp(r) by Taylor to degree 7 (|r| <= ln2/2: truncation < 1e-8 relative),
-// times 2^n. Branch-free so loops over it vectorize; the AVX-512 version below computes the
-// same bits. Below -86 it returns exp(-86) (1 + anything under 2^-25 is 1); above
+// times 2^n. Branch-free; the vector version below computes the same bits. Below -86 it returns exp(-86) (1 + anything under 2^-25 is 1); above
 // ln(FLT_MAX), inf.
 constexpr float kExpMin = -86.0f, kExpMax = 88.72283935546875f;
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
@@ -199,18 +198,16 @@ inline float exp_for_sigmoid(float x) {
   return x > kExpMax ? std::numeric_limits<float>::infinity() : e;
 }
 
-#ifdef SPLITSERVE_AVX512
-inline Vec exp_for_sigmoid16(Vec x) {
-  const Vec xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpMin)),
-                               _mm512_set1_ps(kExpMax));
-  const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)), kRoundNearest);
-  Vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  Vec p = _mm512_set1_ps(kTaylor[0]);
-  for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kTaylor[k]));
-  const __mmask16 over = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMax), _CMP_GT_OQ);
-  return _mm512_mask_blend_ps(over, _mm512_scalef_ps(p, n),
-                              _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+#ifdef SPLITSERVE_SIMD
+inline Vec exp_for_sigmoid_v(Vec x) {
+  const Vec xc = vmin(vmax(x, vset1(kExpMin)), vset1(kExpMax));
+  const Vec n = vround(vmul(xc, vset1(kLog2e)));
+  Vec r = vfnmadd(n, vset1(kLn2Hi), xc);  // exact, as in the scalar version
+  r = vfnmadd(n, vset1(kLn2Lo), r);
+  Vec p = vset1(kTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = vfmadd(p, r, vset1(kTaylor[k]));
+  return vselect_gt(x, vset1(kExpMax), vset1(std::numeric_limits<float>::infinity()),
+                    vscale_pow2(p, n));
 }
 #endif
 
@@ -220,14 +217,12 @@ void silu_mul_row(const typename IO::storage* __restrict gate,
                   const typename IO::storage* __restrict up, typename IO::storage* __restrict dst,
                   int64_t n) {
   int64_t i = 0;
-#ifdef SPLITSERVE_AVX512
-  const Vec one = _mm512_set1_ps(1.0f);
-  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
-  for (; i + 16 <= n; i += 16) {
-    const Vec g = IO::load16(gate + i);
-    const Vec neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign));
-    const Vec silu = IO::round16(_mm512_div_ps(g, _mm512_add_ps(one, exp_for_sigmoid16(neg))));
-    IO::store16(dst + i, _mm512_mul_ps(silu, IO::load16(up + i)));
+#ifdef SPLITSERVE_SIMD
+  const Vec one = vset1(1.0f);
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vec g = IO::loadv(gate + i);
+    const Vec silu = IO::roundv(vdiv(g, vadd(one, exp_for_sigmoid_v(vneg(g)))));
+    IO::storev(dst + i, vmul(silu, IO::loadv(up + i)));
   }
 #endif
   for (; i < n; ++i) {
@@ -301,11 +296,11 @@ void rms_norm_row(const float* x, const typename IO::storage* weight, typename I
                   int64_t n, float eps) {
   const float r = 1.0f / std::sqrt(sum_of_squares(x, n) / static_cast<float>(n) + eps);
   int64_t i = 0;
-#ifdef SPLITSERVE_AVX512
-  const Vec rv = _mm512_set1_ps(r);
-  for (; i + 16 <= n; i += 16) {
-    const Vec normed = IO::round16(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv));
-    IO::store16(out + i, _mm512_mul_ps(normed, IO::load16(weight + i)));
+#ifdef SPLITSERVE_SIMD
+  const Vec rv = vset1(r);
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vec normed = IO::roundv(vmul(vload(x + i), rv));
+    IO::storev(out + i, vmul(normed, IO::loadv(weight + i)));
   }
 #endif
   for (; i < n; ++i) out[i] = IO::store(IO::round(x[i] * r) * IO::load(weight[i]));
@@ -342,11 +337,11 @@ void add_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& residual,
       T* __restrict xr = x_ptr + t * x_stride;
       T* __restrict res = res_ptr + t * res_stride;
       int64_t i = 0;
-#ifdef SPLITSERVE_AVX512
-      for (; i + 16 <= n; i += 16) {
-        const Vec h = IO::round16(_mm512_add_ps(IO::load16(res + i), IO::load16(xr + i)));
-        _mm512_storeu_ps(sum.data() + i, h);
-        IO::store16(res + i, h);
+#ifdef SPLITSERVE_SIMD
+      for (; i + kLanes <= n; i += kLanes) {
+        const Vec h = IO::roundv(vadd(IO::loadv(res + i), IO::loadv(xr + i)));
+        vstore(sum.data() + i, h);
+        IO::storev(res + i, h);
       }
 #endif
       for (; i < n; ++i) {

@@ -169,7 +169,8 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype, num_tokens: int, n: int)
 
 def test_silu_and_mul_does_not_depend_on_the_column() -> None:
     """Vector body and scalar tail compute the same bits: permuting the columns of gate and
-    up together permutes the output exactly (n = 23: one 16-lane vector and a tail)."""
+    up together permutes the output exactly (n = 23: one 16-lane vector and a tail with
+    AVX-512, two 8-lane vectors and a tail with AVX2)."""
     gate_up = _gate_up(3, 23, torch.float32, seed=2)
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(5))
     moved = torch.cat((gate_up[:, :23][:, perm], gate_up[:, 23:][:, perm]), dim=1)
