@@ -1,6 +1,6 @@
-// Element types as fp32 for the fused CPU kernels (fused_ops_cpu.cpp): per element and per
-// vector of kLanes fp32 lanes (16 with AVX-512, 8 with AVX2 + FMA + F16C; SPLITSERVE_SIMD
-// says a build has one). Internal to this folder; an includer's own FP contraction setting
+// Element types as fp32 for the CPU kernels (fused_ops_cpu.cpp; paged_decode_cpu.cpp uses
+// the vector layer): per element and per vector of kLanes fp32 lanes (16 with AVX-512, 8
+// with AVX2 + FMA + F16C; SPLITSERVE_SIMD says a build has one). Internal to this folder; an includer's own FP contraction setting
 // applies (fused_ops_cpu.cpp turns contraction off before including it).
 #pragma once
 
@@ -33,11 +33,18 @@ constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #ifdef SPLITSERVE_SIMD_AVX2
 using Vec = __m256;
 using VecI = __m256i;   // kLanes 32-bit integer lanes
-using Half = __m128i;   // kLanes 16-bit lanes
+using VecH = __m128i;   // kLanes 16-bit lanes
 constexpr int64_t kLanes = 8;
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vset1(float v) { return _mm256_set1_ps(v); }
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline float vsum(Vec v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
@@ -69,27 +76,29 @@ inline VecI vand_i(VecI a, VecI b) { return _mm256_and_si256(a, b); }
 inline VecI vset1_i(int32_t v) { return _mm256_set1_epi32(v); }
 template <int kShift> VecI vshr_i(VecI v) { return _mm256_srli_epi32(v, kShift); }
 template <int kShift> VecI vshl_i(VecI v) { return _mm256_slli_epi32(v, kShift); }
-inline Half load_half(const uint16_t* p) {
+inline VecH load_half(const uint16_t* p) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
-inline void store_half(uint16_t* p, Half v) {
+inline void store_half(uint16_t* p, VecH v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
 }
-inline VecI widen_u16(Half v) { return _mm256_cvtepu16_epi32(v); }
+inline VecI widen_u16(VecH v) { return _mm256_cvtepu16_epi32(v); }
 // The low 16 bits of each 32-bit lane (every lane holds a value <= 0xFFFF).
-inline Half narrow_u16(VecI v) {
+inline VecH narrow_u16(VecI v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
 }
-inline Vec half_to_float(Half v) { return _mm256_cvtph_ps(v); }
-inline Half float_to_half(Vec v) { return _mm256_cvtps_ph(v, kRoundNearest); }
+inline Vec half_to_float(VecH v) { return _mm256_cvtph_ps(v); }
+inline VecH float_to_half(Vec v) { return _mm256_cvtps_ph(v, kRoundNearest); }
 #else
 using Vec = __m512;
 using VecI = __m512i;
-using Half = __m256i;
+using VecH = __m256i;
 constexpr int64_t kLanes = 16;
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
@@ -117,16 +126,16 @@ inline VecI vand_i(VecI a, VecI b) { return _mm512_and_si512(a, b); }
 inline VecI vset1_i(int32_t v) { return _mm512_set1_epi32(v); }
 template <int kShift> VecI vshr_i(VecI v) { return _mm512_srli_epi32(v, kShift); }
 template <int kShift> VecI vshl_i(VecI v) { return _mm512_slli_epi32(v, kShift); }
-inline Half load_half(const uint16_t* p) {
+inline VecH load_half(const uint16_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
-inline void store_half(uint16_t* p, Half v) {
+inline void store_half(uint16_t* p, VecH v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
 }
-inline VecI widen_u16(Half v) { return _mm512_cvtepu16_epi32(v); }
-inline Half narrow_u16(VecI v) { return _mm512_cvtepi32_epi16(v); }
-inline Vec half_to_float(Half v) { return _mm512_cvtph_ps(v); }
-inline Half float_to_half(Vec v) { return _mm512_cvtps_ph(v, kRoundNearest); }
+inline VecI widen_u16(VecH v) { return _mm512_cvtepu16_epi32(v); }
+inline VecH narrow_u16(VecI v) { return _mm512_cvtepi32_epi16(v); }
+inline Vec half_to_float(VecH v) { return _mm512_cvtph_ps(v); }
+inline VecH float_to_half(Vec v) { return _mm512_cvtps_ph(v, kRoundNearest); }
 #endif
 
 // bf16 bits, rounded like BF16::store (NaN -> 0x7FC0), in the low half of each 32-bit lane.

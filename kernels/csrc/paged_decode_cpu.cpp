@@ -16,18 +16,10 @@
 // values and the row's scale multiplies the score and the softmax weight; rows stored
 // rotated (H x, kv_quant.h) are met by rotating the query in and the output back.
 #include "ops.h"
+#include "cpu_dtype_io.h"
 #include "kv_quant.h"
 
 #include <ATen/Parallel.h>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define SPLITSERVE_ATTN_SIMD 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define SPLITSERVE_ATTN_SIMD 1
-#define SPLITSERVE_ATTN_AVX2 1
-#endif
 
 #include <algorithm>
 #include <cstring>
@@ -68,59 +60,52 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// One vector of fp32 lanes (kVecLanes: 16 with AVX-512, 8 with AVX2) and its operations;
-// vload reads kVecLanes elements of any cache type as fp32.
-#if defined(SPLITSERVE_ATTN_AVX2)
-using VecF = __m256;
-constexpr int64_t kVecLanes = 8;
-inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline VecF vload(const c10::BFloat16* p) {
+// The vector layer of cpu_dtype_io.h (Vec: kLanes fp32 lanes, 16 with AVX-512, 8 with
+// AVX2), and vload for kLanes elements of every cache type as fp32.
+#if defined(SPLITSERVE_SIMD)
+using splitserve_cpu::kLanes;
+using splitserve_cpu::Vec;
+using splitserve_cpu::vfmadd;
+using splitserve_cpu::vload;  // float rows; the cache types' overloads below
+using splitserve_cpu::vmul;
+using splitserve_cpu::vset1;
+using splitserve_cpu::vstore;
+using splitserve_cpu::vsum;
+using splitserve_cpu::vzero;
+#if defined(SPLITSERVE_SIMD_AVX2)
+inline Vec vload(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
-inline VecF vload(const c10::Half* p) {
+inline Vec vload(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline VecF vload(const int8_t* p) {
+inline Vec vload(const int8_t* p) {
   return _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 // e4m3 codes as fp16 bits, as in the AVX-512 version below.
-inline VecF vload(const E4M3* p) {
+inline Vec vload(const E4M3* p) {
   const __m128i raw = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(raw, _mm_set1_epi16(0x7F)), 7);
   const __m128i sign = _mm_slli_epi16(_mm_and_si128(raw, _mm_set1_epi16(0x80)), 8);
   return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(magnitude, sign)), _mm256_set1_ps(256.0f));
 }
-inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
-inline VecF vset1(float v) { return _mm256_set1_ps(v); }
-inline VecF vzero() { return _mm256_setzero_ps(); }
-inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-inline float vsum(VecF v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-#elif defined(__AVX512F__)
-using VecF = __m512;
-constexpr int64_t kVecLanes = 16;
-inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
-inline VecF vload(const c10::BFloat16* p) {
+#else
+inline Vec vload(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-inline VecF vload(const c10::Half* p) {
+inline Vec vload(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline VecF vload(const int8_t* p) {
+inline Vec vload(const int8_t* p) {
   return _mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 // e4m3 codes as fp16 bits (sign to bit 15, exponent and mantissa shifted up by 7): the same
 // value divided by 2^8 (the biases differ by 8), subnormals included; then * 2^8 (exact).
-inline VecF vload(const E4M3* p) {
+inline Vec vload(const E4M3* p) {
   const __m256i raw =
       _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x7F)), 7);
@@ -128,12 +113,7 @@ inline VecF vload(const E4M3* p) {
   return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(magnitude, sign)),
                        _mm512_set1_ps(256.0f));
 }
-inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
-inline VecF vset1(float v) { return _mm512_set1_ps(v); }
-inline VecF vzero() { return _mm512_setzero_ps(); }
-inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-inline float vsum(VecF v) { return _mm512_reduce_add_ps(v); }
+#endif
 #endif
 
 // Bytes after the int8 values of a quantized row: its fp16 scale.
@@ -156,10 +136,10 @@ template <typename scalar_t>
 inline float dot(const float* a, const scalar_t* b, int64_t n) {
   int64_t d = 0;
   float total = 0.0f;
-#if defined(SPLITSERVE_ATTN_SIMD)
+#if defined(SPLITSERVE_SIMD)
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    VecF acc = vzero();
-    for (; d + kVecLanes <= n; d += kVecLanes) acc = vfmadd(vload(a + d), vload(b + d), acc);
+    Vec acc = vzero();
+    for (; d + kLanes <= n; d += kLanes) acc = vfmadd(vload(a + d), vload(b + d), acc);
     total = vsum(acc);
   }
 #endif
@@ -171,10 +151,10 @@ inline float dot(const float* a, const scalar_t* b, int64_t n) {
 template <typename scalar_t>
 inline void axpy(float* a, float p, const scalar_t* b, int64_t n) {
   int64_t d = 0;
-#if defined(SPLITSERVE_ATTN_SIMD)
+#if defined(SPLITSERVE_SIMD)
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    const VecF pv = vset1(p);
-    for (; d + kVecLanes <= n; d += kVecLanes) vstore(a + d, vfmadd(pv, vload(b + d), vload(a + d)));
+    const Vec pv = vset1(p);
+    for (; d + kLanes <= n; d += kLanes) vstore(a + d, vfmadd(pv, vload(b + d), vload(a + d)));
   }
 #endif
   for (; d < n; ++d) a[d] += p * static_cast<float>(b[d]);
@@ -194,8 +174,8 @@ constexpr int64_t kPrefetchAhead = 8;  // K rows requested ahead of the dot prod
 // Slots per run of the online softmax (scores of one run are kept, then folded in).
 constexpr int64_t kChunk = 64;
 
-#if defined(SPLITSERVE_ATTN_SIMD)
-// Register-blocked loops for unquantized caches whose head_dim is kVecs x kVecLanes (64,
+#if defined(SPLITSERVE_SIMD)
+// Register-blocked loops for unquantized caches whose head_dim is kVecs x kLanes (64,
 // 128): one query head's q (for the scores) or output row (for the V sum) stays in kVecs
 // vector registers (with AVX2 at head_dim 128 the compiler spills some)
 // across a run of slots, instead of a load and store per slot. Each loop also asks for
@@ -204,36 +184,36 @@ constexpr int64_t kChunk = 64;
 // (asked for all at once at the start of each run instead, the attention of a SmolLM2
 // batch-16 decode step, 30 layers, took 14.0 ms against 11.8 on a 2-core Zen 4).
 
-// s[i] = q . K[row_offset[i]] for the run's `count` slots; q: kVecs x kVecLanes floats.
+// s[i] = q . K[row_offset[i]] for the run's `count` slots; q: kVecs x kLanes floats.
 template <int kVecs, typename cache_t>
 inline void run_scores(const float* q, const cache_t* k_ptr, const int64_t* row_offset,
                        int64_t count, float* s, const int64_t* ahead_offset,
                        int64_t ahead_count, int64_t ahead_elems) {
-  VecF qv[kVecs];
-  for (int j = 0; j < kVecs; ++j) qv[j] = vload(q + kVecLanes * j);
+  Vec qv[kVecs];
+  for (int j = 0; j < kVecs; ++j) qv[j] = vload(q + kLanes * j);
   for (int64_t i = 0; i < count; ++i) {
     if (i < ahead_count) prefetch_row<2>(k_ptr + ahead_offset[i], ahead_elems);
     const cache_t* row = k_ptr + row_offset[i];
-    VecF t = vmul(qv[0], vload(row));
-    for (int j = 1; j < kVecs; ++j) t = vfmadd(qv[j], vload(row + kVecLanes * j), t);
+    Vec t = vmul(qv[0], vload(row));
+    for (int j = 1; j < kVecs; ++j) t = vfmadd(qv[j], vload(row + kLanes * j), t);
     s[i] = vsum(t);
   }
 }
 
-// acc += sum_i p[i] * V[row_offset[i]] over the run; acc: kVecs x kVecLanes floats.
+// acc += sum_i p[i] * V[row_offset[i]] over the run; acc: kVecs x kLanes floats.
 template <int kVecs, typename cache_t>
 inline void run_values(float* acc, const float* p, const cache_t* v_ptr,
                        const int64_t* row_offset, int64_t count, const int64_t* ahead_offset,
                        int64_t ahead_count, int64_t ahead_elems) {
-  VecF av[kVecs];
-  for (int j = 0; j < kVecs; ++j) av[j] = vload(acc + kVecLanes * j);
+  Vec av[kVecs];
+  for (int j = 0; j < kVecs; ++j) av[j] = vload(acc + kLanes * j);
   for (int64_t i = 0; i < count; ++i) {
     if (i < ahead_count) prefetch_row<2>(v_ptr + ahead_offset[i], ahead_elems);
     const cache_t* row = v_ptr + row_offset[i];
-    const VecF pi = vset1(p[i]);
-    for (int j = 0; j < kVecs; ++j) av[j] = vfmadd(pi, vload(row + kVecLanes * j), av[j]);
+    const Vec pi = vset1(p[i]);
+    for (int j = 0; j < kVecs; ++j) av[j] = vfmadd(pi, vload(row + kLanes * j), av[j]);
   }
-  for (int j = 0; j < kVecs; ++j) vstore(acc + kVecLanes * j, av[j]);
+  for (int j = 0; j < kVecs; ++j) vstore(acc + kLanes * j, av[j]);
 }
 #endif
 
@@ -244,9 +224,9 @@ constexpr bool kRegisterLoops = !kQuantized<cache_t> && !std::is_same_v<cache_t,
 // The register loops' kVecs for this cache type and head_dim, or 0 where they do not apply.
 template <typename cache_t>
 inline int register_vecs(int64_t head_dim) {
-#if defined(SPLITSERVE_ATTN_SIMD)
+#if defined(SPLITSERVE_SIMD)
   if constexpr (kRegisterLoops<cache_t>) {
-    if (head_dim == 64 || head_dim == 128) return static_cast<int>(head_dim / kVecLanes);
+    if (head_dim == 64 || head_dim == 128) return static_cast<int>(head_dim / kLanes);
   }
 #endif
   return 0;
@@ -359,7 +339,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
               next_offset[i] = (next_table[i / block_size] * block_size + i % block_size) *
                                    token_stride + next_head;
           }
-#if defined(SPLITSERVE_ATTN_SIMD)
+#if defined(SPLITSERVE_SIMD)
           if constexpr (kRegisterLoops<cache_t>)
             for (int64_t g = 0; g < group; ++g)
               with_vecs(vecs, [&](auto v) {
@@ -397,7 +377,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
           }
         }
         if (vecs) {
-#if defined(SPLITSERVE_ATTN_SIMD)
+#if defined(SPLITSERVE_SIMD)
           if constexpr (kRegisterLoops<cache_t>)
             for (int64_t g = 0; g < group; ++g)
               with_vecs(vecs, [&](auto v) {
