@@ -1,7 +1,8 @@
 // Element types as fp32 for the CPU kernels (fused_ops_cpu.cpp; paged_decode_cpu.cpp uses
 // the vector layer): per element and per vector of kLanes fp32 lanes (16 with AVX-512, 8
-// with AVX2 + FMA + F16C; SPLITSERVE_SIMD says a build has one). Internal to this folder; an includer's own FP contraction setting
-// applies (fused_ops_cpu.cpp turns contraction off before including it).
+// with AVX2 + FMA + F16C; SPLITSERVE_SIMD says a build has one). Internal to this folder;
+// an includer's own FP contraction setting applies (fused_ops_cpu.cpp turns contraction
+// off before including it; no function here has an expression it could contract).
 #pragma once
 
 #include <torch/extension.h>
@@ -28,8 +29,8 @@ namespace splitserve_cpu {
 constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 // One vector of fp32 lanes and the operations the kernels use, the same for either width.
-// Every one is a single rounding of the exact result (no fused multiply-add unless named),
-// so a vector loop gives the bits of the scalar loop it replaces.
+// Each arithmetic operation rounds once, like its scalar operator (no fused multiply-add
+// unless named), so a vector loop gives the bits of the scalar loop it replaces.
 #ifdef SPLITSERVE_SIMD_AVX2
 using Vec = __m256;
 using VecI = __m256i;   // kLanes 32-bit integer lanes
@@ -109,8 +110,8 @@ inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }
 inline Vec vround(Vec v) { return _mm512_roundscale_ps(v, kRoundNearest); }
 inline Vec vneg(Vec v) {
-  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v),
-                                              _mm512_set1_epi32(static_cast<int32_t>(0x80000000u))));
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
 }
 inline Vec vselect_gt(Vec a, Vec b, Vec if_greater, Vec v) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), v, if_greater);

@@ -176,8 +176,8 @@ void rotary_store_kernel(const torch::Tensor& qkv, const torch::Tensor& cos,
 
 // exp(x) for sigmoid's 1 + exp(x): n = round(x / ln2), r = x - n ln2 in two parts (the
 // first exact), exp(r) by Taylor to degree 7 (|r| <= ln2/2: truncation < 1e-8 relative),
-// times 2^n. Branch-free; the vector version below computes the same bits. Below -86 it returns exp(-86) (1 + anything under 2^-25 is 1); above
-// ln(FLT_MAX), inf.
+// times 2^n. Branch-free; the vector version below computes the same bits. Below -86 it
+// returns exp(-86) (1 + anything under 2^-25 is 1); above ln(FLT_MAX), inf.
 constexpr float kExpMin = -86.0f, kExpMax = 88.72283935546875f;
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kTaylor[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f,
@@ -202,7 +202,7 @@ inline float exp_for_sigmoid(float x) {
 inline Vec exp_for_sigmoid_v(Vec x) {
   const Vec xc = vmin(vmax(x, vset1(kExpMin)), vset1(kExpMax));
   const Vec n = vround(vmul(xc, vset1(kLog2e)));
-  Vec r = vfnmadd(n, vset1(kLn2Hi), xc);  // exact, as in the scalar version
+  Vec r = vfnmadd(n, vset1(kLn2Hi), xc);  // n * kLn2Hi exact: the scalar version's bits
   r = vfnmadd(n, vset1(kLn2Lo), r);
   Vec p = vset1(kTaylor[0]);
   for (int k = 1; k < 8; ++k) p = vfmadd(p, r, vset1(kTaylor[k]));
