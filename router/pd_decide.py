@@ -5,8 +5,9 @@ window, prompt tokens queued on the prefill workers, the P and D counts) and ask
 whether to move a worker from one role to the other. The TPOT signal is, by default
 (`tpot_signal="finished"`), the finished requests' whole TPOTs, which lag a long request's
 life behind the decode load of now; "live" reads the decoding requests' token gaps of the
-last second or so instead (RouterMetrics.recent_live_tpot; not yet measured against it in
-`splitserve bench pd-control`, hence not the default).
+last second or so instead (RouterMetrics.recent_live_tpot). In `splitserve bench
+pd-control` (BENCHMARKS.md) live switched earlier in three of three pairs but its goodput
+was not better in all of them, hence not the default.
 
 - A role is *short* when its objective is missed while the other role has room to give a
   worker: TTFT over its objective (or the prefill queue over `prefill_queue_tokens` per

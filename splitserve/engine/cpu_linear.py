@@ -60,7 +60,8 @@ _PACKED_ROWS = {
 # AVX2 builds (no AVX-512): on a 2-core Zen 3 the panels matched or beat F.linear at every
 # row count measured (fp32: 1.0-1.3x at 1 row, 3-3.9x at 4, 1.05-2.1x at 16-1,024; bf16
 # 1.5-7x, torch's bf16 matmul having no fast path there), so they take every step up to
-# this.
+# this. (A later fp32 run had them at 0.86-0.97x F.linear at 256-2,048 rows, within that
+# VM's drift; not re-decided.)
 _AVX2_PANEL_ROWS = PackedRows(min_rows=1, max_rows=8192)
 _ONEDNN_HINT_ROWS = 32  # the row count oneDNN tunes its blocked layout for
 
@@ -80,6 +81,15 @@ def packing_for(dtype: torch.dtype) -> str:
     return "panel_bf16" if cpu_ext.gemm_bf16_supported() else "onednn_bf16"
 
 
+def layer_packing(packing: str, in_features: int) -> str | None:
+    """The packing one layer of `in_features` inputs gets where weights of its dtype get
+    `packing`: the same, except that the bf16 panels hold k pairs, so an odd width goes to
+    oneDNN's bf16 layout, or stays plain (None) where oneDNN has no bf16 path."""
+    if packing != "panel_bf16" or in_features % 2 == 0:
+        return packing
+    return "onednn_bf16" if _onednn_bf16() else None
+
+
 class PackedLinear(nn.Module):
     """nn.Linear's forward with the weight also held packed for small batches."""
 
@@ -87,9 +97,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = linear.weight  # shared, not copied: embeddings may be tied to it
         self.bias = linear.bias
-        if packing == "panel_bf16" and linear.in_features % 2:
-            packing = "onednn_bf16"  # the bf16 panels hold k pairs
-        self.packing = packing
+        resolved = layer_packing(packing, linear.in_features)
+        if resolved is None:
+            raise ValueError(f"no packed layout for a bf16 layer of {linear.in_features} inputs "
+                             "here (odd: the panels hold k pairs; oneDNN has no bf16 path)")
+        self.packing = packing = resolved
         self.rows = packed_rows(packing, linear.weight.dtype)
         weight = self.weight.detach()
         if packing in ("panel", "panel_bf16"):
@@ -128,7 +140,7 @@ def prepack_linears(model: nn.Module, dtype: torch.dtype) -> int:
     packing = packing_for(dtype)
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is nn.Linear
-               and (packing != "panel_bf16" or child.in_features % 2 == 0 or _onednn_bf16())]
+               and layer_packing(packing, child.in_features) is not None]
     try:
         packed = [(parent, name, PackedLinear(child, packing)) for parent, name, child in targets]
     except RuntimeError as exc:  # e.g. a torch build whose oneDNN lacks the op or the dtype
