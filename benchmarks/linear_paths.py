@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from splitserve.engine.cpu_linear import widened_linear
 from splitserve.kernels import cpu_ext
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of one layer
@@ -49,6 +50,9 @@ def paths(dtype: torch.dtype, weights: list[torch.Tensor]
           ) -> dict[str, Callable[[list[torch.Tensor]], object]]:
     """name -> a function of the inputs that calls every layer once on that path."""
     out: dict[str, Callable[[list[torch.Tensor]], object]] = {}
+    if dtype == torch.bfloat16:  # the engine's prefill path where the CPU has no bf16 GEMM
+        out["widened"] = lambda xs: [widened_linear(x, w)
+                                     for x, w in zip(xs, weights, strict=True)]
     supported = cpu_ext.gemm_supported() if dtype == torch.float32 else cpu_ext.gemm_bf16_supported()
     if supported:
         packed = [cpu_ext.pack_linear_weight(w) for w in weights]
@@ -69,6 +73,12 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--paths", default="",
+                    help="comma-separated paths to time (default: all; F.linear in bf16 "
+                         "without a bf16 GEMM takes ~30 s a pass at 2,048 rows)")
+    ap.add_argument("--no-lm-head", action="store_true",
+                    help="the 120 layers only: a prefill chunk runs lm_head on its last "
+                         "tokens, not on every row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -77,10 +87,14 @@ def main() -> None:
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         weights = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in SHAPES] * 30
-        weights.append((torch.randn(VOCAB, 576) * 0.02).to(dtype))
+        if not args.no_lm_head:
+            weights.append((torch.randn(VOCAB, 576) * 0.02).to(dtype))
         weight_bytes = sum(w.numel() * w.element_size() for w in weights)
         flop_per_row = sum(2 * w.numel() for w in weights)
         by_path = paths(dtype, weights)
+        if args.paths:
+            by_path = {p: fn for p, fn in by_path.items() if p in args.paths.split(",")}
+        base = "F.linear" if "F.linear" in by_path else next(iter(by_path))
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, w.shape[1]).to(dtype) for w in weights]
             times = {}
@@ -89,8 +103,8 @@ def main() -> None:
                     times[path] = median_s(lambda fn=fn, xs=xs: fn(xs))
             line = "  ".join(f"{p} {t * 1e3:7.2f} ms ({weight_bytes / t / 1e9:5.1f} GB/s, "
                              f"{flop_per_row * rows / t / 1e9:4.0f} GFLOP/s, "
-                             f"{times['F.linear'] / t:4.2f}x)" for p, t in times.items())
-            print(f"{name:8s} {rows:3d} rows: {line}", flush=True)
+                             f"{times[base] / t:4.2f}x {base})" for p, t in times.items())
+            print(f"{name:8s} {rows:4d} rows: {line}", flush=True)
 
 
 if __name__ == "__main__":
