@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.cpu_linear import widened_linear
 from splitserve.kernels import cpu_ext
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of one layer
@@ -50,9 +49,6 @@ def paths(dtype: torch.dtype, weights: list[torch.Tensor]
           ) -> dict[str, Callable[[list[torch.Tensor]], object]]:
     """name -> a function of the inputs that calls every layer once on that path."""
     out: dict[str, Callable[[list[torch.Tensor]], object]] = {}
-    if dtype == torch.bfloat16:  # the engine's prefill path where the CPU has no bf16 GEMM
-        out["widened"] = lambda xs: [widened_linear(x, w)
-                                     for x, w in zip(xs, weights, strict=True)]
     supported = cpu_ext.gemm_supported() if dtype == torch.float32 else cpu_ext.gemm_bf16_supported()
     if supported:
         packed = [cpu_ext.pack_linear_weight(w) for w in weights]

@@ -20,9 +20,10 @@
 // bandwidth the fp32 panels reach.
 //
 // AVX2 with FMA (no AVX-512: e.g. Zen 2/3, Intel before Skylake-SP): the same panels and the
-// same thread split, a panel's 16 columns held as two ymm and register tiles of up to 4 rows
-// x one panel (8 accumulators of the 16 ymm registers). bf16 panels are widened to fp32 as
-// they are read (a k pair's two values are the low and high halves of one 32-bit word) and
+// same thread split, a panel's 16 columns held as two ymm and register tiles of up to 6 rows
+// x one panel (12 accumulators of the 16 ymm registers). bf16 panels are widened to fp32 as
+// they are read (a k pair's two values are the low and high halves of one 32-bit word), or,
+// from kAvx2WidenRows rows on, once per panel group into a task's buffer for the fp32 tiles;
 // x is widened once per call; accumulation is fp32 in k order, rounded to bf16 once.
 #include "ops.h"
 
@@ -253,6 +254,57 @@ void over_panel_groups(const TileRowsFn<X, W, Y> (&tiles)[kPanels], int64_t rows
   });
 }
 
+#if defined(SPLITSERVE_GEMM_AVX2)
+// From this many rows on, a bf16 AVX2 linear widens each panel group to fp32 once per task
+// and runs the fp32 tiles over it. Widening in the register tile (panel_bf16_avx2) costs
+// the tile its registers (gcc spills two accumulators at 6 rows): at 64-384 rows it ran
+// 1.26-1.44x the fp32 panels' time on a Zen 3; with fewer rows the weight's bytes decide
+// and reading it as bf16 wins. Same products, same k order: the same sums to the bit.
+constexpr int64_t kAvx2WidenRows = 2 * kAvx2TileRows;
+
+// A group of `count` bf16 panels of k pairs, widened to fp32 panels [count, K, 16] in `dst`.
+void widen_panels(const uint16_t* w, int64_t count, int64_t k_pairs, float* dst) {
+  for (int64_t p = 0; p < count; ++p) {
+    const uint16_t* panel = w + p * k_pairs * 2 * kLanes;
+    float* out = dst + p * k_pairs * 2 * kLanes;
+    for (int64_t kp = 0; kp < k_pairs; ++kp) {
+      for (int h = 0; h < 2; ++h) {  // a pair's two values: the low and high half of a word
+        const __m256i pairs = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(panel + kp * 2 * kLanes + 16 * h));
+        _mm256_storeu_ps(out + (2 * kp) * kLanes + 8 * h,
+                         _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)));
+        _mm256_storeu_ps(out + (2 * kp + 1) * kLanes + 8 * h, _mm256_castsi256_ps(
+            _mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+      }
+    }
+  }
+}
+
+// over_panel_groups for bf16 panels and many rows: each task widens its group into a buffer
+// of its own (3 panels x K x 16 fp32: 295 KB at K = 1,536, beside the 24-row x tile in L2).
+void over_widened_panel_groups(int64_t rows, int64_t n_dim, int64_t panels, int64_t k_dim,
+                               const float* x, int64_t ldx, const uint16_t* w, const float* bias,
+                               uint16_t* y, int64_t ldy) {
+  static constexpr TileRowsFn<float, float, uint16_t> kTiles[kPanels] = {
+      tile_rows_avx2<1, float, uint16_t>, tile_rows_avx2<2, float, uint16_t>,
+      tile_rows_avx2<3, float, uint16_t>};
+  const int64_t groups = (panels + kPanels - 1) / kPanels, panel_stride = k_dim * kLanes;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<float[]> widened(new float[kPanels * panel_stride]);
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * kPanels, count = std::min(kPanels, panels - first);
+      const int64_t column = first * kLanes;
+      widen_panels(w + first * panel_stride, count, k_dim / 2, widened.get());
+      for (int64_t r0 = 0; r0 < rows; r0 += kAvx2TileRows) {
+        kTiles[count - 1](std::min(kAvx2TileRows, rows - r0), x + r0 * ldx, ldx, widened.get(),
+                          panel_stride, k_dim, bias ? bias + column : nullptr,
+                          y + r0 * ldy + column, ldy, n_dim - column);
+      }
+    }
+  });
+}
+#endif
+
 #if defined(__AVX512BF16__)
 inline __m512 bf16x16_to_fp32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -414,6 +466,13 @@ void linear_packed_bf16(torch::Tensor x, torch::Tensor packed, std::optional<tor
   const std::unique_ptr<float[]> bias_fp32(bias_ptr ? new float[n_dim] : nullptr);
   widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), rows, x.stride(0), k_dim, x_fp32.get());
   if (bias_ptr) widen(bias_ptr, 1, n_dim, n_dim, bias_fp32.get());
+  if (rows >= kAvx2WidenRows) {
+    over_widened_panel_groups(rows, n_dim, packed.size(0), k_dim, x_fp32.get(), k_dim,
+                              reinterpret_cast<const uint16_t*>(packed.data_ptr()),
+                              bias_fp32.get(), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                              out.stride(0));
+    return;
+  }
   static constexpr TileRowsFn<float, uint16_t, uint16_t> kTiles[kPanels] = {
       tile_rows_avx2<1, uint16_t, uint16_t>, tile_rows_avx2<2, uint16_t, uint16_t>,
       tile_rows_avx2<3, uint16_t, uint16_t>};

@@ -6,7 +6,7 @@ wins) and a packed copy made once at load time, and picks by row count:
 - fp32: our panel GEMM (kernels/csrc/gemm_cpu.cpp; AVX-512, or AVX2 with FMA), else
   oneDNN's blocked layout;
 - bf16: our panels of k pairs (gemm_cpu.cpp: vdpbf16ps where the CPU has AVX512-BF16, else
-  widened to fp32 as read with AVX2), else oneDNN's blocked layout (AMX where the CPU has
+  widened to fp32 with AVX2: as read at few rows, once per panel group from 48), else oneDNN's blocked layout (AMX where the CPU has
   it; a layer whose input width is odd, which the k pairs cannot hold, too).
 Measured on the 2-core AMX Xeon this project is developed on, SmolLM2's 30 layers plus
 lm_head, one call each: fp32 at 1 row 18.9 ms (F.linear 21-23, oneDNN packed 30), 8 rows
@@ -22,7 +22,10 @@ panels' bandwidth; oneDNN's bf16 reached about half of it.
 On a 2-core Zen 3 (AVX2 and FMA, no AVX-512; benchmarks/linear_paths.py), the 121 layers
 with the AVX2 panels against oneDNN packed and F.linear: fp32 1 row 20.3 ms / 26.4 / 26.5,
 16 rows 42.3 / 56.2 / 88.6, 64 rows 138 / 156 / 207; bf16 (no oneDNN bf16 there) 1 row
-11.1 against 17.1, 16 rows 36.6 against 236.
+11.1 against 17.1, 16 rows 36.6 against 236. The 120 layer linears alone (no lm_head, a
+prefill chunk's rows): the bf16 panels 331 / 616 / 2,652 ms at 256 / 512 / 2,048 rows
+against 499 / 808 / 2,884 for F.linear on operands widened to fp32 (torch's bf16 matmul:
+~18 GFLOP/s there, 8x slower still).
 
 The price is memory: every packed weight is a copy (the model's weights twice). Off with
 EngineConfig(cpu_weight_prepack=False).
@@ -60,32 +63,17 @@ _PACKED_ROWS = {
 # AVX2 builds (no AVX-512): on a 2-core Zen 3 the panels matched or beat F.linear at every
 # row count measured (fp32: 1.0-1.3x at 1 row, 3-3.9x at 4, 1.05-2.1x at 16-1,024; bf16
 # 1.5-7x, torch's bf16 matmul having no fast path there), so they take every step up to
-# this. (A later fp32 run had them at 0.86-0.97x F.linear at 256-2,048 rows, within that
-# VM's drift; not re-decided.)
+# this. (A later fp32 run had them at 0.86-0.97x F.linear at 256-2,048 rows with lm_head's
+# 49,152 columns among the layers; without it, 1.0-1.18x at 128-2,048 rows.)
 _AVX2_PANEL_ROWS = PackedRows(min_rows=1, max_rows=8192)
-# bf16 on AVX2: above this many rows the fp32 library GEMM on widened operands
-# (widened_linear) beats the bf16 panels, which widen each weight line again for every
-# 6-row register tile. SmolLM2's 120 layer linears on a 2-core Zen 3
-# (benchmarks/linear_paths.py --no-lm-head): panels / widened 233 / 271 ms at 128 rows,
-# 480 / 466 at 256, 865 / 794 at 512, 1,724 / 1,373 at 1,024, 3,795 / 2,969 at 2,048.
-# (fp32 there: the panels 1.0-1.18x F.linear at 128-2,048 rows; they keep every count.)
-_AVX2_BF16_PANEL_ROWS = PackedRows(min_rows=1, max_rows=384)
 _ONEDNN_HINT_ROWS = 32  # the row count oneDNN tunes its blocked layout for
 
 
 def packed_rows(packing: str, dtype: torch.dtype) -> PackedRows:
-    """The row counts for which `packing` of a `dtype` weight beats the unpacked path
-    (F.linear, or widened_linear where widens_above_packed) in this build."""
+    """The row counts for which `packing` of a `dtype` weight beats F.linear in this build."""
     if packing in ("panel", "panel_bf16") and cpu_ext.gemm_isa(dtype) == "avx2":
-        return _AVX2_BF16_PANEL_ROWS if packing == "panel_bf16" else _AVX2_PANEL_ROWS
+        return _AVX2_PANEL_ROWS
     return _PACKED_ROWS[packing]
-
-
-def widens_above_packed(packing: str, dtype: torch.dtype) -> bool:
-    """Whether rows beyond the packed range go to widened_linear rather than F.linear:
-    bf16 where the panels are the AVX2 ones, i.e. the CPU has no bf16 dot product and
-    torch's bf16 matmul no fast path (~9x slower than its fp32 one on a Zen 3)."""
-    return packing == "panel_bf16" and cpu_ext.gemm_isa(dtype) == "avx2"
 
 
 def packing_for(dtype: torch.dtype) -> str:
@@ -118,7 +106,6 @@ class PackedLinear(nn.Module):
                              "here (odd: the panels hold k pairs; oneDNN has no bf16 path)")
         self.packing = packing = resolved
         self.rows = packed_rows(packing, linear.weight.dtype)
-        self.widen = widens_above_packed(packing, linear.weight.dtype)
         weight = self.weight.detach()
         if packing in ("panel", "panel_bf16"):
             self.packed = cpu_ext.pack_linear_weight(weight)
@@ -126,30 +113,13 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_HINT_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [num_rows, in_features] -> [num_rows, out_features] (other shapes: F.linear's
-        contract, unpacked)."""
-        rows = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])
-        if x.dim() != 2 or not self.rows.min_rows <= rows <= self.rows.max_rows:
-            if self.widen and rows > self.rows.max_rows:
-                return widened_linear(x, self.weight, self.bias)
+        """x: [num_rows, in_features] -> [num_rows, out_features]."""
+        if not self.rows.min_rows <= x.shape[0] <= self.rows.max_rows or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         if self.packing in ("panel", "panel_bf16"):
             return cpu_ext.linear_packed(x.contiguous(), self.packed, self.bias,
                                          self.weight.shape[0])
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def widened_linear(x: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for half-precision x and weight, computed in fp32: both
-    widened (exactly), the library's fp32 GEMM, the bias added in fp32, the result rounded
-    once to x's dtype, as the bf16 panels do (their accumulation order is theirs, so the
-    two may differ by an ulp of the result). Where the CPU has no bf16 GEMM (AVX2: torch's
-    bf16 matmul ~18 GFLOP/s against ~165 for its fp32 one on a 2-core Zen 3), this is how
-    a prefill chunk's rows reach the fp32 GEMM's rate; widening the weight costs its
-    bytes once per call, small beside a chunk's arithmetic."""
-    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    return out.to(x.dtype)
 
 
 def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:

@@ -16,8 +16,6 @@ from splitserve.engine.cpu_linear import (
     packing_for,
     prepack_linears,
     prepack_supported,
-    widened_linear,
-    widens_above_packed,
 )
 from splitserve.kernels import cpu_ext
 from splitserve.llm import LLM
@@ -118,6 +116,27 @@ def test_bf16_panels_round_the_fp32_sum_once(rows: int, in_features: int, out_fe
 
 
 @pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16 or AVX2")
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 49), (64, 200), (96, 33)])
+def test_bf16_panels_give_the_same_bits_at_every_row_count(in_features: int,
+                                                           out_features: int) -> None:
+    """Many rows (on AVX2: each panel group widened to fp32 once, then the fp32 tiles) and
+    few rows at a time (the weight widened in the register tile) sum the same products in
+    the same k order: every row's bits equal whichever way it was computed."""
+    torch.manual_seed(out_features)
+    weight = torch.randn(out_features, in_features).to(torch.bfloat16)
+    bias = torch.randn(out_features).to(torch.bfloat16)
+    x = torch.randn(150, in_features).to(torch.bfloat16)
+    packed = cpu_ext.pack_linear_weight(weight)
+    for b in (None, bias):
+        whole = cpu_ext.linear_packed(x, packed, b, out_features)
+        pieces = torch.cat([cpu_ext.linear_packed(x[r:r + 7], packed, b, out_features)
+                            for r in range(0, 150, 7)])
+        assert torch.equal(whole, pieces)
+        reference = (x.float() @ weight.float().T + (0 if b is None else b.float()))
+        assert (whole == reference.to(torch.bfloat16)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not cpu_ext.gemm_bf16_supported(), reason="needs AVX512-BF16 or AVX2")
 def test_bf16_panels_refuse_an_odd_k_and_the_layer_falls_back() -> None:
     with pytest.raises(RuntimeError, match="even K"):
         cpu_ext.pack_linear_weight(torch.randn(8, 7).to(torch.bfloat16))
@@ -131,67 +150,11 @@ def test_bf16_panels_refuse_an_odd_k_and_the_layer_falls_back() -> None:
         assert model[0] is odd
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(300, 96), (2, 150, 96)])
-def test_widened_linear_rounds_the_fp32_product_once(dtype: torch.dtype,
-                                                     shape: tuple[int, ...]) -> None:
-    """Half-precision operands widened exactly, multiplied and biased in fp32, rounded once
-    to x's dtype: the exact product rounded, but for a last-bit flip where the fp32 sum's
-    own error (at most ~K ulps of fp32 of the terms' magnitudes) lands it on the other side
-    of a rounding boundary."""
-    torch.manual_seed(len(shape))
-    weight, bias = torch.randn(40, 96).to(dtype), torch.randn(40).to(dtype)
-    x = torch.randn(*shape).to(dtype)
-    for b in (None, bias):
-        got = widened_linear(x, weight, b)
-        assert got.dtype == dtype and got.shape == (*shape[:-1], 40)
-        extra = 0 if b is None else b.double()
-        rounded = (x.double() @ weight.double().T + extra).to(dtype)
-        magnitude = x.double().abs() @ weight.double().abs().T + abs(extra)
-        one_ulp = rounded.double().abs() * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10)
-        bound = one_ulp + 96 * 2.0**-24 * magnitude
-        assert ((got.double() - rounded.double()).abs() <= bound).all()
-        assert (got == rounded).float().mean() > 0.99
-
-
-def test_bf16_rows_beyond_the_avx2_panels_take_the_widened_path(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the bf16 panels are the AVX2 ones (no bf16 GEMM in the CPU), a prefill chunk's
-    rows go to the fp32 library GEMM on widened operands, not to torch's bf16 matmul; fp32
-    layers and CPUs with a bf16 GEMM never widen."""
-    assert not widens_above_packed("panel", torch.float32)
-    assert not widens_above_packed("onednn_bf16", torch.bfloat16)
-    if cpu_ext.gemm_isa(torch.bfloat16) != "avx2":
-        assert not widens_above_packed("panel_bf16", torch.bfloat16)
-        pytest.skip("this build's bf16 panels are not the AVX2 ones")
-    import splitserve.engine.cpu_linear as cpu_linear
-
-    calls: list[int] = []
-
-    def counted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        calls.append(x.shape[0])
-        return widened_linear(x, weight, bias)
-
-    monkeypatch.setattr(cpu_linear, "widened_linear", counted)
-    torch.manual_seed(0)
-    plain = nn.Linear(64, 48).to(torch.bfloat16)
-    packed = PackedLinear(plain, "panel_bf16")
-    assert packed.widen
-    rows = packed_rows("panel_bf16", torch.bfloat16)
-    with torch.inference_mode():
-        packed(torch.randn(rows.max_rows, 64).to(torch.bfloat16))
-        assert calls == []
-        x = torch.randn(rows.max_rows + 1, 64).to(torch.bfloat16)
-        assert torch.equal(packed(x), widened_linear(x, plain.weight, plain.bias))
-    assert calls == [rows.max_rows + 1]
-
-
 def test_bf16_prefill_of_a_long_prompt_matches_the_unpacked_engine(tiny_llama: Path) -> None:
-    """A 600-token bf16 prompt is one prefill chunk of 600 rows: beyond the AVX2 bf16
-    panels' range, so on such a CPU it runs the widened fp32 GEMM (elsewhere the panels or
-    oneDNN). Its first token's top logprobs equal the unpacked engine's (torch's bf16
-    linear), up to the last bits that the summation order moves."""
+    """A 600-token bf16 prompt is one prefill chunk of 600 rows (on AVX2 the bf16 panels
+    widen each panel group once at that size). Its first token's top logprobs equal the
+    unpacked engine's (torch's bf16 linear), up to the last bits that the summation order
+    moves."""
     prompt = [(7 * i) % 3000 + 100 for i in range(600)]
     params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=5, ignore_eos=True)
     config = {"num_kv_blocks": 64, "dtype": "bfloat16"}
