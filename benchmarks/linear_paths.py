@@ -6,7 +6,11 @@ F.linear.
 Says which instruction sets the CPU has, since the panels' code path depends on them.
 
     PYTHONPATH=. .venv/bin/python benchmarks/linear_paths.py [--dtypes float32,bfloat16]
-        [--rows 1,4,16,64] [--threads 2]
+        [--rows 1,4,16,64] [--threads 2] [--paths panels,oneDNN,F.linear] [--no-lm-head]
+
+--no-lm-head leaves out lm_head (49,152 x 576), which a prefill chunk runs on its last
+tokens only: the shapes of a prefill chunk's rows. Ratios are to F.linear, or to the first
+path timed when --paths leaves it out.
 """
 
 from __future__ import annotations
