@@ -6,8 +6,9 @@ wins) and a packed copy made once at load time, and picks by row count:
 - fp32: our panel GEMM (kernels/csrc/gemm_cpu.cpp; AVX-512, or AVX2 with FMA), else
   oneDNN's blocked layout;
 - bf16: our panels of k pairs (gemm_cpu.cpp: vdpbf16ps where the CPU has AVX512-BF16, else
-  widened to fp32 with AVX2: as read at few rows, once per panel group from 48), else oneDNN's blocked layout (AMX where the CPU has
-  it; a layer whose input width is odd, which the k pairs cannot hold, too).
+  widened to fp32 with AVX2: as read at few rows, once per panel group from 48), else
+  oneDNN's blocked layout (AMX where the CPU has it; a layer whose input width is odd,
+  which the k pairs cannot hold, too).
 Measured on the 2-core AMX Xeon this project is developed on, SmolLM2's 30 layers plus
 lm_head, one call each: fp32 at 1 row 18.9 ms (F.linear 21-23, oneDNN packed 30), 8 rows
 25.5 (F.linear 50, oneDNN 36), 32 rows 46.3 (67, 59), 256 rows 232 (253); bf16 at 1 row
