@@ -15,24 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from linear_paths import SHAPES, median_s  # benchmarks/ is the script's path
 
 from splitserve.kernels import cpu_ext
-
-SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of one layer
-
-
-def median_s(fn: Callable[[], object], passes: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
