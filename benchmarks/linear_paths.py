@@ -94,6 +94,9 @@ def main() -> None:
         by_path = paths(dtype, weights)
         if args.paths:
             by_path = {p: fn for p, fn in by_path.items() if p in args.paths.split(",")}
+            if not by_path:
+                ap.error(f"--paths {args.paths}: none of them runs here for {name} "
+                         f"(this CPU's paths: {', '.join(paths(dtype, weights[:1]))})")
         base = "F.linear" if "F.linear" in by_path else next(iter(by_path))
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, w.shape[1]).to(dtype) for w in weights]
