@@ -7,8 +7,10 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    --allow-requantize IN OUT BF16|F32`, so they hold the values our converted weights hold),
    driven by `bench serve`; skipped with a message when the binary or the file is absent;
 2. SplitServe colocated (a router and one decode worker that prefills its own prompts, as
-   processes), driven by the same `bench serve` arguments (`--fp32-kv-cache-dtype float16`:
-   the fp32 runs keep an f16 KV cache, as llama.cpp does by default);
+   processes), driven by the same `bench serve` arguments; its fp32 runs keep the
+   KV cache type llama-server keeps (`--fp32-kv-cache-dtype match`, the default: f16,
+   llama.cpp's default for an F32 model, or what `--llama-cache-type` names), so both
+   servers read the same KV bytes per token;
 3. the engine offline on the same prompts (the workload's texts tokenized as the router
    does), `max_num_seqs` = the concurrency, every prompt submitted at once.
 4. with `--single-stream N`: N requests one at a time (concurrency 1) to each server; after
@@ -75,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="SplitServe's decode worker sends tokens this many at a time "
                          "(`splitserve decode --stream-interval`; 1: every step)")
-    ap.add_argument("--fp32-kv-cache-dtype", default="auto",
-                    choices=["auto", "bfloat16", "float16"],
+    ap.add_argument("--fp32-kv-cache-dtype", default="match",
+                    choices=["match", "auto", "bfloat16", "float16"],
                     help="SplitServe's KV cache (worker and offline engine) in the fp32 runs: "
-                         "auto is fp32; float16 is what llama.cpp keeps by default for an F32 "
-                         "model (an f16 cache). bf16 runs keep the model's bf16 cache")
+                         "match (default) keeps the type llama-server keeps, like for like: "
+                         "float16 under its default f16 cache, fp32 under --llama-cache-type "
+                         "f32; auto is fp32. bf16 runs keep the model's bf16 cache")
     ap.add_argument("--llama-cache-type", default=None, metavar="TYPE",
                     help="llama-server's K and V cache type (-ctk/-ctv: f32, f16, bf16; "
                          "default: its own, f16)")
@@ -195,9 +198,25 @@ def llama_server(binary: str, gguf: str, ns: argparse.Namespace) -> Iterator[str
             proc.kill()
 
 
+# llama-server's cache types (-ctk/-ctv) and the SplitServe KV cache holding the same values.
+_LLAMA_CACHE_TYPES = {"f16": "float16", "f32": "auto", "bf16": "bfloat16"}
+_LLAMA_DEFAULT_CACHE_TYPE = "f16"
+
+
 def kv_cache_dtype(dtype: str, ns: argparse.Namespace) -> str:
-    """The engine's --kv-cache-dtype for a run of model dtype `dtype`."""
-    return ns.fp32_kv_cache_dtype if dtype == "float32" else "auto"
+    """The engine's --kv-cache-dtype for a run of model dtype `dtype`: in fp32 runs the one
+    asked for, or with "match" the one of llama-server's cache type (its default f16)."""
+    if dtype != "float32":
+        return "auto"
+    if ns.fp32_kv_cache_dtype != "match":
+        return str(ns.fp32_kv_cache_dtype)
+    llama = ns.llama_cache_type or _LLAMA_DEFAULT_CACHE_TYPE
+    if llama not in _LLAMA_CACHE_TYPES:
+        raise ValueError(f"--fp32-kv-cache-dtype match: SplitServe has no KV cache type that "
+                         f"holds llama-server's {llama!r} values (it has "
+                         f"{', '.join(sorted(_LLAMA_CACHE_TYPES))}); name one with "
+                         f"--fp32-kv-cache-dtype")
+    return _LLAMA_CACHE_TYPES[llama]
 
 
 @contextlib.contextmanager
@@ -424,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not precisions:
         print(f"splitserve bench peer: error: precisions are {', '.join(PRECISIONS)}",
               file=sys.stderr)
+        return 2
+    try:
+        kv_cache_dtype("float32", ns)
+    except ValueError as exc:
+        print(f"splitserve bench peer: error: {exc}", file=sys.stderr)
         return 2
     rows: list[dict[str, Any]] = []
     traced: list[tuple[str, list[dict[str, Any] | None]]] = []

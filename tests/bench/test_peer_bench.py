@@ -16,6 +16,7 @@ from splitserve.bench import main as bench_main
 from splitserve.bench.peer import (
     build_parser,
     colocated_worker_args,
+    kv_cache_dtype,
     lone_summary,
     median_summary,
     offline_engine,
@@ -123,3 +124,26 @@ def test_the_fp32_kv_cache_dtype_reaches_the_worker_and_the_offline_engine(tiny_
     assert bf16_args[bf16_args.index("--kv-cache-dtype") + 1] == "auto"  # bf16 keeps its own
     assert offline_engine("float32", ns).runner.kv_pool.dtype == torch.float16
     assert offline_engine("bfloat16", ns).runner.kv_pool.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("llama_args", "fp32_kv"), [
+    ([], "float16"),  # llama-server's own default, f16
+    (["--llama-cache-type", "f32"], "auto"),
+    (["--llama-cache-type", "bf16"], "bfloat16"),
+    (["--llama-cache-type", "f32", "--fp32-kv-cache-dtype", "float16"], "float16"),  # asked
+])
+def test_the_fp32_kv_cache_matches_llama_servers_by_default(llama_args: list[str],
+                                                            fp32_kv: str) -> None:
+    ns = build_parser().parse_args(llama_args)
+    assert ns.fp32_kv_cache_dtype == ("match" if "--fp32-kv-cache-dtype" not in llama_args
+                                      else "float16")
+    assert kv_cache_dtype("float32", ns) == fp32_kv
+    assert kv_cache_dtype("bfloat16", ns) == "auto"
+
+
+def test_a_llama_cache_type_with_no_match_is_refused(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    assert bench_main(["peer", "--llama-cache-type", "q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "no KV cache type that holds llama-server's 'q8_0' values" in err
+    assert "--fp32-kv-cache-dtype" in err
