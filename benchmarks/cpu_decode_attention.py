@@ -30,6 +30,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--cache-dtype", choices=sorted(DTYPES), default=None,
+                   help="the K/V cache's dtype (default: --dtype; bf16 or fp16 under an fp32 "
+                        "query is a half-width cache for a full-precision model)")
     p.add_argument("--seqs", type=int, default=16)
     p.add_argument("--context", type=int, default=320)
     p.add_argument("--layers", type=int, default=30)
@@ -44,11 +47,12 @@ def main() -> None:
         raise SystemExit("the CPU kernels could not be built here")
     torch.set_num_threads(ns.threads)
     dtype = DTYPES[ns.dtype]
+    cache_dtype = DTYPES[ns.cache_dtype or ns.dtype]
     blocks_per_seq = -(-ns.context // BLOCK_SIZE)
     num_blocks = ns.seqs * blocks_per_seq + 8
 
     def cache() -> torch.Tensor:
-        return torch.randn(num_blocks, BLOCK_SIZE, ns.kv_heads, ns.head_dim).to(dtype)
+        return torch.randn(num_blocks, BLOCK_SIZE, ns.kv_heads, ns.head_dim).to(cache_dtype)
 
     shared = (cache(), cache()) if ns.hot else None
     caches = [shared or (cache(), cache()) for _ in range(ns.layers)]
@@ -69,8 +73,10 @@ def main() -> None:
 
     step()
     seconds = sorted(step() for _ in range(ns.repeats))[ns.repeats // 2]
-    kv_bytes = ns.layers * 2 * ns.seqs * ns.context * ns.kv_heads * ns.head_dim * q.element_size()
-    print(f"{ns.dtype} seqs={ns.seqs} context={ns.context} layers={ns.layers}"
+    kv_bytes = (ns.layers * 2 * ns.seqs * ns.context * ns.kv_heads * ns.head_dim
+                * caches[0][0].element_size())
+    cache = f" ({ns.cache_dtype} cache)" if ns.cache_dtype and ns.cache_dtype != ns.dtype else ""
+    print(f"{ns.dtype}{cache} seqs={ns.seqs} context={ns.context} layers={ns.layers}"
           f"{' (hot)' if ns.hot else ''}: {seconds * 1e3:.2f} ms per step, "
           f"{kv_bytes / seconds / 1e9:.1f} GB/s of KV")
 

@@ -9,12 +9,14 @@
 // scores, rescale the running max and sum, add the V rows). Scores, softmax and
 // accumulation are fp32 for every input type; AVX-512 builds (16 lanes) and AVX2 builds with
 // FMA (8 lanes: same loops, twice the registers per row) use intrinsics for the dot products
-// and V updates, others the scalar loops. A bf16 or fp16 cache under an fp32 query
-// (a half-width cache for a full-precision model) is read as fp32 the same way. An int8 or
-// fp8 cache (kernels/kv_quant.py: rows of head_dim int8 values or e4m3 codes, then an fp16
-// scale) is dequantized as it is read: the dot product and the V update run on the decoded
-// values and the row's scale multiplies the score and the softmax weight; rows stored
-// rotated (H x, kv_quant.h) are met by rotating the query in and the output back.
+// and V updates, others the scalar loops; a bf16 or fp16 row is converted to fp32 once for
+// the whole group of query heads (groups of 2-4), not once per head. A bf16 or fp16 cache
+// under an fp32 query (a half-width cache for a full-precision model) is read as fp32 the
+// same way. An int8 or fp8 cache (kernels/kv_quant.py: rows of head_dim int8 values or
+// e4m3 codes, then an fp16 scale) is dequantized as it is read: the dot product and the V
+// update run on the decoded values and the row's scale multiplies the score and the
+// softmax weight; rows stored rotated (H x, kv_quant.h) are met by rotating the query in
+// and the output back.
 #include "ops.h"
 #include "cpu_dtype_io.h"
 #include "kv_quant.h"
@@ -215,6 +217,58 @@ inline void run_values(float* acc, const float* p, const cache_t* v_ptr,
   }
   for (int j = 0; j < kVecs; ++j) vstore(acc + kLanes * j, av[j]);
 }
+
+// Grouped forms for caches whose rows are converted as they are read (bf16, fp16): each row
+// is converted once for all kGroup query heads of its kv head, instead of once per head
+// (the per-head loops above convert every K and V row `group` times: at SmolLM2's group of
+// 3 that conversion bounded the AVX2 decode attention's time). Per head the products are
+// added in the same order as in the per-head loops, so the results are the same bits.
+
+// s[g * kChunk + i] = q_g . K[row_offset[i]] for every head g of the group.
+template <int kVecs, int kGroup, typename cache_t>
+inline void run_scores_grouped(const float* q, int64_t head_dim, const cache_t* k_ptr,
+                               const int64_t* row_offset, int64_t count, float* s,
+                               const int64_t* ahead_offset, int64_t ahead_count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (i < ahead_count) prefetch_row<2>(k_ptr + ahead_offset[i], head_dim);
+    const cache_t* row = k_ptr + row_offset[i];
+    Vec kv[kVecs];
+    for (int j = 0; j < kVecs; ++j) kv[j] = vload(row + kLanes * j);
+    for (int g = 0; g < kGroup; ++g) {
+      const float* qg = q + g * head_dim;
+      Vec t = vmul(vload(qg), kv[0]);
+      for (int j = 1; j < kVecs; ++j) t = vfmadd(vload(qg + kLanes * j), kv[j], t);
+      s[g * kChunk + i] = vsum(t);
+    }
+  }
+}
+
+// acc_g += sum_i p[g * kChunk + i] * V[row_offset[i]] for every head g, kSlice vectors of
+// the row at a time (kGroup x kSlice accumulators stay in registers).
+template <int kVecs, int kGroup, typename cache_t>
+inline void run_values_grouped(float* acc, int64_t head_dim, const float* p,
+                               const cache_t* v_ptr, const int64_t* row_offset, int64_t count,
+                               const int64_t* ahead_offset, int64_t ahead_count) {
+  constexpr int kSlice = 2;
+  static_assert(kVecs % kSlice == 0);
+  for (int j0 = 0; j0 < kVecs; j0 += kSlice) {
+    Vec av[kGroup][kSlice];
+    for (int g = 0; g < kGroup; ++g)
+      for (int j = 0; j < kSlice; ++j) av[g][j] = vload(acc + g * head_dim + kLanes * (j0 + j));
+    for (int64_t i = 0; i < count; ++i) {
+      if (j0 == 0 && i < ahead_count) prefetch_row<2>(v_ptr + ahead_offset[i], head_dim);
+      const cache_t* row = v_ptr + row_offset[i] + kLanes * j0;
+      Vec pv[kGroup];
+      for (int g = 0; g < kGroup; ++g) pv[g] = vset1(p[g * kChunk + i]);
+      for (int j = 0; j < kSlice; ++j) {
+        const Vec v = vload(row + kLanes * j);
+        for (int g = 0; g < kGroup; ++g) av[g][j] = vfmadd(pv[g], v, av[g][j]);
+      }
+    }
+    for (int g = 0; g < kGroup; ++g)
+      for (int j = 0; j < kSlice; ++j) vstore(acc + g * head_dim + kLanes * (j0 + j), av[g][j]);
+  }
+}
 #endif
 
 // Cache types the register loops read (vload has them; quantized rows carry scales).
@@ -244,6 +298,36 @@ inline void with_vecs(int vecs, F&& f) {
     f(std::integral_constant<int, 16>{});
 }
 
+// Cache types the grouped loops read: those converted to fp32 as they are read.
+template <typename cache_t>
+constexpr bool kGroupedLoops =
+    std::is_same_v<cache_t, c10::BFloat16> || std::is_same_v<cache_t, c10::Half>;
+
+// The grouped loops' group size for this cache, kVecs and group, or 0 where they do not
+// apply (the row's vectors, a few accumulators and q's loads must fit the registers).
+template <typename cache_t>
+inline int grouped_heads(int vecs, int64_t group) {
+  if constexpr (kGroupedLoops<cache_t>) {
+    if (vecs > 0 && vecs <= 8 && group >= 2 && group <= 4) return static_cast<int>(group);
+  }
+  return 0;
+}
+
+// f(kVecs, kGroup) as integral constants, for vecs in {4, 8} and group in {2, 3, 4}.
+template <typename F>
+inline void with_vecs_and_group(int vecs, int group, F&& f) {
+  with_vecs(vecs, [&](auto v) {
+    if constexpr (decltype(v)::value <= 8) {
+      if (group == 2)
+        f(v, std::integral_constant<int, 2>{});
+      else if (group == 3)
+        f(v, std::integral_constant<int, 3>{});
+      else
+        f(v, std::integral_constant<int, 4>{});
+    }
+  });
+}
+
 // Largest query-head group and head_dim served from stack scratch.
 constexpr int64_t kStackGroup = 16;
 constexpr int64_t kStackHeadDim = 256;
@@ -268,6 +352,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t token_stride = num_kv_heads * row_width;  // one slot of one cache
   const float fscale = static_cast<float>(scale);
   const int vecs = register_vecs<cache_t>(row_width);
+  [[maybe_unused]] const int grouped = grouped_heads<cache_t>(vecs, group);
   const bool rotated = splitserve_cpu::kv_rotates(head_dim) &&
                        (std::is_same_v<cache_t, int8_t> ||
                         (std::is_same_v<cache_t, E4M3> && splitserve_cpu::kFp8Rotated));
@@ -340,13 +425,20 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
                                    token_stride + next_head;
           }
 #if defined(SPLITSERVE_SIMD)
-          if constexpr (kRegisterLoops<cache_t>)
-            for (int64_t g = 0; g < group; ++g)
-              with_vecs(vecs, [&](auto v) {
-                run_scores<decltype(v)::value>(qf + g * head_dim, k_ptr, row_offset, count,
-                                               scores + g * kChunk, next_offset,
-                                               g == 0 ? next_count : 0, head_dim);
+          if constexpr (kRegisterLoops<cache_t>) {
+            if (grouped)
+              with_vecs_and_group(vecs, grouped, [&](auto v, auto g) {
+                run_scores_grouped<decltype(v)::value, decltype(g)::value>(
+                    qf, head_dim, k_ptr, row_offset, count, scores, next_offset, next_count);
               });
+            else
+              for (int64_t g = 0; g < group; ++g)
+                with_vecs(vecs, [&](auto v) {
+                  run_scores<decltype(v)::value>(qf + g * head_dim, k_ptr, row_offset, count,
+                                                 scores + g * kChunk, next_offset,
+                                                 g == 0 ? next_count : 0, head_dim);
+                });
+          }
 #endif
         } else for (int64_t i = 0; i < count; ++i) {
           const cache_t* krow = k_ptr + row_offset[i];
@@ -378,13 +470,20 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache,
         }
         if (vecs) {
 #if defined(SPLITSERVE_SIMD)
-          if constexpr (kRegisterLoops<cache_t>)
-            for (int64_t g = 0; g < group; ++g)
-              with_vecs(vecs, [&](auto v) {
-                run_values<decltype(v)::value>(acc + g * head_dim, scores + g * kChunk, v_ptr,
-                                               row_offset, count, next_offset,
-                                               g == 0 ? next_count : 0, head_dim);
+          if constexpr (kRegisterLoops<cache_t>) {
+            if (grouped)
+              with_vecs_and_group(vecs, grouped, [&](auto v, auto g) {
+                run_values_grouped<decltype(v)::value, decltype(g)::value>(
+                    acc, head_dim, scores, v_ptr, row_offset, count, next_offset, next_count);
               });
+            else
+              for (int64_t g = 0; g < group; ++g)
+                with_vecs(vecs, [&](auto v) {
+                  run_values<decltype(v)::value>(acc + g * head_dim, scores + g * kChunk,
+                                                 v_ptr, row_offset, count, next_offset,
+                                                 g == 0 ? next_count : 0, head_dim);
+                });
+          }
 #endif
         } else for (int64_t i = 0; i < count; ++i) {
           const cache_t* vrow = v_ptr + row_offset[i];

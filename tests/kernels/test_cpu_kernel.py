@@ -127,3 +127,27 @@ def test_many_sequences_of_mixed_lengths_per_thread(dtype: torch.dtype, head_dim
     got = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, head_dim**-0.5)
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(("q_dtype", "cache_dtype"),
+                         [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("group", [2, 3, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_query_head_group_gives_the_bits_of_its_heads_one_at_a_time(
+        q_dtype: torch.dtype, cache_dtype: torch.dtype, group: int, head_dim: int) -> None:
+    # A bf16 / fp16 cache row is converted once for the whole group of query heads that
+    # share its kv head (the grouped loops); each head alone (a group of 1) takes the
+    # per-head loops. Each head's products are summed in the same order either way.
+    lens = [1, 16, 63, 64, 65, 200]
+    num_kv_heads = 2
+    q, k, v, tables, ctx = _case(len(lens), group * num_kv_heads, num_kv_heads, head_dim, 16,
+                                 lens, cache_dtype, seed=group)
+    q = q.to(q_dtype)
+    together = cpu_ext.paged_decode_attention(q, k, v, tables, ctx, head_dim ** -0.5)
+    for head in range(group * num_kv_heads):
+        kv = head // group
+        alone = cpu_ext.paged_decode_attention(
+            q[:, head:head + 1].contiguous(), k[:, :, kv:kv + 1].contiguous(),
+            v[:, :, kv:kv + 1].contiguous(), tables, ctx, head_dim ** -0.5)
+        assert torch.equal(together[:, head], alone[:, 0]), f"head {head}"
