@@ -52,6 +52,20 @@ class ClientTally:
     ttft_s: list[float] = field(default_factory=list)
     sent_s: list[float] = field(default_factory=list)  # each TTFT's send time in the window
 
+    def record(self, started: float, first_s: float | None, finished: float, in_window: int,
+               start: float, end: float) -> None:
+        """One request sent at `started` (first token `first_s` after it, None: none),
+        finished at `finished`, `in_window` of its tokens inside the window [start, end]:
+        its tokens count; it counts as a request if sent and finished inside the window;
+        its TTFT counts if it was sent inside the window, however late it finished."""
+        self.output_tokens += in_window
+        if start <= started <= end:
+            if finished <= end:
+                self.requests += 1
+            if first_s is not None:
+                self.ttft_s.append(first_s)
+                self.sent_s.append(started - start)
+
     def row(self, seconds: float) -> dict[str, Any]:
         ttft = sorted(self.ttft_s)
         pick = (lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))]) if ttft else None
@@ -72,8 +86,10 @@ def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seco
     already saturates, not a cold start where every client's first requests arrive in the
     same millisecond); the measurement window is the `seconds` after that. Service is the
     output tokens that arrived inside the window (a request queued for longer than the
-    window is long still counts what it got in it); requests and TTFTs are those sent and
-    finished inside it."""
+    window is long still counts what it got in it); requests are those sent and finished
+    inside it; TTFTs are those of every request sent inside it, however late its first
+    token came (the loop waits for it: leaving out the requests that finish after the
+    window would leave out the slowest first tokens, the ones a crowded-out client gets)."""
     from splitserve.client import Client
 
     tallies = {name: ClientTally() for name in concurrency}
@@ -101,13 +117,8 @@ def _drive(address: str, keys: dict[str, str], concurrency: dict[str, int], seco
                     if start <= now <= end:
                         in_window += len(chunk.token_ids)
                 with lock:
-                    tally = tallies[name]
-                    tally.output_tokens += in_window
-                    if started >= start and time.monotonic() <= end:
-                        tally.requests += 1
-                        if first is not None:
-                            tally.ttft_s.append(first)
-                            tally.sent_s.append(started - start)
+                    tallies[name].record(started, first, time.monotonic(), in_window, start,
+                                         end)
 
     jobs = [(name, i) for name, n in concurrency.items() for i in range(n)]
     with ThreadPoolExecutor(len(jobs)) as pool:

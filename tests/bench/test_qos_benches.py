@@ -65,3 +65,17 @@ def test_fairness_bench_priority_scenario(tiny_llama: Path, tmp_path: Path,
     fcfs, prio = (data["results"][p]["light"]["ttft_p50_s"] for p in ("fcfs", "priority"))
     assert prio < fcfs  # class 0 overtakes the flood's class 5 in the engine's queue
     assert "priority: tokens served flood/light" in capsys.readouterr().out
+
+
+def test_a_request_sent_in_the_window_keeps_its_ttft_however_late_it_ends() -> None:
+    tally = fairness.ClientTally()
+    start, end = 100.0, 103.0
+    tally.record(99.0, 0.5, 100.5, 4, start, end)  # sent before the window: tokens only
+    tally.record(100.2, 0.1, 101.0, 8, start, end)  # sent and finished inside
+    tally.record(102.5, 2.0, 105.0, 0, start, end)  # sent inside, its first token after
+    tally.record(102.9, None, 103.5, 0, start, end)  # sent inside, no token at all
+    row = tally.row(end - start)
+    assert row["output_tokens"] == 12 and row["requests"] == 1
+    # A crowded-out request's late first token is a TTFT sample, not dropped with it.
+    assert row["ttft_by_send_s"] == [[0.2, 0.1], [2.5, 2.0]]
+    assert row["ttft_p50_s"] == 2.0
