@@ -8,6 +8,7 @@ thread because tokenizing a long prompt takes a while.
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 import uuid
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from splitserve.common.convert.common import sampling_from_proto, sampling_to_pr
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.common.stream_pace import check_stream_pace
+from splitserve.common.structured_output import OutputKind
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router import tools
 from splitserve.router.model import ServedModel
@@ -117,6 +119,22 @@ def _chat_prompt(request: router_pb2.GenerateRequest, model: ServedModel) -> lis
         raise _invalid(f"cannot apply the model's chat template to messages: {exc}") from exc
 
 
+def _check_choices_spellable(params: SamplingParams, model: ServedModel) -> None:
+    """A choice of structured output must be text the model's vocabulary can write: one
+    with characters the tokenizer has no bytes for (its tokens read as U+FFFD) has no token
+    path, and the grammar would refuse the only tokens its mask leaves."""
+    spec = params.structured_output
+    if spec is None or spec.kind is not OutputKind.CHOICE:
+        return
+    for i, choice in enumerate(json.loads(spec.spec)):
+        tokenizer = model.tokenizer
+        written = tokenizer.decode(tokenizer.encode(choice), skip_special_tokens=False)
+        if written.count("\ufffd") > choice.count("\ufffd"):  # bytes the vocabulary lacks
+            raise _invalid(f"invalid structured output: choice {i} ({choice[:40]!r}) cannot be "
+                           f"written in this model's vocabulary (its tokens read "
+                           f"{written[:40]!r})")
+
+
 def resolve_sampling(
     msg: common_pb2.SamplingParams,
     prompt_len: int,
@@ -152,6 +170,7 @@ def resolve_sampling(
             f"invalid sampling_params: logit_bias token ids {bad[:5]} outside the vocabulary "
             f"(size {model.vocab_size})"
         )
+    _check_choices_spellable(params, model)
     # An explicit seed makes the prefill and the decode worker draw from one stream.
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     return dataclasses.replace(params, max_tokens=max_tokens, seed=seed)

@@ -211,3 +211,18 @@ def test_fuzzed_grpc_bytes_get_a_status_never_a_crash(deployment: Deployment,
             list(call(data, timeout=30))
         except grpc.RpcError as err:
             assert err.code() in _EXPECTED, (data, err.code(), err.details())
+
+
+def test_a_choice_the_vocabulary_cannot_write_is_refused(deployment: Deployment) -> None:
+    # The tiny model's tokenizer has no bytes for U+40000: its tokens read something else,
+    # and the grammar would refuse every token its mask leaves (found by the fuzz test).
+    body = {"messages": [{"role": "user", "content": ""}], "max_tokens": 2,
+            "guided_choice": ["\U00040000"]}
+    status, data, _ = post(deployment, "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400, data
+    assert "choice 0" in data["error"]["message"]
+    assert "cannot be written in this model's vocabulary" in data["error"]["message"]
+    ok = {"messages": [{"role": "user", "content": ""}], "max_tokens": 4,
+          "guided_choice": ["yes", "no"]}
+    status, data, _ = post(deployment, "/v1/chat/completions", json.dumps(ok).encode())
+    assert status == 200, data  # the server keeps serving, and plain choices still pass
