@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from splitserve.cluster.store import (
     RequestLedgerEntry,
     RequestPhase,
 )
+from splitserve.router.policy import RoutingRules, weighted_overlap
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,25 @@ class AsyncStore:
         except Exception:  # noqa: BLE001 - a routing hint never fails a request
             log.warning("prefix index read failed; routing without it", exc_info=True)
             return {}
+
+    async def weighted_prefix_overlap(self, block_hashes: list[int],
+                                      among: AbstractSet[str] | None, rules: RoutingRules
+                                      ) -> Mapping[str, float]:
+        """weighted_overlap(await self.prefix_overlap_tiers(block_hashes, among), rules), in
+        no particular order: what a routing decision weighs. Read in one pass where the
+        prefix index is in this process (the in-memory store, a Redis store's mirror)."""
+        if not block_hashes:
+            return {}
+        weights = (rules.host_block_weight, rules.disk_block_weight)
+        try:
+            if self._prefixes is not None:
+                return self._prefixes.weighted_runs(block_hashes, among, *weights)
+            if isinstance(self.store, InMemoryClusterStore):
+                return self.store.weighted_prefix_overlap(block_hashes, among, *weights)
+        except Exception:  # noqa: BLE001 - a routing hint never fails a request
+            log.warning("prefix index read failed; routing without it", exc_info=True)
+            return {}
+        return weighted_overlap(await self.prefix_overlap_tiers(block_hashes, among), rules)
 
     async def ledger_put(self, entry: RequestLedgerEntry) -> None:
         try:

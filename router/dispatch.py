@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -31,7 +31,6 @@ from splitserve.router.policy import (
     blocks_needed,
     cached_tokens,
     plan_route_from,
-    weighted_overlap,
 )
 from splitserve.router.relay import RequestTrace
 from splitserve.router.state import RouterState
@@ -93,8 +92,8 @@ async def admit_request(
     ranked = snapshot.rank_decode(num_blocks, state.max_admit_attempts)
     latency = kv_source is None and state.config.route_policy == "latency"
     scope = snapshot.overlap_scope(ranked, latency or state.policy.reads_prefill_overlap)
-    overlap = weighted_overlap(
-        await state.store.prefix_overlap_tiers(request.block_hashes, scope), state.rules)
+    overlap = await state.store.weighted_prefix_overlap(request.block_hashes, scope,
+                                                        state.rules)
     predicted: dict[str, RoutePrediction] = {}  # decode worker id -> its predicted route
     if latency:
         predicted = _latency_routes(state, request, trace, ranked, snapshot, overlap,
@@ -187,7 +186,7 @@ async def _try_admit(
 
 def _latency_routes(
     state: RouterState, request: ValidatedRequest, trace: RequestTrace,
-    ranked: list[WorkerView], snapshot: ClusterSnapshot, overlap: dict[str, float],
+    ranked: list[WorkerView], snapshot: ClusterSnapshot, overlap: Mapping[str, float],
     num_blocks: int, local: bool,
 ) -> dict[str, RoutePrediction]:
     """The decode workers' best predicted routes in the order to try them: those with

@@ -107,6 +107,8 @@ class WorkerDirectory:
         self._warned: set[str] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._ejected: dict[str, _Ejection] = {}
+        # The snapshot while no worker is ejected (it reads the indexes live: reusable).
+        self._plain_snapshot: ClusterSnapshot | None = None
         self._heard_at: dict[str, float] = {}  # address -> monotonic time of its last answer
 
     # ---- live workers ----------------------------------------------------------------
@@ -146,6 +148,12 @@ class WorkerDirectory:
                 f"{self._stale_s:g} s the router routes on its last view): {self.store_error}",
             )
         out = frozenset(self.ejected()) if self._ejected else frozenset()
+        if not out:  # the common case: one snapshot object serves until a worker is ignored
+            plain = self._plain_snapshot
+            if plain is None or plain.num_ignored != len(self._ignored):
+                plain = self._plain_snapshot = ClusterSnapshot(
+                    self._decode, self._prefill, num_ignored=len(self._ignored))
+            return plain
         snapshot = ClusterSnapshot(self._decode, self._prefill, out, out, len(self._ignored))
         if out and not snapshot.has_decode():  # every decode worker is out: offer them all
             snapshot = ClusterSnapshot(self._decode, self._prefill, frozenset(), out,

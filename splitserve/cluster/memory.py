@@ -115,6 +115,16 @@ class InMemoryClusterStore(ClusterStore):
             self._purge_expired()
             return self._prefixes.overlap_tiers(block_hashes, among)
 
+    def weighted_prefix_overlap(self, block_hashes: list[int], among: AbstractSet[str] | None,
+                                host_weight: float, disk_weight: float) -> Mapping[str, float]:
+        """PrefixIndex.weighted_runs of the live workers' caches: what the router weighs
+        (router.policy.weighted_overlap of prefix_overlap_tiers), in one pass. The hashes
+        are not checked: the router made them, and a read of a hash no worker can hold
+        finds nothing."""
+        with self._lock:
+            self._purge_expired()
+            return self._prefixes.weighted_runs(block_hashes, among, host_weight, disk_weight)
+
     # ---- request ledger ---------------------------------------------------------------
 
     def ledger_put(self, entry: RequestLedgerEntry) -> None:

@@ -15,7 +15,7 @@ the block there.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 
 from splitserve.common.cluster_types import KV_TIERS, PrefixOverlap, WorkerIdUnion
@@ -91,6 +91,20 @@ class PrefixIndex:
         by worker_id; only workers in `among` when given (store.ClusterStore.prefix_overlap)."""
         ends = self._device_ends(block_hashes, among)
         return {wid: ends[wid] for wid in sorted(ends)}
+
+    def weighted_runs(self, block_hashes: list[int], among: AbstractSet[str] | None,
+                      host_weight: float, disk_weight: float) -> Mapping[str, float]:
+        """worker_id -> its leading run of `block_hashes` in device-block equivalents: a
+        block counted in the host (disk) tier weighs `host_weight` (`disk_weight`), one in
+        the device 1 (router.policy.weighted_overlap of overlap_tiers, the same values), in
+        no particular order; only workers in `among` when given. Where no worker has a host
+        or disk tier, the runs' lengths as they are read: no PrefixOverlap per worker, no
+        sort, no second dict (the router reads this for every request)."""
+        if not self._masks["host"] and not self._masks["disk"]:
+            return self._device_ends(block_hashes, among)
+        return {wid: run.device_blocks + host_weight * run.host_blocks
+                + disk_weight * run.disk_blocks
+                for wid, run in self.overlap_tiers(block_hashes, among).items()}
 
     def _device_ends(self, block_hashes: list[int], among: AbstractSet[str] | None
                      ) -> dict[str, int]:

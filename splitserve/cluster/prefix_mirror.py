@@ -23,6 +23,7 @@ live (the router looks up workers by id in its view of the live workers).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Protocol
 
@@ -61,6 +62,12 @@ class PrefixMirror:
         """store.prefix_overlap_tiers as of the last sync (dropped workers left out)."""
         with self._lock:
             return self._index.overlap_tiers(block_hashes, among)
+
+    def weighted_runs(self, block_hashes: list[int], among: AbstractSet[str] | None,
+                      host_weight: float, disk_weight: float) -> Mapping[str, float]:
+        """PrefixIndex.weighted_runs as of the last sync."""
+        with self._lock:
+            return self._index.weighted_runs(block_hashes, among, host_weight, disk_weight)
 
     def sync(self) -> int:
         """Apply the log's new entries (reloading when some were missed); returns how many."""

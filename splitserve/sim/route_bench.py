@@ -159,8 +159,7 @@ class _Decider:
                       hashes: list[int]) -> Route:
         ranked = snapshot.rank_decode(self.num_blocks, _ATTEMPTS)
         scope = snapshot.overlap_scope(ranked, self.latency or self.policy.reads_prefill_overlap)
-        overlap = weighted_overlap(await self.store.prefix_overlap_tiers(hashes, scope),
-                                   self.rules)
+        overlap = await self.store.weighted_prefix_overlap(hashes, scope, self.rules)
         if self.latency:
             routes = best_routes_from(ranked, snapshot.prefill_candidates(), self.prompt_len,
                                       overlap, _BLOCK_SIZE)

@@ -56,6 +56,12 @@ def test_lookups_equal_the_reference(seed: int) -> None:
         halves = sorted(live)[::2], sorted(live)[1::2]
         assert index.overlap_tiers(query, WorkerIdUnion(frozenset(halves[0]), set(halves[1]))
                                    ) == in_live
+        weighted = {w: run.device_blocks + 0.75 * run.host_blocks + 0.5 * run.disk_blocks
+                    for w, run in in_live.items()}
+        assert index.weighted_runs(query, frozenset(live), 0.75, 0.5) == weighted
+        assert index.weighted_runs(query, None, 0.75, 0.5) == {
+            w: run.device_blocks + 0.75 * run.host_blocks + 0.5 * run.disk_blocks
+            for w, run in expect_tiers.items()}
         device = {w: leading_run(query, holds["device"]) for w, holds in sorted(truth.items())}
         expect = {w: n for w, n in device.items() if n}
         assert index.overlap(query) == expect

@@ -58,6 +58,9 @@ def _churn(store: RedisClusterStore, rng: random.Random, prompts: list[list[int]
 def _assert_mirrors(mirror: PrefixMirror, store: RedisClusterStore, prompts: list[list[int]]) -> None:
     for prompt in prompts:
         assert mirror.overlap_tiers(prompt) == store.prefix_overlap_tiers(prompt)
+        assert mirror.weighted_runs(prompt, None, 0.75, 0.5) == {
+            w: run.device_blocks + 0.75 * run.host_blocks + 0.5 * run.disk_blocks
+            for w, run in store.prefix_overlap_tiers(prompt).items()}
 
 
 def test_the_mirror_answers_what_the_store_answers(redis_store: RedisClusterStore) -> None:

@@ -278,3 +278,44 @@ def test_a_worker_that_lost_a_request_sits_out_a_growing_cooldown(
         await directory.close()
 
     run(body())
+
+
+def test_weighted_prefix_overlap_is_weighted_overlap_of_the_tiers_on_every_path() -> None:
+    """What a routing decision weighs (AsyncStore.weighted_prefix_overlap) equals
+    weighted_overlap(prefix_overlap_tiers) read in the one pass of the in-memory store, and
+    through a store that only answers prefix_overlap_tiers (a ClusterState server over
+    gRPC); with host and disk tiers, device alone, a scope, and no hashes."""
+    from splitserve.cluster.remote import RemoteClusterStore, start_cluster_state_server
+    from splitserve.common.cluster_types import WorkerIdUnion
+    from splitserve.router.policy import RoutingRules, weighted_overlap
+
+    memory = InMemoryClusterStore()
+    server, port = start_cluster_state_server(memory, token="a-test-cluster-token")
+    remote = RemoteClusterStore(f"127.0.0.1:{port}", token="a-test-cluster-token")
+    rules = RoutingRules(host_block_weight=0.6, disk_block_weight=0.3)
+    prompt = [11, 12, 13, 14, 15]
+    for i in range(6):
+        memory.register_worker(info(f"p{i}", WorkerRole.PREFILL), TTL_S)
+        memory.publish_prefix_events(f"p{i}", prompt[:i], [])
+    scope = WorkerIdUnion(frozenset({"p1", "p2", "p3"}), {"p5"})
+
+    async def body() -> None:
+        for tiered in (False, True):
+            if tiered:  # p4 holds its last two blocks on the host, p5 one on disk
+                memory.publish_prefix_events("p4", [14, 15], [], tier="host")
+                memory.publish_prefix_events("p5", [13], [], tier="disk")
+            for among in (None, scope):
+                expect = weighted_overlap(memory.prefix_overlap_tiers(prompt, among), rules)
+                for store in (memory, remote):
+                    got = await AsyncStore(store).weighted_prefix_overlap(prompt, among, rules)
+                    assert dict(got) == expect, (store, tiered, among)
+        assert await AsyncStore(memory).weighted_prefix_overlap([], None, rules) == {}
+        runs = await AsyncStore(memory).weighted_prefix_overlap(prompt, None, rules)
+        assert runs["p4"] == 4 + 0.6  # 11-14 on its device, 15 on its host
+        assert runs["p5"] == 5 and "p0" not in runs
+
+    try:
+        run(body())
+    finally:
+        remote.close()
+        server.stop(0)
