@@ -29,7 +29,7 @@ full by predict_route.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,8 +38,7 @@ from splitserve.router.policy import Route, WorkerView, cached_tokens
 from splitserve.router.worker_index import Candidates
 
 
-@dataclass(frozen=True, slots=True)
-class RoutePrediction:
+class RoutePrediction(NamedTuple):
     route: Route
     ttft_ms: float
     tpot_ms: float
@@ -122,18 +121,19 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
     ttft = None if local_only or not len(index) else _prefill_ttft(
         candidates, prompt_len, overlap_blocks, block_size)
     ids, row_of = index.ids(), index.table(prefill_row)[1]
-    least = int(np.argmin(ttft)) if ttft is not None else -1  # the first least: least id
+    least = int(ttft.argmin()) if ttft is not None else -1  # the first least: least id
+    least_ttft = float(ttft[least]) if ttft is not None else np.inf
     best: list[RoutePrediction] = []
     for decode in decode_workers:
         local = predict_route(Route(decode, None), prompt_len, overlap_blocks, block_size)
         assert local is not None  # step times known
         if ttft is not None:
-            i = least
+            i, remote_ttft = least, least_ttft
             if row_of.get(decode.worker_id) == least:  # its own prefill row: the next least
-                own, ttft[least] = ttft[least], np.inf
-                i = int(np.argmin(ttft))
-                ttft[least] = own
-            remote_ttft = float(ttft[i])
+                ttft[least] = np.inf
+                i = int(ttft.argmin())
+                ttft[least] = least_ttft
+                remote_ttft = float(ttft[i])
             # The key is (ttft, tpot, ...): a remote prefill slower to the first token loses.
             if remote_ttft != np.inf and remote_ttft <= local.ttft_ms:
                 remote = _remote_prediction(decode, index.views[ids[i]], remote_ttft)

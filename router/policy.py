@@ -301,9 +301,9 @@ def make_prefill_policy(name: str) -> PrefillPolicy:
 # ---- the whole route -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where one request goes: its decode worker, and its prefill worker (None: local)."""
+class Route(NamedTuple):
+    """Where one request goes: its decode worker, and its prefill worker (None: local).
+    (A named tuple like WorkerView: routing builds a few per request.)"""
 
     decode: WorkerView
     prefill: WorkerView | None
