@@ -119,7 +119,11 @@ class PrefixIndex:
                 return ends
             kept = running & masks.get(block_hashes[i], 0)
             if kept != running:
-                _add_ends(ends, ids, running ^ kept, i)
+                gone = running ^ kept  # _add_ends(ends, ids, gone, i), without the call
+                while gone:
+                    slot = gone.bit_length() - 1
+                    ends[ids[slot]] = i  # type: ignore[index]
+                    gone ^= 1 << slot
                 running = kept
         _add_ends(ends, ids, running, len(block_hashes))
         return ends
