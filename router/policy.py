@@ -53,8 +53,8 @@ def weighted_overlap(overlap: Mapping[str, PrefixOverlap],
     """worker_id -> its prompt run in device-block equivalents: a block in the host (disk)
     tier is loaded, not computed, but costs a copy (a read) the device does not, so it
     weighs rules.host_block_weight (disk_block_weight) of a device hit; a miss weighs 0."""
-    return {wid: run.device_blocks + rules.host_block_weight * run.host_blocks
-            + rules.disk_block_weight * run.disk_blocks for wid, run in overlap.items()}
+    host, disk = rules.host_block_weight, rules.disk_block_weight
+    return {wid: run.weighted(host, disk) for wid, run in overlap.items()}
 
 
 # ---- decode worker -----------------------------------------------------------------------

@@ -126,8 +126,8 @@ def _check_choices_spellable(params: SamplingParams, model: ServedModel) -> None
     spec = params.structured_output
     if spec is None or spec.kind is not OutputKind.CHOICE:
         return
+    tokenizer = model.tokenizer
     for i, choice in enumerate(json.loads(spec.spec)):
-        tokenizer = model.tokenizer
         written = tokenizer.decode(tokenizer.encode(choice), skip_special_tokens=False)
         if written.count("\ufffd") > choice.count("\ufffd"):  # bytes the vocabulary lacks
             raise _invalid(f"invalid structured output: choice {i} ({choice[:40]!r}) cannot be "

@@ -102,8 +102,7 @@ class PrefixIndex:
         sort, no second dict (the router reads this for every request)."""
         if not self._masks["host"] and not self._masks["disk"]:
             return self._device_ends(block_hashes, among)
-        return {wid: run.device_blocks + host_weight * run.host_blocks
-                + disk_weight * run.disk_blocks
+        return {wid: run.weighted(host_weight, disk_weight)
                 for wid, run in self.overlap_tiers(block_hashes, among).items()}
 
     def _device_ends(self, block_hashes: list[int], among: AbstractSet[str] | None

@@ -162,3 +162,8 @@ class PrefixOverlap:
     @property
     def num_blocks(self) -> int:
         return self.device_blocks + self.host_blocks + self.disk_blocks
+
+    def weighted(self, host_weight: float, disk_weight: float) -> float:
+        """The run in device-block equivalents: a host (disk) block weighs `host_weight`
+        (`disk_weight`) of a device block (router.policy.RoutingRules)."""
+        return self.device_blocks + host_weight * self.host_blocks + disk_weight * self.disk_blocks
