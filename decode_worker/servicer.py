@@ -182,6 +182,7 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext, stream_interva
                 output.num_cached_tokens = out.num_cached_tokens
             if out.finished:
                 output.finish_reason = FINISH_REASONS[out.finish_reason or "stop"]
+                output.error_message = out.error
                 break
         generated += len(output.token_ids)
         output.num_generated_tokens = generated

@@ -20,9 +20,10 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" when finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" when finished
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
+    error: str = ""  # with "error": what failed
 
 
 @dataclass(slots=True)

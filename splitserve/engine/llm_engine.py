@@ -357,6 +357,8 @@ class LLMEngine:
             finish_reason=reason,
             new_logprobs=[logprob] if logprob is not None else [],
             num_cached_tokens=seq.num_cached_tokens,
+            error=(f"token {token_id} does not follow the request's grammar (sampled "
+                   "without its mask)" if reason == "error" else ""),
         )
 
 

@@ -120,6 +120,24 @@ def test_output_that_breaks_the_grammar_is_refused_on_resume(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
+def test_a_token_outside_the_grammar_ends_the_request_with_a_message(llm: LLM) -> None:
+    """Masked sampling never yields such a token; one from elsewhere (a peer that sampled
+    unmasked) ends the request with "error" and says why, and frees its blocks."""
+    engine = llm.engine
+    free_blocks = engine.block_manager.num_free_blocks
+    engine.add_request(engine.tokenizer.encode("abc"),
+                       _params(StructuredOutput(OutputKind.REGEX, "[0-9]+")), "unmasked")
+    first = engine.step()  # the prompt, and its first token sampled under the mask
+    assert [o.request_id for o in first] == ["unmasked"] and not first[0].finished
+    seq = next(s for s in engine.scheduler.running if s.request_id == "unmasked")
+    letter = engine.tokenizer.encode("hello")[0]
+    out = engine._process_token(seq, letter, None)
+    assert (out.finished, out.finish_reason) == (True, "error")
+    assert f"token {letter} does not follow the request's grammar" in out.error
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == free_blocks
+
+
 def test_preemption_keeps_the_grammar(tiny_llama: Path) -> None:
     """A pool too small for the batch preempts (recompute); outputs still validate and equal
     the unpreempted run's (seeded)."""

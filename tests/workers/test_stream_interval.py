@@ -71,6 +71,16 @@ def test_tokens_go_in_groups_of_the_interval_after_the_first() -> None:
         sum(sizes[: i + 1]) for i in range(len(sizes))]
 
 
+def test_an_engine_error_reaches_the_router_with_its_message() -> None:
+    request = _request()
+    request.events.put(_token(0))
+    request.events.put(DecodeEvent(StepOutput("r", [7], "", True, "error",
+                                              error="token 7 does not follow the grammar")))
+    messages = [m for m, _ in _relayed(request, 1, hold_s=0.1)]
+    assert messages[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert messages[-1].error_message == "token 7 does not follow the grammar"
+
+
 def test_a_partial_group_is_sent_after_the_hold() -> None:
     request = _request()
     first, second = _token(0), _token(1)
