@@ -63,7 +63,12 @@ _PREFILL_METHOD = (f"/{worker_pb2.DESCRIPTOR.services_by_name['PrefillWorker'].f
 log = logging.getLogger(__name__)
 # A worker whose connection failed (restarted at the same address, unreachable for a while)
 # is dialled again within seconds: gRPC's default reconnect backoff grows to two minutes.
+# A dial that gets no answer (a partitioned host drops the SYNs) gives up after 5 s, not
+# gRPC's default 20 s (min_reconnect_backoff_ms is also the least time a connection attempt
+# is given): a call waiting on it fails, and the request goes to another worker, that much
+# sooner. A handshake inside a cluster takes milliseconds; 5 s leaves room for two lost SYNs.
 _WORKER_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500),
+                           ("grpc.min_reconnect_backoff_ms", 5000),
                            ("grpc.max_reconnect_backoff_ms", 3000))
 
 _CHANNEL_LINGER_S = 60.0  # keep a vanished worker's channel this long
