@@ -103,6 +103,16 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> Non
         time.sleep(0.2)
 
 
+def _node_logs(temp_root: str) -> str:
+    """The tails of the worker nodes' `ray start` output: why a node did not join."""
+    tails = []
+    for host in ("prefill", "decode"):
+        path = Path(temp_root, f"{host}.log")
+        text = path.read_text(errors="replace") if path.exists() else "(no log)"
+        tails.append(f"\n--- ray start on {host}:\n{text[-1500:]}")
+    return "".join(tails)
+
+
 def _ray_start(hosts: netns.TestHosts, host: str, temp_root: str, env: dict[str, str],
                *args: str) -> subprocess.Popen[bytes]:
     """`ray start --block` inside `host`; SIGTERM stops it and every process it started."""
@@ -152,7 +162,7 @@ def ray_cluster(tiny_llama: Path) -> Iterator[RayCluster]:
             probe = subprocess.run(hosts.command("head", [sys.executable, "-c", RAY_PROBE,
                                                           f"{head}:{GCS_PORT}"]),
                                    capture_output=True, text=True, timeout=120, env=ray_env)
-            assert probe.returncode == 0, probe.stderr[-3000:]
+            assert probe.returncode == 0, probe.stderr[-3000:] + _node_logs(temp_root)
             serve_log = Path(temp_root, "serve.log")
             with serve_log.open("wb") as log:
                 driver = subprocess.Popen(
