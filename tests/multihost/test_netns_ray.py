@@ -65,7 +65,7 @@ RAY_PROBE = textwrap.dedent("""
     import ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
     ray.init(address=sys.argv[1], log_to_driver=False)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # (60 s ran out once, with 1 node of 3 joined)
     while len(nodes := [n for n in ray.nodes() if n["Alive"]]) < 3:
         assert time.monotonic() < deadline, nodes
         time.sleep(0.2)
@@ -161,7 +161,7 @@ def ray_cluster(tiny_llama: Path) -> Iterator[RayCluster]:
                                             "--resources", json.dumps({role: 1})))
             probe = subprocess.run(hosts.command("head", [sys.executable, "-c", RAY_PROBE,
                                                           f"{head}:{GCS_PORT}"]),
-                                   capture_output=True, text=True, timeout=120, env=ray_env)
+                                   capture_output=True, text=True, timeout=180, env=ray_env)
             assert probe.returncode == 0, probe.stderr[-3000:] + _node_logs(temp_root)
             serve_log = Path(temp_root, "serve.log")
             with serve_log.open("wb") as log:
