@@ -61,13 +61,10 @@ class DetachedRequest:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        from transformers import AutoConfig
-
         self.config = config
         self.model_dir = resolve_model(config.model)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        hf_config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
-        self.arch = ModelArch.from_hf_config(hf_config)
+        self.arch = ModelArch.from_model_dir(self.model_dir)
         self.runner = ModelRunner(config, self.arch, self.model_dir)
         self.block_size = config.block_size
         self.num_blocks = self.runner.num_blocks

@@ -7,8 +7,12 @@ for how they are ordered.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
@@ -36,7 +40,7 @@ class ModelArch:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
-    hf_config: Any  # transformers PretrainedConfig (rope parameters live here)
+    hf_config: Any  # the config (rope parameters live here): PretrainedConfig, or config.json's keys
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelArch:
@@ -66,6 +70,43 @@ class ModelArch:
             or bool(getattr(config, "attention_bias", False)),
             hf_config=config,
         )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> ModelArch:
+        """The model folder's architecture. A plain config.json (a supported architecture,
+        every field given, the default rope) is read as it is: transformers' AutoConfig
+        costs ~2 s of imports at every engine start; anything else goes through AutoConfig
+        (its defaults and rope parameters)."""
+        raw = json.loads(Path(model_dir, "config.json").read_text())
+        if _is_plain_config(raw):
+            return cls.from_hf_config(SimpleNamespace(**raw))
+        from transformers import AutoConfig
+
+        return cls.from_hf_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+
+
+# The fields a config.json must give to be read without AutoConfig (whose per-architecture
+# defaults would otherwise fill them in).
+_PLAIN_FIELDS = ("architectures", "vocab_size", "hidden_size", "intermediate_size",
+                 "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
+                 "max_position_embeddings", "tie_word_embeddings")
+
+
+def _is_plain_config(raw: dict[str, Any]) -> bool:
+    """A supported architecture with every _PLAIN_FIELDS key and the default rope given by
+    its theta (rope_theta, or rope_parameters of type "default"; no rope_scaling)."""
+    if any(raw.get(key) is None for key in _PLAIN_FIELDS):
+        return False
+    architectures = raw["architectures"]
+    if not isinstance(architectures, list) or not architectures:
+        return False
+    if architectures[0] not in _SUPPORTED_ARCHITECTURES or raw.get("rope_scaling"):
+        return False
+    params = raw.get("rope_parameters")
+    if params is None:
+        return isinstance(raw.get("rope_theta"), (int, float))
+    return (isinstance(params, dict) and params.get("rope_type", "default") == "default"
+            and isinstance(params.get("rope_theta"), (int, float)))
 
 
 class RMSNorm(nn.Module):
@@ -215,7 +256,10 @@ class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # The weight given: no random init (the loader builds this on the meta device, where
+        # normal_ runs a Python reference that imports torch._dynamo, ~1 s at every start).
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size,
+                                         _weight=torch.empty(arch.vocab_size, arch.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
