@@ -93,8 +93,9 @@ _PLAIN_FIELDS = ("architectures", "vocab_size", "hidden_size", "intermediate_siz
 
 
 def _is_plain_config(raw: dict[str, Any]) -> bool:
-    """A supported architecture with every _PLAIN_FIELDS key and the default rope given by
-    its theta (rope_theta, or rope_parameters of type "default"; no rope_scaling)."""
+    """A supported architecture with every _PLAIN_FIELDS key (Mistral: and its
+    sliding_window) and the default rope given by its theta (rope_theta, or rope_parameters
+    of type "default"; no rope_scaling)."""
     if any(raw.get(key) is None for key in _PLAIN_FIELDS):
         return False
     architectures = raw["architectures"]
@@ -102,6 +103,8 @@ def _is_plain_config(raw: dict[str, Any]) -> bool:
         return False
     if architectures[0] not in _SUPPORTED_ARCHITECTURES or raw.get("rope_scaling"):
         return False
+    if architectures[0] == "MistralForCausalLM" and "sliding_window" not in raw:
+        return False  # MistralConfig's default window (4,096) is what from_hf_config refuses
     params = raw.get("rope_parameters")
     if params is None:
         return isinstance(raw.get("rope_theta"), (int, float))

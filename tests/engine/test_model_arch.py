@@ -67,6 +67,18 @@ def test_anything_else_goes_through_auto_config(tiny_llama: Path, tmp_path: Path
     assert _facts(arch) == _facts(_through_auto_config(model_dir))
 
 
+def test_mistral_without_its_window_gets_auto_configs_default_and_is_refused(
+        tiny_llama: Path, tmp_path: Path) -> None:
+    mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    model_dir = _edited(tiny_llama, tmp_path / "windowed", mistral)  # MistralConfig: 4,096
+    with pytest.raises(ValueError, match="Mistral with sliding-window attention"):
+        ModelArch.from_model_dir(model_dir)
+    model_dir = _edited(tiny_llama, tmp_path / "plain", {**mistral, "sliding_window": None})
+    arch = ModelArch.from_model_dir(model_dir)
+    assert not isinstance(arch.hf_config, PretrainedConfig)
+    assert _facts(arch) == _facts(_through_auto_config(model_dir))
+
+
 def test_an_unsupported_architecture_is_refused_by_name(tiny_llama: Path,
                                                         tmp_path: Path) -> None:
     model_dir = _edited(tiny_llama, tmp_path / "model", {"architectures": ["GPT2LMHeadModel"]})
