@@ -35,6 +35,7 @@ from splitserve.router.policy import (
 from splitserve.router.relay import RequestTrace
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
+from splitserve.router.watch import WorkerLost, health_probe, watched
 from splitserve.router.workers import Assignment, ClusterSnapshot
 from splitserve.v1 import worker_pb2
 
@@ -157,11 +158,21 @@ async def _try_admit(
         stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
         client=request.client,
     )
-    call = state.directory.decode_stub(decode).Admit(message, timeout=timeout_s)
+    directory = state.directory
+    call = directory.decode_stub(decode).Admit(message, timeout=timeout_s)
     try:
-        first = await asyncio.wait_for(call.read(), _ADMISSION_TIMEOUT_S)
+        # Watched: a frozen or partitioned D (an open connection that no longer delivers)
+        # is found by its health probes in ~14 s, not at the end of the 30-s wait.
+        first = await asyncio.wait_for(
+            watched(call.read(), "decode", decode, health_probe(directory, decode), directory),
+            _ADMISSION_TIMEOUT_S)
     except grpc.aio.AioRpcError as exc:
         failures.append(f"{decode.worker_id}: {exc.code().name}: {exc.details()}")
+        return None
+    except WorkerLost as lost:
+        call.cancel()
+        directory.eject(decode, lost.message)  # the next requests rank the others first
+        failures.append(f"{decode.worker_id}: {lost.message}")
         return None
     except asyncio.TimeoutError:
         call.cancel()

@@ -25,7 +25,7 @@ client, the new attempt's prompt is the prompt plus those tokens, prefilled remo
 the new D as any prompt is (num_sampled in AdmitRequest and PrefillRequest: a seeded
 generator skips their draws), with max_tokens reduced by as many: the client's stream goes
 on with no token repeated or missing, and greedy and seeded output equal an uninterrupted
-run's. A worker that goes quiet is probed (`_watched`): a frozen process closes no socket.
+run's. A worker that goes quiet is probed (`watched`): a frozen process closes no socket.
 
 Paced streams (stream_pace_tokens_per_s): the relay makes one chunk per token and a
 PacedEmit (router.pacing) releases them at the pace while this run goes on reading; run()
@@ -43,10 +43,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2
 
 from splitserve.cluster.store import RequestPhase
 from splitserve.common.convert.common import FINISH_REASONS, sampling_to_proto
@@ -60,44 +58,20 @@ from splitserve.router.policy import Route, WorkerView, blocks_needed
 from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
+from splitserve.router.watch import SilenceWatch, WorkerLost, health_probe, watched
 from splitserve.router.workers import Assignment, WorkerDirectory
 from splitserve.v1 import common_pb2, router_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[router_pb2.GenerateResponse], Awaitable[None]]
-T = TypeVar("T")
 
 _ABORT_TIMEOUT_S = 2.0
-_STALL_PROBE_S = 4.0  # a decode stream or a prefill quiet this long: is the worker there?
-_PROBE_TIMEOUT_S = 3.0
-_PROBES_TO_LOSE = 2
 # Worker errors that say the request itself is wrong: another worker would refuse it too.
 _REQUEST_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
 
 
 _MAX_MIGRATIONS = 8  # hand-backs by draining decode workers one request may see
-
-
-class WorkerLost(Exception):
-    """A worker failed the request in a way another worker may not, or handed it back
-    while draining (`planned`): resume elsewhere."""
-
-    def __init__(self, role: str, worker: WorkerView, message: str,
-                 code: grpc.StatusCode = grpc.StatusCode.INTERNAL, planned: bool = False,
-                 kv_tokens: int = 0) -> None:
-        super().__init__(message)
-        self.role = role  # "prefill" | "decode"
-        self.worker = worker
-        self.message = message
-        self.code = code
-        self.planned = planned
-        self.kv_tokens = kv_tokens  # planned: tokens whose KV the worker holds for ShipKV
-
-    @property
-    def reason(self) -> str:
-        """The metric label: prefill_lost | decode_lost | decode_drained."""
-        return f"{self.role}_{'drained' if self.planned else 'lost'}"
 
 
 _PLANNED = ("decode_drained", "decode_migrated")  # reasons that are hand-backs
@@ -170,7 +144,7 @@ class RequestRun:
         self._route: Route | None = None
         self._admit_call: grpc.aio.UnaryStreamCall | None = None
         self._decode_done = False  # D ended the Admit stream by itself
-        self._decode_watch: _SilenceWatch | None = None  # D's Admit stream, while relayed
+        self._decode_watch: SilenceWatch | None = None  # D's Admit stream, while relayed
         self._prefill_call: grpc.aio.UnaryStreamCall | None = None  # in flight on P
         self._assignments: list[Assignment] = []
         self._num_chunks = 0
@@ -354,7 +328,7 @@ class RequestRun:
         admitted = asyncio.ensure_future(
             _when_admitted(self._prefill_call, state.directory, queued))
         try:
-            response = await _watched(_only_answer(self._prefill_call, prefill), "prefill",
+            response = await watched(_only_answer(self._prefill_call, prefill), "prefill",
                                       prefill, self._prober(prefill), state.directory)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -409,7 +383,7 @@ class RequestRun:
         )
         decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         try:
-            done = await _watched(stub.PrefillDone(request, timeout=self._remaining()),
+            done = await watched(stub.PrefillDone(request, timeout=self._remaining()),
                                   "decode", decoder, self._prober(decoder),
                                   self._state.directory)
         except grpc.aio.AioRpcError as exc:
@@ -494,12 +468,12 @@ class RequestRun:
         """The Admit stream's next message, with D watched while it is quiet.
 
         One message per engine step comes here, so the watch is one timer task per stream
-        (`_SilenceWatch`), not a task and a timer per read as `_watched` makes: a lost D
+        (`SilenceWatch`), not a task and a timer per read as `watched` makes: a lost D
         is declared by the watch cancelling the call, which ends this read."""
         assert self._admit_call is not None
         watch = self._decode_watch
         if watch is None:
-            watch = self._decode_watch = _SilenceWatch(
+            watch = self._decode_watch = SilenceWatch(
                 self._admit_call, "decode", decoder, self._prober(decoder),
                 self._state.directory)
         try:
@@ -518,8 +492,7 @@ class RequestRun:
         return message  # type: ignore[no-any-return]
 
     def _prober(self, worker: WorkerView) -> Callable[[], Awaitable[object]]:
-        stub = self._state.directory.health_stub(worker)
-        return lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT_S)
+        return health_probe(self._state.directory, worker)
 
     # ---- output -----------------------------------------------------------------------
 
@@ -641,87 +614,6 @@ async def _when_admitted(call: grpc.aio.UnaryStreamCall, directory: WorkerDirect
     key, value = PREFILL_ADMITTED
     if metadata is not None and value in metadata.get_all(key):
         directory.delivered(assignment)
-
-
-async def _watched(pending: Awaitable[T], role: str, worker: WorkerView,
-                   probe: Callable[[], Awaitable[object]], directory: WorkerDirectory) -> T:
-    """Await a worker's answer. While none comes for _STALL_PROBE_S, `probe` it (a gRPC
-    health check, answered off the engine thread: a busy worker answers); after
-    _PROBES_TO_LOSE probes in a row without an answer within _PROBE_TIMEOUT_S, and nothing
-    heard from the worker on any other call meanwhile: WorkerLost. A frozen process
-    (SIGSTOP, a hung host) closes no socket, so nothing else would notice; an overloaded
-    one answers slowly but still answers something, and is not taken for a dead one."""
-    task = asyncio.ensure_future(pending)
-    failed = 0
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_STALL_PROBE_S)
-            if done:
-                result = task.result()  # (an error is not an answer from the worker)
-                directory.heard_from(worker)
-                return result
-            try:
-                await probe()
-                failed = 0
-            except grpc.aio.AioRpcError as exc:
-                failed += 1
-                if directory.silent_for(worker) < _STALL_PROBE_S + _PROBE_TIMEOUT_S:
-                    failed = 0  # other calls still get answers: slow, not gone
-                if failed >= _PROBES_TO_LOSE and not task.done():
-                    raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
-                                     f"answering ({failed} health probes failed, the last "
-                                     f"with {exc.code().name})",
-                                     grpc.StatusCode.UNAVAILABLE) from exc
-    finally:
-        if not task.done():
-            task.cancel()  # (cancels the RPC too: the request is leaving this worker)
-
-
-class _SilenceWatch:
-    """`_watched` for a stream read message by message: one task per stream sleeps until
-    the stream has been quiet for _STALL_PROBE_S, then probes the worker as `_watched`
-    does (every _STALL_PROBE_S while the quiet lasts). When the worker is judged lost it
-    sets `lost` and cancels the call; the reader turns the read's end into `lost`."""
-
-    def __init__(self, call: grpc.aio.Call, role: str, worker: WorkerView,
-                 probe: Callable[[], Awaitable[object]], directory: WorkerDirectory) -> None:
-        self.lost: WorkerLost | None = None
-        self._call, self._role, self._worker = call, role, worker
-        self._probe, self._directory = probe, directory
-        self._quiet_since = time.monotonic()  # the last message, or the last probe's end
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def heard(self) -> None:
-        """A message came on the stream."""
-        self._quiet_since = time.monotonic()
-        self._directory.heard_from(self._worker)
-
-    def stop(self) -> None:
-        self._task.cancel()
-
-    async def _run(self) -> None:
-        failed = 0
-        while True:
-            wait = self._quiet_since + _STALL_PROBE_S - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            try:
-                await self._probe()
-                failed = 0
-            except grpc.aio.AioRpcError as exc:
-                failed += 1
-                if self._directory.silent_for(self._worker) < _STALL_PROBE_S + _PROBE_TIMEOUT_S:
-                    failed = 0  # other calls still get answers: slow, not gone
-                if failed >= _PROBES_TO_LOSE and not self._call.done():
-                    worker, role = self._worker, self._role
-                    self.lost = WorkerLost(
-                        role, worker, f"{role} worker {worker.worker_id} stopped answering "
-                        f"({failed} health probes failed, the last with {exc.code().name})",
-                        grpc.StatusCode.UNAVAILABLE)
-                    self._call.cancel()
-                    return
-            self._quiet_since = max(self._quiet_since, time.monotonic())
 
 
 def _being_cancelled() -> bool:

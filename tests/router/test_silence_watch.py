@@ -1,4 +1,4 @@
-"""_SilenceWatch: the decode stream's watchdog (one timer task per stream, not one per read).
+"""SilenceWatch: the decode stream's watchdog (one timer task per stream, not one per read).
 
 The call is a stand-in for grpc's call object (cancel/done only); the probe stands in for
 the health check; the WorkerDirectory is the router's own. The frozen-worker service test
@@ -11,9 +11,9 @@ import asyncio
 import grpc
 import pytest
 
-from splitserve.router import request as request_module
+from splitserve.router import watch as watch_module
 from splitserve.router.policy import WorkerView
-from splitserve.router.request import WorkerLost, _SilenceWatch
+from splitserve.router.watch import SilenceWatch, WorkerLost
 from splitserve.router.workers import WorkerDirectory
 
 WORKER = WorkerView("decode-x", address="10.0.0.9:1")
@@ -41,8 +41,8 @@ def _failing_probe(counter: list[int]):
 
 @pytest.fixture(autouse=True)
 def _fast_probes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(request_module, "_STALL_PROBE_S", 0.05)
-    monkeypatch.setattr(request_module, "_PROBE_TIMEOUT_S", 0.02)
+    monkeypatch.setattr(watch_module, "STALL_PROBE_S", 0.05)
+    monkeypatch.setattr(watch_module, "PROBE_TIMEOUT_S", 0.02)
 
 
 def _directory() -> WorkerDirectory:
@@ -52,7 +52,7 @@ def _directory() -> WorkerDirectory:
 def test_a_silent_worker_is_lost_after_two_failed_probes() -> None:
     async def main() -> tuple[WorkerLost | None, bool, int]:
         call, probes = _Call(), []
-        watch = _SilenceWatch(call, "decode", WORKER, _failing_probe(probes), _directory())
+        watch = SilenceWatch(call, "decode", WORKER, _failing_probe(probes), _directory())
         await asyncio.sleep(0.4)
         watch.stop()
         return watch.lost, call.cancelled, len(probes)
@@ -67,7 +67,7 @@ def test_a_silent_worker_is_lost_after_two_failed_probes() -> None:
 def test_failed_probes_of_a_worker_that_answers_other_calls_are_forgiven() -> None:
     async def main() -> tuple[WorkerLost | None, bool, int]:
         call, probes, directory = _Call(), [], _directory()
-        watch = _SilenceWatch(call, "decode", WORKER, _failing_probe(probes), directory)
+        watch = SilenceWatch(call, "decode", WORKER, _failing_probe(probes), directory)
         for _ in range(40):  # another request's stream on the same worker gets answers
             directory.heard_from(WORKER)
             await asyncio.sleep(0.01)
@@ -82,7 +82,7 @@ def test_failed_probes_of_a_worker_that_answers_other_calls_are_forgiven() -> No
 def test_a_stream_that_gets_messages_is_never_probed() -> None:
     async def main() -> tuple[WorkerLost | None, int, bool]:
         call, probes = _Call(), []
-        watch = _SilenceWatch(call, "decode", WORKER, _failing_probe(probes), _directory())
+        watch = SilenceWatch(call, "decode", WORKER, _failing_probe(probes), _directory())
         for _ in range(40):
             watch.heard()
             await asyncio.sleep(0.01)
