@@ -329,7 +329,7 @@ class RequestRun:
             _when_admitted(self._prefill_call, state.directory, queued))
         try:
             response = await watched(_only_answer(self._prefill_call, prefill), "prefill",
-                                      prefill, self._prober(prefill), state.directory)
+                                     prefill, self._prober(prefill), state.directory)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             message = (f"prefill on worker {prefill.worker_id} failed: "
@@ -384,8 +384,8 @@ class RequestRun:
         decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         try:
             done = await watched(stub.PrefillDone(request, timeout=self._remaining()),
-                                  "decode", decoder, self._prober(decoder),
-                                  self._state.directory)
+                                 "decode", decoder, self._prober(decoder),
+                                 self._state.directory)
         except grpc.aio.AioRpcError as exc:
             raise WorkerLost("decode", decoder, f"PrefillDone on decode worker {decode_id} "
                              f"failed: {exc.code().name}: {exc.details()}") from exc

@@ -50,7 +50,7 @@ class WorkerLost(Exception):
 
 
 async def watched(pending: Awaitable[T], role: str, worker: WorkerView,
-                   probe: Callable[[], Awaitable[object]], directory: WorkerDirectory) -> T:
+                  probe: Callable[[], Awaitable[object]], directory: WorkerDirectory) -> T:
     """Await a worker's answer. While none comes for STALL_PROBE_S, `probe` it (a gRPC
     health check, answered off the engine thread: a busy worker answers); after
     PROBES_TO_LOSE probes in a row without an answer within PROBE_TIMEOUT_S, and nothing
@@ -66,18 +66,9 @@ async def watched(pending: Awaitable[T], role: str, worker: WorkerView,
                 result = task.result()  # (an error is not an answer from the worker)
                 directory.heard_from(worker)
                 return result
-            try:
-                await probe()
-                failed = 0
-            except grpc.aio.AioRpcError as exc:
-                failed += 1
-                if directory.silent_for(worker) < STALL_PROBE_S + PROBE_TIMEOUT_S:
-                    failed = 0  # other calls still get answers: slow, not gone
-                if failed >= PROBES_TO_LOSE and not task.done():
-                    raise WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped "
-                                     f"answering ({failed} health probes failed, the last "
-                                     f"with {exc.code().name})",
-                                     grpc.StatusCode.UNAVAILABLE) from exc
+            failed, lost = await _probe_quiet(probe, failed, role, worker, directory)
+            if lost is not None and not task.done():
+                raise lost
     finally:
         if not task.done():
             task.cancel()  # (cancels the RPC too: the request is leaving this worker)
@@ -112,22 +103,35 @@ class SilenceWatch:
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            try:
-                await self._probe()
-                failed = 0
-            except grpc.aio.AioRpcError as exc:
-                failed += 1
-                if self._directory.silent_for(self._worker) < STALL_PROBE_S + PROBE_TIMEOUT_S:
-                    failed = 0  # other calls still get answers: slow, not gone
-                if failed >= PROBES_TO_LOSE and not self._call.done():
-                    worker, role = self._worker, self._role
-                    self.lost = WorkerLost(
-                        role, worker, f"{role} worker {worker.worker_id} stopped answering "
-                        f"({failed} health probes failed, the last with {exc.code().name})",
-                        grpc.StatusCode.UNAVAILABLE)
-                    self._call.cancel()
-                    return
+            failed, lost = await _probe_quiet(self._probe, failed, self._role, self._worker,
+                                              self._directory)
+            if lost is not None and not self._call.done():
+                self.lost = lost
+                self._call.cancel()
+                return
             self._quiet_since = max(self._quiet_since, time.monotonic())
+
+
+async def _probe_quiet(probe: Callable[[], Awaitable[object]], failed: int, role: str,
+                       worker: WorkerView, directory: WorkerDirectory
+                       ) -> tuple[int, WorkerLost | None]:
+    """One probe of a quiet worker, `failed` probes in a row having gone unanswered: the
+    count after it, and WorkerLost once it reaches PROBES_TO_LOSE (a worker heard from on
+    any other call within the last probe's span is slow, not gone: the count restarts)."""
+    try:
+        await probe()
+        return 0, None
+    except grpc.aio.AioRpcError as exc:
+        if directory.silent_for(worker) < STALL_PROBE_S + PROBE_TIMEOUT_S:
+            return 0, None
+        failed += 1
+        if failed < PROBES_TO_LOSE:
+            return failed, None
+        lost = WorkerLost(role, worker, f"{role} worker {worker.worker_id} stopped answering "
+                          f"({failed} health probes failed, the last with {exc.code().name})",
+                          grpc.StatusCode.UNAVAILABLE)
+        lost.__cause__ = exc
+        return failed, lost
 
 
 def health_probe(directory: WorkerDirectory, worker: WorkerView
