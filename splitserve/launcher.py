@@ -16,7 +16,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from splitserve.common import envs
 from splitserve.engine.config import EngineConfig
@@ -242,16 +242,32 @@ class Deployment:
                 log.warning("stop failed: %s", exc)
             ray.kill(actor)
         if self.owns_ray:
-            ray.shutdown()
+            stop_ray()
 
 
 _LOCAL_HEAD_ATTEMPTS = 2  # init_ray: starts of a local Ray head whose node timed out
 
 
+class _RayEnv(NamedTuple):
+    """What this process's Ray settings were before init_ray started a local head."""
+
+    variables: dict[str, str]  # the RAY_* environment variables
+    cluster_enabled: bool  # ray_constants.ENABLE_RAY_CLUSTER
+
+
+_ray_env_before_head: _RayEnv | None = None  # set while a local head init_ray started runs
+
+
+def _ray_variables() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name.startswith("RAY_")}
+
+
 def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
-    """Join `ray_address`, or start a local head bound to loopback. True if we started it."""
+    """Join `ray_address`, or start a local head bound to loopback. True if we started it
+    (then stop it with stop_ray)."""
     import ray
 
+    global _ray_env_before_head
     if ray.is_initialized():
         return False
     if ray_address:
@@ -259,9 +275,12 @@ def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
         return False
     # A local head must listen on 127.0.0.1 only. Ray (2.60) binds every interface unless
     # "clusters" are disabled; the flag is read both from the environment (by the processes
-    # it starts) and at `import ray` into a constant, so set both.
+    # it starts) and at `import ray` into a constant, so set both. stop_ray puts them back
+    # (and the RAY_* variables ray.init sets), so that this process can later start or join
+    # a multi-node cluster.
     from ray._private import ray_constants
 
+    _ray_env_before_head = _RayEnv(_ray_variables(), ray_constants.ENABLE_RAY_CLUSTER)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     # Ray's token authentication (every Ray RPC carries a token, kept in ~/.ray/auth_token)
@@ -282,10 +301,34 @@ def init_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
             # Ray gives its raylet 30 s to register with the GCS; on a loaded small host it
             # once never came up at all (no raylet log). A fresh head usually does.
             if "timed out during startup" not in str(exc) or attempt == _LOCAL_HEAD_ATTEMPTS:
+                _restore_ray_env()
                 raise
             log.warning("the local Ray head did not start (%s); starting it again", exc)
             ray.shutdown()
     raise AssertionError("unreachable")
+
+
+def stop_ray() -> None:
+    """ray.shutdown(); after a local head init_ray started, this process's RAY_* variables
+    and Ray's cluster flag as they were before it."""
+    import ray
+
+    ray.shutdown()
+    _restore_ray_env()
+
+
+def _restore_ray_env() -> None:
+    global _ray_env_before_head
+    before, _ray_env_before_head = _ray_env_before_head, None
+    if before is None:
+        return
+    from ray._private import ray_constants
+
+    for name in _ray_variables():
+        if name not in before.variables:
+            del os.environ[name]
+    os.environ.update(before.variables)
+    ray_constants.ENABLE_RAY_CLUSTER = before.cluster_enabled
 
 
 def serve(options: ServeOptions) -> Deployment:

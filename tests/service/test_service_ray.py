@@ -4,6 +4,7 @@ embedded store or a real redis-server."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from splitserve.client import Client
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.config import EngineConfig
-from splitserve.launcher import ServeOptions, init_ray, serve
+from splitserve.launcher import ServeOptions, init_ray, serve, stop_ray
 from splitserve.llm import LLM
 
 ENGINE = {"num_kv_blocks": 256, "block_size": 8, "max_num_batched_tokens": 256, "num_threads": 1}
@@ -25,12 +26,16 @@ GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    import ray
+    import ray  # noqa: F401 - its import sets RAY_CLIENT_MODE=0 (not init_ray's doing)
 
+    before = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
     started = init_ray(None, num_cpus=2)
     yield
     if started:
-        ray.shutdown()
+        stop_ray()
+        # ray.init's RAY_* variables are gone again: a later `ray start` from this process's
+        # environment may join a multi-node cluster (tests/multihost/test_netns_ray.py).
+        assert {k: v for k, v in os.environ.items() if k.startswith("RAY_")} == before
 
 
 def _prompts(count: int, seed: int) -> list[list[int]]:
