@@ -3,11 +3,11 @@ and its busiest threads: what the serving path (client, router, the decode worke
 costs beside the engine's own step.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_per_token.py [--dtype bfloat16]
-        [--threads 2] [--requests 8] [--output-len 128] [--concurrency 1]
+        [--threads 2] [--requests 8] [--output-len 128] [--concurrency 1] [--api grpc|http]
 
 A router and one decode worker (prefilling its own prompts) as processes on 127.0.0.1,
 `splitserve bench serve` at --concurrency (256 words in, --output-len tokens out, EOS
-ignored), after a warm-up of 2 requests (or --concurrency, if more). CPU time is read from /proc (utime + stime of every
+ignored; `--api`: through the SDK over gRPC, or the OpenAI HTTP API with SSE), after a warm-up of 2 requests (or --concurrency, if more). CPU time is read from /proc (utime + stime of every
 thread) before and after the run. The client's is that of its process (a waited child)
 less the warm-up's, over the tokens the run has beyond the warm-up's: a `bench serve`
 process costs ~0.4 s of CPU besides its tokens (its start, imports and the workload's
@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--api", choices=("grpc", "http"), default="grpc",
+                    help="the client's way in: the SDK over gRPC or the OpenAI HTTP API")
     args = ap.parse_args()
     warmup = max(2, args.concurrency)
     if args.requests <= warmup:
@@ -86,10 +88,12 @@ def main() -> int:
             args.model, num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
             threads=args.threads, worker_args=worker_args) as addrs:
         result = Path(tmp) / "serve.json"
+        target = (f"grpc://{addrs['router']}" if args.api == "grpc"
+                  else f"http://{addrs['http']}")
 
         def bench(num_requests: int) -> list[str]:
             return [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--target",
-                    f"grpc://{addrs['router']}", "--workload", "fixed", "--input-len", "256",
+                    target, "--workload", "fixed", "--input-len", "256",
                     "--output-len", str(args.output_len), "--concurrency", str(args.concurrency),
                     "--num-requests", str(num_requests), "--no-progress", "--out", str(result)]
 

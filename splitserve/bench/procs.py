@@ -102,7 +102,8 @@ def local_deployment(
     worker_args: tuple[str, ...] = ("--no-prefix-caching", "--num-kv-blocks", "512"),
     router_args: tuple[str, ...] = (),
 ) -> Iterator[dict[str, Any]]:
-    """Yields {"router": addr, "decode": [addrs], "prefill": [addrs]}; stops everything after."""
+    """Yields {"router": addr, "http": the router's HTTP addr, "decode": [addrs], "prefill":
+    [addrs]}; stops everything after."""
     procs: list[subprocess.Popen[str]] = []
     try:
         router, fields = spawn(["router", "--model", model, "--port", "0", "--http-port", "0",
@@ -111,7 +112,8 @@ def local_deployment(
         procs.append(router)
         common = ["--model", model, "--cluster", fields[4], "--threads", str(threads),
                   *worker_args]  # each worker hosts its own KV rendezvous store
-        addrs: dict[str, Any] = {"router": fields[2], "decode": [], "prefill": []}
+        addrs: dict[str, Any] = {"router": fields[2], "http": fields[6], "decode": [],
+                                 "prefill": []}
         for role, count in (("decode", num_decode), ("prefill", num_prefill)):
             for index in range(count):
                 proc, wfields = spawn([role, *common, "--worker-id", f"{role}-{index}"])
