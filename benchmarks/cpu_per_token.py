@@ -7,13 +7,16 @@ costs beside the engine's own step.
 
 A router and one decode worker (prefilling its own prompts) as processes on 127.0.0.1,
 `splitserve bench serve` at --concurrency (256 words in, --output-len tokens out, EOS
-ignored; `--api`: through the SDK over gRPC, or the OpenAI HTTP API with SSE), after a warm-up of 2 requests (or --concurrency, if more). CPU time is read from /proc (utime + stime of every
-thread) before and after the run. The client's is that of its process (a waited child)
-less the warm-up's, over the tokens the run has beyond the warm-up's: a `bench serve`
-process costs ~0.4 s of CPU besides its tokens (its start, imports and the workload's
-tokenizer), which the first version of this script counted per token (a third of the
-client's figure at 8 requests). The engine threads spin between parallel regions, so their
-CPU time is wall time, not work.
+ignored; `--api`: through the SDK over gRPC, or the OpenAI HTTP API with SSE), after a
+warm-up of 2 requests (or --concurrency, if more). CPU time and context switches
+(voluntary: the thread waited; involuntary: it was preempted) are read from /proc for
+every thread before and after the run. The client's CPU is that of its process (a waited
+child) less the warm-up's, over the tokens the run has beyond the warm-up's: a `bench
+serve` process costs ~0.4 s of CPU besides its tokens (its start, imports and the
+workload's tokenizer), which the first version of this script counted per token (a third
+of the client's figure at 8 requests). The engine threads spin between parallel regions,
+so their CPU time is wall time, not work; their involuntary switches are the times the
+serving path's threads took their core.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from engine_args import engine_parser
 
@@ -33,17 +37,27 @@ from splitserve.bench.procs import local_deployment
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
-    """tid -> (thread name, CPU seconds so far) of every thread of `pid`."""
+class ThreadTimes(NamedTuple):
+    name: str
+    cpu_s: float  # CPU seconds so far
+    switches: int  # context switches so far, voluntary (it waited) and not (preempted)
+
+
+def thread_cpu_s(pid: int) -> dict[int, ThreadTimes]:
+    """tid -> its ThreadTimes, for every thread of `pid`."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
+            status = (task / "status").read_text()
         except OSError:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        switches = sum(int(line.split()[1]) for line in status.splitlines()
+                       if line.endswith("ctxt_switches", 0, line.find(":")))
+        out[int(task.name)] = ThreadTimes(name, (int(fields[11]) + int(fields[12])) / TICK,
+                                          switches)
     return out
 
 
@@ -114,12 +128,16 @@ def main() -> int:
     print(f"client (bench serve): {client_s * 1e3 / client_tokens:.3f} ms CPU per token "
           f"(beyond its {warmup}-request warm-up's)")
     for pid, role in procs.items():
-        rows = sorted(((cpu_s - before[pid].get(tid, (name, 0.0))[1], tid, name)
-                       for tid, (name, cpu_s) in after[pid].items()), reverse=True)
-        print(f"{role} (pid {pid}): {sum(r[0] for r in rows) * 1e3 / tokens:.3f} ms CPU per token")
-        for cpu_s, tid, name in rows[:6]:
-            if cpu_s > 0:
-                print(f"    thread {tid} {name}: {cpu_s * 1e3 / tokens:.3f} ms")
+        zero = ThreadTimes("", 0.0, 0)
+        rows = sorted(((t.cpu_s - before[pid].get(tid, zero).cpu_s,
+                        t.switches - before[pid].get(tid, zero).switches, tid, t.name)
+                       for tid, t in after[pid].items()), reverse=True)
+        print(f"{role} (pid {pid}): {sum(r[0] for r in rows) * 1e3 / tokens:.3f} ms CPU and "
+              f"{sum(r[1] for r in rows) / tokens:.1f} context switches per token")
+        for cpu_s, switches, tid, name in rows[:8]:
+            if cpu_s > 0 or switches > tokens / 10:
+                print(f"    thread {tid} {name}: {cpu_s * 1e3 / tokens:.3f} ms, "
+                      f"{switches / tokens:.1f} switches")
     return 0
 
 
