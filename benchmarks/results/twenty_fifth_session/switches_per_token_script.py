@@ -1,41 +1,73 @@
-import subprocess, sys, time, os
+"""The ad-hoc script of the gRPC-poller A/B (BENCHMARKS.md, twenty-fifth session): a router
+and one colocated bf16 decode worker, 6 requests at concurrency 1 after a 2-request warm-up;
+prints the TPOT p50 and each process's context switches and CPU per streamed token.
+
+    GRPC_EXPERIMENTS=... PYTHONPATH=. .venv/bin/python \
+        benchmarks/results/twenty_fifth_session/switches_per_token_script.py grpc|http
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
 from splitserve.bench.procs import local_deployment
-api = sys.argv[1]
-def ctx(pid):
+
+REQUESTS, OUTPUT_LEN = 6, 128
+
+
+def thread_counts(pid: int) -> dict[int, tuple[int, int, float]]:
+    """tid -> (voluntary switches, involuntary switches, CPU seconds) of `pid`'s threads."""
     out = {}
-    for t in Path(f"/proc/{pid}/task").iterdir():
+    for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            st = (t / "status").read_text(); name = (t / "comm").read_text().strip()
-        except OSError: continue
-        v = int(st.split("voluntary_ctxt_switches:")[1].split()[0])
-        nv = int(st.split("nonvoluntary_ctxt_switches:")[1].split()[0])
-        f = (t / "stat").read_text().rsplit(")", 1)[1].split()
-        out[int(t.name)] = (name, v, nv, (int(f[11]) + int(f[12])) / 100)
+            status = (task / "status").read_text()
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        voluntary = int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+        involuntary = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+        out[int(task.name)] = (voluntary, involuntary, (int(stat[11]) + int(stat[12])) / 100)
     return out
-worker_args = ("--dtype", "bfloat16", "--max-num-seqs", "16", "--num-kv-blocks", "2048")
-with local_deployment("smollm2-135m", num_prefill=0, num_decode=1, local_prefill_threshold=1 << 20,
-                      threads=2, worker_args=worker_args) as addrs:
-    target = f"grpc://{addrs['router']}" if api == "grpc" else f"http://{addrs['http']}"
-    def bench(n):
-        return [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--target", target,
-                "--workload", "fixed", "--input-len", "256", "--output-len", "128",
-                "--concurrency", "1", "--num-requests", str(n), "--no-progress"]
-    subprocess.run(bench(2), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pids = {r: int(subprocess.check_output(["pgrep", "-f", "splitserve.cli " + r]).split()[0]) for r in ("router", "decode")}
-    before = {r: ctx(p) for r, p in pids.items()}
-    import json, tempfile
-    res = tempfile.mktemp()
-    subprocess.run(bench(6) + ["--out", res], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print("TPOT p50", json.load(open(res))["summary"]["tpot_ms"]["p50"])
-    after = {r: ctx(p) for r, p in pids.items()}
-    tokens = 6 * 128
-    for r in pids:
-        tv = tn = 0; cpu = 0.0
-        for tid, (name, v, nv, c) in after[r].items():
-            b = before[r].get(tid, (name, 0, 0, 0.0))
-            cpu += c - b[3]
-            dv, dn = v - b[1], nv - b[2]
-            tv += dv; tn += dn
-            if dv + dn > tokens * 0.2: print(f"  {r} {name} {tid}: vol {dv/tokens:.2f} invol {dn/tokens:.2f} per token")
-        print(f"{r}: voluntary {tv/tokens:.2f} involuntary {tn/tokens:.2f} per token, cpu {cpu*1e3/tokens:.3f} ms/token")
+
+
+def main() -> None:
+    api = sys.argv[1]
+    worker_args = ("--dtype", "bfloat16", "--max-num-seqs", "16", "--num-kv-blocks", "2048")
+    with local_deployment("smollm2-135m", num_prefill=0, num_decode=1,
+                          local_prefill_threshold=1 << 20, threads=2,
+                          worker_args=worker_args) as addrs:
+        target = f"grpc://{addrs['router']}" if api == "grpc" else f"http://{addrs['http']}"
+
+        def bench(n: int) -> list[str]:
+            return [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--target",
+                    target, "--workload", "fixed", "--input-len", "256", "--output-len",
+                    str(OUTPUT_LEN), "--concurrency", "1", "--num-requests", str(n),
+                    "--no-progress"]
+
+        subprocess.run(bench(2), check=True, capture_output=True)
+        pids = {role: int(subprocess.check_output(
+            ["pgrep", "-f", f"splitserve.cli {role}"]).split()[0]) for role in ("router", "decode")}
+        before = {role: thread_counts(pid) for role, pid in pids.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "serve.json"
+            subprocess.run([*bench(REQUESTS), "--out", str(result)], check=True,
+                           capture_output=True)
+            print("TPOT p50", json.loads(result.read_text())["summary"]["tpot_ms"]["p50"])
+        after = {role: thread_counts(pid) for role, pid in pids.items()}
+    tokens = REQUESTS * OUTPUT_LEN
+    for role in pids:
+        sums = [0.0, 0.0, 0.0]
+        for tid, counts in after[role].items():
+            start = before[role].get(tid, (0, 0, 0.0))
+            for i in range(3):
+                sums[i] += counts[i] - start[i]
+        print(f"{role}: voluntary {sums[0] / tokens:.2f} involuntary {sums[1] / tokens:.2f} "
+              f"per token, cpu {sums[2] * 1e3 / tokens:.3f} ms/token")
+
+
+if __name__ == "__main__":
+    main()
