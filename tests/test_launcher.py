@@ -85,7 +85,7 @@ def _ray_state() -> tuple[dict[str, str], bool]:
 def test_stop_ray_puts_back_what_init_ray_changed(fake_ray: Any) -> None:
     fake = fake_ray([])
     before = _ray_state()
-    assert before[0] == {"RAY_AUTH_MODE": "token"}
+    assert before[0]["RAY_AUTH_MODE"] == "token" and "RAY_CLIENT_MODE" not in before[0]
     assert launcher.init_ray(None, num_cpus=2) is True
     variables, cluster_enabled = _ray_state()
     assert variables["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and not cluster_enabled
