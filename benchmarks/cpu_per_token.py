@@ -54,8 +54,9 @@ def thread_cpu_s(pid: int) -> dict[int, ThreadTimes]:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        switches = sum(int(line.split()[1]) for line in status.splitlines()
-                       if line.endswith("ctxt_switches", 0, line.find(":")))
+        switches = sum(int(value) for key, _, value in map(lambda line: line.partition(":"),
+                                                             status.splitlines())
+                       if key.endswith("ctxt_switches"))
         out[int(task.name)] = ThreadTimes(name, (int(fields[11]) + int(fields[12])) / TICK,
                                           switches)
     return out

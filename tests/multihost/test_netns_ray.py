@@ -141,10 +141,10 @@ def _stop(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
 def ray_cluster(tiny_llama: Path) -> Iterator[RayCluster]:
     # Short: Ray's unix sockets live under the temp dir (a 107-byte path limit).
     temp_root = tempfile.mkdtemp(prefix="ssray-", dir="/tmp")
-    # None of this process's RAY_* variables: a ray.init in it (tests/service/
-    # test_service_ray.py runs first in some orders) leaves some behind, and with its
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 `ray start --address` refused to join ("Multi-node
-    # Ray clusters are not supported on Windows and OSX").
+    # None of this process's RAY_* variables: a ray.init in it can leave some behind
+    # (launcher.stop_ray puts back what a local head's start set; a plain ray.init's stay),
+    # and with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 among them `ray start --address` refused
+    # to join ("Multi-node Ray clusters are not supported on Windows and OSX").
     ray_env = {name: value for name, value in os.environ.items()
                if not name.startswith("RAY_")}
     ray_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
