@@ -37,6 +37,9 @@ class FusedLayerOps:
     silu_and_mul: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm_: Callable[..., None]  # residual += x; x = rms_norm(residual)
+    # A whole decoder layer of a decode-only step in one call, where the backend has it
+    # (the C++ CPU kernels: cpu_ext.decode_layer_); None: layer by layer through the above.
+    decode_layer_: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def _cpu_ops() -> AttentionOps | None:
             silu_and_mul=cpu_ext.silu_and_mul,
             rms_norm=cpu_ext.rms_norm,
             add_rms_norm_=cpu_ext.add_rms_norm_,
+            decode_layer_=cpu_ext.decode_layer_,
         ),
     )
 

@@ -12,7 +12,8 @@ import hashlib
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().with_name("csrc")
-SOURCE_NAMES = ("bindings.cpp", "paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp")
+SOURCE_NAMES = ("bindings.cpp", "paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp",
+                "decode_layer_cpu.cpp")
 
 
 def source_digest(csrc: Path = CSRC) -> str:

@@ -205,6 +205,18 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     _extension().add_rms_norm_(x, residual, weight, eps)
 
 
+def decode_layer_(x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, *layer: object) -> torch.Tensor:
+    """One decoder layer of a decode-only step (kernels/csrc/decode_layer_cpu.cpp): the
+    fused path's kernels for it in one call, the same bits. `x` = its input_layernorm of
+    `residual`; residual becomes the layer's output in place; returns the next layer's input
+    (the next RMSNorm of residual). `layer`: engine.model.DecoderLayer.one_call_args."""
+    return _extension().decode_layer_(x, residual, cos, sin, k_cache, v_cache, slot_mapping,
+                                      block_tables, context_lens, *layer)
+
+
 # fp32 and bf16 linear layers for small row counts (kernels/csrc/gemm_cpu.cpp).
 
 

@@ -40,4 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32 [N, K] -> panels [ceil(N/16), K, 16]; bf16 -> [ceil(N/16), K/2, 16, 2]");
   m.def("linear_packed", &linear_packed, ReleaseGil(),
         "out = x @ W^T (+ bias) on a packed fp32 weight");
+  m.def("decode_layer_", &decode_layer_, ReleaseGil(),
+        "one decoder layer of a decode-only step: the fused path's kernels in one call");
 }

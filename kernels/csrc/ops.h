@@ -25,3 +25,17 @@ std::string gemm_isa(bool bf16);
 torch::Tensor pack_linear_weight(torch::Tensor weight);
 void linear_packed(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias,
                    torch::Tensor out);
+
+// One decoder layer of a decode-only step (decode_layer_cpu.cpp).
+torch::Tensor decode_layer_(
+    torch::Tensor x, torch::Tensor residual, torch::Tensor cos, torch::Tensor sin,
+    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+    torch::Tensor block_tables, torch::Tensor context_lens,
+    torch::Tensor qkv_packed, std::optional<torch::Tensor> qkv_bias, int64_t qkv_features,
+    torch::Tensor o_packed, std::optional<torch::Tensor> o_bias, int64_t o_features,
+    torch::Tensor gate_up_packed, std::optional<torch::Tensor> gate_up_bias,
+    int64_t gate_up_features,
+    torch::Tensor down_packed, std::optional<torch::Tensor> down_bias, int64_t down_features,
+    torch::Tensor post_norm_weight, double post_norm_eps,
+    torch::Tensor next_norm_weight, double next_norm_eps,
+    double scale, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);

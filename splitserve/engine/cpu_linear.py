@@ -113,6 +113,13 @@ class PackedLinear(nn.Module):
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_HINT_ROWS)
 
+    def panel_args(self) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+        """(packed weight, bias, out_features) for a C++ kernel that runs this layer's
+        panel GEMM itself (cpu_ext.decode_layer_); None where the weight is oneDNN's."""
+        if self.packing not in ("panel", "panel_bf16"):
+            return None
+        return self.packed, self.bias, self.weight.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_rows, in_features] -> [num_rows, out_features]."""
         if not self.rows.min_rows <= x.shape[0] <= self.rows.max_rows or x.dim() != 2:

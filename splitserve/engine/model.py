@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, attend_stored, paged_attention
+from splitserve.engine.cpu_linear import PackedLinear
 
 _SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -255,6 +256,35 @@ class DecoderLayer(nn.Module):
         return self.down_proj(fused.silu_and_mul(self.gate_up_proj(h)))
 
 
+class OneCallLayers(NamedTuple):
+    """Every layer's constant arguments of FusedLayerOps.decode_layer_, and the step sizes
+    (tokens) whose linears all run on the packed panels, where that call applies."""
+
+    args: list[tuple[object, ...]]
+    min_rows: int
+    max_rows: int
+
+
+def one_call_layers(layers: list[DecoderLayer], final_norm: RMSNorm) -> OneCallLayers | None:
+    """The layers' arguments for decode_layer_; None unless every linear of every layer is
+    a PackedLinear on the panel GEMM (the C++ kernel runs no other linear)."""
+    args: list[tuple[object, ...]] = []
+    min_rows, max_rows = 1, 1 << 62
+    for index, layer in enumerate(layers):
+        linears = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+        panels = [m.panel_args() if isinstance(m, PackedLinear) else None for m in linears]
+        if any(p is None for p in panels):
+            return None
+        for m in cast("tuple[PackedLinear, ...]", linears):
+            min_rows, max_rows = max(min_rows, m.rows.min_rows), min(max_rows, m.rows.max_rows)
+        post = layer.post_attention_layernorm
+        following = layers[index + 1].input_layernorm if index + 1 < len(layers) else final_norm
+        args.append((*(a for p in panels if p is not None for a in p),
+                     post.weight, post.eps, following.weight, following.eps,
+                     layer.scale, layer.num_heads, layer.num_kv_heads, layer.head_dim))
+    return OneCallLayers(args, min_rows, max_rows)
+
+
 class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding | None = None):
         super().__init__()
@@ -269,6 +299,9 @@ class CausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = rope  # set by the loader (built off the meta device) when None here
+        # decode_layer_'s arguments, read at the first fused step (the linears are packed
+        # before any step: ModelRunner); False: not read yet.
+        self._one_call: OneCallLayers | None | bool = False
 
     def forward(
         self,
@@ -306,6 +339,18 @@ class CausalLM(nn.Module):
         layers = cast("list[DecoderLayer]", list(self.layers))
         first_norm = layers[0].input_layernorm
         x = fused.rms_norm(residual, first_norm.weight, first_norm.eps)
+        one_call = self._one_call_layers(fused, x.shape[0], meta)
+        if one_call is not None:  # a decode-only step: each layer in one C++ call
+            decode_layer, (cos, sin) = fused.decode_layer_, rope
+            slots, tables, lens = (meta.slot_mapping, meta.decode_block_tables,
+                                   meta.decode_context_lens)
+            for index, layer_args in enumerate(one_call.args):
+                k_cache, v_cache = kv_caches[index]
+                x = decode_layer(x, residual, cos, sin, k_cache, v_cache, slots, tables, lens,
+                                 *layer_args)
+                if layer_hook is not None:
+                    layer_hook(index)
+            return x
         for index, layer in enumerate(layers):
             k_cache, v_cache = kv_caches[index]
             x = layer.forward_fused(x, residual, rope, k_cache, v_cache, meta, ops)
@@ -315,6 +360,23 @@ class CausalLM(nn.Module):
             next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.norm
             fused.add_rms_norm_(x, residual, next_norm.weight, next_norm.eps)
         return x
+
+    def _one_call_layers(self, fused: Any, num_tokens: int,
+                         meta: AttentionMetadata) -> OneCallLayers | None:
+        """The layers' decode_layer_ arguments when this step can run each layer in one
+        call: the backend has the call, every row is a sequence's one decode token (no
+        prompt chunk, no per-step plan or launch settings of another backend), and every
+        linear is on the panels at this many rows."""
+        if (fused.decode_layer_ is None or meta.prefills or meta.num_decode_tokens != num_tokens
+                or meta.decode_plan is not None or meta.decode_launch is not None):
+            return None
+        if self._one_call is False:
+            self._one_call = one_call_layers(cast("list[DecoderLayer]", list(self.layers)),
+                                             self.norm)
+        one_call = cast("OneCallLayers | None", self._one_call)
+        if one_call is None or not one_call.min_rows <= num_tokens <= one_call.max_rows:
+            return None
+        return one_call
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 logits [n, vocab]."""

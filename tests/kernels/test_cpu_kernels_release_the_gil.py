@@ -2,12 +2,14 @@
 process goes on (a worker's gRPC streams beside its engine thread).
 
 How it is seen: a second thread stamps the time in a loop while the main thread makes one
-long kernel call (single-threaded, so the stamping thread has a core of its own). Holding
-the GIL, the kernel would leave no stamp in the middle half of its call: the stamping
-thread could run only before the call took the GIL, or after it returned."""
+long kernel call (single-threaded, so the stamping thread has a core of its own), the GIL's
+switch interval cut to 0.5 ms. Holding the GIL, the kernel would leave no stamp in the
+middle half of its call: the stamping thread could run only within a switch interval or so
+of the call's ends."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,20 +21,22 @@ from splitserve.kernels import cpu_ext
 
 pytestmark = pytest.mark.skipif(cpu_ext.load() is None, reason="CPU kernels could not be built")
 
-# Each case takes 60-130 ms on a 2.4 GHz Zen 3 core; the middle half of a 40 ms call is
-# 10 ms away from either end, twice the GIL's switch interval (the other thread's stamps
-# before or after a call that holds the GIL fall within one interval of its ends).
-MIN_CALL_S = 0.04
+SWITCH_INTERVAL_S = 0.0005
+# Each case takes 25-75 ms on a 2.4 GHz Zen 3 core; the middle half of a 10 ms call is
+# 2.5 ms away from either end, five switch intervals.
+MIN_CALL_S = 0.01
 
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
     torch.set_num_threads(1)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        sys.setswitchinterval(interval)
 
 
 def stamps_in_the_middle(call: Callable[[], object]) -> tuple[int, float]:
@@ -60,7 +64,7 @@ def stamps_in_the_middle(call: Callable[[], object]) -> tuple[int, float]:
 
 
 def _linear() -> Callable[[], object]:
-    x = torch.ones(1024, 2048)
+    x = torch.ones(512, 2048)
     packed = cpu_ext.pack_linear_weight(torch.full((2048, 2048), 0.5))
     return lambda: cpu_ext.linear_packed(x, packed, None, 2048)
 
@@ -76,17 +80,17 @@ def _attention() -> Callable[[], object]:
 
 
 def _silu() -> Callable[[], object]:
-    gate_up = torch.full((16384, 4096), 0.3)
-    return lambda: cpu_ext.silu_and_mul(gate_up)
+    gate_up, out = torch.full((16384, 4096), 0.3), torch.empty(16384, 2048)
+    return lambda: cpu_ext.silu_and_mul(gate_up, out)
 
 
 def _rms_norm() -> Callable[[], object]:
-    x = torch.full((32768, 1024), 0.3)
-    return lambda: cpu_ext.rms_norm(x, torch.ones(1024), 1e-5)
+    x, out = torch.full((49152, 1024), 0.3), torch.empty(49152, 1024)
+    return lambda: cpu_ext.rms_norm(x, torch.ones(1024), 1e-5, out)
 
 
 def _add_rms_norm() -> Callable[[], object]:
-    x, residual = torch.full((98304, 1024), 0.3), torch.full((98304, 1024), 0.1)
+    x, residual = torch.full((49152, 1024), 0.3), torch.full((49152, 1024), 0.1)
     return lambda: cpu_ext.add_rms_norm_(x, residual, torch.ones(1024), 1e-5)
 
 
@@ -101,7 +105,7 @@ def _rotary_store() -> Callable[[], object]:
 
 
 def _pack() -> Callable[[], object]:
-    weight = torch.full((8192, 4096), 0.5)
+    weight = torch.full((4096, 4096), 0.5)
     return lambda: cpu_ext.pack_linear_weight(weight)
 
 
