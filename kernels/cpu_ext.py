@@ -212,7 +212,8 @@ def decode_layer_(x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor,
     """One decoder layer of a decode-only step (kernels/csrc/decode_layer_cpu.cpp): the
     fused path's kernels for it in one call, the same bits. `x` = its input_layernorm of
     `residual`; residual becomes the layer's output in place; returns the next layer's input
-    (the next RMSNorm of residual). `layer`: engine.model.DecoderLayer.one_call_args."""
+    (the next RMSNorm of residual). `layer`: one layer's constant arguments, as
+    engine.model.one_call_layers reads them."""
     return _extension().decode_layer_(x, residual, cos, sin, k_cache, v_cache, slot_mapping,
                                       block_tables, context_lens, *layer)
 

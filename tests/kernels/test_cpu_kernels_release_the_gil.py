@@ -109,14 +109,40 @@ def _pack() -> Callable[[], object]:
     return lambda: cpu_ext.pack_linear_weight(weight)
 
 
-KERNELS = {"linear_packed": _linear, "paged_decode_attention": _attention,
+def _decode_layer() -> Callable[[], object]:
+    # 256 sequences, each writing its token to a slot of its own and reading one shared
+    # 512-token context; SmolLM2-like widths.
+    n, hidden, heads, kv_heads, head_dim, inter, block = 256, 1024, 16, 8, 64, 2816, 16
+    context = 512
+
+    def packed(out_features: int, in_features: int) -> tuple[torch.Tensor, None, int]:
+        weight = torch.full((out_features, in_features), 0.01)
+        return cpu_ext.pack_linear_weight(weight), None, out_features
+
+    layer = (*packed((heads + 2 * kv_heads) * head_dim, hidden),
+             *packed(hidden, heads * head_dim), *packed(2 * inter, hidden),
+             *packed(hidden, inter), torch.ones(hidden), 1e-5, torch.ones(hidden), 1e-5,
+             head_dim ** -0.5, heads, kv_heads, head_dim)
+    x, residual = torch.full((n, hidden), 0.1), torch.full((n, hidden), 0.2)
+    cos, sin = torch.full((n, head_dim), 0.6), torch.full((n, head_dim), 0.8)
+    k_cache, v_cache = (torch.zeros(n // block + context // block, block, kv_heads, head_dim)
+                        for _ in range(2))
+    slots = torch.arange(n)
+    tables = torch.arange(context // block, dtype=torch.int32).repeat(n, 1)
+    lens = torch.full((n,), context, dtype=torch.int32)
+    return lambda: cpu_ext.decode_layer_(x, residual, cos, sin, k_cache, v_cache, slots, tables,
+                                         lens, *layer)
+
+
+KERNELS = {"decode_layer_": _decode_layer, "linear_packed": _linear, "paged_decode_attention": _attention,
            "silu_and_mul": _silu, "rms_norm": _rms_norm, "add_rms_norm_": _add_rms_norm,
            "rotary_store_kv_": _rotary_store, "pack_linear_weight": _pack}
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_another_python_thread_runs_while_a_kernel_does(name: str, one_thread: None) -> None:
-    if name in ("linear_packed", "pack_linear_weight") and not cpu_ext.gemm_supported():
+    if name in ("decode_layer_", "linear_packed", "pack_linear_weight") and (
+            not cpu_ext.gemm_supported()):
         pytest.skip("this build has no linear_packed")
     call = KERNELS[name]()
     call()  # warm: first-touch of the output, the kernel's own set-up
