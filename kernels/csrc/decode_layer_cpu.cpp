@@ -2,8 +2,9 @@
 // engine/model.py's fused CPU path runs for a layer (DecoderLayer.forward_fused, then the
 // residual add and the next layer's RMSNorm), on the same tensors in the same order, so the
 // bits are those of that path. What it saves is the Python between the kernels (nn.Module
-// calls, attribute lookups, views, wrappers): about 50 us a layer on a 2.4 GHz Zen 3, a
-// tenth of a batch-1 bf16 step of SmolLM2.
+// calls, attribute lookups, views, wrappers) and the OpenMP threads' wait for it between
+// parallel regions: SmolLM2's batch-1 decode step 1.12-1.18x faster on a 2.4 GHz Zen 3
+// (BENCHMARKS.md, "Each decoder layer of a decode step in one C++ call").
 //
 //   x:             [n, hidden], this layer's input_layernorm(residual)
 //   residual:      [n, hidden], the residual stream; on return, this layer's output, in place
