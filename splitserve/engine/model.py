@@ -271,16 +271,15 @@ def one_call_layers(layers: list[DecoderLayer], final_norm: RMSNorm) -> OneCallL
     args: list[tuple[object, ...]] = []
     min_rows, max_rows = 1, 1 << 62
     for index, layer in enumerate(layers):
-        linears = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
-        panels = [m.panel_args() if isinstance(m, PackedLinear) else None for m in linears]
-        if any(p is None for p in panels):
-            return None
-        for m in cast("tuple[PackedLinear, ...]", linears):
+        panels: list[object] = []  # (packed weight, bias, out_features) of each linear
+        for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            if not isinstance(m, PackedLinear) or (panel := m.panel_args()) is None:
+                return None
+            panels += panel
             min_rows, max_rows = max(min_rows, m.rows.min_rows), min(max_rows, m.rows.max_rows)
         post = layer.post_attention_layernorm
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else final_norm
-        args.append((*(a for p in panels if p is not None for a in p),
-                     post.weight, post.eps, following.weight, following.eps,
+        args.append((*panels, post.weight, post.eps, following.weight, following.eps,
                      layer.scale, layer.num_heads, layer.num_kv_heads, layer.head_dim))
     return OneCallLayers(args, min_rows, max_rows)
 
