@@ -30,6 +30,7 @@ from splitserve.router.request import Emit, RequestRun
 from splitserve.router.slo import SloUnmetError
 from splitserve.router.state import RouterState
 from splitserve.router.validation import validate_request
+from splitserve.router.write_deadline import WriteDeadline
 from splitserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class RequestPipeline:
         observer = self.metrics.observer(trace, client)
         admission, metrics = self.admission, self.metrics
         write_timeout_s = config.client_write_timeout_s
+        write_deadline = WriteDeadline(write_timeout_s)
         first = True
 
         async def charged(chunk: router_pb2.GenerateResponse) -> None:
@@ -93,8 +95,7 @@ class RequestPipeline:
             try:
                 # A write waits only when the connection's buffers are full: a client that
                 # stays that way is cut off, so the decode batch never carries it for long.
-                async with asyncio.timeout(write_timeout_s):
-                    await emit(chunk)
+                await write_deadline.write(emit, chunk)
             except TimeoutError:
                 metrics.slow_clients.inc()
                 raise SlowClientError(f"the client read nothing for {write_timeout_s:g} s; "
@@ -125,6 +126,7 @@ class RequestPipeline:
             observer.end("error")
             raise
         finally:
+            write_deadline.close()
             self.admission.predictor.observe_hold(time.monotonic() - admitted)
             self.admission.release()
 

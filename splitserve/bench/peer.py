@@ -7,7 +7,9 @@ For each precision asked for (bf16, fp32), on this machine with the same thread 
    --allow-requantize IN OUT BF16|F32`, so they hold the values our converted weights hold),
    driven by `bench serve`; skipped with a message when the binary or the file is absent;
 2. SplitServe colocated (a router and one decode worker that prefills its own prompts, as
-   processes), driven by the same `bench serve` arguments; its fp32 runs keep the
+   processes), driven by the same `bench serve` arguments through the same front end,
+   its OpenAI API over HTTP with SSE (`--api grpc`: through the SDK's gRPC instead, the
+   default before the twenty-seventh session); its fp32 runs keep the
    KV cache type llama-server keeps (`--fp32-kv-cache-dtype match`, the default: f16,
    llama.cpp's default for an F32 model, or what `--llama-cache-type` names), so both
    servers read the same KV bytes per token;
@@ -54,6 +56,9 @@ if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
 
 PRECISIONS = {"bf16": ("bfloat16", "BF16"), "fp32": ("float32", "F32")}
+# bench serve's target for SplitServe's router by front end: the address local_deployment
+# gives for it, and the target's scheme.
+API_SCHEMES = {"http": ("http", "http"), "grpc": ("router", "grpc")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="SplitServe's decode worker sends tokens this many at a time "
                          "(`splitserve decode --stream-interval`; 1: every step)")
+    ap.add_argument("--api", choices=API_SCHEMES, default="http",
+                    help="how bench serve reaches SplitServe's router: http (default), its "
+                         "OpenAI API with SSE, as it reaches llama-server; grpc, the SDK")
     ap.add_argument("--fp32-kv-cache-dtype", default="match",
                     choices=["match", "auto", "bfloat16", "float16"],
                     help="SplitServe's KV cache (worker and offline engine) in the fp32 runs: "
@@ -222,11 +230,17 @@ def kv_cache_dtype(dtype: str, ns: argparse.Namespace) -> str:
 @contextlib.contextmanager
 def splitserve_colocated(dtype: str, ns: argparse.Namespace) -> Iterator[str]:
     """A router and one decode worker that prefills its own prompts, as processes, while
-    the block runs; yields the router's target."""
+    the block runs; yields the router's target for `ns.api`."""
     with local_deployment(ns.model, num_prefill=0, num_decode=1,
                           local_prefill_threshold=1 << 20, threads=ns.threads,
                           worker_args=colocated_worker_args(dtype, ns)) as addrs:
-        yield f"grpc://{addrs['router']}"
+        yield router_target(addrs, ns.api)
+
+
+def router_target(addrs: dict[str, Any], api: str) -> str:
+    """bench serve's target for the router of local_deployment's `addrs` through `api`."""
+    key, scheme = API_SCHEMES[api]
+    return f"{scheme}://{addrs[key]}"
 
 
 def colocated_worker_args(dtype: str, ns: argparse.Namespace) -> tuple[str, ...]:
@@ -459,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         kv_dtype = kv_cache_dtype(dtype, ns)
         kv = f", KV {kv_dtype}" if kv_dtype != "auto" else ""
         name = f"SplitServe colocated, {precision}{kv}" + (
-            f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "")
+            f", stream interval {ns.stream_interval}" if ns.stream_interval != 1 else "") + (
+            ", gRPC" if ns.api == "grpc" else "")
         trace_dir = Path(ns.step_trace) / precision if ns.step_trace else None
         with contextlib.ExitStack() as stack:
             stack.enter_context(step_traces(trace_dir))
@@ -501,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             traced.append((f"SplitServe engine offline, {precision}{kv}", steps["offline"]))
     print(f"\nworkload: fixed, {ns.input_len} in / {ns.output_len} out, concurrency "
           f"{ns.concurrency}, {ns.num_requests} requests, {ns.threads} threads per server, "
-          f"seed {ns.seed}, {ns.rounds} round(s)")
+          f"seed {ns.seed}, {ns.rounds} round(s); SplitServe through its "
+          f"{'OpenAI HTTP API' if ns.api == 'http' else 'gRPC SDK'}")
     print(format_table(rows))
     for name, summaries in traced:
         print(format_steps(name, summaries))

@@ -21,6 +21,7 @@ from splitserve.bench.peer import (
     median_summary,
     offline_engine,
     paired_ratio,
+    router_target,
 )
 
 
@@ -69,6 +70,15 @@ def test_peer_bench_without_a_peer(tiny_llama: Path, tmp_path: Path,
             assert summary["prompt_steps"] >= 2 and 16 - 1e-6 <= decoded_alone <= 20 + 1e-6
             assert 0 < summary["stepping_share"] <= 1.0
             assert f"{name} round {r}: {summary['steps']} steps" in printed
+
+
+def test_splitserve_is_reached_through_the_front_end_llama_server_is_reached_through() -> None:
+    """By default bench serve drives the router's OpenAI HTTP API, as it drives
+    llama-server (the run above went that way); --api grpc goes through the SDK."""
+    addrs = {"router": "127.0.0.1:5001", "http": "127.0.0.1:5002"}
+    assert build_parser().parse_args([]).api == "http"
+    assert router_target(addrs, "http") == "http://127.0.0.1:5002"
+    assert router_target(addrs, "grpc") == "grpc://127.0.0.1:5001"
 
 
 def _one_request(duration_s: float, output_tokens: int, ttft_ms: float, tpot_ms: float,
