@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from splitserve.common.convert.common import (
-    FINISH_REASONS,
     layout_from_proto,
     layout_to_proto,
-    logprobs_to_proto,
     sampling_from_proto,
 )
 from splitserve.common.grpc_util import ServiceError
-from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from splitserve.decode_worker.stream_output import decode_output, decode_timings
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
     from splitserve.decode_worker.worker import DecodeEvent, DecodeRequest, DecodeWorker
@@ -34,11 +33,14 @@ _MAX_TOKENS_PER_MESSAGE = 64
 # The longest a partial group of --stream-interval tokens is held before it is sent anyway
 # (a slow step, a preempted request): what a stream interval may add to a token's arrival.
 STREAM_HOLD_S = 0.1
+_CHANNEL_POLL_S = 0.5  # an Admit stream whose outputs go over a channel: RPC checks apart
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, worker: DecodeWorker):
         self.worker = worker
+        channels = worker.output_channels
+        self._output_endpoint = channels.endpoint if channels is not None else ""
 
     def Admit(self, request: worker_pb2.AdmitRequest,
               context: grpc.ServicerContext) -> Iterator[worker_pb2.AdmitResponse]:
@@ -72,12 +74,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 request.prefill_locally, request.prefill_worker_id, timeout_s,
                 num_sampled=request.num_sampled, priority=request.priority,
                 stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
-                client=request.client,
+                client=request.client, output_channel=request.output_channel,
             )
         except AdmitRefused as exc:
             yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
                 accepted=False, refusal=_REFUSALS[exc.reason], refusal_message=str(exc),
-                decode_worker_id=worker.worker_id,
+                decode_worker_id=worker.worker_id, output_endpoint=self._output_endpoint,
             ))
             return
         except ValueError as exc:
@@ -101,7 +103,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             block_ids=block_ids,
             kv_layout=layout_to_proto(worker.layout),
             kv_endpoint=worker.kv_endpoint,
+            output_channel=admitted.channel is not None,
+            output_endpoint=self._output_endpoint,
         ))
+        if admitted.channel is not None:  # the outputs go over the router's channel
+            while not admitted.ended.wait(_CHANNEL_POLL_S):
+                if not context.is_active():
+                    return
+            with lock:
+                stream["finished"] = True
+            if admitted.channel_lost:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{worker.worker_id}: the output "
+                              "channel closed before the request's last output")
+            return
         for message in _relay(admitted, context, worker.options.stream_interval):
             if message.output.finish_reason:
                 with lock:
@@ -163,31 +177,11 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext, stream_interva
         _take_queued(request.events, events)
         if stream_interval > 1 and generated:
             _hold_for_interval(request.events, events, stream_interval, hold_s)
-        output = worker_pb2.DecodeOutput()
-        for event in events:
-            if event.migrate:  # draining: the router resumes the request elsewhere
-                output.finish_reason = common_pb2.FINISH_REASON_ABORT
-                output.migrate = True
-                output.migrate_kv_tokens = event.kv_tokens
-                break
-            if event.error is not None:
-                output.finish_reason = common_pb2.FINISH_REASON_ERROR
-                output.error_message = event.error
-                break
-            out = event.output
-            assert out is not None
-            output.token_ids.extend(out.new_token_ids)
-            output.logprobs.extend(logprobs_to_proto(out.new_logprobs))
-            if request.prefilled_locally:
-                output.num_cached_tokens = out.num_cached_tokens
-            if out.finished:
-                output.finish_reason = FINISH_REASONS[out.finish_reason or "stop"]
-                output.error_message = out.error
-                break
+        output = decode_output(events, request.prefilled_locally)
         generated += len(output.token_ids)
         output.num_generated_tokens = generated
         if output.finish_reason:
-            output.timings.CopyFrom(_timings(request))
+            output.timings.CopyFrom(decode_timings(request))
             yield worker_pb2.AdmitResponse(output=output)
             return
         yield worker_pb2.AdmitResponse(output=output)
@@ -222,20 +216,6 @@ def _hold_for_interval(events_queue: queue.Queue[DecodeEvent], events: list[Deco
         except queue.Empty:
             return
         _take_queued(events_queue, events)
-
-
-def _timings(request: DecodeRequest) -> worker_pb2.DecodeTimings:
-    now = time.monotonic()
-    kv_done = request.kv_done_at or now
-    joined = request.joined_at or now
-    timings = worker_pb2.DecodeTimings(
-        kv_wait_ms=(kv_done - request.admitted_at) * 1000.0,
-        decode_queue_ms=max(0.0, joined - kv_done) * 1000.0,
-        decode_ms=(now - joined) * 1000.0,
-    )
-    if request.transfer is not None:
-        timings.kv_transfer_bytes = request.transfer.bytes
-    return timings
 
 
 def add_decode_servicer(server: grpc.Server, worker: DecodeWorker) -> list[str]:

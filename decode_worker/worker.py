@@ -32,6 +32,7 @@ migration too; whatever is left when its timeout runs out is handed back without
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
@@ -43,14 +44,19 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitserve.cluster.store import ClusterStore, WorkerRole
+from splitserve.common import tls
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.kv_layout import KVLayout, check_compatible
+from splitserve.common.metrics import WorkerStatsSnapshot
 from splitserve.common.outputs import KV_RECEIVE_FAILED, PREFILL_TIMED_OUT, StepOutput
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.common.stream_pace import check_stream_pace
+from splitserve.decode_worker.output_channel import OutputChannel, OutputChannelServer, frame
+from splitserve.decode_worker.stream_output import decode_output, decode_timings
 from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
+from splitserve.v1 import common_pb2, worker_pb2
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.runtime import WorkerOptions, WorkerRuntime
 
@@ -105,6 +111,34 @@ class DecodeRequest:
     stream_pace_tokens_per_s: float = 0.0  # a paced stream's rate; 0: not paced
     # Ends the Admit stream from any thread (its RPC context's cancel); set by the servicer.
     cancel_stream: Callable[[], object] | None = None
+    # The router's output channel its outputs go over (None: its Admit stream's events).
+    channel: OutputChannel | None = None
+    num_generated: int = 0  # tokens sent over the channel (DecodeOutput.num_generated_tokens)
+    ended: threading.Event = field(default_factory=threading.Event)  # its last output went
+    channel_lost: bool = False  # the channel closed before its last output went
+
+
+def deliver(request: DecodeRequest, event: DecodeEvent) -> None:
+    """Hand `event` to the request's stream: its Admit stream's events, or its output
+    channel as a ChannelOutput frame (then `ended` once the last one went, or the channel
+    closed: `channel_lost`)."""
+    channel = request.channel
+    if channel is None:
+        request.events.put(event)
+        return
+    output = decode_output((event,), request.prefilled_locally)
+    request.num_generated += len(output.token_ids)
+    output.num_generated_tokens = request.num_generated
+    last = output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    if last:
+        output.timings.CopyFrom(decode_timings(request))
+    if not channel.send(frame(worker_pb2.ChannelOutput(request_id=request.request_id,
+                                                       output=output))):
+        request.channel_lost = True
+        last = True
+    if last:
+        channel.unbind(request.request_id)
+        request.ended.set()
 
 
 class DecodeWorker(WorkerRuntime):
@@ -112,6 +146,12 @@ class DecodeWorker(WorkerRuntime):
 
     def __init__(self, options: WorkerOptions, store: ClusterStore | None = None,
                  core: WorkerCore | None = None) -> None:
+        # Routers' output channels (None: every request streams over its Admit stream);
+        # before the servicer is registered, which advertises them.
+        self.output_channels = (
+            OutputChannelServer(options.host, options.resolved_cluster_token,
+                                self._channel_closed)
+            if options.output_channels and tls.current() is None else None)
         super().__init__(options, store, core)
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
@@ -121,6 +161,8 @@ class DecodeWorker(WorkerRuntime):
         self._num_shipping = 0  # ShipKV calls in progress (their transfers keep us up)
         self._shipping_lock = threading.Lock()
         self.num_cut_off = 0  # streams cut off for not reading (engine thread writes)
+        self.num_channel_streams = 0  # requests bound to an output channel
+        self._count_lock = threading.Lock()
 
     def _register(self, server: grpc.Server) -> list[str]:
         from splitserve.decode_worker.servicer import add_decode_servicer
@@ -148,9 +190,12 @@ class DecodeWorker(WorkerRuntime):
         priority: int = 0,
         stream_pace_tokens_per_s: float = 0.0,
         client: str = "",
+        output_channel: str = "",
     ) -> DecodeRequest:
         """Admit or raise AdmitRefused / ValueError. The returned request's events queue
-        carries its outputs. `num_sampled`: the prompt ends with that many tokens of the
+        carries its outputs, or its `channel` when the router's output channel named by
+        `output_channel` is open here (and the stream is neither paced nor grouped by a
+        stream interval). `num_sampled`: the prompt ends with that many tokens of the
         request's own output (a resumed request); `priority`: its scheduling class;
         `stream_pace_tokens_per_s`: its delivery rate (0: not paced)."""
         check_stream_pace(stream_pace_tokens_per_s)
@@ -159,6 +204,8 @@ class DecodeWorker(WorkerRuntime):
         request.priority = priority
         request.stream_pace_tokens_per_s = stream_pace_tokens_per_s
         request.client = client
+        if stream_pace_tokens_per_s <= 0 and self.options.stream_interval == 1:
+            self.bind_output_channel(request, output_channel)
 
         def admit_on_loop(engine: LLMEngine) -> None:
             self._check_admissible(engine, request)
@@ -189,7 +236,12 @@ class DecodeWorker(WorkerRuntime):
 
         # A remote prefill's reservation runs between two layers of a step in flight (the
         # prefill worker starts sooner); a local prefill's joins the scheduler between steps.
-        self.loop.call(admit_on_loop, urgent=not prefill_locally)
+        try:
+            self.loop.call(admit_on_loop, urgent=not prefill_locally)
+        except BaseException:
+            if request.channel is not None:
+                request.channel.unbind(request_id)
+            raise
         return request
 
     def prefill_done(self, request_id: str, first_token_id: int) -> bool:
@@ -204,17 +256,47 @@ class DecodeWorker(WorkerRuntime):
         return self.loop.call(on_loop)
 
     def abort(self, request_id: str) -> bool:
-        def on_loop(engine: LLMEngine) -> bool:
-            request = self._waiting_kv.get(request_id)
-            if request is not None:
-                self._end_waiting(engine, request, "aborted", abort=True)
-                return True
-            if not engine.abort(request_id):
-                return False
-            self.loop.dispatch(StepOutput(request_id, [], "", True, "abort"))
-            return True
+        return self.loop.call(functools.partial(self._abort, request_id=request_id))
 
-        return self.loop.call(on_loop)
+    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+        request = self._waiting_kv.get(request_id)
+        if request is not None:
+            self._end_waiting(engine, request, "aborted", abort=True)
+            return True
+        if not engine.abort(request_id):
+            return False
+        self.loop.dispatch(StepOutput(request_id, [], "", True, "abort"))
+        return True
+
+    def bind_output_channel(self, request: DecodeRequest, channel_id: str) -> bool:
+        """Send `request`'s outputs over the router's channel `channel_id` when it is open
+        (before the request is admitted); whether they will."""
+        if self.output_channels is None or not channel_id:
+            return False
+        channel = self.output_channels.get(channel_id)
+        if channel is None or not channel.bind(request.request_id, request):
+            return False
+        request.channel = channel
+        with self._count_lock:  # (RPC threads)
+            self.num_channel_streams += 1
+        return True
+
+    def metrics_snapshot(self) -> WorkerStatsSnapshot:
+        return dataclasses.replace(super().metrics_snapshot(),
+                                   output_channel_streams=self.num_channel_streams)
+
+    def _channel_closed(self, channel: OutputChannel) -> None:
+        """A router's output channel closed (any thread, the engine's included): end the
+        streams of the requests still on it and abort them, between steps."""
+        for request in channel.unbind_all():
+            request.channel_lost = True
+            request.ended.set()
+            self.loop.submit(functools.partial(self._abort, request_id=request.request_id))
+
+    def release(self) -> None:
+        if self.output_channels is not None:
+            self.output_channels.close()
+        super().release()
 
     # ---- engine thread --------------------------------------------------------------------
     def _check_admissible(self, engine: LLMEngine, request: DecodeRequest) -> None:
@@ -259,7 +341,7 @@ class DecodeWorker(WorkerRuntime):
             self.loop.drop_sink(request.request_id)
             self._in_engine.pop(request.request_id, None)
             self.loop.count_finished("error")
-            request.events.put(DecodeEvent(error=str(exc)))
+            deliver(request, DecodeEvent(error=str(exc)))
             return False
         if finished is not None:
             self.loop.dispatch(finished)
@@ -273,11 +355,11 @@ class DecodeWorker(WorkerRuntime):
         limit = self.options.max_output_backlog
 
         def sink(out: StepOutput) -> None:
-            request.events.put(DecodeEvent(out))
+            deliver(request, DecodeEvent(out))
             if out.finished:
                 self._in_engine.pop(request_id, None)
             elif request.events.qsize() > limit:  # the reader is stuck: not the batch's problem
-                self._cut_off(request)
+                self._cut_off(request)  # (a channel's reader: the channel's own backlog)
 
         self.loop.set_sink(request_id, sink)
 
@@ -294,7 +376,7 @@ class DecodeWorker(WorkerRuntime):
         def on_loop(engine: LLMEngine) -> None:
             if engine.abort(request_id):
                 self.loop.count_finished("abort")
-            request.events.put(DecodeEvent(error="the stream stopped reading its output"))
+            deliver(request, DecodeEvent(error="the stream stopped reading its output"))
             if request.cancel_stream is not None:
                 request.cancel_stream()
 
@@ -328,11 +410,11 @@ class DecodeWorker(WorkerRuntime):
                 self.loop.add_poller(_park_key(request_id),
                                      functools.partial(self._expire_parked, engine, request_id))
                 self.loop.count_finished("migrated")
-                request.events.put(DecodeEvent(migrate=True,
+                deliver(request, DecodeEvent(migrate=True,
                                                kv_tokens=detached.num_computed_tokens))
             elif engine.abort(request_id):
                 self.loop.count_finished("migrated")
-                request.events.put(DecodeEvent(migrate=True))
+                deliver(request, DecodeEvent(migrate=True))
 
     def _expire_parked(self, engine: LLMEngine, request_id: str) -> bool:
         parked = self._parked.get(request_id)
@@ -416,13 +498,13 @@ class DecodeWorker(WorkerRuntime):
         request.block_ids = []
         if event is not None:
             self.loop.count_finished("migrated")
-            request.events.put(event)
+            deliver(request, event)
         elif abort:
             self.loop.count_finished("abort")
-            request.events.put(DecodeEvent(StepOutput(request.request_id, [], "", True, "abort")))
+            deliver(request, DecodeEvent(StepOutput(request.request_id, [], "", True, "abort")))
         else:
             self.loop.count_finished("error")
-            request.events.put(DecodeEvent(error=error))
+            deliver(request, DecodeEvent(error=error))
 
     # ---- a role switch (worker.flip) ------------------------------------------------------
     def abort_in_flight(self) -> int:
@@ -443,7 +525,7 @@ class DecodeWorker(WorkerRuntime):
             self.loop.drop_sink(request_id)
             if engine.abort(request_id):
                 self.loop.count_finished("migrated")
-            request.events.put(DecodeEvent(migrate=True))
+            deliver(request, DecodeEvent(migrate=True))
             count += 1
         return count
 

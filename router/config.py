@@ -58,6 +58,9 @@ class RouterConfig:
     # reading: the socket and the server's buffers are full) is cut off and its request
     # cancelled, so its KV and batch slot go to others; None: wait for it forever.
     client_write_timeout_s: float | None = 10.0
+    # Decode workers' outputs over one TCP connection per worker written by its engine
+    # thread (router.output_channel), where the worker offers one; False: Admit streams.
+    output_channels: bool = True
     # None: the router hosts an in-memory cluster store and serves it as the ClusterState
     # service on its own port (workers use RunningRouter.cluster_url). Otherwise any URL
     # cluster.open_store accepts ("redis://...", "grpc://host:port", "memory").

@@ -25,6 +25,7 @@ from splitserve.router.latency import (
     best_routes_from,
     order_routes,
 )
+from splitserve.router.output_channel import Mailbox, OutputChannel
 from splitserve.router.policy import (
     Route,
     WorkerView,
@@ -50,6 +51,9 @@ class Admitted:
     call: grpc.aio.UnaryStreamCall  # the Admit stream; cancelling it frees D's blocks
     num_blocks: int  # KV blocks the request may grow to (prompt + max_tokens)
     assignment: Assignment  # the request's load on D, counted until it is released
+    # D's outputs come here, over the router's output channel, not on `call` (None: on it).
+    mailbox: Mailbox | None = None
+    channel: OutputChannel | None = None
 
 
 async def admit_request(
@@ -129,9 +133,9 @@ async def admit_request(
             state.directory.release(assignment)
             raise
         if admitted is not None:
-            admission, call = admitted
+            admission, call, channel, mailbox = admitted
             state.directory.delivered(assignment)
-            return Admitted(route, admission, call, num_blocks, assignment)
+            return Admitted(route, admission, call, num_blocks, assignment, mailbox, channel)
         state.directory.release(assignment)
     raise admit_error(failures, refusals)
 
@@ -143,6 +147,35 @@ async def _try_admit(
     timeout_s: float | None,
     failures: list[str],
     refusals: list[int],
+) -> tuple[worker_pb2.Admission, grpc.aio.UnaryStreamCall, OutputChannel | None,
+           Mailbox | None] | None:
+    """The Admission and the Admit call, with the output channel and the request's mailbox
+    when D sends its outputs over the channel; None when D did not admit it."""
+    channel = state.output_channels.get(route.decode.address)
+    mailbox = channel.open(request.worker_request_id) if channel is not None else None
+    admitted = None
+    try:
+        admitted = await _admit_on(state, request, route, timeout_s, failures, refusals,
+                                   channel.channel_id if channel is not None and mailbox else "")
+    finally:
+        if channel is not None and mailbox is not None and (
+                admitted is None or not admitted[0].output_channel):
+            channel.release(request.worker_request_id)  # D streams it over the Admit call
+            mailbox = None
+    if admitted is None:
+        return None
+    admission, call = admitted
+    return admission, call, channel if mailbox is not None else None, mailbox
+
+
+async def _admit_on(
+    state: RouterState,
+    request: ValidatedRequest,
+    route: Route,
+    timeout_s: float | None,
+    failures: list[str],
+    refusals: list[int],
+    output_channel: str,
 ) -> tuple[worker_pb2.Admission, grpc.aio.UnaryStreamCall] | None:
     decode, prefill = route.decode, route.prefill
     message = worker_pb2.AdmitRequest(
@@ -157,6 +190,7 @@ async def _try_admit(
         priority=request.priority,
         stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
         client=request.client,
+        output_channel=output_channel,
     )
     directory = state.directory
     call = directory.decode_stub(decode).Admit(message, timeout=timeout_s)
@@ -186,6 +220,7 @@ async def _try_admit(
         failures.append(f"{decode.worker_id}: the Admit stream did not start with an Admission")
         return None
     admission = first.admission
+    state.output_channels.learn(decode.address, admission.output_endpoint)
     if not admission.accepted:
         call.cancel()
         refusals.append(admission.refusal)

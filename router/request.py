@@ -53,6 +53,7 @@ from splitserve.common.outputs import is_prefill_kv_failure
 from splitserve.engine.block_hash import compute_block_hashes
 from splitserve.router.cluster_io import RequestLedger
 from splitserve.router.dispatch import Admitted, admit_request
+from splitserve.router.output_channel import ChannelLost, Mailbox, OutputChannel
 from splitserve.router.pacing import PacedEmit
 from splitserve.router.policy import Route, WorkerView, blocks_needed
 from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
@@ -145,6 +146,11 @@ class RequestRun:
         self._admit_call: grpc.aio.UnaryStreamCall | None = None
         self._decode_done = False  # D ended the Admit stream by itself
         self._decode_watch: SilenceWatch | None = None  # D's Admit stream, while relayed
+        # With D's outputs over the router's output channel: the channel, the request's
+        # mailbox on it, and the task that watches the (otherwise quiet) Admit stream.
+        self._channel: OutputChannel | None = None
+        self._mailbox: Mailbox | None = None
+        self._stream_watch: asyncio.Task[None] | None = None
         self._prefill_call: grpc.aio.UnaryStreamCall | None = None  # in flight on P
         self._assignments: list[Assignment] = []
         self._num_chunks = 0
@@ -284,6 +290,7 @@ class RequestRun:
     def _admitted(self, admitted: Admitted) -> None:
         route, admission = admitted.route, admitted.admission
         self._route, self._admit_call = route, admitted.call
+        self._channel, self._mailbox = admitted.channel, admitted.mailbox
         trace = self._trace
         trace.decode_worker_id = admission.decode_worker_id or route.decode.worker_id
         trace.prefill_local = route.prefill is None
@@ -403,15 +410,7 @@ class RequestRun:
         assert self._admit_call is not None and self._route is not None
         decode_id, decoder = self._trace.decode_worker_id, self._route.decode
         while True:
-            try:
-                message = await self._read_decode(decoder)
-            except grpc.aio.AioRpcError as exc:
-                raise WorkerLost("decode", decoder, f"decode worker {decode_id} failed: "
-                                 f"{exc.code().name}: {exc.details()}", exc.code()) from exc
-            if message is grpc.aio.EOF or message.WhichOneof("event") != "output":
-                raise WorkerLost("decode", decoder,
-                                 f"decode worker {decode_id} ended the stream without finishing")
-            output = message.output
+            output = await self._read_decode(decoder)
             if self._trace.prefill_local and output.num_cached_tokens:
                 self._trace.num_cached_tokens = output.num_cached_tokens  # D's prefix cache
             *earlier, step = self._relay_steps(output)
@@ -464,32 +463,52 @@ class RequestRun:
                 break
         return steps
 
-    async def _read_decode(self, decoder: WorkerView) -> worker_pb2.AdmitResponse:
-        """The Admit stream's next message, with D watched while it is quiet.
+    async def _read_decode(self, decoder: WorkerView) -> worker_pb2.DecodeOutput:
+        """D's next output: off the request's mailbox on the output channel, or the Admit
+        stream's next message. WorkerLost when D failed, ended the stream without
+        finishing, or went quiet (see below), or when the channel closed.
 
-        One message per engine step comes here, so the watch is one timer task per stream
-        (`SilenceWatch`), not a task and a timer per read as `watched` makes: a lost D
-        is declared by the watch cancelling the call, which ends this read."""
+        One output per engine step comes here, so D is watched by one timer task per
+        stream (`SilenceWatch`), not a task and a timer per read as `watched` makes: a lost
+        D is declared by the watch cancelling the call, which ends this read (over a
+        channel: the stream's own watch task hands the loss to the mailbox)."""
         assert self._admit_call is not None
+        decode_id = self._trace.decode_worker_id
         watch = self._decode_watch
         if watch is None:
             watch = self._decode_watch = SilenceWatch(
                 self._admit_call, "decode", decoder, self._prober(decoder),
                 self._state.directory)
+            if self._mailbox is not None:
+                self._stream_watch = asyncio.get_running_loop().create_task(
+                    _watch_admit_stream(self._admit_call, self._mailbox, watch, decoder,
+                                        decode_id))
+        output: worker_pb2.DecodeOutput | None
         try:
-            message = await self._admit_call.read()
+            if self._mailbox is not None:
+                output = await self._mailbox.get()
+            else:
+                message = await self._admit_call.read()
+                output = (None if message is grpc.aio.EOF
+                          or message.WhichOneof("event") != "output" else message.output)
         except asyncio.CancelledError:
             if watch.lost is not None and not _being_cancelled():
                 raise watch.lost from None
             raise
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
             if watch.lost is not None:
                 raise watch.lost from None
-            raise
+            raise _decode_failed(decoder, decode_id, exc) from exc
+        except ChannelLost as exc:
+            raise WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}",
+                             grpc.StatusCode.UNAVAILABLE) from exc
         if watch.lost is not None:
             raise watch.lost
+        if output is None:
+            raise WorkerLost("decode", decoder,
+                             f"decode worker {decode_id} ended the stream without finishing")
         watch.heard()
-        return message  # type: ignore[no-any-return]
+        return output
 
     def _prober(self, worker: WorkerView) -> Callable[[], Awaitable[object]]:
         return health_probe(self._state.directory, worker)
@@ -577,6 +596,12 @@ class RequestRun:
         if self._decode_watch is not None:
             self._decode_watch.stop()
             self._decode_watch = None
+        if self._stream_watch is not None:
+            self._stream_watch.cancel()
+            self._stream_watch = None
+        if self._channel is not None:
+            self._channel.release(self._rid)
+        self._channel, self._mailbox = None, None
         if self._admit_call is not None:
             self._admit_call.cancel()  # frees D's blocks too; a no-op once D ended it
         for assignment in self._assignments:
@@ -584,6 +609,33 @@ class RequestRun:
         self._assignments.clear()
         self._route, self._admit_call, self._prefill_call = None, None, None
         self._decode_done = False
+
+
+def _decode_failed(decoder: WorkerView, decode_id: str,
+                   exc: grpc.aio.AioRpcError) -> WorkerLost:
+    return WorkerLost("decode", decoder, f"decode worker {decode_id} failed: "
+                      f"{exc.code().name}: {exc.details()}", exc.code())
+
+
+async def _watch_admit_stream(call: grpc.aio.UnaryStreamCall, mailbox: Mailbox,
+                              watch: SilenceWatch, decoder: WorkerView, decode_id: str) -> None:
+    """While D's outputs go over the output channel its Admit stream is quiet until D ends
+    it, after the last output: an end with an error (D failed, or `watch` cancelled the
+    call) fails the request's reads; an output here breaks the protocol."""
+    try:
+        message = await call.read()
+    except asyncio.CancelledError:
+        if watch.lost is None:
+            raise  # this task was cancelled: the request is leaving the worker
+        mailbox.fail(watch.lost)
+        return
+    except grpc.aio.AioRpcError as exc:
+        mailbox.fail(watch.lost or _decode_failed(decoder, decode_id, exc))
+        return
+    if message is not grpc.aio.EOF:  # (EOF: D's last output went over the channel)
+        mailbox.fail(WorkerLost("decode", decoder, f"decode worker {decode_id} sent a "
+                                "message on an Admit stream whose outputs go over its "
+                                "output channel"))
 
 
 async def _only_answer(call: grpc.aio.UnaryStreamCall, worker: WorkerView

@@ -197,6 +197,7 @@ class RouterServer:
             self._server = None
         if self._state is not None:
             await self._state.wait_background(timeout_s=5.0)
+            self._state.output_channels.close()
             await self._state.directory.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ from typing import Any
 from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.config import RouterConfig
 from splitserve.router.model import ServedModel
+from splitserve.router.output_channel import OutputChannels
 from splitserve.router.policy import PrefillPolicy, RoutingRules, make_prefill_policy
 from splitserve.router.workers import WorkerDirectory
 
@@ -23,6 +24,9 @@ class RouterState:
     directory: WorkerDirectory
     policy: PrefillPolicy
     rules: RoutingRules
+    # Decode workers' output channels (router.output_channel); none opened when disabled.
+    output_channels: OutputChannels = field(
+        default_factory=lambda: OutputChannels(None, enabled=False))
     # Cleanup tasks that must finish even when their request's task is cancelled.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -37,7 +41,7 @@ class RouterState:
             local_prefix_fraction=config.local_prefix_fraction,
         )
         return cls(config, model, store, directory, make_prefill_policy(config.prefill_policy),
-                   rules)
+                   rules, OutputChannels(config.resolved_cluster_token, config.output_channels))
 
     @property
     def max_admit_attempts(self) -> int:

@@ -229,6 +229,10 @@ def _add_router_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template that replaces the model's own (e.g. one that "
                         "renders tools)")
+    p.add_argument("--no-output-channels", action="store_true",
+                   help="stream every decode worker's outputs over its Admit streams, not "
+                        "over one TCP output channel per worker (written by its engine "
+                        "thread; see README)")
 
 
 def _router_security(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,7 +246,7 @@ def _router_security(args: argparse.Namespace) -> dict[str, Any]:
             "max_request_bytes": args.max_request_bytes, "fair_share": fair,
             "ttft_slo_ms": args.ttft_slo_ms, "chat_template": args.chat_template,
             "client_write_timeout_s": args.client_write_timeout or None,
-            "route_policy": args.route_policy}
+            "route_policy": args.route_policy, "output_channels": not args.no_output_channels}
 
 
 def _client_weights(text: str) -> dict[str, float]:
@@ -364,6 +368,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
             lease_s=args.lease_timeout, kv_migration=not args.no_kv_migration,
             metrics_port=args.metrics_port, max_output_backlog=args.max_output_backlog,
             stream_interval=args.stream_interval, kv_send=args.kv_send,
+            output_channels=not args.no_output_channels,
         )
         from splitserve.launcher import build_worker
 
@@ -507,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode: step outputs a stream may leave unread before it is "
                             "cut off and its request aborted")
         _add_stream_interval_arg(p)
+        p.add_argument("--no-output-channels", action="store_true",
+                       help="decode: accept no router output channels (every request's "
+                            "outputs over its Admit stream)")
         p.add_argument("--kv-send", default="auto", choices=["auto", "layer", "whole"],
                        help="prefill: send a prompt's KV a layer at a time as it is computed "
                             "(layer), or all layers in one message at the end (whole); auto: "

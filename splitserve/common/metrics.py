@@ -118,6 +118,7 @@ class WorkerStatsSnapshot:
     prefix_tier_hit_tokens: int = 0  # of prefix_hit_tokens, loaded from a KV tier
     kv_tiers: Mapping[str, KVTierCounters] = field(default_factory=dict)  # host, disk
     paced_requests: int = 0  # paced streams (Andes) admitted to the engine
+    output_channel_streams: int = 0  # requests whose outputs went over an output channel
     paced_sit_outs: int = 0  # (request, step) pairs a paced stream sat out
 
 
@@ -181,6 +182,9 @@ class WorkerCollector(Collector):
         yield counter("worker_engine_steps", "Engine steps run.", stats.engine_steps)
         yield counter("worker_paced_requests", "Paced streams (stream_pace_tokens_per_s) "
                       "admitted to the engine.", stats.paced_requests)
+        yield counter("worker_output_channel_streams", "Requests whose outputs went over "
+                      "a router's output channel instead of their Admit stream.",
+                      stats.output_channel_streams)
         yield counter("worker_paced_skipped_steps", "Decode steps paced streams sat out, "
                       "ahead of their readers (one per request per step).", stats.paced_sit_outs)
         finished = CounterMetricFamily(

@@ -118,7 +118,7 @@ class PrefillDrainResponse(_message.Message):
     def __init__(self, num_in_flight_requests: _Optional[int] = ...) -> None: ...
 
 class AdmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_locally", "prefill_worker_id", "prefill_kv_endpoint", "prefill_timeout_ms", "num_sampled", "priority", "stream_pace_tokens_per_s", "client")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_locally", "prefill_worker_id", "prefill_kv_endpoint", "prefill_timeout_ms", "num_sampled", "priority", "stream_pace_tokens_per_s", "client", "output_channel")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class AdmitRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     STREAM_PACE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -141,10 +142,11 @@ class AdmitRequest(_message.Message):
     priority: int
     stream_pace_tokens_per_s: float
     client: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_locally: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., prefill_kv_endpoint: _Optional[str] = ..., prefill_timeout_ms: _Optional[int] = ..., num_sampled: _Optional[int] = ..., priority: _Optional[int] = ..., stream_pace_tokens_per_s: _Optional[float] = ..., client: _Optional[str] = ...) -> None: ...
+    output_channel: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_locally: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., prefill_kv_endpoint: _Optional[str] = ..., prefill_timeout_ms: _Optional[int] = ..., num_sampled: _Optional[int] = ..., priority: _Optional[int] = ..., stream_pace_tokens_per_s: _Optional[float] = ..., client: _Optional[str] = ..., output_channel: _Optional[str] = ...) -> None: ...
 
 class Admission(_message.Message):
-    __slots__ = ("accepted", "refusal", "refusal_message", "decode_worker_id", "block_ids", "num_cached_tokens", "kv_layout", "kv_endpoint")
+    __slots__ = ("accepted", "refusal", "refusal_message", "decode_worker_id", "block_ids", "num_cached_tokens", "kv_layout", "kv_endpoint", "output_channel", "output_endpoint")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +155,8 @@ class Admission(_message.Message):
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     refusal: AdmitRefusal
     refusal_message: str
@@ -161,7 +165,25 @@ class Admission(_message.Message):
     num_cached_tokens: int
     kv_layout: _common_pb2.KVLayout
     kv_endpoint: str
-    def __init__(self, accepted: _Optional[bool] = ..., refusal: _Optional[_Union[AdmitRefusal, str]] = ..., refusal_message: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., kv_endpoint: _Optional[str] = ...) -> None: ...
+    output_channel: bool
+    output_endpoint: str
+    def __init__(self, accepted: _Optional[bool] = ..., refusal: _Optional[_Union[AdmitRefusal, str]] = ..., refusal_message: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., kv_endpoint: _Optional[str] = ..., output_channel: _Optional[bool] = ..., output_endpoint: _Optional[str] = ...) -> None: ...
+
+class OutputChannelHello(_message.Message):
+    __slots__ = ("channel_id", "token")
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    channel_id: str
+    token: str
+    def __init__(self, channel_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ChannelOutput(_message.Message):
+    __slots__ = ("request_id", "output")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    output: DecodeOutput
+    def __init__(self, request_id: _Optional[str] = ..., output: _Optional[_Union[DecodeOutput, _Mapping]] = ...) -> None: ...
 
 class DecodeTimings(_message.Message):
     __slots__ = ("prefill_queue_ms", "prefill_compute_ms", "kv_wait_ms", "decode_queue_ms", "decode_ms", "kv_transfer_bytes")

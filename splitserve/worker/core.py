@@ -72,6 +72,10 @@ class WorkerOptions:
     # STREAM_HOLD_S): fewer, larger messages for the router and the client to handle, at
     # the cost of burstier inter-token arrival (vLLM's --stream-interval). 1: every step.
     stream_interval: int = 1
+    # A decode worker accepts routers' output channels (decode_worker.output_channel): a
+    # request's outputs over one TCP connection per router, written by the engine thread,
+    # instead of its Admit stream. Not under mutual TLS (plain TCP).
+    output_channels: bool = True
     # How a prefill worker sends a prompt's KV: "layer" (each layer's blocks as soon as the
     # layer is computed, overlapping the transfer with the rest of the prompt's compute),
     # "whole" (every layer in one message once the last layer is computed), "auto"

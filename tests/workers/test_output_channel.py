@@ -1,0 +1,149 @@
+"""decode_worker.output_channel on its own: the hello, the framing, a router that stops
+reading, and the router side's endpoint handling (router.output_channel)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from splitserve.decode_worker import output_channel as oc
+from splitserve.router.output_channel import ChannelLost, Mailbox, OutputChannels
+from splitserve.v1 import worker_pb2
+
+
+def _server(token: str | None = None) -> tuple[oc.OutputChannelServer, list[str]]:
+    closed: list[str] = []
+    return oc.OutputChannelServer("127.0.0.1", token, lambda c: closed.append(c.channel_id)), closed
+
+
+def _connect(server: oc.OutputChannelServer, channel_id: str, token: str = "",
+             rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(oc.frame(worker_pb2.OutputChannelHello(channel_id=channel_id, token=token)))
+    return sock
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_outputs_arrive_framed_in_order() -> None:
+    server, _ = _server()
+    try:
+        sock = _connect(server, "c1")
+        _wait_for(lambda: server.get("c1") is not None)
+        channel = server.get("c1")
+        assert channel is not None
+        for i in range(50):
+            output = worker_pb2.DecodeOutput(token_ids=[i], num_generated_tokens=i + 1)
+            assert channel.send(oc.frame(worker_pb2.ChannelOutput(request_id="r",
+                                                                  output=output)))
+        sock.settimeout(5)
+        got = [worker_pb2.ChannelOutput.FromString(oc.read_frame(sock, 1 << 20))
+               for _ in range(50)]
+        assert [g.output.token_ids[0] for g in got] == list(range(50))
+        sock.close()
+        _wait_for(lambda: server.get("c1") is None)  # the router closed it
+    finally:
+        server.close()
+
+
+def test_a_hello_without_the_cluster_token_is_refused() -> None:
+    server, _ = _server(token="s3cret")
+    try:
+        bad = _connect(server, "c1", token="guess")
+        bad.settimeout(5)
+        assert bad.recv(1) == b""  # closed by the worker
+        assert server.get("c1") is None
+        good = _connect(server, "c2", token="s3cret")
+        _wait_for(lambda: server.get("c2") is not None)
+        good.close()
+    finally:
+        server.close()
+
+
+def test_a_router_that_stops_reading_gets_its_channel_closed_not_the_engine_blocked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oc, "MAX_BACKLOG_BYTES", 256 << 10)
+    server, closed = _server()
+    try:
+        sock = _connect(server, "c1", rcvbuf=4096)  # and never reads
+        _wait_for(lambda: server.get("c1") is not None)
+        channel = server.get("c1")
+        assert channel is not None
+        payload = oc.frame(worker_pb2.ChannelOutput(
+            request_id="r", output=worker_pb2.DecodeOutput(token_ids=list(range(1000)))))
+        started, sent = time.monotonic(), 0
+        while channel.send(payload):
+            sent += 1
+            assert sent < 100_000
+        assert time.monotonic() - started < 5.0  # send() never waited for the socket
+        assert channel.closed and closed == ["c1"]
+        assert not channel.send(payload)
+        sock.close()
+    finally:
+        server.close()
+
+
+def test_closing_the_server_closes_its_channels() -> None:
+    server, closed = _server()
+    sock = _connect(server, "c1")
+    _wait_for(lambda: server.get("c1") is not None)
+    server.close()
+    assert closed == ["c1"]
+    sock.settimeout(5)
+    assert sock.recv(1) == b""
+    sock.close()
+
+
+def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> None:
+    """An endpoint on 0.0.0.0 is reached at the worker's gRPC host; a closed channel is not
+    opened again within RETRY_S; a mailbox fails with the channel."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted, opened = threading.Event(), threading.Event()
+    hellos: list[worker_pb2.OutputChannelHello] = []
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        accepted.set()
+        conn.settimeout(5)
+        hellos.append(worker_pb2.OutputChannelHello.FromString(oc.read_frame(conn, 4096)))
+        opened.wait(5)
+        conn.close()  # the worker goes away
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        channels = OutputChannels("tok")
+        channels.learn("127.0.0.1:5555", f"0.0.0.0:{port}")
+        deadline = time.monotonic() + 5
+        box: Mailbox | None = None
+        while box is None and time.monotonic() < deadline:
+            channel = channels.get("127.0.0.1:5555")
+            box = channel.open("r1") if channel is not None else None
+            await asyncio.sleep(0.001)
+        assert box is not None and accepted.is_set()
+        assert hellos[0].token == "tok" and hellos[0].channel_id
+        opened.set()
+        with pytest.raises(ChannelLost):
+            await asyncio.wait_for(box.get(), 5)
+        assert channels.get("127.0.0.1:5555") is None
+        channels.learn("127.0.0.1:5555", f"0.0.0.0:{port}")  # too soon: not reopened
+        assert "127.0.0.1:5555" not in channels._channels
+        channels.close()
+
+    asyncio.run(main())
+    thread.join(5)
+    listener.close()
