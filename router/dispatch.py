@@ -127,48 +127,32 @@ async def admit_request(
                           request.prompt_len))
         assignment = state.directory.assign(decode.worker_id, running=1, blocks=num_blocks,
                                             queued_tokens=queued)
+        # D's outputs over the router's output channel to it, when one is open: the
+        # mailbox is there before D can send anything.
+        channel = state.output_channels.get(decode.address)
+        mailbox = channel.open(request.worker_request_id) if channel is not None else None
         try:
-            admitted = await _try_admit(state, request, route, remaining(), failures, refusals)
+            admitted = await _try_admit(state, request, route, remaining(), failures, refusals,
+                                        channel.channel_id if channel and mailbox else "")
         except BaseException:
             state.directory.release(assignment)
+            if channel is not None:
+                channel.release(request.worker_request_id)
             raise
+        if admitted is not None and not admitted[0].output_channel and channel is not None:
+            channel.release(request.worker_request_id)  # D streams it over the Admit call
+            channel = mailbox = None
         if admitted is not None:
-            admission, call, channel, mailbox = admitted
+            admission, call = admitted
             state.directory.delivered(assignment)
             return Admitted(route, admission, call, num_blocks, assignment, mailbox, channel)
+        if channel is not None:
+            channel.release(request.worker_request_id)
         state.directory.release(assignment)
     raise admit_error(failures, refusals)
 
 
 async def _try_admit(
-    state: RouterState,
-    request: ValidatedRequest,
-    route: Route,
-    timeout_s: float | None,
-    failures: list[str],
-    refusals: list[int],
-) -> tuple[worker_pb2.Admission, grpc.aio.UnaryStreamCall, OutputChannel | None,
-           Mailbox | None] | None:
-    """The Admission and the Admit call, with the output channel and the request's mailbox
-    when D sends its outputs over the channel; None when D did not admit it."""
-    channel = state.output_channels.get(route.decode.address)
-    mailbox = channel.open(request.worker_request_id) if channel is not None else None
-    admitted = None
-    try:
-        admitted = await _admit_on(state, request, route, timeout_s, failures, refusals,
-                                   channel.channel_id if channel is not None and mailbox else "")
-    finally:
-        if channel is not None and mailbox is not None and (
-                admitted is None or not admitted[0].output_channel):
-            channel.release(request.worker_request_id)  # D streams it over the Admit call
-            mailbox = None
-    if admitted is None:
-        return None
-    admission, call = admitted
-    return admission, call, channel if mailbox is not None else None, mailbox
-
-
-async def _admit_on(
     state: RouterState,
     request: ValidatedRequest,
     route: Route,
