@@ -84,43 +84,48 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             return
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        with lock:
-            stream["admitted"] = True
-            gone = stream["rpc_done"]
-        if gone:  # cancelled while admitting: on_rpc_done already ran and found nothing
-            worker.abort(request_id)
-            return
-        admitted.cancel_stream = context.cancel  # cut off if the router stops reading
-        block_ids = list(admitted.block_ids)  # (the engine thread empties it if it expires)
-        if not request.prefill_locally and not block_ids:
-            # The reservation already ended (its prefill deadline passed while this thread
-            # waited): say so, rather than hand the router an admission with no blocks.
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"{worker.worker_id}: the reservation expired before it was sent")
-        yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
-            accepted=True,
-            decode_worker_id=worker.worker_id,
-            block_ids=block_ids,
-            kv_layout=layout_to_proto(worker.layout),
-            kv_endpoint=worker.kv_endpoint,
-            output_channel=admitted.channel is not None,
-            output_endpoint=self._output_endpoint,
-        ))
-        if admitted.channel is not None:  # the outputs go over the router's channel
-            while not admitted.ended.wait(_CHANNEL_POLL_S):
-                if not context.is_active():
-                    return
+        try:
             with lock:
-                stream["finished"] = True
-            if admitted.channel_lost:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"{worker.worker_id}: the output "
-                              "channel closed before the request's last output")
-            return
-        for message in _relay(admitted, context, worker.options.stream_interval):
-            if message.output.finish_reason:
+                stream["admitted"] = True
+                gone = stream["rpc_done"]
+            if gone:  # cancelled while admitting: on_rpc_done already ran and found nothing
+                worker.abort(request_id)
+                return
+            admitted.cancel_stream = context.cancel  # cut off if the router stops reading
+            block_ids = list(admitted.block_ids)  # (the engine thread empties it if it expires)
+            if not request.prefill_locally and not block_ids:
+                # The reservation already ended (its prefill deadline passed while this thread
+                # waited): say so, rather than hand the router an admission with no blocks.
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"{worker.worker_id}: the reservation expired before it was sent")
+            yield worker_pb2.AdmitResponse(admission=worker_pb2.Admission(
+                accepted=True,
+                decode_worker_id=worker.worker_id,
+                block_ids=block_ids,
+                kv_layout=layout_to_proto(worker.layout),
+                kv_endpoint=worker.kv_endpoint,
+                output_channel=admitted.channel is not None,
+                output_endpoint=self._output_endpoint,
+            ))
+            if admitted.channel is not None:  # the outputs go over the router's channel
+                while not admitted.ended.wait(_CHANNEL_POLL_S):
+                    if not context.is_active():
+                        return
+                if admitted.channel_lost:  # (aborted here too: the close may have come first)
+                    worker.abort(request_id)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"{worker.worker_id}: the output "
+                                  "channel closed before the request's last output")
                 with lock:
                     stream["finished"] = True
-            yield message
+                return
+            for message in _relay(admitted, context, worker.options.stream_interval):
+                if message.output.finish_reason:
+                    with lock:
+                        stream["finished"] = True
+                yield message
+        finally:  # however the stream ends: the channel keeps no reference to it
+            if admitted.channel is not None:
+                admitted.channel.unbind(request_id)
 
     def PrefillDone(self, request: worker_pb2.PrefillDoneRequest,
                     context: grpc.ServicerContext) -> worker_pb2.PrefillDoneResponse:

@@ -152,7 +152,12 @@ class DecodeWorker(WorkerRuntime):
             OutputChannelServer(options.host, options.resolved_cluster_token,
                                 self._channel_closed)
             if options.output_channels and tls.current() is None else None)
-        super().__init__(options, store, core)
+        try:
+            super().__init__(options, store, core)
+        except BaseException:
+            if self.output_channels is not None:
+                self.output_channels.close()
+            raise
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
         self._in_engine: dict[str, DecodeRequest] = {}  # engine thread only
