@@ -80,6 +80,7 @@ class OutputChannel:
         self._requests: dict[str, Any] = {}
         self._on_closed = on_closed
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # (a full pipe already wakes the I/O thread)
         self._thread = threading.Thread(target=self._io, name=f"output-channel-{channel_id[:8]}",
                                         daemon=True)
         self._thread.start()
@@ -109,27 +110,34 @@ class OutputChannel:
     def send(self, data: bytes) -> bool:
         """Queue `data` for the router; False when the channel is closed (or closes now, its
         backlog over MAX_BACKLOG_BYTES, or the socket failed)."""
+        failed = ""
         with self._lock:
             if self._closed:
                 return False
-            failed = False
             if self._backlog:
                 self._backlog += data
-                failed = len(self._backlog) > MAX_BACKLOG_BYTES
+                if len(self._backlog) > MAX_BACKLOG_BYTES:
+                    failed = f"the router left over {MAX_BACKLOG_BYTES} bytes unread"
             else:
                 try:
                     sent = self._sock.send(data)
                 except BlockingIOError:
                     sent = 0
-                except OSError:
-                    sent, failed = 0, True
+                except OSError as exc:
+                    sent, failed = 0, f"{type(exc).__name__}: {exc}"
                 if not failed and sent < len(data):
                     self._backlog += memoryview(data)[sent:]
-                    os.write(self._wake_w, b"w")  # the I/O thread now waits to write
+                    self._wake()  # the I/O thread now waits to write
         if failed:
-            self.close("the router does not read its output channel")
+            self.close(failed)
             return False
         return True
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
 
     def close(self, why: str = "closed") -> None:
         """Close the channel (idempotent); on_closed runs once, on the calling thread."""
@@ -138,7 +146,7 @@ class OutputChannel:
                 return
             self._closed = True
             self._backlog.clear()
-            os.write(self._wake_w, b"x")  # the I/O thread closes the socket and the pipe
+            self._wake()  # the I/O thread closes the socket and the pipe
         log.info("output channel %s closed: %s", self.channel_id, why)
         self._on_closed(self)
 
@@ -161,7 +169,7 @@ class OutputChannel:
                     break
                 if writable:
                     self._write_backlog()
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - its requests must end whatever happened
             self.close(f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:  # (no send() writes to the pipe once closed is set)

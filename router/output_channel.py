@@ -103,8 +103,10 @@ class OutputChannel:
                     mailbox.put(frame.output)
         except asyncio.CancelledError:
             raise
-        except (OSError, EOFError, ConnectionError, DecodeError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever ends it, its readers must hear
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if not isinstance(exc, (OSError, EOFError, DecodeError, asyncio.TimeoutError)):
+                log.exception("output channel to %s:%d failed", host, port)
             log.info("output channel to %s:%d closed: %s", host, port, why)
             self._end(ChannelLost(f"the output channel to {host}:{port} closed ({why})"))
         finally:
