@@ -131,9 +131,11 @@ async def admit_request(
         # mailbox is there before D can send anything.
         channel = state.output_channels.get(decode.address)
         mailbox = channel.open(request.worker_request_id) if channel is not None else None
+        if mailbox is None:
+            channel = None
         try:
             admitted = await _try_admit(state, request, route, remaining(), failures, refusals,
-                                        channel.channel_id if channel and mailbox else "")
+                                        channel.channel_id if channel is not None else "")
         except BaseException:
             state.directory.release(assignment)
             if channel is not None:

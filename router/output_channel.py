@@ -70,7 +70,7 @@ class OutputChannel:
 
     def open(self, request_id: str) -> Mailbox | None:
         """A mailbox for `request_id`'s outputs, before its Admit (None: not ready)."""
-        if not self.ready or self.closed:
+        if not self.ready or self.closed or request_id in self._mailboxes:
             return None
         mailbox = self._mailboxes[request_id] = Mailbox()
         return mailbox
