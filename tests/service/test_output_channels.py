@@ -79,6 +79,7 @@ def test_later_requests_go_over_the_channel_with_the_same_outputs(
     _wait_channel(deployment)
     again = _stream(deployment, PROMPT, **sampling)
     assert worker.num_channel_streams == 1
+    assert worker.metrics_snapshot().output_channel_streams == 1  # (its Prometheus counter)
     assert again["tokens"] == first["tokens"] and len(again["tokens"]) == 24
     assert again["reason"] == first["reason"] == "length"
     assert [(lp.token_id, round(lp.logprob, 5)) for lp in again["logprobs"]] == [
