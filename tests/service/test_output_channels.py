@@ -93,7 +93,7 @@ def test_later_requests_go_over_the_channel_with_the_same_outputs(
 def test_a_channel_closed_mid_stream_resumes_its_requests(tiny_llama: Path,
                                                           deployment: Deployment) -> None:
     worker = deployment.decode[0]
-    sampling = {"max_tokens": 150, "temperature": 0.0, "ignore_eos": True}
+    sampling = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}
     expected = LLM(model=str(tiny_llama), num_kv_blocks=128, block_size=8).generate(
         [PROMPT], SamplingParams(**sampling))[0].token_ids
     _stream(deployment, [5, 6, 7], max_tokens=2)  # teaches the router the endpoint
@@ -105,7 +105,7 @@ def test_a_channel_closed_mid_stream_resumes_its_requests(tiny_llama: Path,
     with Client(deployment.address, timeout=60, max_retries=0) as client:
         for chunk in client.stream(PROMPT, **sampling):
             got.extend(chunk.token_ids)
-            if len(got) >= 10 and channels.num_open:
+            if got and channels.num_open:  # at the first chunk: long before the last token
                 channels.close_channels("closed by the test")
             if chunk.finish_reason:
                 assert chunk.finish_reason == "length", chunk.error_message
