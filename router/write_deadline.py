@@ -25,7 +25,8 @@ T = TypeVar("T")
 
 class WriteDeadline:
     """Each write through `write()` raises TimeoutError once it has waited `timeout_s`
-    (None: writes wait as long as they take)."""
+    (None: writes wait as long as they take). One stream's writes, one at a time (a
+    request's chunks go out in order, from its task or its pacer's)."""
 
     def __init__(self, timeout_s: float | None) -> None:
         self._timeout_s = timeout_s
