@@ -27,24 +27,18 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from splitserve.common.frames import FRAME_HEADER
 from splitserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
-FRAME_HEADER = struct.Struct("<I")  # every message's length, then the message
 MAX_HELLO_BYTES = 4096
 HELLO_TIMEOUT_S = 5.0
 MAX_BACKLOG_BYTES = 8 << 20  # unsent output bytes a channel holds before it gives up
-
-
-def frame(message: worker_pb2.ChannelOutput | worker_pb2.OutputChannelHello) -> bytes:
-    data = message.SerializeToString()
-    return FRAME_HEADER.pack(len(data)) + data
 
 
 def read_frame(sock: socket.socket, limit: int) -> bytes:

@@ -14,11 +14,13 @@ if TYPE_CHECKING:
     from splitserve.decode_worker.worker import DecodeEvent, DecodeRequest
 
 
-def decode_output(events: Sequence[DecodeEvent], prefilled_locally: bool
-                  ) -> worker_pb2.DecodeOutput:
+def decode_output(events: Sequence[DecodeEvent], prefilled_locally: bool,
+                  output: worker_pb2.DecodeOutput | None = None) -> worker_pb2.DecodeOutput:
     """One message for `events`, in order, up to the first that ends the request (a hand-back,
-    an error, the last output); num_generated_tokens and timings are the caller's."""
-    output = worker_pb2.DecodeOutput()
+    an error, the last output), filled into `output` (default: a new one);
+    num_generated_tokens and timings are the caller's."""
+    if output is None:
+        output = worker_pb2.DecodeOutput()
     for event in events:
         if event.migrate:  # draining: the router resumes the request elsewhere
             output.finish_reason = common_pb2.FINISH_REASON_ABORT

@@ -45,13 +45,14 @@ import grpc
 
 from splitserve.cluster.store import ClusterStore, WorkerRole
 from splitserve.common import tls
+from splitserve.common.frames import frame
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.kv_layout import KVLayout, check_compatible
 from splitserve.common.metrics import WorkerStatsSnapshot
 from splitserve.common.outputs import KV_RECEIVE_FAILED, PREFILL_TIMED_OUT, StepOutput
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.common.stream_pace import check_stream_pace
-from splitserve.decode_worker.output_channel import OutputChannel, OutputChannelServer, frame
+from splitserve.decode_worker.output_channel import OutputChannel, OutputChannelServer
 from splitserve.decode_worker.stream_output import decode_output, decode_timings
 from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
@@ -126,14 +127,14 @@ def deliver(request: DecodeRequest, event: DecodeEvent) -> None:
     if channel is None:
         request.events.put(event)
         return
-    output = decode_output((event,), request.prefilled_locally)
+    message = worker_pb2.ChannelOutput(request_id=request.request_id)
+    output = decode_output((event,), request.prefilled_locally, message.output)  # (no copy)
     request.num_generated += len(output.token_ids)
     output.num_generated_tokens = request.num_generated
     last = output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
     if last:
         output.timings.CopyFrom(decode_timings(request))
-    if not channel.send(frame(worker_pb2.ChannelOutput(request_id=request.request_id,
-                                                       output=output))):
+    if not channel.send(frame(message)):
         request.channel_lost = True
         last = True
     if last:

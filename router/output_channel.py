@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 import uuid
 
 from google.protobuf.message import DecodeError
 
+from splitserve.common.frames import FRAME_HEADER, frame
 from splitserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
-FRAME_HEADER = struct.Struct("<I")  # decode_worker.output_channel's framing
 MAX_FRAME_BYTES = 64 << 20
 CONNECT_TIMEOUT_S = 5.0
 RETRY_S = 5.0  # a channel that closed is not opened again sooner
@@ -87,9 +86,8 @@ class OutputChannel:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
             self._writer = writer  # (a StreamWriter closes its transport when collected)
-            hello = worker_pb2.OutputChannelHello(channel_id=self.channel_id, token=token)
-            data = hello.SerializeToString()
-            writer.write(FRAME_HEADER.pack(len(data)) + data)
+            writer.write(frame(worker_pb2.OutputChannelHello(channel_id=self.channel_id,
+                                                             token=token)))
             await writer.drain()
             self.ready = True
             mailboxes = self._mailboxes
@@ -97,10 +95,10 @@ class OutputChannel:
                 (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
                 if size > MAX_FRAME_BYTES:
                     raise ConnectionError(f"a {size}-byte frame")
-                frame = worker_pb2.ChannelOutput.FromString(await reader.readexactly(size))
-                mailbox = mailboxes.get(frame.request_id)
+                received = worker_pb2.ChannelOutput.FromString(await reader.readexactly(size))
+                mailbox = mailboxes.get(received.request_id)
                 if mailbox is not None:  # (else: a request that left already)
-                    mailbox.put(frame.output)
+                    mailbox.put(received.output)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever ends it, its readers must hear

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from splitserve.common.frames import frame
 from splitserve.decode_worker import output_channel as oc
 from splitserve.router.output_channel import ChannelLost, Mailbox, OutputChannels
 from splitserve.v1 import worker_pb2
@@ -26,7 +27,7 @@ def _connect(server: oc.OutputChannelServer, channel_id: str, token: str = "",
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", server.port))
-    sock.sendall(oc.frame(worker_pb2.OutputChannelHello(channel_id=channel_id, token=token)))
+    sock.sendall(frame(worker_pb2.OutputChannelHello(channel_id=channel_id, token=token)))
     return sock
 
 
@@ -46,7 +47,7 @@ def test_outputs_arrive_framed_in_order() -> None:
         assert channel is not None
         for i in range(50):
             output = worker_pb2.DecodeOutput(token_ids=[i], num_generated_tokens=i + 1)
-            assert channel.send(oc.frame(worker_pb2.ChannelOutput(request_id="r",
+            assert channel.send(frame(worker_pb2.ChannelOutput(request_id="r",
                                                                   output=output)))
         sock.settimeout(5)
         got = [worker_pb2.ChannelOutput.FromString(oc.read_frame(sock, 1 << 20))
@@ -81,7 +82,7 @@ def test_a_router_that_stops_reading_gets_its_channel_closed_not_the_engine_bloc
         _wait_for(lambda: server.get("c1") is not None)
         channel = server.get("c1")
         assert channel is not None
-        payload = oc.frame(worker_pb2.ChannelOutput(
+        payload = frame(worker_pb2.ChannelOutput(
             request_id="r", output=worker_pb2.DecodeOutput(token_ids=list(range(1000)))))
         started, sent = time.monotonic(), 0
         while channel.send(payload):
