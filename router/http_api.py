@@ -34,7 +34,7 @@ from splitserve.common import request_rules
 from splitserve.common.auth import ANONYMOUS, ApiKeys, bearer_token
 from splitserve.common.grpc_util import ServiceError
 from splitserve.router.metrics import METRICS_CONTENT_TYPE, RouterMetrics
-from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id
+from splitserve.router.openai_format import ResponseBuilder, failure, new_response_id, sse_event
 from splitserve.router.openai_schema import OpenAIError, OpenAIRequest, parse_chat, parse_completion
 from splitserve.router.service import RequestPipeline, SlowClientError
 from splitserve.router.tools import NO_TOOLS_TEMPLATE, template_supports_tools
@@ -126,11 +126,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(OpenAIError(exc.reason, status=exc.status, code=code))
     except ServiceError as exc:
         return error_response(service_error(exc))
-
-
-async def _sse(response: web.StreamResponse, data: dict[str, Any] | str) -> None:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    await response.write(f"data: {payload}\n\n".encode())
 
 
 class HttpApi:
@@ -271,16 +266,24 @@ class HttpApi:
         """Every choice streams into one SSE response, its chunks tagged with its index."""
         response: web.StreamResponse | None = None
         failed = False
-        lock = asyncio.Lock()  # one event at a time on the wire
+        # One event at a time on the wire: choices stream concurrently (n > 1) and a write
+        # may wait for the client; one choice's writes come one at a time anyway.
+        lock = asyncio.Lock() if len(choices) > 1 else None
         started: set[int] = set()
 
-        async def write(event: Any) -> None:
+        async def write(event: bytes) -> None:
             nonlocal response
+            if response is None:
+                response = web.StreamResponse(headers=_SSE_HEADERS)
+                await response.prepare(request)
+            await response.write(event)
+
+        async def send(event: bytes) -> None:
+            if lock is None:
+                await write(event)
+                return
             async with lock:
-                if response is None:
-                    response = web.StreamResponse(headers=_SSE_HEADERS)
-                    await response.prepare(request)
-                await _sse(response, event)
+                await write(event)
 
         async def one(generate: router_pb2.GenerateRequest, builder: ResponseBuilder) -> None:
             nonlocal failed
@@ -291,15 +294,15 @@ class HttpApi:
                 if builder.index not in started:
                     started.add(builder.index)
                     for opening in builder.first_events():
-                        await write(opening)
+                        await send(sse_event(opening))
                 error = failure(chunk)
                 if error is not None:
                     failed = True
-                    await write(error.body())
+                    await send(sse_event(error.body()))
                     return
-                event = builder.delta(chunk)
+                event = builder.delta_event(chunk)
                 if event is not None:
-                    await write(event)
+                    await send(event)
 
             await first.wait_turn(builder.index)
             try:
@@ -309,7 +312,7 @@ class HttpApi:
                 if response is None:
                     raise
                 failed = True
-                await write(service_error(exc).body())
+                await send(sse_event(service_error(exc).body()))
             finally:
                 first.went(builder.index)
 
@@ -330,8 +333,8 @@ class HttpApi:
             raise OpenAIError("the request ended without output", status=500,
                               type_="server_error", code="internal_error")
         if req.include_usage and not failed and all(b.usage is not None for b in builders):
-            await write(builders[0].usage_event(builders))
-        await write("[DONE]")
+            await send(sse_event(builders[0].usage_event(builders)))
+        await send(sse_event("[DONE]"))
         await response.write_eof()
         return response
 

@@ -14,9 +14,11 @@ whole call once it is complete) and the finish reason "tool_calls".
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from splitserve.engine.tokenizer import Tokenizer
@@ -25,6 +27,14 @@ from splitserve.router.tool_parser import ParsedCall, parser_for
 from splitserve.v1 import common_pb2, router_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps(.., separators=..), built once
+_TEXT_MARK = "\x00text\x00"  # where a text template's text goes (no text holds it encoded)
+
+
+def sse_event(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: `data` (an object, as compact JSON, or a string as is)."""
+    payload = data if isinstance(data, str) else _COMPACT.encode(data)
+    return f"data: {payload}\n\n".encode()
 
 
 def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
@@ -88,6 +98,7 @@ class ResponseBuilder:
         self._parser = (parser_for(req.tool_choice, [t.name for t in self._generate.tools])
                         if req.chat else None)
         self._num_calls = 0  # tool calls streamed so far (their delta index)
+        self._text_template: tuple[str, str] | None = None  # see delta_event
 
     # ---- streaming ----------------------------------------------------------------------
 
@@ -124,6 +135,26 @@ class ResponseBuilder:
             choice = {"text": text}
         choice.update(logprobs=logprobs, finish_reason=finish)
         return self._chunk(choice)
+
+    def delta_event(self, chunk: router_pb2.GenerateResponse) -> bytes | None:
+        """sse_event(delta(chunk)), or None. Most chunks of a stream are text alone (no
+        logprobs, no tool parser, not the last): theirs is a template rendered once with
+        the text's JSON string put in, the same bytes for ~a tenth of the CPU."""
+        if (self._parser is None and chunk.text and not chunk.logprobs
+                and chunk.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED):
+            if self._text_template is None:
+                self._text_template = self._render_text_template()
+            head, tail = self._text_template
+            return f"data: {head}{encode_basestring_ascii(chunk.text)}{tail}\n\n".encode()
+        event = self.delta(chunk)
+        return None if event is None else sse_event(event)
+
+    def _render_text_template(self) -> tuple[str, str]:
+        mark = router_pb2.GenerateResponse(text=_TEXT_MARK)
+        event = self.delta(mark)
+        assert event is not None
+        head, _, tail = _COMPACT.encode(event).partition(encode_basestring_ascii(_TEXT_MARK))
+        return head, tail
 
     def _finish_with_calls(self, finish: str | None, num_calls: int) -> str | None:
         """An answer that called tools and ended on its own finishes with "tool_calls"."""

@@ -14,6 +14,7 @@ stream) and is opened again by a later Admission, not sooner than RETRY_S after.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -35,37 +36,65 @@ class ChannelLost(ConnectionError):
 
 
 class Mailbox:
-    """One request's outputs from its channel, in order; or the channel's end."""
+    """One request's outputs from its channel, in order; or the channel's end.
 
-    __slots__ = ("_queue",)
+    One reader (the request's task) and one writer (the channel's protocol), both on the
+    event loop: a deque and the reader's waiting future (no asyncio.Queue: its getters'
+    list and put's wake-up cost more than the rest of a channel's receive path)."""
+
+    __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[worker_pb2.DecodeOutput | BaseException] = asyncio.Queue()
+        self._items: collections.deque[worker_pb2.DecodeOutput | BaseException] = (
+            collections.deque())
+        self._waiter: asyncio.Future[None] | None = None
 
     def put(self, output: worker_pb2.DecodeOutput) -> None:
-        self._queue.put_nowait(output)
+        self._items.append(output)
+        self._wake()
 
     def fail(self, exc: BaseException) -> None:
         """The next get() raises `exc` (after the outputs already put)."""
-        self._queue.put_nowait(exc)
+        self._items.append(exc)
+        self._wake()
 
     async def get(self) -> worker_pb2.DecodeOutput:
-        item = await self._queue.get()
+        items = self._items
+        while not items:
+            if self._waiter is not None:
+                raise RuntimeError("Mailbox.get: another reader is waiting")
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        item = items.popleft()
         if isinstance(item, BaseException):
             raise item
         return item
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
 
 class OutputChannel:
-    """This router's channel to one decode worker at `host`:`port`."""
+    """This router's channel to one decode worker at `host`:`port`.
+
+    The connection's protocol parses frames as their bytes arrive and puts each output in
+    its request's mailbox there and then: one event-loop pass per read, however many frames
+    it holds (a reader task would add a pass per read and two awaits per frame)."""
 
     def __init__(self, host: str, port: int, token: str | None) -> None:
         self.channel_id = uuid.uuid4().hex
         self.ready = False  # connected and greeted: requests may name it
         self.closed = False
+        self._where = f"{host}:{port}"
         self._mailboxes: dict[str, Mailbox] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._task = asyncio.get_running_loop().create_task(self._run(host, port, token or ""))
+        self._transport: asyncio.Transport | None = None
+        self._task = asyncio.get_running_loop().create_task(self._connect(host, port,
+                                                                          token or ""))
 
     def open(self, request_id: str) -> Mailbox | None:
         """A mailbox for `request_id`'s outputs, before its Admit (None: not ready)."""
@@ -79,43 +108,96 @@ class OutputChannel:
 
     def close(self) -> None:
         self._task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
         self._end(ChannelLost("the router closed its output channel"))
 
-    async def _run(self, host: str, port: int, token: str) -> None:
+    async def _connect(self, host: str, port: int, token: str) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
-            self._writer = writer  # (a StreamWriter closes its transport when collected)
-            writer.write(frame(worker_pb2.OutputChannelHello(channel_id=self.channel_id,
-                                                             token=token)))
-            await writer.drain()
-            self.ready = True
-            mailboxes = self._mailboxes
-            while True:
-                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
-                if size > MAX_FRAME_BYTES:
-                    raise ConnectionError(f"a {size}-byte frame")
-                received = worker_pb2.ChannelOutput.FromString(await reader.readexactly(size))
-                mailbox = mailboxes.get(received.request_id)
-                if mailbox is not None:  # (else: a request that left already)
-                    mailbox.put(received.output)
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _ChannelProtocol(self), host, port),
+                CONNECT_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever ends it, its readers must hear
+            self._lost(exc)
+            return
+        if self.closed:  # lost or closed while connecting
+            transport.abort()
+            return
+        self._transport = transport
+        transport.write(frame(worker_pb2.OutputChannelHello(channel_id=self.channel_id,
+                                                            token=token)))
+        self.ready = True
+
+    def _deliver(self, received: worker_pb2.ChannelOutput) -> None:
+        mailbox = self._mailboxes.get(received.request_id)
+        if mailbox is not None:  # (else: a request that left already)
+            mailbox.put(received.output)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        """The connection ended (`exc`: why; None: the worker closed it)."""
+        if self.closed:
+            return
+        if exc is None:
+            why = "EOFError"
+        else:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if not isinstance(exc, (OSError, EOFError, DecodeError, asyncio.TimeoutError)):
-                log.exception("output channel to %s:%d failed", host, port)
-            log.info("output channel to %s:%d closed: %s", host, port, why)
-            self._end(ChannelLost(f"the output channel to {host}:{port} closed ({why})"))
-        finally:
-            if self._writer is not None:
-                self._writer.close()
+                log.error("output channel to %s failed", self._where, exc_info=exc)
+        log.info("output channel to %s closed: %s", self._where, why)
+        if self._transport is not None:
+            self._transport.abort()
+        self._end(ChannelLost(f"the output channel to {self._where} closed ({why})"))
 
     def _end(self, exc: ChannelLost) -> None:
         self.closed, self.ready = True, False
         mailboxes, self._mailboxes = self._mailboxes, {}
         for mailbox in mailboxes.values():
             mailbox.fail(exc)
+
+
+class _ChannelProtocol(asyncio.Protocol):
+    """The channel's bytes -> frames -> mailboxes."""
+
+    def __init__(self, channel: OutputChannel) -> None:
+        self._channel = channel
+        self._rest = bytearray()  # the start of a frame whose end has not come yet
+
+    def data_received(self, data: bytes) -> None:
+        if self._rest:
+            self._rest += data
+            data = self._rest  # type: ignore[assignment]
+        header, parse = FRAME_HEADER.size, worker_pb2.ChannelOutput.FromString
+        deliver = self._channel._deliver
+        start, end = 0, len(data)
+        try:
+            with memoryview(data) as view:
+                while end - start >= header:
+                    (size,) = FRAME_HEADER.unpack_from(view, start)
+                    if size > MAX_FRAME_BYTES:
+                        raise ConnectionError(f"a {size}-byte frame")
+                    body = start + header
+                    if end - body < size:
+                        break
+                    deliver(parse(view[body:body + size]))
+                    start = body + size
+        except Exception as exc:  # noqa: BLE001 - a bad frame ends the channel
+            self._rest = bytearray()
+            self._channel._lost(exc)
+            return
+        if start == end:
+            self._rest = bytearray()
+        elif start or data is not self._rest:
+            self._rest = bytearray(data[start:])
+
+    def eof_received(self) -> bool:
+        self._channel._lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._channel._lost(exc)
 
 
 class OutputChannels:

@@ -85,3 +85,52 @@ def test_sse_completions_and_error_event() -> None:
     assert record.chunk_tokens == [1] and state.error == "boom"
     state, _, _ = feed(False, [b"data: {not json\n"])
     assert state.error.startswith("unparseable SSE data")
+
+
+def test_http_target_reads_events_however_the_stream_is_cut() -> None:
+    """HttpTarget.send against a real HTTP server whose SSE bytes arrive cut mid-line,
+    several events to a write, and CRLF line ends: every token chunk counted once, the
+    usage read, nothing after [DONE]."""
+    import asyncio
+
+    from aiohttp import web
+
+    events = b"".join(data({"choices": [{"text": f"t{i}", "finish_reason": None}]}) + b"\n"
+                      for i in range(20))
+    events += data({"choices": [{"text": "", "finish_reason": "length"}]}).replace(b"\n", b"\r\n")
+    events += b"\r\n" + data({"choices": [], "usage": {"prompt_tokens": 5,
+                                                        "completion_tokens": 20}})
+    events += b"\ndata: [DONE]\n\n" + data({"choices": [{"text": "late"}]}) + b"\n"
+    cuts = [0, 1, 3, 7, 8, 30, 31, 200, 201, 202, 700, 1500, len(events)]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            await response.write(events[start:end])
+            await asyncio.sleep(0.005)
+        return response
+
+    async def main() -> RequestRecord:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        target = HttpTarget(TargetConfig(f"http://127.0.0.1:{port}/v1/completions",
+                                         model="m"))
+        await target.open()
+        record = RequestRecord(index=0)
+        try:
+            await target.send(BenchRequest(prompt="hi", max_tokens=20), record,
+                              asyncio.get_running_loop().time)
+        finally:
+            await target.close()
+            await runner.cleanup()
+        return record
+
+    record = asyncio.run(main())
+    assert record.ok and record.chunk_tokens == [1] * 20
+    assert record.output_tokens == 20 and record.prompt_tokens == 5

@@ -12,7 +12,7 @@ import pytest
 
 from splitserve.common.frames import frame
 from splitserve.decode_worker import output_channel as oc
-from splitserve.router.output_channel import ChannelLost, Mailbox, OutputChannels
+from splitserve.router.output_channel import MAX_FRAME_BYTES, ChannelLost, Mailbox, OutputChannels
 from splitserve.v1 import worker_pb2
 
 
@@ -148,3 +148,76 @@ def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> No
     asyncio.run(main())
     thread.join(5)
     listener.close()
+
+
+def test_the_router_parses_frames_however_the_bytes_are_split() -> None:
+    """Frames cut anywhere and many to a read reach their mailboxes whole and in order,
+    a request's outputs in its own; outputs of a request that has no mailbox are dropped;
+    an oversized frame header closes the channel and fails every mailbox."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    outputs = [worker_pb2.ChannelOutput(
+        request_id=("a", "b", "gone")[i % 3],
+        output=worker_pb2.DecodeOutput(token_ids=[i] * (1 + i % 7), num_generated_tokens=i,
+                                       error_message="x" * (i * 37 % 500)))
+        for i in range(300)]
+    stream = b"".join(frame(o) for o in outputs)
+    ready = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        oc.read_frame(conn, 4096)  # the hello
+        ready.wait(5)
+        cuts = [0, 1, 2, 3, 4, 5, 9, 64, 65, 1000, 1001, 1003, 5000, 20000, len(stream)]
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            conn.sendall(stream[start:end])
+            time.sleep(0.002)  # each piece a read of its own
+        conn.sendall((MAX_FRAME_BYTES + 1).to_bytes(4, "little"))
+        time.sleep(0.5)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        channels.learn("127.0.0.1:1", f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 5
+        while channels.get("127.0.0.1:1") is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        channel = channels.get("127.0.0.1:1")
+        assert channel is not None
+        boxes = {rid: channel.open(rid) for rid in ("a", "b")}
+        ready.set()
+        for rid, box in boxes.items():
+            assert box is not None
+            want = [o.output for o in outputs if o.request_id == rid]
+            got = [await asyncio.wait_for(box.get(), 5) for _ in want]
+            assert got == want
+            with pytest.raises(ChannelLost, match="frame"):
+                await asyncio.wait_for(box.get(), 5)
+        assert channels.get("127.0.0.1:1") is None
+        channels.close()
+
+    asyncio.run(main())
+    thread.join(5)
+    listener.close()
+
+
+def test_a_mailbox_gives_its_outputs_then_its_failure_in_order() -> None:
+    async def main() -> None:
+        box = Mailbox()
+        first = asyncio.ensure_future(box.get())
+        await asyncio.sleep(0)
+        assert not first.done()
+        box.put(worker_pb2.DecodeOutput(token_ids=[1]))
+        box.put(worker_pb2.DecodeOutput(token_ids=[2]))
+        box.fail(ChannelLost("gone"))
+        assert list((await first).token_ids) == [1]
+        assert list((await box.get()).token_ids) == [2]
+        with pytest.raises(ChannelLost, match="gone"):
+            await box.get()
+
+    asyncio.run(main())
