@@ -7,7 +7,10 @@ engine's Python needs), then the router's gRPC receive path: about 0.3 ms of CPU
 on this side alone, on the cores the engine steps on. With an output channel the engine
 thread frames each ChannelOutput (worker.proto) and hands it to the socket itself, as the
 step's outputs are dispatched: a send() of tens of bytes (the GIL released), nothing woken
-here, and the router's asyncio loop reads the frames straight off the connection.
+here, and the router's asyncio loop reads the frames straight off the connection. The
+outputs of one engine step go out together: the sinks hold their frames (send(hold=True))
+and the engine loop flushes every channel once the step's outputs are dispatched (one
+send() per channel and step, so one read on the router, however large the batch).
 
 A router opens one channel per worker (OutputChannelHello: its channel id, and the
 cluster token when the cluster has one) and names it in its AdmitRequests; the Admit stream
@@ -64,12 +67,15 @@ class OutputChannel:
     to it. Its I/O thread owns the socket and the wake-up pipe (and closes them)."""
 
     def __init__(self, channel_id: str, sock: socket.socket,
-                 on_closed: Callable[[OutputChannel], None]) -> None:
+                 on_closed: Callable[[OutputChannel], None],
+                 server: OutputChannelServer | None = None) -> None:
         self.channel_id = channel_id
         self._sock = sock
         sock.setblocking(False)
         self._lock = threading.Lock()
         self._backlog = bytearray()
+        self._held: list[bytes] = []  # this step's frames, until flush()
+        self._server = server
         self._closed = False
         self._requests: dict[str, Any] = {}
         self._on_closed = on_closed
@@ -101,31 +107,55 @@ class OutputChannel:
             self._requests.clear()
         return requests
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes, hold: bool = False) -> bool:
         """Queue `data` for the router; False when the channel is closed (or closes now, its
-        backlog over MAX_BACKLOG_BYTES, or the socket failed)."""
-        failed = ""
+        backlog over MAX_BACKLOG_BYTES, or the socket failed). `hold` (the engine thread
+        dispatching a step's outputs): keep it until the server's flush(); a send while
+        data is held joins it, so a request's outputs leave in order from any thread."""
+        hold = hold and self._server is not None  # (a channel of no server: no one flushes)
         with self._lock:
             if self._closed:
                 return False
-            if self._backlog:
-                self._backlog += data
-                if len(self._backlog) > MAX_BACKLOG_BYTES:
-                    failed = f"the router left over {MAX_BACKLOG_BYTES} bytes unread"
-            else:
-                try:
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    sent, failed = 0, f"{type(exc).__name__}: {exc}"
-                if not failed and sent < len(data):
-                    self._backlog += memoryview(data)[sent:]
-                    self._wake()  # the I/O thread now waits to write
+            if hold or self._held:
+                if not self._held:
+                    self._server.held(self)  # type: ignore[union-attr]  # (hold=True: the engine thread, the one flusher)
+                self._held.append(data)
+                return True
+            failed = self._send_locked(data)
         if failed:
             self.close(failed)
             return False
         return True
+
+    def flush(self) -> None:
+        """Send what is held, as one write."""
+        with self._lock:
+            if self._closed or not self._held:
+                self._held.clear()
+                return
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            failed = self._send_locked(data)
+        if failed:
+            self.close(failed)
+
+    def _send_locked(self, data: bytes) -> str:
+        """Write `data` or queue it behind the backlog (under the lock): why it failed, or ""."""
+        if self._backlog:
+            self._backlog += data
+            if len(self._backlog) > MAX_BACKLOG_BYTES:
+                return f"the router left over {MAX_BACKLOG_BYTES} bytes unread"
+            return ""
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if sent < len(data):
+            self._backlog += memoryview(data)[sent:]
+            self._wake()  # the I/O thread now waits to write
+        return ""
 
     def _wake(self) -> None:
         try:
@@ -140,6 +170,7 @@ class OutputChannel:
                 return
             self._closed = True
             self._backlog.clear()
+            self._held.clear()
             self._wake()  # the I/O thread closes the socket and the pipe
         log.info("output channel %s closed: %s", self.channel_id, why)
         self._on_closed(self)
@@ -207,6 +238,7 @@ class OutputChannelServer:
         self._channels: dict[str, OutputChannel] = {}
         self._lock = threading.Lock()
         self._stopped = False
+        self._holding: list[OutputChannel] = []  # channels with held frames (engine thread)
         threading.Thread(target=self._accept, name="output-channels", daemon=True).start()
 
     def get(self, channel_id: str) -> OutputChannel | None:
@@ -214,6 +246,17 @@ class OutputChannelServer:
         with self._lock:
             channel = self._channels.get(channel_id)
         return channel if channel is not None and not channel.closed else None
+
+    def held(self, channel: OutputChannel) -> None:
+        """`channel` holds frames now (called by its send(hold=True): the engine thread)."""
+        self._holding.append(channel)
+
+    def flush(self) -> None:
+        """Send every channel's held frames (the engine thread, after a step's outputs)."""
+        if self._holding:
+            holding, self._holding = self._holding, []
+            for channel in holding:
+                channel.flush()
 
     @property
     def num_open(self) -> int:
@@ -257,7 +300,7 @@ class OutputChannelServer:
             conn.close()
             return
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        channel = OutputChannel(hello.channel_id, conn, self._closed)
+        channel = OutputChannel(hello.channel_id, conn, self._closed, self)
         with self._lock:
             old = self._channels.get(hello.channel_id)
             self._channels[hello.channel_id] = channel

@@ -119,10 +119,11 @@ class DecodeRequest:
     channel_lost: bool = False  # the channel closed before its last output went
 
 
-def deliver(request: DecodeRequest, event: DecodeEvent) -> None:
+def deliver(request: DecodeRequest, event: DecodeEvent, hold: bool = False) -> None:
     """Hand `event` to the request's stream: its Admit stream's events, or its output
     channel as a ChannelOutput frame (then `ended` once the last one went, or the channel
-    closed: `channel_lost`)."""
+    closed: `channel_lost`). `hold`: a step's output, sent with the step's others when the
+    engine loop flushes the channels (OutputChannel.send)."""
     channel = request.channel
     if channel is None:
         request.events.put(event)
@@ -134,7 +135,7 @@ def deliver(request: DecodeRequest, event: DecodeEvent) -> None:
     last = output.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
     if last:
         output.timings.CopyFrom(decode_timings(request))
-    if not channel.send(frame(message)):
+    if not channel.send(frame(message), hold):
         request.channel_lost = True
         last = True
     if last:
@@ -159,6 +160,8 @@ class DecodeWorker(WorkerRuntime):
             if self.output_channels is not None:
                 self.output_channels.close()
             raise
+        if self.output_channels is not None:
+            self.loop.add_output_flush(self.output_channels.flush)
         self._waiting_kv: dict[str, DecodeRequest] = {}  # engine thread only
         self._num_waiting_kv = 0
         self._in_engine: dict[str, DecodeRequest] = {}  # engine thread only
@@ -301,6 +304,7 @@ class DecodeWorker(WorkerRuntime):
 
     def release(self) -> None:
         if self.output_channels is not None:
+            self.loop.remove_output_flush(self.output_channels.flush)
             self.output_channels.close()
         super().release()
 
@@ -361,7 +365,7 @@ class DecodeWorker(WorkerRuntime):
         limit = self.options.max_output_backlog
 
         def sink(out: StepOutput) -> None:
-            deliver(request, DecodeEvent(out))
+            deliver(request, DecodeEvent(out), hold=True)
             if out.finished:
                 self._in_engine.pop(request_id, None)
             elif request.events.qsize() > limit:  # the reader is stuck: not the batch's problem

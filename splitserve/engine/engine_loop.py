@@ -70,6 +70,9 @@ class EngineLoop:
         engine.between_layers = self._run_urgent
         self._sinks: dict[str, Sink] = {}
         self._pollers: dict[str, Callable[[], bool]] = {}  # key -> poll(); False removes it
+        # Run after each step's outputs went to their sinks, and after commands: whatever
+        # the sinks held back to send as one (a decode worker's output channels).
+        self._output_flushes: list[Callable[[], None]] = []
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -170,6 +173,13 @@ class EngineLoop:
         with self._finished_lock:
             self._finished[reason] = self._finished.get(reason, 0) + 1
 
+    def add_output_flush(self, flush: Callable[[], None]) -> None:
+        self._output_flushes.append(flush)
+
+    def remove_output_flush(self, flush: Callable[[], None]) -> None:
+        if flush in self._output_flushes:
+            self._output_flushes.remove(flush)
+
     def add_poller(self, key: str, poll: Callable[[], bool]) -> None:
         self._pollers[key] = poll
 
@@ -193,9 +203,11 @@ class EngineLoop:
             for fn, future in commands:
                 self._run_command(fn, future)
             self._run_pollers()
+            self._flush_outputs()
             if self._has_work():
                 self._step()
             self._publish_load()
+        self._flush_outputs()
         self._fail_pending_commands()
 
     def _has_work(self) -> bool:
@@ -256,9 +268,19 @@ class EngineLoop:
             self.steps += 1
         else:
             self.idle_steps += 1
-        for out in outputs:
-            self.generated_tokens += len(out.new_token_ids)
-            self.dispatch(out)
+        try:
+            for out in outputs:
+                self.generated_tokens += len(out.new_token_ids)
+                self.dispatch(out)
+        finally:
+            self._flush_outputs()
+
+    def _flush_outputs(self) -> None:
+        for flush in self._output_flushes:
+            try:
+                flush()
+            except Exception:
+                log.exception("flushing a step's outputs failed")
 
     def dispatch(self, out: StepOutput) -> None:
         sink = self._sinks.get(out.request_id)

@@ -75,3 +75,43 @@ def test_urgent_commands_also_run_between_steps_and_fail_when_stopped(
     loop.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         loop.call(lambda e: 1, urgent=True)
+
+
+def test_output_flushes_run_after_each_steps_outputs_went_to_their_sinks(
+        loop: EngineLoop) -> None:
+    """What the sinks of a step's outputs hold back, the loop's output flushes send once
+    that step's outputs are all dispatched: before anything else runs on the loop (a
+    command a sink submitted included), and once more after commands; a removed flush runs
+    no more."""
+    events: list[str] = []
+    done = threading.Event()
+
+    def sink(out) -> None:  # type: ignore[no-untyped-def]
+        events.append(f"{out.request_id}:{len(out.new_token_ids)}")
+        loop.submit(lambda e: events.append("command"))
+        if out.finished and out.request_id == "b":
+            loop.submit(lambda e: done.set())
+
+    def flush() -> None:
+        events.append("flush")
+
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+
+    def add_both(engine: LLMEngine) -> None:
+        for rid in ("a", "b"):
+            loop.set_sink(rid, sink)
+            engine.add_request([5, 6, 7, 8], params, rid)
+
+    loop.add_output_flush(flush)
+    loop.call(add_both)
+    assert done.wait(30)
+    outputs = [i for i, e in enumerate(events) if ":" in e]
+    assert len(outputs) == 6  # three tokens each
+    for i in outputs:  # after a step's outputs: the flush, then the commands they submitted
+        rest = events[i + 1:]
+        assert "flush" in rest and (
+            "command" not in rest or rest.index("flush") < rest.index("command")), events
+    loop.remove_output_flush(flush)
+    count = events.count("flush")
+    loop.call(lambda e: None)
+    assert events.count("flush") == count

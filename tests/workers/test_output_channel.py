@@ -221,3 +221,38 @@ def test_a_mailbox_gives_its_outputs_then_its_failure_in_order() -> None:
             await box.get()
 
     asyncio.run(main())
+
+
+def test_held_frames_leave_at_the_flush_in_order() -> None:
+    """A step's frames (hold=True) wait for the server's flush(); a send without hold while
+    frames are held goes out after them, not before; after the flush sends go at once."""
+    server, _ = _server()
+    try:
+        sock = _connect(server, "c1")
+        _wait_for(lambda: server.get("c1") is not None)
+        channel = server.get("c1")
+        assert channel is not None
+
+        def out(i: int) -> bytes:
+            return frame(worker_pb2.ChannelOutput(
+                request_id="r", output=worker_pb2.DecodeOutput(token_ids=[i])))
+
+        for i in range(3):
+            assert channel.send(out(i), hold=True)
+        assert channel.send(out(3))  # (another thread's send: it joins the held ones)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # nothing before the flush
+        server.flush()
+        assert channel.send(out(4))
+        sock.settimeout(5)
+        got = [worker_pb2.ChannelOutput.FromString(oc.read_frame(sock, 1 << 20))
+               for _ in range(5)]
+        assert [g.output.token_ids[0] for g in got] == [0, 1, 2, 3, 4]
+        assert channel.send(out(5), hold=True)
+        channel.close("test")
+        server.flush()  # a closed channel's held frames are dropped, not sent
+        assert not channel.send(out(6), hold=True)
+        sock.close()
+    finally:
+        server.close()
