@@ -173,6 +173,12 @@ class DecodeWorker(WorkerRuntime):
         self.num_channel_streams = 0  # requests bound to an output channel
         self._count_lock = threading.Lock()
 
+    @property
+    def output_endpoint(self) -> str:
+        """Registered in cluster state: routers connect when they find this worker, so its
+        first requests go over the channel too (Admissions name it as well)."""
+        return self.output_channels.endpoint if self.output_channels is not None else ""
+
     def _register(self, server: grpc.Server) -> list[str]:
         from splitserve.decode_worker.servicer import add_decode_servicer
 

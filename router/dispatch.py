@@ -127,13 +127,15 @@ async def admit_request(
                           request.prompt_len))
         assignment = state.directory.assign(decode.worker_id, running=1, blocks=num_blocks,
                                             queued_tokens=queued)
-        # D's outputs over the router's output channel to it, when one is open: the
-        # mailbox is there before D can send anything.
-        channel = state.output_channels.get(decode.address)
-        mailbox = channel.open(request.worker_request_id) if channel is not None else None
-        if mailbox is None:
-            channel = None
+        channel: OutputChannel | None = None
         try:
+            # D's outputs over the router's output channel to it, when one is open (or
+            # opens within OPEN_WAIT_S: the router has just found D): the mailbox is there
+            # before D can send anything.
+            channel = await state.output_channels.ready(decode.address)
+            mailbox = channel.open(request.worker_request_id) if channel is not None else None
+            if mailbox is None:
+                channel = None
             admitted = await _try_admit(state, request, route, remaining(), failures, refusals,
                                         channel.channel_id if channel is not None else "")
         except BaseException:

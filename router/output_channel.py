@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 64 << 20
 CONNECT_TIMEOUT_S = 5.0
 RETRY_S = 5.0  # a channel that closed is not opened again sooner
+OPEN_WAIT_S = 0.2  # a request to a worker whose channel is opening waits this long for it
 
 
 class ChannelLost(ConnectionError):
@@ -93,8 +95,16 @@ class OutputChannel:
         self._where = f"{host}:{port}"
         self._mailboxes: dict[str, Mailbox] = {}
         self._transport: asyncio.Transport | None = None
-        self._task = asyncio.get_running_loop().create_task(self._connect(host, port,
-                                                                          token or ""))
+        loop = asyncio.get_running_loop()
+        self._opened: asyncio.Future[None] = loop.create_future()  # done: ready or closed
+        self._task = loop.create_task(self._connect(host, port, token or ""))
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the channel to open; whether it is ready."""
+        if not self.ready and not self.closed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._opened), timeout_s)
+        return self.ready
 
     def open(self, request_id: str) -> Mailbox | None:
         """A mailbox for `request_id`'s outputs, before its Admit (None: not ready)."""
@@ -130,6 +140,8 @@ class OutputChannel:
         transport.write(frame(worker_pb2.OutputChannelHello(channel_id=self.channel_id,
                                                             token=token)))
         self.ready = True
+        if not self._opened.done():
+            self._opened.set_result(None)
 
     def _deliver(self, received: worker_pb2.ChannelOutput) -> None:
         mailbox = self._mailboxes.get(received.request_id)
@@ -153,6 +165,8 @@ class OutputChannel:
 
     def _end(self, exc: ChannelLost) -> None:
         self.closed, self.ready = True, False
+        if not self._opened.done():
+            self._opened.set_result(None)
         mailboxes, self._mailboxes = self._mailboxes, {}
         for mailbox in mailboxes.values():
             mailbox.fail(exc)
@@ -213,6 +227,15 @@ class OutputChannels:
         """The ready channel to the worker at `address`, if any."""
         channel = self._channels.get(address)
         return channel if channel is not None and channel.ready else None
+
+    async def ready(self, address: str) -> OutputChannel | None:
+        """The ready channel to the worker at `address`; one that is opening, once it is
+        (waiting up to OPEN_WAIT_S: a burst right after the router found the worker goes
+        over it too); else None."""
+        channel = self._channels.get(address)
+        if channel is None or channel.ready:
+            return channel
+        return channel if await channel.wait_ready(OPEN_WAIT_S) else None
 
     def learn(self, address: str, endpoint: str) -> None:
         """The worker at `address` accepts channels at `endpoint` (host:port; a wildcard

@@ -32,16 +32,19 @@ class RouterState:
 
     @classmethod
     def build(cls, config: RouterConfig, model: ServedModel, store: AsyncStore) -> RouterState:
-        directory = WorkerDirectory(store, model.model_id, config.block_size,
-                                    config.worker_refresh_s, config.resolved_cluster_token,
-                                    stale_s=config.cluster_stale_s)
+        channels = OutputChannels(config.resolved_cluster_token, config.output_channels)
+        directory = WorkerDirectory(
+            store, model.model_id, config.block_size, config.worker_refresh_s,
+            config.resolved_cluster_token, stale_s=config.cluster_stale_s,
+            # A decode worker's output channel opens as soon as the router finds it.
+            on_decode_worker=lambda info: channels.learn(info.address, info.output_endpoint))
         rules = RoutingRules(
             block_size=config.block_size,
             local_prefill_threshold=config.local_prefill_threshold,
             local_prefix_fraction=config.local_prefix_fraction,
         )
         return cls(config, model, store, directory, make_prefill_policy(config.prefill_policy),
-                   rules, OutputChannels(config.resolved_cluster_token, config.output_channels))
+                   rules, channels)
 
     @property
     def max_admit_attempts(self) -> int:

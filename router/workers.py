@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -86,8 +87,11 @@ class _Ejection:
 
 class WorkerDirectory:
     def __init__(self, store: AsyncStore, model_id: str, block_size: int, refresh_s: float,
-                 cluster_token: str | None = None, stale_s: float = 30.0) -> None:
+                 cluster_token: str | None = None, stale_s: float = 30.0,
+                 on_decode_worker: Callable[[WorkerInfo], None] | None = None) -> None:
         self._store = store
+        # Called with each new registration of a usable worker that decodes (on the loop).
+        self._on_decode_worker = on_decode_worker
         self._cluster_token = cluster_token  # sent on every call to a worker
         self._model_id = model_id
         self._block_size = block_size
@@ -247,6 +251,8 @@ class WorkerDirectory:
             homes = tuple(index for role, index in ((WorkerRole.DECODE, self._decode),
                                                      (WorkerRole.PREFILL, self._prefill))
                           if info.role.can_serve(role))
+            if self._decode in homes and self._on_decode_worker is not None:
+                self._on_decode_worker(info)
         else:
             self._ignored.add(worker_id)
         for index in (self._decode, self._prefill):

@@ -40,6 +40,7 @@ def encode_info(info: WorkerInfo) -> dict[str, str]:
         "num_total_blocks": str(info.num_total_blocks),
         "kv_endpoint": info.kv_endpoint,
         "started_at": repr(info.started_at),
+        "output_endpoint": info.output_endpoint,
     }
 
 
@@ -53,6 +54,7 @@ def decode_info(fields: Mapping[str, str]) -> WorkerInfo:
         num_total_blocks=int(fields["num_total_blocks"]),
         kv_endpoint=fields["kv_endpoint"],
         started_at=float(fields["started_at"]),
+        output_endpoint=fields.get("output_endpoint", ""),  # (absent: an older worker's)
     )
 
 

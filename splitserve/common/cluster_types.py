@@ -88,6 +88,8 @@ class WorkerInfo:
     num_total_blocks: int  # KV blocks in the worker's cache
     kv_endpoint: str = ""  # KV transfer endpoint; opaque here (kvtransfer's format)
     started_at: float = field(default_factory=time.time)
+    # Where a decode worker accepts routers' output channels (host:port; "": it does not).
+    output_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if not self.worker_id:

@@ -35,7 +35,7 @@ KV_TIER_HOST: KvTier
 KV_TIER_DISK: KvTier
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "kv_endpoint", "model", "block_size", "num_total_blocks", "started_at_unix_s")
+    __slots__ = ("worker_id", "role", "address", "kv_endpoint", "model", "block_size", "num_total_blocks", "started_at_unix_s", "output_endpoint")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class WorkerInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _common_pb2.WorkerRole
     address: str
@@ -52,7 +53,8 @@ class WorkerInfo(_message.Message):
     block_size: int
     num_total_blocks: int
     started_at_unix_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., started_at_unix_s: _Optional[float] = ...) -> None: ...
+    output_endpoint: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., started_at_unix_s: _Optional[float] = ..., output_endpoint: _Optional[str] = ...) -> None: ...
 
 class WorkerLoadReport(_message.Message):
     __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens", "updated_at_unix_s", "step_model")

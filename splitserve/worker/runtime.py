@@ -105,6 +105,11 @@ class WorkerRuntime:
         return self.core.kv_endpoint
 
     @property
+    def output_endpoint(self) -> str:
+        """Where routers open output channels to this worker ("": nowhere)."""
+        return ""
+
+    @property
     def metrics_port(self) -> int | None:
         """The bound metrics port; None while metrics are not served."""
         return self.core.metrics_port
@@ -127,6 +132,7 @@ class WorkerRuntime:
             num_total_blocks=self.engine.num_blocks,
             kv_endpoint=self.kv_endpoint,
             started_at=self.started_at,
+            output_endpoint=self.output_endpoint,
         )
         self.presence = WorkerPresence(
             self.store, info, self.load_report, self.loop.drain_prefix_events,

@@ -37,6 +37,7 @@ def _info(worker_id: str, role: WorkerRole = WorkerRole.DECODE) -> WorkerInfo:
         num_total_blocks=1024,
         kv_endpoint=f"gloo://127.0.0.1:29500?rank={len(worker_id)}",
         started_at=1_700_000_000.123456,
+        output_endpoint="" if role is WorkerRole.PREFILL else f"127.0.0.1:{6000 + len(worker_id)}",
     )
 
 

@@ -4,9 +4,11 @@ Admit stream message per output.
 
 In-process deployments (the real router and decode worker, real gRPC and TCP on
 127.0.0.1, the tiny random-weight model):
-- the first request to a worker streams over its Admit stream and teaches the router the
-  worker's channel endpoint; later ones go over the channel, with the same tokens,
-  logprobs, usage and finish reason, and the decode worker's timings;
+- the router opens a worker's channel when it finds the worker in cluster state (its
+  registration names the endpoint), and a request to it waits for the channel to open:
+  the router's very first request goes over the channel,
+  with the same tokens, logprobs, usage and finish reason as over the Admit stream (a
+  router with output_channels=False), and the decode worker's timings;
 - a channel that closes mid-stream (from the worker's side) ends its requests there and the
   router resumes them: the client gets every token once, the same tokens, and every block
   is free afterwards; later requests stream again (over the Admit stream, then a new
@@ -70,16 +72,20 @@ def _wait_channel(d: Deployment, timeout_s: float = 10.0) -> None:
     time.sleep(0.1)  # (the router marks it ready once its hello is written)
 
 
-def test_later_requests_go_over_the_channel_with_the_same_outputs(
-        deployment: Deployment) -> None:
+def test_requests_go_over_the_channel_opened_at_discovery_with_the_same_outputs(
+        tiny_llama: Path, deployment: Deployment) -> None:
     worker = deployment.decode[0]
+    assert worker.output_endpoint and worker.output_channels is not None
     sampling = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
-    first = _stream(deployment, PROMPT, **sampling)  # over the Admit stream
-    assert worker.num_channel_streams == 0
-    _wait_channel(deployment)
-    again = _stream(deployment, PROMPT, **sampling)
+    again = _stream(deployment, PROMPT, **sampling)  # the router's first request
     assert worker.num_channel_streams == 1
     assert worker.metrics_snapshot().output_channel_streams == 1  # (its Prometheus counter)
+    reference = _deployment(tiny_llama, output_channels=False)
+    try:
+        first = _stream(reference, PROMPT, **sampling)  # over the Admit stream
+        assert reference.decode[0].num_channel_streams == 0
+    finally:
+        reference.stop()
     assert again["tokens"] == first["tokens"] and len(again["tokens"]) == 24
     assert again["reason"] == first["reason"] == "length"
     assert [(lp.token_id, round(lp.logprob, 5)) for lp in again["logprobs"]] == [
@@ -96,7 +102,7 @@ def test_a_channel_closed_mid_stream_resumes_its_requests(tiny_llama: Path,
     sampling = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}
     expected = LLM(model=str(tiny_llama), num_kv_blocks=128, block_size=8).generate(
         [PROMPT], SamplingParams(**sampling))[0].token_ids
-    _stream(deployment, [5, 6, 7], max_tokens=2)  # teaches the router the endpoint
+    _stream(deployment, [5, 6, 7], max_tokens=2)  # the router finds the worker
     _wait_channel(deployment)
     channels = worker.output_channels
     assert channels is not None
@@ -132,7 +138,7 @@ def test_a_cancelled_request_over_the_channel_frees_its_blocks(
                 seen.set()
                 break
         stream.close()  # cancels the Generate call
-    assert seen.is_set() and worker.num_channel_streams == 1
+    assert seen.is_set() and worker.num_channel_streams == 2
     state = deployment.wait_all_blocks_free(10.0)
     assert state["decode-0"][0] == state["decode-0"][1], state
 

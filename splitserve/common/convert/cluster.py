@@ -28,6 +28,7 @@ def info_to_proto(info: WorkerInfo) -> cluster_pb2.WorkerInfo:
         role=role_to_proto(info.role),
         address=info.address,
         kv_endpoint=info.kv_endpoint,
+        output_endpoint=info.output_endpoint,
         model=info.model,
         block_size=info.block_size,
         num_total_blocks=info.num_total_blocks,
@@ -47,6 +48,7 @@ def info_from_proto(msg: cluster_pb2.WorkerInfo) -> WorkerInfo:
         block_size=msg.block_size,
         num_total_blocks=msg.num_total_blocks,
         kv_endpoint=msg.kv_endpoint,
+        output_endpoint=msg.output_endpoint,
         started_at=msg.started_at_unix_s,
     )
 
