@@ -231,10 +231,13 @@ class OutputChannels:
     async def ready(self, address: str) -> OutputChannel | None:
         """The ready channel to the worker at `address`; one that is opening, once it is
         (waiting up to OPEN_WAIT_S: a burst right after the router found the worker goes
-        over it too); else None."""
+        over it too), unless a channel to it closed before (one that cannot connect would
+        cost each request the wait); else None."""
         channel = self._channels.get(address)
         if channel is None or channel.ready:
             return channel
+        if address in self._closed_at:  # a channel to it failed before: no wait on this one
+            return None
         return channel if await channel.wait_ready(OPEN_WAIT_S) else None
 
     def learn(self, address: str, endpoint: str) -> None:

@@ -12,7 +12,14 @@ import pytest
 
 from splitserve.common.frames import frame
 from splitserve.decode_worker import output_channel as oc
-from splitserve.router.output_channel import MAX_FRAME_BYTES, ChannelLost, Mailbox, OutputChannels
+from splitserve.router.output_channel import (
+    MAX_FRAME_BYTES,
+    OPEN_WAIT_S,
+    RETRY_S,
+    ChannelLost,
+    Mailbox,
+    OutputChannels,
+)
 from splitserve.v1 import worker_pb2
 
 
@@ -256,3 +263,46 @@ def test_held_frames_leave_at_the_flush_in_order() -> None:
         sock.close()
     finally:
         server.close()
+
+
+def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed() -> None:
+    """ready(): a channel learned a moment ago is awaited (the first burst after the router
+    finds a worker goes over it); once a channel to that worker has closed, a new one that
+    is still opening is not waited for."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept_and_close() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        oc.read_frame(conn, 4096)
+        conn.close()
+
+    thread = threading.Thread(target=accept_and_close, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        address = "127.0.0.1:1"
+        channels.learn(address, f"127.0.0.1:{port}")
+        assert channels.get(address) is None  # opening
+        channel = await channels.ready(address)
+        assert channel is not None and channel.ready
+        box = channel.open("r")
+        assert box is not None
+        with pytest.raises(ChannelLost):
+            await asyncio.wait_for(box.get(), 5)  # the worker closed it
+        assert await channels.ready(address) is None
+        channels.learn(address, f"127.0.0.1:{port}")  # too soon after the close: not opened
+        assert address not in channels._channels
+        channels._closed_at[address] -= RETRY_S  # (as if RETRY_S had passed)
+        channels.learn(address, f"127.0.0.1:{port}")
+        assert address in channels._channels  # opening again
+        started = time.monotonic()
+        assert await channels.ready(address) is None  # not waited for
+        assert time.monotonic() - started < OPEN_WAIT_S / 2
+        channels.close()
+
+    asyncio.run(main())
+    thread.join(5)
+    listener.close()
