@@ -38,6 +38,16 @@ def _connect(server: oc.OutputChannelServer, channel_id: str, token: str = "",
     return sock
 
 
+def _open(server: oc.OutputChannelServer, channel_id: str
+          ) -> tuple[socket.socket, oc.OutputChannel]:
+    """A router's end of a channel (its socket) and the worker's, once the hello landed."""
+    sock = _connect(server, channel_id)
+    _wait_for(lambda: server.get(channel_id) is not None)
+    channel = server.get(channel_id)
+    assert channel is not None
+    return sock, channel
+
+
 def _wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -48,10 +58,7 @@ def _wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-unt
 def test_outputs_arrive_framed_in_order() -> None:
     server, _ = _server()
     try:
-        sock = _connect(server, "c1")
-        _wait_for(lambda: server.get("c1") is not None)
-        channel = server.get("c1")
-        assert channel is not None
+        sock, channel = _open(server, "c1")
         for i in range(50):
             output = worker_pb2.DecodeOutput(token_ids=[i], num_generated_tokens=i + 1)
             assert channel.send(frame(worker_pb2.ChannelOutput(request_id="r",
@@ -142,7 +149,8 @@ def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> No
             channel = channels.get("127.0.0.1:5555")
             box = channel.open("r1") if channel is not None else None
             await asyncio.sleep(0.001)
-        assert box is not None and accepted.is_set()
+        assert box is not None and accepted.wait(5)  # (ready once connected: maybe not yet accepted)
+        _wait_for(lambda: bool(hellos))
         assert hellos[0].token == "tok" and hellos[0].channel_id
         opened.set()
         with pytest.raises(ChannelLost):
@@ -235,10 +243,7 @@ def test_held_frames_leave_at_the_flush_in_order() -> None:
     frames are held goes out after them, not before; after the flush sends go at once."""
     server, _ = _server()
     try:
-        sock = _connect(server, "c1")
-        _wait_for(lambda: server.get("c1") is not None)
-        channel = server.get("c1")
-        assert channel is not None
+        sock, channel = _open(server, "c1")
 
         def out(i: int) -> bytes:
             return frame(worker_pb2.ChannelOutput(
@@ -271,11 +276,13 @@ def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed(
     is still opening is not waited for."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
+    checked = threading.Event()
 
     def accept_and_close() -> None:
         conn, _ = listener.accept()
         conn.settimeout(5)
         oc.read_frame(conn, 4096)
+        checked.wait(5)
         conn.close()
 
     thread = threading.Thread(target=accept_and_close, daemon=True)
@@ -290,6 +297,7 @@ def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed(
         assert channel is not None and channel.ready
         box = channel.open("r")
         assert box is not None
+        checked.set()
         with pytest.raises(ChannelLost):
             await asyncio.wait_for(box.get(), 5)  # the worker closed it
         assert await channels.ready(address) is None
