@@ -13,7 +13,8 @@ and the engine loop flushes every channel once the step's outputs are dispatched
 send() per channel and step, so one read on the router, however large the batch).
 
 A router opens one channel per worker (OutputChannelHello: its channel id, and the
-cluster token when the cluster has one) and names it in its AdmitRequests; the Admit stream
+cluster token when the cluster has one; the worker's first frame, an empty ChannelOutput,
+says it holds the channel) and names it in its AdmitRequests; the Admit stream
 then carries the Admission only and ends after the request's last output went out here.
 send() never blocks the engine: what the socket does not take at once waits in the
 channel's backlog for its I/O thread, and a backlog over MAX_BACKLOG_BYTES (the router
@@ -34,7 +35,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from splitserve.common.frames import FRAME_HEADER
+from splitserve.common.frames import FRAME_HEADER, frame
 from splitserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,8 @@ class OutputChannelServer:
             old.close("replaced by a new connection")
         if self._stopped:
             channel.close("the worker stops")
+            return
+        channel.send(frame(worker_pb2.ChannelOutput()))  # the router may name it now
 
     def _closed(self, channel: OutputChannel) -> None:
         with self._lock:

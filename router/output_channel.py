@@ -2,10 +2,11 @@
 outputs of this router's requests there (decode_worker.output_channel says why: no gRPC
 stream or thread per output on either side).
 
-A worker's Admission names where it accepts channels (Admission.output_endpoint); the router
-then connects in the background (OutputChannelHello with a random channel id and the
-cluster token), and names the channel in the AdmitRequests of later requests to that
-worker. Each such request reads its outputs from a Mailbox the channel's reader fills;
+A worker's registration in cluster state and its Admissions name where it accepts channels
+(WorkerInfo / Admission.output_endpoint); the router then connects in the background
+(OutputChannelHello with a random channel id and the cluster token; the worker answers with
+an empty ChannelOutput once it holds the channel), and names the channel in the
+AdmitRequests of later requests to that worker. Each such request reads its outputs from a Mailbox the channel's reader fills;
 its Admit stream carries the Admission only and ends after the last output. A channel that
 closes fails every mailbox on it (ChannelLost: the request resumes elsewhere, as for a lost
 stream) and is opened again by a later Admission, not sooner than RETRY_S after.
@@ -139,11 +140,19 @@ class OutputChannel:
         self._transport = transport
         transport.write(frame(worker_pb2.OutputChannelHello(channel_id=self.channel_id,
                                                             token=token)))
-        self.ready = True
-        if not self._opened.done():
-            self._opened.set_result(None)
+        # Ready once the worker's first frame (an empty ChannelOutput) says it has taken
+        # the channel: an Admit naming it before then would find no channel there.
+
+    def _accepted(self) -> None:
+        if not self.closed and not self.ready:
+            self.ready = True
+            if not self._opened.done():
+                self._opened.set_result(None)
 
     def _deliver(self, received: worker_pb2.ChannelOutput) -> None:
+        if not received.request_id:
+            self._accepted()  # the worker's acknowledgement of the hello
+            return
         mailbox = self._mailboxes.get(received.request_id)
         if mailbox is not None:  # (else: a request that left already)
             mailbox.put(received.output)

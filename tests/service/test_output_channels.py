@@ -30,6 +30,7 @@ import pytest
 from splitserve.client import Client
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.llm import LLM
+from splitserve.router import output_channel as router_output_channel
 from tests.service.deployment import Deployment, start_deployment
 
 PROMPT = [11, 22, 33, 44, 55, 66, 77]
@@ -73,7 +74,10 @@ def _wait_channel(d: Deployment, timeout_s: float = 10.0) -> None:
 
 
 def test_requests_go_over_the_channel_opened_at_discovery_with_the_same_outputs(
-        tiny_llama: Path, deployment: Deployment) -> None:
+        tiny_llama: Path, deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first request waits for the channel the router opens when it finds the worker;
+    # on a busy machine the worker's acknowledgement may take longer than OPEN_WAIT_S.
+    monkeypatch.setattr(router_output_channel, "OPEN_WAIT_S", 10.0)
     worker = deployment.decode[0]
     assert worker.output_endpoint and worker.output_channels is not None
     sampling = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}

@@ -40,9 +40,12 @@ def _connect(server: oc.OutputChannelServer, channel_id: str, token: str = "",
 
 def _open(server: oc.OutputChannelServer, channel_id: str
           ) -> tuple[socket.socket, oc.OutputChannel]:
-    """A router's end of a channel (its socket) and the worker's, once the hello landed."""
+    """A router's end of a channel (its socket) and the worker's, once the worker has
+    acknowledged the hello (its first frame: an empty ChannelOutput)."""
     sock = _connect(server, channel_id)
-    _wait_for(lambda: server.get(channel_id) is not None)
+    sock.settimeout(5)
+    assert worker_pb2.ChannelOutput.FromString(oc.read_frame(sock, 1024)) == (
+        worker_pb2.ChannelOutput())
     channel = server.get(channel_id)
     assert channel is not None
     return sock, channel
@@ -112,8 +115,7 @@ def test_a_router_that_stops_reading_gets_its_channel_closed_not_the_engine_bloc
 
 def test_closing_the_server_closes_its_channels() -> None:
     server, closed = _server()
-    sock = _connect(server, "c1")
-    _wait_for(lambda: server.get("c1") is not None)
+    sock, _ = _open(server, "c1")
     server.close()
     assert closed == ["c1"]
     sock.settimeout(5)
@@ -134,6 +136,7 @@ def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> No
         accepted.set()
         conn.settimeout(5)
         hellos.append(worker_pb2.OutputChannelHello.FromString(oc.read_frame(conn, 4096)))
+        conn.sendall(frame(worker_pb2.ChannelOutput()))  # the worker holds the channel
         opened.wait(5)
         conn.close()  # the worker goes away
 
@@ -183,6 +186,7 @@ def test_the_router_parses_frames_however_the_bytes_are_split() -> None:
         conn, _ = listener.accept()
         conn.settimeout(5)
         oc.read_frame(conn, 4096)  # the hello
+        conn.sendall(frame(worker_pb2.ChannelOutput()))  # acknowledged
         ready.wait(5)
         cuts = [0, 1, 2, 3, 4, 5, 9, 64, 65, 1000, 1001, 1003, 5000, 20000, len(stream)]
         for start, end in zip(cuts, cuts[1:], strict=False):
@@ -282,6 +286,7 @@ def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed(
         conn, _ = listener.accept()
         conn.settimeout(5)
         oc.read_frame(conn, 4096)
+        conn.sendall(frame(worker_pb2.ChannelOutput()))
         checked.wait(5)
         conn.close()
 
@@ -309,6 +314,46 @@ def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed(
         started = time.monotonic()
         assert await channels.ready(address) is None  # not waited for
         assert time.monotonic() - started < OPEN_WAIT_S / 2
+        channels.close()
+
+    asyncio.run(main())
+    thread.join(5)
+    listener.close()
+
+
+def test_a_channel_is_ready_only_once_the_worker_acknowledged_the_hello() -> None:
+    """Until the worker's first frame (an empty ChannelOutput) the router names no request
+    on the channel: the worker may not hold it yet, and would stream the request over its
+    Admit stream instead."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    hello, ack = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        oc.read_frame(conn, 4096)
+        hello.set()
+        ack.wait(5)
+        conn.sendall(frame(worker_pb2.ChannelOutput()))
+        time.sleep(1)
+        conn.close()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        address = "127.0.0.1:1"
+        channels.learn(address, f"127.0.0.1:{port}")
+        assert await channels.ready(address) is None  # waited OPEN_WAIT_S: no ack yet
+        assert hello.is_set() and channels.get(address) is None
+        ack.set()
+        deadline = time.monotonic() + 5
+        while channels.get(address) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert await channels.ready(address) is channels.get(address)
         channels.close()
 
     asyncio.run(main())
