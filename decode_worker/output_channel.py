@@ -119,7 +119,7 @@ class OutputChannel:
                 return False
             if hold or self._held:
                 if not self._held:
-                    self._server.held(self)  # type: ignore[union-attr]  # (hold=True: the engine thread, the one flusher)
+                    self._server.held(self)  # type: ignore[union-attr]  # (hold: a server)
                 self._held.append(data)
                 return True
             failed = self._send_locked(data)
@@ -239,7 +239,8 @@ class OutputChannelServer:
         self._channels: dict[str, OutputChannel] = {}
         self._lock = threading.Lock()
         self._stopped = False
-        self._holding: list[OutputChannel] = []  # channels with held frames (engine thread)
+        self._holding: list[OutputChannel] = []  # channels with held frames
+        self._holding_lock = threading.Lock()  # (the engine thread's alone, but cheap)
         threading.Thread(target=self._accept, name="output-channels", daemon=True).start()
 
     def get(self, channel_id: str) -> OutputChannel | None:
@@ -249,13 +250,15 @@ class OutputChannelServer:
         return channel if channel is not None and not channel.closed else None
 
     def held(self, channel: OutputChannel) -> None:
-        """`channel` holds frames now (called by its send(hold=True): the engine thread)."""
-        self._holding.append(channel)
+        """`channel` holds frames now (its send(hold=True), from the engine thread)."""
+        with self._holding_lock:
+            self._holding.append(channel)
 
     def flush(self) -> None:
         """Send every channel's held frames (the engine thread, after a step's outputs)."""
         if self._holding:
-            holding, self._holding = self._holding, []
+            with self._holding_lock:
+                holding, self._holding = self._holding, []
             for channel in holding:
                 channel.flush()
 
