@@ -7,6 +7,8 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ from splitserve.router.output_channel import (
     RETRY_S,
     ChannelLost,
     Mailbox,
+    OutputChannel,
     OutputChannels,
 )
 from splitserve.v1 import worker_pb2
@@ -56,6 +59,43 @@ def _wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-unt
     while not predicate():
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def _with_fake_worker(serve: Callable[[socket.socket], None],
+                      main: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """Run `main(port)` on an event loop while a thread plays a decode worker listening on
+    `port`: its one connection goes to `serve`, which reads the hello itself."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            serve(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        asyncio.run(main(listener.getsockname()[1]))
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def _hello(conn: socket.socket, ack: bool = True) -> worker_pb2.OutputChannelHello:
+    """Read the router's hello; `ack`: answer as a worker that holds the channel."""
+    hello = worker_pb2.OutputChannelHello.FromString(oc.read_frame(conn, 4096))
+    if ack:
+        conn.sendall(frame(worker_pb2.ChannelOutput()))
+    return hello
+
+
+async def _ready(channels: OutputChannels, address: str) -> OutputChannel:
+    deadline = time.monotonic() + 5
+    while (channel := channels.get(address)) is None:
+        assert time.monotonic() < deadline, "the channel never became ready"
+        await asyncio.sleep(0.002)
+    return channel
 
 
 def test_outputs_arrive_framed_in_order() -> None:
@@ -126,35 +166,20 @@ def test_closing_the_server_closes_its_channels() -> None:
 def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> None:
     """An endpoint on 0.0.0.0 is reached at the worker's gRPC host; a closed channel is not
     opened again within RETRY_S; a mailbox fails with the channel."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    accepted, opened = threading.Event(), threading.Event()
+    opened = threading.Event()
     hellos: list[worker_pb2.OutputChannelHello] = []
 
-    def accept() -> None:
-        conn, _ = listener.accept()
-        accepted.set()
-        conn.settimeout(5)
-        hellos.append(worker_pb2.OutputChannelHello.FromString(oc.read_frame(conn, 4096)))
-        conn.sendall(frame(worker_pb2.ChannelOutput()))  # the worker holds the channel
+    def serve(conn: socket.socket) -> None:
+        hellos.append(_hello(conn))
         opened.wait(5)
         conn.close()  # the worker goes away
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-
-    async def main() -> None:
+    async def main(port: int) -> None:
         channels = OutputChannels("tok")
         channels.learn("127.0.0.1:5555", f"0.0.0.0:{port}")
-        deadline = time.monotonic() + 5
-        box: Mailbox | None = None
-        while box is None and time.monotonic() < deadline:
-            channel = channels.get("127.0.0.1:5555")
-            box = channel.open("r1") if channel is not None else None
-            await asyncio.sleep(0.001)
-        assert box is not None and accepted.wait(5)  # (ready once connected: maybe not yet accepted)
-        _wait_for(lambda: bool(hellos))
-        assert hellos[0].token == "tok" and hellos[0].channel_id
+        box = (await _ready(channels, "127.0.0.1:5555")).open("r1")
+        assert box is not None
+        assert hellos[0].token == "tok" and hellos[0].channel_id  # (the ack came after it)
         opened.set()
         with pytest.raises(ChannelLost):
             await asyncio.wait_for(box.get(), 5)
@@ -163,17 +188,13 @@ def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> No
         assert "127.0.0.1:5555" not in channels._channels
         channels.close()
 
-    asyncio.run(main())
-    thread.join(5)
-    listener.close()
+    _with_fake_worker(serve, main)
 
 
 def test_the_router_parses_frames_however_the_bytes_are_split() -> None:
     """Frames cut anywhere and many to a read reach their mailboxes whole and in order,
     a request's outputs in its own; outputs of a request that has no mailbox are dropped;
     an oversized frame header closes the channel and fails every mailbox."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     outputs = [worker_pb2.ChannelOutput(
         request_id=("a", "b", "gone")[i % 3],
         output=worker_pb2.DecodeOutput(token_ids=[i] * (1 + i % 7), num_generated_tokens=i,
@@ -182,11 +203,8 @@ def test_the_router_parses_frames_however_the_bytes_are_split() -> None:
     stream = b"".join(frame(o) for o in outputs)
     ready = threading.Event()
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        oc.read_frame(conn, 4096)  # the hello
-        conn.sendall(frame(worker_pb2.ChannelOutput()))  # acknowledged
+    def serve(conn: socket.socket) -> None:
+        _hello(conn)
         ready.wait(5)
         cuts = [0, 1, 2, 3, 4, 5, 9, 64, 65, 1000, 1001, 1003, 5000, 20000, len(stream)]
         for start, end in zip(cuts, cuts[1:], strict=False):
@@ -194,20 +212,11 @@ def test_the_router_parses_frames_however_the_bytes_are_split() -> None:
             time.sleep(0.002)  # each piece a read of its own
         conn.sendall((MAX_FRAME_BYTES + 1).to_bytes(4, "little"))
         time.sleep(0.5)
-        conn.close()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-
-    async def main() -> None:
+    async def main(port: int) -> None:
         channels = OutputChannels(None)
         channels.learn("127.0.0.1:1", f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 5
-        while channels.get("127.0.0.1:1") is None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.001)
-        channel = channels.get("127.0.0.1:1")
-        assert channel is not None
+        channel = await _ready(channels, "127.0.0.1:1")
         boxes = {rid: channel.open(rid) for rid in ("a", "b")}
         ready.set()
         for rid, box in boxes.items():
@@ -220,9 +229,7 @@ def test_the_router_parses_frames_however_the_bytes_are_split() -> None:
         assert channels.get("127.0.0.1:1") is None
         channels.close()
 
-    asyncio.run(main())
-    thread.join(5)
-    listener.close()
+    _with_fake_worker(serve, main)
 
 
 def test_a_mailbox_gives_its_outputs_then_its_failure_in_order() -> None:
@@ -278,22 +285,14 @@ def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed(
     """ready(): a channel learned a moment ago is awaited (the first burst after the router
     finds a worker goes over it); once a channel to that worker has closed, a new one that
     is still opening is not waited for."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     checked = threading.Event()
 
-    def accept_and_close() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        oc.read_frame(conn, 4096)
-        conn.sendall(frame(worker_pb2.ChannelOutput()))
+    def serve(conn: socket.socket) -> None:
+        _hello(conn)
         checked.wait(5)
         conn.close()
 
-    thread = threading.Thread(target=accept_and_close, daemon=True)
-    thread.start()
-
-    async def main() -> None:
+    async def main(port: int) -> None:
         channels = OutputChannels(None)
         address = "127.0.0.1:1"
         channels.learn(address, f"127.0.0.1:{port}")
@@ -316,46 +315,31 @@ def test_a_request_waits_for_a_channel_that_is_opening_but_not_after_one_failed(
         assert time.monotonic() - started < OPEN_WAIT_S / 2
         channels.close()
 
-    asyncio.run(main())
-    thread.join(5)
-    listener.close()
+    _with_fake_worker(serve, main)
 
 
 def test_a_channel_is_ready_only_once_the_worker_acknowledged_the_hello() -> None:
     """Until the worker's first frame (an empty ChannelOutput) the router names no request
     on the channel: the worker may not hold it yet, and would stream the request over its
     Admit stream instead."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     hello, ack = threading.Event(), threading.Event()
 
-    def worker() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        oc.read_frame(conn, 4096)
+    def serve(conn: socket.socket) -> None:
+        _hello(conn, ack=False)
         hello.set()
         ack.wait(5)
         conn.sendall(frame(worker_pb2.ChannelOutput()))
         time.sleep(1)
-        conn.close()
 
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-
-    async def main() -> None:
+    async def main(port: int) -> None:
         channels = OutputChannels(None)
         address = "127.0.0.1:1"
         channels.learn(address, f"127.0.0.1:{port}")
         assert await channels.ready(address) is None  # waited OPEN_WAIT_S: no ack yet
         assert hello.is_set() and channels.get(address) is None
         ack.set()
-        deadline = time.monotonic() + 5
-        while channels.get(address) is None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
-        assert await channels.ready(address) is channels.get(address)
+        channel = await _ready(channels, address)
+        assert await channels.ready(address) is channel
         channels.close()
 
-    asyncio.run(main())
-    thread.join(5)
-    listener.close()
+    _with_fake_worker(serve, main)
