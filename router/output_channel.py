@@ -6,10 +6,11 @@ A worker's registration in cluster state and its Admissions name where it accept
 (WorkerInfo / Admission.output_endpoint); the router then connects in the background
 (OutputChannelHello with a random channel id and the cluster token; the worker answers with
 an empty ChannelOutput once it holds the channel), and names the channel in the
-AdmitRequests of later requests to that worker. Each such request reads its outputs from a Mailbox the channel's reader fills;
-its Admit stream carries the Admission only and ends after the last output. A channel that
-closes fails every mailbox on it (ChannelLost: the request resumes elsewhere, as for a lost
-stream) and is opened again by a later Admission, not sooner than RETRY_S after.
+AdmitRequests of later requests to that worker. Each such request reads its outputs from a
+Mailbox the channel's protocol fills; its Admit stream carries the Admission only and ends
+after the last output. A channel that closes fails every mailbox on it (ChannelLost: the
+request resumes elsewhere, as for a lost stream) and is opened again by a later Admission,
+not sooner than RETRY_S after.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class OutputChannel:
 
     def __init__(self, host: str, port: int, token: str | None) -> None:
         self.channel_id = uuid.uuid4().hex
-        self.ready = False  # connected and greeted: requests may name it
+        self.ready = False  # the worker acknowledged the hello: requests may name it
         self.closed = False
         self._where = f"{host}:{port}"
         self._mailboxes: dict[str, Mailbox] = {}
