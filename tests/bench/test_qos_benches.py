@@ -39,10 +39,10 @@ def test_fairness_bench_runs_all_three_phases(
     assert set(data["results"]) == {"alone", "fcfs", "vtc"}
     assert set(data["results"]["vtc"]) == {"flood", "light"}
     assert data["results"]["alone"]["light"]["requests"] > 0
-    for phase in ("fcfs", "vtc"):  # only what was sent inside the window counts
-        for client in ("flood", "light"):
+    for phase in ("fcfs", "vtc"):  # only what was sent inside the window [0, 3] counts
+        for client in ("flood", "light"):  # (send times are rounded to the millisecond)
             sends = [t for t, _ in data["results"][phase][client]["ttft_by_send_s"]]
-            assert sends and min(sends) >= 0.0 and max(sends) < 3.0, (phase, client, sends)
+            assert sends and min(sends) >= 0.0 and max(sends) <= 3.0, (phase, client, sends)
     for phase in ("fcfs", "vtc"):
         ratio = data["summary"][phase]["flood_over_light_tokens"]
         assert f"{phase}: tokens served flood/light = {ratio}" in printed
