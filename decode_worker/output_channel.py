@@ -20,8 +20,12 @@ send() never blocks the engine: what the socket does not take at once waits in t
 channel's backlog for its I/O thread, and a backlog over MAX_BACKLOG_BYTES (the router
 stopped reading) closes the channel. A channel that closes, from either end, aborts every
 request still bound to it (its Admit stream ends with UNAVAILABLE), so the router resumes
-them elsewhere and no KV block outlives them. Not offered under mutual TLS (the channel
-is plain TCP): requests then stream over gRPC.
+them elsewhere and no KV block outlives them. A worker that stops or changes role ends its
+channels gracefully (`OutputChannelServer.close(drain_s)`): what is held or backlogged goes
+out first, so a request that ended here before (its Admit stream ended OK) gets its last
+outputs rather than a lost channel. Both ends keep the connection alive with TCP keepalive
+(common.frames), so a peer that vanished without a word is noticed. Not offered under
+mutual TLS (the channel is plain TCP): requests then stream over gRPC.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from splitserve.common.frames import FRAME_HEADER, frame
+from splitserve.common.frames import FRAME_HEADER, frame, keep_alive
 from splitserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class OutputChannel:
         self._sock = sock
         sock.setblocking(False)
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)  # the backlog emptied, or closed
         self._backlog = bytearray()
         self._held: list[bytes] = []  # this step's frames, until flush()
         self._server = server
@@ -164,6 +170,19 @@ class OutputChannel:
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
 
+    def finish(self, why: str, timeout_s: float) -> None:
+        """Close the channel gracefully: send what is held, wait up to `timeout_s` for the
+        backlog to go out (the router reading it), then close."""
+        self.flush()
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._backlog and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._drained.wait(left)
+        self.close(why)
+
     def close(self, why: str = "closed") -> None:
         """Close the channel (idempotent); on_closed runs once, on the calling thread."""
         with self._lock:
@@ -172,6 +191,7 @@ class OutputChannel:
             self._closed = True
             self._backlog.clear()
             self._held.clear()
+            self._drained.notify_all()
             self._wake()  # the I/O thread closes the socket and the pipe
         log.info("output channel %s closed: %s", self.channel_id, why)
         self._on_closed(self)
@@ -220,6 +240,8 @@ class OutputChannel:
                 sent = -1
             if sent >= 0:
                 del self._backlog[:sent]
+                if not self._backlog:
+                    self._drained.notify_all()
         if sent < 0:
             self.close("the connection failed")
 
@@ -268,19 +290,27 @@ class OutputChannelServer:
             return len(self._channels)
 
     def close_channels(self, why: str) -> None:
-        """Close every open channel (their requests end: on_closed)."""
+        """Close every open channel at once (their requests end: on_closed)."""
         with self._lock:
             channels = list(self._channels.values())
         for channel in channels:
             channel.close(why)
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop accepting and close every channel (the requests still on them end:
+        on_closed), each after its held and backlogged frames went out, within `drain_s` in
+        all (0: at once)."""
         self._stopped = True
-        try:
-            self._listener.close()
+        try:  # (shutdown wakes the accept thread; close alone leaves it blocked)
+            self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.close_channels("the worker stops")
+        self._listener.close()
+        with self._lock:
+            channels = list(self._channels.values())
+        deadline = time.monotonic() + drain_s
+        for channel in channels:
+            channel.finish("the worker stops", max(0.0, deadline - time.monotonic()))
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -304,12 +334,18 @@ class OutputChannelServer:
             conn.close()
             return
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_alive(conn)
         channel = OutputChannel(hello.channel_id, conn, self._closed, self)
         with self._lock:
             old = self._channels.get(hello.channel_id)
             self._channels[hello.channel_id] = channel
         if old is not None:
             old.close("replaced by a new connection")
+        if channel.closed:  # the router hung up before it was registered: _closed missed it
+            with self._lock:
+                if self._channels.get(hello.channel_id) is channel:
+                    del self._channels[hello.channel_id]
+            return
         if self._stopped:
             channel.close("the worker stops")
             return

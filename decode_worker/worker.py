@@ -82,6 +82,9 @@ class DecodeEvent:
 
 
 _PARK_S = 10.0  # how long a migrated request's KV waits here for ShipKV
+# How long a worker that stops or changes role gives its output channels to deliver what
+# they hold (the last outputs of requests that ended) before it closes them.
+CHANNEL_DRAIN_S = 2.0
 
 
 @dataclass(slots=True)
@@ -309,9 +312,9 @@ class DecodeWorker(WorkerRuntime):
             self.loop.submit(functools.partial(self._abort, request_id=request.request_id))
 
     def release(self) -> None:
-        if self.output_channels is not None:
+        if self.output_channels is not None:  # (the outputs of requests that ended go out)
             self.loop.remove_output_flush(self.output_channels.flush)
-            self.output_channels.close()
+            self.output_channels.close(drain_s=CHANNEL_DRAIN_S)
         super().release()
 
     # ---- engine thread --------------------------------------------------------------------

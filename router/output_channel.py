@@ -10,7 +10,9 @@ AdmitRequests of later requests to that worker. Each such request reads its outp
 Mailbox the channel's protocol fills; its Admit stream carries the Admission only and ends
 after the last output. A channel that closes fails every mailbox on it (ChannelLost: the
 request resumes elsewhere, as for a lost stream) and is opened again by a later Admission,
-not sooner than RETRY_S after.
+not sooner than RETRY_S after. TCP keepalive (common.frames) closes a channel whose worker
+vanished without a word (its host died, froze or restarted); a worker that comes back at
+the same address with another endpoint gets a new channel at once.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
-from splitserve.common.frames import FRAME_HEADER, frame
+from splitserve.common.frames import FRAME_HEADER, frame, keep_alive
 from splitserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,10 @@ MAX_FRAME_BYTES = 64 << 20
 CONNECT_TIMEOUT_S = 5.0
 RETRY_S = 5.0  # a channel that closed is not opened again sooner
 OPEN_WAIT_S = 0.2  # a request to a worker whose channel is opening waits this long for it
+# A worker ends a request's Admit stream (OK) once its last output is on the channel: if
+# that output has not come this long after, the request is taken as lost there (resumed).
+LAST_OUTPUT_WAIT_S = 30.0
+MAX_CLOSED_REMEMBERED = 4096  # addresses whose channel closed, kept for RETRY_S and ready()
 
 
 class ChannelLost(ConnectionError):
@@ -90,10 +97,14 @@ class OutputChannel:
     its request's mailbox there and then: one event-loop pass per read, however many frames
     it holds (a reader task would add a pass per read and two awaits per frame)."""
 
-    def __init__(self, host: str, port: int, token: str | None) -> None:
+    def __init__(self, host: str, port: int, token: str | None,
+                 on_closed: Callable[[OutputChannel], None] | None = None,
+                 endpoint: str = "") -> None:
         self.channel_id = uuid.uuid4().hex
+        self.endpoint = endpoint  # as the worker advertised it
         self.ready = False  # the worker acknowledged the hello: requests may name it
         self.closed = False
+        self._on_closed = on_closed
         self._where = f"{host}:{port}"
         self._mailboxes: dict[str, Mailbox] = {}
         self._transport: asyncio.Transport | None = None
@@ -122,7 +133,7 @@ class OutputChannel:
         self._task.cancel()
         if self._transport is not None:
             self._transport.abort()
-        self._end(ChannelLost("the router closed its output channel"))
+        self._end("the router closed its output channel")
 
     async def _connect(self, host: str, port: int, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -139,6 +150,9 @@ class OutputChannel:
             transport.abort()
             return
         self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            keep_alive(sock)
         transport.write(frame(worker_pb2.OutputChannelHello(channel_id=self.channel_id,
                                                             token=token)))
         # Ready once the worker's first frame (an empty ChannelOutput) says it has taken
@@ -171,15 +185,19 @@ class OutputChannel:
         log.info("output channel to %s closed: %s", self._where, why)
         if self._transport is not None:
             self._transport.abort()
-        self._end(ChannelLost(f"the output channel to {self._where} closed ({why})"))
+        self._end(f"the output channel to {self._where} closed ({why})")
 
-    def _end(self, exc: ChannelLost) -> None:
+    def _end(self, why: str) -> None:
+        if self.closed:
+            return
         self.closed, self.ready = True, False
         if not self._opened.done():
             self._opened.set_result(None)
         mailboxes, self._mailboxes = self._mailboxes, {}
-        for mailbox in mailboxes.values():
-            mailbox.fail(exc)
+        for mailbox in mailboxes.values():  # (an exception each: each is raised in its task)
+            mailbox.fail(ChannelLost(why))
+        if self._on_closed is not None:
+            self._on_closed(self)
 
 
 class _ChannelProtocol(asyncio.Protocol):
@@ -252,25 +270,38 @@ class OutputChannels:
 
     def learn(self, address: str, endpoint: str) -> None:
         """The worker at `address` accepts channels at `endpoint` (host:port; a wildcard
-        host: `address`'s): open one, unless one is open or opening, or closed < RETRY_S ago."""
+        host: `address`'s): open one, unless one to that endpoint is open or opening, or a
+        channel to `address` closed < RETRY_S ago. A channel to another endpoint (the
+        worker restarted at the same address) is closed and replaced."""
         if not self.enabled or not endpoint:
             return
         channel = self._channels.get(address)
-        if channel is not None and not channel.closed:
-            return
-        now = time.monotonic()
         if channel is not None:
-            del self._channels[address]
-            self._closed_at[address] = now
-        if now - self._closed_at.get(address, -RETRY_S) < RETRY_S:
+            if channel.endpoint == endpoint:
+                return
+            channel.close()  # (its requests were on a worker that is gone)
+            self._closed_at.pop(address, None)  # a new worker: no wait, as for any new one
+        elif time.monotonic() - self._closed_at.get(address, -RETRY_S) < RETRY_S:
             return
         host, _, port = endpoint.rpartition(":")
         host = host.strip("[]")
         if host in ("", "0.0.0.0", "::"):
             host = address.rpartition(":")[0].strip("[]")
-        self._channels[address] = OutputChannel(host, int(port), self._token)
+        self._channels[address] = OutputChannel(
+            host, int(port), self._token,
+            on_closed=lambda closed: self._forget(address, closed), endpoint=endpoint)
+
+    def _forget(self, address: str, channel: OutputChannel) -> None:
+        """`channel` to `address` closed: drop it and remember when (the oldest such
+        memories go beyond MAX_CLOSED_REMEMBERED addresses)."""
+        if self._channels.get(address) is channel:
+            del self._channels[address]
+        self._closed_at.pop(address, None)
+        self._closed_at[address] = time.monotonic()
+        while len(self._closed_at) > MAX_CLOSED_REMEMBERED:
+            del self._closed_at[next(iter(self._closed_at))]
 
     def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in list(self._channels.values()):
             channel.close()
         self._channels.clear()

@@ -51,6 +51,7 @@ from splitserve.common.convert.common import FINISH_REASONS, sampling_to_proto
 from splitserve.common.grpc_util import PREFILL_ADMITTED, ServiceError
 from splitserve.common.outputs import is_prefill_kv_failure
 from splitserve.engine.block_hash import compute_block_hashes
+from splitserve.router import output_channel
 from splitserve.router.cluster_io import RequestLedger
 from splitserve.router.dispatch import Admitted, admit_request
 from splitserve.router.output_channel import ChannelLost, Mailbox, OutputChannel
@@ -632,10 +633,19 @@ async def _watch_admit_stream(call: grpc.aio.UnaryStreamCall, mailbox: Mailbox,
     except grpc.aio.AioRpcError as exc:
         mailbox.fail(watch.lost or _decode_failed(decoder, decode_id, exc))
         return
-    if message is not grpc.aio.EOF:  # (EOF: D's last output went over the channel)
+    if message is not grpc.aio.EOF:
         mailbox.fail(WorkerLost("decode", decoder, f"decode worker {decode_id} sent a "
                                 "message on an Admit stream whose outputs go over its "
                                 "output channel"))
+        return
+    # EOF: D's last output went onto the channel. The request leaves (cancelling this
+    # task) once it has read it; a channel that lost it without closing must not leave the
+    # request waiting for ever.
+    await asyncio.sleep(output_channel.LAST_OUTPUT_WAIT_S)
+    mailbox.fail(WorkerLost("decode", decoder, f"decode worker {decode_id} ended the "
+                            "request's stream, but its last output did not come over the "
+                            f"output channel within {output_channel.LAST_OUTPUT_WAIT_S:g} s",
+                            grpc.StatusCode.UNAVAILABLE))
 
 
 async def _only_answer(call: grpc.aio.UnaryStreamCall, worker: WorkerView

@@ -174,11 +174,13 @@ class EngineLoop:
             self._finished[reason] = self._finished.get(reason, 0) + 1
 
     def add_output_flush(self, flush: Callable[[], None]) -> None:
-        self._output_flushes.append(flush)
+        """Run `flush` after each step's outputs are dispatched (and after commands). Any
+        thread: the list is replaced, never changed in place, so the engine thread's pass
+        over it is not disturbed."""
+        self._output_flushes = [*self._output_flushes, flush]
 
     def remove_output_flush(self, flush: Callable[[], None]) -> None:
-        if flush in self._output_flushes:
-            self._output_flushes.remove(flush)
+        self._output_flushes = [f for f in self._output_flushes if f != flush]
 
     def add_poller(self, key: str, poll: Callable[[], bool]) -> None:
         self._pollers[key] = poll

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from splitserve.common import frames
 from splitserve.common.frames import frame
 from splitserve.decode_worker import output_channel as oc
+from splitserve.router import output_channel as router_oc
 from splitserve.router.output_channel import (
     MAX_FRAME_BYTES,
     OPEN_WAIT_S,
@@ -343,3 +345,138 @@ def test_a_channel_is_ready_only_once_the_worker_acknowledged_the_hello() -> Non
         channels.close()
 
     _with_fake_worker(serve, main)
+
+
+def _keepalive(sock: socket.socket) -> tuple[int, int]:
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+
+
+def test_both_ends_of_a_channel_keep_the_connection_alive() -> None:
+    """The router sends nothing after its hello and a worker nothing between requests: a
+    peer whose host died or restarted without a FIN is found by TCP keepalive, on both
+    ends, with the channel's timings."""
+    server, _ = _server()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        channels.learn("127.0.0.1:1", server.endpoint)
+        router_end = await _ready(channels, "127.0.0.1:1")
+        sock = router_end._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert _keepalive(sock) == (1, frames.KEEPALIVE_IDLE_S)
+        _wait_for(lambda: server.num_open == 1)
+        [worker_end] = server._channels.values()
+        assert _keepalive(worker_end._sock) == (1, frames.KEEPALIVE_IDLE_S)
+        channels.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()
+
+
+def test_a_stopping_worker_sends_what_its_channels_hold_before_closing() -> None:
+    """close(drain_s): the held frames and the backlog (a router reading slowly) go out
+    before the channel closes, so requests that ended here get their last outputs."""
+    server, closed = _server()
+    sock = _connect(server, "c1", rcvbuf=4096)
+    _wait_for(lambda: server.get("c1") is not None)
+    channel = server.get("c1")
+    assert channel is not None
+    outputs = [frame(worker_pb2.ChannelOutput(  # ~3 MB: more than the socket buffers hold
+        request_id="r", output=worker_pb2.DecodeOutput(token_ids=[i] * 1000)))
+        for i in range(1500)]
+    for data in outputs[:-5]:
+        assert channel.send(data)
+    for data in outputs[-5:]:
+        assert channel.send(data, hold=True)  # a step's outputs, not flushed yet
+    assert channel._backlog  # the router has not read: the socket took only part
+    stopper = threading.Thread(target=server.close, kwargs={"drain_s": 10.0})
+    stopper.start()
+    time.sleep(0.2)  # the router reads only now
+    sock.settimeout(5)
+    got = [worker_pb2.ChannelOutput.FromString(oc.read_frame(sock, 1 << 20))
+           for _ in range(len(outputs) + 1)]  # the acknowledgement first
+    assert [g.output.token_ids[0] for g in got[1:]] == list(range(1500))
+    assert sock.recv(1) == b""  # then the close
+    stopper.join(5)
+    assert closed == ["c1"]
+    sock.close()
+
+
+def test_a_router_that_hangs_up_at_once_leaves_no_channel_behind() -> None:
+    """A channel whose router closes right after its hello may close before the worker
+    has registered it: it must not stay registered."""
+    server, _ = _server()
+    try:
+        for i in range(40):
+            _connect(server, f"c{i}").close()
+        _wait_for(lambda: server.num_open == 0)
+        time.sleep(0.2)
+        assert server.num_open == 0
+    finally:
+        server.close()
+
+
+def test_a_closed_server_accepts_no_more_connections() -> None:
+    server, _ = _server()
+    port = server.port
+    server.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_worker_back_at_its_address_with_another_endpoint_gets_a_new_channel() -> None:
+    """A worker restarted at the same address advertises another channel endpoint: the
+    router replaces its channel at once (the old one's requests fail: ChannelLost, each
+    its own exception), and learning the same endpoint again changes nothing."""
+    old_server, _ = _server()
+    new_server, _ = _server()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        address = "127.0.0.1:1"
+        channels.learn(address, old_server.endpoint)
+        old = await _ready(channels, address)
+        boxes = [old.open("r1"), old.open("r2")]
+        channels.learn(address, new_server.endpoint)
+        assert old.closed
+        errors = []
+        for box in boxes:
+            assert box is not None
+            with pytest.raises(ChannelLost) as caught:
+                await box.get()
+            errors.append(caught.value)
+        assert errors[0] is not errors[1]
+        new = await channels.ready(address)  # waited for: a new worker's channel
+        assert new is not None and new is not old and new.endpoint == new_server.endpoint
+        channels.learn(address, new_server.endpoint)
+        assert channels.get(address) is new
+        channels.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        old_server.close()
+        new_server.close()
+
+
+def test_closed_channels_are_dropped_and_only_so_many_closes_remembered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_oc, "MAX_CLOSED_REMEMBERED", 2)
+    refusing = socket.create_server(("127.0.0.1", 0))
+    port = refusing.getsockname()[1]
+    refusing.close()  # nothing listens there: every channel fails at once
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        for i in range(3):
+            channels.learn(f"10.0.0.{i}:1", f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 5
+        while channels._channels:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert list(channels._closed_at) == ["10.0.0.1:1", "10.0.0.2:1"]
+        channels.close()
+
+    asyncio.run(main())
