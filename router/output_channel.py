@@ -129,11 +129,11 @@ class OutputChannel:
     def release(self, request_id: str) -> None:
         self._mailboxes.pop(request_id, None)
 
-    def close(self) -> None:
+    def close(self, why: str = "the router closed its output channel") -> None:
         self._task.cancel()
         if self._transport is not None:
             self._transport.abort()
-        self._end("the router closed its output channel")
+        self._end(why)
 
     async def _connect(self, host: str, port: int, token: str) -> None:
         loop = asyncio.get_running_loop()

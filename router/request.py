@@ -257,9 +257,10 @@ class RequestRun:
         log.warning("request %s: %s; resuming on another worker after %d tokens",
                     self._req.worker_request_id, lost.message, self._relay.num_tokens)
         await self._release_attempt(lost)
-        if not lost.planned:
-            self._state.directory.eject(lost.worker, lost.message)
-        self._lost_workers.add(lost.worker.address)
+        if not lost.channel_only:  # (a lost channel says nothing of the worker)
+            if not lost.planned:
+                self._state.directory.eject(lost.worker, lost.message)
+            self._lost_workers.add(lost.worker.address)
         tokens = self._relay.output_token_ids
         if lost.planned and tokens and lost.kv_tokens == self._req.prompt_len + len(tokens) - 1:
             # The draining worker holds the KV of everything but the last token: ship it.
@@ -483,7 +484,7 @@ class RequestRun:
             if self._mailbox is not None:
                 self._stream_watch = asyncio.get_running_loop().create_task(
                     _watch_admit_stream(self._admit_call, self._mailbox, watch, decoder,
-                                        decode_id))
+                                        decode_id, self._channel))
         output: worker_pb2.DecodeOutput | None
         try:
             if self._mailbox is not None:
@@ -500,9 +501,9 @@ class RequestRun:
             if watch.lost is not None:
                 raise watch.lost from None
             raise _decode_failed(decoder, decode_id, exc) from exc
-        except ChannelLost as exc:
+        except ChannelLost as exc:  # (the worker ended the requests it had on the channel)
             raise WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}",
-                             grpc.StatusCode.UNAVAILABLE) from exc
+                             grpc.StatusCode.UNAVAILABLE, channel_only=True) from exc
         if watch.lost is not None:
             raise watch.lost
         if output is None:
@@ -619,7 +620,8 @@ def _decode_failed(decoder: WorkerView, decode_id: str,
 
 
 async def _watch_admit_stream(call: grpc.aio.UnaryStreamCall, mailbox: Mailbox,
-                              watch: SilenceWatch, decoder: WorkerView, decode_id: str) -> None:
+                              watch: SilenceWatch, decoder: WorkerView, decode_id: str,
+                              channel: OutputChannel | None) -> None:
     """While D's outputs go over the output channel its Admit stream is quiet until D ends
     it, after the last output: an end with an error (D failed, or `watch` cancelled the
     call) fails the request's reads; an output here breaks the protocol."""
@@ -639,13 +641,17 @@ async def _watch_admit_stream(call: grpc.aio.UnaryStreamCall, mailbox: Mailbox,
                                 "output channel"))
         return
     # EOF: D's last output went onto the channel. The request leaves (cancelling this
-    # task) once it has read it; a channel that lost it without closing must not leave the
-    # request waiting for ever.
+    # task) once it has read it. One channel carries a worker's outputs in order, so a
+    # last output that has not come long after is lost with the channel (dead without
+    # closing): close it, which fails the mailboxes of every request on it (ChannelLost:
+    # they resume), rather than leave them waiting for ever.
     await asyncio.sleep(output_channel.LAST_OUTPUT_WAIT_S)
-    mailbox.fail(WorkerLost("decode", decoder, f"decode worker {decode_id} ended the "
-                            "request's stream, but its last output did not come over the "
-                            f"output channel within {output_channel.LAST_OUTPUT_WAIT_S:g} s",
-                            grpc.StatusCode.UNAVAILABLE))
+    why = (f"decode worker {decode_id} ended a request's stream, but its last output did "
+           f"not come over the output channel within {output_channel.LAST_OUTPUT_WAIT_S:g} s")
+    log.warning("%s: closing the channel", why)
+    if channel is not None:
+        channel.close(why)
+    mailbox.fail(ChannelLost(why))  # (if the close failed it already, its reader stops there)
 
 
 async def _only_answer(call: grpc.aio.UnaryStreamCall, worker: WorkerView

@@ -30,11 +30,12 @@ T = TypeVar("T")
 
 class WorkerLost(Exception):
     """A worker failed the request in a way another worker may not, or handed it back
-    while draining (`planned`): resume elsewhere."""
+    while draining (`planned`): resume elsewhere. `channel_only`: only the output channel
+    to the worker failed (the worker may be well: it is neither ejected nor avoided)."""
 
     def __init__(self, role: str, worker: WorkerView, message: str,
                  code: grpc.StatusCode = grpc.StatusCode.INTERNAL, planned: bool = False,
-                 kv_tokens: int = 0) -> None:
+                 kv_tokens: int = 0, channel_only: bool = False) -> None:
         super().__init__(message)
         self.role = role  # "prefill" | "decode"
         self.worker = worker
@@ -42,6 +43,7 @@ class WorkerLost(Exception):
         self.code = code
         self.planned = planned
         self.kv_tokens = kv_tokens  # planned: tokens whose KV the worker holds for ShipKV
+        self.channel_only = channel_only
 
     @property
     def reason(self) -> str:

@@ -11,14 +11,10 @@ import asyncio
 import grpc
 import pytest
 
-from splitserve.router import output_channel as router_oc
 from splitserve.router import watch as watch_module
-from splitserve.router.output_channel import Mailbox
 from splitserve.router.policy import WorkerView
-from splitserve.router.request import _watch_admit_stream
 from splitserve.router.watch import SilenceWatch, WorkerLost
 from splitserve.router.workers import WorkerDirectory
-from splitserve.v1 import worker_pb2
 
 WORKER = WorkerView("decode-x", address="10.0.0.9:1")
 
@@ -96,58 +92,3 @@ def test_a_stream_that_gets_messages_is_never_probed() -> None:
 
     lost, probes, stopped = asyncio.run(main())
     assert lost is None and probes == 0 and stopped
-
-
-class _EndedStream(_Call):
-    """An Admit stream that D ended with OK (its outputs went over the output channel)."""
-
-    async def read(self) -> object:
-        self.cancelled = True  # (done)
-        return grpc.aio.EOF
-
-
-async def _healthy() -> None:
-    return None
-
-
-def test_a_last_output_that_never_comes_over_the_channel_loses_the_worker(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """D ended the Admit stream after putting the last output on its channel; if that output
-    never arrives (a channel that died without closing), the request's read fails with
-    WorkerLost after LAST_OUTPUT_WAIT_S instead of waiting for ever."""
-    monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.1)
-
-    async def main() -> None:
-        call, mailbox = _EndedStream(), Mailbox()
-        watch = SilenceWatch(call, "decode", WORKER, _healthy, _directory())
-        task = asyncio.get_running_loop().create_task(
-            _watch_admit_stream(call, mailbox, watch, WORKER, WORKER.worker_id))
-        mailbox.put(worker_pb2.DecodeOutput(token_ids=[1]))  # outputs already here come first
-        assert (await mailbox.get()).token_ids == [1]
-        with pytest.raises(WorkerLost) as caught:
-            await asyncio.wait_for(mailbox.get(), 5)
-        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-        assert "did not come over the output channel" in caught.value.message
-        await task
-        watch.stop()
-
-    asyncio.run(main())
-
-
-def test_a_last_output_that_comes_in_time_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.3)
-
-    async def main() -> None:
-        call, mailbox = _EndedStream(), Mailbox()
-        watch = SilenceWatch(call, "decode", WORKER, _healthy, _directory())
-        task = asyncio.get_running_loop().create_task(
-            _watch_admit_stream(call, mailbox, watch, WORKER, WORKER.worker_id))
-        await asyncio.sleep(0.05)  # the EOF came first, the output a moment later
-        mailbox.put(worker_pb2.DecodeOutput(token_ids=[7], finish_reason=1))
-        assert (await mailbox.get()).token_ids == [7]
-        task.cancel()  # the request leaves with its last output
-        await asyncio.sleep(0.4)
-        assert task.cancelled()
-        watch.stop()
-
-    asyncio.run(main())

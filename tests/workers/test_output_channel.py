@@ -1,5 +1,6 @@
 """decode_worker.output_channel on its own: the hello, the framing, a router that stops
-reading, and the router side's endpoint handling (router.output_channel)."""
+reading, a worker that stops; the router side's endpoint handling (router.output_channel)
+and its wait for a last output after the Admit stream's end (router.request)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
 import pytest
 
 from splitserve.common import frames
@@ -25,6 +27,10 @@ from splitserve.router.output_channel import (
     OutputChannel,
     OutputChannels,
 )
+from splitserve.router.policy import WorkerView
+from splitserve.router.request import _watch_admit_stream
+from splitserve.router.watch import SilenceWatch
+from splitserve.router.workers import WorkerDirectory
 from splitserve.v1 import worker_pb2
 
 
@@ -478,5 +484,88 @@ def test_closed_channels_are_dropped_and_only_so_many_closes_remembered(
             await asyncio.sleep(0.01)
         assert list(channels._closed_at) == ["10.0.0.1:1", "10.0.0.2:1"]
         channels.close()
+
+    asyncio.run(main())
+
+
+class _EndedAdmitStream:
+    """A stand-in for grpc's call: an Admit stream that D ended with OK (its outputs went
+    over the output channel)."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    async def read(self) -> object:
+        self.ended = True
+        return grpc.aio.EOF
+
+    def cancel(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return self.ended
+
+
+async def _healthy() -> None:
+    return None
+
+
+def _watch_ended_stream(mailbox: Mailbox, channel: OutputChannel | None
+                        ) -> tuple[asyncio.Task[None], SilenceWatch]:
+    call = _EndedAdmitStream()
+    worker = WorkerView("decode-x", address="127.0.0.1:1")
+    watch = SilenceWatch(call, "decode", worker, _healthy,  # type: ignore[arg-type]
+                         WorkerDirectory(None, "m", 16, refresh_s=1.0))  # type: ignore[arg-type]
+    task = asyncio.get_running_loop().create_task(_watch_admit_stream(
+        call, mailbox, watch, worker, worker.worker_id, channel))  # type: ignore[arg-type]
+    return task, watch
+
+
+def test_a_last_output_that_never_comes_over_the_channel_closes_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """D ended a request's Admit stream after putting its last output on the channel: if
+    that output never arrives (a channel dead without closing), the router closes the
+    channel after LAST_OUTPUT_WAIT_S, so every request on it resumes instead of waiting
+    for ever; outputs that came before are read first."""
+    monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.1)
+    server, _ = _server()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        channels.learn("127.0.0.1:1", server.endpoint)
+        channel = await _ready(channels, "127.0.0.1:1")
+        mailbox, other = channel.open("r1"), channel.open("r2")
+        assert mailbox is not None and other is not None
+        task, watch = _watch_ended_stream(mailbox, channel)
+        mailbox.put(worker_pb2.DecodeOutput(token_ids=[1]))
+        assert (await mailbox.get()).token_ids == [1]
+        for box in (mailbox, other):
+            with pytest.raises(ChannelLost, match="did not come over the output channel"):
+                await asyncio.wait_for(box.get(), 5)
+        assert channel.closed and channels.get("127.0.0.1:1") is None
+        await task
+        watch.stop()
+        channels.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()
+
+
+def test_a_last_output_that_comes_after_the_streams_end_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.3)
+
+    async def main() -> None:
+        mailbox = Mailbox()
+        task, watch = _watch_ended_stream(mailbox, None)
+        await asyncio.sleep(0.05)  # the EOF came first, the last output a moment later
+        mailbox.put(worker_pb2.DecodeOutput(token_ids=[7], finish_reason=1))
+        assert (await mailbox.get()).token_ids == [7]
+        task.cancel()  # the request leaves with its last output
+        await asyncio.sleep(0.4)
+        assert task.cancelled() and not mailbox._items  # nothing failed it
+        watch.stop()
 
     asyncio.run(main())
