@@ -62,11 +62,13 @@ async def _storm(address: str, count: int, seed: int) -> dict[str, int]:
     return outcome
 
 
-def test_cancel_storm_frees_every_block_within_a_second(deployment: Deployment) -> None:
+def test_cancel_storm_frees_every_block_promptly(deployment: Deployment) -> None:
     outcome = asyncio.run(_storm(deployment.address, 200, seed=11))
     assert outcome["cancelled"] > 150, outcome
     cancelled_at = time.monotonic()
-    state = deployment.wait_all_blocks_free(timeout_s=1.0)
+    # Within 5 s: half the deployment's kv_timeout_s (10 s), which would free a leaked
+    # transfer's blocks anyway (on an idle machine it takes well under a second).
+    state = deployment.wait_all_blocks_free(timeout_s=5.0)
     waited = time.monotonic() - cancelled_at
     assert all(free == total for free, total in state.values()), (state, waited)
     # Nothing still generating for a client that left.
@@ -99,7 +101,7 @@ def test_admit_cancelled_while_the_engine_is_busy_frees_the_request(
         time.sleep(0.2)
         call.cancel()
     stall.result(5)
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 5.0  # (half the kv_timeout_s that would free them anyway)
     while True:
         free, held = worker.loop.call(
             lambda e: (e.block_manager.num_free_blocks, len(e.requests) + worker.num_pending()))

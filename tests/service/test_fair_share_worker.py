@@ -29,14 +29,20 @@ def _light_finishes_before_flood(tiny_llama: Path, tmp: Path, fair_share: bool) 
     try:
         def flood_one(i: int) -> None:
             with Client(d.address, token=KEYS["flood"], timeout=120) as client:
-                client.generate(list(range(100 + i, 140 + i)), max_tokens=150,
+                client.generate(list(range(100 + i, 140 + i)), max_tokens=400,
                                 temperature=0.0, ignore_eos=True)
             with lock:
                 flood_done.append(time.monotonic())
 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(flood_one, i) for i in range(8)]
-            time.sleep(0.3)  # the batch is full of flood, six more queued on the worker
+            # The batch full of flood, six more queued on the worker (not a fixed sleep: on a
+            # loaded machine 8 clients take a while to connect).
+            deadline = time.monotonic() + 30
+            while d.decode[0].loop.call(
+                    lambda e: (len(e.scheduler.running), len(e.scheduler.waiting))) != (2, 6):
+                assert time.monotonic() < deadline, "the flood never filled the worker"
+                time.sleep(0.01)
             with Client(d.address, token=KEYS["light"], timeout=120) as client:
                 out = client.generate([5, 6, 7, 8], max_tokens=4, temperature=0.0,
                                       ignore_eos=True)

@@ -44,15 +44,27 @@ def _drain(request: DecodeRequest, timeout_s: float = 60.0) -> tuple[list[int], 
     raise TimeoutError("the request did not end")
 
 
-@pytest.fixture()
-def worker(tiny_llama: Path) -> Iterator[DecodeWorker]:
+def _worker(tiny_llama: Path, max_output_backlog: int) -> Iterator[DecodeWorker]:
     engine = EngineConfig(model=str(tiny_llama), num_kv_blocks=NUM_BLOCKS, block_size=8,
                           max_num_batched_tokens=64)
     d = DecodeWorker(WorkerOptions(engine=engine, kv_backend="inproc", worker_id="d0",
-                                   max_output_backlog=8), InMemoryClusterStore())
+                                   max_output_backlog=max_output_backlog),
+                     InMemoryClusterStore())
     d.start()
     yield d
     d.stop()
+
+
+@pytest.fixture()
+def worker(tiny_llama: Path) -> Iterator[DecodeWorker]:
+    yield from _worker(tiny_llama, 8)
+
+
+@pytest.fixture()
+def roomy_worker(tiny_llama: Path) -> Iterator[DecodeWorker]:
+    """A backlog of 32 outputs: a reader thread descheduled for 8 steps on a loaded machine
+    is not one that stopped reading (each request still makes more outputs than that)."""
+    yield from _worker(tiny_llama, 32)
 
 
 def test_unread_stream_is_cut_off_while_the_batch_goes_on(worker: DecodeWorker) -> None:
@@ -79,7 +91,8 @@ def test_unread_stream_is_cut_off_while_the_batch_goes_on(worker: DecodeWorker) 
     assert events[-1].error == "the stream stopped reading its output"
 
 
-def test_readers_that_keep_up_are_never_cut_off(worker: DecodeWorker) -> None:
+def test_readers_that_keep_up_are_never_cut_off(roomy_worker: DecodeWorker) -> None:
+    worker = roomy_worker
     params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
     requests = [worker.admit(f"r{i}", list(range(5 + i, 25 + i)), params, True, "", 30.0)
                 for i in range(4)]

@@ -136,10 +136,12 @@ def test_a_second_switch_is_refused_while_one_runs(cluster: Cluster) -> None:
         _switch(flip.address, PREFILL, drain_timeout_ms=1500)))
     first.start()
     deadline = time.monotonic() + 10
-    while flip.leaving is None and time.monotonic() < deadline:
+    # (leaving is set before the new role is built and registered: wait for all three)
+    while not (flip.leaving is not None and flip.role == "prefill"
+               and _roles(store).get("f") is WorkerRole.PREFILL):
+        assert time.monotonic() < deadline, "the switch never started serving as prefill"
         time.sleep(0.01)
     # Serving as prefill already, while the decode role it leaves drains: both answer.
-    assert flip.role == "prefill" and _roles(store)["f"] is WorkerRole.PREFILL
     stats = worker_pb2_grpc.PrefillWorkerStub(grpc.insecure_channel(flip.address)).Stats(
         worker_pb2.PrefillStatsRequest())
     assert stats.role == PREFILL and not stats.draining

@@ -59,8 +59,11 @@ def _request(**kwargs: float) -> DecodeRequest:
 
 def test_tokens_go_in_groups_of_the_interval_after_the_first() -> None:
     request = _request()
-    _produce(request, [_token(i, finished=i == 14) for i in range(15)], gap_s=0.01)
-    messages = [m for m, _ in _relayed(request, 4, hold_s=5.0)]
+    request.events.put(_token(0))
+    relay = _relay(request, _Active(), 4, 5.0)
+    first = next(relay).output  # taken before the next token exists: alone, at once
+    _produce(request, [_token(i, finished=i == 14) for i in range(1, 15)], gap_s=0.01)
+    messages = [first, *(m.output for m in relay)]
     sizes = [len(m.token_ids) for m in messages]
     assert [t for m in messages for t in m.token_ids] == list(range(15))
     assert sizes[0] == 1  # the first token at once
