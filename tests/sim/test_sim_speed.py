@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
+from types import SimpleNamespace
 
 import pytest
 
 from splitserve.bench.metrics import parse_slo
+from splitserve.sim import speed as speed_module
 from splitserve.sim import sweep
 from splitserve.sim.cluster import Deployment, SimRequest, simulate
 from splitserve.sim.speed import HostSpeed, measure_speed, speed_sigma
@@ -33,18 +34,24 @@ def test_a_drift_is_piecewise_constant_reproducible_and_of_mean_one() -> None:
         HostSpeed(0.1, 0.0, seed=0)
 
 
-def test_sigma_is_the_spread_of_the_periods_medians() -> None:
+def test_sigma_is_the_spread_of_the_periods_medians(monkeypatch: pytest.MonkeyPatch) -> None:
     # Periods of 1 s with medians 10, 20, 40: logs spaced by log 2.
     samples = [(0.1, 10.0), (0.5, 11.0), (0.9, 9.0), (1.2, 20.0), (2.5, 40.0), (2.6, 40.0)]
     assert speed_sigma(samples, 1.0) == pytest.approx(math.log(2))
     assert speed_sigma([(0.1, 10.0), (0.2, 30.0)], 1.0) == 0.0  # one period: no spread
     assert measure_speed(lambda: 5.0, duration_s=0.05, period_s=0.01) == (0.0, 5.0)
-    # A host that runs at one speed for 10 ms, then at a quarter of it, and so on.
-    start = time.monotonic()
+    # A host that runs at one speed for 10 ms, then at a quarter of it, and so on, on a
+    # clock that moves 1 ms per reading (a wall clock would let preemption pick the periods).
+    clock = [0.0]
+
+    def monotonic() -> float:
+        clock[0] += 0.001
+        return clock[0]
 
     def step_ms() -> float:
-        return 10.0 if int((time.monotonic() - start) / 0.01) % 2 == 0 else 40.0
+        return 10.0 if round(clock[0] * 1000) // 10 % 2 == 0 else 40.0
 
+    monkeypatch.setattr(speed_module, "time", SimpleNamespace(monotonic=monotonic))
     drifting, median = measure_speed(step_ms, duration_s=0.06, period_s=0.01)
     assert drifting > 0.5 * math.log(4)
     assert 10.0 <= median <= 40.0
