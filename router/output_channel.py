@@ -37,7 +37,8 @@ CONNECT_TIMEOUT_S = 5.0
 RETRY_S = 5.0  # a channel that closed is not opened again sooner
 OPEN_WAIT_S = 0.2  # a request to a worker whose channel is opening waits this long for it
 # A worker ends a request's Admit stream (OK) once its last output is on the channel: if
-# that output has not come this long after, the request is taken as lost there (resumed).
+# that output has not come this long after, the channel is taken as dead (closed: its
+# requests resume).
 LAST_OUTPUT_WAIT_S = 30.0
 MAX_CLOSED_REMEMBERED = 4096  # addresses whose channel closed, kept for RETRY_S and ready()
 
@@ -53,15 +54,18 @@ class Mailbox:
     event loop: a deque and the reader's waiting future (no asyncio.Queue: its getters'
     list and put's wake-up cost more than the rest of a channel's receive path)."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "got_last")
 
     def __init__(self) -> None:
         self._items: collections.deque[worker_pb2.DecodeOutput | BaseException] = (
             collections.deque())
         self._waiter: asyncio.Future[None] | None = None
+        self.got_last = False  # an output with a finish reason came (read or not)
 
     def put(self, output: worker_pb2.DecodeOutput) -> None:
         self._items.append(output)
+        if output.finish_reason:
+            self.got_last = True
         self._wake()
 
     def fail(self, exc: BaseException) -> None:

@@ -640,12 +640,15 @@ async def _watch_admit_stream(call: grpc.aio.UnaryStreamCall, mailbox: Mailbox,
                                 "message on an Admit stream whose outputs go over its "
                                 "output channel"))
         return
-    # EOF: D's last output went onto the channel. The request leaves (cancelling this
-    # task) once it has read it. One channel carries a worker's outputs in order, so a
-    # last output that has not come long after is lost with the channel (dead without
-    # closing): close it, which fails the mailboxes of every request on it (ChannelLost:
-    # they resume), rather than leave them waiting for ever.
-    await asyncio.sleep(output_channel.LAST_OUTPUT_WAIT_S)
+    # EOF: D's last output went onto the channel. One channel carries a worker's outputs
+    # in order, so a last output that has not come long after is lost with the channel
+    # (dead without closing): close it, which fails the mailboxes of every request on it
+    # (ChannelLost: they resume), rather than leave them waiting for ever. (Come is not
+    # read: a request relaying to a slow client may read its last output much later.)
+    if not mailbox.got_last:
+        await asyncio.sleep(output_channel.LAST_OUTPUT_WAIT_S)
+    if mailbox.got_last:
+        return
     why = (f"decode worker {decode_id} ended a request's stream, but its last output did "
            f"not come over the output channel within {output_channel.LAST_OUTPUT_WAIT_S:g} s")
     log.warning("%s: closing the channel", why)

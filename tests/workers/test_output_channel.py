@@ -572,3 +572,31 @@ def test_a_last_output_that_comes_after_the_streams_end_is_read(
         watch.stop()
 
     asyncio.run(main())
+
+
+def test_a_last_output_that_came_but_is_not_read_yet_keeps_the_channel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request relaying to a slow client reads its last output long after it came: that
+    is no dead channel (closing it would resume every other request on it)."""
+    monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.1)
+    server, _ = _server()
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        channels.learn("127.0.0.1:1", server.endpoint)
+        channel = await _ready(channels, "127.0.0.1:1")
+        mailbox = channel.open("r1")
+        assert mailbox is not None
+        mailbox.put(worker_pb2.DecodeOutput(token_ids=[3]))
+        mailbox.put(worker_pb2.DecodeOutput(token_ids=[4], finish_reason=1))
+        task, watch = _watch_ended_stream(mailbox, channel)
+        await asyncio.sleep(0.3)  # three times the wait, nothing read
+        assert not channel.closed and task.done()
+        assert [(await mailbox.get()).token_ids[0] for _ in range(2)] == [3, 4]
+        watch.stop()
+        channels.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()
