@@ -354,6 +354,23 @@ def test_a_channel_is_ready_only_once_the_worker_acknowledged_the_hello() -> Non
     _with_fake_worker(serve, main)
 
 
+def _against_a_worker(main: Callable[[oc.OutputChannelServer], Coroutine[Any, Any, None]]
+                      ) -> None:
+    """Run `main(server)` on an event loop with a worker's channel server beside it."""
+    server, _ = _server()
+    try:
+        asyncio.run(main(server))
+    finally:
+        server.close()
+
+
+async def _learned(server: oc.OutputChannelServer) -> tuple[OutputChannels, OutputChannel]:
+    """A router's channels, and its ready channel to `server` (a worker "at 127.0.0.1:1")."""
+    channels = OutputChannels(None)
+    channels.learn("127.0.0.1:1", server.endpoint)
+    return channels, await _ready(channels, "127.0.0.1:1")
+
+
 def _keepalive(sock: socket.socket) -> tuple[int, int]:
     return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
@@ -363,12 +380,8 @@ def test_both_ends_of_a_channel_keep_the_connection_alive() -> None:
     """The router sends nothing after its hello and a worker nothing between requests: a
     peer whose host died or restarted without a FIN is found by TCP keepalive, on both
     ends, with the channel's timings."""
-    server, _ = _server()
-
-    async def main() -> None:
-        channels = OutputChannels(None)
-        channels.learn("127.0.0.1:1", server.endpoint)
-        router_end = await _ready(channels, "127.0.0.1:1")
+    async def main(server: oc.OutputChannelServer) -> None:
+        channels, router_end = await _learned(server)
         sock = router_end._transport.get_extra_info("socket")  # type: ignore[union-attr]
         assert _keepalive(sock) == (1, frames.KEEPALIVE_IDLE_S)
         _wait_for(lambda: server.num_open == 1)
@@ -376,10 +389,7 @@ def test_both_ends_of_a_channel_keep_the_connection_alive() -> None:
         assert _keepalive(worker_end._sock) == (1, frames.KEEPALIVE_IDLE_S)
         channels.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        server.close()
+    _against_a_worker(main)
 
 
 def test_a_stopping_worker_sends_what_its_channels_hold_before_closing() -> None:
@@ -531,12 +541,8 @@ def test_a_last_output_that_never_comes_over_the_channel_closes_it(
     channel after LAST_OUTPUT_WAIT_S, so every request on it resumes instead of waiting
     for ever; outputs that came before are read first."""
     monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.1)
-    server, _ = _server()
-
-    async def main() -> None:
-        channels = OutputChannels(None)
-        channels.learn("127.0.0.1:1", server.endpoint)
-        channel = await _ready(channels, "127.0.0.1:1")
+    async def main(server: oc.OutputChannelServer) -> None:
+        channels, channel = await _learned(server)
         mailbox, other = channel.open("r1"), channel.open("r2")
         assert mailbox is not None and other is not None
         task, watch = _watch_ended_stream(mailbox, channel)
@@ -550,10 +556,7 @@ def test_a_last_output_that_never_comes_over_the_channel_closes_it(
         watch.stop()
         channels.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        server.close()
+    _against_a_worker(main)
 
 
 def test_a_last_output_that_comes_after_the_streams_end_is_read(
@@ -579,12 +582,8 @@ def test_a_last_output_that_came_but_is_not_read_yet_keeps_the_channel(
     """A request relaying to a slow client reads its last output long after it came: that
     is no dead channel (closing it would resume every other request on it)."""
     monkeypatch.setattr(router_oc, "LAST_OUTPUT_WAIT_S", 0.1)
-    server, _ = _server()
-
-    async def main() -> None:
-        channels = OutputChannels(None)
-        channels.learn("127.0.0.1:1", server.endpoint)
-        channel = await _ready(channels, "127.0.0.1:1")
+    async def main(server: oc.OutputChannelServer) -> None:
+        channels, channel = await _learned(server)
         mailbox = channel.open("r1")
         assert mailbox is not None
         mailbox.put(worker_pb2.DecodeOutput(token_ids=[3]))
@@ -596,7 +595,4 @@ def test_a_last_output_that_came_but_is_not_read_yet_keeps_the_channel(
         watch.stop()
         channels.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        server.close()
+    _against_a_worker(main)
