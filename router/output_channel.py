@@ -254,6 +254,7 @@ class OutputChannels:
         self.enabled = enabled
         self._channels: dict[str, OutputChannel] = {}
         self._closed_at: dict[str, float] = {}
+        self._malformed: set[str] = set()  # endpoints warned of
 
     def get(self, address: str) -> OutputChannel | None:
         """The ready channel to the worker at `address`, if any."""
@@ -291,6 +292,12 @@ class OutputChannels:
         host = host.strip("[]")
         if host in ("", "0.0.0.0", "::"):
             host = address.rpartition(":")[0].strip("[]")
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            if endpoint not in self._malformed:  # (once: each Admission names it again)
+                self._malformed.add(endpoint)
+                log.warning("the worker at %s names a malformed output channel endpoint "
+                            "%r: its requests stream over gRPC", address, endpoint)
+            return
         self._channels[address] = OutputChannel(
             host, int(port), self._token,
             on_closed=lambda closed: self._forget(address, closed), endpoint=endpoint)

@@ -252,7 +252,10 @@ class WorkerDirectory:
                                                      (WorkerRole.PREFILL, self._prefill))
                           if info.role.can_serve(role))
             if self._decode in homes and self._on_decode_worker is not None:
-                self._on_decode_worker(info)
+                try:
+                    self._on_decode_worker(info)
+                except Exception:  # noqa: BLE001 - a hook's failure must not unplace it
+                    log.exception("on_decode_worker failed for %s", worker_id)
         else:
             self._ignored.add(worker_id)
         for index in (self._decode, self._prefill):

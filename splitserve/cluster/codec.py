@@ -19,7 +19,7 @@ from splitserve.cluster.store import (
 from splitserve.common.step_time import StepTimeModel
 
 _INFO_FIELDS = ("worker_id", "role", "address", "model", "block_size", "num_total_blocks",
-                "kv_endpoint", "started_at")
+                "kv_endpoint", "started_at", "output_endpoint")  # (every field of WorkerInfo)
 _LOAD_PREFIX = "load."
 _LOAD_INTS = ("num_waiting", "num_running", "num_free_blocks", "num_queued_tokens")
 _ENTRY_INTS = (

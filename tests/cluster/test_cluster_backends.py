@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.cluster import InMemoryClusterStore, open_store
+from splitserve.cluster import InMemoryClusterStore, codec, open_store
 from splitserve.cluster.redis_store import RedisClusterStore
 from splitserve.cluster.remote import RemoteClusterStore, start_cluster_state_server
 from splitserve.cluster.store import (
@@ -228,3 +229,26 @@ def test_an_unknown_kv_tier_is_refused_not_filed_as_device() -> None:
     with pytest.raises(RuntimeError, match="unknown KV tier"):
         servicer.PublishPrefixEvents(request, Context())
     assert store.prefix_overlap([5]) == {}
+
+
+def test_the_redis_decoder_sees_a_change_of_any_registration_field() -> None:
+    """WorkerDecoder keeps a worker's decoded registration while its fields are unchanged:
+    the fields it compares are all of WorkerInfo's (a changed output channel endpoint alone
+    reaches the router), and an older hash without a newer field decodes to its default."""
+    assert set(codec._INFO_FIELDS) == {f.name for f in dataclasses.fields(WorkerInfo)}
+    decoder = codec.WorkerDecoder()
+
+    def read(info: WorkerInfo) -> WorkerInfo:
+        flat = [x for pair in codec.encode_info(info).items() for x in pair]
+        [(decoded, _)], gone = decoder.decode([(info.worker_id, flat)])
+        assert not gone
+        return decoded
+
+    first = dataclasses.replace(INFO, output_endpoint="10.0.0.1:2")
+    assert read(first).output_endpoint == "10.0.0.1:2"
+    assert read(dataclasses.replace(first, output_endpoint="10.0.0.1:3")).output_endpoint == (
+        "10.0.0.1:3")
+    older = {k: v for k, v in codec.encode_info(first).items() if k != "output_endpoint"}
+    [(decoded, _)], _ = codec.WorkerDecoder().decode(
+        [(first.worker_id, [x for pair in older.items() for x in pair])])
+    assert decoded.output_endpoint == ""

@@ -14,10 +14,13 @@ from typing import Any
 import grpc
 import pytest
 
+from splitserve.cluster.memory import InMemoryClusterStore
+from splitserve.cluster.store import WorkerInfo, WorkerRole
 from splitserve.common import frames
 from splitserve.common.frames import frame
 from splitserve.decode_worker import output_channel as oc
 from splitserve.router import output_channel as router_oc
+from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.output_channel import (
     MAX_FRAME_BYTES,
     RETRY_S,
@@ -596,3 +599,37 @@ def test_a_last_output_that_came_but_is_not_read_yet_keeps_the_channel(
         channels.close()
 
     _against_a_worker(main)
+
+
+def test_a_malformed_endpoint_opens_no_channel_and_breaks_no_discovery(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An endpoint the router cannot dial (another version's, a hand-made entry) leaves the
+    worker's requests on gRPC, warns once, and does not stop the directory from placing
+    the worker (or the workers after it) in the decode index."""
+    async def main() -> None:
+        channels = OutputChannels(None)
+        for endpoint in ("host", "host:", "h:abc", "h:99999", "h:0"):
+            channels.learn("10.0.0.1:1", endpoint)
+            channels.learn("10.0.0.1:1", endpoint)
+        assert not channels._channels
+        warnings = [r for r in caplog.records if "malformed output channel" in r.getMessage()]
+        assert len(warnings) == 5  # once each
+        store = InMemoryClusterStore()
+        for i, endpoint in enumerate(("host", "127.0.0.1:1")):
+            store.register_worker(WorkerInfo(f"d{i}", WorkerRole.DECODE, f"10.0.0.{i}:1", "m",
+                                             16, 64, output_endpoint=endpoint), ttl_s=60)
+
+        def hook(info: WorkerInfo) -> None:
+            channels.learn(info.address, info.output_endpoint)
+            if info.worker_id == "d1":
+                raise RuntimeError("a hook that fails")
+
+        directory = WorkerDirectory(AsyncStore(store), "m", 16, refresh_s=1.0,
+                                    on_decode_worker=hook)
+        snapshot = await directory.snapshot(force=True)
+        assert {w.worker_id for w in snapshot.decode} == {"d0", "d1"}
+        assert "10.0.0.0:1" not in channels._channels  # d0's malformed endpoint
+        await directory.close()
+        channels.close()
+
+    asyncio.run(main())
