@@ -65,6 +65,7 @@ def start_deployment(
     cluster_token: str | None = None,
     engine_overrides: dict[str, dict[str, Any]] | None = None,  # worker id -> engine fields
     worker_options: dict[str, Any] | None = None,  # more WorkerOptions fields, every worker
+    heartbeat_ttl_s: float = 2.0,
 ) -> Deployment:
     engine_cfg = EngineConfig(model=model, **(engine or {}))
     router_kwargs = {"model": model, "block_size": engine_cfg.block_size,
@@ -79,7 +80,7 @@ def start_deployment(
         return WorkerOptions(engine=dataclasses.replace(engine_cfg, **override),
                              worker_id=worker_id,
                              cluster_url=running.cluster_url, kv_store=kv_store,
-                             kv_timeout_s=kv_timeout_s, heartbeat_ttl_s=2.0,
+                             kv_timeout_s=kv_timeout_s, heartbeat_ttl_s=heartbeat_ttl_s,
                              cluster_token=cluster_token, **(worker_options or {}))
 
     prefill = [PrefillWorker(options("prefill", i)).start() for i in range(num_prefill)]

@@ -39,9 +39,12 @@ def expected(tiny_llama: Path) -> dict[int, list[int]]:
 # message after the last layer), "layer" a message per layer as each is computed.
 @pytest.fixture(scope="module", params=["auto", "layer"])
 def deployment(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[Deployment]:
+    # (heartbeats may wait seconds for the GIL of a process running four engines, a router
+    # and 32 clients on a loaded 2-core machine: a worker that lapsed out of the store for a
+    # moment would take no share of a burst)
     d = start_deployment(str(tiny_llama), 2, 2, engine=ENGINE,
                          router={"local_prefill_threshold": 8},
-                         worker_options={"kv_send": request.param})
+                         worker_options={"kv_send": request.param}, heartbeat_ttl_s=10.0)
     yield d
     d.stop()
 
