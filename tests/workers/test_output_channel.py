@@ -403,6 +403,7 @@ def test_a_stopping_worker_sends_what_its_channels_hold_before_closing() -> None
     _wait_for(lambda: server.get("c1") is not None)
     channel = server.get("c1")
     assert channel is not None
+    channel._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     outputs = [frame(worker_pb2.ChannelOutput(  # ~3 MB: more than the socket buffers hold
         request_id="r", output=worker_pb2.DecodeOutput(token_ids=[i] * 1000)))
         for i in range(1500)]
@@ -431,7 +432,9 @@ def test_a_router_that_hangs_up_at_once_leaves_no_channel_behind() -> None:
     try:
         for i in range(40):
             _connect(server, f"c{i}").close()
-        _wait_for(lambda: server.num_open == 0)
+        _wait_for(lambda: not any(t.name == "output-channel-hello"  # every hello handled
+                                  for t in threading.enumerate()))
+        _wait_for(lambda: server.num_open == 0)  # (their I/O threads may still be closing)
         time.sleep(0.2)
         assert server.num_open == 0
     finally:
