@@ -653,8 +653,9 @@ async def _watch_admit_stream(call: grpc.aio.UnaryStreamCall, mailbox: Mailbox,
            f"not come over the output channel within {output_channel.LAST_OUTPUT_WAIT_S:g} s")
     log.warning("%s: closing the channel", why)
     if channel is not None:
-        channel.close(why)
-    mailbox.fail(ChannelLost(why))  # (if the close failed it already, its reader stops there)
+        channel.close(why)  # (fails this request's mailbox with the others)
+    else:
+        mailbox.fail(ChannelLost(why))
 
 
 async def _only_answer(call: grpc.aio.UnaryStreamCall, worker: WorkerView
