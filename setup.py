@@ -1,4 +1,6 @@
-"""Builds the C++ CPU kernels (kernels/csrc/) ahead of time, as `splitserve.kernels._cpu_ops`.
+"""Builds the package's compiled parts: the C++ CPU kernels (kernels/csrc/) ahead of time, as
+`splitserve.kernels._cpu_ops`, and the router's latency-table scan (router/_route_table.c),
+as `splitserve.router._route_table`.
 
 Everything else about the package is in pyproject.toml. The extension is compiled against
 the torch of the build environment, so it is built only when that torch is the one the
@@ -8,6 +10,10 @@ build is skipped with a message, and the kernels are built on first use instead
 (kernels/jit_build.py). SPLITSERVE_BUILD_CPU_KERNELS=0 skips the build;
 SPLITSERVE_CPU_MARCH sets its -march (default native: the machine that builds is the
 machine that runs, as with any source build).
+
+The route-table scan is plain C against Python's own headers (no torch), built in every
+build; it is optional: where it cannot be built, setuptools says so and the router uses the
+numpy expression it replaces (router/latency.py), which gives the same routes.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,4 +66,37 @@ def cpu_kernel_build() -> dict[str, Any]:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**cpu_kernel_build())
+def route_table_extension() -> Extension:
+    # -ffp-contract=off: no fused multiply-add, so the scan's doubles are numpy's.
+    return Extension("splitserve.router._route_table",
+                     sources=["splitserve/router/_route_table.c"],
+                     extra_compile_args=["-O2", "-ffp-contract=off"], optional=True)
+
+
+def optional_builds(build_ext: type) -> type:
+    """`build_ext` that goes on without an optional extension that failed to build, whatever
+    the failure (torch's builder raises errors setuptools' own `optional` does not catch)."""
+
+    class BuildExt(build_ext):  # type: ignore[misc, valid-type]
+        def build_extension(self, ext: Extension) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any compiler failure
+                if not ext.optional:
+                    raise
+                print(f"splitserve: could not build the optional {ext.name} ({e}); "
+                      "the package uses its Python path instead", file=sys.stderr)
+
+    return BuildExt
+
+
+def build() -> dict[str, Any]:
+    from setuptools.command.build_ext import build_ext
+
+    kernels = cpu_kernel_build()
+    chosen = kernels.get("cmdclass", {}).get("build_ext", build_ext)
+    return {"ext_modules": [*kernels.get("ext_modules", []), route_table_extension()],
+            "cmdclass": {"build_ext": optional_builds(chosen)}}
+
+
+setup(**build())

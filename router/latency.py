@@ -20,10 +20,11 @@ route. Pure functions, unit-tested with exact numbers.
 `best_routes` is the reference; the router runs `best_routes_from`, the same routes read
 from the prefill workers' index. A prefill worker's TTFT depends only on its own row (queued
 tokens, running batch, step times) and its cached blocks of the prompt, so all of them are
-one numpy expression over the index's table, the same float operations in the same order
-as StepTimeModel.prefill_ms (so the same doubles); a decode worker's best remote prefill is
-the least of them (its own row left out; ties to the least worker_id), then predicted in
-full by predict_route.
+one scan of the index's table, the same float operations in the same order as
+StepTimeModel.prefill_ms (so the same doubles): in C (router/_route_table.c, built by
+setup.py) or, where that is not built, one numpy expression. A decode worker's best remote
+prefill is the least of them (its own row left out: the next least; ties to the least
+worker_id).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ import numpy as np
 from splitserve.common.step_time import StepTimeModel
 from splitserve.router.policy import Route, WorkerView, cached_tokens
 from splitserve.router.worker_index import Candidates
+
+try:  # the scan in C (setup.py builds it; optional)
+    from splitserve.router import _route_table  # type: ignore[attr-defined]
+except ImportError:  # not built: numpy
+    _route_table = None
 
 
 class RoutePrediction(NamedTuple):
@@ -118,22 +124,17 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
     if not local_only and any(candidates.get(wid) is not None
                               for wid in index.unknown_step_times):
         return None
-    ttft = None if local_only or not len(index) else _prefill_ttft(
+    least = None if local_only or not len(index) else least_prefill_ttfts(
         candidates, prompt_len, overlap_blocks, block_size)
     ids, row_of = index.ids(), index.table(prefill_row)[1]
-    least = int(ttft.argmin()) if ttft is not None else -1  # the first least: least id
-    least_ttft = float(ttft[least]) if ttft is not None else np.inf
     best: list[RoutePrediction] = []
     for decode in decode_workers:
         local = predict_route(Route(decode, None), prompt_len, overlap_blocks, block_size)
         assert local is not None  # step times known
-        if ttft is not None:
-            i, remote_ttft = least, least_ttft
-            if row_of.get(decode.worker_id) == least:  # its own prefill row: the next least
-                ttft[least] = np.inf
-                i = int(ttft.argmin())
-                ttft[least] = least_ttft
-                remote_ttft = float(ttft[i])
+        if least is not None:
+            i, remote_ttft = least[0], least[1]
+            if row_of.get(decode.worker_id) == i:  # its own prefill row: the next least
+                i, remote_ttft = least[2], least[3]
             # The key is (ttft, tpot, ...): a remote prefill slower to the first token loses.
             if remote_ttft != np.inf and remote_ttft <= local.ttft_ms:
                 remote = _remote_prediction(decode, index.views[ids[i]], remote_ttft)
@@ -154,11 +155,40 @@ def _remote_prediction(decode: WorkerView, prefill: WorkerView,
     return RoutePrediction(Route(decode, prefill), ttft_ms, tpot)
 
 
-def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mapping[str, float],
-                  block_size: int) -> np.ndarray:
-    """Per row of the table, the TTFT of the prompt prefilled there (inf: no candidate):
-    predict_route's arithmetic, element by element."""
+def least_prefill_ttfts(candidates: Candidates, prompt_len: int,
+                        overlap_blocks: Mapping[str, float], block_size: int
+                        ) -> tuple[int, float, int, float]:
+    """(row, TTFT) of the prefill candidate with the least predicted TTFT for the prompt, then
+    of the least among the others (each the first such row: the least worker_id), over the
+    index's latency table (at least one row). In C where the package's `_route_table` is
+    built (router/_route_table.c), else numpy (prefill_ttfts); the same doubles either way."""
     table, row_of = candidates.index.table(prefill_row)
+    skip = _skipped_rows(candidates, row_of)
+    if _route_table is not None:
+        overlap = overlap_blocks if type(overlap_blocks) is dict else dict(overlap_blocks)
+        return _route_table.least_two(table, prompt_len, block_size, overlap, row_of, skip)
+    ttft = prefill_ttfts(table, row_of, prompt_len, overlap_blocks, block_size, skip)
+    first = int(ttft.argmin())  # the first least: least id
+    first_ttft = float(ttft[first])
+    ttft[first] = np.inf
+    second = int(ttft.argmin())
+    return first, first_ttft, second, float(ttft[second])
+
+
+def _skipped_rows(candidates: Candidates, row_of: Mapping[str, int]) -> list[int]:
+    """The table's rows that are not candidates (at an address left out, or the decode worker
+    itself)."""
+    skip = candidates.index.ids_at(candidates.out) if candidates.out else set()
+    if candidates.skip_id in row_of:
+        skip.add(candidates.skip_id)
+    return [row_of[wid] for wid in skip]
+
+
+def prefill_ttfts(table: np.ndarray, row_of: Mapping[str, int], prompt_len: int,
+                  overlap_blocks: Mapping[str, float], block_size: int,
+                  skip: Sequence[int] = ()) -> np.ndarray:
+    """Per row of the latency table, the TTFT of the prompt prefilled there (inf: the rows
+    in `skip`): predict_route's arithmetic, element by element."""
     queued, step_ms, per_token, budget = table.T
     ahead = queued + max(1, prompt_len)  # its cache holds none of the prompt
     rows: list[int] = []  # the rows of the workers caching some of the prompt
@@ -177,11 +207,8 @@ def _prefill_ttft(candidates: Candidates, prompt_len: int, overlap_blocks: Mappi
     np.ceil(ttft, out=ttft)
     ttft *= step_ms
     ttft += per_token * ahead
-    skip = candidates.index.ids_at(candidates.out) if candidates.out else set()
-    if candidates.skip_id in row_of:
-        skip.add(candidates.skip_id)
     if skip:
-        ttft[[row_of[wid] for wid in skip]] = np.inf
+        ttft[list(skip)] = np.inf
     return ttft
 
 

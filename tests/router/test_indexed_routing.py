@@ -5,7 +5,8 @@ assignments, every worker's overlap, then rank_decode_workers / plan_route / bes
 over lists. Random states of up to 1,000 workers with many ties (small load
 ranges), workers of all roles coming, going, changing load and being ejected, assignments
 made and released between store reads, requests excluding workers; and the freshness
-rule: a worker gone from the store is never picked once the view has refreshed.
+rule: a worker gone from the store is never picked once the view has refreshed. Every test
+runs with the latency table's scan in C and again with its numpy expression.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from splitserve.cluster import InMemoryClusterStore
 from splitserve.cluster.store import WorkerInfo, WorkerLoadReport, WorkerRole
 from splitserve.common.step_time import StepTimeModel
+from splitserve.router import latency
 from splitserve.router.cluster_io import AsyncStore
 from splitserve.router.latency import best_routes, best_routes_from
 from splitserve.router.policy import (
@@ -36,6 +38,15 @@ from splitserve.router.workers import WorkerDirectory
 
 MODEL, BS = "m", 16
 POLICIES = ("kv_aware", "least_loaded", "round_robin")
+
+
+@pytest.fixture(autouse=True, params=("c", "numpy"))
+def table_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latency table's scan in C (router/_route_table.c), then numpy."""
+    if request.param == "c":
+        assert latency._route_table is not None, "setup.py did not build _route_table"
+    else:
+        monkeypatch.setattr(latency, "_route_table", None)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
