@@ -53,6 +53,14 @@ METRICS = ("import sys, urllib.request\n"
            "for url in sys.argv[1:]:\n"
            "    print(urllib.request.urlopen(url, timeout=5).read().decode())\n"
            "    print('#END')")
+# The same read on every line of its input, in one process (MetricsReader); #READ ends it.
+METRICS_ON_REQUEST = ("import sys, urllib.request\n"
+                      "for _ in sys.stdin:\n"
+                      "    for url in sys.argv[1:]:\n"
+                      "        print(urllib.request.urlopen(url, timeout=5).read().decode())\n"
+                      "        print('#END')\n"
+                      "    print('#READ', flush=True)")
+_ROLES = ("prefill", "decode")
 
 
 def client_argv(hosts: netns.TestHosts, prompts: list[list[int]], **want: float) -> list[str]:
@@ -86,16 +94,62 @@ def expected(model: Path, prompts: list[list[int]]) -> list[list[int]]:
 def worker_metrics(hosts: netns.TestHosts) -> dict[str, dict[str, float]]:
     """Each worker's metrics by role ("prefill", "decode"), read from the client host in one
     go: `name{label="value",...}` -> value, without the worker and role labels."""
-    roles = ("prefill", "decode")
-    urls = [f"http://{hosts.address(role)}:{METRICS_PORT}/metrics" for role in roles]
-    result = hosts.run("client", [sys.executable, "-c", METRICS, *urls], timeout_s=20)
+    result = hosts.run("client", [sys.executable, "-c", METRICS, *_metrics_urls(hosts)],
+                       timeout_s=20)
     assert result.returncode == 0, result.stderr[-2000:]
+    return _parse_metrics(result.stdout)
+
+
+def _metrics_urls(hosts: netns.TestHosts) -> list[str]:
+    return [f"http://{hosts.address(role)}:{METRICS_PORT}/metrics" for role in _ROLES]
+
+
+def _parse_metrics(text: str) -> dict[str, dict[str, float]]:
     found: dict[str, dict[str, float]] = {}
-    for role, text in zip(roles, result.stdout.split("#END"), strict=False):
+    for role, part in zip(_ROLES, text.split("#END"), strict=False):
         found[role] = {}
-        for line in text.splitlines():
+        for line in part.splitlines():
             if line.startswith("splitserve_"):
                 key, value = line.rsplit(" ", 1)
                 key = re.sub(r'(worker|role)="[^"]*",?', "", key).replace(",}", "}")
                 found[role][key.replace("{}", "")] = float(value)
     return found
+
+
+class MetricsReader:
+    """worker_metrics from one process on the client host, kept running: a read costs two
+    HTTP requests, not a Python start in the namespace (~0.1-0.3 s on a loaded machine),
+    for tests that poll for a moment that lasts ~2 s."""
+
+    def __init__(self, hosts: netns.TestHosts) -> None:
+        self._proc = subprocess.Popen(
+            hosts.command("client", [sys.executable, "-c", METRICS_ON_REQUEST,
+                                     *_metrics_urls(hosts)]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict[str, dict[str, float]]:
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write("\n")
+        stdin.flush()
+        lines = []
+        for line in stdout:  # ends at #READ, or at EOF if the reader died
+            if line.startswith("#READ"):
+                return _parse_metrics("".join(lines))
+            lines.append(line)
+        raise AssertionError(f"the metrics reader ended (exit {self._proc.wait(5)})")
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> MetricsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -42,6 +42,7 @@ from splitserve.bench import netns
 from tests.multihost._deployment import (
     KV_TIMEOUT_S,
     PREFILL_TIMEOUT_MS,
+    MetricsReader,
     client_argv,
     expected,
     generate,
@@ -91,7 +92,8 @@ def cut_during(hosts: netns.TestHosts, prompt: list[int], rate_kbit: float,
     proc = subprocess.Popen(client_argv(hosts, [prompt], timeout=120),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for("the moment to cut", lambda: ready(before, worker_metrics(hosts)), 30)
+        with MetricsReader(hosts) as metrics:  # polls ~10 ms apart, not a process start each
+            wait_for("the moment to cut", lambda: ready(before, metrics.read()), 30)
         hosts.partition("prefill", "decode")
         cut = True
         hosts.unshape("prefill")  # what P's qdisc still held is lost with the link
