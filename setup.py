@@ -12,7 +12,7 @@ SPLITSERVE_CPU_MARCH sets its -march (default native: the machine that builds is
 machine that runs, as with any source build).
 
 The route-table scan is plain C against Python's own headers (no torch), built in every
-build; it is optional: where it cannot be built, setuptools says so and the router uses the
+build; it is optional: where it cannot be built, the build says so and the router uses the
 numpy expression it replaces (router/latency.py), which gives the same routes.
 """
 
