@@ -8,7 +8,7 @@
  * (queued tokens, step_ms, per_prompt_token_ms, token budget). Per row the TTFT of a prompt
  * of `prompt_len` tokens prefilled there, with the worker's cached blocks of it
  * (`overlap`: worker_id -> blocks, a dict; `row_of`: worker_id -> row, a dict) taken off and
- * the rows in `skip_rows` (a sequence of ints) at +inf:
+ * the rows in `skip_rows` (a sequence of ints) and any NaN at +inf:
  *
  *     ahead = queued + max(1, prompt_len)                        (nothing cached)
  *     ahead = queued + max(1, rint(prompt_len - min(blocks * block_size, prompt_len)))
@@ -30,7 +30,7 @@
 static int
 row_index(PyObject *row_obj, Py_ssize_t n, Py_ssize_t *row)
 {
-    Py_ssize_t r = PyLong_AsSsize_t(row_obj);
+    Py_ssize_t r = PyNumber_AsSsize_t(row_obj, PyExc_IndexError);
     if (r == -1 && PyErr_Occurred())
         return -1;
     if (r < 0 || r >= n) {
@@ -116,6 +116,8 @@ least_two(PyObject *self, PyObject *args)
             ttft = ceil(ahead[i] / r[3]);
             ttft *= r[1];
             ttft += r[2] * ahead[i];
+            if (isnan(ttft))  /* a NaN in the row or the cached run: no candidate */
+                ttft = INFINITY;
         }
         if (first < 0 || ttft < first_ttft) {
             second = first;

@@ -188,7 +188,7 @@ def prefill_ttfts(table: np.ndarray, row_of: Mapping[str, int], prompt_len: int,
                   overlap_blocks: Mapping[str, float], block_size: int,
                   skip: Sequence[int] = ()) -> np.ndarray:
     """Per row of the latency table, the TTFT of the prompt prefilled there (inf: the rows
-    in `skip`): predict_route's arithmetic, element by element."""
+    in `skip`, and a NaN): predict_route's arithmetic, element by element."""
     queued, step_ms, per_token, budget = table.T
     ahead = queued + max(1, prompt_len)  # its cache holds none of the prompt
     rows: list[int] = []  # the rows of the workers caching some of the prompt
@@ -207,6 +207,7 @@ def prefill_ttfts(table: np.ndarray, row_of: Mapping[str, int], prompt_len: int,
     np.ceil(ttft, out=ttft)
     ttft *= step_ms
     ttft += per_token * ahead
+    ttft[np.isnan(ttft)] = np.inf  # a NaN in the row or the cached run: no candidate
     if skip:
         ttft[list(skip)] = np.inf
     return ttft

@@ -33,6 +33,12 @@ class StepTimeModel:
     per_prompt_token_ms: float
     token_budget: int
 
+    def is_finite(self) -> bool:
+        """Every cost a finite number (a model read from cluster state that is not is
+        treated as unknown: its predictions would be NaN or infinite)."""
+        return all(math.isfinite(v) for v in (self.base_ms, self.per_seq_ms,
+                                               self.per_prompt_token_ms))
+
     def step_ms(self, num_seqs: int, prompt_tokens: int = 0) -> float:
         return (self.base_ms + self.per_seq_ms * num_seqs
                 + self.per_prompt_token_ms * prompt_tokens)

@@ -1,8 +1,8 @@
 """The latency policy's prefill TTFT scan in C (router/_route_table.c) against its numpy
 expression (router.latency.prefill_ttfts): the same two least rows and the same doubles, on
 random tables with ties, cached prefixes (whole, partial, fractional from weighted tiers, at
-a rounding half), rows left out, and prompts of 0 or 1 token; and clear errors for tables and
-rows it cannot read."""
+a rounding half), rows left out, NaNs (no candidate) and prompts of 0 or 1 token; and clear
+errors for tables and rows it cannot read."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def _random_case(rng: random.Random) -> tuple[np.ndarray, dict[str, int], int,
              float(rng.choice((1, 64, 100, 512, 2048))))
             for _ in range(n)]
     table = np.array(rows, dtype=np.float64)
+    if rng.random() < 0.2:  # a NaN cost (cluster state's decoders refuse them; the scan too)
+        table[rng.randrange(n), rng.randrange(4)] = np.nan
     ids = [f"w{i:04d}" for i in range(n)]
     row_of = {wid: i for i, wid in enumerate(ids)}
     block_size = rng.choice((1, 16, 32))
@@ -50,7 +52,8 @@ def _random_case(rng: random.Random) -> tuple[np.ndarray, dict[str, int], int,
     overlap: dict[str, float] = {}
     for wid in rng.sample(ids, k=min(n, rng.randrange(40))):
         overlap[wid] = rng.choice((0, 1, 2.75, 4.0, 40.0, 1000,
-                                   (prompt_len - 2.5) / block_size, rng.uniform(0, 50)))
+                                   (prompt_len - 2.5) / block_size, rng.uniform(0, 50),
+                                   float("nan") if rng.random() < 0.1 else 1))
     overlap["decode-only"] = 3.0
     skip = rng.sample(range(n), k=min(n, rng.choice((0, 0, 1, 3))))
     return table, row_of, prompt_len, overlap, block_size, skip
@@ -85,6 +88,21 @@ def test_ties_go_to_the_first_row_and_the_next_least_skips_only_the_first() -> N
     cheaper = table.copy()
     cheaper[:, 2] = 0.1  # 0.1 ms a prompt token: the cached prompt wins
     assert scan.least_two(cheaper, 100, 16, {"w3": 7.0}, row_of, [])[:2] == (3, 5.0 + 0.1 * 1)
+
+
+def test_a_nan_row_is_no_candidate() -> None:
+    assert scan is not None
+    table = np.array([(0, 5.0, 0.0, 512), (0, np.nan, 0.0, 512), (0, 6.0, 0.0, 512)])
+    row_of = {"a": 0, "b": 1, "c": 2}
+    assert scan.least_two(table, 100, 16, {}, row_of, []) == (0, 5.0, 2, 6.0)
+    assert scan.least_two(table, 100, 16, {"c": float("nan")}, row_of, [])[3] == np.inf
+    assert _numpy_least_two(table, row_of, 100, {}, 16, []) == (0, 5.0, 2, 6.0)
+
+
+def test_rows_may_be_numpy_integers() -> None:
+    assert scan is not None
+    table = np.array([(0, 5.0, 0.0, 512), (0, 4.0, 0.0, 512)])
+    assert scan.least_two(table, 10, 16, {}, {}, [np.int64(1)]) == (0, 5.0, 1, np.inf)
 
 
 def test_one_row() -> None:
