@@ -155,6 +155,11 @@ def _remote_prediction(decode: WorkerView, prefill: WorkerView,
     return RoutePrediction(Route(decode, prefill), ttft_ms, tpot)
 
 
+def has_compiled_scan() -> bool:
+    """Whether this install has the table scan in C (setup.py builds it; optional)."""
+    return _route_table is not None
+
+
 def least_prefill_ttfts(candidates: Candidates, prompt_len: int,
                         overlap_blocks: Mapping[str, float], block_size: int
                         ) -> tuple[int, float, int, float]:

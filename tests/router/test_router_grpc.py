@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from splitserve.cluster import open_store
 from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerRole
+from splitserve.router import latency
 from splitserve.router.config import RouterConfig
 from splitserve.router.server import RunningRouter, start_router
 from splitserve.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -236,3 +237,18 @@ def test_serve_forever_returns_when_stopped_from_another_thread() -> None:
         router_pb2_grpc.SplitServeStub(channel).ListModels(router_pb2.ListModelsRequest(),
                                                           timeout=1)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_latency_router_without_the_compiled_scan_says_so(
+        compiled: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The latency table's scan in C is optional at build time; a router that routes without
+    it (slower, same routes) warns once at start, and only then."""
+    if not compiled:
+        monkeypatch.setattr(latency, "_route_table", None)
+    assert latency.has_compiled_scan() is compiled
+    with caplog.at_level("WARNING", logger="splitserve.router.server"), \
+            start_router(RouterConfig(route_policy="latency")):
+        pass
+    warned = [r for r in caplog.records if "compiled table scan" in r.getMessage()]
+    assert len(warned) == (0 if compiled else 1)
