@@ -124,9 +124,10 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
     if not local_only and any(candidates.get(wid) is not None
                               for wid in index.unknown_step_times):
         return None
+    table, row_of = index.table(prefill_row)
     least = None if local_only or not len(index) else least_prefill_ttfts(
-        candidates, prompt_len, overlap_blocks, block_size)
-    ids, row_of = index.ids(), index.table(prefill_row)[1]
+        table, row_of, candidates, prompt_len, overlap_blocks, block_size)
+    ids = index.ids()
     best: list[RoutePrediction] = []
     for decode in decode_workers:
         local = predict_route(Route(decode, None), prompt_len, overlap_blocks, block_size)
@@ -160,14 +161,14 @@ def has_compiled_scan() -> bool:
     return _route_table is not None
 
 
-def least_prefill_ttfts(candidates: Candidates, prompt_len: int,
-                        overlap_blocks: Mapping[str, float], block_size: int
+def least_prefill_ttfts(table: np.ndarray, row_of: Mapping[str, int], candidates: Candidates,
+                        prompt_len: int, overlap_blocks: Mapping[str, float], block_size: int
                         ) -> tuple[int, float, int, float]:
     """(row, TTFT) of the prefill candidate with the least predicted TTFT for the prompt, then
-    of the least among the others (each the first such row: the least worker_id), over the
-    index's latency table (at least one row). In C where the package's `_route_table` is
-    built (router/_route_table.c), else numpy (prefill_ttfts); the same doubles either way."""
-    table, row_of = candidates.index.table(prefill_row)
+    of the least among the others (each the first such row: the least worker_id), over
+    `candidates.index`'s latency table and its rows (at least one). In C where the
+    package's `_route_table` is built (router/_route_table.c), else numpy (prefill_ttfts);
+    the same doubles either way."""
     skip = _skipped_rows(candidates, row_of)
     if _route_table is not None:
         overlap = overlap_blocks if type(overlap_blocks) is dict else dict(overlap_blocks)

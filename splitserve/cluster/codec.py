@@ -73,8 +73,7 @@ def _decode_step_model(text: str | None) -> StepTimeModel | None:
     if not text:
         return None
     base, per_seq, per_token, budget = text.split(",")
-    model = StepTimeModel(float(base), float(per_seq), float(per_token), int(budget))
-    return model if model.is_finite() else None  # NaN or inf: unknown
+    return StepTimeModel(float(base), float(per_seq), float(per_token), int(budget))
 
 
 def decode_load(fields: Mapping[str, str]) -> WorkerLoadReport | None:

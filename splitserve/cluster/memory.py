@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from splitserve.cluster.prefix_index import PrefixIndex
 from splitserve.cluster.store import (
@@ -71,8 +71,6 @@ class InMemoryClusterStore(ClusterStore):
                 return False
             worker.expires_at = self._clock() + ttl_s
             if load is not None:
-                if load.step_model is not None and not load.step_model.is_finite():
-                    load = replace(load, step_model=None)  # as the codecs read it
                 worker.load = load
             return True
 

@@ -115,6 +115,10 @@ class WorkerLoadReport:
         _check_non_negative(
             self, "num_waiting", "num_running", "num_free_blocks", "num_queued_tokens"
         )
+        if self.step_model is not None and not self.step_model.is_finite():
+            # NaN or inf (a fit gone wrong, a corrupt store entry): its predictions would be
+            # too, so the report carries no model, however it was made or decoded.
+            object.__setattr__(self, "step_model", None)
 
 
 @dataclass(frozen=True)

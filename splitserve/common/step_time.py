@@ -34,8 +34,8 @@ class StepTimeModel:
     token_budget: int
 
     def is_finite(self) -> bool:
-        """Every cost a finite number (a model read from cluster state that is not is
-        treated as unknown: its predictions would be NaN or infinite)."""
+        """Every cost a finite number (a load report drops a model that is not:
+        cluster_types.WorkerLoadReport)."""
         return all(math.isfinite(v) for v in (self.base_ms, self.per_seq_ms,
                                                self.per_prompt_token_ms))
 

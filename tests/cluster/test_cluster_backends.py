@@ -23,6 +23,8 @@ from splitserve.cluster.store import (
     WorkerLoadReport,
     WorkerRole,
 )
+from splitserve.common.convert.cluster import load_from_proto, load_to_proto
+from splitserve.common.step_time import StepTimeModel
 from splitserve.v1 import cluster_pb2, cluster_pb2_grpc, common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -252,3 +254,26 @@ def test_the_redis_decoder_sees_a_change_of_any_registration_field() -> None:
     [(decoded, _)], _ = codec.WorkerDecoder().decode(
         [(first.worker_id, [x for pair in older.items() for x in pair])])
     assert decoded.output_endpoint == ""
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_step_time_model_that_is_not_finite_is_no_model(bad: float) -> None:
+    """Made in a worker, or decoded from Redis or from the gRPC cluster state: a report's
+    model with a NaN or infinite cost is dropped (its predictions would be NaN or infinite,
+    and the latency policy would route on them); a finite one is kept."""
+    good = StepTimeModel(base_ms=3.25, per_seq_ms=0.125, per_prompt_token_ms=0.0625,
+                         token_budget=2048)
+    for field in ("base_ms", "per_seq_ms", "per_prompt_token_ms"):
+        model = dataclasses.replace(good, **{field: bad})
+        assert WorkerLoadReport(num_running=2, step_model=model).step_model is None
+        # The wire forms carry what a worker (or a corrupt entry) wrote, before any report.
+        text = ",".join((repr(model.base_ms), repr(model.per_seq_ms),
+                         repr(model.per_prompt_token_ms), str(model.token_budget)))
+        fields = {**codec.encode_load(WorkerLoadReport(num_running=2, step_model=good)),
+                  "load.step_model": text}
+        decoded = codec.decode_load(fields)
+        assert decoded is not None and decoded.num_running == 2 and decoded.step_model is None
+        msg = load_to_proto(WorkerLoadReport(num_running=2, step_model=good))
+        setattr(msg.step_model, field, bad)
+        assert load_from_proto(msg).step_model is None
+    assert WorkerLoadReport(step_model=good).step_model == good

@@ -96,19 +96,6 @@ def test_a_load_carries_the_workers_step_time_model(backend: Any) -> None:
     assert store.live_workers()[0][1].step_model is None
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_step_time_model_that_is_not_finite_reads_as_unknown(backend: Any, bad: float) -> None:
-    """Its predictions would be NaN or infinite (the latency policy would route on them)."""
-    store: ClusterStore = backend.store
-    store.register_worker(_info("d0"), LONG_TTL_S)
-    model = StepTimeModel(base_ms=3.25, per_seq_ms=bad, per_prompt_token_ms=0.0625,
-                          token_budget=2048)
-    load = WorkerLoadReport(num_running=2, updated_at=1_700_000_002.0, step_model=model)
-    assert store.heartbeat("d0", load, LONG_TTL_S) is True
-    read = store.live_workers()[0][1]
-    assert read is not None and read.num_running == 2 and read.step_model is None
-
-
 def test_ttl_expiry_and_heartbeat_extension(backend: Any) -> None:
     store: ClusterStore = backend.store
     store.register_worker(_info("a"), TTL_S)

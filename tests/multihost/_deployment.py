@@ -49,17 +49,14 @@ CLIENT = textwrap.dedent("""
             out[-1]["seconds"] = time.monotonic() - started
     print(json.dumps(out))
 """)
+# Each worker's metrics page on every line of its input, in one process (MetricsReader);
+# #END after each page, #READ after the last.
 METRICS = ("import sys, urllib.request\n"
-           "for url in sys.argv[1:]:\n"
-           "    print(urllib.request.urlopen(url, timeout=5).read().decode())\n"
-           "    print('#END')")
-# The same read on every line of its input, in one process (MetricsReader); #READ ends it.
-METRICS_ON_REQUEST = ("import sys, urllib.request\n"
-                      "for _ in sys.stdin:\n"
-                      "    for url in sys.argv[1:]:\n"
-                      "        print(urllib.request.urlopen(url, timeout=5).read().decode())\n"
-                      "        print('#END')\n"
-                      "    print('#READ', flush=True)")
+           "for _ in sys.stdin:\n"
+           "    for url in sys.argv[1:]:\n"
+           "        print(urllib.request.urlopen(url, timeout=5).read().decode())\n"
+           "        print('#END')\n"
+           "    print('#READ', flush=True)")
 _ROLES = ("prefill", "decode")
 
 
@@ -94,10 +91,8 @@ def expected(model: Path, prompts: list[list[int]]) -> list[list[int]]:
 def worker_metrics(hosts: netns.TestHosts) -> dict[str, dict[str, float]]:
     """Each worker's metrics by role ("prefill", "decode"), read from the client host in one
     go: `name{label="value",...}` -> value, without the worker and role labels."""
-    result = hosts.run("client", [sys.executable, "-c", METRICS, *_metrics_urls(hosts)],
-                       timeout_s=20)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return _parse_metrics(result.stdout)
+    with MetricsReader(hosts) as reader:
+        return reader.read()
 
 
 def _metrics_urls(hosts: netns.TestHosts) -> list[str]:
@@ -117,13 +112,13 @@ def _parse_metrics(text: str) -> dict[str, dict[str, float]]:
 
 
 class MetricsReader:
-    """worker_metrics from one process on the client host, kept running: a read costs two
-    HTTP requests, not a Python start in the namespace (~0.1-0.3 s on a loaded machine),
-    for tests that poll for a moment that lasts ~2 s."""
+    """Reads of worker_metrics from one process on the client host, kept running: a read
+    costs two HTTP requests, not a Python start in the namespace (~0.1-0.3 s on a loaded
+    machine), for tests that poll for a moment that lasts ~2 s."""
 
     def __init__(self, hosts: netns.TestHosts) -> None:
         self._proc = subprocess.Popen(
-            hosts.command("client", [sys.executable, "-c", METRICS_ON_REQUEST,
+            hosts.command("client", [sys.executable, "-c", METRICS,
                                      *_metrics_urls(hosts)]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 

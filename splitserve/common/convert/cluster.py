@@ -66,16 +66,16 @@ def load_to_proto(load: WorkerLoadReport) -> cluster_pb2.WorkerLoadReport:
 
 
 def load_from_proto(msg: cluster_pb2.WorkerLoadReport) -> WorkerLoadReport:
-    model = (StepTimeModel(msg.step_model.base_ms, msg.step_model.per_seq_ms,
-                           msg.step_model.per_prompt_token_ms, msg.step_model.token_budget)
-             if msg.HasField("step_model") else None)
     return WorkerLoadReport(
         num_waiting=msg.num_waiting,
         num_running=msg.num_running,
         num_free_blocks=msg.num_free_blocks,
         num_queued_tokens=msg.num_queued_tokens,
         updated_at=msg.updated_at_unix_s,
-        step_model=model if model is not None and model.is_finite() else None,  # NaN: unknown
+        step_model=(StepTimeModel(msg.step_model.base_ms, msg.step_model.per_seq_ms,
+                                  msg.step_model.per_prompt_token_ms,
+                                  msg.step_model.token_budget)
+                    if msg.HasField("step_model") else None),
     )
 
 
