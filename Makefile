@@ -48,4 +48,4 @@ fresh-check:
 	bash scripts/fresh_machine_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache kernels/*.so router/*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache kernels/*.so router/*.so splitserve/cluster/*.so

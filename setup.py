@@ -1,6 +1,7 @@
 """Builds the package's compiled parts: the C++ CPU kernels (kernels/csrc/) ahead of time, as
-`splitserve.kernels._cpu_ops`, and the router's latency-table scan (router/_route_table.c),
-as `splitserve.router._route_table`.
+`splitserve.kernels._cpu_ops`, the router's latency-table scan (router/_route_table.c), as
+`splitserve.router._route_table`, and the prefix index's device lookup
+(cluster/_prefix_runs.c), as `splitserve.cluster._prefix_runs`.
 
 Everything else about the package is in pyproject.toml. The extension is compiled against
 the torch of the build environment, so it is built only when that torch is the one the
@@ -11,9 +12,10 @@ build is skipped with a message, and the kernels are built on first use instead
 SPLITSERVE_CPU_MARCH sets its -march (default native: the machine that builds is the
 machine that runs, as with any source build).
 
-The route-table scan is plain C against Python's own headers (no torch), built in every
-build; it is optional: where it cannot be built, the build says so and the router uses the
-numpy expression it replaces (router/latency.py), which gives the same routes.
+The route-table scan and the prefix lookup are plain C against Python's own headers (no
+torch), built in every build; both are optional: where one cannot be built, the build says so
+and the package uses the Python it replaces (router/latency.py's numpy expression,
+cluster/prefix_index.py's loop), which gives the same results.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ def route_table_extension() -> Extension:
                      extra_compile_args=["-O2", "-ffp-contract=off"], optional=True)
 
 
+def prefix_runs_extension() -> Extension:
+    return Extension("splitserve.cluster._prefix_runs",
+                     sources=["splitserve/cluster/_prefix_runs.c"],
+                     extra_compile_args=["-O2"], optional=True)
+
+
 def optional_builds(build_ext: type) -> type:
     """`build_ext` that goes on without an optional extension that failed to build, whatever
     the failure (torch's builder raises errors setuptools' own `optional` does not catch)."""
@@ -95,7 +103,8 @@ def build() -> dict[str, Any]:
 
     kernels = cpu_kernel_build()
     chosen = kernels.get("cmdclass", {}).get("build_ext", build_ext)
-    return {"ext_modules": [*kernels.get("ext_modules", []), route_table_extension()],
+    return {"ext_modules": [*kernels.get("ext_modules", []), route_table_extension(),
+                            prefix_runs_extension()],
             "cmdclass": {"build_ext": optional_builds(chosen)}}
 
 

@@ -130,30 +130,36 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
     ids = index.ids()
     best: list[RoutePrediction] = []
     for decode in decode_workers:
-        local = predict_route(Route(decode, None), prompt_len, overlap_blocks, block_size)
-        assert local is not None  # step times known
+        # predict_route(Route(decode, None), ...) and, against it, the best remote prefill's
+        # route, as floats: one RoutePrediction built per decode worker.
+        m = decode.step_model
+        assert m is not None  # step times known
+        cached = cached_tokens(overlap_blocks.get(decode.worker_id, 0), block_size, prompt_len)
+        ahead = decode.num_queued_tokens + max(1, round(prompt_len - cached))
+        ttft = m.prefill_ms(ahead, decode.num_running)
+        budget = m.token_budget
+        tpot = m.step_ms(decode.num_running + 1,
+                         min(decode.num_queued_tokens + ahead, budget))
+        prefill = None
         if least is not None:
             i, remote_ttft = least[0], least[1]
             if row_of.get(decode.worker_id) == i:  # its own prefill row: the next least
                 i, remote_ttft = least[2], least[3]
-            # The key is (ttft, tpot, ...): a remote prefill slower to the first token loses.
-            if remote_ttft != np.inf and remote_ttft <= local.ttft_ms:
-                remote = _remote_prediction(decode, index.views[ids[i]], remote_ttft)
-                if remote.key < local.key:
-                    local = remote
-        best.append(local)
-    return sorted(best, key=lambda p: p.key)
+            # The key is (ttft, tpot, decode id, prefill id: "" for a local prefill): the
+            # remote route wins on a lesser TTFT, or the same and a lesser TPOT.
+            if remote_ttft != np.inf and remote_ttft <= ttft:
+                remote_tpot = m.step_ms(decode.num_running + 1,
+                                        min(decode.num_queued_tokens, budget))
+                if remote_ttft < ttft or remote_tpot < tpot:
+                    prefill = index.views[ids[i]]
+                    ttft, tpot = remote_ttft, remote_tpot
+        best.append(RoutePrediction(Route(decode, prefill), ttft, tpot))
+    best.sort(key=_key)
+    return best
 
 
-def _remote_prediction(decode: WorkerView, prefill: WorkerView,
-                       ttft_ms: float) -> RoutePrediction:
-    """predict_route(Route(decode, prefill), ...) given the prefill's TTFT from the table
-    (the same double): the decode worker's step with one more sequence and its own queue."""
-    decoder = decode.step_model
-    assert decoder is not None  # best_routes_from checked
-    tpot = decoder.step_ms(decode.num_running + 1,
-                           min(decode.num_queued_tokens, decoder.token_budget))
-    return RoutePrediction(Route(decode, prefill), ttft_ms, tpot)
+def _key(p: RoutePrediction) -> tuple[float, float, str, str]:
+    return p.key
 
 
 def has_compiled_scan() -> bool:
@@ -226,13 +232,21 @@ def order_routes(routes: Sequence[RoutePrediction], num_blocks: int, max_tokens:
     after the `waited_s` it already waited; 0: none), then by expected_e2e_ms with the
     candidates' pooled fit, then by key."""
     pooled = pooled_step_model([p.route.decode.step_model for p in routes])
+    decode_steps = max(0, max_tokens - 1)
+    ranked = []
+    for p in routes:
+        decode = p.route.decode
+        # expected_e2e_ms(p, max_tokens, pooled), written out (routes are ranked per request)
+        per_token = pooled.step_ms(decode.num_running + 1) if pooled is not None else p.tpot_ms
+        ranked.append(((decode.num_free_blocks < num_blocks,
+                        waited_s + p.ttft_ms / 1e3 > ttft_slo_s if ttft_slo_s else False,
+                        p.ttft_ms + decode_steps * per_token, *p.key), p))
+    ranked.sort(key=_first)
+    return [p for _, p in ranked]
 
-    def rank(p: RoutePrediction) -> tuple[bool, bool, float, float, float, str, str]:
-        late = bool(ttft_slo_s) and waited_s + p.ttft_ms / 1e3 > ttft_slo_s
-        return (p.route.decode.num_free_blocks < num_blocks, late,
-                expected_e2e_ms(p, max_tokens, pooled), *p.key)
 
-    return sorted(routes, key=rank)
+def _first(pair: tuple[tuple[object, ...], RoutePrediction]) -> tuple[object, ...]:
+    return pair[0]
 
 
 def pooled_step_model(models: Sequence[StepTimeModel | None]) -> StepTimeModel | None:
@@ -240,6 +254,8 @@ def pooled_step_model(models: Sequence[StepTimeModel | None]) -> StepTimeModel |
     known = [m for m in models if m is not None]
     if not known:
         return None
+    if len(known) == 1:
+        return known[0]
     return StepTimeModel(
         base_ms=_median([m.base_ms for m in known]),
         per_seq_ms=_median([m.per_seq_ms for m in known]),

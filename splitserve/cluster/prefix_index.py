@@ -10,7 +10,8 @@ block by block, never worker by worker: the workers whose run is still unbroken
 (`running`, a mask; the lookup's scope applied to it once, a frozenset scope's mask cached)
 are ANDed with each block's holders, so a block costs an AND of two ints, a worker whose run
 ends one bit lookup, and a tier other than the device costs only where some worker holds
-the block there.
+the block there. The device lookup, the one the router makes for every request, is in C
+where setup.py built it (cluster/_prefix_runs.c: the same dict), else the Python loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 
 from splitserve.common.cluster_types import KV_TIERS, PrefixOverlap, WorkerIdUnion
+
+try:  # the device lookup in C (setup.py builds it; optional)
+    from splitserve.cluster import _prefix_runs  # type: ignore[attr-defined]
+except ImportError:  # not built: the Python loop
+    _prefix_runs = None
 
 _SCOPE_CACHE_SIZE = 8  # frozenset scopes whose masks are kept (a router has one or two)
 
@@ -107,25 +113,17 @@ class PrefixIndex:
 
     def _device_ends(self, block_hashes: list[int], among: AbstractSet[str] | None
                      ) -> dict[str, int]:
-        ends: dict[str, int] = {}
+        """worker_id -> the end of its leading run of `block_hashes` on its device (the index
+        of the first block it lacks), for the workers in `among` holding the first block; by
+        end, then by slot from the highest."""
         if not block_hashes:
-            return ends
+            return {}
         masks = self._masks["device"]
         running = self._scoped(masks.get(block_hashes[0], 0), among)
-        ids = self._slot_ids
-        for i in range(1, len(block_hashes)):
-            if not running:
-                return ends
-            kept = running & masks.get(block_hashes[i], 0)
-            if kept != running:
-                gone = running ^ kept  # _add_ends(ends, ids, gone, i), without the call
-                while gone:
-                    slot = gone.bit_length() - 1
-                    ends[ids[slot]] = i  # type: ignore[index]
-                    gone ^= 1 << slot
-                running = kept
-        _add_ends(ends, ids, running, len(block_hashes))
-        return ends
+        if _prefix_runs is not None:
+            return _prefix_runs.device_ends(masks, block_hashes, running,  # type: ignore[no-any-return]
+                                            self._slot_ids)
+        return device_ends(masks, block_hashes, running, self._slot_ids)
 
     def overlap_tiers(self, block_hashes: list[int], among: AbstractSet[str] | None = None
                       ) -> dict[str, PrefixOverlap]:
@@ -204,6 +202,26 @@ class PrefixIndex:
                 if wid in among:
                     mask |= bit[wid]
         return mask
+
+
+def device_ends(masks: Mapping[int, int], block_hashes: list[int], running: int,
+                slot_ids: list[str | None]) -> dict[str, int]:
+    """PrefixIndex._device_ends from its scoped first block's bits `running`, in Python (the
+    reference of cluster/_prefix_runs.c, and the path where that is not built)."""
+    ends: dict[str, int] = {}
+    for i in range(1, len(block_hashes)):
+        if not running:
+            return ends
+        kept = running & masks.get(block_hashes[i], 0)
+        if kept != running:
+            gone = running ^ kept  # _add_ends(ends, slot_ids, gone, i), without the call
+            while gone:
+                slot = gone.bit_length() - 1
+                ends[slot_ids[slot]] = i  # type: ignore[index]
+                gone ^= 1 << slot
+            running = kept
+    _add_ends(ends, slot_ids, running, len(block_hashes))
+    return ends
 
 
 def _discard(masks: dict[int, int], block_hash: int, bit: int) -> None:

@@ -1,6 +1,7 @@
 """PrefixIndex's set-at-a-time lookups equal the worker-by-worker reference (store.tiered_run,
 store.leading_run) on random caches: runs broken anywhere, blocks in several tiers or in the
-device's alone, holes."""
+device's alone, holes. Every test runs with the device lookup in C (cluster/_prefix_runs.c)
+and with its Python loop."""
 
 from __future__ import annotations
 
@@ -8,9 +9,19 @@ import random
 
 import pytest
 
+from splitserve.cluster import prefix_index
 from splitserve.cluster.prefix_index import PrefixIndex
 from splitserve.cluster.store import KV_TIERS, leading_run, tiered_run
 from splitserve.common.cluster_types import WorkerIdUnion
+
+
+@pytest.fixture(autouse=True, params=("c", "python"))
+def device_lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device lookup in C (cluster/_prefix_runs.c), then the Python loop."""
+    if request.param == "c":
+        assert prefix_index._prefix_runs is not None, "setup.py did not build _prefix_runs"
+    else:
+        monkeypatch.setattr(prefix_index, "_prefix_runs", None)
 
 
 def _random_index(rng: random.Random, num_workers: int, prompts: list[list[int]],
