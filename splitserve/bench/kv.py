@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from splitserve.bench.procs import local_deployment
 from splitserve.client import Client
@@ -59,14 +60,32 @@ def measure_requests(router: str, prompts: list[list[int]], max_tokens: int) -> 
     return rows
 
 
+@dataclass
+class UnderDecode:
+    """What requests_while_decoding measured."""
+
+    rows: list[dict[str, float]]  # measure_requests' rows
+    token_times: list[float]  # when each chunk of the background stream arrived (perf_counter)
+    measured_from: float  # when the measured requests began (perf_counter)
+    measured_to: float  # when they ended
+
+    def mean_gap_ms(self, start: float, end: float) -> float:
+        """The background stream's mean time between chunks arriving in [start, end] (0.0
+        with fewer than two)."""
+        inside = [t for t in self.token_times if start <= t <= end]
+        return (inside[-1] - inside[0]) * 1e3 / (len(inside) - 1) if len(inside) > 1 else 0.0
+
+
 def requests_while_decoding(router: str, prompts: list[list[int]], background_tokens: int,
-                            max_tokens: int = 1) -> list[dict[str, float]] | None:
+                            max_tokens: int = 1, settle_s: float = 0.2) -> UnderDecode | None:
     """measure_requests(router, prompts, max_tokens) while another stream (up to
     `background_tokens` long, cut off once the measurement ends) keeps a decode worker
-    decoding; None when that stream ended first (the measurement did not run under load)."""
+    decoding, `settle_s` after its first chunk; None when that stream ended first (the
+    measurement did not run under load)."""
     decoding, stop = threading.Event(), threading.Event()
     outlived: list[bool] = []
     failed: list[BaseException] = []
+    token_times: list[float] = []
     prompt = prompts[0][::-1]  # not one of the timed prompts
 
     def background() -> None:
@@ -77,6 +96,7 @@ def requests_while_decoding(router: str, prompts: list[list[int]], background_to
                                        temperature=0.0, ignore_eos=True)
                 try:
                     for _ in chunks:
+                        token_times.append(time.perf_counter())
                         decoding.set()
                         if stop.is_set():
                             outlived.append(True)
@@ -93,12 +113,14 @@ def requests_while_decoding(router: str, prompts: list[list[int]], background_to
         while not decoding.wait(0.05):
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the background stream never decoded: {failed or 'timeout'}")
-        time.sleep(0.2)  # into its steady decode steps
+        time.sleep(settle_s)  # into its steady decode steps
+        measured_from = time.perf_counter()
         rows = measure_requests(router, prompts, max_tokens)
+        measured_to = time.perf_counter()
     finally:
         stop.set()
         thread.join(120)
-    return rows if outlived else None
+    return UnderDecode(rows, token_times, measured_from, measured_to) if outlived else None
 
 
 def direct_decode_tpot(decode: str, prompt: list[int], max_tokens: int) -> float:

@@ -216,7 +216,7 @@ class Simulation:
             others = [w.step_kind for w in self.decode + self.prefill if w.busy and w is not worker]
             compute_ms *= self.model.corun_factor(kind, others)
         if self.speed is not None:
-            compute_ms *= self.speed.factor(now)
+            compute_ms *= self.speed.factor(now, kind)
         worker.busy, worker.step, worker.step_prefill_ms = True, step, compute_ms
         worker.step_kind = kind
         duration_s = (compute_ms + self.model.profile.serving.decode_step_ms) / 1e3

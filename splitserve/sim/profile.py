@@ -64,9 +64,14 @@ class ServingOverheads:
     # and the client's work for both streams on cores both workers use, which the bare
     # engines' co-run factor does not see (BENCHMARKS.md, thirteenth session).
     decode_under_decode: float = 0.0
+    # The decode worker's token gaps on a stream while remote prefills run (their compute,
+    # their KV's sends and receives, their requests' serving) over its gaps before them, in
+    # the disaggregated deployment (0: not measured). The bare engines' co-run factor holds
+    # the prefill's compute alone (BENCHMARKS.md, thirty-first session).
+    decode_under_prefill: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("prefill_under_decode", "decode_under_decode"):
+        for name in ("prefill_under_decode", "decode_under_decode", "decode_under_prefill"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (0: not measured), got "
                                  f"{getattr(self, name)!r}")
@@ -99,6 +104,9 @@ class Profile:
     # The median of the same probe measurement (sim.probe: a batch-1 decode step at
     # PROBE_CONTEXT tokens): what a sweep's probes are compared with (0: not measured)
     speed_probe_ms: float = 0.0
+    # The median of the prefill probe (sim.probe: a fresh prompt of PROBE_PREFILL_TOKENS
+    # computed in one step), taken beside it (0: not measured)
+    prefill_probe_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens", "decode_batches", "decode_contexts"):
@@ -115,9 +123,10 @@ class Profile:
         if not self.speed_sigma >= 0 or not self.speed_period_s > 0:
             raise ValueError(f"speed_sigma must be >= 0 and speed_period_s > 0, got "
                              f"{self.speed_sigma!r}, {self.speed_period_s!r}")
-        if not self.speed_probe_ms >= 0:
-            raise ValueError(f"speed_probe_ms must be >= 0 (0: not measured), got "
-                             f"{self.speed_probe_ms!r}")
+        for name in ("speed_probe_ms", "prefill_probe_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: not measured), got "
+                                 f"{getattr(self, name)!r}")
         for kind, row in self.corun.items():
             if kind not in STEP_KINDS or any(k not in STEP_KINDS or not f > 0
                                              for k, f in row.items()):
@@ -151,14 +160,16 @@ class ProfiledStepTimes:
         self._prefill_x = [float(t) for t in profile.prefill_tokens]
         self._batch_x = [float(b) for b in profile.decode_batches]
         self._context_x = [float(c) for c in profile.decode_contexts]
-        # corun_factor's rows: the bare engines' factors, with prefill under decode and
-        # decode under decode as measured in the deployments where the profile has them
+        # corun_factor's rows: the bare engines' factors, with prefill under decode, decode
+        # under decode and decode under prefill as measured in the deployments where the
+        # profile has them
         self._corun = {kind: dict(row) for kind, row in profile.corun.items()}
         serving = profile.serving
-        for kind, factor in (("prefill", serving.prefill_under_decode),
-                             ("decode", serving.decode_under_decode)):
+        for kind, other, factor in (("prefill", "decode", serving.prefill_under_decode),
+                                    ("decode", "decode", serving.decode_under_decode),
+                                    ("decode", "prefill", serving.decode_under_prefill)):
             if factor > 0:
-                self._corun.setdefault(kind, {})["decode"] = factor
+                self._corun.setdefault(kind, {})[other] = factor
 
     def prefill_ms(self, num_tokens: int) -> float:
         return interpolate(self._prefill_x, self.profile.prefill_ms, num_tokens)

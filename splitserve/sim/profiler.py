@@ -16,13 +16,17 @@ Measures, with the engine in this process (no prefix caching, one step per point
     decode steps in an engine process of its own, as a sweep's probes run) timed for
     --speed-probe-s seconds; the spread of log(median step) across
     periods of --speed-period-s is the drift's sigma (sim.speed), what `bench simulate`
-    replicates under, and their median is the speed level a sweep's probes compare with;
+    replicates under, and their median is the decode level a sweep's probes compare with;
+    then a third as long with the prefill probe in turn (a short prompt's one-step
+    prefill): its median is the prefill level's reference;
   - serving overheads (unless --no-serving): a local deployment (router + workers as
     processes, --threads each) serves short prompts one at a time, colocated and then
     disaggregated; what TTFT and TPOT hold beyond the engine's own step times; and the
     remote prefills again while the decode worker decodes a long stream: their compute
     over the idle one is the prefill-under-decode factor the simulator uses (it replaces
-    the bare engines' co-run factor, which misses part of the deployment's slowdown); and
+    the bare engines' co-run factor, which misses part of the deployment's slowdown), and
+    that stream's token gaps while the prefills run over its gaps before them is the
+    decode-under-prefill factor (likewise); and
     a colocated pair (two decode workers prefilling their own prompts) serving one stream,
     then two at once, one per worker: the TPOT ratio is the decode-under-decode factor
     (the router's and client's work for both streams shares the workers' cores).
@@ -55,6 +59,9 @@ if TYPE_CHECKING:
 # The stream that keeps the decode worker decoding while remote prefills are timed (cut
 # off once they are: its length only has to outlast them).
 _BACKGROUND_TOKENS = 2048
+# How long that stream decodes alone before the prefills are timed: its token gaps over the
+# last of it (its first 0.2 s left out) are the decode-under-prefill factor's reference.
+_DECODE_ALONE_S = 2.0
 
 
 def _ints(text: str) -> list[int]:
@@ -109,7 +116,7 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
     prompts = [[rng.randrange(100, 30000) for _ in range(prompt_len)] for _ in range(5)]
     worker_args = ("--no-prefix-caching", "--num-kv-blocks", "512", "--dtype", args.dtype)
     rows = {}
-    under_decode = 0.0
+    under_decode = under_prefill = 0.0
     for mode, num_prefill, threshold in (("local", 0, 10**9), ("remote", 1, 0)):
         with local_deployment(args.model, num_prefill=num_prefill, num_decode=1,
                               local_prefill_threshold=threshold, threads=args.threads,
@@ -117,7 +124,7 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
             measure_requests(addrs["router"], prompts[:1], 4)  # warm-up
             rows[mode] = measure_requests(addrs["router"], prompts, max_tokens)
             if mode == "remote":
-                under_decode = prefill_under_decode(addrs["router"], prompts, rows[mode])
+                under_decode, under_prefill = under_load(addrs["router"], prompts, rows[mode])
     pair = decode_under_decode(args, prompts, max_tokens, worker_args)
     med = statistics.median
     compute = model.prefill_ms(prompt_len)
@@ -127,7 +134,8 @@ def measure_serving(args: argparse.Namespace, model: ProfiledStepTimes) -> Servi
     tpot = med(r["tpot_ms"] for r in rows["local"] + rows["remote"])
     return ServingOverheads(ttft_local_ms=max(0.0, local), ttft_remote_ms=max(0.0, remote),
                             decode_step_ms=max(0.0, tpot - step),
-                            prefill_under_decode=under_decode, decode_under_decode=pair)
+                            prefill_under_decode=under_decode, decode_under_decode=pair,
+                            decode_under_prefill=under_prefill)
 
 
 def decode_under_decode(args: argparse.Namespace, prompts: list[list[int]], max_tokens: int,
@@ -155,20 +163,30 @@ def decode_under_decode(args: argparse.Namespace, prompts: list[list[int]], max_
     return statistics.median(ratios)
 
 
-def prefill_under_decode(router: str, prompts: list[list[int]],
-                         idle_rows: list[dict[str, float]]) -> float:
-    """The remote prefill's compute while the decode worker decodes another stream, over
-    `idle_rows`' (the same prompts, measured one at a time: that worker idle meanwhile), as
-    medians: how much the deployment's decoding slows its prefill worker on shared cores
-    (0.0 when the background stream ended before the measurement did: not measured)."""
+def under_load(router: str, prompts: list[list[int]],
+               idle_rows: list[dict[str, float]]) -> tuple[float, float]:
+    """(prefill under decode, decode under prefill) in the disaggregated deployment behind
+    `router`: the remote prefills' compute while the decode worker decodes another stream,
+    over `idle_rows`' (the same prompts measured one at a time, that worker idle), as
+    medians: how much the deployment's decoding slows its prefill worker on shared cores;
+    and that stream's mean token gap while the prefills run over its mean gap in the
+    seconds before them: how much the prefill worker, the KV it sends and the requests'
+    serving slow the decode worker. (0.0, 0.0) when the background stream ended before
+    the measurement did: not measured."""
     from splitserve.bench.kv import requests_while_decoding
 
-    loaded = requests_while_decoding(router, prompts, _BACKGROUND_TOKENS)
+    loaded = requests_while_decoding(router, prompts, _BACKGROUND_TOKENS,
+                                     settle_s=_DECODE_ALONE_S)
     if loaded is None:
-        return 0.0
+        return 0.0, 0.0
     med = statistics.median
-    return (med(r["prefill_compute_ms"] for r in loaded)
-            / med(r["prefill_compute_ms"] for r in idle_rows))
+    prefill = (med(r["prefill_compute_ms"] for r in loaded.rows)
+               / med(r["prefill_compute_ms"] for r in idle_rows))
+    alone = loaded.mean_gap_ms(loaded.measured_from - _DECODE_ALONE_S + 0.2,
+                               loaded.measured_from)
+    during = loaded.mean_gap_ms(loaded.measured_from, loaded.measured_to)
+    decode = during / alone if alone and during else 0.0
+    return prefill, decode
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -229,16 +247,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"decode batch {b:3d}: " + ", ".join(
             f"ctx {c}: {t:.1f} ms" for c, t in zip(contexts, decode_ms[-1], strict=True)),
               flush=True)
-    speed_sigma = speed_probe_ms = 0.0
+    speed_sigma = speed_probe_ms = prefill_probe_ms = 0.0
     if args.speed_probe_s > 0:
         # In the probe's own process and engine, as a sweep's probes run (sim.probe): one
-        # measurement per call.
+        # measurement per call; then both kinds in turn, as a sweep's probes take them.
         with SpeedProbe(args.model, args.dtype, args.threads) as probe:
             speed_sigma, speed_probe_ms = measure_speed(
                 partial(probe.measure, 0.0), args.speed_probe_s, args.speed_period_s)
+            _, prefill_probe_ms = probe.measure_kinds(args.speed_probe_s / 3)
         print(f"speed drift: sigma {speed_sigma:.3f} per {args.speed_period_s:g} s "
               f"({args.speed_probe_s:g} s of batch-1 decode steps, median "
-              f"{speed_probe_ms:.2f} ms)", flush=True)
+              f"{speed_probe_ms:.2f} ms); prefill probe median {prefill_probe_ms:.2f} ms",
+              flush=True)
     layout = engine_layout(engine)
     bytes_per_token = layout.bytes_for(1) // layout.block_size
     bandwidth = args.kv_bandwidth if args.no_kv else measure_kv_bandwidth(
@@ -252,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
                       decode_batches=batches, decode_contexts=contexts, decode_ms=decode_ms,
                       kv_bytes_per_token=bytes_per_token, kv_bandwidth_bytes_per_s=bandwidth,
                       speed_sigma=speed_sigma, speed_period_s=args.speed_period_s,
-                      speed_probe_ms=speed_probe_ms)
+                      speed_probe_ms=speed_probe_ms, prefill_probe_ms=prefill_probe_ms)
     del engine
     if not args.no_corun:
         from splitserve.sim.corun import measure_factors

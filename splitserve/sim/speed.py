@@ -12,9 +12,12 @@ The drift model: time is cut into periods of `period_s`; in each, every step tha
 runs `factor` times its modelled length, a factor drawn independently per period from a
 lognormal of mean 1 whose log has standard deviation `sigma`. `splitserve profile`
 measures sigma on the machine (`measure_speed`: batch-1 decode steps timed over a while,
-the spread of their per-period medians). On top of the drift, a `level`: how much slower
-(> 1) or faster the host ran during the simulated run than while the profile was taken,
-from the speed probes both took (sim.probe).
+the spread of their per-period medians). On top of the drift, a level per step kind: how
+much slower (> 1) or faster the host ran during the simulated run than while the profile
+was taken, from the speed probes both took (sim.probe): a batch-1 decode step for decode
+steps (memory-bound), a short prompt's prefill for prefill steps (compute-bound). The two
+move apart on a shared host: in the thirtieth session's sweep the decode probe ran 6-18%
+slower than the profile's while the prompts' TTFTs came out faster than predicted.
 """
 
 from __future__ import annotations
@@ -29,29 +32,33 @@ from collections.abc import Callable
 class HostSpeed:
     """Piecewise-constant slowdown factors, reproducible from (seed, period index)."""
 
-    def __init__(self, sigma: float, period_s: float, seed: int, level: float = 1.0) -> None:
-        if not sigma >= 0 or not period_s > 0 or not level > 0:
-            raise ValueError(f"HostSpeed needs sigma >= 0, period_s > 0 and level > 0, got "
-                             f"{sigma!r}, {period_s!r}, {level!r}")
+    def __init__(self, sigma: float, period_s: float, seed: int, level: float = 1.0,
+                 prefill_level: float | None = None) -> None:
+        """`level`: every step's (None `prefill_level`), else the decode steps'."""
+        prefill_level = level if prefill_level is None else prefill_level
+        if not sigma >= 0 or not period_s > 0 or not level > 0 or not prefill_level > 0:
+            raise ValueError(f"HostSpeed needs sigma >= 0, period_s > 0 and levels > 0, got "
+                             f"{sigma!r}, {period_s!r}, {level!r}, {prefill_level!r}")
         self.sigma = sigma
         self.period_s = period_s
         self.seed = seed
         self.level = level
-        self._factors: dict[int, float] = {}
+        self.prefill_level = prefill_level
+        self._drifts: dict[int, float] = {}
 
-    def factor(self, now_s: float) -> float:
-        """The step-length factor of a step starting at `now_s`: the level times the
-        period's drift (the level alone when sigma is 0)."""
+    def factor(self, now_s: float, kind: str = "decode") -> float:
+        """The step-length factor of a step of `kind` ("prefill": it computes prompt tokens;
+        "decode") starting at `now_s`: the kind's level times the period's drift."""
+        level = self.prefill_level if kind == "prefill" else self.level
         if self.sigma == 0:
-            return self.level
+            return level
         period = math.floor(now_s / self.period_s)
-        found = self._factors.get(period)
-        if found is None:
-            # Its own generator per period: the factor never depends on the order of queries.
+        drift = self._drifts.get(period)
+        if drift is None:
+            # Its own generator per period: the drift never depends on the order of queries.
             rng = random.Random(self.seed * 1_000_003 + period)
-            found = self.level * math.exp(rng.gauss(-self.sigma ** 2 / 2, self.sigma))
-            self._factors[period] = found  # (the drift has mean 1)
-        return found
+            drift = self._drifts[period] = math.exp(rng.gauss(-self.sigma ** 2 / 2, self.sigma))
+        return level * drift  # (the drift has mean 1)
 
 
 def speed_sigma(samples: list[tuple[float, float]], period_s: float) -> float:

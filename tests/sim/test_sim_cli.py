@@ -47,8 +47,9 @@ def test_profile_records_the_grid_and_the_machine(tiny_profile: Path) -> None:
 def test_profile_measures_the_serving_overheads_on_a_local_deployment(
         tiny_llama: Path, tmp_path: Path) -> None:
     # Router + workers as processes: the serving overheads, the remote prefills timed
-    # again while the decode worker decodes a long stream (a ratio of two medians), and a
-    # colocated pair's streams one and two at a time.
+    # again while the decode worker decodes a long stream (a ratio of two medians) and that
+    # stream's token gaps meanwhile against before, and a colocated pair's streams one and
+    # two at a time.
     out = tmp_path / "serving.json"
     assert cli.main(["profile", "--model", str(tiny_llama), "--prefill-tokens", "8,64",
                      "--decode-batches", "1", "--decode-contexts", "8,96", "--repeats", "1",
@@ -56,6 +57,7 @@ def test_profile_measures_the_serving_overheads_on_a_local_deployment(
                      "--out", str(out)]) == 0
     serving = Profile.load(out).serving
     assert serving.prefill_under_decode > 0 and serving.decode_under_decode > 0
+    assert serving.decode_under_prefill > 0
     assert serving.ttft_local_ms >= 0 and serving.ttft_remote_ms >= 0
 
 

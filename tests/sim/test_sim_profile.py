@@ -127,3 +127,26 @@ def test_malformed_profiles_are_refused(changes: dict[str, object]) -> None:
 def test_a_file_of_another_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="splitserve-profile"):
         Profile.from_json({"kind": "bench-serve-sweep", "version": 1})
+
+
+def test_the_deployments_decode_under_prefill_factor_replaces_the_bare_engines() -> None:
+    corun = {"prefill": {"decode": 1.05}, "decode": {"prefill": 1.03, "decode": 1.02}}
+    measured = ProfiledStepTimes(make_profile(corun=corun, serving=ServingOverheads(
+        decode_under_prefill=1.25)))
+    assert measured.corun_factor("decode", ["prefill"]) == 1.25
+    assert measured.corun_factor("decode", ["decode"]) == 1.02  # only decode under prefill
+    assert measured.corun_factor("prefill", ["prefill"]) == 1.0
+    unmeasured = ProfiledStepTimes(make_profile(corun=corun))
+    assert unmeasured.corun_factor("decode", ["prefill"]) == 1.03
+    with pytest.raises(ValueError, match="decode_under_prefill"):
+        ServingOverheads(decode_under_prefill=-0.1)
+
+
+def test_the_background_streams_mean_gap_is_read_inside_a_window() -> None:
+    from splitserve.bench.kv import UnderDecode
+
+    run = UnderDecode([], [0.0, 0.04, 0.08, 0.12, 0.20, 0.30, 0.40], 0.12, 0.40)
+    assert run.mean_gap_ms(0.0, run.measured_from) == pytest.approx(40.0)
+    assert run.mean_gap_ms(run.measured_from, run.measured_to) == pytest.approx(280.0 / 3)
+    assert run.mean_gap_ms(0.5, 1.0) == 0.0  # no chunk in it
+    assert run.mean_gap_ms(0.19, 0.25) == 0.0  # one

@@ -91,6 +91,22 @@ def test_the_level_scales_every_step_with_or_without_a_drift() -> None:
             HostSpeed(0.1, 1.0, seed=0, level=level)
 
 
+def test_a_prefill_level_scales_the_steps_with_prompt_tokens_only() -> None:
+    assert HostSpeed(0.0, 1.0, seed=3, level=1.25).factor(5.0, "prefill") == 1.25  # one level
+    speed = HostSpeed(0.3, 2.0, seed=5, level=1.25, prefill_level=0.5)
+    drift = HostSpeed(0.3, 2.0, seed=5)
+    for t in (0.0, 2.0, 9.0):
+        assert speed.factor(t, "decode") == pytest.approx(1.25 * drift.factor(t))
+        assert speed.factor(t, "prefill") == pytest.approx(0.5 * drift.factor(t))
+    model = flat_model()  # prompt steps of 40 ms, decode steps of 10 ms
+    [lone] = simulate(Deployment(num_decode=1), model, [SimRequest(0, 0.0, 64, 4)],
+                      HostSpeed(0.0, 1.0, seed=0, level=1.5, prefill_level=0.5))
+    assert lone.ttft_ms == pytest.approx(20.0)
+    assert lone.tpot_ms == pytest.approx(15.0)
+    with pytest.raises(ValueError, match="levels"):
+        HostSpeed(0.1, 1.0, seed=0, prefill_level=0.0)
+
+
 def test_replicates_report_the_median_and_band_of_the_runs() -> None:
     model = flat_model()
     workload = sweep.parse_workload(sweep.DEFAULT_WORKLOAD_ARGS, seed=0)
