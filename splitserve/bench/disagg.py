@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = stack.enter_context(SpeedProbe(args.model, args.dtype, threads=1))
 
             def probe_host() -> dict[str, Any]:
-                decode_ms, prefill_ms = probe.measure_kinds(args.speed_probe_s)
-                return {"speed_probe_ms": decode_ms, "prefill_probe_ms": prefill_ms,
+                return {"speed_probe_ms": probe.measure(args.speed_probe_s),
                         "model": args.model, "dtype": args.dtype, "threads": 1}
 
         files = _sweep_configs(args, out_dir, probe_host)

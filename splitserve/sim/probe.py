@@ -4,10 +4,7 @@ A profile's step times hold the speed of the minutes it was taken in; on a VM wh
 moves 20% between one quarter of an hour and the next (BENCHMARKS.md, sixteenth session),
 a sweep measured later runs at another one, and the simulator, which knows only the
 profile, misses by that much. So both measure the same probe: the median of batch-1 decode
-steps at PROBE_CONTEXT tokens, in an engine of the profile's model, dtype and threads; and,
-asked for both kinds, alternating with it the median of one-step prefills of a fresh
-PROBE_PREFILL_TOKENS-token prompt (a decode step streams the weights from memory, a prefill
-computes: a shared host slows them apart, so each step kind gets its own level).
+steps at PROBE_CONTEXT tokens, in an engine of the profile's model, dtype and threads.
 `splitserve profile` records its probe's median with the points (Profile.speed_probe_ms;
 its probe runs in a `SpeedProbe` too: the same process, engine and code as a sweep's);
 `bench disagg --speed-probe-s S` probes for S seconds between the sweep's runs (a
@@ -16,9 +13,8 @@ its probe runs in a `SpeedProbe` too: the same process, engine and code as a swe
 profile's (sim.speed.HostSpeed's level).
 
     python -m splitserve.sim.probe --model M --dtype D --threads T
-        reads seconds on stdin, one per line ("S", or "S prefill" for both kinds); answers
-        each with {"median_ms": ..., "samples": n} (and "prefill_median_ms",
-        "prefill_samples") on stdout, after a first line {"ready": true}.
+        reads seconds on stdin, one per line; answers each with {"median_ms": ...,
+        "samples": n} on stdout, after a first line {"ready": true}.
 """
 
 from __future__ import annotations
@@ -38,7 +34,6 @@ if TYPE_CHECKING:
 
 PROBE_CONTEXT = 64  # tokens each probe sequence holds
 PROBE_STEPS = 4  # decode steps per measurement (bench.offline.decode_step_ms's median)
-PROBE_PREFILL_TOKENS = 64  # the prefill probe's prompt
 
 
 def probe_engine(model: str, dtype: str, threads: int) -> LLMEngine:
@@ -57,28 +52,12 @@ def probe_step_ms(engine: LLMEngine) -> float:
     return decode_step_ms(engine, 1, PROBE_CONTEXT, steps=PROBE_STEPS)
 
 
-def probe_prefill_ms(engine: LLMEngine, seed: int) -> float:
-    """One prefill probe measurement: a fresh prompt of PROBE_PREFILL_TOKENS tokens (drawn
-    from `seed`) computed in one step, milliseconds."""
-    from splitserve.sim.profiler import measure_prefill_ms
-
-    return measure_prefill_ms(engine, PROBE_PREFILL_TOKENS, 1, seed)
-
-
-def probe_for(engine: LLMEngine, seconds: float, prefill: bool = False
-              ) -> tuple[list[float], list[float]]:
-    """Probe measurements taken one after another for `seconds` (at least one of each
-    kind): (decode measurements, prefill measurements: alternating with them where
-    `prefill`, else none)."""
-    start = time.monotonic()
-    decode: list[float] = []
-    prefills: list[float] = []
-    while True:
-        decode.append(probe_step_ms(engine))
-        if prefill:
-            prefills.append(probe_prefill_ms(engine, len(prefills)))
-        if time.monotonic() - start >= seconds:
-            return decode, prefills
+def probe_for(engine: LLMEngine, seconds: float) -> list[float]:
+    """Probe measurements taken one after another for `seconds` (at least one)."""
+    start, samples = time.monotonic(), [probe_step_ms(engine)]
+    while time.monotonic() - start < seconds:
+        samples.append(probe_step_ms(engine))
+    return samples
 
 
 class SpeedProbe:
@@ -119,12 +98,6 @@ class SpeedProbe:
         self._child.send(f"{seconds}\n".encode())
         return float(self._answer(seconds + self._answer_slack_s)["median_ms"])
 
-    def measure_kinds(self, seconds: float) -> tuple[float, float]:
-        """(decode, prefill) medians over `seconds` of probing both kinds in turn, ms."""
-        self._child.send(f"{seconds} prefill\n".encode())
-        answer = self._answer(seconds + self._answer_slack_s)
-        return float(answer["median_ms"]), float(answer["prefill_median_ms"])
-
     def close(self) -> None:
         self._child.close()
 
@@ -144,17 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     engine = probe_engine(args.model, args.dtype, args.threads)
     probe_step_ms(engine)  # warm-up
-    probe_prefill_ms(engine, -1)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        seconds, *kinds = line.split()
-        decode, prefill = probe_for(engine, float(seconds), prefill=kinds == ["prefill"])
-        answer: dict[str, Any] = {"median_ms": statistics.median(decode),
-                                  "samples": len(decode)}
-        if prefill:
-            answer.update(prefill_median_ms=statistics.median(prefill),
-                          prefill_samples=len(prefill))
-        print(json.dumps(answer), flush=True)
+        samples = probe_for(engine, float(line))
+        print(json.dumps({"median_ms": statistics.median(samples), "samples": len(samples)}),
+              flush=True)
     return 0
 
 

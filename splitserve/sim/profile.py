@@ -104,9 +104,6 @@ class Profile:
     # The median of the same probe measurement (sim.probe: a batch-1 decode step at
     # PROBE_CONTEXT tokens): what a sweep's probes are compared with (0: not measured)
     speed_probe_ms: float = 0.0
-    # The median of the prefill probe (sim.probe: a fresh prompt of PROBE_PREFILL_TOKENS
-    # computed in one step), taken beside it (0: not measured)
-    prefill_probe_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens", "decode_batches", "decode_contexts"):
@@ -123,10 +120,9 @@ class Profile:
         if not self.speed_sigma >= 0 or not self.speed_period_s > 0:
             raise ValueError(f"speed_sigma must be >= 0 and speed_period_s > 0, got "
                              f"{self.speed_sigma!r}, {self.speed_period_s!r}")
-        for name in ("speed_probe_ms", "prefill_probe_ms"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0 (0: not measured), got "
-                                 f"{getattr(self, name)!r}")
+        if not self.speed_probe_ms >= 0:
+            raise ValueError(f"speed_probe_ms must be >= 0 (0: not measured), got "
+                             f"{self.speed_probe_ms!r}")
         for kind, row in self.corun.items():
             if kind not in STEP_KINDS or any(k not in STEP_KINDS or not f > 0
                                              for k, f in row.items()):

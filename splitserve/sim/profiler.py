@@ -16,9 +16,7 @@ Measures, with the engine in this process (no prefix caching, one step per point
     decode steps in an engine process of its own, as a sweep's probes run) timed for
     --speed-probe-s seconds; the spread of log(median step) across
     periods of --speed-period-s is the drift's sigma (sim.speed), what `bench simulate`
-    replicates under, and their median is the decode level a sweep's probes compare with;
-    then a third as long with the prefill probe in turn (a short prompt's one-step
-    prefill): its median is the prefill level's reference;
+    replicates under, and their median is the speed level a sweep's probes compare with;
   - serving overheads (unless --no-serving): a local deployment (router + workers as
     processes, --threads each) serves short prompts one at a time, colocated and then
     disaggregated; what TTFT and TPOT hold beyond the engine's own step times; and the
@@ -247,18 +245,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"decode batch {b:3d}: " + ", ".join(
             f"ctx {c}: {t:.1f} ms" for c, t in zip(contexts, decode_ms[-1], strict=True)),
               flush=True)
-    speed_sigma = speed_probe_ms = prefill_probe_ms = 0.0
+    speed_sigma = speed_probe_ms = 0.0
     if args.speed_probe_s > 0:
         # In the probe's own process and engine, as a sweep's probes run (sim.probe): one
-        # measurement per call; then both kinds in turn, as a sweep's probes take them.
+        # measurement per call.
         with SpeedProbe(args.model, args.dtype, args.threads) as probe:
             speed_sigma, speed_probe_ms = measure_speed(
                 partial(probe.measure, 0.0), args.speed_probe_s, args.speed_period_s)
-            _, prefill_probe_ms = probe.measure_kinds(args.speed_probe_s / 3)
         print(f"speed drift: sigma {speed_sigma:.3f} per {args.speed_period_s:g} s "
               f"({args.speed_probe_s:g} s of batch-1 decode steps, median "
-              f"{speed_probe_ms:.2f} ms); prefill probe median {prefill_probe_ms:.2f} ms",
-              flush=True)
+              f"{speed_probe_ms:.2f} ms)", flush=True)
     layout = engine_layout(engine)
     bytes_per_token = layout.bytes_for(1) // layout.block_size
     bandwidth = args.kv_bandwidth if args.no_kv else measure_kv_bandwidth(
@@ -272,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
                       decode_batches=batches, decode_contexts=contexts, decode_ms=decode_ms,
                       kv_bytes_per_token=bytes_per_token, kv_bandwidth_bytes_per_s=bandwidth,
                       speed_sigma=speed_sigma, speed_period_s=args.speed_period_s,
-                      speed_probe_ms=speed_probe_ms, prefill_probe_ms=prefill_probe_ms)
+                      speed_probe_ms=speed_probe_ms)
     del engine
     if not args.no_corun:
         from splitserve.sim.corun import measure_factors

@@ -12,12 +12,15 @@ The drift model: time is cut into periods of `period_s`; in each, every step tha
 runs `factor` times its modelled length, a factor drawn independently per period from a
 lognormal of mean 1 whose log has standard deviation `sigma`. `splitserve profile`
 measures sigma on the machine (`measure_speed`: batch-1 decode steps timed over a while,
-the spread of their per-period medians). On top of the drift, a level per step kind: how
-much slower (> 1) or faster the host ran during the simulated run than while the profile
-was taken, from the speed probes both took (sim.probe): a batch-1 decode step for decode
-steps (memory-bound), a short prompt's prefill for prefill steps (compute-bound). The two
-move apart on a shared host: in the thirtieth session's sweep the decode probe ran 6-18%
-slower than the profile's while the prompts' TTFTs came out faster than predicted.
+the spread of their per-period medians). On top of the drift, a `level`: how much slower
+(> 1) or faster the host ran during the simulated run than while the profile was taken,
+from the speed probes both took (sim.probe: a batch-1 decode step). The level scales the
+decode steps only; a step with prompt tokens keeps the profile's speed (times the drift).
+On the two fp32 sweeps of the thirtieth and thirty-first sessions the served TTFTs did not
+follow the probes: with the level on every step 27 of 80 figures missed 15%, with it on
+decode steps only 24, without it 33; a prefill probe of its own (a 64-token prompt's
+prefill, tried in the thirty-first session) moved with the decode probe and made it 20
+of 40 on the sweep that had it, against 17 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -32,24 +35,21 @@ from collections.abc import Callable
 class HostSpeed:
     """Piecewise-constant slowdown factors, reproducible from (seed, period index)."""
 
-    def __init__(self, sigma: float, period_s: float, seed: int, level: float = 1.0,
-                 prefill_level: float | None = None) -> None:
-        """`level`: every step's (None `prefill_level`), else the decode steps'."""
-        prefill_level = level if prefill_level is None else prefill_level
-        if not sigma >= 0 or not period_s > 0 or not level > 0 or not prefill_level > 0:
-            raise ValueError(f"HostSpeed needs sigma >= 0, period_s > 0 and levels > 0, got "
-                             f"{sigma!r}, {period_s!r}, {level!r}, {prefill_level!r}")
+    def __init__(self, sigma: float, period_s: float, seed: int, level: float = 1.0) -> None:
+        if not sigma >= 0 or not period_s > 0 or not level > 0:
+            raise ValueError(f"HostSpeed needs sigma >= 0, period_s > 0 and level > 0, got "
+                             f"{sigma!r}, {period_s!r}, {level!r}")
         self.sigma = sigma
         self.period_s = period_s
         self.seed = seed
         self.level = level
-        self.prefill_level = prefill_level
         self._drifts: dict[int, float] = {}
 
     def factor(self, now_s: float, kind: str = "decode") -> float:
-        """The step-length factor of a step of `kind` ("prefill": it computes prompt tokens;
-        "decode") starting at `now_s`: the kind's level times the period's drift."""
-        level = self.prefill_level if kind == "prefill" else self.level
+        """The step-length factor of a step of `kind` ("decode", or "prefill": it computes
+        prompt tokens) starting at `now_s`: the period's drift, times the level for a
+        decode step."""
+        level = self.level if kind == "decode" else 1.0
         if self.sigma == 0:
             return level
         period = math.floor(now_s / self.period_s)

@@ -18,17 +18,14 @@ own drift (seeds 0..N-1), and a figure is the median over the runs, printed with
 from their 10th to their 90th percentile: a tail over 30 requests turns on a few routing
 ties, which one deterministic run decides one way. Without a drift: one deterministic run.
 
-Speed levels: where the measured sweep probed the host between its runs (`bench disagg
---speed-probe-s`) and the profile holds the same probes' medians (speed_probe_ms: a batch-1
-decode step; prefill_probe_ms: a short prompt's prefill), each rate runs at the levels the
-probes around its run saw, relative to the profile's (the geometric mean of the probe
-before it and the one after, over the profile's): every decode step's compute is
-multiplied by the decode level, every step with prompt tokens by the prefill level, on top
-of the drift. The profile's step times hold the speed of the minutes it was taken in; the
-sweep may run 20% faster or slower (BENCHMARKS.md, sixteenth session), and a shared host's
-memory and its arithmetic do not slow down together (thirty-first session). Where either
-side has no prefill probe, the decode level is every step's. `--no-speed-level` ignores the
-probes.
+Speed level: where the measured sweep probed the host between its runs (`bench disagg
+--speed-probe-s`) and the profile holds the same probe's median (speed_probe_ms), each rate
+runs at the level the probes around its run saw, relative to the profile's (the geometric
+mean of the probe before it and the one after, over the profile's): every decode step's
+compute is multiplied by it, on top of the drift (the steps with prompt tokens keep the
+profile's speed: sim.speed says why). The profile's step times hold the speed of the
+minutes it was taken in; the sweep may run 20% faster or slower (BENCHMARKS.md, sixteenth
+session). `--no-speed-level` ignores the probes.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import itertools
 import json
 import statistics
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from splitserve.bench import disagg, report, serve
 from splitserve.bench.arrivals import arrival_offsets
@@ -93,59 +90,41 @@ def simulate_summary(deployment: Deployment, model: ProfiledStepTimes, trace: li
 
 def replicate_summaries(deployment: Deployment, model: ProfiledStepTimes,
                         trace: list[SimRequest], slo: dict[str, float], replicates: int,
-                        sigma: float, period_s: float, level: float = 1.0,
-                        prefill_level: float | None = None) -> list[dict[str, Any]]:
+                        sigma: float, period_s: float, level: float = 1.0
+                        ) -> list[dict[str, Any]]:
     """One summary per run: `replicates` runs under drifts of seeds 0.. (sigma > 0), or
-    the one deterministic run; every step at the speed `level` besides (the steps with
-    prompt tokens at `prefill_level` where given)."""
+    the one deterministic run; every decode step at the speed `level` besides."""
     if replicates < 1:
         raise ValueError(f"replicates must be >= 1, got {replicates}")
     if replicates > 1 and sigma <= 0:
         raise ValueError("replicates differ only under a speed drift: the profile has none "
                          "measured (speed_sigma 0); give --speed-sigma")
     if replicates == 1:
-        speed = (None if level == 1.0 and prefill_level in (None, 1.0)
-                 else HostSpeed(0.0, period_s, 0, level, prefill_level))
+        speed = None if level == 1.0 else HostSpeed(0.0, period_s, 0, level)
         return [simulate_summary(deployment, model, trace, slo, speed)]
     return [simulate_summary(deployment, model, trace, slo,
-                             HostSpeed(sigma, period_s, seed, level, prefill_level))
+                             HostSpeed(sigma, period_s, seed, level))
             for seed in range(replicates)]
 
 
-class SpeedLevels(NamedTuple):
-    decode: float
-    prefill: float | None  # None: not probed (the decode level is every step's)
-
-
-def speed_levels(run: dict[str, Any], profile: Profile) -> SpeedLevels | None:
-    """The speed levels of a measured run: per probe kind, the geometric mean of the probes
-    before and after it over the profile's (None where either has no decode probe, or the
-    run's probes ran another model, dtype or thread count than the profile's; the prefill
-    level None where either has no prefill probe)."""
+def speed_level(run: dict[str, Any], profile: Profile) -> float | None:
+    """The speed level of a measured run: the geometric mean of the speed probes before
+    and after it over the profile's probe (None where either has no probe, or the run's
+    probes ran another model, dtype or thread count than the profile's)."""
     probe = run.get("host_probe")
     if not profile.speed_probe_ms or not probe:
         return None
     ours = {"model": profile.model, "dtype": profile.dtype, "threads": profile.threads}
     try:
+        before, after = (float(probe[k]["speed_probe_ms"]) for k in ("before", "after"))
         if any(probe[k].get(key, value) != value
                for k in ("before", "after") for key, value in ours.items()):
             return None
-        decode = _level(probe, "speed_probe_ms", profile.speed_probe_ms)
-        prefill = (_level(probe, "prefill_probe_ms", profile.prefill_probe_ms)
-                   if profile.prefill_probe_ms else None)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    return None if decode is None else SpeedLevels(decode, prefill)
-
-
-def _level(probe: dict[str, Any], key: str, profile_ms: float) -> float | None:
-    """The geometric mean of the run's probes `key` before and after, over `profile_ms`."""
-    if key not in probe["before"] or key not in probe["after"]:
-        return None
-    before, after = float(probe["before"][key]), float(probe["after"][key])
     if not before > 0 or not after > 0:
         return None
-    return float((before * after) ** 0.5 / profile_ms)
+    return float((before * after) ** 0.5 / profile.speed_probe_ms)
 
 
 def figure(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
@@ -203,11 +182,6 @@ def print_table(name: str, rows: list[dict[str, Any]]) -> None:
         print(f"  rate {rate:g}: " + "; ".join(cells))
 
 
-def _levels_text(levels: SpeedLevels) -> str:
-    prefill = "as decode" if levels.prefill is None else f"{levels.prefill:.3f}"
-    return f"decode {levels.decode:.3f} prefill {prefill}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="splitserve bench simulate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,19 +234,18 @@ def main(argv: list[str] | None = None) -> int:
         deployment = deployment_of(name)
         runs = measured.get(name, {})
         levels = {rate: level for rate in rates if rate in runs and not args.no_speed_level
-                  and (level := speed_levels(runs[rate], profile)) is not None}
+                  and (level := speed_level(runs[rate], profile)) is not None}
         predicted = {rate: replicate_summaries(deployment, model,
                                                make_trace(workload, rate, args.num_requests),
                                                slo, replicates, sigma, period_s,
-                                               *levels.get(rate, SpeedLevels(1.0, None)))
+                                               levels.get(rate, 1.0))
                      for rate in rates}
         rows = comparison_rows(predicted, {rate: run["summary"] for rate, run in runs.items()})
         print_table(f"{name} ({deployment.name})", rows)
         if levels:
-            print(f"  speed levels (the sweep's probes over the profile's: decode "
-                  f"{profile.speed_probe_ms:.2f} ms, prefill {profile.prefill_probe_ms:.2f} "
-                  f"ms): " + ", ".join(f"rate {rate:g} {_levels_text(level)}"
-                                       for rate, level in sorted(levels.items())))
+            print(f"  speed level (the sweep's probes over the profile's "
+                  f"{profile.speed_probe_ms:.2f} ms): " + ", ".join(
+                      f"rate {rate:g} {level:.3f}" for rate, level in sorted(levels.items())))
         elif runs and not args.no_speed_level:
             why = ("the profile has no speed probe (speed_probe_ms 0)"
                    if not profile.speed_probe_ms else
@@ -283,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if errors:
             print(f"  largest |error| {max(errors) * 100:.0f}% over {len(errors)} figures")
         out["configs"][name] = rows
-        out.setdefault("speed_levels", {})[name] = {str(r): v._asdict()
-                                                    for r, v in levels.items()}
+        out.setdefault("speed_levels", {})[name] = {str(r): v for r, v in levels.items()}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return 0

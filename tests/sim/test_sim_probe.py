@@ -1,5 +1,5 @@
 """The speed probe (sim.probe) a profile and a sweep both take, `bench serve`'s hook that
-runs it between a sweep's runs, and `bench simulate` at the speed levels the probes saw."""
+runs it between a sweep's runs, and `bench simulate` at the speed level the probes saw."""
 
 from __future__ import annotations
 
@@ -27,9 +27,8 @@ def test_a_probe_process_answers_each_measurement_and_exits_with_its_owner(
         tiny_llama: Path) -> None:
     with SpeedProbe(str(tiny_llama), "float32", threads=1) as probe:
         first, second = probe.measure(0.2), probe.measure(0.0)
-        decode, prefill = probe.measure_kinds(0.2)
         process = probe.process
-    assert first > 0 and second > 0 and decode > 0 and prefill > 0
+    assert first > 0 and second > 0
     assert process.poll() == 0  # the end of its input ended it
 
 
@@ -46,9 +45,7 @@ import sys, time
 sys.stdout.write('loading...\\n{"rea'); sys.stdout.flush(); time.sleep(0.2)
 print('dy": true}', flush=True)
 for line in sys.stdin:
-    seconds, *kinds = line.split()
-    both = ', "prefill_median_ms": %s' % (float(seconds) * 10) if kinds else ''
-    print('{"median_ms": %s%s}' % (float(seconds) + 1.5, both), flush=True)
+    print('{"median_ms": %s}' % (float(line) + 1.5), flush=True)
 """
 
 
@@ -75,7 +72,6 @@ def test_the_probes_answers_are_read_whole_across_partial_writes() -> None:
     with _stand_in(_SPLIT_LINES) as probe:
         assert probe.measure(2.0) == 3.5
         assert probe.measure(0.5) == 2.0
-        assert probe.measure_kinds(0.5) == (2.0, 5.0)  # asked for both kinds
 
 
 @pytest.fixture
@@ -109,51 +105,36 @@ def test_bench_serve_records_the_hosts_probes_around_each_run(fake: str, tmp_pat
     assert "host_probe" not in json.loads(plain.read_text())
 
 
-def _probed(before: float, after: float, prefill: tuple[float, float] | None = None
-            ) -> dict[str, Any]:
-    run = {"host_probe": {"before": {"speed_probe_ms": before},
-                          "after": {"speed_probe_ms": after}}}
-    if prefill is not None:
-        run["host_probe"]["before"]["prefill_probe_ms"] = prefill[0]
-        run["host_probe"]["after"]["prefill_probe_ms"] = prefill[1]
-    return run
+def _probed(before: float, after: float) -> dict[str, Any]:
+    return {"host_probe": {"before": {"speed_probe_ms": before},
+                           "after": {"speed_probe_ms": after}}}
 
 
-def test_the_speed_levels_are_the_runs_probes_over_the_profiles() -> None:
+def test_the_speed_level_is_the_runs_probes_over_the_profiles() -> None:
     profile = dataclasses.replace(flat_model().profile, speed_probe_ms=20.0)
-    levels = sweep.speed_levels
-    assert levels(_probed(20.0, 45.0), profile) == (pytest.approx(1.5), None)  # sqrt(900)
-    assert levels(_probed(16.0, 16.0), profile) == (pytest.approx(0.8), None)
-    assert levels({}, profile) is None  # a sweep without probes
-    assert levels(_probed(0.0, 16.0), profile) is None
-    assert levels({"host_probe": {"before": {}}}, profile) is None
-    assert levels(_probed(20.0, 20.0), flat_model().profile) is None  # no probe
+    assert sweep.speed_level(_probed(20.0, 45.0), profile) == pytest.approx(1.5)  # sqrt(900)
+    assert sweep.speed_level(_probed(16.0, 16.0), profile) == pytest.approx(0.8)
+    assert sweep.speed_level({}, profile) is None  # a sweep without probes
+    assert sweep.speed_level(_probed(0.0, 16.0), profile) is None
+    assert sweep.speed_level({"host_probe": {"before": {}}}, profile) is None
+    assert sweep.speed_level(_probed(20.0, 20.0), flat_model().profile) is None  # no probe
     # Probes of another engine setting than the profile's are not its speed.
     same = {"model": profile.model, "dtype": profile.dtype, "threads": profile.threads}
     run = _probed(20.0, 45.0)
     for probe in run["host_probe"].values():
         probe.update(same)
-    assert levels(run, profile) == (pytest.approx(1.5), None)
+    assert sweep.speed_level(run, profile) == pytest.approx(1.5)
     run["host_probe"]["after"]["threads"] = profile.threads + 1
-    assert levels(run, profile) is None
+    assert sweep.speed_level(run, profile) is None
     with pytest.raises(ValueError, match="speed_probe_ms"):
         dataclasses.replace(profile, speed_probe_ms=-1.0)
-    # The prefill probe: its own level where both the profile and the run have it.
-    both = dataclasses.replace(profile, prefill_probe_ms=100.0)
-    assert levels(_probed(20.0, 45.0, (90.0, 90.0)), both) == (
-        pytest.approx(1.5), pytest.approx(0.9))
-    assert levels(_probed(20.0, 45.0), both) == (pytest.approx(1.5), None)  # an older sweep
-    assert levels(_probed(20.0, 45.0, (90.0, 90.0)), profile) == (pytest.approx(1.5), None)
-    assert levels(_probed(20.0, 45.0, (0.0, 90.0)), both) == (pytest.approx(1.5), None)
-    with pytest.raises(ValueError, match="prefill_probe_ms"):
-        dataclasses.replace(profile, prefill_probe_ms=-1.0)
 
 
 def test_simulate_runs_each_rate_at_its_probes_level(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The measured sweep is the simulation at the profile's speed, its runs probed at 1.25x
-    # the profile's probe: with the level, every figure of a slower host is predicted
-    # slower; --no-speed-level reproduces the measurement exactly.
+    # the profile's probe: with the level, the decode steps of a slower host are predicted
+    # slower, the prompts' steps not; --no-speed-level reproduces the measurement exactly.
     profile = dataclasses.replace(flat_model().profile, speed_probe_ms=8.0)
     path = tmp_path / "profile.json"
     profile.save(path)
@@ -171,35 +152,18 @@ def test_simulate_runs_each_rate_at_its_probes_level(
     base = ["bench", "simulate", "--profile", str(path), "--num-requests", "12",
             "--measured-dir", str(tmp_path), "--out", str(out), "--replicates", "1"]
     assert cli.main(base) == 0
-    assert ("speed levels (the sweep's probes over the profile's: decode 8.00 ms, prefill "
-            "0.00 ms): rate 1 decode 1.250 prefill as decode") in capsys.readouterr().out
+    assert "speed level (the sweep's probes over the profile's 8.00 ms): rate 1 1.250" in (
+        capsys.readouterr().out)
     data = json.loads(out.read_text())
-    assert data["speed_levels"]["colocated"] == {
-        "1.0": {"decode": 1.25, "prefill": None}, "2.0": {"decode": 1.25, "prefill": None}}
+    assert data["speed_levels"]["colocated"] == {"1.0": 1.25, "2.0": 1.25}
     tpot = {r["rate"]: r for r in data["configs"]["colocated"] if r["figure"] == "tpot_ms p50"}
     assert tpot[1.0]["error"] == pytest.approx(0.25)  # 10 ms decode steps, run at 12.5
-    ttft = {r["rate"]: r for r in data["configs"]["colocated"] if r["figure"] == "ttft_ms p50"}
-    assert ttft[1.0]["error"] > 0.1  # its prompts' steps too: no prefill probe
-    # With prefill probes on both sides (the runs' at half the profile's), the prompts'
-    # steps run at the prefill level: faster; the decode steps keep the decode level.
-    dataclasses.replace(profile, prefill_probe_ms=20.0).save(path)
-    for name in ("colocated", "disaggregated"):
-        saved = json.loads((tmp_path / f"{name}.json").read_text())
-        for run in saved["runs"]:
-            for probe in run["host_probe"].values():
-                probe["prefill_probe_ms"] = 10.0
-        (tmp_path / f"{name}.json").write_text(json.dumps(saved))
-    assert cli.main(base) == 0
-    assert "rate 1 decode 1.250 prefill 0.500" in capsys.readouterr().out
-    data = json.loads(out.read_text())
-    assert data["speed_levels"]["disaggregated"]["2.0"] == {"decode": 1.25, "prefill": 0.5}
-    tpot = {r["rate"]: r for r in data["configs"]["colocated"] if r["figure"] == "tpot_ms p50"}
-    assert tpot[1.0]["error"] == pytest.approx(0.25)
-    ttft = {r["rate"]: r for r in data["configs"]["colocated"] if r["figure"] == "ttft_ms p50"}
-    assert ttft[1.0]["error"] < -0.1
+    ttft = {r["rate"]: r for r in data["configs"]["disaggregated"]
+            if r["figure"] == "ttft_ms p50"}
+    assert ttft[1.0]["error"] == pytest.approx(0.0)  # a prefill worker's prompt steps
     assert cli.main([*base, "--no-speed-level"]) == 0
     text = capsys.readouterr().out
-    assert "speed levels" not in text and "every rate at the profile's speed" not in text
+    assert "speed level" not in text and "every rate at the profile's speed" not in text
     data = json.loads(out.read_text())
     assert all(r["error"] == pytest.approx(0.0) for r in data["configs"]["colocated"]
                if r["error"] is not None)
@@ -215,7 +179,7 @@ def test_bench_disagg_probes_the_host_around_each_run(tiny_llama: Path, tmp_path
     assert [r["request_rate"] for r in runs] == [8.0, 16.0]
     assert all(r["summary"]["completed"] == 3 for r in runs)
     probes = [r["host_probe"] for r in runs]
-    assert all(p[k]["speed_probe_ms"] > 0 and p[k]["prefill_probe_ms"] > 0 and p[k]["threads"] == 1
+    assert all(p[k]["speed_probe_ms"] > 0 and p[k]["threads"] == 1
                and p[k]["model"] == str(tiny_llama) for p in probes for k in ("before", "after"))
     assert probes[0]["after"] == probes[1]["before"]  # one probe between the two runs
     with pytest.raises(SystemExit):

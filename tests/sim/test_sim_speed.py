@@ -76,35 +76,22 @@ def test_the_simulation_under_a_drift() -> None:
     assert lone.tpot_ms == pytest.approx(10.0 * factor)
 
 
-def test_the_level_scales_every_step_with_or_without_a_drift() -> None:
+def test_the_level_scales_the_decode_steps_with_or_without_a_drift() -> None:
     assert HostSpeed(0.0, 1.0, seed=3, level=1.25).factor(50.0) == 1.25
+    assert HostSpeed(0.0, 1.0, seed=3, level=1.25).factor(50.0, "prefill") == 1.0
     drift = HostSpeed(0.3, 2.0, seed=5)
     slower = HostSpeed(0.3, 2.0, seed=5, level=1.25)
     for t in (0.0, 1.9, 2.0, 7.5, 100.0):
         assert slower.factor(t) == pytest.approx(1.25 * drift.factor(t))
-    model = flat_model()  # decode steps of 10 ms
+        assert slower.factor(t, "prefill") == drift.factor(t, "prefill") == drift.factor(t)
+    model = flat_model()  # prompt steps of 40 ms, decode steps of 10 ms
     [lone] = simulate(Deployment(num_decode=1), model, [SimRequest(0, 0.0, 64, 4)],
                       HostSpeed(0.0, 1.0, seed=0, level=0.8))
     assert lone.tpot_ms == pytest.approx(8.0)
+    assert lone.ttft_ms == pytest.approx(40.0)  # the prompt's step at the profile's speed
     for level in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="level"):
             HostSpeed(0.1, 1.0, seed=0, level=level)
-
-
-def test_a_prefill_level_scales_the_steps_with_prompt_tokens_only() -> None:
-    assert HostSpeed(0.0, 1.0, seed=3, level=1.25).factor(5.0, "prefill") == 1.25  # one level
-    speed = HostSpeed(0.3, 2.0, seed=5, level=1.25, prefill_level=0.5)
-    drift = HostSpeed(0.3, 2.0, seed=5)
-    for t in (0.0, 2.0, 9.0):
-        assert speed.factor(t, "decode") == pytest.approx(1.25 * drift.factor(t))
-        assert speed.factor(t, "prefill") == pytest.approx(0.5 * drift.factor(t))
-    model = flat_model()  # prompt steps of 40 ms, decode steps of 10 ms
-    [lone] = simulate(Deployment(num_decode=1), model, [SimRequest(0, 0.0, 64, 4)],
-                      HostSpeed(0.0, 1.0, seed=0, level=1.5, prefill_level=0.5))
-    assert lone.ttft_ms == pytest.approx(20.0)
-    assert lone.tpot_ms == pytest.approx(15.0)
-    with pytest.raises(ValueError, match="levels"):
-        HostSpeed(0.1, 1.0, seed=0, prefill_level=0.0)
 
 
 def test_replicates_report_the_median_and_band_of_the_runs() -> None:
