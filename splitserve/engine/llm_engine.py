@@ -305,8 +305,9 @@ class LLMEngine:
         seconds = time.perf_counter() - started
         self.step_times.observe(seconds, len(plan.scheduled), prompt_tokens)
         if trace is not None:
-            trace.record(wall_start, seconds, len(plan.scheduled), prompt_tokens,
-                         sum(not item.seq.is_prefilling for item in plan.scheduled))
+            decoding = [item.seq for item in plan.scheduled if not item.seq.is_prefilling]
+            trace.record(wall_start, seconds, len(plan.scheduled), prompt_tokens, len(decoding),
+                         sum(seq.num_computed_tokens for seq in decoding))
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
             if item.seq.first_scheduled_time is None:

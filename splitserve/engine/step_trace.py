@@ -7,7 +7,8 @@ that a worker stopped by a signal leaves every finished step on disk:
     {"t": wall-clock start (s), "ms": the forward pass and sampling, "seqs": sequences in
      the step, "prompt_tokens": prompt tokens computed, "decode": sequences decoding,
      "gap_ms": wall time since the previous step ended (the engine loop's own work between
-     steps: commands, dispatching outputs, waiting for requests)}
+     steps: commands, dispatching outputs, waiting for requests), "decode_context": the
+     tokens the decoding sequences held before the step, summed (their attention's length)}
 
 `summarize` turns a window of records into the figures that tell a served run from an
 offline one: how much of the wall time the engine spent stepping, in which kinds of step,
@@ -41,7 +42,7 @@ class StepTrace:
         self._last_end: float | None = None
 
     def record(self, started: float, seconds: float, num_seqs: int, prompt_tokens: int,
-               num_decode: int) -> None:
+               num_decode: int, decode_context: int = 0) -> None:
         """One step that started at wall time `started` and took `seconds`."""
         if self._file is None:
             return
@@ -50,7 +51,7 @@ class StepTrace:
         self._file.write(json.dumps({
             "t": round(started, 6), "ms": round(seconds * 1e3, 3), "seqs": num_seqs,
             "prompt_tokens": prompt_tokens, "decode": num_decode,
-            "gap_ms": round(gap * 1e3, 3)}) + "\n")
+            "gap_ms": round(gap * 1e3, 3), "decode_context": decode_context}) + "\n")
 
     def close(self) -> None:
         if self._file is not None:

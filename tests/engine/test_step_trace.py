@@ -34,6 +34,8 @@ def test_each_step_is_recorded_with_what_it_computed(
         if r["prompt_tokens"] == 0:
             assert r["decode"] == r["seqs"]
     assert [r["t"] for r in records] == sorted(r["t"] for r in records)
+    # Each decode step of a sequence of P prompt tokens attends over P, P+1, P+2, P+3 tokens.
+    assert sum(r["decode_context"] for r in records) == (4 * 20 + 6) + (4 * 6 + 6)
 
     summary = summarize(records)
     assert summary is not None
