@@ -136,7 +136,7 @@ def served(args: argparse.Namespace) -> None:
             idle = measure_requests(addrs["router"], prompts, 2)
             loaded = requests_while_decoding(addrs["router"], prompts, 4096, 2)
             print(f"{mode:>5}: decode worker idle: {row(idle)} | decoding: "
-                  f"{row(loaded) if loaded else 'the background stream ended first'}",
+                  f"{row(loaded.rows) if loaded else 'the background stream ended first'}",
                   flush=True)
 
 

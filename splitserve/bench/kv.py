@@ -75,6 +75,15 @@ class UnderDecode:
         inside = [t for t in self.token_times if start <= t <= end]
         return (inside[-1] - inside[0]) * 1e3 / (len(inside) - 1) if len(inside) > 1 else 0.0
 
+    def slowdown(self, alone_s: float, skip_s: float = 0.2) -> float:
+        """The background stream's mean gap while the measured requests ran over its mean
+        gap in the `alone_s` before them, less their first `skip_s` (0.0 where either window
+        holds fewer than two chunks). The first window covers everything the requests did
+        between their starts and ends, their routing and KV transfer included."""
+        alone = self.mean_gap_ms(self.measured_from - alone_s + skip_s, self.measured_from)
+        during = self.mean_gap_ms(self.measured_from, self.measured_to)
+        return during / alone if alone and during else 0.0
+
 
 def requests_while_decoding(router: str, prompts: list[list[int]], background_tokens: int,
                             max_tokens: int = 1, settle_s: float = 0.2) -> UnderDecode | None:

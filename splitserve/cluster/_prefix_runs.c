@@ -15,7 +15,9 @@
  * once into an array and each block costs a dict lookup and a bit test per worker still
  * running.
  *
- * Valid C and C++ (torch's extension builder compiles it as C++ where it builds the kernels).
+ * A negative mask is refused (TypeError) where the digits are read in place; the bytes path
+ * ANDs it like the Python loop. Valid C and C++ (torch's extension builder compiles it as C++
+ * where it builds the kernels).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -131,10 +133,15 @@ running_slots(const Holders *h, Running *out)
     return n;
 }
 
-/* ends[slot_ids[slot]] = end (the slot is in the list: checked against the running bits). */
+/* ends[slot_ids[slot]] = end. (The slot was in the list when the call began; a worker id's
+ * __hash__ or __eq__, run by an earlier insertion, could have shortened it since.) */
 static int
 set_end(PyObject *ends, PyObject *slot_ids, Py_ssize_t slot, Py_ssize_t end)
 {
+    if (slot >= PyList_GET_SIZE(slot_ids)) {
+        PyErr_Format(PyExc_IndexError, "slot %zd has no worker", slot);
+        return -1;
+    }
     PyObject *value = PyLong_FromSsize_t(end);
     if (value == NULL)
         return -1;
@@ -151,11 +158,13 @@ device_ends(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!OO!O!:device_ends", &PyDict_Type, &masks, &hashes_obj,
                           &PyLong_Type, &running, &PyList_Type, &slot_ids))
         return NULL;
-    PyObject *hashes = PySequence_Fast(hashes_obj, "block_hashes must be a sequence");
+    /* A tuple of its own: the insertions below may run Python code (a worker id's __hash__
+     * or __eq__), which must not change the blocks under the loop. */
+    PyObject *hashes = PySequence_Tuple(hashes_obj);
     if (hashes == NULL)
         return NULL;
-    const Py_ssize_t num_blocks = PySequence_Fast_GET_SIZE(hashes);
-    PyObject *ends = PyDict_New(), *result = NULL;
+    const Py_ssize_t num_blocks = PyTuple_GET_SIZE(hashes);
+    PyObject *ends = PyDict_New(), *result = NULL, *block = NULL;
     Holders holders;
     memset(&holders, 0, sizeof holders);
     Running *alive = NULL;
@@ -176,10 +185,13 @@ device_ends(PyObject *self, PyObject *args)
         }
     }
     for (Py_ssize_t i = 1; i < num_blocks && num_alive > 0; i++) {
-        PyObject *block = PyDict_GetItemWithError(
-            masks, PySequence_Fast_GET_ITEM(hashes, i));  /* borrowed */
+        Py_CLEAR(block);
+        block = PyDict_GetItemWithError(masks, PyTuple_GET_ITEM(hashes, i));
         if (block == NULL && PyErr_Occurred())
             goto done;
+        /* Held while its digits are read: an insertion below may run Python code that
+         * drops it from `masks`. */
+        Py_XINCREF(block);
         if (block != NULL && read_holders(&holders, block, running) < 0)
             goto done;
         Py_ssize_t still = 0;
@@ -197,6 +209,7 @@ device_ends(PyObject *self, PyObject *args)
     result = ends;
     ends = NULL;
 done:
+    Py_XDECREF(block);
     Py_XDECREF(ends);
     Py_DECREF(hashes);
     PyMem_Free(holders.owned);

@@ -8,7 +8,8 @@ that a worker stopped by a signal leaves every finished step on disk:
      the step, "prompt_tokens": prompt tokens computed, "decode": sequences decoding,
      "gap_ms": wall time since the previous step ended (the engine loop's own work between
      steps: commands, dispatching outputs, waiting for requests), "decode_context": the
-     tokens the decoding sequences held before the step, summed (their attention's length)}
+     tokens the decoding sequences held before the step, summed (each attends over its
+     own plus the one it decodes)}
 
 `summarize` turns a window of records into the figures that tell a served run from an
 offline one: how much of the wall time the engine spent stepping, in which kinds of step,

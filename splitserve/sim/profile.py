@@ -67,7 +67,10 @@ class ServingOverheads:
     # The decode worker's token gaps on a stream while remote prefills run (their compute,
     # their KV's sends and receives, their requests' serving) over its gaps before them, in
     # the disaggregated deployment (0: not measured). The bare engines' co-run factor holds
-    # the prefill's compute alone (BENCHMARKS.md, thirty-first session).
+    # the prefill's compute alone (BENCHMARKS.md, thirty-first session). Like the factors
+    # above it stands for any decode step under another worker's prompt step on the host,
+    # a colocated replica's included. The window it is read over holds the five requests'
+    # routing and KV transfer besides their prefills (~10% of it): a little diluted.
     decode_under_prefill: float = 0.0
 
     def __post_init__(self) -> None:

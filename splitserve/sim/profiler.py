@@ -180,11 +180,7 @@ def under_load(router: str, prompts: list[list[int]],
     med = statistics.median
     prefill = (med(r["prefill_compute_ms"] for r in loaded.rows)
                / med(r["prefill_compute_ms"] for r in idle_rows))
-    alone = loaded.mean_gap_ms(loaded.measured_from - _DECODE_ALONE_S + 0.2,
-                               loaded.measured_from)
-    during = loaded.mean_gap_ms(loaded.measured_from, loaded.measured_to)
-    decode = during / alone if alone and during else 0.0
-    return prefill, decode
+    return prefill, loaded.slowdown(_DECODE_ALONE_S)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -76,3 +76,28 @@ def test_masks_it_cannot_read_are_refused() -> None:
         runs.device_ends({}, [1, 2], -1, ["a"])
     with pytest.raises(TypeError):
         runs.device_ends({}, 5, 1, ["a"])
+
+
+def test_worker_ids_whose_hash_changes_the_masks_mid_lookup() -> None:
+    """A worker id's __hash__ runs on each insertion into the result; one that empties the
+    masks then (freeing the block being read, its memory reused at once by ints of the same
+    size) must not make the C lookup read freed memory: it sees what the Python loop sees."""
+    high = 1000  # masks over 1,000 bits: ints that are freed, not cached small ones
+    junk: list[int] = []
+
+    def lookup(fn: object) -> dict[str, int]:
+        masks = {h: bits << high for h, bits in ((10, 0b1111), (11, 0b0111), (12, 0b0011),
+                                                 (13, 0b0001))}
+
+        class Meddling(str):
+            def __hash__(self) -> int:
+                if masks:
+                    masks.clear()
+                    junk.extend(1 << (high + 3) for _ in range(1000))  # slots 1000-1002 clear
+                return str.__hash__(self)
+
+        slot_ids: list[str | None] = [None] * high + [Meddling(f"w{i}") for i in range(4)]
+        return fn(masks, [10, 11, 12, 13], 0b1111 << high, slot_ids)  # type: ignore[operator, no-any-return]
+
+    expected = lookup(prefix_index.device_ends)
+    assert lookup(runs.device_ends) == expected == {"w3": 1, "w2": 2, "w1": 2, "w0": 2}

@@ -150,3 +150,8 @@ def test_the_background_streams_mean_gap_is_read_inside_a_window() -> None:
     assert run.mean_gap_ms(run.measured_from, run.measured_to) == pytest.approx(280.0 / 3)
     assert run.mean_gap_ms(0.5, 1.0) == 0.0  # no chunk in it
     assert run.mean_gap_ms(0.19, 0.25) == 0.0  # one
+    # The slowdown: the gaps while measured over those in the 0.12 s before, its first 0.02 s
+    # left out (chunks at 0.04, 0.08, 0.12: 40 ms apart).
+    assert run.slowdown(0.12, skip_s=0.02) == pytest.approx((280.0 / 3) / 40.0)
+    assert run.slowdown(0.03, skip_s=0.0) == 0.0  # one chunk alone before: not measured
+    assert UnderDecode([], [0.0, 0.04, 0.08, 0.12, 0.5], 0.12, 0.40).slowdown(0.12, 0.02) == 0.0
