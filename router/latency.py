@@ -59,19 +59,27 @@ def predict_route(route: Route, prompt_len: int, overlap_blocks: Mapping[str, fl
                   block_size: int) -> RoutePrediction | None:
     """TTFT and TPOT of `route` for a prompt of `prompt_len` tokens; None when a worker's
     step times are unknown."""
-    decode = route.decode
+    times = route_times(route.decode, route.prefill, prompt_len, overlap_blocks, block_size)
+    return None if times is None else RoutePrediction(route, *times)
+
+
+def route_times(decode: WorkerView, prefill: WorkerView | None, prompt_len: int,
+                overlap_blocks: Mapping[str, float], block_size: int
+                ) -> tuple[float, float] | None:
+    """predict_route's (TTFT, TPOT) of the route (decode, prefill: None for its own), as
+    floats (no Route made)."""
     decoder = decode.step_model
-    prefiller = route.prefill.step_model if route.prefill is not None else decoder
+    prefiller = prefill.step_model if prefill is not None else decoder
     if decoder is None or prefiller is None:
         return None
-    worker = route.prefill if route.prefill is not None else decode
+    worker = prefill if prefill is not None else decode
     cached = cached_tokens(overlap_blocks.get(worker.worker_id, 0), block_size, prompt_len)
     ahead = worker.num_queued_tokens + max(1, round(prompt_len - cached))
     ttft = prefiller.prefill_ms(ahead, worker.num_running)
-    queued_on_decode = decode.num_queued_tokens + (ahead if route.prefill is None else 0)
+    queued_on_decode = decode.num_queued_tokens + (ahead if prefill is None else 0)
     tpot = decoder.step_ms(decode.num_running + 1,
                            min(queued_on_decode, decoder.token_budget))
-    return RoutePrediction(route, ttft, tpot)
+    return ttft, tpot
 
 
 def candidate_routes(decode: WorkerView, prefill_workers: Sequence[WorkerView],
@@ -130,16 +138,12 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
     ids = index.ids()
     best: list[RoutePrediction] = []
     for decode in decode_workers:
-        # predict_route(Route(decode, None), ...) and, against it, the best remote prefill's
-        # route, as floats: one RoutePrediction built per decode worker.
+        # Its own prefill's route and, against it, the best remote prefill's, as floats:
+        # one RoutePrediction built per decode worker.
         m = decode.step_model
-        assert m is not None  # step times known
-        cached = cached_tokens(overlap_blocks.get(decode.worker_id, 0), block_size, prompt_len)
-        ahead = decode.num_queued_tokens + max(1, round(prompt_len - cached))
-        ttft = m.prefill_ms(ahead, decode.num_running)
-        budget = m.token_budget
-        tpot = m.step_ms(decode.num_running + 1,
-                         min(decode.num_queued_tokens + ahead, budget))
+        local = route_times(decode, None, prompt_len, overlap_blocks, block_size)
+        assert m is not None and local is not None  # step times known
+        ttft, tpot = local
         prefill = None
         if least is not None:
             i, remote_ttft = least[0], least[1]
@@ -149,7 +153,7 @@ def best_routes_from(decode_workers: Sequence[WorkerView], candidates: Candidate
             # remote route wins on a lesser TTFT, or the same and a lesser TPOT.
             if remote_ttft != np.inf and remote_ttft <= ttft:
                 remote_tpot = m.step_ms(decode.num_running + 1,
-                                        min(decode.num_queued_tokens, budget))
+                                        min(decode.num_queued_tokens, m.token_budget))
                 if remote_ttft < ttft or remote_tpot < tpot:
                     prefill = index.views[ids[i]]
                     ttft, tpot = remote_ttft, remote_tpot

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from splitserve.cluster import InMemoryClusterStore, open_store
+from splitserve.cluster import InMemoryClusterStore, open_store, prefix_index
 from splitserve.cluster.remote import add_cluster_state
 from splitserve.cluster.store import ClusterStore
 from splitserve.common import envs
@@ -66,6 +66,18 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 def advertised_host(host: str) -> str:
     """The host clients on this machine dial when the server binds `host`."""
     return "127.0.0.1" if host in _WILDCARD_HOSTS else host
+
+
+def missing_compiled_parts(config: RouterConfig) -> list[str]:
+    """The optional C parts (setup.py) this router's decisions would use that this install
+    lacks: the prefix index's device lookup (every decision reads prompt overlaps), the
+    latency table's scan (route_policy latency)."""
+    missing = []
+    if not prefix_index.has_compiled_lookup():
+        missing.append("prefix lookup (splitserve/cluster/_prefix_runs.c)")
+    if config.route_policy == "latency" and not latency.has_compiled_scan():
+        missing.append("latency table scan (router/_route_table.c)")
+    return missing
 
 
 class RouterServer:
@@ -158,10 +170,11 @@ class RouterServer:
             self.http_port = await self._http.start(config.host, config.http_port)
         log.info("router serving model %s on %s, HTTP on %s (cluster state: %s)",
                  self.model.model_id, self.address, self.http_address, self.cluster_url)
-        if config.route_policy == "latency" and not latency.has_compiled_scan():
-            log.warning("latency routing: the compiled table scan (router/_route_table.c) is "
-                        "not built in this install; routing with its numpy expression (same "
-                        "routes, ~1.4x the time a decision)")
+        missing = missing_compiled_parts(config)
+        if missing:
+            log.warning("routing without the compiled %s: not built in this install; their "
+                        "Python paths give the same routes, more slowly (BENCHMARKS.md)",
+                        " and ".join(missing))
 
     async def drain(self, timeout_s: float = 30.0) -> int:
         """Stop admitting requests (UNAVAILABLE, health NOT_SERVING) and wait up to

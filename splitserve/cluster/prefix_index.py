@@ -26,6 +26,13 @@ try:  # the device lookup in C (setup.py builds it; optional)
 except ImportError:  # not built: the Python loop
     _prefix_runs = None
 
+
+
+def has_compiled_lookup() -> bool:
+    """Whether this install has the device lookup in C (setup.py builds it; optional)."""
+    return _prefix_runs is not None
+
+
 _SCOPE_CACHE_SIZE = 8  # frozenset scopes whose masks are kept (a router has one or two)
 
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from splitserve.cluster import open_store
+from splitserve.cluster import open_store, prefix_index
 from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerRole
 from splitserve.router import latency
 from splitserve.router.config import RouterConfig
@@ -239,16 +239,28 @@ def test_serve_forever_returns_when_stopped_from_another_thread() -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_a_latency_router_without_the_compiled_scan_says_so(
-        compiled: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The latency table's scan in C is optional at build time; a router that routes without
-    it (slower, same routes) warns once at start, and only then."""
-    if not compiled:
+@pytest.mark.parametrize("policy, missing", [
+    ("latency", ()), ("latency", ("scan",)), ("latency", ("lookup", "scan")),
+    ("load", ("scan",)), ("load", ("lookup",))])
+def test_a_router_without_its_compiled_parts_says_so(
+        policy: str, missing: tuple[str, ...], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The latency table's scan and the prefix lookup in C are optional at build time; a
+    router that routes without one it uses (slower, same routes) warns once at start, naming
+    it, and only then."""
+    if "scan" in missing:
         monkeypatch.setattr(latency, "_route_table", None)
-    assert latency.has_compiled_scan() is compiled
+    if "lookup" in missing:
+        monkeypatch.setattr(prefix_index, "_prefix_runs", None)
+    assert latency.has_compiled_scan() is ("scan" not in missing)
+    assert prefix_index.has_compiled_lookup() is ("lookup" not in missing)
     with caplog.at_level("WARNING", logger="splitserve.router.server"), \
-            start_router(RouterConfig(route_policy="latency")):
+            start_router(RouterConfig(route_policy=policy)):
         pass
-    warned = [r for r in caplog.records if "compiled table scan" in r.getMessage()]
-    assert len(warned) == (0 if compiled else 1)
+    warned = [r.getMessage() for r in caplog.records
+              if "routing without the compiled" in r.getMessage()]
+    named = [part for part in ("lookup", "scan")  # the scan: the latency policy's only
+             if part in missing and (part == "lookup" or policy == "latency")]
+    assert len(warned) == (1 if named else 0)
+    for part, path in (("lookup", "_prefix_runs.c"), ("scan", "_route_table.c")):
+        assert any(path in m for m in warned) is (part in named)
