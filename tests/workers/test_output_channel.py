@@ -92,9 +92,14 @@ def _with_fake_worker(serve: Callable[[socket.socket], None],
         listener.close()
 
 
-def _hello(conn: socket.socket, ack: bool = True) -> worker_pb2.OutputChannelHello:
-    """Read the router's hello; `ack`: answer as a worker that holds the channel."""
+def _hello(conn: socket.socket, ack: bool = True,
+           into: list[worker_pb2.OutputChannelHello] | None = None
+           ) -> worker_pb2.OutputChannelHello:
+    """Read the router's hello (appended to `into` before any answer: a router that sees
+    the answer finds it there); `ack`: answer as a worker that holds the channel."""
     hello = worker_pb2.OutputChannelHello.FromString(oc.read_frame(conn, 4096))
+    if into is not None:
+        into.append(hello)
     if ack:
         conn.sendall(frame(worker_pb2.ChannelOutput()))
     return hello
@@ -180,7 +185,7 @@ def test_the_router_connects_to_the_workers_host_for_a_wildcard_endpoint() -> No
     hellos: list[worker_pb2.OutputChannelHello] = []
 
     def serve(conn: socket.socket) -> None:
-        hellos.append(_hello(conn))
+        _hello(conn, into=hellos)
         opened.wait(5)
         conn.close()  # the worker goes away
 
