@@ -44,6 +44,7 @@ from splitserve.common.frames import FRAME_HEADER, frame, keep_alive
 from splitserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
+_ACCEPT_RETRY_S = 0.1  # after a failed accept (e.g. out of file descriptors)
 
 MAX_HELLO_BYTES = 4096
 HELLO_TIMEOUT_S = 5.0
@@ -316,8 +317,15 @@ class OutputChannelServer:
         while not self._stopped:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._stopped:
+                    return  # closed
+                # Out of file descriptors (EMFILE), a connection reset while queued: the
+                # listener is still open and the kernel still queues connections; a router
+                # would wait for an acknowledgement that never comes. Go on accepting.
+                log.warning("output channel listener: accept failed (%s); retrying", exc)
+                time.sleep(_ACCEPT_RETRY_S)
+                continue
             threading.Thread(target=self._handshake, args=(conn,), daemon=True,
                              name="output-channel-hello").start()
 

@@ -64,7 +64,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 stream["rpc_done"] = True
                 abort = stream["admitted"] and not stream["finished"]
             if abort:  # the router went away or cancelled: free everything
-                worker.abort(request_id)
+                # Not waited for: this runs on gRPC's own thread, which serves every call
+                # of the server (a wait held them all up for an engine step).
+                worker.abort_later(request_id)
 
         if not context.add_callback(on_rpc_done):
             return  # the RPC already ended: admit nothing
@@ -111,6 +113,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 while not admitted.ended.wait(_CHANNEL_POLL_S):
                     if not context.is_active():
                         return
+                if admitted.lost:  # the worker can no longer serve it: the router resumes it
+                    context.abort(grpc.StatusCode.UNAVAILABLE, admitted.lost)
                 if admitted.channel_lost:  # (aborted here too: the close may have come first)
                     worker.abort(request_id)
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"{worker.worker_id}: the output "
@@ -182,6 +186,9 @@ def _relay(request: DecodeRequest, context: grpc.ServicerContext, stream_interva
         _take_queued(request.events, events)
         if stream_interval > 1 and generated:
             _hold_for_interval(request.events, events, stream_interval, hold_s)
+        lost = next((e.lost for e in events if e.lost), "")
+        if lost:  # the worker can no longer serve it: the router resumes it elsewhere
+            context.abort(grpc.StatusCode.UNAVAILABLE, lost)
         output = decode_output(events, request.prefilled_locally)
         generated += len(output.token_ids)
         output.num_generated_tokens = generated
@@ -202,7 +209,7 @@ def _take_queued(events_queue: queue.Queue[DecodeEvent], events: list[DecodeEven
 
 
 def _ends_stream(event: DecodeEvent) -> bool:
-    return (event.migrate or event.error is not None
+    return (event.migrate or event.error is not None or bool(event.lost)
             or (event.output is not None and event.output.finished))
 
 

@@ -22,6 +22,8 @@ def decode_output(events: Sequence[DecodeEvent], prefilled_locally: bool,
     if output is None:
         output = worker_pb2.DecodeOutput()
     for event in events:
+        if event.lost:  # (its stream fails instead: never sent)
+            break
         if event.migrate:  # draining: the router resumes the request elsewhere
             output.finish_reason = common_pb2.FINISH_REASON_ABORT
             output.migrate = True

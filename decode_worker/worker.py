@@ -54,6 +54,7 @@ from splitserve.common.sampling_params import SamplingParams
 from splitserve.common.stream_pace import check_stream_pace
 from splitserve.decode_worker.output_channel import OutputChannel, OutputChannelServer
 from splitserve.decode_worker.stream_output import decode_output, decode_timings
+from splitserve.engine.engine_loop import EngineStopped
 from splitserve.engine.llm_engine import DetachedRequest, LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.kvtransfer.state import KVTransfer, TransferState
@@ -79,6 +80,7 @@ class DecodeEvent:
     error: str | None = None
     migrate: bool = False
     kv_tokens: int = 0  # with migrate: tokens whose KV is held here for ShipKV
+    lost: str = ""  # the worker can no longer serve it (why): see end_lost
 
 
 _PARK_S = 10.0  # how long a migrated request's KV waits here for ShipKV
@@ -120,6 +122,7 @@ class DecodeRequest:
     num_generated: int = 0  # tokens sent over the channel (DecodeOutput.num_generated_tokens)
     ended: threading.Event = field(default_factory=threading.Event)  # its last output went
     channel_lost: bool = False  # the channel closed before its last output went
+    lost: str = ""  # why this worker can no longer serve it (its engine failed): end_lost
 
 
 def deliver(request: DecodeRequest, event: DecodeEvent, hold: bool = False) -> None:
@@ -144,6 +147,20 @@ def deliver(request: DecodeRequest, event: DecodeEvent, hold: bool = False) -> N
     if last:
         channel.unbind(request.request_id)
         request.ended.set()
+
+
+def end_lost(request: DecodeRequest, reason: str) -> None:
+    """End `request`'s stream as lost: this worker can no longer serve it (its engine
+    failed). Its Admit stream fails with UNAVAILABLE, so the router resumes the request
+    elsewhere as for a worker it lost (counted against the request's resumes: a request that
+    makes every engine fail is not passed round the cluster for ever)."""
+    request.lost = reason
+    channel = request.channel
+    if channel is None:
+        request.events.put(DecodeEvent(lost=reason))
+        return
+    channel.unbind(request.request_id)  # nothing more goes over the channel for it
+    request.ended.set()
 
 
 class DecodeWorker(WorkerRuntime):
@@ -256,9 +273,12 @@ class DecodeWorker(WorkerRuntime):
         # prefill worker starts sooner); a local prefill's joins the scheduler between steps.
         try:
             self.loop.call(admit_on_loop, urgent=not prefill_locally)
-        except BaseException:
+        except BaseException as exc:
             if request.channel is not None:
                 request.channel.unbind(request_id)
+            if isinstance(exc, EngineStopped):  # its engine failed, or it is stopping
+                raise AdmitRefused("draining", f"{self.worker_id} takes no more work: "
+                                   f"{exc}") from exc
             raise
         return request
 
@@ -272,9 +292,6 @@ class DecodeWorker(WorkerRuntime):
             return True
 
         return self.loop.call(on_loop)
-
-    def abort(self, request_id: str) -> bool:
-        return self.loop.call(functools.partial(self._abort, request_id=request_id))
 
     def _abort(self, engine: LLMEngine, request_id: str) -> bool:
         request = self._waiting_kv.get(request_id)
@@ -309,7 +326,7 @@ class DecodeWorker(WorkerRuntime):
         for request in channel.unbind_all():
             request.channel_lost = True
             request.ended.set()
-            self.loop.submit(functools.partial(self._abort, request_id=request.request_id))
+            self.abort_later(request.request_id)
 
     def release(self) -> None:
         if self.output_channels is not None:  # (the outputs of requests that ended go out)
@@ -524,6 +541,26 @@ class DecodeWorker(WorkerRuntime):
         else:
             self.loop.count_finished("error")
             deliver(request, DecodeEvent(error=error))
+
+    def fail_in_flight(self, engine: LLMEngine, reason: str) -> int:
+        """Every request here ends as lost (end_lost), the engine never consulted again:
+        those decoding, those waiting for their KV (its receive aborted), and the parked
+        KV of migrated requests is forgotten (their ShipKV fails; the router recomputes)."""
+        requests = [*self._waiting_kv.values(), *self._in_engine.values()]
+        for request_id in self._waiting_kv:
+            self.loop.remove_poller(request_id)
+            self.kv.abort(request_id, reason)
+        for request_id in self._in_engine:
+            self.loop.drop_sink(request_id)
+        for request_id in self._parked:
+            self.loop.remove_poller(_park_key(request_id))
+        self._waiting_kv.clear()
+        self._in_engine.clear()
+        self._parked.clear()
+        self._num_waiting_kv = self._num_parked = 0
+        for request in requests:
+            end_lost(request, reason)
+        return len(requests)
 
     # ---- a role switch (worker.flip) ------------------------------------------------------
     def abort_in_flight(self) -> int:

@@ -37,7 +37,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                           "decode_num_cached_tokens > 0 is not supported: send the whole prompt")
         request_id = request.request_id
         done = False
-        if not context.add_callback(lambda: self.worker.abort(request_id) if not done else None):
+        if not context.add_callback(lambda: self.worker.abort_later(request_id) if not done
+                                    else None):
             context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled before the prefill began")
         try:
             result = self.worker.prefill(

@@ -34,6 +34,7 @@ from splitserve.cluster.store import ClusterStore
 from splitserve.common.kv_layout import KVLayout, check_compatible
 from splitserve.common.outputs import StepOutput, TokenLogprobs
 from splitserve.common.sampling_params import SamplingParams
+from splitserve.engine.engine_loop import EngineStopped
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.model import LayerHook
 from splitserve.engine.scheduler import SchedulerOutput
@@ -143,6 +144,9 @@ class PrefillWorker(WorkerRuntime):
                                                priority))
         except ValueError as exc:
             raise PrefillError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        except EngineStopped as exc:  # its engine failed, or it is stopping
+            raise PrefillError(grpc.StatusCode.UNAVAILABLE,
+                               f"{self.worker_id} takes no more work: {exc}") from exc
         if on_admitted is not None:  # every load snapshot from now on shows the prompt
             on_admitted()
         if not timeout_s or timeout_s > _NO_DEADLINE_S:
@@ -150,13 +154,23 @@ class PrefillWorker(WorkerRuntime):
             timeout_s = self.options.kv_timeout_s * 2
         return self._await(job, timeout_s)
 
-    def abort(self, request_id: str) -> bool:
-        return self.loop.call(lambda e: self._abort(e, request_id))
-
     def in_flight(self) -> int:
         """Prefills still computing here (not counting the engine's other requests: during
         a role switch the next role shares the engine)."""
         return len(self._jobs)
+
+    def fail_in_flight(self, engine: LLMEngine, reason: str) -> int:
+        """Every prefill still computing here fails with UNAVAILABLE (its send, if begun,
+        aborted); the router resumes those requests with another prefill worker. A prefill
+        already computed whose KV is still on its way is left to its transfer."""
+        jobs = list(self._jobs.values())
+        self._jobs.clear()
+        for job in jobs:
+            self.loop.drop_sink(job.request_id)
+            self.kv.abort(job.request_id, reason)
+            job.error = PrefillError(grpc.StatusCode.UNAVAILABLE, reason)
+            job.finished.set()
+        return len(jobs)
 
     # ---- a role switch (worker.flip) ------------------------------------------------------
     def abort_in_flight(self) -> int:

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 64 << 20
 CONNECT_TIMEOUT_S = 5.0
+# A worker that took the connection acknowledges the hello at once; without that within
+# this long the channel is closed (retried after RETRY_S), never left opening for good.
+ACK_TIMEOUT_S = 5.0
 RETRY_S = 5.0  # a channel that closed is not opened again sooner
 OPEN_WAIT_S = 0.2  # a request to a worker whose channel is opening waits this long for it
 # A worker ends a request's Admit stream (OK) once its last output is on the channel: if
@@ -161,6 +164,11 @@ class OutputChannel:
                                                             token=token)))
         # Ready once the worker's first frame (an empty ChannelOutput) says it has taken
         # the channel: an Admit naming it before then would find no channel there.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._opened), ACK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._lost(asyncio.TimeoutError(
+                f"no acknowledgement of the hello within {ACK_TIMEOUT_S:g} s"))
 
     def _accepted(self) -> None:
         if not self.closed and not self.ready:

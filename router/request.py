@@ -60,7 +60,13 @@ from splitserve.router.policy import Route, WorkerView, blocks_needed
 from splitserve.router.relay import RelayStep, RequestTrace, TokenRelay, usage
 from splitserve.router.state import RouterState
 from splitserve.router.validation import ValidatedRequest
-from splitserve.router.watch import SilenceWatch, WorkerLost, health_probe, watched
+from splitserve.router.watch import (
+    SilenceWatch,
+    WorkerLost,
+    answers_serving,
+    health_probe,
+    watched,
+)
 from splitserve.router.workers import Assignment, WorkerDirectory
 from splitserve.v1 import common_pb2, router_pb2, worker_pb2
 
@@ -502,8 +508,7 @@ class RequestRun:
                 raise watch.lost from None
             raise _decode_failed(decoder, decode_id, exc) from exc
         except ChannelLost as exc:  # (the worker ended the requests it had on the channel)
-            raise WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}",
-                             grpc.StatusCode.UNAVAILABLE, channel_only=True) from exc
+            raise await self._channel_lost(decoder, decode_id, exc) from exc
         if watch.lost is not None:
             raise watch.lost
         if output is None:
@@ -511,6 +516,19 @@ class RequestRun:
                              f"decode worker {decode_id} ended the stream without finishing")
         watch.heard()
         return output
+
+    async def _channel_lost(self, decoder: WorkerView, decode_id: str,
+                            exc: ChannelLost) -> WorkerLost:
+        """The output channel carrying this request closed. That alone says nothing of the
+        worker (it closes the channel of a router that fell behind), but a worker that died
+        closes it too, and its Admit streams' errors may come only after: one health check
+        tells them apart, so that a dead worker is ejected and its requests do not try it
+        again, as when its stream breaks first."""
+        if await answers_serving(self._prober(decoder)):
+            return WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}",
+                              grpc.StatusCode.UNAVAILABLE, channel_only=True)
+        return WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}, and it does "
+                          "not answer its health check as serving", grpc.StatusCode.UNAVAILABLE)
 
     def _prober(self, worker: WorkerView) -> Callable[[], Awaitable[object]]:
         return health_probe(self._state.directory, worker)

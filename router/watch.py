@@ -136,6 +136,15 @@ async def _probe_quiet(probe: Callable[[], Awaitable[object]], failed: int, role
         return failed, lost
 
 
+async def answers_serving(probe: Callable[[], Awaitable[object]]) -> bool:
+    """Whether the worker `probe` checks answers SERVING (within the probe's own bound)."""
+    try:
+        reply = await probe()
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+        return False
+    return getattr(reply, "status", None) == health_pb2.HealthCheckResponse.SERVING
+
+
 def health_probe(directory: WorkerDirectory, worker: WorkerView
                  ) -> Callable[[], Awaitable[object]]:
     """`worker`'s gRPC health check, bounded by PROBE_TIMEOUT_S: the probe the watches use."""

@@ -124,13 +124,15 @@ def _engine_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
+def _wait_for_signal(failed: threading.Event | None = None) -> bool:
+    """Block until SIGINT or SIGTERM, or until `failed` is set; whether it was `failed`."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
-        pass
+        if failed is not None and failed.is_set():
+            return True
+    return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -375,7 +377,13 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
         worker = build_worker(role, options, flippable=args.flippable).start()
         print(f"READY {role} {worker.worker_id} {worker.address} metrics "
               f"{worker.metrics_port}", flush=True)
-        _wait_for_signal()
+        if _wait_for_signal(worker.failed):
+            # The engine failed: its requests went back to the router and it left the
+            # cluster. Exit non-zero, so that whatever supervises it starts a fresh one.
+            print(f"FAILED {role} {worker.worker_id}: its engine failed (see the log)",
+                  file=sys.stderr, flush=True)
+            worker.stop(1.0)
+            return 1
         # SIGTERM: stop taking work; a decode worker hands its requests to the others (a
         # pod replaced, a process restarted), or finishes them when it is the last one.
         worker.drain(args.drain_timeout, migrate=True)

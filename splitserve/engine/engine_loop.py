@@ -10,6 +10,12 @@ KV transfers to watch) run every iteration; while any exist the loop wakes at le
 readers (engine.idle_until), the loop sleeps until the first of them resumes, or until a
 command arrives, never spinning.
 
+A step that raises (an out-of-memory forward, a bug) leaves the engine's state unknown: the
+loop stops for good (`failure` holds the exception), runs its `on_failure` handler once (the
+worker hands its requests back and leaves the cluster), fails the queued commands and every
+later submit() with EngineStopped. It never goes on as if nothing happened, and it never
+dies silently with its worker still looking healthy.
+
 EngineLoop.build(make_engine) builds the engine on the loop's own thread. Workers use it:
 OpenMP keeps a thread pool per thread that has run parallel torch ops, and with more pool
 threads than cores libgomp stops spinning between parallel regions, so every op of a step
@@ -26,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -59,6 +66,11 @@ class LoadSnapshot:
     taken_at: float = field(default_factory=time.time)
 
 
+class EngineStopped(RuntimeError):
+    """The engine loop takes no more commands: it was stopped, or its engine failed (the
+    failure is chained as the cause)."""
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, poll_interval_s: float = 0.002):
         self.engine = engine
@@ -86,6 +98,11 @@ class EngineLoop:
         self._finished: dict[str, int] = {}
         self._finished_lock = threading.Lock()
         self._go = threading.Event()  # start() on a loop whose thread built its engine
+        # The exception that stopped the loop (None: running, or stopped by stop()).
+        self.failure: BaseException | None = None
+        # Called once on the loop thread when a step fails, with the engine and the
+        # exception, before the queued commands are failed (the worker's role sets it).
+        self.on_failure: Callable[[LLMEngine, BaseException], None] | None = None
 
     @classmethod
     def build(cls, make_engine: Callable[[], LLMEngine], poll_interval_s: float = 0.002
@@ -137,7 +154,7 @@ class EngineLoop:
         future: Future[T] = Future()
         with self._wake:
             if self._stopping:
-                future.set_exception(RuntimeError("engine loop is stopped"))
+                future.set_exception(self._stopped_error())
                 return future
             (self._urgent if urgent else self._commands).append((fn, future))
             self._wake.notify()
@@ -145,7 +162,28 @@ class EngineLoop:
 
     def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 60.0,
              urgent: bool = False) -> T:
-        return self.submit(fn, urgent).result(timeout_s)
+        """submit(fn) and its result. Past `timeout_s` a command the loop has not begun is
+        withdrawn (TimeoutError; it never runs); one already running is waited for, so
+        that whatever it did (blocks reserved, a request queued) reaches the caller, never
+        an effect nobody will undo."""
+        future = self.submit(fn, urgent)
+        try:
+            return future.result(timeout_s)
+        except FutureTimeout:  # (the builtin TimeoutError from Python 3.11 on)
+            if future.cancel():
+                raise
+            return future.result()
+
+    def post(self, fn: Callable[[LLMEngine], object], what: str) -> None:
+        """submit(fn) without waiting for it: for callbacks on a thread that must not block
+        (gRPC's own, which serves every call of the server). A failure is logged, naming
+        `what`; a stopped loop's refusal is not (nothing is left to do)."""
+        def logged(future: Future[object]) -> None:
+            exc = future.exception()
+            if exc is not None and not isinstance(exc, EngineStopped):
+                log.error("%s failed", what, exc_info=exc)
+
+        self.submit(fn).add_done_callback(logged)
 
     def finished_counts(self) -> dict[str, int]:
         """Requests finished since start, by finish reason (monotonic)."""
@@ -190,6 +228,15 @@ class EngineLoop:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._iterate()
+        except Exception as exc:  # a step failed: the engine's state is unknown
+            self._fail(exc)
+            return
+        self._flush_outputs()
+        self._fail_pending_commands()
+
+    def _iterate(self) -> None:
         while True:
             with self._wake:
                 while not (self._stopping or self._commands or self._urgent
@@ -209,8 +256,27 @@ class EngineLoop:
             if self._has_work():
                 self._step()
             self._publish_load()
+
+    def _fail(self, exc: Exception) -> None:
+        log.critical("the engine failed; it takes no more work: %r", exc, exc_info=exc)
+        with self._wake:
+            self.failure = exc
+            self._stopping = True
+        handler = self.on_failure
+        if handler is not None:
+            try:
+                handler(self.engine, exc)
+            except Exception:
+                log.exception("the engine failure's handler failed")
         self._flush_outputs()
         self._fail_pending_commands()
+
+    def _stopped_error(self) -> EngineStopped:
+        if self.failure is None:
+            return EngineStopped("engine loop is stopped")
+        error = EngineStopped(f"the engine failed: {self.failure!r}")
+        error.__cause__ = self.failure
+        return error
 
     def _has_work(self) -> bool:
         """Unfinished requests, and not all of them paced streams sitting out."""
@@ -326,4 +392,4 @@ class EngineLoop:
             self._commands.clear()
         for _, future in commands:
             if future.set_running_or_notify_cancel():
-                future.set_exception(RuntimeError("engine loop stopped"))
+                future.set_exception(self._stopped_error())

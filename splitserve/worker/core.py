@@ -5,7 +5,10 @@ server and the metrics server; and the options they are built from (`WorkerOptio
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +34,9 @@ from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.kvtransfer.base import KVBackend
 from splitserve.v1 import common_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+FailureHandler = Callable[[LLMEngine, BaseException], None]
 
 ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
 ROLE_PROTO = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
@@ -191,6 +197,32 @@ class WorkerCore:
         self.address = ""
         self.started_at = time.time()  # registrations keep it: a role switch is no restart
         self._metrics_server: MetricsServer | None = None
+        # The engine failed (a step raised: loop.failure): the worker takes no more work.
+        self.failed = threading.Event()
+        self._failure_handlers: list[FailureHandler] = []  # the roles playing on this core
+        self.loop.on_failure = self._engine_failed
+
+    def on_engine_failure(self, handler: FailureHandler) -> None:
+        """Call `handler(engine, exc)` on the loop thread if a step fails (a role, while it
+        plays: it hands back or fails its requests there)."""
+        self._failure_handlers = [*self._failure_handlers, handler]
+
+    def remove_engine_failure_handler(self, handler: FailureHandler) -> None:
+        self._failure_handlers = [h for h in self._failure_handlers if h != handler]
+
+    def _engine_failed(self, engine: LLMEngine, exc: BaseException) -> None:
+        """The loop's on_failure: the roles end their requests, every service reports
+        NOT_SERVING, and `failed` is set (a worker process then exits: `splitserve
+        prefill|decode`)."""
+        for handler in self._failure_handlers:
+            try:
+                handler(engine, exc)
+            except Exception:
+                log.exception("worker %s: a role's engine-failure handler failed",
+                              self.worker_id)
+        if self.health is not None:
+            self.health.set_not_serving()
+        self.failed.set()
 
     def bind(self, service_names: list[str]) -> None:
         """Health and reflection for `service_names`, then bind the server's port."""

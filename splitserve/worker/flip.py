@@ -201,6 +201,11 @@ class FlippableWorker:
     def metrics_port(self) -> int | None:
         return self.core.metrics_port
 
+    @property
+    def failed(self) -> threading.Event:
+        """Set once the engine failed (the role playing then ended its requests)."""
+        return self.core.failed
+
     def load_proto(self) -> common_pb2.WorkerLoad:
         return self.worker.load_proto()
 

@@ -20,6 +20,7 @@ from splitserve.cluster.store import ClusterStore, WorkerInfo, WorkerLoadReport
 from splitserve.common.convert.common import layout_to_proto
 from splitserve.common.grpc_util import HealthStatus
 from splitserve.common.metrics import WorkerStatsSnapshot, worker_registry
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.v1 import common_pb2
 from splitserve.worker.core import (
@@ -139,8 +140,46 @@ class WorkerRuntime:
             ttl_s=self.options.heartbeat_ttl_s, tier_events_fn=self.loop.drain_tier_events,
         )
         self.presence.start()
+        self.core.on_engine_failure(self._engine_failed)
         log.info("%s worker %s serving on %s", self.role, self.worker_id, self.address)
         return self
+
+    @property
+    def failed(self) -> threading.Event:
+        """Set once the engine failed (the worker then takes no work; see fail_in_flight)."""
+        return self.core.failed
+
+    def _engine_failed(self, engine: LLMEngine, exc: BaseException) -> None:
+        """On the loop thread, once a step failed: take no more work, end every request
+        here (fail_in_flight), and leave the cluster (off this thread: a store call)."""
+        self.draining.set()
+        reason = f"the engine of {self.role} worker {self.worker_id} failed: {exc!r}"
+        count = self.fail_in_flight(engine, reason)
+        log.error("%s; %d request(s) ended here", reason, count)
+        threading.Thread(target=self.leave_cluster, name=f"{self.role}-leave",
+                         daemon=True).start()
+
+    def abort(self, request_id: str) -> bool:
+        """Abort `request_id` here, between steps; whether this role held it."""
+        return self.loop.call(lambda engine: self._abort(engine, request_id))
+
+    def abort_later(self, request_id: str) -> None:
+        """Abort `request_id` between steps without waiting: for callbacks on gRPC's own
+        thread, which serves every call of the server (a wait there held them all up for
+        an engine step)."""
+        self.loop.post(lambda engine: self._abort(engine, request_id),
+                       f"{self.role} worker {self.worker_id}: aborting {request_id}")
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+        """On the loop thread: end `request_id` here and free what it holds (subclasses)."""
+        raise NotImplementedError
+
+    def fail_in_flight(self, engine: LLMEngine, reason: str) -> int:
+        """End every request this role holds, its engine having failed (on the loop
+        thread; the engine is not stepped again): each caller sees UNAVAILABLE and the
+        router resumes the request elsewhere, as for a worker it lost. How many there were.
+        Subclasses override."""
+        return 0
 
     def load_report(self) -> WorkerLoadReport:
         load = self.loop.load
@@ -243,14 +282,16 @@ class WorkerRuntime:
 
     def leave_cluster(self) -> None:
         """Deregister from cluster state (routers stop sending work within their view's
-        refresh); work already sent is still taken until `draining` is set."""
-        if self.presence is not None:
-            self.presence.stop(deregister=True)
-            self.presence = None
+        refresh); work already sent is still taken until `draining` is set. (Any thread:
+        an engine failure leaves from a thread of its own.)"""
+        presence, self.presence = self.presence, None
+        if presence is not None:
+            presence.stop(deregister=True)
 
     def release(self) -> None:
         """Leave the core for the next role: deregister and undo what this role set on
         the shared engine. Subclasses extend it."""
+        self.core.remove_engine_failure_handler(self._engine_failed)
         self.leave_cluster()
 
     def stop(self, grace_s: float = 1.0) -> None:

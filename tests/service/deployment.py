@@ -29,19 +29,23 @@ class Deployment:
     def address(self) -> str:
         return self.router.address
 
-    def free_blocks(self) -> dict[str, tuple[int, int]]:
-        """worker id -> (free blocks, total blocks), read on each engine's own thread."""
+    def free_blocks(self, workers: list[PrefillWorker | DecodeWorker] | None = None
+                    ) -> dict[str, tuple[int, int]]:
+        """worker id -> (free blocks, total blocks) of `workers` (default: all), read on each
+        engine's own thread."""
         out = {}
-        for w in [*self.prefill, *self.decode]:
+        for w in [*self.prefill, *self.decode] if workers is None else workers:
             out[w.worker_id] = w.loop.call(
                 lambda e: (e.block_manager.num_free_blocks, e.block_manager.num_blocks)
             )
         return out
 
-    def wait_all_blocks_free(self, timeout_s: float = 10.0) -> dict[str, tuple[int, int]]:
+    def wait_all_blocks_free(self, timeout_s: float = 10.0,
+                             workers: list[PrefillWorker | DecodeWorker] | None = None
+                             ) -> dict[str, tuple[int, int]]:
         deadline = time.monotonic() + timeout_s
         while True:
-            state = self.free_blocks()
+            state = self.free_blocks(workers)
             if all(free == total for free, total in state.values()):
                 return state
             if time.monotonic() > deadline:

@@ -131,6 +131,35 @@ def test_a_channel_closed_mid_stream_resumes_its_requests(
                    ignore_eos=True)["tokens"] == expected[:8]
 
 
+def test_a_channel_lost_with_its_worker_ejects_the_worker(
+        tiny_llama: Path, deployment: Deployment, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that dies closes its channel, and the router may read that before its Admit
+    streams' errors: it asks the worker's health, and one that does not answer SERVING is
+    left out like a worker whose stream broke (here: the worker reports NOT_SERVING, then
+    its channel closes; it is the only decode worker, so the resume still lands on it)."""
+    worker = deployment.decode[0]
+    sampling = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}
+    expected = LLM(model=str(tiny_llama), num_kv_blocks=128, block_size=8).generate(
+        [PROMPT], SamplingParams(**sampling))[0].token_ids
+    _stream(deployment, [5, 6, 7], max_tokens=2)
+    _wait_channel(deployment)
+    channels, health = worker.output_channels, worker.health
+    assert channels is not None and health is not None
+    got: list[int] = []
+    with Client(deployment.address, timeout=60, max_retries=0) as client:
+        for chunk in client.stream(PROMPT, **sampling):
+            got.extend(chunk.token_ids)
+            if got and channels.num_open:
+                health.set_not_serving()
+                channels.close_channels("closed by the test")
+            if chunk.finish_reason:
+                assert chunk.finish_reason == "length", chunk.error_message
+                assert chunk.timings.num_resumes == 1
+    assert got == expected
+    ejected = [r.getMessage() for r in caplog.records if "left out for" in r.getMessage()]
+    assert ejected and "does not answer its health check as serving" in ejected[0], ejected
+
+
 def test_a_cancelled_request_over_the_channel_frees_its_blocks(
         deployment: Deployment) -> None:
     worker = deployment.decode[0]

@@ -641,3 +641,83 @@ def test_a_malformed_endpoint_opens_no_channel_and_breaks_no_discovery(
         channels.close()
 
     asyncio.run(main())
+
+
+def test_a_hello_never_acknowledged_closes_the_channel_and_a_later_one_opens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that took the connection but never answers the hello (its accept thread
+    gone, its host frozen): the router closes the channel after ACK_TIMEOUT_S, so that no
+    request keeps waiting OPEN_WAIT_S for it, and opens a new one once RETRY_S passed."""
+    monkeypatch.setattr(router_oc, "ACK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(router_oc, "RETRY_S", 0.2)
+    hellos: list[worker_pb2.OutputChannelHello] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:  # the first connection gets no answer; the second is acknowledged
+        first, _ = listener.accept()
+        with first:
+            first.settimeout(5)
+            _hello(first, ack=False, into=hellos)
+            second, _ = listener.accept()
+            with second:
+                second.settimeout(5)
+                _hello(second, into=hellos)
+                time.sleep(1)
+
+    async def main() -> None:
+        channels = OutputChannels(None)
+        address = "127.0.0.1:1"
+        channels.learn(address, f"127.0.0.1:{port}")
+        opening = channels._channels[address]
+        deadline = time.monotonic() + 5
+        while not opening.closed:
+            assert time.monotonic() < deadline, "the unacknowledged channel stayed open"
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        assert await channels.ready(address) is None
+        assert time.monotonic() - started < router_oc.OPEN_WAIT_S / 2  # no wait for it
+        await asyncio.sleep(0.25)  # RETRY_S
+        channels.learn(address, f"127.0.0.1:{port}")  # a later Admission names it again
+        channel = await _ready(channels, address)
+        assert channel is not opening
+        channels.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        asyncio.run(main())
+    finally:
+        thread.join(5)
+        listener.close()
+    assert len(hellos) == 2 and hellos[0].channel_id != hellos[1].channel_id
+
+
+def test_a_failed_accept_does_not_stop_the_worker_accepting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """accept() failing (out of file descriptors: EMFILE) leaves the listener open and the
+    kernel queueing connections: the worker goes on accepting, or routers connected meanwhile
+    would wait for an acknowledgement that never comes."""
+    server, _ = _server()
+    try:
+        real = server._listener
+        failures = [OSError(24, "Too many open files")]
+
+        class Flaky:
+            def accept(self):  # type: ignore[no-untyped-def]
+                if failures:
+                    raise failures.pop()
+                return real.accept()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        monkeypatch.setattr(oc, "_ACCEPT_RETRY_S", 0.01)
+        server._listener = Flaky()  # type: ignore[assignment]
+        sock = _connect(server, "after-emfile")  # the accept thread is blocked in accept():
+        sock.close()  # it takes this connection, then the patched listener fails once
+        sock, channel = _open(server, "after-emfile-2")
+        assert not failures and channel.channel_id == "after-emfile-2"
+        sock.close()
+    finally:
+        server.close()
