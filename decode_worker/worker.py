@@ -400,23 +400,25 @@ class DecodeWorker(WorkerRuntime):
         self.loop.set_sink(request_id, sink)
 
     def _cut_off(self, request: DecodeRequest) -> None:
-        """Abort a request whose stream stopped reading (engine thread, from its sink: the
-        abort runs as a command, between steps, not inside this step's dispatch)."""
+        """Abort a request whose stream stopped reading (engine thread, from its sink). Its
+        stream ends now; the engine's abort runs as a command, between steps, not inside
+        this step's dispatch (and a request the engine still holds when it fails first is
+        gone with it: nothing is left waiting on the command)."""
         request_id = request.request_id
         self._in_engine.pop(request_id, None)
         self.loop.drop_sink(request_id)
         self.num_cut_off += 1
         log.warning("%s: request %s cut off: %d outputs not read by its stream", self.worker_id,
                     request_id, request.events.qsize())
+        deliver(request, DecodeEvent(error="the stream stopped reading its output"))
+        if request.cancel_stream is not None:
+            request.cancel_stream()
 
         def on_loop(engine: LLMEngine) -> None:
             if engine.abort(request_id):
                 self.loop.count_finished("abort")
-            deliver(request, DecodeEvent(error="the stream stopped reading its output"))
-            if request.cancel_stream is not None:
-                request.cancel_stream()
 
-        self.loop.submit(on_loop)
+        self.loop.post(on_loop, f"{self.worker_id}: aborting {request_id} (cut off)")
 
     # ---- drain --------------------------------------------------------------------------
     def _drain_step(self) -> None:

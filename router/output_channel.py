@@ -111,6 +111,9 @@ class OutputChannel:
         self.endpoint = endpoint  # as the worker advertised it
         self.ready = False  # the worker acknowledged the hello: requests may name it
         self.closed = False
+        # Once it closed: whether its worker answered a health check as SERVING (one check
+        # for all the requests it carried; router.request starts it).
+        self.serving_check: asyncio.Future[bool] | None = None
         self._on_closed = on_closed
         self._where = f"{host}:{port}"
         self._mailboxes: dict[str, Mailbox] = {}

@@ -524,7 +524,15 @@ class RequestRun:
         closes it too, and its Admit streams' errors may come only after: one health check
         tells them apart, so that a dead worker is ejected and its requests do not try it
         again, as when its stream breaks first."""
-        if await answers_serving(self._prober(decoder)):
+        channel = self._channel
+        if channel is None:
+            serving = await answers_serving(self._prober(decoder))
+        else:  # one check for every request the channel carried
+            if channel.serving_check is None:
+                channel.serving_check = asyncio.ensure_future(
+                    answers_serving(self._prober(decoder)))
+            serving = await asyncio.shield(channel.serving_check)
+        if serving:
             return WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}",
                               grpc.StatusCode.UNAVAILABLE, channel_only=True)
         return WorkerLost("decode", decoder, f"decode worker {decode_id}: {exc}, and it does "

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from splitserve.common import envs
 from splitserve.engine.config import EngineConfig
+from splitserve.supervision import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,15 @@ class ServeOptions:
     # (router_options["pd_control"]) moves them between the roles.
     flippable: bool = False
     stream_interval: int = 1  # decode workers send tokens this many at a time (WorkerOptions)
+    # How often the driver checks its worker actors and replaces one whose engine failed or
+    # whose process died (splitserve.supervision); 0: never.
+    supervise_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.prefill_workers < 0 or self.decode_workers < 1:
             raise ValueError("need >= 0 prefill workers and >= 1 decode worker")
+        if self.supervise_interval_s < 0:
+            raise ValueError("supervise_interval_s must be >= 0")
 
 
 def default_threads_per_worker(num_workers: int) -> int:
@@ -108,6 +114,10 @@ class _WorkerActor:
     def drain(self, wait_timeout_s: float) -> int:
         return self.worker.drain(wait_timeout_s)
 
+    def failed(self) -> bool:
+        """Whether the worker's engine failed (it took no more work since)."""
+        return bool(self.worker.failed.is_set())
+
     def stop(self) -> None:
         self.worker.stop(1.0)
 
@@ -165,6 +175,24 @@ class Deployment:
     _started: dict[str, int] = field(default_factory=dict)  # role -> workers ever started
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: bool = False  # shutdown() began: an addition still under way is undone
+    supervisor: WorkerSupervisor | None = None  # replaces workers that fail or die
+
+    def workers(self) -> list[tuple[Any, str]]:
+        """(actor, the role it was launched in) of each worker, now."""
+        with self._lock:
+            return list(zip(self.actors[1:], self.worker_roles, strict=True))
+
+    def remove_actor(self, actor: Any) -> bool:
+        """Forget the worker `actor` (its caller stops it); False if it was not ours (any
+        more) or the deployment is shutting down."""
+        with self._lock:
+            if self._closed:
+                return False
+            for i, known in enumerate(self.actors[1:]):
+                if known is actor:
+                    del self.actors[1 + i], self.worker_roles[i]
+                    return True
+        return False
 
     def counts(self) -> dict[str, int]:
         """Workers this deployment runs, by the role each was launched in."""
@@ -230,6 +258,9 @@ class Deployment:
 
         with self._lock:
             self._closed = True
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        with self._lock:
             router, workers = self.actors[0], self.actors[1:]
         try:
             ray.get([w.drain.remote(drain_timeout_s) for w in workers], timeout=drain_timeout_s + 5)
@@ -374,5 +405,9 @@ def serve(options: ServeOptions) -> Deployment:
     for role in ("prefill", "decode"):
         actors += [launch.start(role, index) for index in range(roles.count(role))]
     ray.get([a.address.remote() for a in actors[1:]], timeout=600)
-    return Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address,
-                      worker_roles=roles, launch=launch)
+    deployment = Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address,
+                            worker_roles=roles, launch=launch)
+    if options.supervise_interval_s:
+        deployment.supervisor = WorkerSupervisor(deployment,
+                                                 options.supervise_interval_s).start()
+    return deployment

@@ -31,7 +31,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("worker",),  # the runtime both worker roles share
     ("prefill_worker", "decode_worker", "router"),
     ("client",),  # the SDK (splitserve.client and its private splitserve._client_common)
-    ("cli", "launcher", "scaling", "llm", "bench", "sim"),  # entry points (and the simulator on them)
+    # entry points (and the simulator on them, the Ray driver's supervisor of its workers)
+    ("cli", "launcher", "scaling", "supervision", "llm", "bench", "sim"),
 )
 ENTRY_LAYER = len(LAYERS) - 1
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

@@ -205,7 +205,11 @@ class WorkerCore:
     def on_engine_failure(self, handler: FailureHandler) -> None:
         """Call `handler(engine, exc)` on the loop thread if a step fails (a role, while it
         plays: it hands back or fails its requests there)."""
-        self._failure_handlers = [*self._failure_handlers, handler]
+        if handler not in self._failure_handlers:  # (a role started again: once)
+            self._failure_handlers = [*self._failure_handlers, handler]
+        failure = self.loop.failure
+        if failure is not None:  # a role that started as the engine failed: it leaves too
+            handler(self.engine, failure)
 
     def remove_engine_failure_handler(self, handler: FailureHandler) -> None:
         self._failure_handlers = [h for h in self._failure_handlers if h != handler]
@@ -220,9 +224,9 @@ class WorkerCore:
             except Exception:
                 log.exception("worker %s: a role's engine-failure handler failed",
                               self.worker_id)
+        self.failed.set()  # (first: a role switch marking health from now on sees it)
         if self.health is not None:
             self.health.set_not_serving()
-        self.failed.set()
 
     def bind(self, service_names: list[str]) -> None:
         """Health and reflection for `service_names`, then bind the server's port."""

@@ -46,6 +46,7 @@ import grpc
 from splitserve.cluster.store import ClusterStore
 from splitserve.common.grpc_util import ServiceError
 from splitserve.common.metrics import WorkerStatsSnapshot, worker_registry
+from splitserve.engine.engine_loop import EngineStopped
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.model_files import model_name
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -237,6 +238,9 @@ class FlippableWorker:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"target role must be one of {sorted(self._roles)}, got "
                                f"{target or 'none'!r}")
+        if self.core.failed.is_set():
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"worker {self.worker_id}'s engine failed: it plays no role")
         with self._lock:
             busy = self._switch
             if busy is not None:
@@ -253,6 +257,10 @@ class FlippableWorker:
             self._switch = _Switch(current.role, target, time.monotonic())
         try:
             return self._switch_now(current, target, drain_timeout_s)
+        except EngineStopped as exc:  # the engine failed during the switch
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"worker {self.worker_id}'s engine failed while switching "
+                               f"to {target}: {exc}") from exc
         finally:
             with self._lock:
                 self._switch = None
@@ -320,7 +328,9 @@ class FlippableWorker:
 
     def _mark_health(self) -> None:
         health = self.core.health
-        if health is not None:
+        if health is not None and self.core.failed.is_set():
+            health.set_not_serving()  # (a switch that ran on as the engine failed)
+        elif health is not None:
             served = {ROLE_SERVICES[p.worker.role] for p in (self.playing, self.leaving)
                       if p is not None}
             health.set_serving(sorted(served))

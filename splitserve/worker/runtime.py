@@ -69,6 +69,7 @@ class WorkerRuntime:
         self.store = core.store
         self.draining = threading.Event()
         self.presence: WorkerPresence | None = None
+        self._leave_lock = threading.Lock()
         self.metrics_registry = worker_registry(self)
         if self._owns_core:
             core.bind(self._register(core.server))
@@ -284,9 +285,10 @@ class WorkerRuntime:
         """Deregister from cluster state (routers stop sending work within their view's
         refresh); work already sent is still taken until `draining` is set. (Any thread:
         an engine failure leaves from a thread of its own.)"""
-        presence, self.presence = self.presence, None
-        if presence is not None:
-            presence.stop(deregister=True)
+        with self._leave_lock:  # (a second caller returns once the first has left)
+            presence, self.presence = self.presence, None
+            if presence is not None:
+                presence.stop(deregister=True)
 
     def release(self) -> None:
         """Leave the core for the next role: deregister and undo what this role set on

@@ -11,6 +11,7 @@ with every block free.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -128,12 +129,18 @@ def test_a_prefill_engine_failing_loses_no_request(tiny_llama: Path) -> None:
         d.stop()
 
 
+_FIRST = threading.Lock()  # (the two workers' first steps may come at once)
+
+
 def _fail_first_of_all(worker: PrefillWorker, failed: list[PrefillWorker]):  # type: ignore[no-untyped-def]
     step = worker.engine.step
 
     def first_fails() -> list[object]:
-        if not failed:
-            failed.append(worker)
+        with _FIRST:
+            first = not failed
+            if first:
+                failed.append(worker)
+        if first:
             raise RuntimeError("injected engine failure")
         return step()
 

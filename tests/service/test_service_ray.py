@@ -8,6 +8,7 @@ import os
 import random
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -169,3 +170,52 @@ def test_workers_added_and_removed_while_serving(ray_session, tiny_llama: Path) 
     with pytest.raises(RuntimeError, match="shutting down"):  # (the autoscaler's late call)
         deployment.add_worker("decode")
     assert not deployment.remove_worker("decode")
+
+
+def test_a_worker_whose_engine_failed_or_whose_actor_died_is_replaced(  # type: ignore[no-untyped-def]
+        ray_session, tiny_llama: Path) -> None:
+    import ray
+
+    prompts = _prompts(4, seed=5)
+    expected = _expected(str(tiny_llama), prompts, **ENGINE)
+    deployment = serve(ServeOptions(
+        engine=EngineConfig(model=str(tiny_llama), **ENGINE), prefill_workers=1,
+        decode_workers=1, port=0, http_port=0, supervise_interval_s=0.5,
+        router_options={"local_prefill_threshold": 8},
+    ))
+    supervisor = deployment.supervisor
+    assert supervisor is not None
+
+    def fail_the_engine(actor: object) -> None:  # (nested: pickled by value into the actor)
+        """Run inside a worker actor (`__ray_call__`): its engine's next step raises, and a
+        request is queued so that a step comes."""
+        from splitserve.common.sampling_params import SamplingParams as Params
+
+        worker = actor.worker  # type: ignore[attr-defined]
+
+        def failing_step() -> list[object]:
+            raise RuntimeError("injected engine failure")
+
+        worker.engine.step = failing_step
+        worker.loop.call(lambda e: e.add_request([5, 6, 7], Params(max_tokens=2), "poke"))
+
+    def replaced(role: str, count: int) -> None:
+        deadline = time.monotonic() + 120
+        while supervisor.replaced[role] < count:
+            assert time.monotonic() < deadline, (supervisor.replaced, supervisor.owed)
+            time.sleep(0.2)
+
+    try:
+        assert _run(deployment.address, prompts) == expected
+        [(prefill, _), (decode, _)] = deployment.workers()
+        ray.get(decode.__ray_call__.remote(fail_the_engine), timeout=60)
+        replaced("decode", 1)
+        assert _run(deployment.address, prompts) == expected  # on the new decode worker
+        ray.kill(prefill)  # its process dies
+        replaced("prefill", 1)
+        assert _run(deployment.address, prompts) == expected
+        roles = [role for _, role in deployment.workers()]
+        assert sorted(roles) == ["decode", "prefill"]
+        assert supervisor.owed == {"prefill": 0, "decode": 0}
+    finally:
+        deployment.shutdown()

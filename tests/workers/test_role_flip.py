@@ -204,3 +204,31 @@ def test_the_cli_builds_a_flippable_worker(tiny_llama: Path) -> None:
         assert isinstance(plain, PrefillWorker)
     finally:
         plain.stop(0.1)
+
+
+def test_a_flippable_worker_whose_engine_failed_plays_no_role(cluster: Cluster) -> None:
+    """Its engine failed: every service reports NOT_SERVING, it left cluster state, and a
+    switch is refused UNAVAILABLE (it never marks a role SERVING again)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    store, flip, _, _ = cluster
+
+    def failing_step() -> list[object]:
+        raise RuntimeError("injected engine failure")
+
+    flip.core.engine.step = failing_step  # type: ignore[method-assign]
+    flip.core.loop.call(lambda e: e.add_request([5, 6, 7], GREEDY, "poke"))
+    assert flip.failed.wait(10)
+    deadline = time.monotonic() + 10
+    while "f" in {info.worker_id for info, _ in store.live_workers()}:
+        assert time.monotonic() < deadline, "the failed worker stayed registered"
+        time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as refused:
+        _switch(flip.address, DECODE, allow_last_of_role=True)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "engine failed" in (refused.value.details() or "")
+    with grpc.insecure_channel(flip.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "splitserve.v1.PrefillWorker", "splitserve.v1.DecodeWorker"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING, service
