@@ -9,8 +9,11 @@ never times out.
 
 Failure rules, the same on both sides: any error or timeout on a connection closes it
 (gloo closes a pair on timeout anyway) and the next use reconnects in a new epoch. A
-transfer that already moved data over the broken connection fails; one that moved nothing
-yet carries over to the next connection (the sender retries its first message once).
+transfer that already moved data over the broken connection fails, on the sender as on the
+receiver, whichever transfer's message found the break (the sender never sends a
+transfer's later layers over a newer connection: it would call DONE what the receiver
+failed); one that moved nothing yet carries over to the next connection (the sender
+retries its first message once).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class SendPair(_PairThread):
     def __init__(self, backend: TorchDistBackend, dst: str, store_addr: tuple[str, int]) -> None:
         self.queue: collections.deque[Outgoing] = collections.deque()
         self.header = torch.empty(HEADER_LEN, dtype=torch.int64, device=backend.device)
+        self._connection = object()  # a new token each time the connection breaks
         super().__init__(backend, dst, "send", store_addr)
 
     def stop(self, reason: str | None = None) -> None:
@@ -134,7 +138,7 @@ class SendPair(_PairThread):
                 self._one(msg)
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the pair's thread
                 logger.exception("kv send to %s: unexpected error", self.peer)
-                self.link.teardown()
+                self._broken()
                 msg.entry.handle._fail(f"internal error sending to {self.peer!r}: {exc!r}")
 
     def _one(self, msg: Outgoing) -> None:
@@ -147,6 +151,11 @@ class SendPair(_PairThread):
             if msg.kind == DATA and entry.sent_any and not entry.abort_notified:
                 self._abort_notice(entry, REASON_FAILED)
             return
+        if entry.sent_any and entry.connection is not self._connection:
+            # Its earlier layers went over a connection that broke since: the receiver
+            # failed it (they may be lost), so it cannot complete over a new one.
+            handle._fail(f"lost connection to worker {self.peer!r} mid-transfer")
+            return
         if not self.link.connected and not self._connect(msg):
             return
         if msg.kind == CONNECT:
@@ -154,7 +163,7 @@ class SendPair(_PairThread):
         try:
             self._send_data(msg)
         except Exception as exc:  # noqa: BLE001 - the connection is gone either way
-            self.link.teardown()
+            self._broken()
             if not entry.sent_any and not msg.retried:
                 msg.retried = True
                 self.put(msg, front=True)  # nothing of it went out: retry on a new connection
@@ -162,6 +171,12 @@ class SendPair(_PairThread):
             self._fail_all(
                 msg, f"lost connection to worker {self.peer!r}: {exc}", only_started=True
             )
+
+    def _broken(self) -> None:
+        """Close the connection; transfers that sent part of themselves over it fail when
+        their next message comes (or now, if queued: _fail_all)."""
+        self.link.teardown()
+        self._connection = object()
 
     def _connect(self, msg: Outgoing) -> bool:
         handle = msg.entry.handle
@@ -187,6 +202,7 @@ class SendPair(_PairThread):
         group = self.link.group
         group.send([header.encode(self.header)], 1, 0).wait(_timeout(handle.deadline, cap))
         entry.sent_any = True
+        entry.connection = self._connection
         group.send([payload], 1, 0).wait(_timeout(handle.deadline, cap))
         msg.buffer = None
         record_sent(handle, msg.layer, payload.numel())
@@ -200,7 +216,7 @@ class SendPair(_PairThread):
         try:
             self.link.group.send([header.encode(self.header)], 1, 0).wait(timedelta(seconds=1))
         except Exception:  # noqa: BLE001
-            self.link.teardown()
+            self._broken()
 
     def _fail_all(self, msg: Outgoing, error: str, only_started: bool) -> None:
         """Fail msg's transfer and every queued transfer on this pair (that already sent
@@ -255,11 +271,13 @@ class RecvPair(_PairThread):
             for entry in table.live(self.peer):
                 entry.fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - the store is unreachable, etc.
-            if time.monotonic() < deadline and table.live(self.peer):
+            now = time.monotonic()
+            if now < deadline and table.live(self.peer):
                 time.sleep(0.05)  # deadline not reached: not a timeout, retry later
-            else:
+            else:  # those whose own time ran out (expects that came since have more)
                 for entry in table.live(self.peer):
-                    entry.fail(f"could not connect to worker {self.peer!r}: {exc}")
+                    if entry.handle.deadline <= now:
+                        entry.fail(f"could not connect to worker {self.peer!r}: {exc}")
         return False
 
     def _receive(self, deadline: float) -> tuple[Header, Incoming]:

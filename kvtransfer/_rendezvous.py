@@ -131,7 +131,12 @@ class PairLink:
         KVLayoutMismatch (the peer refuses too), or the store's/backend's error."""
         assert self.group is None
         try:
-            self._connect(deadline, wanted)
+            while True:
+                try:
+                    self._connect(deadline, wanted)
+                    return
+                except _EpochAbandoned:
+                    continue  # meet the peer in the epoch it moved on to
         except BaseException:
             self._store = None  # a client whose wait timed out may be out of step: drop it
             raise
@@ -175,6 +180,10 @@ class PairLink:
         )
 
     def teardown(self) -> None:
+        # The store client goes too: a store restarted at the same address (a kv-store
+        # process, a worker's --serve-kv-store) does not take back an old client's
+        # connection, and the next connect would fail at once on it.
+        self._store = None
         group, self.group = self.group, None
         if group is not None and self.device.type == "cuda":
             try:
@@ -217,8 +226,13 @@ class PairLink:
             time.sleep(_POLL_S)
 
     def _read(self, store: Any, key: str, deadline: float, wanted: Callable[[], bool]) -> str:
-        """The value of `key`, once the peer has set it."""
+        """The value of `key`, once the peer has set it. _EpochAbandoned if the peer moved
+        on to a later epoch meanwhile: the keys found in this one are from a handshake it
+        gave up (its values would be read, and its next ones awaited, for ever)."""
+        other_epoch = f"{self.name}/epoch/{self.other}"
         while not store.check([key]):
+            if int(store.add(other_epoch, 0)) > self.epoch:
+                raise _EpochAbandoned
             self._check_waiting(deadline, wanted, "for its handshake")
             time.sleep(_POLL_S)
         return bytes(store.get(key)).decode("utf-8", "replace")
@@ -231,6 +245,10 @@ class PairLink:
             )
         if not wanted():
             raise ConnectTimeout(f"no transfer needs pair {self.name} any more")
+
+
+class _EpochAbandoned(Exception):
+    """The peer left the epoch this side is meeting it in (an attempt it gave up)."""
 
 
 def _make_group(

@@ -33,6 +33,9 @@ class SendEntry:
     peer_endpoint: str | None = None  # the receiver's KV endpoint, when the caller knows it
     submitted: set[int] = field(default_factory=set)  # layers handed to the backend
     sent_any: bool = False
+    # The connection its first message went over (SendPair's token): later messages go
+    # over that one only (a receiver fails a transfer whose connection broke mid-way).
+    connection: object | None = None
     abort_notified: bool = False
     _ids: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
