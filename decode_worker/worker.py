@@ -372,12 +372,18 @@ class DecodeWorker(WorkerRuntime):
                 priority=request.priority, client=request.client,
                 stream_pace_tokens_per_s=request.stream_pace_tokens_per_s,
             )
-        except ValueError as exc:
-            engine.release_blocks(request.block_ids)
+        except Exception as exc:  # noqa: BLE001 - a refusal (ValueError) or a bug: its stream ends
+            if not isinstance(exc, ValueError):
+                log.exception("%s: request %s could not join the batch", self.worker_id,
+                              request.request_id)
+            if request.request_id in engine.requests:  # (it got part of the way in)
+                engine.abort(request.request_id)  # (frees its blocks)
+            else:
+                engine.release_blocks(request.block_ids)
             self.loop.drop_sink(request.request_id)
             self._in_engine.pop(request.request_id, None)
             self.loop.count_finished("error")
-            deliver(request, DecodeEvent(error=str(exc)))
+            deliver(request, DecodeEvent(error=str(exc) or repr(exc)))
             return False
         if finished is not None:
             self.loop.dispatch(finished)

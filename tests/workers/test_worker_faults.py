@@ -28,7 +28,7 @@ from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.prefill_worker.worker import PrefillWorker
-from splitserve.v1 import worker_pb2, worker_pb2_grpc
+from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.worker.runtime import WorkerOptions
 
 NUM_BLOCKS = 64
@@ -213,3 +213,38 @@ def test_the_worker_command_stops_waiting_once_its_engine_failed() -> None:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def test_a_request_that_cannot_join_the_batch_ends_its_stream_and_frees_its_blocks(  # type: ignore[no-untyped-def]
+        pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its KV arrived, but joining the running batch raised something other than a refusal
+    (a bug, an allocation failure): the stream ends with the error, the blocks come back,
+    and the worker goes on (before, the poller's exception was logged and the stream hung)."""
+    p, d, _ = pair
+    join = d.engine.add_prefilled_request
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("injected: cannot join")
+
+    monkeypatch.setattr(d.engine, "add_prefilled_request", broken)
+    prompt = list(range(400, 430))
+    params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    with grpc.insecure_channel(d.address) as dchannel, grpc.insecure_channel(p.address) as pchannel:
+        dstub = worker_pb2_grpc.DecodeWorkerStub(dchannel)
+        pstub = worker_pb2_grpc.PrefillWorkerStub(pchannel)
+        admit = dstub.Admit(worker_pb2.AdmitRequest(
+            request_id="r", prompt_token_ids=prompt, prefill_worker_id=p.worker_id,
+            prefill_timeout_ms=60000, sampling_params=params))
+        admission = next(admit).admission
+        first = pstub.Prefill(worker_pb2.PrefillRequest(
+            request_id="r", prompt_token_ids=prompt, sampling_params=params,
+            decode_worker_id=d.worker_id, decode_block_ids=admission.block_ids,
+            kv_layout=admission.kv_layout), timeout=30)
+        dstub.PrefillDone(worker_pb2.PrefillDoneRequest(request_id="r",
+                                                        first_token_id=first.first_token_id))
+        [last] = [m for m in admit]
+        assert last.output.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert "injected: cannot join" in last.output.error_message
+    assert _wait_for(lambda: _free_blocks(d) == NUM_BLOCKS)
+    monkeypatch.setattr(d.engine, "add_prefilled_request", join)
+    assert not d.failed.is_set()
