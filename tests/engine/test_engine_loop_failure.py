@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
@@ -17,14 +16,6 @@ from splitserve.common.sampling_params import SamplingParams
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine_loop import EngineLoop, EngineStopped
 from splitserve.engine.llm_engine import LLMEngine
-
-
-@pytest.fixture
-def loop(tiny_llama: Path) -> Iterator[EngineLoop]:
-    engine_loop = EngineLoop(LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=32)))
-    engine_loop.start()
-    yield engine_loop
-    engine_loop.stop()
 
 
 def _hold(loop: EngineLoop) -> tuple[threading.Event, threading.Event]:

@@ -4,24 +4,13 @@ flight, not after it; plain commands still wait for the step to end."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from splitserve.common.sampling_params import SamplingParams
-from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.scheduler import SchedulerOutput
-
-
-@pytest.fixture
-def loop(tiny_llama: Path) -> Iterator[EngineLoop]:
-    engine_loop = EngineLoop(LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=32)))
-    engine_loop.start()
-    yield engine_loop
-    engine_loop.stop()
 
 
 def _hold_the_first_layer(engine: LLMEngine) -> tuple[threading.Event, threading.Event,
