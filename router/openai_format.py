@@ -77,6 +77,37 @@ def new_response_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
 
+class TokenTexts:
+    """The text each generated token adds, in order. A token that ends inside a character
+    (one piece of a multi-byte character) adds "" and the token that completes it adds
+    the whole character: the tokens' texts join into the output text, so logprobs'
+    text_offset and bytes stay true (each token decoded alone would read as U+FFFD)."""
+
+    __slots__ = ("_tokenizer", "_pending")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._pending: list[int] = []  # tokens of a character not complete yet
+
+    def peek(self, token_id: int) -> str:
+        """What `token_id` would add here (an alternative at this position); a piece of a
+        character alone when it does not complete one."""
+        text = self._tokenizer.decode([*self._pending, token_id], skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def add(self, token_id: int) -> str:
+        """The text the sampled `token_id` adds."""
+        ids = [*self._pending, token_id]
+        text = self._tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            self._pending = ids
+            return ""
+        self._pending = []
+        return text
+
+
 class ResponseBuilder:
     def __init__(self, req: OpenAIRequest, model_id: str, tokenizer: Tokenizer,
                  index: int = 0, generate: router_pb2.GenerateRequest | None = None,
@@ -92,6 +123,7 @@ class ResponseBuilder:
         self._texts: list[str] = []
         self._logprobs: list[common_pb2.TokenLogprob] = []
         self._text_offset = 0  # characters of text before the next token (completions)
+        self._token_texts = TokenTexts(tokenizer)  # the sampled tokens' texts so far
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self._prompt_text = self._echo_text() if req.echo else ""
@@ -176,6 +208,7 @@ class ResponseBuilder:
     def choice(self) -> dict[str, Any]:
         text = self._prompt_text + "".join(self._texts)
         self._text_offset = len(self._prompt_text)
+        self._token_texts = TokenTexts(self._tokenizer)
         logprobs = self._logprobs_json(self._logprobs)
         finish = self.finish_reason
         if self._req.chat:
@@ -230,30 +263,30 @@ class ResponseBuilder:
             return gen.prompt
         return self._tokenizer.decode(list(gen.token_ids.token_ids))
 
-    def _token(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id], skip_special_tokens=False)
-
     def _logprobs_json(self, items: Sequence[common_pb2.TokenLogprob]) -> dict[str, Any] | None:
         if self._req.logprobs is None:
             return None
         if self._req.chat:
             return {"content": [self._chat_entry(lp) for lp in items], "refusal": None}
-        tokens = [self._token(lp.token_id) for lp in items]
-        offsets = []
-        for token in tokens:
+        texts = self._token_texts
+        tokens, offsets, top = [], [], []
+        for lp in items:
+            # Each position's top dict holds its alternatives and the sampled token (as
+            # vLLM), the sampled one's own logprob last: an alternative with the same text
+            # never replaces it.
+            alternatives = {texts.peek(t.token_id): t.logprob for t in lp.top_logprobs}
+            token = texts.add(lp.token_id)
+            tokens.append(token)
             offsets.append(self._text_offset)
             self._text_offset += len(token)
-        # Each position's top dict holds the sampled token and its alternatives (as vLLM).
-        top = [{tokens[i]: lp.logprob, **{self._token(t.token_id): t.logprob
-                                          for t in lp.top_logprobs}}
-               for i, lp in enumerate(items)]
+            top.append({**alternatives, token: lp.logprob})
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
                 "top_logprobs": top, "text_offset": offsets}
 
     def _chat_entry(self, lp: common_pb2.TokenLogprob) -> dict[str, Any]:
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            token = self._token(token_id)
+        def entry(token: str, logprob: float) -> dict[str, Any]:
             return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-        return {**entry(lp.token_id, lp.logprob),
-                "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top_logprobs]}
+        texts = self._token_texts
+        alternatives = [entry(texts.peek(t.token_id), t.logprob) for t in lp.top_logprobs]
+        return {**entry(texts.add(lp.token_id), lp.logprob), "top_logprobs": alternatives}

@@ -167,7 +167,16 @@ class RequestPipeline:
                 if deadline is None:
                     return await acquire
                 timeout = max(deadline - time.monotonic(), 0.001)
-                return await asyncio.wait_for(acquire, timeout)
+                predicted = await asyncio.wait_for(acquire, timeout)
+                # On Python 3.11, wait_for returns the result of an inner await that
+                # finished as the cancel landed, and the cancel is lost: the client went
+                # away (aiohttp cancels once) and the request would run to the end for
+                # nobody. Give the slot back and end here.
+                task = asyncio.current_task()
+                if task is not None and getattr(task, "cancelling", lambda: 0)():
+                    self.admission.release()
+                    raise asyncio.CancelledError
+                return predicted
         except asyncio.TimeoutError as exc:
             self.metrics.rejections.labels("queue_timeout").inc()
             raise ServiceError(

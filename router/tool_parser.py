@@ -110,7 +110,7 @@ class HermesParser(ToolCallParser):
     def _call(self, body: str) -> ParsedCall | None:
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (model output nested past the parser)
             return None
         name = data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or name not in self._names:
@@ -119,7 +119,7 @@ class HermesParser(ToolCallParser):
         if isinstance(arguments, str):  # some models write the arguments as JSON text
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(arguments, dict):
             return None
@@ -140,7 +140,7 @@ class ForcedParser(ToolCallParser):
         self._buffer = []
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return text, []  # cut short by max_tokens: what there is, as content
         if self._choice.mode == "named" and isinstance(data, dict):
             return "", [ParsedCall(new_call_id(), self._choice.name,

@@ -118,7 +118,7 @@ def _arguments(text: str) -> Any:
     stays text."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested deeper than the parser goes: text too)
         return text
 
 

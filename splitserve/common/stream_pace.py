@@ -41,6 +41,10 @@ def resolve_stream_pace(value: float | str | None, name: str = "stream_pace") ->
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number (tokens/s) or a named speed, "
                          f"got {type(value).__name__}")
-    rate = float(value)
+    try:
+        rate = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"{name} must be a finite rate in tokens/s, got an integer of "
+                         f"{len(str(value))} digits") from None
     check_stream_pace(rate, name)
     return rate

@@ -61,3 +61,39 @@ def test_chunks_beyond_plain_text_take_the_delta_objects_path() -> None:
     with_logprobs = router_pb2.GenerateResponse(token_ids=[5], text="x")
     with_logprobs.logprobs.add(token_id=5, logprob=-0.5)
     assert builder.delta_event(with_logprobs) == sse_event(builder.delta(with_logprobs))
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_logprobs_of_a_character_split_across_tokens(smollm2_dir: Any, chat: bool) -> None:
+    """An emoji is three SmolLM2 tokens, each alone not a character. The tokens' texts join
+    into the output text (the pieces add "", the last the emoji), text_offset counts true
+    characters, chat's bytes rebuild the text, and an alternative with the same text never
+    replaces the sampled token's own logprob."""
+    from splitserve.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    text = "\U0001f600ab"
+    ids = tokenizer.encode(text)
+    assert len(ids) >= 3 and tokenizer.decode(ids[:1]) == "\ufffd"  # (pieces of a character)
+    parse = parse_chat if chat else parse_completion
+    body = ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1}
+            if chat else {"prompt": "p", "logprobs": 1})
+    builder = ResponseBuilder(parse(body, MODEL), MODEL, tokenizer)
+    for token_id in ids:  # one chunk per token, as a stream goes; the alternative: itself
+        chunk = router_pb2.GenerateResponse(token_ids=[token_id], text="")
+        chunk.logprobs.add(token_id=token_id, logprob=-0.1).top_logprobs.add(
+            token_id=token_id, logprob=-5.0)
+        builder.add(chunk)
+    logprobs = builder.choice()["logprobs"]
+    if chat:
+        content = logprobs["content"]
+        assert "".join(e["token"] for e in content) == text
+        assert bytes(b for e in content for b in e["bytes"]).decode() == text
+        assert [e["logprob"] for e in content] == pytest.approx([-0.1] * len(ids))
+    else:
+        tokens = logprobs["tokens"]
+        assert "".join(tokens) == text
+        assert logprobs["text_offset"] == [len("".join(tokens[:i])) for i in range(len(ids))]
+        assert logprobs["text_offset"][-1] == 1  # "ab" follows one character (not three)
+        for top, token in zip(logprobs["top_logprobs"], logprobs["tokens"], strict=True):
+            assert top[token] == pytest.approx(-0.1)  # the sampled one's, not -5.0

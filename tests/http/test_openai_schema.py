@@ -218,7 +218,7 @@ def test_stream_pace_takes_a_rate_or_a_named_speed_on_streams_only() -> None:
     assert parse_chat(chat, "m").generate.stream_pace_tokens_per_s == 0.0
     assert parse_completion({"prompt": "a", "stream_pace": 0}, "m").generate \
         .stream_pace_tokens_per_s == 0.0  # not paced: no stream needed
-    for bad in (-1, 1e9, "sprint", True, [20], {"rate": 20}):
+    for bad in (-1, 1e9, "sprint", True, [20], {"rate": 20}, 10**400):  # (too big a float)
         with pytest.raises(OpenAIError, match="stream_pace") as info:
             parse_chat({**chat, "stream_pace": bad}, "m")
         assert info.value.param == "stream_pace" and info.value.status == 400

@@ -138,7 +138,8 @@ def test_a_store_restarted_at_the_same_address_is_met_again() -> None:
         del d, store
         gc.collect()  # the store's server goes with its last reference
         time.sleep(0.3)
-        store = create_rendezvous_store("127.0.0.1", port)  # back at the same address
+        restarted = create_rendezvous_store("127.0.0.1", port)  # back at the same address
+        assert restarted.port == port
         d = TorchDistBackend("D", LAYOUT, "127.0.0.1", port)
         assert transfer(d, "after") == (TransferState.DONE, TransferState.DONE)
         d.close()

@@ -185,3 +185,35 @@ def test_requests_being_prepared_count_against_the_bound() -> None:
         adm.release()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_a_request_cancelled_as_its_slot_comes_ends_and_gives_the_slot_back(turns: int) -> None:
+    """RequestPipeline._acquire with a deadline waits through asyncio.wait_for, which on
+    Python 3.11 returns a result that came as the cancel landed and drops the cancel: the
+    client went away (aiohttp cancels a handler once), yet its request would hold the slot
+    and run to the end. However many loop turns after the hand-over the cancel comes, a
+    cancelled request ends cancelled with its slot back."""
+    import time
+
+    from splitserve.router.metrics import RouterMetrics
+    from splitserve.router.service import RequestPipeline
+
+    async def main() -> None:
+        admission = AdmissionController(1, 4)
+        pipeline = RequestPipeline(None, admission, RouterMetrics(admission))  # type: ignore[arg-type]
+        await admission.acquire()  # the only slot is taken
+        task = asyncio.create_task(pipeline._acquire(time.monotonic() + 30, "c", 0, 10, None))
+        await asyncio.sleep(0)  # it waits in the queue
+        admission.release()  # the slot passes to it
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if task.cancel():
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert admission.num_inflight == 0
+        else:  # it had finished: it holds the slot
+            await task
+            assert admission.num_inflight == 1
+
+    asyncio.run(main())

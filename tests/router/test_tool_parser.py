@@ -94,3 +94,19 @@ def test_template_messages_carry_calls_as_objects() -> None:
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}
     result = router_pb2.ChatMessage(role="tool", content="3", tool_call_id="call_1")
     assert template_message(result) == {"role": "tool", "content": "3", "tool_call_id": "call_1"}
+
+
+def test_json_nested_past_the_parser_is_text_not_an_error() -> None:
+    """Arguments (a client's earlier turn) or a model's call nested deeper than json goes
+    (RecursionError, not ValueError): kept as text, never a 500 or a stream cut short."""
+    deep = "[" * 5000
+    turn = router_pb2.ChatMessage(role="assistant", tool_calls=[
+        router_pb2.ToolCall(id="call_1", name="f", arguments=deep)])
+    assert template_message(turn)["tool_calls"][0]["function"]["arguments"] == deep
+    parser = HermesParser({"f"})
+    content, calls = _run(parser, f'<tool_call>{{"name": "f", "arguments": {deep}</tool_call>',
+                          1000)
+    assert calls == [] and deep in content
+    forced = ForcedParser(ToolChoice("named", "f"))
+    forced.feed(deep)
+    assert forced.finish() == (deep, [])
