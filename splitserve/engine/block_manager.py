@@ -172,6 +172,11 @@ class BlockManager:
     def can_allocate(self, num_new_blocks: int) -> bool:
         return num_new_blocks <= self.num_free_blocks
 
+    def num_revived(self, match: PrefixMatch) -> int:
+        """Device hits of `match` that no sequence holds now: they sit in the free queue, so
+        taking them uses up free blocks like new ones (allocate_slots counts them so)."""
+        return sum(1 for b in match.device_blocks if self._ref_counts[b] == 0)
+
     def allocate_slots(
         self, seq: Sequence, num_new_tokens: int,
         computed_blocks: PrefixMatch | Iterable[int] = (),
@@ -195,7 +200,7 @@ class BlockManager:
         num_computed = seq.num_computed_tokens + len(match) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)
         num_new_blocks = max(0, total - len(seq.block_table) - len(device))
-        num_revived = sum(1 for b in device if self._ref_counts[b] == 0)
+        num_revived = self.num_revived(match)
         if num_new_blocks + num_revived > self.num_free_blocks:
             return False
         first = self.enable_prefix_caching and not seq.block_table and not seq.num_computed_tokens

@@ -347,9 +347,10 @@ class Scheduler:
             cached = len(match)
             first_chunk = min(head.num_tokens - cached * bm.block_size,
                               self.config.max_num_batched_tokens)
-            # Blocks loaded from the KV tier need fresh device blocks too.
+            # Blocks loaded from the KV tier need fresh device blocks too, and cached ones no
+            # sequence holds come out of the free queue.
             needed = (bm.blocks_needed(cached * bm.block_size + first_chunk)
-                      - len(match.device_blocks))
+                      - len(match.device_blocks) + bm.num_revived(match))
             if not full and needed <= bm.num_free_blocks:
                 return
             self._preempt(worst)

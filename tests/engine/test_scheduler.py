@@ -398,6 +398,28 @@ def test_a_preemption_for_blocks_never_takes_a_better_class() -> None:
     assert mid.num_preemptions == hi.num_preemptions == 0
 
 
+def test_a_better_class_counts_the_cached_blocks_it_takes_from_the_free_queue() -> None:
+    """The head of the queue (a better class) hits cached blocks that no sequence holds:
+    they sit in the free queue, so taking them uses up free blocks. The room check counted
+    them as free of cost, preempted nothing, and the head waited for steps while the worse
+    sequence decoded; now the worse one is preempted at once."""
+    sim = Sim(num_blocks=5, block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+              priority_aging_s=0)
+    shared = prompt(0, 8)
+    sim.add("p", [*shared, 50], max_tokens=1, priority=0)
+    sim.step()  # p finishes: two cached blocks of `shared`, held by nobody
+    low = sim.add("low", prompt(100, 10), max_tokens=6, priority=1)
+    sim.step()  # low holds 3 blocks; the 2 free ones are shared's cached blocks
+    assert sim.bm.num_free_blocks == 2
+    hi = sim.add("hi", [*shared, 60], max_tokens=1, priority=0)
+    out = sim.step()
+    assert out.preempted == [low]
+    assert ("hi", 1) in plan(out)  # its one uncached token, on the cached prefix
+    sim.run()
+    assert [s.request_id for s in sim.finished][:2] == ["p", "hi"]
+    assert hi.num_preemptions == 0
+
+
 def test_worse_classes_sit_out_a_better_prompts_steps_then_resume() -> None:
     sim = Sim(num_blocks=64, max_num_seqs=4, max_num_batched_tokens=8)
     low = sim.add("low", prompt(0, 3), max_tokens=20, priority=3)
