@@ -362,6 +362,17 @@ class Scheduler:
         while not self.block_manager.allocate_slots(seq, num_tokens):
             victims = [s for s in self.running if id(s) not in scheduled_ids and s is not seq
                        and s.priority >= seq.priority]  # never a better class
+            if not victims:
+                # Only sequences planned earlier in this step hold what it needs (an older
+                # decode of a worse class took the last block): such a one leaves the step,
+                # not this better one. (The step's budget keeps its tokens spent: the plan
+                # is a little short, never over.)
+                planned = [s for s in self.running if id(s) in scheduled_ids
+                           and s.priority > seq.priority]
+                if planned:
+                    victims = [max(planned, key=lambda s: (s.priority, s.arrival_index))]
+                    out.scheduled = [i for i in out.scheduled if i.seq is not victims[0]]
+                    scheduled_ids.discard(id(victims[0]))
             victim = (max(victims, key=lambda s: (s.priority, s.arrival_index)) if victims
                       else seq)
             self._preempt(victim)

@@ -398,6 +398,23 @@ def test_a_preemption_for_blocks_never_takes_a_better_class() -> None:
     assert mid.num_preemptions == hi.num_preemptions == 0
 
 
+def test_an_older_worse_decode_does_not_take_the_block_a_better_one_needs() -> None:
+    """The older decode of a worse class is planned first and takes the last free block;
+    the better decode behind it that needs one takes it back (the worse one leaves the step
+    and is preempted), rather than preempting itself."""
+    sim = Sim(num_blocks=5, block_size=2, max_num_batched_tokens=32,
+              enable_prefix_caching=False, priority_aging_s=0)
+    sim.add("lo", prompt(0, 3), max_tokens=4, priority=2)
+    sim.step()
+    hi = sim.add("hi", prompt(100, 3), max_tokens=4, priority=0)
+    sim.step()  # hi's prompt
+    preempted = [s.request_id for _ in range(3) for s in sim.step().preempted]
+    assert "hi" not in preempted and "lo" in preempted
+    sim.run()
+    assert [s.request_id for s in sim.finished] == ["hi", "lo"]
+    assert hi.num_preemptions == 0
+
+
 def test_a_better_class_counts_the_cached_blocks_it_takes_from_the_free_queue() -> None:
     """The head of the queue (a better class) hits cached blocks that no sequence holds:
     they sit in the free queue, so taking them uses up free blocks. The room check counted
