@@ -405,8 +405,11 @@ def serve(options: ServeOptions) -> Deployment:
     for role in ("prefill", "decode"):
         actors += [launch.start(role, index) for index in range(roles.count(role))]
     ray.get([a.address.remote() for a in actors[1:]], timeout=600)
+    # Workers added later (the autoscaler, the supervisor) take the next index of their
+    # role: never the id of a live one (a replacement for decode-0 must not be decode-1).
     deployment = Deployment(address, cluster_url, actors, kv_store, owns_ray, http_address,
-                            worker_roles=roles, launch=launch)
+                            worker_roles=roles, launch=launch,
+                            _started={role: roles.count(role) for role in ("prefill", "decode")})
     if options.supervise_interval_s:
         deployment.supervisor = WorkerSupervisor(deployment,
                                                  options.supervise_interval_s).start()

@@ -42,11 +42,11 @@ class _Deployment:
 class _Supervisor(WorkerSupervisor):
     def __init__(self, deployment: _Deployment, problems: dict[str, str]) -> None:
         super().__init__(deployment, interval_s=60.0)  # type: ignore[arg-type]
-        self.problems = problems
+        self.answers = problems
         self.stopped: list[str] = []
 
-    def problem(self, actor: Any) -> str | None:
-        return self.problems.get(actor)
+    def problems(self, actors: list[Any]) -> list[str | None]:
+        return [self.answers.get(actor) for actor in actors]
 
     def _stop_actor(self, actor: Any) -> None:
         self.stopped.append(actor)
@@ -64,12 +64,15 @@ def test_a_pass_replaces_the_workers_that_failed_or_died_in_their_roles() -> Non
     assert supervisor.replaced == {"prefill": 1, "decode": 1}
 
 
-def test_a_replacement_that_cannot_start_is_tried_again_on_the_next_pass() -> None:
+def test_a_replacement_that_cannot_start_is_tried_again_on_a_later_pass() -> None:
     deployment = _Deployment(["decode"])
     deployment.refuse = 1
     supervisor = _Supervisor(deployment, {"decode-0": "died"})
     supervisor.check()
     assert deployment.workers() == [] and supervisor.owed == {"prefill": 0, "decode": 1}
+    supervisor.check()  # (a second try waits its second too)
+    assert deployment.workers() == []
+    supervisor._not_before["decode"] = 0.0
     supervisor.check()
     assert [role for _, role in deployment.workers()] == ["decode"]
     assert supervisor.owed["decode"] == 0 and supervisor.replaced["decode"] == 1
@@ -83,6 +86,22 @@ def test_a_worker_removed_by_someone_else_is_not_replaced_twice() -> None:
     deployment.remove_actor = lambda actor: False  # type: ignore[method-assign]
     supervisor.check()
     assert supervisor.stopped == [] and supervisor.replaced == {"prefill": 0, "decode": 0}
+
+
+def test_replacements_of_a_role_that_keeps_failing_are_spaced_out() -> None:
+    """An engine that fails at once would have its model reloaded on every pass: the
+    second replacement in a row waits a second, the next two, and so on."""
+    deployment = _Deployment(["decode"])
+    supervisor = _Supervisor(deployment, {"decode-0": "died"})
+    supervisor.check()  # the first: at once
+    assert supervisor.replaced["decode"] == 1
+    supervisor.answers["decode-new1"] = "failed"
+    supervisor.check()
+    assert supervisor.owed["decode"] == 1 and deployment.workers() == []  # not yet
+    supervisor._not_before["decode"] = 0.0  # (its second passed)
+    supervisor.check()
+    assert supervisor.replaced["decode"] == 2 and supervisor.owed["decode"] == 0
+    assert supervisor._backoff["decode"] == 2.0
 
 
 def test_the_interval_must_be_positive() -> None:

@@ -200,25 +200,39 @@ class WorkerCore:
         # The engine failed (a step raised: loop.failure): the worker takes no more work.
         self.failed = threading.Event()
         self._failure_handlers: list[FailureHandler] = []  # the roles playing on this core
+        self._failure_lock = threading.Lock()
+        self._failure: BaseException | None = None  # as _engine_failed saw it
+        self._handled: list[FailureHandler] = []  # handlers run (each runs once)
         self.loop.on_failure = self._engine_failed
 
     def on_engine_failure(self, handler: FailureHandler) -> None:
-        """Call `handler(engine, exc)` on the loop thread if a step fails (a role, while it
-        plays: it hands back or fails its requests there)."""
-        if handler not in self._failure_handlers:  # (a role started again: once)
-            self._failure_handlers = [*self._failure_handlers, handler]
-        failure = self.loop.failure
-        if failure is not None:  # a role that started as the engine failed: it leaves too
+        """Call `handler(engine, exc)` once if a step fails (a role, while it plays: it
+        hands back or fails its requests; on the loop thread, or here and now for a role
+        that starts after the failure)."""
+        with self._failure_lock:
+            if handler not in self._failure_handlers:  # (a role started again: once)
+                self._failure_handlers = [*self._failure_handlers, handler]
+            failure = self._failure
+            run_now = failure is not None and handler not in self._handled
+            if run_now:
+                self._handled.append(handler)
+        if run_now:
+            assert failure is not None
             handler(self.engine, failure)
 
     def remove_engine_failure_handler(self, handler: FailureHandler) -> None:
-        self._failure_handlers = [h for h in self._failure_handlers if h != handler]
+        with self._failure_lock:
+            self._failure_handlers = [h for h in self._failure_handlers if h != handler]
 
     def _engine_failed(self, engine: LLMEngine, exc: BaseException) -> None:
         """The loop's on_failure: the roles end their requests, every service reports
         NOT_SERVING, and `failed` is set (a worker process then exits: `splitserve
         prefill|decode`)."""
-        for handler in self._failure_handlers:
+        with self._failure_lock:
+            self._failure = exc
+            handlers = [h for h in self._failure_handlers if h not in self._handled]
+            self._handled += handlers
+        for handler in handlers:
             try:
                 handler(engine, exc)
             except Exception:

@@ -176,7 +176,7 @@ def test_a_handshake_its_peer_gave_up_is_not_waited_for() -> None:
         thread.join(30)
     try:
         assert set(took) == {"send", "recv"}, took
-        assert max(took.values()) < 3.0, took  # (before: each waited out its 20 s)
+        assert max(took.values()) < 10.0, took  # (before: each waited out its 20 s)
         assert sender.epoch == receiver.epoch
     finally:
         sender.teardown()

@@ -180,7 +180,7 @@ def test_a_worker_whose_engine_failed_or_whose_actor_died_is_replaced(  # type: 
     expected = _expected(str(tiny_llama), prompts, **ENGINE)
     deployment = serve(ServeOptions(
         engine=EngineConfig(model=str(tiny_llama), **ENGINE), prefill_workers=1,
-        decode_workers=1, port=0, http_port=0, supervise_interval_s=0.5,
+        decode_workers=2, port=0, http_port=0, supervise_interval_s=0.5,
         router_options={"local_prefill_threshold": 8},
     ))
     supervisor = deployment.supervisor
@@ -204,18 +204,21 @@ def test_a_worker_whose_engine_failed_or_whose_actor_died_is_replaced(  # type: 
         while supervisor.replaced[role] < count:
             assert time.monotonic() < deadline, (supervisor.replaced, supervisor.owed)
             time.sleep(0.2)
+        time.sleep(1.0)  # the router's view (refreshed every 0.25 s) has the new worker
 
     try:
         assert _run(deployment.address, prompts) == expected
-        [(prefill, _), (decode, _)] = deployment.workers()
-        ray.get(decode.__ray_call__.remote(fail_the_engine), timeout=60)
+        [(prefill, _), (decode, _), _] = deployment.workers()
+        ray.get(decode.__ray_call__.remote(fail_the_engine), timeout=60)  # decode-0
         replaced("decode", 1)
-        assert _run(deployment.address, prompts) == expected  # on the new decode worker
+        assert _run(deployment.address, prompts) == expected
         ray.kill(prefill)  # its process dies
         replaced("prefill", 1)
         assert _run(deployment.address, prompts) == expected
-        roles = [role for _, role in deployment.workers()]
-        assert sorted(roles) == ["decode", "prefill"]
+        ids = sorted(ray.get([a.__ray_call__.remote(lambda actor: actor.worker.worker_id)
+                              for a, _ in deployment.workers()], timeout=60))
+        # Replacements take their role's next id, never a live worker's (decode-1's).
+        assert ids == ["decode-1", "decode-2", "prefill-1"]
         assert supervisor.owed == {"prefill": 0, "decode": 0}
     finally:
         deployment.shutdown()
